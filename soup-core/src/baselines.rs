@@ -1,0 +1,423 @@
+//! The baselines of spec §2: Uniform-, Greedy-, Learned- and Learned-Soup+. They share the model
+//! store and the objective with MEHL.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::error::{Result, SoupError};
+use crate::layout::{Block, BlockCut, ParamLayout};
+use crate::mehl::{validate_optimizer, validate_schedule};
+use crate::optim::{Optimizer, OptimizerKind};
+use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
+use crate::rng::derive_seed;
+use crate::schedule::StepSchedule;
+use crate::traits::{Batch, ModelStore, Objective};
+use crate::zoo::{scale, Zoo};
+
+/// Uniform-Soup: θ = (1/N) Σ θ_i, streamed (one model resident besides the running sum).
+pub fn uniform_soup(store: &dyn ModelStore) -> Result<SoupResult> {
+    let started = Instant::now();
+    let zoo = Zoo::open(store)?;
+    let n = zoo.len();
+    let all: Vec<usize> = (0..n).collect();
+    let soup = zoo.mean(&all)?;
+    let mut timings = Timings::default();
+    timings.add("load", started);
+    let model_bytes = bytes_of(&soup);
+    Ok(finish(
+        "uniform",
+        &zoo,
+        soup,
+        vec![1.0 / n as f64; n],
+        timings,
+        MemoryAccount {
+            models: 2 * model_bytes,
+            ..Default::default()
+        },
+    ))
+}
+
+/// When Greedy-Soup keeps a candidate (spec §2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GreedyAccept {
+    /// Keep it only if held-out accuracy strictly improves: the model-soups code (`>`), the default.
+    #[default]
+    Improves,
+    /// Keep it if held-out accuracy does not drop: the model-soups paper (`>=`).
+    NotWorse,
+}
+
+/// Greedy-Soup: rank the models by held-out score, start from the best, and add each next model
+/// to the uniform mean if the held-out score of the mean with it is accepted. N + (N − 1)
+/// evaluations; the running sum, one model and the candidate mean are resident.
+pub fn greedy_soup(
+    store: &dyn ModelStore,
+    objective: &mut dyn Objective,
+    accept: GreedyAccept,
+) -> Result<SoupResult> {
+    let zoo = Zoo::open(store)?;
+    let n = zoo.len();
+    let mut timings = Timings::default();
+    let mut evaluations = Vec::new();
+
+    let mut scores = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        let (_, model) = zoo.load(i)?;
+        timings.add("load", started);
+        let started = Instant::now();
+        scores.push(objective.evaluate(&model)?.score());
+        timings.add("evaluate", started);
+    }
+    // Best first; ties keep the zoo order.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+
+    let (_, mut sum) = zoo.load(order[0])?;
+    let mut ingredients = vec![order[0]];
+    let mut best = scores[order[0]];
+    let model_bytes = bytes_of(&sum);
+    for &i in &order[1..] {
+        let started = Instant::now();
+        let (_, model) = zoo.load(i)?;
+        let with: Vec<Tensor> = sum
+            .iter()
+            .zip(&model)
+            .map(|(s, m)| s + m.to_dtype(s.dtype())?)
+            .collect::<candle_core::Result<_>>()?;
+        drop(model);
+        let candidate = scale(&with, 1.0 / (ingredients.len() + 1) as f64)?;
+        timings.add("load", started);
+        let started = Instant::now();
+        let metrics = objective.evaluate(&candidate)?;
+        timings.add("evaluate", started);
+        let keep = match accept {
+            GreedyAccept::Improves => metrics.score() > best,
+            GreedyAccept::NotWorse => metrics.score() >= best,
+        };
+        if keep {
+            sum = with;
+            ingredients.push(i);
+            best = metrics.score();
+            evaluations.push(BatchEval {
+                model_batch: ingredients.len() - 1,
+                global_step: 0,
+                metrics,
+            });
+        }
+    }
+    let soup = scale(&sum, 1.0 / ingredients.len() as f64)?;
+    let mut alpha = vec![0.0; n];
+    for &i in &ingredients {
+        alpha[i] = 1.0 / ingredients.len() as f64;
+    }
+    let mut result = finish(
+        "greedy",
+        &zoo,
+        soup,
+        alpha,
+        timings,
+        MemoryAccount {
+            models: 3 * model_bytes,
+            ..Default::default()
+        },
+    );
+    result.evaluations = evaluations;
+    Ok(result)
+}
+
+fn finish(
+    method: &str,
+    zoo: &Zoo,
+    soup: Vec<Tensor>,
+    alpha: Vec<f64>,
+    timings: Timings,
+    memory: MemoryAccount,
+) -> SoupResult {
+    let layout = zoo.layout.clone();
+    let blocks = vec![Block {
+        name: "all".to_string(),
+        tensors: 0..layout.len(),
+        numel: layout.numel(),
+    }];
+    SoupResult {
+        method: method.to_string(),
+        model_names: zoo.names.clone(),
+        layout,
+        blocks,
+        soup,
+        alpha: vec![alpha],
+        history: Vec::new(),
+        evaluations: Vec::new(),
+        timings,
+        memory,
+    }
+}
+
+/// Learned-Soup (one block) and Learned-Soup+ (one block per tensor): α = softmax(a) per block,
+/// logits scaled by a learned temperature, held-out cross-entropy minimised through a graph that
+/// runs through all N models, which are all resident. The faithful, memory-hungry reference.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearnedConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub optimizer: OptimizerKind,
+    /// Over all epochs × batches (`ConvergenceRate` applies to MEHL only).
+    pub schedule: StepSchedule,
+    pub block_cut: BlockCut,
+    /// Fixes the data order of every epoch.
+    pub seed: u64,
+    /// Initial logit scale; a = 0 starts at the uniform soup.
+    pub init_temperature: f64,
+    /// Evaluate the soup on the held-out data after every epoch.
+    pub evaluate_each_epoch: bool,
+}
+
+impl LearnedConfig {
+    /// Learned-Soup as model-soups runs it: AdamW lr 0.05, wd 0, 5 epochs, one block.
+    pub fn learned() -> Self {
+        Self {
+            epochs: 5,
+            lr: 0.05,
+            weight_decay: 0.0,
+            optimizer: OptimizerKind::ADAMW,
+            schedule: StepSchedule::Constant,
+            block_cut: BlockCut::WHOLE,
+            seed: 1,
+            init_temperature: 1.0,
+            evaluate_each_epoch: true,
+        }
+    }
+
+    /// Learned-Soup+: one softmax per tensor.
+    pub fn learned_plus() -> Self {
+        Self {
+            block_cut: BlockCut::PER_TENSOR,
+            ..Self::learned()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(SoupError::config("epochs", 0, "must be at least 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(SoupError::config(
+                "lr",
+                self.lr,
+                "must be a positive number",
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(SoupError::config(
+                "weight_decay",
+                self.weight_decay,
+                "must be ≥ 0",
+            ));
+        }
+        if !(self.init_temperature.is_finite() && self.init_temperature > 0.0) {
+            return Err(SoupError::config(
+                "init_temperature",
+                self.init_temperature,
+                "must be a positive number",
+            ));
+        }
+        if let StepSchedule::ConvergenceRate { .. } = self.schedule {
+            return Err(SoupError::config(
+                "schedule",
+                "convergence-rate",
+                "applies to MEHL only",
+            ));
+        }
+        validate_optimizer(&self.optimizer)?;
+        validate_schedule(&self.schedule)
+    }
+}
+
+/// Runs Learned-Soup or Learned-Soup+ (by `config.block_cut`).
+pub fn learned_soup(
+    store: &dyn ModelStore,
+    objective: &mut dyn Objective,
+    config: &LearnedConfig,
+) -> Result<SoupResult> {
+    config.validate()?;
+    let zoo = Zoo::open(store)?;
+    let n = zoo.len();
+    let num_batches = objective.num_batches();
+    if num_batches == 0 {
+        return Err(SoupError::NoData);
+    }
+    let layout = zoo.layout.clone();
+    let blocks = config.block_cut.blocks(&layout)?;
+    let num_blocks = blocks.len();
+    let mut timings = Timings::default();
+
+    // All N models resident: tensor t of every model stacked into an (N × numel) matrix.
+    let started = Instant::now();
+    let stacks = stack_models(&zoo, &layout)?;
+    let dtype = stacks[0].dtype();
+    let device = stacks[0].device().clone();
+    timings.add("load", started);
+    let model_bytes = bytes_of(&stacks) / n;
+
+    // Coefficients: logits a (L × N) then the temperature, on the host.
+    let mut coef = vec![0.0; num_blocks * n + 1];
+    coef[num_blocks * n] = config.init_temperature;
+    let mut optimizer = Optimizer::new(config.optimizer, coef.len());
+    let steps = config.epochs * num_batches;
+    let mut history = Vec::with_capacity(steps);
+    let mut evaluations = Vec::new();
+    let started = Instant::now();
+    for epoch in 0..config.epochs {
+        let epoch_seed = derive_seed(config.seed, &[2, epoch as u64]);
+        for index in 0..num_batches {
+            let step = epoch * num_batches + index;
+            let a = Var::from_tensor(
+                &Tensor::from_slice(&coef[..num_blocks * n], (num_blocks, n), &device)?
+                    .to_dtype(dtype)?,
+            )?;
+            let t =
+                Var::from_tensor(&Tensor::new(coef[num_blocks * n], &device)?.to_dtype(dtype)?)?;
+            let theta = mix(&softmax_rows(a.as_tensor())?, &stacks, &blocks, &layout)?;
+            let loss = objective.loss(&theta, Some(t.as_tensor()), Batch { epoch_seed, index })?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(SoupError::NonFinite {
+                    what: "loss",
+                    step,
+                    model_batch: 0,
+                });
+            }
+            let grads = loss.backward()?;
+            let mut g = match grads.get(a.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+                None => vec![0.0; num_blocks * n],
+            };
+            g.push(match grads.get(t.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                None => 0.0,
+            });
+            if g.iter().any(|v| !v.is_finite()) {
+                return Err(SoupError::NonFinite {
+                    what: "gradient",
+                    step,
+                    model_batch: 0,
+                });
+            }
+            let lr = config.schedule.lr(config.lr, step, steps);
+            optimizer.step(&mut coef, &g, lr, config.weight_decay);
+            let grad_norm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+            history.push(StepRecord {
+                outer_pass: epoch,
+                model_batch: 0,
+                step,
+                global_step: step,
+                loss: value,
+                lr,
+                grad_norm,
+            });
+        }
+        if config.evaluate_each_epoch {
+            let soup = current_soup(&coef, num_blocks, n, &stacks, &blocks, &layout)?;
+            evaluations.push(BatchEval {
+                model_batch: epoch,
+                global_step: (epoch + 1) * num_batches,
+                metrics: objective.evaluate(&soup)?,
+            });
+        }
+    }
+    timings.add("steps", started);
+
+    let soup = current_soup(&coef, num_blocks, n, &stacks, &blocks, &layout)?;
+    let alpha = softmax_rows(&Tensor::from_slice(
+        &coef[..num_blocks * n],
+        (num_blocks, n),
+        &Device::Cpu,
+    )?)?
+    .to_vec2::<f64>()?;
+    Ok(SoupResult {
+        method: if config.block_cut == BlockCut::WHOLE {
+            "learned"
+        } else {
+            "learned+"
+        }
+        .to_string(),
+        model_names: zoo.names.clone(),
+        layout,
+        blocks,
+        soup,
+        alpha,
+        history,
+        evaluations,
+        timings,
+        memory: MemoryAccount {
+            models: n * model_bytes,
+            theta: model_bytes,
+            gradient: model_bytes,
+            coefficients: (coef.len() * std::mem::size_of::<f64>()) + optimizer.state_bytes(),
+            ..Default::default()
+        },
+    })
+}
+
+/// Loads every model, one at a time, into per-tensor (N × numel) matrices.
+fn stack_models(zoo: &Zoo, layout: &ParamLayout) -> Result<Vec<Tensor>> {
+    let n = zoo.len();
+    let mut stacks: Vec<Tensor> = Vec::new();
+    for i in 0..n {
+        let (_, model) = zoo.load(i)?;
+        if stacks.is_empty() {
+            stacks = layout
+                .tensors
+                .iter()
+                .zip(&model)
+                .map(|(spec, t)| Tensor::zeros((n, spec.numel()), t.dtype(), t.device()))
+                .collect::<candle_core::Result<_>>()?;
+        }
+        for (s, t) in stacks.iter().zip(&model) {
+            s.slice_set(&t.to_dtype(s.dtype())?.flatten_all()?.unsqueeze(0)?, 0, i)?;
+        }
+    }
+    Ok(stacks)
+}
+
+/// Row-wise softmax, differentiable (the max is subtracted as a constant).
+fn softmax_rows(a: &Tensor) -> Result<Tensor> {
+    let m = a.max_keepdim(D::Minus1)?.detach();
+    let e = a.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// θ_t = Σ_i α_{l(t),i} θ_i^t for every tensor t: one (1 × N)·(N × numel) product per tensor,
+/// in the autograd graph of α.
+fn mix(
+    alpha: &Tensor,
+    stacks: &[Tensor],
+    blocks: &[Block],
+    layout: &ParamLayout,
+) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(stacks.len());
+    for (l, block) in blocks.iter().enumerate() {
+        let row = alpha.narrow(0, l, 1)?;
+        for t in block.tensors.clone() {
+            let shape = layout.tensors[t].shape.as_slice();
+            out.push(row.matmul(&stacks[t])?.reshape(shape)?);
+        }
+    }
+    Ok(out)
+}
+
+fn current_soup(
+    coef: &[f64],
+    num_blocks: usize,
+    n: usize,
+    stacks: &[Tensor],
+    blocks: &[Block],
+    layout: &ParamLayout,
+) -> Result<Vec<Tensor>> {
+    let a = Tensor::from_slice(&coef[..num_blocks * n], (num_blocks, n), stacks[0].device())?
+        .to_dtype(stacks[0].dtype())?;
+    mix(&softmax_rows(&a)?, stacks, blocks, layout)
+}

@@ -1,0 +1,200 @@
+//! The hyperplane parameterisation of spec §3.2–3.4.
+//!
+//! θ^l = c^l + Σ_i X_{i,l} d_{i,l}, with d_{i,l} = (θ_i^l − c^l)/‖θ_i^l − c^l‖ for the models i of
+//! one model batch. If c = Σ_j γ_j θ_j with Σ_j γ_j = 1 (per block), then θ = Σ_j α_j θ_j with
+//! α_j = γ_j (1 − s) + [j ∈ B] X_j/‖θ_j − c‖ and s = Σ_{k∈B} X_k/‖θ_k − c‖, so Σ_j α_j = 1.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Result, SoupError};
+use crate::layout::{from_blocks, to_blocks, Block, ParamLayout};
+use crate::result::bytes_of;
+
+/// The affine subspace of one model batch and the free coefficients X on it.
+#[derive(Clone, Debug)]
+pub struct Hyperplane {
+    pub layout: ParamLayout,
+    pub blocks: Vec<Block>,
+    /// Indices (in the zoo) of the models of this batch, in batch order: row i of X is `members[i]`.
+    pub members: Vec<usize>,
+    /// c, one vector per block.
+    center: Vec<Tensor>,
+    /// d, one (b × D_l) matrix per block: row i is d_{i,l}.
+    directions: Vec<Tensor>,
+    /// ‖θ_i^l − c^l‖, b × L row-major; 0 where the direction is guarded to zero.
+    norms: Vec<f64>,
+    /// γ[l][j]: the center as an affine combination of all N models, per block.
+    gamma: Vec<Vec<f64>>,
+    /// X, b × L row-major (X_{i,l} at i·L + l). Zero when the hyperplane is built.
+    pub x: Vec<f64>,
+}
+
+impl Hyperplane {
+    /// Builds the hyperplane through `center` (block vectors, with affine coefficients `gamma`
+    /// over all models) spanned by the models `members`, loaded one at a time by `load`:
+    /// at most one model is resident besides the directions.
+    pub fn new(
+        layout: ParamLayout,
+        blocks: Vec<Block>,
+        center: Vec<Tensor>,
+        gamma: Vec<Vec<f64>>,
+        members: Vec<usize>,
+        mut load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
+    ) -> Result<Self> {
+        let b = members.len();
+        let num_blocks = blocks.len();
+        let directions = blocks
+            .iter()
+            .zip(&center)
+            .map(|(blk, c)| Tensor::zeros((b, blk.numel), c.dtype(), c.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut norms = vec![0.0; b * num_blocks];
+        for (i, &j) in members.iter().enumerate() {
+            let (name, params) = load(j)?;
+            let model = to_blocks(&params, &blocks)?;
+            for (l, (m, c)) in model.iter().zip(&center).enumerate() {
+                let diff = (m.to_dtype(c.dtype())? - c)?;
+                let norm = diff
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?
+                    .sqrt();
+                if !norm.is_finite() {
+                    return Err(SoupError::NonFiniteModel {
+                        model: name,
+                        block: blocks[l].name.clone(),
+                    });
+                }
+                // Zero-norm guard (spec §3.4): θ_i^l = c^l leaves a zero direction, never NaN.
+                if norm > 0.0 {
+                    let d = diff.affine(1.0 / norm, 0.0)?;
+                    directions[l].slice_set(&d.unsqueeze(0)?, 0, i)?;
+                    norms[i * num_blocks + l] = norm;
+                }
+            }
+        }
+        Ok(Self {
+            layout,
+            blocks,
+            members,
+            center,
+            directions,
+            norms,
+            gamma,
+            x: vec![0.0; b * num_blocks],
+        })
+    }
+
+    /// b, the number of models of this batch.
+    pub fn batch_len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// L, the number of blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// X_{i,l}.
+    pub fn coefficient(&self, i: usize, l: usize) -> f64 {
+        self.x[i * self.blocks.len() + l]
+    }
+
+    /// ‖θ_i^l − c^l‖ (0 for a guarded direction).
+    pub fn norm(&self, i: usize, l: usize) -> f64 {
+        self.norms[i * self.blocks.len() + l]
+    }
+
+    /// The center's block vectors.
+    pub fn center(&self) -> &[Tensor] {
+        &self.center
+    }
+
+    /// The (b × D_l) direction matrix of block l.
+    pub fn directions(&self, l: usize) -> &Tensor {
+        &self.directions[l]
+    }
+
+    /// θ = c + Σ X d as block vectors. Blocks whose coefficients are all zero are c itself.
+    pub fn theta_blocks(&self) -> Result<Vec<Tensor>> {
+        let b = self.batch_len();
+        let num_blocks = self.blocks.len();
+        (0..num_blocks)
+            .map(|l| {
+                let c = &self.center[l];
+                let col: Vec<f64> = (0..b).map(|i| self.x[i * num_blocks + l]).collect();
+                if col.iter().all(|&v| v == 0.0) {
+                    return Ok(c.clone());
+                }
+                let xs = Tensor::from_vec(col, (1, b), c.device())?.to_dtype(c.dtype())?;
+                Ok((c + xs.matmul(&self.directions[l])?.squeeze(0)?)?)
+            })
+            .collect()
+    }
+
+    /// θ as named tensors in layout order.
+    pub fn theta(&self) -> Result<Vec<Tensor>> {
+        from_blocks(&self.theta_blocks()?, &self.blocks, &self.layout)
+    }
+
+    /// The gradient with respect to X of a loss whose ∇θ is `grad` (named tensors in layout
+    /// order): ∂F/∂X_{i,l} = ⟨g^l, d_{i,l}⟩, one (b × D_l)·(D_l × 1) product per block.
+    /// Returned b × L row-major, like `x`.
+    pub fn project(&self, grad: &[Tensor]) -> Result<Vec<f64>> {
+        let g = to_blocks(grad, &self.blocks)?;
+        let cols = g
+            .iter()
+            .zip(&self.directions)
+            .map(|(g, d)| d.matmul(&g.to_dtype(d.dtype())?.unsqueeze(1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let gx = Tensor::cat(&cols, 1)?.to_dtype(DType::F64)?;
+        Ok(gx.flatten_all()?.to_vec1::<f64>()?)
+    }
+
+    /// α[l][j] for all N models, per block (spec §3.2).
+    pub fn alpha(&self) -> Vec<Vec<f64>> {
+        let num_blocks = self.blocks.len();
+        (0..num_blocks)
+            .map(|l| {
+                let mut row = self.gamma[l].clone();
+                let mut s = 0.0;
+                let own: Vec<f64> = (0..self.batch_len())
+                    .map(|i| {
+                        let n = self.norms[i * num_blocks + l];
+                        let v = if n > 0.0 {
+                            self.x[i * num_blocks + l] / n
+                        } else {
+                            0.0
+                        };
+                        s += v;
+                        v
+                    })
+                    .collect();
+                for a in row.iter_mut() {
+                    *a *= 1.0 - s;
+                }
+                for (i, &j) in self.members.iter().enumerate() {
+                    row[j] += own[i];
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// Bytes of the directions.
+    pub fn direction_bytes(&self) -> usize {
+        bytes_of(&self.directions)
+    }
+
+    /// Bytes of the center.
+    pub fn center_bytes(&self) -> usize {
+        bytes_of(&self.center)
+    }
+
+    /// Bytes of X, its norms and the α bookkeeping.
+    pub fn coefficient_bytes(&self) -> usize {
+        let n = self.gamma.first().map_or(0, Vec::len);
+        (self.x.len() + self.norms.len() + self.gamma.len() * n) * std::mem::size_of::<f64>()
+    }
+}

@@ -1,0 +1,29 @@
+//! soup-core: learned model soups on a hyperplane (MEHL-Soup, ECCV 2024) and their baselines,
+//! over abstract parameter blocks.
+//!
+//! The crate knows nothing of CLIP, files or networks: models come from a [`ModelStore`], the
+//! loss and its gradient from an [`Objective`], communication between processes from a
+//! [`Collective`]. Tensors are `candle_core::Tensor` on any device. Section numbers (§) refer to
+//! `spec/MEHL-SOUP.md`.
+
+pub mod baselines;
+pub mod error;
+pub mod hyperplane;
+pub mod layout;
+pub mod mehl;
+pub mod optim;
+pub mod result;
+pub mod rng;
+pub mod schedule;
+pub mod traits;
+pub mod zoo;
+
+pub use baselines::{greedy_soup, learned_soup, uniform_soup, GreedyAccept, LearnedConfig};
+pub use error::{Result, SoupError};
+pub use hyperplane::Hyperplane;
+pub use layout::{from_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
+pub use mehl::{epoch_seed, run_mehl, Event, MehlConfig};
+pub use optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
+pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
+pub use schedule::StepSchedule;
+pub use traits::{Batch, Collective, Metrics, ModelStore, Objective, SingleProcess};

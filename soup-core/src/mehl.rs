@@ -1,0 +1,407 @@
+//! The MEHL-Soup driver: block coordinate descent over model batches (spec §3.5).
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::error::{Result, SoupError};
+use crate::hyperplane::Hyperplane;
+use crate::layout::{from_blocks, to_blocks, BlockCut};
+use crate::optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
+use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
+use crate::rng::{derive_seed, permutation};
+use crate::schedule::StepSchedule;
+use crate::traits::{Batch, Metrics, ModelStore, Objective};
+use crate::zoo::Zoo;
+
+/// Every knob of the authors' MEHL-Soup code. MEHL-Soup and MEHL-Soup+ differ only in `block_cut`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MehlConfig {
+    /// b: models per model batch (the last batch of a pass may be smaller).
+    pub model_batch: usize,
+    /// E_out: passes over all models.
+    pub outer_passes: usize,
+    /// E_in: epochs over the held-out data per model batch.
+    pub inner_epochs: usize,
+    /// η, the peak learning rate.
+    pub lr: f64,
+    /// λ, weight decay on X.
+    pub weight_decay: f64,
+    pub optimizer: OptimizerKind,
+    pub schedule: StepSchedule,
+    /// Clip ∇θ to this global L2 norm before projecting it (the authors clip ViTs at 1.0).
+    pub clip_grad_norm: Option<f64>,
+    pub block_cut: BlockCut,
+    /// Fixes the model order of every pass and the data order of every inner epoch.
+    pub seed: u64,
+    /// Evaluate the soup on the held-out data after every model batch.
+    pub evaluate_each_model_batch: bool,
+}
+
+impl MehlConfig {
+    /// MEHL-Soup+ with the defaults of the authors' ImageNet run: AdamW lr 0.01, wd 0, E_in 5,
+    /// b 18, E_out 1, one block per tensor, seed 1, gradient clip 1.0, warm-up 0.2 + cosine.
+    pub fn mehl_plus() -> Self {
+        Self {
+            model_batch: 18,
+            outer_passes: 1,
+            inner_epochs: 5,
+            lr: 0.01,
+            weight_decay: 0.0,
+            optimizer: OptimizerKind::ADAMW,
+            schedule: StepSchedule::default(),
+            clip_grad_norm: Some(1.0),
+            block_cut: BlockCut::PER_TENSOR,
+            seed: 1,
+            evaluate_each_model_batch: true,
+        }
+    }
+
+    /// MEHL-Soup: the same with one block for the whole model.
+    pub fn mehl() -> Self {
+        Self {
+            block_cut: BlockCut::WHOLE,
+            ..Self::mehl_plus()
+        }
+    }
+
+    /// Checks every knob; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.model_batch == 0 {
+            return Err(SoupError::config("model_batch", 0, "must be at least 1"));
+        }
+        if self.outer_passes == 0 {
+            return Err(SoupError::config("outer_passes", 0, "must be at least 1"));
+        }
+        if self.inner_epochs == 0 {
+            return Err(SoupError::config("inner_epochs", 0, "must be at least 1"));
+        }
+        let uses_lr = !matches!(self.schedule, StepSchedule::ConvergenceRate { .. });
+        if uses_lr && !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(SoupError::config(
+                "lr",
+                self.lr,
+                "must be a positive number",
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(SoupError::config(
+                "weight_decay",
+                self.weight_decay,
+                "must be ≥ 0",
+            ));
+        }
+        if let Some(clip) = self.clip_grad_norm {
+            if !(clip.is_finite() && clip > 0.0) {
+                return Err(SoupError::config(
+                    "clip_grad_norm",
+                    clip,
+                    "must be a positive number",
+                ));
+            }
+        }
+        validate_optimizer(&self.optimizer)?;
+        validate_schedule(&self.schedule)
+    }
+}
+
+pub(crate) fn validate_optimizer(kind: &OptimizerKind) -> Result<()> {
+    let unit = |v: f64| (0.0..1.0).contains(&v);
+    match *kind {
+        OptimizerKind::Sgd { momentum } if !unit(momentum) => {
+            Err(SoupError::config("momentum", momentum, "must be in [0, 1)"))
+        }
+        OptimizerKind::AdamW { beta1, .. } if !unit(beta1) => {
+            Err(SoupError::config("beta1", beta1, "must be in [0, 1)"))
+        }
+        OptimizerKind::AdamW { beta2, .. } if !unit(beta2) => {
+            Err(SoupError::config("beta2", beta2, "must be in [0, 1)"))
+        }
+        OptimizerKind::AdamW { eps, .. } if !(eps.is_finite() && eps > 0.0) => {
+            Err(SoupError::config("eps", eps, "must be a positive number"))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn validate_schedule(schedule: &StepSchedule) -> Result<()> {
+    match *schedule {
+        StepSchedule::WarmupCosine { warmup_fraction }
+            if !(0.0..1.0).contains(&warmup_fraction) =>
+        {
+            Err(SoupError::config(
+                "warmup_fraction",
+                warmup_fraction,
+                "must be in [0, 1)",
+            ))
+        }
+        StepSchedule::ConvergenceRate { scale, .. } if !(scale.is_finite() && scale > 0.0) => Err(
+            SoupError::config("scale", scale, "must be a positive number"),
+        ),
+        StepSchedule::ConvergenceRate {
+            smoothness: Some(beta),
+            ..
+        } if !(beta.is_finite() && beta > 0.0) => Err(SoupError::config(
+            "smoothness",
+            beta,
+            "must be a positive number",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What the driver reports while it runs, for progress display and for tests of the invariants.
+pub enum Event<'a> {
+    /// A model batch starts: its hyperplane is built and X = 0.
+    BatchStart {
+        outer_pass: usize,
+        model_batch: usize,
+        hyperplane: &'a Hyperplane,
+    },
+    /// A coefficient step was taken; `hyperplane.x` holds the updated X.
+    Step {
+        record: &'a StepRecord,
+        hyperplane: &'a Hyperplane,
+    },
+    /// A model batch ended; `metrics` when the held-out data was evaluated.
+    BatchEnd {
+        model_batch: usize,
+        hyperplane: &'a Hyperplane,
+        metrics: Option<Metrics>,
+    },
+}
+
+/// Step of the secant that estimates the smoothness β along the gradient, in parameter-norm
+/// units (directions have unit norm, so X moves θ by this distance).
+pub const SECANT_STEP: f64 = 1e-2;
+
+/// Runs MEHL-Soup (or MEHL-Soup+, by the block cut) over the models of `store`, learning the
+/// coefficients on `objective`'s held-out data. At most `model_batch` directions and one loaded
+/// model are resident at any time.
+pub fn run_mehl(
+    store: &dyn ModelStore,
+    objective: &mut dyn Objective,
+    config: &MehlConfig,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<SoupResult> {
+    config.validate()?;
+    let zoo = Zoo::open(store)?;
+    let n = zoo.len();
+    let num_batches = objective.num_batches();
+    if num_batches == 0 {
+        return Err(SoupError::NoData);
+    }
+    let layout = zoo.layout.clone();
+    let blocks = config.block_cut.blocks(&layout)?;
+    let b = config.model_batch.min(n);
+    let steps = config.inner_epochs * num_batches; // S per model batch
+    let total_steps = config.outer_passes * n.div_ceil(b) * steps; // T of spec §3.6
+
+    let mut timings = Timings::default();
+    let mut memory = MemoryAccount::default();
+    let mut history = Vec::with_capacity(total_steps);
+    let mut evaluations = Vec::new();
+    // The current soup as block vectors and its α; None before the first model batch.
+    let mut soup: Option<(Vec<Tensor>, Vec<Vec<f64>>)> = None;
+    let mut model_batch = 0;
+    let mut global_step = 0;
+
+    for outer_pass in 0..config.outer_passes {
+        let order = permutation(n, derive_seed(config.seed, &[0, outer_pass as u64]));
+        for members in order.chunks(b) {
+            let started = Instant::now();
+            let (center, gamma) = match soup.take() {
+                Some(s) => s,
+                None => {
+                    // The first model batch starts at the uniform soup of its models.
+                    let mean = zoo.mean(members)?;
+                    memory = memory.peak(MemoryAccount {
+                        models: 2 * bytes_of(&mean),
+                        ..Default::default()
+                    });
+                    let mut gamma = vec![vec![0.0; n]; blocks.len()];
+                    for row in &mut gamma {
+                        for &j in members {
+                            row[j] = 1.0 / members.len() as f64;
+                        }
+                    }
+                    (to_blocks(&mean, &blocks)?, gamma)
+                }
+            };
+            let mut hp = Hyperplane::new(
+                layout.clone(),
+                blocks.clone(),
+                center,
+                gamma,
+                members.to_vec(),
+                |j| zoo.load(j),
+            )?;
+            timings.add("load", started);
+            let model_bytes = hp.center_bytes();
+            memory = memory
+                .peak(MemoryAccount {
+                    models: model_bytes,
+                    directions: hp.direction_bytes(),
+                    center: model_bytes,
+                    ..Default::default()
+                })
+                .peak(MemoryAccount {
+                    directions: hp.direction_bytes(),
+                    center: model_bytes,
+                    theta: model_bytes,
+                    gradient: model_bytes,
+                    ..Default::default()
+                });
+            observer(&Event::BatchStart {
+                outer_pass,
+                model_batch,
+                hyperplane: &hp,
+            });
+
+            let started = Instant::now();
+            let first_batch = Batch {
+                epoch_seed: epoch_seed(config.seed, outer_pass, model_batch, 0),
+                index: 0,
+            };
+            let eta = match config.schedule {
+                StepSchedule::ConvergenceRate { smoothness, scale } => {
+                    let beta = match smoothness {
+                        Some(beta) => beta,
+                        None => estimate_smoothness(&mut hp, objective, first_batch)?,
+                    };
+                    StepSchedule::convergence_rate(beta, scale, total_steps)
+                }
+                _ => config.lr,
+            };
+            let mut optimizer = Optimizer::new(config.optimizer, hp.x.len());
+            memory = memory.peak(MemoryAccount {
+                coefficients: hp.coefficient_bytes() + optimizer.state_bytes(),
+                ..Default::default()
+            });
+            let mut theta = from_blocks(hp.center(), &blocks, &layout)?;
+            for epoch in 0..config.inner_epochs {
+                let seed = epoch_seed(config.seed, outer_pass, model_batch, epoch);
+                for index in 0..num_batches {
+                    let step = epoch * num_batches + index;
+                    let lr = config.schedule.lr(eta, step, steps);
+                    let batch = Batch {
+                        epoch_seed: seed,
+                        index,
+                    };
+                    let (loss, mut grad) = objective.loss_and_grad(&theta, batch)?;
+                    let non_finite = |what| SoupError::NonFinite {
+                        what,
+                        step,
+                        model_batch,
+                    };
+                    if !loss.is_finite() {
+                        return Err(non_finite("loss"));
+                    }
+                    let grad_norm = match config.clip_grad_norm {
+                        Some(max) => clip_global_norm(&mut grad, max)?,
+                        None => global_norm(&grad)?,
+                    };
+                    if !grad_norm.is_finite() {
+                        return Err(non_finite("gradient"));
+                    }
+                    let grad_x = hp.project(&grad)?;
+                    optimizer.step(&mut hp.x, &grad_x, lr, config.weight_decay);
+                    theta = hp.theta()?;
+                    let record = StepRecord {
+                        outer_pass,
+                        model_batch,
+                        step,
+                        global_step,
+                        loss,
+                        lr,
+                        grad_norm,
+                    };
+                    history.push(record);
+                    global_step += 1;
+                    observer(&Event::Step {
+                        record: &record,
+                        hyperplane: &hp,
+                    });
+                }
+            }
+            timings.add("steps", started);
+
+            let metrics = if config.evaluate_each_model_batch {
+                let started = Instant::now();
+                let m = objective.evaluate(&theta)?;
+                timings.add("evaluate", started);
+                evaluations.push(BatchEval {
+                    model_batch,
+                    global_step,
+                    metrics: m,
+                });
+                Some(m)
+            } else {
+                None
+            };
+            observer(&Event::BatchEnd {
+                model_batch,
+                hyperplane: &hp,
+                metrics,
+            });
+            soup = Some((hp.theta_blocks()?, hp.alpha()));
+            model_batch += 1;
+        }
+    }
+
+    let (soup_blocks, alpha) = soup.expect("at least one model batch ran");
+    Ok(SoupResult {
+        method: if config.block_cut == BlockCut::WHOLE {
+            "mehl"
+        } else {
+            "mehl+"
+        }
+        .to_string(),
+        model_names: zoo.names.clone(),
+        soup: from_blocks(&soup_blocks, &blocks, &layout)?,
+        layout,
+        blocks,
+        alpha,
+        history,
+        evaluations,
+        timings,
+        memory,
+    })
+}
+
+/// The seed of the data order of one inner epoch of one model batch.
+pub fn epoch_seed(seed: u64, outer_pass: usize, model_batch: usize, epoch: usize) -> u64 {
+    derive_seed(
+        seed,
+        &[1, outer_pass as u64, model_batch as u64, epoch as u64],
+    )
+}
+
+/// β̂ = ‖∇_X F(h u) − ∇_X F(0)‖ / h with u = ∇_X F(0)/‖∇_X F(0)‖ and h = [`SECANT_STEP`], on one
+/// data batch: the curvature of F along the first step's direction. NaN when the gradient is zero.
+fn estimate_smoothness(
+    hp: &mut Hyperplane,
+    objective: &mut dyn Objective,
+    batch: Batch,
+) -> Result<f64> {
+    let start = hp.x.clone();
+    let (_, g0) = objective.loss_and_grad(&hp.theta()?, batch)?;
+    let p0 = hp.project(&g0)?;
+    let norm = p0.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if !(norm.is_finite() && norm > 0.0) {
+        return Ok(f64::NAN);
+    }
+    for (x, p) in hp.x.iter_mut().zip(&p0) {
+        *x += SECANT_STEP * p / norm;
+    }
+    let (_, g1) = objective.loss_and_grad(&hp.theta()?, batch)?;
+    let p1 = hp.project(&g1)?;
+    hp.x = start;
+    let diff = p1
+        .iter()
+        .zip(&p0)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    Ok(diff / SECANT_STEP)
+}

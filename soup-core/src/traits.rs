@@ -1,0 +1,116 @@
+//! Where the outside plugs in: model stores, objectives, collectives.
+
+use candle_core::{Tensor, Var};
+
+use crate::error::Result;
+use crate::layout::ParamLayout;
+
+/// N models of one architecture, loaded on demand, so that a method holds only the models it asks
+/// for. Loading the same model twice gives the same tensors.
+pub trait ModelStore {
+    /// Number of models, N.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A human name for model `i` (its file, say), used in errors and reports.
+    fn name(&self, i: usize) -> String;
+
+    /// The layout of model `i`, ideally without loading its weights.
+    fn layout(&self, i: usize) -> Result<ParamLayout>;
+
+    /// The tensors of model `i`, in the order of its layout.
+    fn load(&self, i: usize) -> Result<Vec<Tensor>>;
+}
+
+/// One mini-batch of the held-out data: batch `index` of the epoch whose order is drawn from
+/// `epoch_seed`. The objective maps the pair to examples; equal pairs mean equal examples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batch {
+    pub epoch_seed: u64,
+    pub index: usize,
+}
+
+/// Evaluation of a model over a whole data split.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Metrics {
+    /// Mean loss per example.
+    pub loss: f64,
+    /// Fraction of examples classified correctly, when the objective is a classifier.
+    pub accuracy: Option<f64>,
+    /// Number of examples evaluated.
+    pub count: usize,
+}
+
+impl Metrics {
+    /// The score that ranks models: accuracy when there is one, else the negative loss.
+    pub fn score(&self) -> f64 {
+        self.accuracy.unwrap_or(-self.loss)
+    }
+}
+
+/// The training objective on the held-out data: a model architecture plus its data.
+pub trait Objective {
+    /// Number of mini-batches in one epoch over the held-out data.
+    fn num_batches(&self) -> usize;
+
+    /// The mean loss on `batch` of the model with parameters `params` (in layout order), as a
+    /// tensor differentiable with respect to `params`. `logit_scale`, when given, multiplies the
+    /// model's logits before the loss (the learned temperature of Learned-Soup).
+    fn loss(
+        &mut self,
+        params: &[Tensor],
+        logit_scale: Option<&Tensor>,
+        batch: Batch,
+    ) -> Result<Tensor>;
+
+    /// The loss and ∇θ at `params` on `batch`, by backpropagation through [`Self::loss`].
+    /// A parameter the loss does not depend on gets a zero gradient.
+    fn loss_and_grad(&mut self, params: &[Tensor], batch: Batch) -> Result<(f64, Vec<Tensor>)> {
+        let vars: Vec<Var> = params
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let loss = self.loss(&inputs, None, batch)?;
+        let grads = loss.backward()?;
+        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let g = inputs
+            .iter()
+            .map(|t| match grads.get(t) {
+                Some(g) => Ok(g.clone()),
+                None => t.zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok((value, g))
+    }
+
+    /// Loss and metrics of `params` over the whole held-out data.
+    fn evaluate(&mut self, params: &[Tensor]) -> Result<Metrics>;
+}
+
+/// Communication between the processes of one run (spec §3.7).
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The element-wise sum of `t` over all ranks, returned on every rank.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+}
+
+/// The collective of a run with one process: the sum over one rank is the tensor itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+}
