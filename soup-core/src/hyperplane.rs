@@ -49,17 +49,26 @@ impl Hyperplane {
             .map(|(blk, c)| Tensor::zeros((b, blk.numel), c.dtype(), c.device()))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut norms = vec![0.0; b * num_blocks];
+        // A difference within rounding of the center (a block that is the same in every model of
+        // the batch, averaged in floating point) counts as zero: normalising it would turn
+        // rounding noise into a unit direction.
+        let floor: Vec<f64> = center
+            .iter()
+            .map(|c| -> Result<f64> {
+                let eps = match c.dtype() {
+                    DType::F64 => f64::EPSILON,
+                    DType::F32 => f32::EPSILON as f64,
+                    _ => 1e-3, // f16/bf16: 2^-10 and 2^-7
+                };
+                Ok((b + 1) as f64 * eps * l2_norm(c)?)
+            })
+            .collect::<Result<_>>()?;
         for (i, &j) in members.iter().enumerate() {
             let (name, params) = load(j)?;
             let model = to_blocks(&params, &blocks)?;
             for (l, (m, c)) in model.iter().zip(&center).enumerate() {
                 let diff = (m.to_dtype(c.dtype())? - c)?;
-                let norm = diff
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?
-                    .sqrt();
+                let norm = l2_norm(&diff)?;
                 if !norm.is_finite() {
                     return Err(SoupError::NonFiniteModel {
                         model: name,
@@ -67,7 +76,7 @@ impl Hyperplane {
                     });
                 }
                 // Zero-norm guard (spec §3.4): θ_i^l = c^l leaves a zero direction, never NaN.
-                if norm > 0.0 {
+                if norm > floor[l] {
                     let d = diff.affine(1.0 / norm, 0.0)?;
                     directions[l].slice_set(&d.unsqueeze(0)?, 0, i)?;
                     norms[i * num_blocks + l] = norm;
@@ -101,7 +110,7 @@ impl Hyperplane {
         self.x[i * self.blocks.len() + l]
     }
 
-    /// ‖θ_i^l − c^l‖ (0 for a guarded direction).
+    /// ‖θ_i^l − c^l‖ (0 for a guarded direction: zero, or within rounding of the center).
     pub fn norm(&self, i: usize, l: usize) -> f64 {
         self.norms[i * self.blocks.len() + l]
     }
@@ -197,4 +206,13 @@ impl Hyperplane {
         let n = self.gamma.first().map_or(0, Vec::len);
         (self.x.len() + self.norms.len() + self.gamma.len() * n) * std::mem::size_of::<f64>()
     }
+}
+
+/// ‖t‖₂, accumulated in f64.
+fn l2_norm(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .sqrt())
 }
