@@ -39,7 +39,7 @@ pub struct Optimizer {
 impl Optimizer {
     pub fn new(kind: OptimizerKind, n: usize) -> Self {
         let (first, second) = match kind {
-            OptimizerKind::Sgd { momentum } if momentum == 0.0 => (vec![], vec![]),
+            OptimizerKind::Sgd { momentum: 0.0 } => (vec![], vec![]),
             OptimizerKind::Sgd { .. } => (vec![0.0; n], vec![]),
             OptimizerKind::AdamW { .. } => (vec![0.0; n], vec![0.0; n]),
         };

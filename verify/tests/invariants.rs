@@ -63,7 +63,13 @@ proptest! {
 fn alpha_sums_to_one_in_f32() {
     let store = zoo(6, 3, DType::F32);
     let mut obj = objective(24, 8, 3, DType::F32);
-    let result = run_mehl(&store, &mut obj, &config(4, BlockCut::PER_TENSOR, 2, 3), &mut |_| {}).unwrap();
+    let result = run_mehl(
+        &store,
+        &mut obj,
+        &config(4, BlockCut::PER_TENSOR, 2, 3),
+        &mut |_| {},
+    )
+    .unwrap();
     for row in &result.alpha {
         assert!((row.iter().sum::<f64>() - 1.0).abs() <= 1e-5);
     }
@@ -117,7 +123,12 @@ proptest! {
 }
 
 /// A hyperplane through the mean of `members` with coefficients X drawn from `seed`.
-fn random_hyperplane(store: &MemoryStore, members: &[usize], cut: &BlockCut, seed: u64) -> Hyperplane {
+fn random_hyperplane(
+    store: &MemoryStore,
+    members: &[usize],
+    cut: &BlockCut,
+    seed: u64,
+) -> Hyperplane {
     let layout = ARCH.layout();
     let blocks = cut.blocks(&layout).unwrap();
     let n = store.models.len();
@@ -212,7 +223,9 @@ fn full_graph_hyperplane_soup(
         })
         .collect();
     let dim = flat[0].len();
-    let c: Vec<f64> = (0..dim).map(|k| flat.iter().map(|m| m[k]).sum::<f64>() / n as f64).collect();
+    let c: Vec<f64> = (0..dim)
+        .map(|k| flat.iter().map(|m| m[k]).sum::<f64>() / n as f64)
+        .collect();
     let mut norms = vec![0.0; n];
     let mut dirs = vec![0.0; n * dim];
     for j in 0..n {
@@ -237,26 +250,44 @@ fn full_graph_hyperplane_soup(
         for index in 0..steps_per_epoch {
             let s = epoch * steps_per_epoch + index;
             let xv = Var::from_vec(x.clone(), (1, n), &dev).unwrap();
-            let theta_flat = (&c_t + xv.as_tensor().matmul(&d_t).unwrap().squeeze(0).unwrap()).unwrap();
+            let theta_flat =
+                (&c_t + xv.as_tensor().matmul(&d_t).unwrap().squeeze(0).unwrap()).unwrap();
             let mut offset = 0;
             let theta: Vec<Tensor> = layout
                 .tensors
                 .iter()
                 .map(|t| {
-                    let v = theta_flat.narrow(0, offset, t.numel()).unwrap().reshape(t.shape.as_slice()).unwrap();
+                    let v = theta_flat
+                        .narrow(0, offset, t.numel())
+                        .unwrap()
+                        .reshape(t.shape.as_slice())
+                        .unwrap();
                     offset += t.numel();
                     v
                 })
                 .collect();
-            let batch = Batch { epoch_seed: epoch_seed(cfg.seed, 0, 0, epoch), index };
+            let batch = Batch {
+                epoch_seed: epoch_seed(cfg.seed, 0, 0, epoch),
+                index,
+            };
             let loss = obj.loss(&theta, None, batch).unwrap();
             losses.push(loss.to_scalar::<f64>().unwrap());
-            let g = loss.backward().unwrap().get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let g = loss
+                .backward()
+                .unwrap()
+                .get(xv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             let w = (0.2 * total as f64).floor() as usize;
             let lr = if s < w {
                 cfg.lr * (s + 1) as f64 / w as f64
             } else {
-                cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * (s - w) as f64 / (total - w) as f64).cos())
+                cfg.lr
+                    * 0.5
+                    * (1.0 + (std::f64::consts::PI * (s - w) as f64 / (total - w) as f64).cos())
             };
             for j in 0..n {
                 let d = g[j] + cfg.weight_decay * x[j];
@@ -264,7 +295,11 @@ fn full_graph_hyperplane_soup(
                 x[j] -= lr * buf[j];
             }
             let shift: f64 = (0..n).map(|j| x[j] / norms[j]).sum();
-            alphas.push((0..n).map(|j| (1.0 - shift) / n as f64 + x[j] / norms[j]).collect());
+            alphas.push(
+                (0..n)
+                    .map(|j| (1.0 - shift) / n as f64 + x[j] / norms[j])
+                    .collect(),
+            );
         }
     }
     (losses, alphas)
@@ -358,16 +393,27 @@ fn memory_is_independent_of_the_number_of_models() {
     for n in [8, 32] {
         let store = zoo(n, 11, DType::F64);
         let mut obj = objective(16, 8, 11, DType::F64);
-        let result = run_mehl(&store, &mut obj, &config(b, BlockCut::PER_TENSOR, 1, 11), &mut |_| {}).unwrap();
+        let result = run_mehl(
+            &store,
+            &mut obj,
+            &config(b, BlockCut::PER_TENSOR, 1, 11),
+            &mut |_| {},
+        )
+        .unwrap();
         let l = result.blocks.len();
         assert!(result.memory.tensor_bytes() <= (b + 4) * d * float);
         assert_eq!(result.memory.directions, b * d * float);
         // X, its norms, AdamW's two moments (b·L each) and the α bookkeeping (N·L).
         assert!(result.memory.coefficients <= (4 * b * l + n * l) * 8);
-        let learned = soup_core::learned_soup(&store, &mut obj, &soup_core::LearnedConfig {
-            epochs: 1,
-            ..soup_core::LearnedConfig::learned_plus()
-        }).unwrap();
+        let learned = soup_core::learned_soup(
+            &store,
+            &mut obj,
+            &soup_core::LearnedConfig {
+                epochs: 1,
+                ..soup_core::LearnedConfig::learned_plus()
+            },
+        )
+        .unwrap();
         accounts.push((result.memory, learned.memory));
     }
     assert_eq!(accounts[0].0.tensor_bytes(), accounts[1].0.tensor_bytes());
@@ -489,7 +535,12 @@ fn driver_follows_the_schedule_in_every_model_batch() {
         assert_eq!(r.lr, cfg.schedule.lr(cfg.lr, r.step, 10));
     }
     // The warm-up restarts in every model batch.
-    let firsts: Vec<f64> = result.history.iter().filter(|r| r.step == 0).map(|r| r.lr).collect();
+    let firsts: Vec<f64> = result
+        .history
+        .iter()
+        .filter(|r| r.step == 0)
+        .map(|r| r.lr)
+        .collect();
     assert_eq!(firsts, vec![cfg.lr / 2.0; 3]);
 }
 
@@ -502,14 +553,23 @@ fn convergence_rate_schedule_is_min_of_inverse_smoothness_and_scale_over_root_t(
         schedule,
         ..config(2, BlockCut::WHOLE, 1, 5)
     };
-    let given = plain_sgd(StepSchedule::ConvergenceRate { smoothness: Some(4.0), scale: 1.0 });
+    let given = plain_sgd(StepSchedule::ConvergenceRate {
+        smoothness: Some(4.0),
+        scale: 1.0,
+    });
     let result = run_mehl(&store, &mut obj, &given, &mut |_| {}).unwrap();
     assert!(result.history.iter().all(|r| r.lr == 0.25));
-    let given = plain_sgd(StepSchedule::ConvergenceRate { smoothness: Some(0.1), scale: 2.0 });
+    let given = plain_sgd(StepSchedule::ConvergenceRate {
+        smoothness: Some(0.1),
+        scale: 2.0,
+    });
     let result = run_mehl(&store, &mut obj, &given, &mut |_| {}).unwrap();
     assert!(result.history.iter().all(|r| r.lr == 2.0 / 8f64.sqrt()));
     // Estimated β: a positive finite step no larger than scale/√T.
-    let estimated = plain_sgd(StepSchedule::ConvergenceRate { smoothness: None, scale: 1.0 });
+    let estimated = plain_sgd(StepSchedule::ConvergenceRate {
+        smoothness: None,
+        scale: 1.0,
+    });
     let result = run_mehl(&store, &mut obj, &estimated, &mut |_| {}).unwrap();
     for r in &result.history {
         assert!(r.lr.is_finite() && r.lr > 0.0 && r.lr <= 1.0 / 8f64.sqrt());
@@ -543,12 +603,22 @@ proptest! {
 fn recorded_gradient_norm_is_the_global_norm_before_clipping() {
     let store = zoo(3, 8, DType::F64);
     let mut obj = objective(8, 8, 8, DType::F64);
-    let cfg = MehlConfig { clip_grad_norm: Some(1e-3), ..config(3, BlockCut::WHOLE, 1, 8) };
+    let cfg = MehlConfig {
+        clip_grad_norm: Some(1e-3),
+        ..config(3, BlockCut::WHOLE, 1, 8)
+    };
     let result = run_mehl(&store, &mut obj, &cfg, &mut |_| {}).unwrap();
     let mean = soup_core::uniform_soup(&store).unwrap().soup;
-    let batch = Batch { epoch_seed: epoch_seed(cfg.seed, 0, 0, 0), index: 0 };
+    let batch = Batch {
+        epoch_seed: epoch_seed(cfg.seed, 0, 0, 0),
+        index: 0,
+    };
     let (_, grad) = obj.loss_and_grad(&mean, batch).unwrap();
-    assert_relative_eq!(result.history[0].grad_norm, global_norm(&grad).unwrap(), max_relative = 1e-9);
+    assert_relative_eq!(
+        result.history[0].grad_norm,
+        global_norm(&grad).unwrap(),
+        max_relative = 1e-9
+    );
 }
 
 // §5.10: same seed and inputs ⇒ bit-identical soup; another seed ⇒ another soup.
@@ -557,8 +627,16 @@ fn same_seed_gives_a_bit_identical_soup() {
     let run = |seed| {
         let store = zoo(7, 4, DType::F32);
         let mut obj = objective(32, 8, 4, DType::F32);
-        let r = run_mehl(&store, &mut obj, &config(3, BlockCut::PER_TENSOR, 2, seed), &mut |_| {}).unwrap();
-        let bits: Vec<u32> = r.soup.iter()
+        let r = run_mehl(
+            &store,
+            &mut obj,
+            &config(3, BlockCut::PER_TENSOR, 2, seed),
+            &mut |_| {},
+        )
+        .unwrap();
+        let bits: Vec<u32> = r
+            .soup
+            .iter()
             .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .map(f32::to_bits)
             .collect();

@@ -1,0 +1,124 @@
+//! The baselines of spec §2 against naive references.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::{objective, zoo};
+use proptest::prelude::*;
+use soup_core::{
+    greedy_soup, learned_soup, uniform_soup, BlockCut, GreedyAccept, LearnedConfig, Objective,
+};
+use verify::{host_blocks, rel_err, soup_from_alpha, MemoryStore};
+
+fn mean_of(store: &MemoryStore, members: &[usize]) -> Vec<Tensor> {
+    (0..store.models[0].len())
+        .map(|t| {
+            let sum = members
+                .iter()
+                .map(|&j| store.models[j][t].clone())
+                .reduce(|a, b| (a + b).unwrap())
+                .unwrap();
+            (sum / members.len() as f64).unwrap()
+        })
+        .collect()
+}
+
+fn flat(tensors: &[Tensor]) -> Vec<f64> {
+    tensors
+        .iter()
+        .flat_map(|t| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn uniform_soup_is_the_mean(n in 1usize..9, seed in any::<u64>()) {
+        let store = zoo(n, seed, DType::F64);
+        let result = uniform_soup(&store).unwrap();
+        let all: Vec<usize> = (0..n).collect();
+        prop_assert!(rel_err(&flat(&result.soup), &flat(&mean_of(&store, &all))) <= 1e-12);
+        prop_assert_eq!(&result.alpha, &vec![vec![1.0 / n as f64; n]]);
+        // Streamed: every model read once.
+        prop_assert_eq!(store.take_loads(), all);
+    }
+
+    /// Greedy-Soup against a naive reference that recomputes every candidate mean from scratch.
+    #[test]
+    fn greedy_soup_matches_a_naive_reference(n in 1usize..8, strict in any::<bool>(), seed in any::<u64>()) {
+        let store = zoo(n, seed, DType::F64);
+        let mut obj = objective(30, 30, seed, DType::F64);
+        let accept = if strict { GreedyAccept::Improves } else { GreedyAccept::NotWorse };
+        let result = greedy_soup(&store, &mut obj, accept).unwrap();
+
+        let acc = |obj: &mut verify::MlpObjective, p: &[Tensor]| obj.evaluate(p).unwrap().accuracy.unwrap();
+        let scores: Vec<f64> = (0..n).map(|i| acc(&mut obj, &store.models[i])).collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|a, b| scores[*b].partial_cmp(&scores[*a]).unwrap().then(a.cmp(b)));
+        let mut soup = vec![order[0]];
+        let mut best = scores[order[0]];
+        for &i in &order[1..] {
+            let mut candidate = soup.clone();
+            candidate.push(i);
+            let a = acc(&mut obj, &mean_of(&store, &candidate));
+            if (strict && a > best) || (!strict && a >= best) {
+                soup = candidate;
+                best = a;
+            }
+        }
+        let mut alpha = vec![0.0; n];
+        for &i in &soup {
+            alpha[i] = 1.0 / soup.len() as f64;
+        }
+        prop_assert_eq!(&result.alpha[0], &alpha);
+        prop_assert!(rel_err(&flat(&result.soup), &flat(&mean_of(&store, &soup))) <= 1e-12);
+        prop_assert_eq!(result.memory.models, 3 * flat(&store.models[0]).len() * 8);
+    }
+}
+
+/// Learned-Soup(+): α on the simplex per block, the soup is Σ α θ_j, and training lowers the
+/// held-out loss below the uniform soup's.
+#[test]
+fn learned_soup_trains_coefficients_on_the_simplex() {
+    let store = zoo(6, 21, DType::F64);
+    let mut obj = objective(60, 20, 21, DType::F64);
+    let uniform_loss = obj
+        .evaluate(&uniform_soup(&store).unwrap().soup)
+        .unwrap()
+        .loss;
+    for (config, blocks) in [
+        (LearnedConfig::learned(), 1),
+        (LearnedConfig::learned_plus(), 4),
+    ] {
+        let result = learned_soup(&store, &mut obj, &config).unwrap();
+        assert_eq!(result.alpha.len(), blocks);
+        for row in &result.alpha {
+            assert!(row.iter().all(|&a| a >= 0.0));
+            assert!((row.iter().sum::<f64>() - 1.0).abs() <= 1e-12);
+        }
+        let soup =
+            host_blocks(&soup_core::to_blocks(&result.soup, &result.blocks).unwrap()).unwrap();
+        let naive = soup_from_alpha(&store, &result.blocks, &result.alpha).unwrap();
+        for (s, r) in soup.iter().zip(&naive) {
+            assert!(rel_err(s, r) <= 1e-12);
+        }
+        let loss = obj.evaluate(&result.soup).unwrap().loss;
+        assert!(
+            loss < uniform_loss,
+            "{}: {loss} ≥ uniform {uniform_loss}",
+            result.method
+        );
+        assert_eq!(result.history.len(), 5 * 3);
+        assert_eq!(result.evaluations.len(), 5);
+        assert_eq!(result.blocks.len(), blocks);
+        assert_eq!(config.block_cut == BlockCut::WHOLE, blocks == 1);
+    }
+}
