@@ -38,7 +38,7 @@ fn flat(tensors: &[Tensor]) -> Vec<f64> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn uniform_soup_is_the_mean(n in 1usize..9, seed in any::<u64>()) {

@@ -23,7 +23,7 @@ fn cases(n: u32) -> ProptestConfig {
 
 // §5.1: per block, α sums to 1 and reconstructs θ, after every step and every model batch.
 proptest! {
-    #![proptest_config(cases(24))]
+    #![proptest_config(cases(64))]
     #[test]
     fn alpha_sums_to_one_and_reconstructs_theta(
         n in 2usize..7, b in 1usize..7, k in 0usize..4, outer in 1usize..3, seed in any::<u64>(),
@@ -83,7 +83,7 @@ fn alpha_sums_to_one_in_f32() {
 // §5.2: X = 0 at the start of every model batch; the soup then equals the previous soup, and the
 // first start equals the mean of the first model batch.
 proptest! {
-    #![proptest_config(cases(16))]
+    #![proptest_config(cases(32))]
     #[test]
     fn each_model_batch_starts_at_the_previous_soup(
         n in 2usize..8, b in 1usize..5, k in 0usize..4, seed in any::<u64>(),
@@ -159,7 +159,7 @@ use soup_core::ModelStore;
 // §5.3: the projected gradient ⟨∇θ, d_{i,l}⟩ equals autograd through c + Σ X d (X a variable,
 // every direction in the graph) and central finite differences, in f64.
 proptest! {
-    #![proptest_config(cases(16))]
+    #![proptest_config(cases(64))]
     #[test]
     fn projected_gradient_matches_autograd_and_finite_differences(
         n in 2usize..6, k in 0usize..4, seed in any::<u64>(),
@@ -308,7 +308,7 @@ fn full_graph_hyperplane_soup(
 // §5.4: with b = N, one block, one outer pass and SGD, MEHL is the full-graph hyperplane learned
 // soup, step for step.
 proptest! {
-    #![proptest_config(cases(16))]
+    #![proptest_config(cases(64))]
     #[test]
     fn mehl_equals_the_full_graph_hyperplane_soup(
         n in 2usize..7, momentum in prop_oneof![Just(0.0), Just(0.9)], seed in any::<u64>(),
@@ -342,7 +342,7 @@ proptest! {
 // §5.5: every direction has unit norm per block, or is zero when guarded (a block that is the same
 // in every model, or a model batch of one at the start).
 proptest! {
-    #![proptest_config(cases(16))]
+    #![proptest_config(cases(64))]
     #[test]
     fn directions_have_unit_norm_or_are_zero(
         n in 1usize..6, b in 1usize..4, k in 0usize..4, seed in any::<u64>(),
@@ -472,7 +472,7 @@ proptest! {
 
 // §5.7: each outer pass visits every model once, and a model batch loads only its own models.
 proptest! {
-    #![proptest_config(cases(16))]
+    #![proptest_config(cases(64))]
     #[test]
     fn each_outer_pass_visits_every_model_once(
         n in 1usize..10, b in 1usize..5, outer in 1usize..4, seed in any::<u64>(),
@@ -578,7 +578,7 @@ fn convergence_rate_schedule_is_min_of_inverse_smoothness_and_scale_over_root_t(
 
 // §5.8: clipping uses the global norm of ∇θ, like torch.nn.utils.clip_grad_norm_.
 proptest! {
-    #![proptest_config(cases(64))]
+    #![proptest_config(cases(128))]
     #[test]
     fn clipping_uses_the_global_norm(values in prop::collection::vec(-10.0f64..10.0, 2..40), split in 1usize..39, max in 0.1f64..20.0) {
         let split = split.min(values.len() - 1);
