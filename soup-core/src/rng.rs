@@ -31,6 +31,19 @@ impl SplitMix64 {
     }
 }
 
+impl SplitMix64 {
+    /// `n` standard normal samples (Box–Muller, cosine branch).
+    pub fn normals(&mut self, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                let u1 = 1.0 - self.next_f64();
+                let u2 = self.next_f64();
+                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            })
+            .collect()
+    }
+}
+
 /// A seeded permutation of `0..n` (Fisher–Yates).
 pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
     let mut rng = SplitMix64::new(seed);

@@ -1,3 +1,17 @@
-//! soup-models: the model zoo side of soup. It will hold trainable CLIP ViT classifiers and
-//! other architectures, checkpoint readers and writers, and data sets, implementing soup-core's
-//! `ModelStore` and `Objective` traits (issue [models]). It holds nothing yet.
+//! soup-models: the model zoo side of soup. Architectures (trainable CLIP ViT classifiers, MLPs)
+//! registered by name, the classification objective, and checkpoints, implementing soup-core's
+//! `ModelStore` and `Objective` traits.
+
+pub mod arch;
+pub mod error;
+pub mod ops;
+
+pub use arch::{build, Architecture, InputSpec, REGISTRY};
+pub use error::{ModelError, Result};
+pub mod checkpoint;
+pub mod objective;
+pub mod store;
+
+pub use checkpoint::Checkpoint;
+pub use objective::{Classification, Dataset};
+pub use store::FileStore;

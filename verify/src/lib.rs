@@ -40,17 +40,6 @@ impl Mlp {
     }
 }
 
-/// Standard normal samples (Box–Muller) from a seeded stream.
-pub fn normals(rng: &mut SplitMix64, n: usize) -> Vec<f64> {
-    (0..n)
-        .map(|_| {
-            let u1 = 1.0 - rng.next_f64();
-            let u2 = rng.next_f64();
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect()
-}
-
 /// Labelled examples: x (n × input) and one-hot targets (n × classes).
 #[derive(Clone, Debug)]
 pub struct Data {
@@ -63,12 +52,13 @@ impl Data {
     /// Gaussian clusters, one per class, with unit noise around means of norm ~`separation`.
     pub fn clusters(arch: Mlp, n: usize, separation: f64, seed: u64, dtype: DType) -> Result<Self> {
         let mut rng = SplitMix64::new(seed);
-        let means: Vec<f64> = normals(&mut rng, arch.classes * arch.input)
+        let means: Vec<f64> = rng
+            .normals(arch.classes * arch.input)
             .into_iter()
             .map(|v| v * separation / (arch.input as f64).sqrt())
             .collect();
         let labels: Vec<usize> = (0..n).map(|i| i % arch.classes).collect();
-        let noise = normals(&mut rng, n * arch.input);
+        let noise = rng.normals(n * arch.input);
         let x: Vec<f64> = (0..n * arch.input)
             .map(|k| means[labels[k / arch.input] * arch.input + k % arch.input] + noise[k])
             .collect();
@@ -193,7 +183,7 @@ impl MemoryStore {
             .iter()
             .map(|t| {
                 let fan_in = *t.shape.last().expect("non-empty shape") as f64;
-                normals(&mut rng, t.numel())
+                rng.normals(t.numel())
                     .into_iter()
                     .map(|v| v / fan_in.sqrt())
                     .collect()
@@ -208,7 +198,7 @@ impl MemoryStore {
                 .zip(&base)
                 .enumerate()
                 .map(|(k, (spec, b))| {
-                    let noise = normals(&mut rng, b.len());
+                    let noise = rng.normals(b.len());
                     let v: Vec<f64> = if frozen.contains(&k) {
                         b.clone()
                     } else {

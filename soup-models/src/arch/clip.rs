@@ -1,0 +1,397 @@
+//! `clip-vit`: the CLIP vision tower → visual projection → L2-normalised features → linear head,
+//! as model-soups builds its classifiers, with Hugging Face tensor names. Every operation is
+//! differentiable (candle's stock CLIP is inference-only: notes/STACK.md).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, D};
+use candle_transformers::models::clip::text_model::Activation;
+use candle_transformers::models::clip::vision_model::ClipVisionConfig;
+use serde::{Deserialize, Serialize};
+use soup_core::rng::SplitMix64;
+use soup_core::{ParamLayout, TensorSpec};
+
+use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params};
+use crate::error::{ModelError, Result};
+use crate::ops::{layer_norm, linear, quick_gelu, softmax};
+
+/// CLIP's pixel normalisation (RGB).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// The vision configuration, with the keys of Hugging Face's `vision_config`, plus the
+/// projection width and the number of classes of the head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClipVitConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_channels")]
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub projection_dim: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub num_classes: usize,
+    /// Per-channel pixel mean and standard deviation (CLIP's by default; one entry per channel).
+    #[serde(default)]
+    pub image_mean: Option<Vec<f32>>,
+    #[serde(default)]
+    pub image_std: Option<Vec<f32>>,
+}
+
+fn default_channels() -> usize {
+    3
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "quick_gelu".to_string()
+}
+
+/// The Hugging Face CLIP vision towers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    B32,
+    B16,
+    L14,
+}
+
+impl ClipVitConfig {
+    /// A preset at 224 px with a head for `num_classes` classes.
+    pub fn preset(preset: Preset, num_classes: usize) -> Self {
+        let b32 = ClipVisionConfig::vit_base_patch32();
+        let base = Self {
+            hidden_size: b32.embed_dim,
+            intermediate_size: b32.intermediate_size,
+            num_hidden_layers: b32.num_hidden_layers,
+            num_attention_heads: b32.num_attention_heads,
+            num_channels: b32.num_channels,
+            image_size: b32.image_size,
+            patch_size: b32.patch_size,
+            projection_dim: b32.projection_dim,
+            layer_norm_eps: 1e-5,
+            hidden_act: default_act(),
+            num_classes,
+            image_mean: None,
+            image_std: None,
+        };
+        match preset {
+            Preset::B32 => base,
+            Preset::B16 => Self {
+                patch_size: 16,
+                ..base
+            },
+            Preset::L14 => Self {
+                hidden_size: 1024,
+                intermediate_size: 4096,
+                num_hidden_layers: 24,
+                num_attention_heads: 16,
+                patch_size: 14,
+                projection_dim: 768,
+                ..base
+            },
+        }
+    }
+
+    /// Reads a Hugging Face `config.json` (CLIPModel: `vision_config` plus a top-level
+    /// `projection_dim`; CLIPVisionModel(WithProjection): the vision keys at the top level).
+    pub fn from_hf_json(json: &serde_json::Value, num_classes: usize) -> Result<Self> {
+        let vision = json.get("vision_config").unwrap_or(json);
+        let mut v = vision.clone();
+        let obj = v
+            .as_object_mut()
+            .ok_or_else(|| ModelError::config("clip-vit", "config.json is not an object"))?;
+        if !obj.contains_key("projection_dim") {
+            let p = json.get("projection_dim").cloned().ok_or_else(|| {
+                ModelError::config("clip-vit", "config.json has no projection_dim")
+            })?;
+            obj.insert("projection_dim".into(), p);
+        }
+        obj.insert("num_classes".into(), num_classes.into());
+        parse_config("clip-vit", &v)
+    }
+
+    /// The same configuration as candle-transformers' type (used by its stock CLIP).
+    pub fn vision_config(&self) -> ClipVisionConfig {
+        ClipVisionConfig {
+            embed_dim: self.hidden_size,
+            activation: Activation::QuickGelu,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            projection_dim: self.projection_dim,
+            num_channels: self.num_channels,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let err = |d: &str| Err(ModelError::config("clip-vit", d));
+        if self.hidden_act != "quick_gelu" {
+            return err("only hidden_act = quick_gelu is supported");
+        }
+        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+            return err("image_size must be a positive multiple of patch_size");
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return err("hidden_size must be a multiple of num_attention_heads");
+        }
+        if self.num_classes == 0 || self.num_channels == 0 || self.projection_dim == 0 {
+            return err("num_classes, num_channels and projection_dim must be positive");
+        }
+        for v in [&self.image_mean, &self.image_std].into_iter().flatten() {
+            if v.len() != self.num_channels {
+                return err("image_mean and image_std need one entry per channel");
+            }
+        }
+        Ok(())
+    }
+
+    fn num_positions(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2) + 1
+    }
+}
+
+/// A CLIP ViT image classifier.
+#[derive(Debug)]
+pub struct ClipClassifier {
+    pub config: ClipVitConfig,
+    layout: ParamLayout,
+    index: HashMap<String, usize>,
+}
+
+impl ClipClassifier {
+    pub fn new(config: ClipVitConfig) -> Result<Self> {
+        config.validate()?;
+        let layout = clip_layout(&config);
+        Ok(Self {
+            index: index_of(&layout),
+            layout,
+            config,
+        })
+    }
+
+    pub fn from_config(config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
+        Ok(Arc::new(Self::new(parse_config("clip-vit", config)?)?))
+    }
+
+    pub fn preset(preset: Preset, config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
+        #[derive(Deserialize)]
+        struct Classes {
+            num_classes: usize,
+        }
+        let Classes { num_classes } = parse_config("clip-vit", config)?;
+        Ok(Arc::new(Self::new(ClipVitConfig::preset(
+            preset,
+            num_classes,
+        ))?))
+    }
+
+    /// The pooled, projected image features before normalisation (n × projection_dim):
+    /// `CLIPModel.get_image_features`.
+    pub fn image_features(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
+        let p = Params::new("clip-vit", &self.layout, &self.index, params)?;
+        let c = &self.config;
+        let dtype = params[0].dtype();
+        let x = images.to_dtype(dtype)?;
+        let (n, ch, h, w) = x.dims4()?;
+        if ch != c.num_channels || h != c.image_size || w != c.image_size {
+            return Err(ModelError::config(
+                "clip-vit",
+                format!(
+                    "images are {ch}×{h}×{w}, the model takes {}×{}×{}",
+                    c.num_channels, c.image_size, c.image_size
+                ),
+            ));
+        }
+        let e = c.hidden_size;
+        let ps = c.patch_size;
+        let g = c.image_size / ps;
+        // Patch embedding as reshape + matmul (a stride-p convolution without bias).
+        let patches = x
+            .reshape((n, ch, g, ps, g, ps))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((n * g * g, ch * ps * ps))?;
+        let kernel = p
+            .get("vision_model.embeddings.patch_embedding.weight")
+            .reshape((e, ch * ps * ps))?;
+        let patch_embeds = patches.matmul(&kernel.t()?)?.reshape((n, g * g, e))?;
+        let class = p
+            .get("vision_model.embeddings.class_embedding")
+            .reshape((1, 1, e))?
+            .broadcast_as((n, 1, e))?;
+        let mut hidden = Tensor::cat(&[&class, &patch_embeds], 1)?
+            .broadcast_add(p.get("vision_model.embeddings.position_embedding.weight"))?;
+        let ln = |x: &Tensor, name: &str| {
+            layer_norm(
+                x,
+                p.get(&format!("{name}.weight")),
+                p.get(&format!("{name}.bias")),
+                c.layer_norm_eps,
+            )
+        };
+        let lin = |x: &Tensor, name: &str| {
+            linear(
+                x,
+                p.get(&format!("{name}.weight")),
+                Some(p.get(&format!("{name}.bias"))),
+            )
+        };
+        hidden = ln(&hidden, "vision_model.pre_layrnorm")?;
+        let heads = c.num_attention_heads;
+        let head_dim = e / heads;
+        let t = c.num_positions();
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((n, t, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        for i in 0..c.num_hidden_layers {
+            let l = format!("vision_model.encoder.layers.{i}");
+            let residual = hidden.clone();
+            let x = ln(&hidden, &format!("{l}.layer_norm1"))?;
+            let q = split(
+                (lin(&x, &format!("{l}.self_attn.q_proj"))? * (head_dim as f64).powf(-0.5))?,
+            )?;
+            let k = split(lin(&x, &format!("{l}.self_attn.k_proj"))?)?;
+            let v = split(lin(&x, &format!("{l}.self_attn.v_proj"))?)?;
+            let attn = softmax(&q.matmul(&k.t()?)?)?;
+            let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, e))?;
+            hidden = (residual + lin(&out, &format!("{l}.self_attn.out_proj"))?)?;
+            let residual = hidden.clone();
+            let x = ln(&hidden, &format!("{l}.layer_norm2"))?;
+            let x = lin(
+                &quick_gelu(&lin(&x, &format!("{l}.mlp.fc1"))?)?,
+                &format!("{l}.mlp.fc2"),
+            )?;
+            hidden = (residual + x)?;
+        }
+        let pooled = ln(
+            &hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            "vision_model.post_layernorm",
+        )?;
+        Ok(linear(&pooled, p.get("visual_projection.weight"), None)?)
+    }
+}
+
+impl Architecture for ClipClassifier {
+    fn family(&self) -> &'static str {
+        "clip-vit"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("ClipVitConfig serialises")
+    }
+
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    fn input(&self) -> InputSpec {
+        let c = &self.config;
+        let pick = |given: &Option<Vec<f32>>, clip: [f32; 3], grey: f32| match given {
+            Some(v) => v.clone(),
+            None if c.num_channels == 3 => clip.to_vec(),
+            None => vec![grey; c.num_channels],
+        };
+        InputSpec {
+            channels: c.num_channels,
+            height: c.image_size,
+            width: c.image_size,
+            mean: pick(&c.image_mean, CLIP_MEAN, 0.5),
+            std: pick(&c.image_std, CLIP_STD, 0.5),
+        }
+    }
+
+    fn num_classes(&self) -> usize {
+        self.config.num_classes
+    }
+
+    fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
+        let features = self.image_features(params, images)?;
+        let norm = features.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+        let features = features.broadcast_div(&norm)?;
+        let p = Params::new("clip-vit", &self.layout, &self.index, params)?;
+        Ok(linear(
+            &features,
+            p.get("classification_head.weight"),
+            Some(p.get("classification_head.bias")),
+        )?)
+    }
+
+    fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
+        let mut rng = SplitMix64::new(seed);
+        let e = self.config.hidden_size as f64;
+        self.layout
+            .tensors
+            .iter()
+            .map(|t| {
+                let name = t.name.as_str();
+                if name.ends_with("class_embedding") {
+                    normal(&mut rng, &t.shape, e.powf(-0.5), device)
+                } else if name.contains("layer_norm") || name.contains("layrnorm") {
+                    let one = if name.ends_with("weight") { 1.0 } else { 0.0 };
+                    filled(&t.shape, one, device)
+                } else if name.ends_with("bias") {
+                    filled(&t.shape, 0.0, device)
+                } else if name.ends_with("position_embedding.weight") {
+                    normal(&mut rng, &t.shape, 0.02, device)
+                } else {
+                    let fan_in: usize = t.shape[1..].iter().product();
+                    normal(&mut rng, &t.shape, (fan_in as f64).powf(-0.5), device)
+                }
+            })
+            .collect()
+    }
+}
+
+/// The tensors of a CLIP classifier in the order of the Hugging Face state dict.
+fn clip_layout(c: &ClipVitConfig) -> ParamLayout {
+    let e = c.hidden_size;
+    let mut t = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>| t.push(TensorSpec { name, shape });
+    let emb = "vision_model.embeddings";
+    push(format!("{emb}.class_embedding"), vec![e]);
+    push(
+        format!("{emb}.patch_embedding.weight"),
+        vec![e, c.num_channels, c.patch_size, c.patch_size],
+    );
+    push(
+        format!("{emb}.position_embedding.weight"),
+        vec![c.num_positions(), e],
+    );
+    push("vision_model.pre_layrnorm.weight".into(), vec![e]);
+    push("vision_model.pre_layrnorm.bias".into(), vec![e]);
+    for i in 0..c.num_hidden_layers {
+        let l = format!("vision_model.encoder.layers.{i}");
+        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
+            push(format!("{l}.self_attn.{proj}.weight"), vec![e, e]);
+            push(format!("{l}.self_attn.{proj}.bias"), vec![e]);
+        }
+        push(format!("{l}.layer_norm1.weight"), vec![e]);
+        push(format!("{l}.layer_norm1.bias"), vec![e]);
+        push(format!("{l}.mlp.fc1.weight"), vec![c.intermediate_size, e]);
+        push(format!("{l}.mlp.fc1.bias"), vec![c.intermediate_size]);
+        push(format!("{l}.mlp.fc2.weight"), vec![e, c.intermediate_size]);
+        push(format!("{l}.mlp.fc2.bias"), vec![e]);
+        push(format!("{l}.layer_norm2.weight"), vec![e]);
+        push(format!("{l}.layer_norm2.bias"), vec![e]);
+    }
+    push("vision_model.post_layernorm.weight".into(), vec![e]);
+    push("vision_model.post_layernorm.bias".into(), vec![e]);
+    push("visual_projection.weight".into(), vec![c.projection_dim, e]);
+    push(
+        "classification_head.weight".into(),
+        vec![c.num_classes, c.projection_dim],
+    );
+    push("classification_head.bias".into(), vec![c.num_classes]);
+    ParamLayout::new(t)
+}

@@ -1,0 +1,144 @@
+//! Architecture plugins: a model family is a file in this folder plus a line in [`REGISTRY`].
+
+pub mod clip;
+pub mod mlp;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use soup_core::rng::SplitMix64;
+use soup_core::ParamLayout;
+
+use crate::error::{ModelError, Result};
+
+/// How images must be prepared for a model: shape and per-channel normalisation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputSpec {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// Per-channel mean subtracted from pixels in [0, 1].
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation the centred pixels are divided by.
+    pub std: Vec<f32>,
+}
+
+/// An image classifier whose parameters are an ordered list of named tensors.
+pub trait Architecture: std::fmt::Debug + Send + Sync {
+    /// The registry name of the family (`clip-vit`, `mlp`).
+    fn family(&self) -> &'static str;
+    /// The family's configuration; `build(family(), &config())` rebuilds this architecture.
+    fn config(&self) -> serde_json::Value;
+    /// Parameter names and shapes, in the order `forward` takes them.
+    fn layout(&self) -> &ParamLayout;
+    fn input(&self) -> InputSpec;
+    fn num_classes(&self) -> usize;
+    /// Logits (n × classes) of normalised images (n × channels × height × width), differentiable
+    /// with respect to every parameter.
+    fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor>;
+    /// A seeded random initialisation (f32), for training from scratch.
+    fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
+}
+
+type Constructor = fn(&serde_json::Value) -> Result<Arc<dyn Architecture>>;
+
+/// Every architecture by name. Presets take `{"num_classes": K}`; families take their config.
+pub const REGISTRY: &[(&str, Constructor)] = &[
+    ("clip-vit-b32", |c| {
+        clip::ClipClassifier::preset(clip::Preset::B32, c)
+    }),
+    ("clip-vit-b16", |c| {
+        clip::ClipClassifier::preset(clip::Preset::B16, c)
+    }),
+    ("clip-vit-l14", |c| {
+        clip::ClipClassifier::preset(clip::Preset::L14, c)
+    }),
+    ("clip-vit", clip::ClipClassifier::from_config),
+    ("mlp", mlp::Mlp::from_config),
+];
+
+/// The architecture `name` with configuration `config`.
+pub fn build(name: &str, config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
+    match REGISTRY.iter().find(|(n, _)| *n == name) {
+        Some((_, make)) => make(config),
+        None => Err(ModelError::UnknownArchitecture {
+            name: name.to_string(),
+            known: REGISTRY
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+/// Named access to the parameters handed to `forward`, checked against the layout.
+pub(crate) struct Params<'a> {
+    index: &'a HashMap<String, usize>,
+    tensors: &'a [Tensor],
+}
+
+impl<'a> Params<'a> {
+    pub fn new(
+        family: &str,
+        layout: &ParamLayout,
+        index: &'a HashMap<String, usize>,
+        tensors: &'a [Tensor],
+    ) -> Result<Self> {
+        if tensors.len() != layout.len() {
+            return Err(ModelError::config(
+                family,
+                format!(
+                    "forward got {} tensors, the layout has {}",
+                    tensors.len(),
+                    layout.len()
+                ),
+            ));
+        }
+        Ok(Self { index, tensors })
+    }
+
+    pub fn get(&self, name: &str) -> &'a Tensor {
+        &self.tensors[self.index[name]]
+    }
+}
+
+/// Name → position in the layout.
+pub(crate) fn index_of(layout: &ParamLayout) -> HashMap<String, usize> {
+    layout
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect()
+}
+
+/// Reads field `key` of a JSON config as `T`, with an error naming the architecture.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(
+    arch: &str,
+    config: &serde_json::Value,
+) -> Result<T> {
+    serde_json::from_value(config.clone()).map_err(|e| ModelError::config(arch, e))
+}
+
+/// A seeded tensor of normal samples with standard deviation `std`, f32.
+pub(crate) fn normal(
+    rng: &mut SplitMix64,
+    shape: &[usize],
+    std: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = shape.iter().product();
+    let v: Vec<f32> = rng
+        .normals(n)
+        .into_iter()
+        .map(|x| (x * std) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+/// A constant f32 tensor.
+pub(crate) fn filled(shape: &[usize], value: f64, device: &Device) -> Result<Tensor> {
+    Ok((Tensor::ones(shape, DType::F32, device)? * value)?)
+}

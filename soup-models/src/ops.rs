@@ -1,0 +1,63 @@
+//! Differentiable building blocks. candle's fused `layer_norm` and `softmax_last_dim` have no
+//! backward and silently cut the graph (notes/STACK.md); these are composed from ops that do.
+
+use candle_core::{Result, Tensor, D};
+
+/// LayerNorm over the last dimension: (x − mean) / √(var + eps) · weight + bias.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last dimension (the max is subtracted as a constant, which leaves the value
+/// and the gradient unchanged).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log-softmax over the last dimension.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// CLIP's activation: x · σ(1.702 x).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+/// x Wᵀ + b for x of any rank ≥ 2 (flattened to a 2-D product, the fast path of the matmul).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (last, lead) = dims.split_last().expect("linear on a tensor of rank ≥ 1");
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, *last))?.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = lead.to_vec();
+    out.push(weight.dim(0)?);
+    y.reshape(out)
+}
+
+/// Mean cross-entropy of `logits` (n × K) against integer `labels`, with label smoothing ε as
+/// in PyTorch: the target is (1 − ε)·onehot + ε/K.
+pub fn cross_entropy(logits: &Tensor, labels: &[u32], label_smoothing: f64) -> Result<Tensor> {
+    let (n, k) = logits.dims2()?;
+    let off = label_smoothing / k as f64;
+    let mut target = vec![off; n * k];
+    for (i, &y) in labels.iter().enumerate() {
+        target[i * k + y as usize] += 1.0 - label_smoothing;
+    }
+    let target = Tensor::from_vec(target, (n, k), logits.device())?.to_dtype(logits.dtype())?;
+    (log_softmax(logits)? * target)?
+        .sum_all()?
+        .affine(-1.0 / n as f64, 0.0)
+}
