@@ -35,11 +35,19 @@ struct Shard {
     mapped: OnceLock<std::result::Result<Mapped, String>>,
 }
 
+/// Where a tensor's bytes are in a shard, and their type and shape.
+#[derive(Debug)]
+struct Stored {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    offsets: (usize, usize),
+}
+
 #[derive(Debug)]
 struct Mapped {
     mmap: Mmap,
     data_start: usize,
-    tensors: HashMap<String, (Dtype, Vec<usize>, (usize, usize))>,
+    tensors: HashMap<String, Stored>,
     metadata: HashMap<String, String>,
 }
 
@@ -152,7 +160,7 @@ impl Checkpoint {
         Ok(&self.shards[0].mapped()?.metadata)
     }
 
-    fn entry(&self, name: &str) -> Result<(&Shard, &(Dtype, Vec<usize>, (usize, usize)))> {
+    fn entry(&self, name: &str) -> Result<(&Shard, &Stored)> {
         let missing = || ModelError::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
@@ -164,14 +172,15 @@ impl Checkpoint {
 
     /// Shape and stored dtype of tensor `name`, from the header.
     pub fn info(&self, name: &str) -> Result<(Vec<usize>, Dtype)> {
-        let (_, (dtype, shape, _)) = self.entry(name)?;
-        Ok((shape.clone(), *dtype))
+        let (_, stored) = self.entry(name)?;
+        Ok((stored.shape.clone(), stored.dtype))
     }
 
     /// Tensor `name` as f32 on `device` (f16, bf16 and f64 are converted).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let (shard, (dtype, shape, (start, end))) = self.entry(name)?;
-        let dtype = match dtype {
+        let (shard, stored) = self.entry(name)?;
+        let (start, end) = stored.offsets;
+        let dtype = match stored.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
@@ -185,7 +194,7 @@ impl Checkpoint {
         };
         let mapped = shard.mapped()?;
         let bytes = &mapped.mmap[mapped.data_start + start..mapped.data_start + end];
-        Ok(Tensor::from_raw_buffer(bytes, dtype, shape, device)?.to_dtype(DType::F32)?)
+        Ok(Tensor::from_raw_buffer(bytes, dtype, &stored.shape, device)?.to_dtype(DType::F32)?)
     }
 
     /// The architecture the checkpoint describes: soup's own metadata, else a Hugging Face CLIP

@@ -18,7 +18,7 @@ use crate::ops::{layer_norm, linear, quick_gelu, softmax};
 
 /// CLIP's pixel normalisation (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// The vision configuration, with the keys of Hugging Face's `vision_config`, plus the
 /// projection width and the number of classes of the head.
@@ -138,10 +138,12 @@ impl ClipVitConfig {
         if self.hidden_act != "quick_gelu" {
             return err("only hidden_act = quick_gelu is supported");
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return err("image_size must be a positive multiple of patch_size");
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return err("hidden_size must be a multiple of num_attention_heads");
         }
         if self.num_classes == 0 || self.num_channels == 0 || self.projection_dim == 0 {

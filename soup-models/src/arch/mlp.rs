@@ -31,7 +31,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(config: MlpConfig) -> Result<Self> {
-        if config.num_classes == 0 || config.input.iter().any(|&d| d == 0) {
+        if config.num_classes == 0 || config.input.contains(&0) {
             return Err(ModelError::config(
                 "mlp",
                 "input dimensions and num_classes must be positive",
