@@ -71,7 +71,14 @@ impl Shard {
             let tensors = meta
                 .tensors()
                 .into_iter()
-                .map(|(name, info)| (name, (info.dtype, info.shape.clone(), info.data_offsets)))
+                .map(|(name, info)| {
+                    let stored = Stored {
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        offsets: info.data_offsets,
+                    };
+                    (name, stored)
+                })
                 .collect();
             let metadata = meta.metadata().clone().unwrap_or_default();
             Ok(Mapped {
