@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod error;
+pub mod fixtures;
 pub mod ops;
 
 pub use arch::{build, Architecture, InputSpec, REGISTRY};

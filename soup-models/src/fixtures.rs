@@ -1,0 +1,139 @@
+//! Checkpoints made at test time, so every loader is exercised without network access: a tiny
+//! random CLIP classifier written as a Hugging Face CLIPModel directory (config.json with a
+//! `vision_config`, model.safetensors holding a text tower, `logit_scale` and int64
+//! `position_ids` as real files do), and scratch directories that clean up after themselves.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use soup_core::rng::SplitMix64;
+use soup_core::{ParamLayout, TensorSpec};
+
+use crate::arch::clip::{ClipClassifier, ClipVitConfig};
+use crate::arch::Architecture;
+use crate::checkpoint::write_safetensors;
+use crate::error::Result;
+
+/// A directory under the system's temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(label: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("soup-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tiny CLIP ViT classifier: 16 px images in `channels` channels, 4 px patches, width 16,
+/// 2 layers, 2 heads, projection 8, `num_classes` classes.
+pub fn tiny_clip_config(channels: usize, num_classes: usize) -> ClipVitConfig {
+    ClipVitConfig {
+        hidden_size: 16,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_channels: channels,
+        image_size: 16,
+        patch_size: 4,
+        projection_dim: 8,
+        layer_norm_eps: 1e-5,
+        hidden_act: "quick_gelu".into(),
+        num_classes,
+        image_mean: None,
+        image_std: None,
+    }
+}
+
+/// Writes `params` of the CLIP classifier `arch` as a Hugging Face CLIPModel directory: a
+/// config.json in CLIPModel form and a model.safetensors without soup's metadata, holding also a
+/// (random) text tower, `logit_scale` and int64 `position_ids`, which loaders must skip.
+pub fn write_hf_clip_dir(dir: &Path, arch: &ClipClassifier, params: &[Tensor]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::ModelError::io(dir, e))?;
+    let c = &arch.config;
+    let config = serde_json::json!({
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": c.projection_dim,
+        "logit_scale_init_value": 2.6592,
+        "text_config": {"hidden_size": 8, "num_hidden_layers": 1, "model_type": "clip_text_model"},
+        "vision_config": {
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_channels": c.num_channels,
+            "image_size": c.image_size,
+            "patch_size": c.patch_size,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": c.layer_norm_eps,
+            "model_type": "clip_vision_model"
+        }
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())
+        .map_err(|e| crate::ModelError::io(dir, e))?;
+    let mut specs = arch.layout().tensors.clone();
+    let mut tensors = params.to_vec();
+    let dev = Device::Cpu;
+    let extras = [
+        (
+            "text_model.embeddings.token_embedding.weight",
+            Tensor::ones((10, 8), DType::F32, &dev)?,
+        ),
+        ("logit_scale", Tensor::new(2.6592f32, &dev)?),
+        (
+            "vision_model.embeddings.position_ids",
+            Tensor::arange(0i64, (c.image_size / c.patch_size).pow(2) as i64 + 1, &dev)?
+                .unsqueeze(0)?,
+        ),
+    ];
+    for (name, t) in extras {
+        specs.push(TensorSpec {
+            name: name.to_string(),
+            shape: t.dims().to_vec(),
+        });
+        tensors.push(t);
+    }
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &ParamLayout::new(specs),
+        &tensors,
+        &BTreeMap::new(),
+    )
+}
+
+/// `n` random models of `arch`: a seeded initialisation plus per-model noise of standard
+/// deviation 0.05, as a zoo of fine-tunes of one start point.
+pub fn random_zoo(arch: &dyn Architecture, n: usize, seed: u64) -> Result<Vec<Vec<Tensor>>> {
+    let base = arch.init(seed, &Device::Cpu)?;
+    let mut rng = SplitMix64::new(seed ^ 0xF17E);
+    (0..n)
+        .map(|_| {
+            base.iter()
+                .map(|t| {
+                    let noise: Vec<f32> = rng
+                        .normals(t.elem_count())
+                        .into_iter()
+                        .map(|v| 0.05 * v as f32)
+                        .collect();
+                    Ok((t + Tensor::from_vec(noise, t.shape(), &Device::Cpu)?)?)
+                })
+                .collect()
+        })
+        .collect()
+}

@@ -1,0 +1,193 @@
+//! Checkpoint formats load to identical tensors; a written soup loads back bit-identically; bad
+//! checkpoints give one-line errors naming the file and the tensor.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use soup_core::{ModelStore, ParamLayout};
+use soup_models::arch::clip::ClipClassifier;
+use soup_models::checkpoint::{write_model_dir, write_safetensors};
+use soup_models::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
+use soup_models::{Architecture, Checkpoint, FileStore};
+
+fn bits(tensors: &[Tensor]) -> Vec<Vec<u32>> {
+    tensors
+        .iter()
+        .map(|t| {
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+        })
+        .collect()
+}
+
+fn tiny() -> (ClipClassifier, Vec<Tensor>) {
+    let arch = ClipClassifier::new(tiny_clip_config(3, 4)).unwrap();
+    let params = random_zoo(&arch, 1, 7).unwrap().remove(0);
+    (arch, params)
+}
+
+#[test]
+fn hf_directory_sharded_and_soup_files_load_identical_tensors() {
+    let dir = ScratchDir::new("formats");
+    let (arch, params) = tiny();
+
+    // Hugging Face CLIPModel directory: architecture from config.json, text tower skipped.
+    let hf = dir.path().join("hf");
+    write_hf_clip_dir(&hf, &arch, &params).unwrap();
+    let ckpt = Checkpoint::open(&hf).unwrap();
+    let found = ckpt.architecture().unwrap();
+    assert_eq!(found.config(), arch.config());
+    assert_eq!(bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()), bits(&params));
+
+    // Sharded: two files and an index; both shards are read.
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    std::fs::copy(hf.join("config.json"), sharded.join("config.json")).unwrap();
+    let half = arch.layout().len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (k, range) in [(1, 0..half), (2, half..arch.layout().len())] {
+        let file = format!("model-0000{k}-of-00002.safetensors");
+        let specs = arch.layout().tensors[range.clone()].to_vec();
+        for s in &specs {
+            weight_map.insert(s.name.clone(), file.clone().into());
+        }
+        write_safetensors(&sharded.join(&file), &ParamLayout::new(specs), &params[range], &BTreeMap::new()).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let ckpt = Checkpoint::open(&sharded).unwrap();
+    let found = ckpt.architecture().unwrap();
+    assert_eq!(bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()), bits(&params));
+
+    // soup's own directory (metadata names the architecture) and a bare file.
+    let ours = dir.path().join("ours");
+    let meta = BTreeMap::from([("soup.method".to_string(), "mehl+".to_string())]);
+    write_model_dir(&ours, &arch, &params, &meta).unwrap();
+    for path in [ours.clone(), ours.join("model.safetensors")] {
+        let ckpt = Checkpoint::open(&path).unwrap();
+        assert_eq!(ckpt.metadata().unwrap()["soup.method"], "mehl+");
+        assert_eq!(ckpt.metadata().unwrap()["format"], "pt");
+        let found = ckpt.architecture().unwrap();
+        assert_eq!(found.family(), "clip-vit");
+        assert_eq!(bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()), bits(&params));
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ours.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "clip_vision_model");
+    assert_eq!(config["hidden_size"], 16);
+}
+
+#[test]
+fn half_precision_checkpoints_are_computed_in_f32() {
+    let dir = ScratchDir::new("f16");
+    let (arch, params) = tiny();
+    let half: Vec<Tensor> = params.iter().map(|t| t.to_dtype(DType::F16).unwrap()).collect();
+    let path = dir.path().join("half.safetensors");
+    let mut meta = soup_models::checkpoint::arch_metadata(&arch);
+    meta.insert("note".into(), "f16".into());
+    write_safetensors(&path, arch.layout(), &half, &meta).unwrap();
+    let loaded = Checkpoint::open(&path).unwrap().load_params(&arch, &Device::Cpu).unwrap();
+    for (l, h) in loaded.iter().zip(&half) {
+        assert_eq!(l.dtype(), DType::F32);
+        assert_eq!(bits(&[l.clone()]), bits(&[h.to_dtype(DType::F32).unwrap()]));
+    }
+}
+
+fn error_of(path: &Path) -> String {
+    let arch = ClipClassifier::new(tiny_clip_config(3, 4)).unwrap();
+    match Checkpoint::open(path).and_then(|c| c.load_params(&arch, &Device::Cpu)) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_checkpoints_give_one_line_errors_naming_file_and_tensor() {
+    let dir = ScratchDir::new("bad");
+    let (arch, params) = tiny();
+    let good = dir.path().join("good.safetensors");
+    write_safetensors(&good, arch.layout(), &params, &soup_models::checkpoint::arch_metadata(&arch)).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    let missing_file = dir.path().join("absent.safetensors");
+    let unknown_format = dir.path().join("weights.npz");
+    std::fs::write(&unknown_format, b"PK").unwrap();
+    for (path, what) in [
+        (&truncated, "not a valid safetensors file"),
+        (&garbage, "not a valid safetensors file"),
+        (&missing_file, "No such file"),
+        (&unknown_format, "unknown checkpoint format"),
+    ] {
+        let msg = error_of(path);
+        assert!(msg.contains(&path.display().to_string()) && msg.contains(what), "{msg}");
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+    }
+
+    // A missing tensor, and a tensor of the wrong shape.
+    let mut specs = arch.layout().tensors.clone();
+    let mut tensors = params.clone();
+    specs.remove(3);
+    tensors.remove(3);
+    let missing = dir.path().join("missing.safetensors");
+    write_safetensors(&missing, &ParamLayout::new(specs), &tensors, &BTreeMap::new()).unwrap();
+    let msg = error_of(&missing);
+    assert!(msg.contains("missing.safetensors") && msg.contains(&arch.layout().tensors[3].name) && msg.contains("missing"), "{msg}");
+
+    let mut tensors = params.clone();
+    let mut specs = arch.layout().tensors.clone();
+    tensors[0] = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+    specs[0].shape = vec![5];
+    let shaped = dir.path().join("shape.safetensors");
+    write_safetensors(&shaped, &ParamLayout::new(specs), &tensors, &BTreeMap::new()).unwrap();
+    let msg = error_of(&shaped);
+    assert!(msg.contains("shape.safetensors") && msg.contains("class_embedding") && msg.contains("[5]"), "{msg}");
+
+    // An unknown architecture in the metadata.
+    let unknown = dir.path().join("unknown.safetensors");
+    let meta = BTreeMap::from([("soup.arch".to_string(), "resnet-50".to_string())]);
+    write_safetensors(&unknown, arch.layout(), &params, &meta).unwrap();
+    let msg = Checkpoint::open(&unknown).unwrap().architecture().unwrap_err().to_string();
+    assert!(msg.contains("unknown architecture \"resnet-50\"") && msg.contains("clip-vit"), "{msg}");
+}
+
+#[test]
+fn zoo_members_that_do_not_match_are_named() {
+    let dir = ScratchDir::new("zoo");
+    let (arch, _) = tiny();
+    let other = ClipClassifier::new(tiny_clip_config(3, 5)).unwrap();
+    let mut paths = Vec::new();
+    for (i, params) in random_zoo(&arch, 2, 1).unwrap().into_iter().enumerate() {
+        let p = dir.path().join(format!("m{i}"));
+        write_model_dir(&p, &arch, &params, &BTreeMap::new()).unwrap();
+        paths.push(p);
+    }
+    let odd = dir.path().join("odd");
+    write_model_dir(&odd, &other, &random_zoo(&other, 1, 2).unwrap()[0], &BTreeMap::new()).unwrap();
+    paths.push(odd);
+    let store = FileStore::open(paths, Device::Cpu).unwrap();
+    assert_eq!(store.len(), 3);
+    let msg = soup_core::uniform_soup(&store).unwrap_err().to_string();
+    assert!(msg.contains("odd") && msg.contains("classification_head.weight"), "{msg}");
+}
+
+#[test]
+fn writing_is_atomic() {
+    let dir = ScratchDir::new("atomic");
+    let (arch, params) = tiny();
+    let path = dir.path().join("soup.safetensors");
+    write_safetensors(&path, arch.layout(), &params, &BTreeMap::new()).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    // A failing write (a tensor count that does not match the layout is caught; a directory in the
+    // way of the temporary file makes the write itself fail) leaves the old file and no debris.
+    let blocker = dir.path().join(format!(".soup.safetensors.tmp.{}", std::process::id()));
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    assert!(write_safetensors(&path, arch.layout(), &params, &BTreeMap::new()).is_err());
+    std::fs::remove_dir_all(&blocker).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("soup.safetensors")]);
+}
