@@ -13,8 +13,12 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 use soup_core::ParamLayout;
 
-use crate::arch::{build, clip::ClipVitConfig, Architecture};
+use candle_core::pickle::PthTensors;
+
+use crate::arch::clip::{ClipClassifier, ClipVitConfig};
+use crate::arch::{build, Architecture};
 use crate::error::{ModelError, Result};
+use crate::pt::{openai_config, openai_layers, openai_mapping, openai_prefix, Source};
 
 /// Metadata keys soup writes into safetensors headers.
 pub const META_ARCH: &str = "soup.arch";
@@ -94,16 +98,38 @@ impl Shard {
     }
 }
 
+/// How a checkpoint's tensors are stored.
+enum Backend {
+    /// safetensors shards; tensor name → shard.
+    Safetensors {
+        shards: Vec<Shard>,
+        weight_map: BTreeMap<String, usize>,
+    },
+    /// A `torch.save` state dict; Hugging Face name → where it comes from. For the OpenAI
+    /// layout `openai` holds the visual tower's prefix and depth.
+    Torch {
+        file: PathBuf,
+        pth: PthTensors,
+        sources: BTreeMap<String, Source>,
+        openai: Option<(String, usize)>,
+    },
+}
+
 /// A model on disk: where each tensor lives, and what architecture it claims.
-#[derive(Debug)]
 pub struct Checkpoint {
     /// The path the user gave (file or directory).
     pub path: PathBuf,
-    shards: Vec<Shard>,
-    /// Tensor name → shard.
-    weight_map: BTreeMap<String, usize>,
+    backend: Backend,
     /// The Hugging Face `config.json` next to the weights, when there is one.
     pub hf_config: Option<serde_json::Value>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl Checkpoint {
@@ -119,16 +145,15 @@ impl Checkpoint {
             } else {
                 None
             };
-            let index = path.join("model.safetensors.index.json");
-            let single = path.join("model.safetensors");
-            let weights = if index.exists() {
-                index
-            } else if single.exists() {
-                single
-            } else {
+            let candidates = [
+                "model.safetensors.index.json",
+                "model.safetensors",
+                "pytorch_model.bin",
+            ];
+            let Some(weights) = candidates.iter().map(|c| path.join(c)).find(|p| p.exists()) else {
                 return Err(ModelError::format(
                     &path,
-                    "no model.safetensors or model.safetensors.index.json in this directory",
+                    "no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory",
                 ));
             };
             (weights, hf_config)
@@ -136,56 +161,117 @@ impl Checkpoint {
             (path.clone(), None)
         };
         let name = weights.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let (shards, weight_map) = if name.ends_with(".index.json") {
-            open_index(&weights)?
+        let backend = if name.ends_with(".index.json") {
+            let (shards, weight_map) = open_index(&weights)?;
+            Backend::Safetensors { shards, weight_map }
         } else if name.ends_with(".safetensors") {
             let shard = Shard::new(weights.clone());
             let names = shard.mapped()?.tensors.keys().cloned();
-            let map = names.map(|n| (n, 0)).collect();
-            (vec![shard], map)
+            let weight_map = names.map(|n| (n, 0)).collect();
+            Backend::Safetensors {
+                shards: vec![shard],
+                weight_map,
+            }
+        } else if [".pt", ".pth", ".bin"].iter().any(|e| name.ends_with(e)) {
+            open_torch(&weights)?
         } else {
             return Err(ModelError::format(
                 &weights,
-                "unknown checkpoint format (expected .safetensors, a sharded index or a model directory)",
+                "unknown checkpoint format (expected .safetensors, .pt/.pth/.bin, a sharded index or a model directory)",
             ));
         };
         Ok(Self {
             path,
-            shards,
-            weight_map,
+            backend,
             hf_config,
         })
     }
 
-    /// Every tensor name in the checkpoint.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.weight_map.keys().map(String::as_str)
+    /// Every tensor name in the checkpoint (Hugging Face names for the OpenAI layout).
+    pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.backend {
+            Backend::Safetensors { weight_map, .. } => {
+                Box::new(weight_map.keys().map(String::as_str))
+            }
+            Backend::Torch { sources, .. } => Box::new(sources.keys().map(String::as_str)),
+        }
     }
 
-    /// The safetensors metadata of the first shard.
-    pub fn metadata(&self) -> Result<&HashMap<String, String>> {
-        Ok(&self.shards[0].mapped()?.metadata)
+    /// The safetensors metadata of the first shard (empty for PyTorch files).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        match &self.backend {
+            Backend::Safetensors { shards, .. } => Ok(shards[0].mapped()?.metadata.clone()),
+            Backend::Torch { .. } => Ok(HashMap::new()),
+        }
     }
 
-    fn entry(&self, name: &str) -> Result<(&Shard, &Stored)> {
-        let missing = || ModelError::MissingTensor {
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
-        };
-        let shard = &self.shards[*self.weight_map.get(name).ok_or_else(missing)?];
-        let info = shard.mapped()?.tensors.get(name).ok_or_else(missing)?;
+        }
+    }
+
+    fn entry<'a>(
+        &'a self,
+        shards: &'a [Shard],
+        weight_map: &BTreeMap<String, usize>,
+        name: &str,
+    ) -> Result<(&'a Shard, &'a Stored)> {
+        let shard = &shards[*weight_map.get(name).ok_or_else(|| self.missing(name))?];
+        let info = shard
+            .mapped()?
+            .tensors
+            .get(name)
+            .ok_or_else(|| self.missing(name))?;
         Ok((shard, info))
     }
 
-    /// Shape and stored dtype of tensor `name`, from the header.
-    pub fn info(&self, name: &str) -> Result<(Vec<usize>, Dtype)> {
-        let (_, stored) = self.entry(name)?;
-        Ok((stored.shape.clone(), stored.dtype))
+    /// The shape of tensor `name`, from the header.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        match &self.backend {
+            Backend::Safetensors { shards, weight_map } => {
+                Ok(self.entry(shards, weight_map, name)?.1.shape.clone())
+            }
+            Backend::Torch { pth, sources, .. } => {
+                let source = sources.get(name).ok_or_else(|| self.missing(name))?;
+                let info = pth
+                    .tensor_infos()
+                    .get(source.name())
+                    .ok_or_else(|| self.missing(source.name()))?;
+                Ok(source.shape(info.layout.dims()))
+            }
+        }
     }
 
     /// Tensor `name` as f32 on `device` (f16, bf16 and f64 are converted).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let (shard, stored) = self.entry(name)?;
+        let (shards, weight_map) = match &self.backend {
+            Backend::Safetensors { shards, weight_map } => (shards, weight_map),
+            Backend::Torch {
+                file, pth, sources, ..
+            } => {
+                let source = sources.get(name).ok_or_else(|| self.missing(name))?;
+                let stored = pth
+                    .get(source.name())
+                    .map_err(|e| {
+                        ModelError::format(file, format!("tensor {}: {e}", source.name()))
+                    })?
+                    .ok_or_else(|| self.missing(source.name()))?;
+                if !stored.dtype().is_float() {
+                    return Err(ModelError::format(
+                        file,
+                        format!(
+                            "tensor {name} has dtype {:?}, expected a float type",
+                            stored.dtype()
+                        ),
+                    ));
+                }
+                let t = source.apply(stored.to_dtype(DType::F32)?)?;
+                return Ok(t.to_device(device)?);
+            }
+        };
+        let (shard, stored) = self.entry(shards, weight_map, name)?;
         let (start, end) = stored.offsets;
         let dtype = match stored.dtype {
             Dtype::F32 => DType::F32,
@@ -214,11 +300,30 @@ impl Checkpoint {
                 .map_err(|e| ModelError::format(&self.path, format!("bad {META_CONFIG}: {e}")))?;
             return build(family, &config);
         }
+        if let Backend::Torch {
+            openai: Some((prefix, layers)),
+            pth,
+            file,
+            ..
+        } = &self.backend
+        {
+            let shape = |n: &str| -> Result<Vec<usize>> {
+                pth.tensor_infos()
+                    .get(n)
+                    .map(|i| i.layout.dims().to_vec())
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        path: file.clone(),
+                        tensor: n.to_string(),
+                    })
+            };
+            let config = openai_config(prefix, *layers, shape)?;
+            return Ok(Arc::new(ClipClassifier::new(config)?));
+        }
         if let Some(json) = &self.hf_config {
-            let (head, _) = self.info("classification_head.weight")?;
-            return Ok(Arc::new(crate::arch::clip::ClipClassifier::new(
-                ClipVitConfig::from_hf_json(json, head[0])?,
-            )?));
+            let head = self.shape("classification_head.weight")?;
+            return Ok(Arc::new(ClipClassifier::new(ClipVitConfig::from_hf_json(
+                json, head[0],
+            )?)?));
         }
         Err(ModelError::format(
             &self.path,
@@ -246,7 +351,7 @@ impl Checkpoint {
             .map(|t| {
                 Ok(soup_core::TensorSpec {
                     name: t.name.clone(),
-                    shape: self.info(&t.name)?.0,
+                    shape: self.shape(&t.name)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -278,6 +383,34 @@ impl Checkpoint {
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("bad JSON: {e}")))
+}
+
+/// A `torch.save` state dict: the OpenAI-CLIP layout is mapped to Hugging Face names, any other
+/// is taken by its own names.
+fn open_torch(file: &Path) -> Result<Backend> {
+    let pth = PthTensors::new(file, None).map_err(|e| {
+        ModelError::format(file, format!("not a readable PyTorch checkpoint ({e})"))
+    })?;
+    let names: Vec<&str> = pth.tensor_infos().keys().map(String::as_str).collect();
+    let (sources, openai) = match openai_prefix(names.iter().copied()) {
+        Some(prefix) => {
+            let layers = openai_layers(&prefix, names.iter().copied());
+            (openai_mapping(&prefix, layers), Some((prefix, layers)))
+        }
+        None => (
+            names
+                .iter()
+                .map(|n| (n.to_string(), Source::Same(n.to_string())))
+                .collect(),
+            None,
+        ),
+    };
+    Ok(Backend::Torch {
+        file: file.to_path_buf(),
+        pth,
+        sources,
+        openai,
+    })
 }
 
 /// A sharded checkpoint: `{"weight_map": {tensor: shard file}}`. Shards are mapped only when one

@@ -137,3 +137,29 @@ pub fn random_zoo(arch: &dyn Architecture, n: usize, seed: u64) -> Result<Vec<Ve
         })
         .collect()
 }
+
+/// Writes `params` of the CLIP classifier `arch` as the `.pt` that model-soups publishes: a
+/// `torch.save`d state dict with the OpenAI names under `model.visual.` (q, k, v fused into
+/// `in_proj_*`, the projection transposed), `classification_head.*`, and a stand-in text tower
+/// (`model.transformer.*`, `model.token_embedding.weight`, `model.logit_scale`) that loaders skip.
+pub fn write_openai_pt(path: &Path, arch: &ClipClassifier, params: &[Tensor]) -> Result<()> {
+    let named: BTreeMap<String, Tensor> = arch
+        .layout()
+        .tensors
+        .iter()
+        .zip(params)
+        .map(|(s, t)| (s.name.clone(), t.clone()))
+        .collect();
+    let mut tensors = crate::pt::to_openai("model.visual.", arch.config.num_hidden_layers, &named)?;
+    let dev = Device::Cpu;
+    tensors.push((
+        "model.transformer.resblocks.0.attn.in_proj_weight".into(),
+        Tensor::ones((24, 8), DType::F32, &dev)?,
+    ));
+    tensors.push((
+        "model.token_embedding.weight".into(),
+        Tensor::ones((10, 8), DType::F32, &dev)?,
+    ));
+    tensors.push(("model.logit_scale".into(), Tensor::new(&[4.6052f32], &dev)?));
+    crate::pt::write_torch_state_dict(path, &tensors)
+}

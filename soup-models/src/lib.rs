@@ -11,6 +11,7 @@ pub use arch::{build, Architecture, InputSpec, REGISTRY};
 pub use error::{ModelError, Result};
 pub mod checkpoint;
 pub mod objective;
+pub mod pt;
 pub mod store;
 
 pub use checkpoint::Checkpoint;

@@ -15,7 +15,13 @@ fn bits(tensors: &[Tensor]) -> Vec<Vec<u32>> {
     tensors
         .iter()
         .map(|t| {
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect()
         })
         .collect()
 }
@@ -37,7 +43,10 @@ fn hf_directory_sharded_and_soup_files_load_identical_tensors() {
     let ckpt = Checkpoint::open(&hf).unwrap();
     let found = ckpt.architecture().unwrap();
     assert_eq!(found.config(), arch.config());
-    assert_eq!(bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()), bits(&params));
+    assert_eq!(
+        bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()),
+        bits(&params)
+    );
 
     // Sharded: two files and an index; both shards are read.
     let sharded = dir.path().join("sharded");
@@ -51,13 +60,26 @@ fn hf_directory_sharded_and_soup_files_load_identical_tensors() {
         for s in &specs {
             weight_map.insert(s.name.clone(), file.clone().into());
         }
-        write_safetensors(&sharded.join(&file), &ParamLayout::new(specs), &params[range], &BTreeMap::new()).unwrap();
+        write_safetensors(
+            &sharded.join(&file),
+            &ParamLayout::new(specs),
+            &params[range],
+            &BTreeMap::new(),
+        )
+        .unwrap();
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     let ckpt = Checkpoint::open(&sharded).unwrap();
     let found = ckpt.architecture().unwrap();
-    assert_eq!(bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()), bits(&params));
+    assert_eq!(
+        bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()),
+        bits(&params)
+    );
 
     // soup's own directory (metadata names the architecture) and a bare file.
     let ours = dir.path().join("ours");
@@ -69,7 +91,10 @@ fn hf_directory_sharded_and_soup_files_load_identical_tensors() {
         assert_eq!(ckpt.metadata().unwrap()["format"], "pt");
         let found = ckpt.architecture().unwrap();
         assert_eq!(found.family(), "clip-vit");
-        assert_eq!(bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()), bits(&params));
+        assert_eq!(
+            bits(&ckpt.load_params(found.as_ref(), &Device::Cpu).unwrap()),
+            bits(&params)
+        );
     }
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ours.join("config.json")).unwrap()).unwrap();
@@ -81,12 +106,18 @@ fn hf_directory_sharded_and_soup_files_load_identical_tensors() {
 fn half_precision_checkpoints_are_computed_in_f32() {
     let dir = ScratchDir::new("f16");
     let (arch, params) = tiny();
-    let half: Vec<Tensor> = params.iter().map(|t| t.to_dtype(DType::F16).unwrap()).collect();
+    let half: Vec<Tensor> = params
+        .iter()
+        .map(|t| t.to_dtype(DType::F16).unwrap())
+        .collect();
     let path = dir.path().join("half.safetensors");
     let mut meta = soup_models::checkpoint::arch_metadata(&arch);
     meta.insert("note".into(), "f16".into());
     write_safetensors(&path, arch.layout(), &half, &meta).unwrap();
-    let loaded = Checkpoint::open(&path).unwrap().load_params(&arch, &Device::Cpu).unwrap();
+    let loaded = Checkpoint::open(&path)
+        .unwrap()
+        .load_params(&arch, &Device::Cpu)
+        .unwrap();
     for (l, h) in loaded.iter().zip(&half) {
         assert_eq!(l.dtype(), DType::F32);
         assert_eq!(bits(&[l.clone()]), bits(&[h.to_dtype(DType::F32).unwrap()]));
@@ -106,7 +137,13 @@ fn bad_checkpoints_give_one_line_errors_naming_file_and_tensor() {
     let dir = ScratchDir::new("bad");
     let (arch, params) = tiny();
     let good = dir.path().join("good.safetensors");
-    write_safetensors(&good, arch.layout(), &params, &soup_models::checkpoint::arch_metadata(&arch)).unwrap();
+    write_safetensors(
+        &good,
+        arch.layout(),
+        &params,
+        &soup_models::checkpoint::arch_metadata(&arch),
+    )
+    .unwrap();
     let bytes = std::fs::read(&good).unwrap();
 
     let truncated = dir.path().join("truncated.safetensors");
@@ -123,7 +160,10 @@ fn bad_checkpoints_give_one_line_errors_naming_file_and_tensor() {
         (&unknown_format, "unknown checkpoint format"),
     ] {
         let msg = error_of(path);
-        assert!(msg.contains(&path.display().to_string()) && msg.contains(what), "{msg}");
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains(what),
+            "{msg}"
+        );
         assert_eq!(msg.lines().count(), 1, "{msg}");
     }
 
@@ -133,25 +173,52 @@ fn bad_checkpoints_give_one_line_errors_naming_file_and_tensor() {
     specs.remove(3);
     tensors.remove(3);
     let missing = dir.path().join("missing.safetensors");
-    write_safetensors(&missing, &ParamLayout::new(specs), &tensors, &BTreeMap::new()).unwrap();
+    write_safetensors(
+        &missing,
+        &ParamLayout::new(specs),
+        &tensors,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let msg = error_of(&missing);
-    assert!(msg.contains("missing.safetensors") && msg.contains(&arch.layout().tensors[3].name) && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("missing.safetensors")
+            && msg.contains(&arch.layout().tensors[3].name)
+            && msg.contains("missing"),
+        "{msg}"
+    );
 
     let mut tensors = params.clone();
     let mut specs = arch.layout().tensors.clone();
     tensors[0] = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
     specs[0].shape = vec![5];
     let shaped = dir.path().join("shape.safetensors");
-    write_safetensors(&shaped, &ParamLayout::new(specs), &tensors, &BTreeMap::new()).unwrap();
+    write_safetensors(
+        &shaped,
+        &ParamLayout::new(specs),
+        &tensors,
+        &BTreeMap::new(),
+    )
+    .unwrap();
     let msg = error_of(&shaped);
-    assert!(msg.contains("shape.safetensors") && msg.contains("class_embedding") && msg.contains("[5]"), "{msg}");
+    assert!(
+        msg.contains("shape.safetensors") && msg.contains("class_embedding") && msg.contains("[5]"),
+        "{msg}"
+    );
 
     // An unknown architecture in the metadata.
     let unknown = dir.path().join("unknown.safetensors");
     let meta = BTreeMap::from([("soup.arch".to_string(), "resnet-50".to_string())]);
     write_safetensors(&unknown, arch.layout(), &params, &meta).unwrap();
-    let msg = Checkpoint::open(&unknown).unwrap().architecture().unwrap_err().to_string();
-    assert!(msg.contains("unknown architecture \"resnet-50\"") && msg.contains("clip-vit"), "{msg}");
+    let msg = Checkpoint::open(&unknown)
+        .unwrap()
+        .architecture()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("unknown architecture \"resnet-50\"") && msg.contains("clip-vit"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -166,12 +233,21 @@ fn zoo_members_that_do_not_match_are_named() {
         paths.push(p);
     }
     let odd = dir.path().join("odd");
-    write_model_dir(&odd, &other, &random_zoo(&other, 1, 2).unwrap()[0], &BTreeMap::new()).unwrap();
+    write_model_dir(
+        &odd,
+        &other,
+        &random_zoo(&other, 1, 2).unwrap()[0],
+        &BTreeMap::new(),
+    )
+    .unwrap();
     paths.push(odd);
     let store = FileStore::open(paths, Device::Cpu).unwrap();
     assert_eq!(store.len(), 3);
     let msg = soup_core::uniform_soup(&store).unwrap_err().to_string();
-    assert!(msg.contains("odd") && msg.contains("classification_head.weight"), "{msg}");
+    assert!(
+        msg.contains("odd") && msg.contains("classification_head.weight"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -183,11 +259,57 @@ fn writing_is_atomic() {
     let before = std::fs::read(&path).unwrap();
     // A failing write (a tensor count that does not match the layout is caught; a directory in the
     // way of the temporary file makes the write itself fail) leaves the old file and no debris.
-    let blocker = dir.path().join(format!(".soup.safetensors.tmp.{}", std::process::id()));
+    let blocker = dir
+        .path()
+        .join(format!(".soup.safetensors.tmp.{}", std::process::id()));
     std::fs::create_dir_all(blocker.join("x")).unwrap();
     assert!(write_safetensors(&path, arch.layout(), &params, &BTreeMap::new()).is_err());
     std::fs::remove_dir_all(&blocker).unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), before);
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("soup.safetensors")]);
+}
+
+#[test]
+fn openai_pt_twin_loads_to_the_same_tensors_as_the_hf_directory() {
+    let dir = ScratchDir::new("pt");
+    // Width 64 so that OpenAI's rule (heads = width / 64) gives the fixture's one head.
+    let config = soup_models::arch::clip::ClipVitConfig {
+        hidden_size: 64,
+        num_attention_heads: 1,
+        ..tiny_clip_config(3, 4)
+    };
+    let arch = ClipClassifier::new(config).unwrap();
+    let params = random_zoo(&arch, 1, 3).unwrap().remove(0);
+    let pt = dir.path().join("model_0.pt");
+    soup_models::fixtures::write_openai_pt(&pt, &arch, &params).unwrap();
+    let hf = dir.path().join("hf");
+    write_hf_clip_dir(&hf, &arch, &params).unwrap();
+
+    let from_pt = Checkpoint::open(&pt).unwrap();
+    let found = from_pt.architecture().unwrap();
+    assert_eq!(
+        found.config(),
+        arch.config(),
+        "architecture read off the .pt shapes"
+    );
+    let a = from_pt.load_params(found.as_ref(), &Device::Cpu).unwrap();
+    let hf_ckpt = Checkpoint::open(&hf).unwrap();
+    let b = hf_ckpt
+        .load_params(hf_ckpt.architecture().unwrap().as_ref(), &Device::Cpu)
+        .unwrap();
+    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(bits(&a), bits(&params));
+
+    // A corrupt .pt names the file.
+    let bad = dir.path().join("bad.pt");
+    std::fs::write(&bad, b"PK\x03\x04 not really a zip").unwrap();
+    let msg = Checkpoint::open(&bad).unwrap_err().to_string();
+    assert!(
+        msg.contains("bad.pt") && msg.contains("not a readable PyTorch checkpoint"),
+        "{msg}"
+    );
 }

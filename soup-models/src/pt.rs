@@ -1,0 +1,304 @@
+//! PyTorch checkpoints (`torch.save` zip archives of a state dict), read through candle's pickle
+//! reader, and the OpenAI-CLIP layout that model-soups and the MEHL-Soup authors publish:
+//! `model.visual.*` (or `visual.*`) with fused attention projections, plus `classification_head.*`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+
+use crate::arch::clip::ClipVitConfig;
+use crate::error::{ModelError, Result};
+
+/// Where a Hugging Face tensor comes from in a PyTorch state dict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The tensor of that name, as is.
+    Same(String),
+    /// Rows `part`·n..(`part`+1)·n of a tensor stacked from `parts` equal pieces along dim 0
+    /// (`in_proj_weight` holds q, k, v).
+    Rows {
+        name: String,
+        part: usize,
+        parts: usize,
+    },
+    /// The transpose of a matrix (OpenAI's `proj` is x @ proj; HF's projection is x Wᵀ).
+    Transposed(String),
+}
+
+impl Source {
+    pub fn name(&self) -> &str {
+        match self {
+            Source::Same(n) | Source::Transposed(n) | Source::Rows { name: n, .. } => n,
+        }
+    }
+
+    /// The shape of the derived tensor, given the stored one.
+    pub fn shape(&self, stored: &[usize]) -> Vec<usize> {
+        match self {
+            Source::Same(_) => stored.to_vec(),
+            Source::Rows { parts, .. } => {
+                let mut s = stored.to_vec();
+                s[0] /= parts;
+                s
+            }
+            Source::Transposed(_) => stored.iter().rev().copied().collect(),
+        }
+    }
+
+    /// The derived tensor from the stored one.
+    pub fn apply(&self, stored: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Source::Same(_) => Ok(stored),
+            Source::Rows { part, parts, .. } => {
+                let n = stored.dim(0)? / parts;
+                stored.narrow(0, part * n, n)?.contiguous()
+            }
+            Source::Transposed(_) => stored.t()?.contiguous(),
+        }
+    }
+}
+
+/// The prefix of an OpenAI-CLIP visual tower in a state dict (`model.visual.`, `visual.`), if any.
+pub fn openai_prefix<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    names
+        .into_iter()
+        .find_map(|n| n.strip_suffix("class_embedding"))
+        .filter(|p| p.ends_with("visual."))
+        .map(str::to_string)
+}
+
+/// Number of residual blocks of the OpenAI visual tower under `prefix`.
+pub fn openai_layers<'a>(prefix: &str, names: impl IntoIterator<Item = &'a str>) -> usize {
+    let blocks = format!("{prefix}transformer.resblocks.");
+    names
+        .into_iter()
+        .filter_map(|n| {
+            n.strip_prefix(&blocks)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Hugging Face name → OpenAI source, for a tower of `layers` blocks under `prefix`.
+pub fn openai_mapping(prefix: &str, layers: usize) -> BTreeMap<String, Source> {
+    let v = |s: &str| format!("{prefix}{s}");
+    let mut m = BTreeMap::new();
+    let mut same = |hf: String, openai: String| {
+        m.insert(hf, Source::Same(openai));
+    };
+    same(
+        "vision_model.embeddings.class_embedding".into(),
+        v("class_embedding"),
+    );
+    same(
+        "vision_model.embeddings.patch_embedding.weight".into(),
+        v("conv1.weight"),
+    );
+    same(
+        "vision_model.embeddings.position_embedding.weight".into(),
+        v("positional_embedding"),
+    );
+    for wb in ["weight", "bias"] {
+        same(
+            format!("vision_model.pre_layrnorm.{wb}"),
+            v(&format!("ln_pre.{wb}")),
+        );
+        same(
+            format!("vision_model.post_layernorm.{wb}"),
+            v(&format!("ln_post.{wb}")),
+        );
+        same(
+            format!("classification_head.{wb}"),
+            format!("classification_head.{wb}"),
+        );
+        for i in 0..layers {
+            let hf = format!("vision_model.encoder.layers.{i}");
+            let oa = v(&format!("transformer.resblocks.{i}"));
+            same(
+                format!("{hf}.self_attn.out_proj.{wb}"),
+                format!("{oa}.attn.out_proj.{wb}"),
+            );
+            same(format!("{hf}.layer_norm1.{wb}"), format!("{oa}.ln_1.{wb}"));
+            same(format!("{hf}.layer_norm2.{wb}"), format!("{oa}.ln_2.{wb}"));
+            same(format!("{hf}.mlp.fc1.{wb}"), format!("{oa}.mlp.c_fc.{wb}"));
+            same(
+                format!("{hf}.mlp.fc2.{wb}"),
+                format!("{oa}.mlp.c_proj.{wb}"),
+            );
+        }
+    }
+    for i in 0..layers {
+        let hf = format!("vision_model.encoder.layers.{i}.self_attn");
+        let oa = v(&format!("transformer.resblocks.{i}.attn"));
+        for (part, proj) in ["q_proj", "k_proj", "v_proj"].into_iter().enumerate() {
+            for (wb, fused) in [("weight", "in_proj_weight"), ("bias", "in_proj_bias")] {
+                m.insert(
+                    format!("{hf}.{proj}.{wb}"),
+                    Source::Rows {
+                        name: format!("{oa}.{fused}"),
+                        part,
+                        parts: 3,
+                    },
+                );
+            }
+        }
+    }
+    m.insert(
+        "visual_projection.weight".into(),
+        Source::Transposed(v("proj")),
+    );
+    m
+}
+
+/// The configuration of an OpenAI visual tower, read off its shapes as OpenAI's `build_model`
+/// does (heads = width / 64, at least 1). `shape` gives a stored tensor's shape.
+pub fn openai_config(
+    prefix: &str,
+    layers: usize,
+    shape: impl Fn(&str) -> Result<Vec<usize>>,
+) -> Result<ClipVitConfig> {
+    let conv = shape(&format!("{prefix}conv1.weight"))?;
+    let positions = shape(&format!("{prefix}positional_embedding"))?[0];
+    let proj = shape(&format!("{prefix}proj"))?;
+    let fc = shape(&format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"))?;
+    let head = shape("classification_head.weight")?;
+    let grid = ((positions - 1) as f64).sqrt().round() as usize;
+    Ok(ClipVitConfig {
+        hidden_size: conv[0],
+        intermediate_size: fc[0],
+        num_hidden_layers: layers,
+        num_attention_heads: (conv[0] / 64).max(1),
+        num_channels: conv[1],
+        image_size: grid * conv[2],
+        patch_size: conv[2],
+        projection_dim: proj[1],
+        layer_norm_eps: 1e-5,
+        hidden_act: "quick_gelu".into(),
+        num_classes: head[0],
+        image_mean: None,
+        image_std: None,
+    })
+}
+
+/// The OpenAI state dict of a Hugging Face-named CLIP classifier (the inverse of
+/// [`openai_mapping`]): q, k, v fused into `in_proj_*`, the projection transposed.
+pub fn to_openai(
+    prefix: &str,
+    layers: usize,
+    named: &BTreeMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut fused: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (hf, source) in openai_mapping(prefix, layers) {
+        let t = named
+            .get(&hf)
+            .ok_or_else(|| ModelError::config("clip-vit", format!("no tensor {hf}")))?;
+        match source {
+            Source::Same(n) => out.push((n, t.clone())),
+            Source::Transposed(n) => out.push((n, t.t()?.contiguous()?)),
+            Source::Rows { name, part, .. } => {
+                fused.entry(name).or_default().push((part, t.clone()))
+            }
+        }
+    }
+    for (name, mut parts) in fused {
+        parts.sort_by_key(|(p, _)| *p);
+        let parts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
+        out.push((name, Tensor::cat(&parts, 0)?));
+    }
+    Ok(out)
+}
+
+/// Writes `tensors` (f32) as `torch.save` writes a state dict: a zip archive with
+/// `archive/data.pkl` (an OrderedDict of `torch._utils._rebuild_tensor_v2` calls, pickle
+/// protocol 2), one `archive/data/<key>` file per storage, and `archive/version`.
+pub fn write_torch_state_dict(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let io = |e: std::io::Error| ModelError::io(path, e);
+    let zip_err = |e: zip::result::ZipError| ModelError::format(path, e);
+    let mut pkl = Pickle::default();
+    pkl.bytes.extend([0x80, 2]);
+    pkl.global("collections", "OrderedDict");
+    pkl.bytes.extend([b')', b'R', b'(']);
+    for (key, (name, t)) in tensors.iter().enumerate() {
+        pkl.unicode(name);
+        pkl.global("torch._utils", "_rebuild_tensor_v2");
+        pkl.bytes.push(b'(');
+        pkl.bytes.push(b'(');
+        pkl.unicode("storage");
+        pkl.global("torch", "FloatStorage");
+        pkl.unicode(&key.to_string());
+        pkl.unicode("cpu");
+        pkl.int(t.elem_count());
+        pkl.bytes.extend([b't', b'Q']);
+        pkl.int(0);
+        pkl.ints(t.dims());
+        let mut strides = vec![1usize; t.rank()];
+        for d in (0..t.rank().saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * t.dims()[d + 1];
+        }
+        pkl.ints(&strides);
+        pkl.bytes.push(0x89);
+        pkl.global("collections", "OrderedDict");
+        pkl.bytes.extend([b')', b'R', b't', b'R']);
+    }
+    pkl.bytes.extend([b'u', b'.']);
+
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut zip = zip::ZipWriter::new(file);
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", options)
+        .map_err(zip_err)?;
+    zip.write_all(&pkl.bytes).map_err(io)?;
+    for (key, (_, t)) in tensors.iter().enumerate() {
+        zip.start_file(format!("archive/data/{key}"), options)
+            .map_err(zip_err)?;
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        zip.write_all(&bytes).map_err(io)?;
+    }
+    zip.start_file("archive/version", options)
+        .map_err(zip_err)?;
+    zip.write_all(b"3\n").map_err(io)?;
+    zip.finish().map_err(zip_err)?;
+    Ok(())
+}
+
+/// The few pickle opcodes a state dict needs.
+#[derive(Default)]
+struct Pickle {
+    bytes: Vec<u8>,
+}
+
+impl Pickle {
+    fn global(&mut self, module: &str, name: &str) {
+        self.bytes.push(b'c');
+        self.bytes.extend(format!("{module}\n{name}\n").as_bytes());
+    }
+
+    fn unicode(&mut self, s: &str) {
+        self.bytes.push(b'X');
+        self.bytes.extend((s.len() as u32).to_le_bytes());
+        self.bytes.extend(s.as_bytes());
+    }
+
+    fn int(&mut self, v: usize) {
+        self.bytes.push(b'J');
+        self.bytes.extend((v as i32).to_le_bytes());
+    }
+
+    fn ints(&mut self, vs: &[usize]) {
+        self.bytes.push(b'(');
+        for &v in vs {
+            self.int(v);
+        }
+        self.bytes.push(b't');
+    }
+}
