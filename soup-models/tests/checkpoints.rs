@@ -120,7 +120,10 @@ fn half_precision_checkpoints_are_computed_in_f32() {
         .unwrap();
     for (l, h) in loaded.iter().zip(&half) {
         assert_eq!(l.dtype(), DType::F32);
-        assert_eq!(bits(&[l.clone()]), bits(&[h.to_dtype(DType::F32).unwrap()]));
+        assert_eq!(
+            bits(std::slice::from_ref(l)),
+            bits(&[h.to_dtype(DType::F32).unwrap()])
+        );
     }
 }
 
