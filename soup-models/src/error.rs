@@ -32,6 +32,8 @@ pub enum ModelError {
     Config { arch: String, detail: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Soup(#[from] soup_core::SoupError),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
@@ -63,6 +65,7 @@ impl From<ModelError> for soup_core::SoupError {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::Candle(e) => soup_core::SoupError::Candle(e),
+            ModelError::Soup(e) => e,
             other => soup_core::SoupError::External(Box::new(other)),
         }
     }

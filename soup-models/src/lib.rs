@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod error;
+pub mod finetune;
 pub mod fixtures;
 pub mod ops;
 

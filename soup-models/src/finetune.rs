@@ -1,0 +1,201 @@
+//! Fine-tuning: AdamW on every parameter, linear warm-up then cosine decay, label smoothing,
+//! light augmentation (random crop, horizontal flip, Gaussian noise), seeded data order. Used by
+//! `soup train`, `soup finetune` and the reproduction to make zoos.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use serde::{Deserialize, Serialize};
+use soup_core::rng::{derive_seed, permutation, SplitMix64};
+use soup_core::StepSchedule;
+
+use crate::arch::Architecture;
+use crate::error::{ModelError, Result};
+use crate::objective::Dataset;
+use crate::ops::cross_entropy;
+
+/// Augmentations applied to each training mini-batch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Augment {
+    /// Pad by this many pixels (zeros, i.e. the mean colour after normalisation), then crop back
+    /// at a random offset. 0 disables.
+    pub crop_padding: usize,
+    /// Mirror each image left-right with probability ½.
+    pub horizontal_flip: bool,
+    /// Standard deviation of Gaussian noise added to the normalised pixels. 0 disables.
+    pub noise_std: f32,
+}
+
+/// The hyper-parameters of one fine-tuning run; written into the checkpoint's metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Fraction of all steps spent in linear warm-up.
+    pub warmup_fraction: f64,
+    pub label_smoothing: f64,
+    pub augment: Augment,
+    /// Clip the gradient to this global L2 norm.
+    pub clip_grad_norm: Option<f64>,
+    pub seed: u64,
+}
+
+impl FinetuneConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |d: &str| Err(ModelError::config("finetune", d));
+        if self.epochs == 0 || self.batch_size == 0 {
+            return bad("epochs and batch_size must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr must be a positive number");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay must be ≥ 0");
+        }
+        if !(0.0..1.0).contains(&self.warmup_fraction) {
+            return bad("warmup_fraction must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad("label_smoothing must be in [0, 1)");
+        }
+        if !(self.augment.noise_std.is_finite() && self.augment.noise_std >= 0.0) {
+            return bad("noise_std must be ≥ 0");
+        }
+        if matches!(self.clip_grad_norm, Some(c) if !(c.is_finite() && c > 0.0)) {
+            return bad("clip_grad_norm must be a positive number");
+        }
+        Ok(())
+    }
+
+    /// The metadata entry that records these hyper-parameters in a checkpoint.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(
+            "soup.finetune".to_string(),
+            serde_json::to_string(self).expect("FinetuneConfig serialises"),
+        )])
+    }
+}
+
+/// One training step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainStep {
+    pub epoch: usize,
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+}
+
+/// Trains `params` of `arch` on `data`; returns the trained parameters and the loss of every step.
+/// `on_step` sees every step (for progress display).
+pub fn finetune(
+    arch: &dyn Architecture,
+    params: &[Tensor],
+    data: &Dataset,
+    config: &FinetuneConfig,
+    on_step: &mut dyn FnMut(&TrainStep),
+) -> Result<(Vec<Tensor>, Vec<TrainStep>)> {
+    config.validate()?;
+    if data.is_empty() {
+        return Err(ModelError::config("finetune", "the training data is empty"));
+    }
+    let vars: Vec<Var> = params
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<_>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let mut optimizer = AdamW::new(
+        vars.clone(),
+        ParamsAdamW {
+            lr: config.lr,
+            weight_decay: config.weight_decay,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    let schedule = StepSchedule::WarmupCosine {
+        warmup_fraction: config.warmup_fraction,
+    };
+    let per_epoch = data.len().div_ceil(config.batch_size);
+    let total = config.epochs * per_epoch;
+    let mut history = Vec::with_capacity(total);
+    for epoch in 0..config.epochs {
+        let order = permutation(data.len(), derive_seed(config.seed, &[3, epoch as u64]));
+        for (b, rows) in order.chunks(config.batch_size).enumerate() {
+            let step = epoch * per_epoch + b;
+            let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let (images, labels) = data.select(&rows)?;
+            let mut rng = SplitMix64::new(derive_seed(config.seed, &[4, step as u64]));
+            let images = augment(&images, &config.augment, &mut rng)?;
+            let logits = arch.forward(&tensors, &images.to_device(tensors[0].device())?)?;
+            let loss = cross_entropy(&logits, &labels, config.label_smoothing)?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(ModelError::config(
+                    "finetune",
+                    format!("non-finite loss at step {step}: lower the learning rate"),
+                ));
+            }
+            let mut grads = loss.backward()?;
+            if let Some(max) = config.clip_grad_norm {
+                let g: Vec<Tensor> = tensors
+                    .iter()
+                    .filter_map(|t| grads.get(t).cloned())
+                    .collect();
+                let norm = soup_core::global_norm(&g)?;
+                let coef = max / (norm + 1e-6);
+                if coef < 1.0 {
+                    for t in &tensors {
+                        if let Some(g) = grads.remove(t) {
+                            grads.insert(t, g.affine(coef, 0.0)?);
+                        }
+                    }
+                }
+            }
+            let lr = schedule.lr(config.lr, step, total);
+            optimizer.set_learning_rate(lr);
+            optimizer.step(&grads)?;
+            let record = TrainStep {
+                epoch,
+                step,
+                loss: value,
+                lr,
+            };
+            on_step(&record);
+            history.push(record);
+        }
+    }
+    let trained = vars.into_iter().map(|v| v.as_detached_tensor()).collect();
+    Ok((trained, history))
+}
+
+/// Applies `augment` to a batch (n × c × h × w), drawing from `rng`.
+pub fn augment(images: &Tensor, augment: &Augment, rng: &mut SplitMix64) -> Result<Tensor> {
+    let (n, _, h, w) = images.dims4()?;
+    let mut x = images.clone();
+    if augment.crop_padding > 0 || augment.horizontal_flip {
+        let p = augment.crop_padding;
+        let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (dy, dx) = (rng.below(2 * p + 1), rng.below(2 * p + 1));
+            let mut img = padded.narrow(0, i, 1)?.narrow(2, dy, h)?.narrow(3, dx, w)?;
+            if augment.horizontal_flip && rng.next_u64() & 1 == 1 {
+                img = img.flip(&[3])?;
+            }
+            out.push(img);
+        }
+        x = Tensor::cat(&out, 0)?;
+    }
+    if augment.noise_std > 0.0 {
+        let noise: Vec<f32> = rng
+            .normals(x.elem_count())
+            .into_iter()
+            .map(|v| v as f32 * augment.noise_std)
+            .collect();
+        let noise = Tensor::from_vec(noise, x.shape(), &Device::Cpu)?.to_device(x.device())?;
+        x = (x + noise.to_dtype(images.dtype())?)?;
+    }
+    Ok(x)
+}

@@ -1,0 +1,332 @@
+//! Fine-tuning learns, is reproducible, and augments as documented; soups of fine-tuned
+//! checkpoints on disk run end to end through soup-core.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use soup_core::rng::SplitMix64;
+use soup_core::{run_mehl, BlockCut, MehlConfig, Objective};
+use soup_models::arch::clip::ClipClassifier;
+use soup_models::checkpoint::write_model_dir;
+use soup_models::finetune::{augment, finetune, Augment, FinetuneConfig};
+use soup_models::fixtures::{tiny_clip_config, ScratchDir};
+use soup_models::{Architecture, Checkpoint, Classification, Dataset, FileStore};
+
+/// 1-channel 16×16 images by texture, at a random phase, plus noise: horizontal stripes,
+/// vertical stripes, a checkerboard, or nothing.
+fn quadrants(n: usize, seed: u64) -> Dataset {
+    let mut rng = SplitMix64::new(seed);
+    let mut pixels = Vec::with_capacity(n * 256);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let k = i % 4;
+        labels.push(k as u32);
+        let phase = rng.below(4);
+        let noise = rng.normals(256);
+        for (p, e) in noise.iter().enumerate() {
+            let (y, x) = (p / 16 + phase, p % 16 + phase);
+            let on = match k {
+                0 => y % 4 < 2,
+                1 => x % 4 < 2,
+                2 => (x / 2 + y / 2) % 2 == 0,
+                _ => false,
+            };
+            pixels.push(if on { 1.0 } else { 0.0 } + 0.3 * *e as f32);
+        }
+    }
+    Dataset {
+        images: Tensor::from_vec(pixels, (n, 1, 16, 16), &Device::Cpu).unwrap(),
+        labels,
+    }
+}
+
+fn config(seed: u64, lr: f64) -> FinetuneConfig {
+    FinetuneConfig {
+        epochs: 4,
+        batch_size: 16,
+        lr,
+        weight_decay: 0.01,
+        warmup_fraction: 0.1,
+        label_smoothing: 0.1,
+        augment: Augment {
+            crop_padding: 1,
+            horizontal_flip: false,
+            noise_std: 0.05,
+        },
+        clip_grad_norm: Some(1.0),
+        seed,
+    }
+}
+
+fn objective(arch: &ClipClassifier, data: Dataset) -> Classification {
+    Classification {
+        arch: std::sync::Arc::new(ClipClassifier::new(arch.config.clone()).unwrap()),
+        data,
+        batch_size: 16,
+        eval_batch_size: 64,
+        label_smoothing: 0.0,
+    }
+}
+
+#[test]
+fn finetuning_learns_and_is_reproducible() {
+    let arch = ClipClassifier::new(tiny_clip_config(1, 4)).unwrap();
+    let init = arch.init(1, &Device::Cpu).unwrap();
+    let train = quadrants(64, 1);
+    let mut steps = 0;
+    let cfg = FinetuneConfig {
+        epochs: 8,
+        ..config(5, 1e-2)
+    };
+    let (trained, history) = finetune(&arch, &init, &train, &cfg, &mut |_| steps += 1).unwrap();
+    assert_eq!(steps, 32);
+    assert_eq!(history.len(), 32);
+    let mut obj = objective(&arch, quadrants(64, 2));
+    let before = obj.evaluate(&init).unwrap();
+    let after = obj.evaluate(&trained).unwrap();
+    assert!(
+        after.loss < before.loss,
+        "held-out loss {} → {}",
+        before.loss,
+        after.loss
+    );
+    assert!(
+        after.accuracy.unwrap() > 0.5,
+        "held-out accuracy {:?}",
+        after.accuracy
+    );
+    eprintln!(
+        "held-out loss {} → {}, accuracy {:?} → {:?}",
+        before.loss, after.loss, before.accuracy, after.accuracy
+    );
+
+    let (again, _) = finetune(&arch, &init, &train, &cfg, &mut |_| {}).unwrap();
+    let (other, _) = finetune(
+        &arch,
+        &init,
+        &train,
+        &FinetuneConfig {
+            seed: 6,
+            ..cfg.clone()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let flat = |p: &[Tensor]| -> Vec<u32> {
+        p.iter()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(f32::to_bits)
+            .collect()
+    };
+    assert_eq!(flat(&trained), flat(&again));
+    assert_ne!(flat(&trained), flat(&other));
+}
+
+#[test]
+fn bad_finetuning_settings_are_named() {
+    let arch = ClipClassifier::new(tiny_clip_config(1, 4)).unwrap();
+    let init = arch.init(1, &Device::Cpu).unwrap();
+    let data = quadrants(8, 1);
+    for (cfg, what) in [
+        (
+            FinetuneConfig {
+                lr: -1.0,
+                ..config(1, 1e-3)
+            },
+            "lr",
+        ),
+        (
+            FinetuneConfig {
+                epochs: 0,
+                ..config(1, 1e-3)
+            },
+            "epochs",
+        ),
+        (
+            FinetuneConfig {
+                warmup_fraction: 1.5,
+                ..config(1, 1e-3)
+            },
+            "warmup_fraction",
+        ),
+        (
+            FinetuneConfig {
+                label_smoothing: 1.0,
+                ..config(1, 1e-3)
+            },
+            "label_smoothing",
+        ),
+    ] {
+        let msg = finetune(&arch, &init, &data, &cfg, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(what), "{msg}");
+    }
+    // A learning rate that diverges is reported, not written.
+    let msg = finetune(
+        &arch,
+        &init,
+        &data,
+        &FinetuneConfig {
+            lr: 1e30,
+            clip_grad_norm: None,
+            ..config(1, 1e-3)
+        },
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("non-finite loss"), "{msg}");
+}
+
+#[test]
+fn augmentations_do_what_they_say() {
+    let mut rng = SplitMix64::new(3);
+    let x = Tensor::from_vec(
+        rng.normals(4 * 2 * 5 * 5)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect::<Vec<_>>(),
+        (4, 2, 5, 5),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let same = augment(&x, &Augment::default(), &mut rng).unwrap();
+    assert_eq!(flat(&same), flat(&x));
+
+    // Flips: every image is itself or its mirror, and both happen.
+    let flipped = augment(
+        &x,
+        &Augment {
+            horizontal_flip: true,
+            ..Augment::default()
+        },
+        &mut rng,
+    )
+    .unwrap();
+    for i in 0..4 {
+        let out = flat(&flipped.narrow(0, i, 1).unwrap());
+        let img = x.narrow(0, i, 1).unwrap();
+        if out != flat(&img.flip(&[3]).unwrap()) {
+            assert_eq!(out, flat(&img));
+        }
+    }
+
+    // Crops of an all-ones image: zeros only within `p` pixels of the border.
+    let ones = Tensor::ones((8, 1, 6, 6), DType::F32, &Device::Cpu).unwrap();
+    let cropped = augment(
+        &ones,
+        &Augment {
+            crop_padding: 2,
+            ..Augment::default()
+        },
+        &mut rng,
+    )
+    .unwrap();
+    let v = cropped
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (k, value) in v.iter().enumerate() {
+        let (y, x) = ((k / 6) % 6, k % 6);
+        if (2..4).contains(&y) && (2..4).contains(&x) {
+            assert_eq!(*value, 1.0, "the centre survives any crop of padding 2");
+        }
+    }
+    assert!(v.iter().any(|&p| p == 0.0), "some crop moved the image");
+
+    // Noise: zero mean, the configured standard deviation.
+    let zeros = Tensor::zeros((16, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let noisy = flat(
+        &augment(
+            &zeros,
+            &Augment {
+                noise_std: 0.5,
+                ..Augment::default()
+            },
+            &mut rng,
+        )
+        .unwrap(),
+    );
+    let n = noisy.len() as f64;
+    let mean = noisy.iter().map(|&v| f32::from_bits(v) as f64).sum::<f64>() / n;
+    let std = (noisy
+        .iter()
+        .map(|&v| (f32::from_bits(v) as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n)
+        .sqrt();
+    assert!(
+        mean.abs() < 0.03 && (std - 0.5).abs() < 0.03,
+        "mean {mean}, std {std}"
+    );
+}
+
+fn flat(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+#[test]
+fn mehl_soup_of_finetuned_checkpoints_on_disk() {
+    let dir = ScratchDir::new("e2e");
+    let arch = ClipClassifier::new(tiny_clip_config(1, 4)).unwrap();
+    let init = arch.init(2, &Device::Cpu).unwrap();
+    let train = quadrants(48, 3);
+    let mut paths = Vec::new();
+    for (i, lr) in [1e-3, 2e-3, 3e-3, 5e-3].into_iter().enumerate() {
+        let cfg = FinetuneConfig {
+            epochs: 2,
+            ..config(i as u64, lr)
+        };
+        let (params, _) = finetune(&arch, &init, &train, &cfg, &mut |_| {}).unwrap();
+        let path = dir.path().join(format!("model-{i}"));
+        write_model_dir(&path, &arch, &params, &cfg.metadata()).unwrap();
+        paths.push(path);
+    }
+    let recorded: FinetuneConfig = serde_json::from_str(
+        &Checkpoint::open(&paths[3]).unwrap().metadata().unwrap()["soup.finetune"],
+    )
+    .unwrap();
+    assert_eq!(recorded.lr, 5e-3);
+
+    let store = FileStore::open(paths, Device::Cpu).unwrap();
+    let mut obj = objective(&arch, quadrants(32, 4));
+    let cfg = MehlConfig {
+        model_batch: 2,
+        inner_epochs: 2,
+        block_cut: BlockCut::PER_TENSOR,
+        ..MehlConfig::mehl_plus()
+    };
+    let result = run_mehl(&store, &mut obj, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(result.alpha.len(), arch.layout().len());
+    for row in &result.alpha {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+    }
+    let out = dir.path().join("soup");
+    write_model_dir(
+        &out,
+        &arch,
+        &result.soup,
+        &BTreeMap::from([("soup.method".into(), result.method.clone())]),
+    )
+    .unwrap();
+    let back = Checkpoint::open(&out).unwrap();
+    let loaded = back
+        .load_params(back.architecture().unwrap().as_ref(), &Device::Cpu)
+        .unwrap();
+    let bits = |p: &[Tensor]| -> Vec<u32> { p.iter().flat_map(|t| flat(t)).collect() };
+    assert_eq!(
+        bits(&loaded),
+        bits(&result.soup),
+        "the written soup loads back bit-identically"
+    );
+}
