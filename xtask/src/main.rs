@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's build system, in Rust.
 //!
 //! - `cargo xtask ci`: everything CI checks: formatting, clippy with warnings denied, every test.
-//! - `cargo xtask reproduce`, `cargo xtask bench`: the paper's experiments and the benchmarks
-//!   (their issues, [reproduce] and [perf], fill them in).
+//! - `cargo xtask bench [--batch 8,32] [--rounds 5]`: the forward + backward step of the ViT-B/32
+//!   classifier on this machine (release build), as a table and JSON lines in `target/bench/`.
+//! - `cargo xtask reproduce`: the paper's experiments (issue [reproduce] fills it in).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -12,7 +13,8 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("reproduce") | Some("bench") => Err(format!(
+        Some("bench") => bench(&args[1..]),
+        Some("reproduce") => Err(format!(
             "`cargo xtask {}` is not implemented yet: it arrives with its issue",
             args[0]
         )),
@@ -36,7 +38,8 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   ci         formatting, clippy (warnings denied) and every test of the workspace
   reproduce  the paper's experiments (not implemented yet)
-  bench      the benchmarks (not implemented yet)";
+  bench      forward + backward step time of the ViT-B/32 classifier, with peak RSS
+             options: --batch 8,32 (batch sizes), --rounds 5 (timed rounds after one warm-up)";
 
 /// The workspace root (the parent of this crate's directory).
 fn root() -> PathBuf {
@@ -110,5 +113,70 @@ fn ci() -> Result<(), String> {
         "xtask: ci passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `cargo xtask bench`: runs the step benchmark (release build) for each batch size, prints a
+/// markdown table of medians and peak RSS, and keeps the raw JSON lines in target/bench/.
+fn bench(args: &[String]) -> Result<(), String> {
+    let mut batches = vec!["8".to_string()];
+    let mut rounds = "5".to_string();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--batch" => batches = value.split(',').map(str::to_string).collect(),
+            "--rounds" => rounds = value.clone(),
+            other => return Err(format!("unknown bench flag {other}")),
+        }
+    }
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "soup-models",
+        "--example",
+        "step_bench",
+    ])?;
+    let exe = root().join("target/release/examples/step_bench");
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let mut lines = Vec::new();
+    let mut rows = Vec::new();
+    for batch in &batches {
+        eprintln!("xtask: step benchmark, batch {batch}");
+        let out = Command::new(&exe)
+            .args(["--batch", batch, "--rounds", &rounds])
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "step_bench failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut row = vec![batch.clone()];
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| format!("bad bench output {line:?}: {e}"))?;
+            if let Some(m) = v.get("median_s") {
+                row.push(format!("{:.3}", m.as_f64().unwrap_or(f64::NAN)));
+            }
+            if let Some(r) = v.get("peak_rss_bytes") {
+                row.push(format!("{:.2}", r.as_f64().unwrap_or(0.0) / 1e9));
+            }
+            lines.push(line.to_string());
+        }
+        rows.push(row);
+    }
+    std::fs::write(out_dir.join("step.jsonl"), lines.join("\n") + "\n")
+        .map_err(|e| e.to_string())?;
+    println!("| batch | forward (s) | backward (s) | step (s) | peak RSS (GB) |");
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
+    println!("(medians of {rounds} rounds; raw results in target/bench/step.jsonl)");
     Ok(())
 }

@@ -1,0 +1,97 @@
+//! Forward + backward step time of a CLIP classifier on this machine (used by `cargo xtask bench`).
+//!
+//! `step_bench [--arch clip-vit-b32] [--batch 8] [--rounds 5] [--classes 1000]` prints one JSON
+//! line per phase with every round's seconds and the median, then the process's peak RSS.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use soup_core::rng::SplitMix64;
+use soup_models::ops::cross_entropy;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut arch_name = "clip-vit-b32".to_string();
+    let (mut batch, mut rounds, mut classes) = (8usize, 5usize, 1000usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--arch" => arch_name = value()?,
+            "--batch" => batch = value()?.parse()?,
+            "--rounds" => rounds = value()?.parse()?,
+            "--classes" => classes = value()?.parse()?,
+            other => return Err(format!("unknown flag {other}").into()),
+        }
+    }
+    let arch = soup_models::build(&arch_name, &serde_json::json!({ "num_classes": classes }))?;
+    let params = arch.init(1, &Device::Cpu)?;
+    let vars: Vec<Var> = params
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<_, _>>()?;
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let spec = arch.input();
+    let mut rng = SplitMix64::new(2);
+    let n = batch * spec.channels * spec.height * spec.width;
+    let pixels: Vec<f32> = rng.normals(n).into_iter().map(|v| v as f32).collect();
+    let images = Tensor::from_vec(
+        pixels,
+        (batch, spec.channels, spec.height, spec.width),
+        &Device::Cpu,
+    )?;
+    let labels: Vec<u32> = (0..batch).map(|i| (i % classes) as u32).collect();
+    let numel: usize = arch.layout().numel();
+
+    let (mut fwd, mut bwd, mut step) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..=rounds {
+        let t0 = Instant::now();
+        let loss = cross_entropy(&arch.forward(&inputs, &images)?, &labels, 0.0)?;
+        loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let t2 = Instant::now();
+        for v in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                v.set(&(v.as_tensor() - (g * 1e-6)?)?)?;
+            }
+        }
+        let t3 = Instant::now();
+        if round > 0 {
+            // Round 0 warms caches and allocators.
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            step.push((t3 - t0).as_secs_f64());
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (phase, v) in [
+        ("forward", &mut fwd),
+        ("backward", &mut bwd),
+        ("step", &mut step),
+    ] {
+        let rounds: Vec<String> = v.iter().map(|s| format!("{s:.4}")).collect();
+        println!(
+            "{{\"bench\":\"clip-step\",\"arch\":\"{arch_name}\",\"params\":{numel},\"batch\":{batch},\"threads\":{threads},\"phase\":\"{phase}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
+            rounds.join(","),
+            median(v)
+        );
+    }
+    println!(
+        "{{\"bench\":\"clip-step\",\"arch\":\"{arch_name}\",\"batch\":{batch},\"peak_rss_bytes\":{}}}",
+        peak_rss().unwrap_or(0)
+    );
+    Ok(())
+}
