@@ -22,7 +22,7 @@ pub use baselines::{greedy_soup, learned_soup, uniform_soup, GreedyAccept, Learn
 pub use error::{Result, SoupError};
 pub use hyperplane::Hyperplane;
 pub use layout::{from_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
-pub use mehl::{epoch_seed, run_mehl, Event, MehlConfig};
+pub use mehl::{epoch_seed, resume_mehl, run_mehl, Event, MehlConfig, MehlProgress};
 pub use optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
 pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 pub use schedule::StepSchedule;

@@ -163,12 +163,31 @@ pub enum Event<'a> {
         record: &'a StepRecord,
         hyperplane: &'a Hyperplane,
     },
-    /// A model batch ended; `metrics` when the held-out data was evaluated.
+    /// A model batch ended; `metrics` when the held-out data was evaluated. `resume` is the state
+    /// from which [`resume_mehl`] continues the run after this batch.
     BatchEnd {
         model_batch: usize,
         hyperplane: &'a Hyperplane,
         metrics: Option<Metrics>,
+        resume: &'a MehlProgress,
     },
+}
+
+/// A MEHL run between two model batches: everything the rest of the run depends on. The model
+/// order of every pass and the data order of every epoch derive from the seed, so resuming from
+/// here with the same inputs gives the same soup, bit for bit, as the uninterrupted run.
+#[derive(Clone, Debug)]
+pub struct MehlProgress {
+    /// Model batches completed, counted over the whole run.
+    pub model_batches_done: usize,
+    /// Coefficient steps taken.
+    pub global_step: usize,
+    /// The soup after them, as block vectors of the run's block cut.
+    pub soup_blocks: Vec<Tensor>,
+    /// α[l][j] of that soup.
+    pub alpha: Vec<Vec<f64>>,
+    pub history: Vec<StepRecord>,
+    pub evaluations: Vec<BatchEval>,
 }
 
 /// Step of the secant that estimates the smoothness β along the gradient, in parameter-norm
@@ -182,6 +201,19 @@ pub fn run_mehl(
     store: &dyn ModelStore,
     objective: &mut dyn Objective,
     config: &MehlConfig,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<SoupResult> {
+    resume_mehl(store, objective, config, None, observer)
+}
+
+/// [`run_mehl`], continuing from `progress` (reported by an earlier run's `BatchEnd` event with
+/// the same store, objective and configuration) when given. Timings and the memory account cover
+/// the part of the run done by this call.
+pub fn resume_mehl(
+    store: &dyn ModelStore,
+    objective: &mut dyn Objective,
+    config: &MehlConfig,
+    progress: Option<MehlProgress>,
     observer: &mut dyn FnMut(&Event),
 ) -> Result<SoupResult> {
     config.validate()?;
@@ -205,10 +237,23 @@ pub fn run_mehl(
     let mut soup: Option<(Vec<Tensor>, Vec<Vec<f64>>)> = None;
     let mut model_batch = 0;
     let mut global_step = 0;
+    let mut done = 0;
+    if let Some(p) = progress {
+        check_progress(&p, &blocks, n)?;
+        done = p.model_batches_done;
+        global_step = p.global_step;
+        history = p.history;
+        evaluations = p.evaluations;
+        soup = Some((p.soup_blocks, p.alpha));
+    }
 
     for outer_pass in 0..config.outer_passes {
         let order = permutation(n, derive_seed(config.seed, &[0, outer_pass as u64]));
         for members in order.chunks(b) {
+            if model_batch < done {
+                model_batch += 1;
+                continue;
+            }
             let started = Instant::now();
             let (center, gamma) = match soup.take() {
                 Some(s) => s,
@@ -339,17 +384,32 @@ pub fn run_mehl(
             } else {
                 None
             };
+            let progress = MehlProgress {
+                model_batches_done: model_batch + 1,
+                global_step,
+                soup_blocks: hp.theta_blocks()?,
+                alpha: hp.alpha(),
+                history: history.clone(),
+                evaluations: evaluations.clone(),
+            };
             observer(&Event::BatchEnd {
                 model_batch,
                 hyperplane: &hp,
                 metrics,
+                resume: &progress,
             });
-            soup = Some((hp.theta_blocks()?, hp.alpha()));
+            soup = Some((progress.soup_blocks, progress.alpha));
             model_batch += 1;
         }
     }
 
-    let (soup_blocks, alpha) = soup.expect("at least one model batch ran");
+    let Some((soup_blocks, alpha)) = soup else {
+        return Err(SoupError::config(
+            "resume",
+            done,
+            "the saved run has more model batches than this configuration",
+        ));
+    };
     Ok(SoupResult {
         method: if config.block_cut == BlockCut::WHOLE {
             "mehl"
@@ -367,6 +427,26 @@ pub fn run_mehl(
         timings,
         memory,
     })
+}
+
+/// Checks that saved progress fits this run: its blocks and models.
+fn check_progress(p: &MehlProgress, blocks: &[crate::layout::Block], n: usize) -> Result<()> {
+    let fits = p.soup_blocks.len() == blocks.len()
+        && p.alpha.len() == blocks.len()
+        && p.alpha.iter().all(|row| row.len() == n)
+        && p.soup_blocks
+            .iter()
+            .zip(blocks)
+            .all(|(t, b)| t.elem_count() == b.numel);
+    if fits {
+        Ok(())
+    } else {
+        Err(SoupError::config(
+            "resume",
+            p.model_batches_done,
+            "the saved run was made with other models or another block cut",
+        ))
+    }
 }
 
 /// The seed of the data order of one inner epoch of one model batch.
