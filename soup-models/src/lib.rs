@@ -11,6 +11,7 @@ pub mod ops;
 pub use arch::{build, Architecture, InputSpec, REGISTRY};
 pub use error::{ModelError, Result};
 pub mod checkpoint;
+pub mod data;
 pub mod objective;
 pub mod pt;
 pub mod store;

@@ -1,0 +1,499 @@
+//! Labelled image data sets in their standard on-disk formats, the held-out split, and the
+//! preprocessing that turns them into model inputs.
+//!
+//! - idx(.gz) files of MNIST and Fashion-MNIST (`train-images-idx3-ubyte.gz`, ...); the name
+//!   `fashion-mnist` means the Debian package's `/usr/share/datasets/fashion-mnist`;
+//! - CIFAR-10 (`data_batch_{1..5}.bin`, `test_batch.bin`) and CIFAR-100 (`train.bin`, `test.bin`)
+//!   binary versions;
+//! - ImageFolder, the ImageNet layout: `train/<class>/*.{jpg,jpeg,png}` and `val/<class>/...` (or
+//!   `test/`), classes in sorted order, decoded in parallel.
+//!
+//! The held-out split is carved out of the training split (a seeded fraction, or an index file as
+//! model-soups' ImageNet split); the test split is never used to choose anything.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use rayon::prelude::*;
+use soup_core::rng::permutation;
+
+use crate::arch::InputSpec;
+use crate::error::{ModelError, Result};
+use crate::objective::Dataset;
+
+/// Where the `fashion-mnist` data set name points (Debian package `dataset-fashion-mnist`).
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Images as stored: u8 pixels, n × channels × height × width, and labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawImages {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u32>,
+    pub num_classes: usize,
+}
+
+impl RawImages {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// The images at `rows`, in that order.
+    pub fn subset(&self, rows: &[usize]) -> RawImages {
+        let len = self.image_len();
+        let mut pixels = Vec::with_capacity(rows.len() * len);
+        for &r in rows {
+            pixels.extend_from_slice(&self.pixels[r * len..(r + 1) * len]);
+        }
+        RawImages {
+            pixels,
+            labels: rows.iter().map(|&r| self.labels[r]).collect(),
+            ..self.clone()
+        }
+    }
+}
+
+/// A split of a data set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// The training split without the held-out examples.
+    Train,
+    /// The held-out split: chooses soups, never trains models.
+    Heldout,
+    /// The official test split.
+    Test,
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "train" => Ok(Split::Train),
+            "heldout" => Ok(Split::Heldout),
+            "test" => Ok(Split::Test),
+            other => Err(format!("unknown split {other:?} (train, heldout, test)")),
+        }
+    }
+}
+
+/// How the held-out split is taken from the training split.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Heldout {
+    /// A seeded random fraction of the training examples.
+    Fraction { fraction: f64, seed: u64 },
+    /// Indices into the training split, one per line (model-soups' ImageNet split is one).
+    IndexFile(PathBuf),
+}
+
+impl Default for Heldout {
+    fn default() -> Self {
+        Heldout::Fraction {
+            fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// A data set on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataSpec {
+    pub root: PathBuf,
+    pub heldout: Heldout,
+}
+
+impl DataSpec {
+    /// `fashion-mnist` or a path, with the default held-out split (a seeded 10 %).
+    pub fn new(name: &str) -> Self {
+        let root = if name == "fashion-mnist" {
+            PathBuf::from(FASHION_MNIST_DIR)
+        } else {
+            PathBuf::from(name)
+        };
+        Self {
+            root,
+            heldout: Heldout::default(),
+        }
+    }
+
+    /// Loads split `split`.
+    pub fn load(&self, split: Split) -> Result<RawImages> {
+        let format = detect(&self.root)?;
+        let test = split == Split::Test;
+        let all = match format {
+            Format::Idx => read_idx_split(&self.root, test)?,
+            Format::Cifar10 => read_cifar(&self.root, test, 10)?,
+            Format::Cifar100 => read_cifar(&self.root, test, 100)?,
+            Format::ImageFolder => read_image_folder(&self.root, test)?,
+        };
+        if all.is_empty() {
+            return Err(ModelError::format(&self.root, "the split holds no images"));
+        }
+        if test {
+            return Ok(all);
+        }
+        let heldout = self.heldout_rows(all.len())?;
+        let rows: Vec<usize> = match split {
+            Split::Heldout => heldout,
+            _ => {
+                let mut is_heldout = vec![false; all.len()];
+                for &r in &heldout {
+                    is_heldout[r] = true;
+                }
+                (0..all.len()).filter(|&r| !is_heldout[r]).collect()
+            }
+        };
+        if rows.is_empty() {
+            return Err(ModelError::format(
+                &self.root,
+                format!("the {split:?} split is empty"),
+            ));
+        }
+        Ok(all.subset(&rows))
+    }
+
+    /// The training-split rows of the held-out split, sorted.
+    pub fn heldout_rows(&self, n: usize) -> Result<Vec<usize>> {
+        let mut rows = match &self.heldout {
+            Heldout::Fraction { fraction, seed } => {
+                if !(*fraction > 0.0 && *fraction < 1.0) {
+                    return Err(ModelError::format(
+                        &self.root,
+                        format!("held-out fraction {fraction} is not in (0, 1)"),
+                    ));
+                }
+                let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
+                permutation(n, *seed)[..k].to_vec()
+            }
+            Heldout::IndexFile(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+                let mut rows = Vec::new();
+                for (i, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let r: usize = line.parse().map_err(|_| {
+                        ModelError::format(path, format!("line {}: not an index: {line:?}", i + 1))
+                    })?;
+                    if r >= n {
+                        return Err(ModelError::format(
+                            path,
+                            format!("line {}: index {r} ≥ {n} training examples", i + 1),
+                        ));
+                    }
+                    rows.push(r);
+                }
+                rows
+            }
+        };
+        rows.sort_unstable();
+        rows.dedup();
+        Ok(rows)
+    }
+}
+
+enum Format {
+    Idx,
+    Cifar10,
+    Cifar100,
+    ImageFolder,
+}
+
+fn detect(root: &Path) -> Result<Format> {
+    if !root.is_dir() {
+        return Err(ModelError::format(root, "no such data directory"));
+    }
+    let has = |name: &str| root.join(name).exists();
+    if has("train-images-idx3-ubyte.gz") || has("train-images-idx3-ubyte") {
+        Ok(Format::Idx)
+    } else if has("data_batch_1.bin") {
+        Ok(Format::Cifar10)
+    } else if has("train.bin") && has("test.bin") {
+        Ok(Format::Cifar100)
+    } else if root.join("train").is_dir() {
+        Ok(Format::ImageFolder)
+    } else {
+        Err(ModelError::format(
+            root,
+            "unknown data set layout (expected idx files, CIFAR .bin files, or train/<class>/ folders)",
+        ))
+    }
+}
+
+/// Reads a file, gunzipping it when it ends in `.gz`; `name` is tried with and without `.gz`.
+fn read_maybe_gz(root: &Path, name: &str) -> Result<(PathBuf, Vec<u8>)> {
+    let gz = root.join(format!("{name}.gz"));
+    let plain = root.join(name);
+    let (path, zipped) = if gz.exists() {
+        (gz, true)
+    } else {
+        (plain, false)
+    };
+    let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+    if !zipped {
+        return Ok((path, bytes));
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_end(&mut out)
+        .map_err(|e| ModelError::format(&path, format!("bad gzip data: {e}")))?;
+    Ok((path, out))
+}
+
+fn be_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// The idx files of one split: images (magic 0x803: n, rows, cols) and labels (magic 0x801: n).
+fn read_idx_split(root: &Path, test: bool) -> Result<RawImages> {
+    let prefix = if test { "t10k" } else { "train" };
+    let (ipath, images) = read_maybe_gz(root, &format!("{prefix}-images-idx3-ubyte"))?;
+    let (lpath, labels) = read_maybe_gz(root, &format!("{prefix}-labels-idx1-ubyte"))?;
+    if images.len() < 16 || be_u32(&images, 0) != 0x803 {
+        return Err(ModelError::format(
+            &ipath,
+            "not an idx3 image file (magic 0x803)",
+        ));
+    }
+    if labels.len() < 8 || be_u32(&labels, 0) != 0x801 {
+        return Err(ModelError::format(
+            &lpath,
+            "not an idx1 label file (magic 0x801)",
+        ));
+    }
+    let n = be_u32(&images, 4) as usize;
+    let (h, w) = (be_u32(&images, 8) as usize, be_u32(&images, 12) as usize);
+    if images.len() != 16 + n * h * w {
+        return Err(ModelError::format(
+            &ipath,
+            format!(
+                "{} bytes, the header promises {}",
+                images.len(),
+                16 + n * h * w
+            ),
+        ));
+    }
+    if be_u32(&labels, 4) as usize != n || labels.len() != 8 + n {
+        return Err(ModelError::format(
+            &lpath,
+            format!("labels do not match the {n} images"),
+        ));
+    }
+    let labels: Vec<u32> = labels[8..].iter().map(|&l| l as u32).collect();
+    let num_classes = labels.iter().max().map_or(0, |&m| m as usize + 1);
+    Ok(RawImages {
+        channels: 1,
+        height: h,
+        width: w,
+        pixels: images[16..].to_vec(),
+        labels,
+        num_classes,
+    })
+}
+
+/// CIFAR binary files: records of label byte(s) then 3 × 32 × 32 pixels (R, G, B planes).
+fn read_cifar(root: &Path, test: bool, classes: usize) -> Result<RawImages> {
+    let files: Vec<String> = match (classes, test) {
+        (10, false) => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
+        (10, true) => vec!["test_batch.bin".into()],
+        (_, false) => vec!["train.bin".into()],
+        (_, true) => vec!["test.bin".into()],
+    };
+    let label_bytes = if classes == 10 { 1 } else { 2 };
+    let record = label_bytes + 3072;
+    let mut raw = RawImages {
+        channels: 3,
+        height: 32,
+        width: 32,
+        pixels: Vec::new(),
+        labels: Vec::new(),
+        num_classes: classes,
+    };
+    for f in files {
+        let path = root.join(f);
+        let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+        if bytes.len() % record != 0 {
+            return Err(ModelError::format(
+                &path,
+                format!(
+                    "{} bytes is not a whole number of {record}-byte records",
+                    bytes.len()
+                ),
+            ));
+        }
+        for rec in bytes.chunks(record) {
+            // CIFAR-100 records hold the coarse label, then the fine one: use the fine label.
+            let label = rec[label_bytes - 1] as u32;
+            if label as usize >= classes {
+                return Err(ModelError::format(
+                    &path,
+                    format!("label {label} ≥ {classes}"),
+                ));
+            }
+            raw.labels.push(label);
+            raw.pixels.extend_from_slice(&rec[label_bytes..]);
+        }
+    }
+    Ok(raw)
+}
+
+/// Side of the square images ImageFolder decodes to (resized on the shorter side, then centre-
+/// cropped), before the model's own preprocessing.
+pub const IMAGE_FOLDER_SIDE: usize = 224;
+
+/// `train/<class>/*` or `val/<class>/*` (`test/<class>/*`), decoded in parallel to RGB, resized
+/// (shorter side, bicubic) and centre-cropped to [`IMAGE_FOLDER_SIDE`].
+fn read_image_folder(root: &Path, test: bool) -> Result<RawImages> {
+    let classes = list_dirs(&root.join("train"))?;
+    let dir = if !test {
+        root.join("train")
+    } else if root.join("val").is_dir() {
+        root.join("val")
+    } else {
+        root.join("test")
+    };
+    let mut files = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let class_dir = dir.join(class);
+        if !class_dir.is_dir() {
+            continue;
+        }
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&class_dir)
+            .map_err(|e| ModelError::io(&class_dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+                matches!(ext.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+            })
+            .collect();
+        names.sort();
+        files.extend(names.into_iter().map(|p| (p, label as u32)));
+    }
+    let side = IMAGE_FOLDER_SIDE;
+    let decoded: Vec<Vec<u8>> = files
+        .par_iter()
+        .map(|(path, _)| {
+            let img = image::open(path)
+                .map_err(|e| ModelError::format(path, format!("cannot decode image: {e}")))?;
+            Ok(square_rgb(&img.to_rgb8(), side))
+        })
+        .collect::<Result<_>>()?;
+    Ok(RawImages {
+        channels: 3,
+        height: side,
+        width: side,
+        pixels: decoded.concat(),
+        labels: files.iter().map(|(_, l)| *l).collect(),
+        num_classes: classes.len(),
+    })
+}
+
+fn list_dirs(dir: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// CLIP's resize: shorter side to `side` (bicubic), then the centre `side` × `side` crop.
+fn resize_crop<P>(img: &image::ImageBuffer<P, Vec<u8>>, side: u32) -> image::ImageBuffer<P, Vec<u8>>
+where
+    P: image::Pixel<Subpixel = u8> + 'static,
+{
+    let (w, h) = img.dimensions();
+    let scale = side as f64 / w.min(h) as f64;
+    let nw = ((w as f64 * scale).round() as u32).max(side);
+    let nh = ((h as f64 * scale).round() as u32).max(side);
+    let resized = image::imageops::resize(img, nw, nh, FilterType::CatmullRom);
+    image::imageops::crop_imm(&resized, (nw - side) / 2, (nh - side) / 2, side, side).to_image()
+}
+
+/// [`resize_crop`] to `side`, returned as planar RGB.
+fn square_rgb(img: &image::RgbImage, side: usize) -> Vec<u8> {
+    let square = resize_crop(img, side as u32);
+    let mut out = vec![0u8; 3 * side * side];
+    for (x, y, p) in square.enumerate_pixels() {
+        for c in 0..3 {
+            out[c * side * side + y as usize * side + x as usize] = p[c];
+        }
+    }
+    out
+}
+
+/// Model inputs from stored images: channels matched (grey replicated to RGB, RGB averaged to
+/// grey), resized (shorter side, bicubic) and centre-cropped to the model's size, scaled to
+/// [0, 1] and normalised with the model's per-channel mean and standard deviation.
+pub fn prepare(raw: &RawImages, spec: &InputSpec, device: &Device) -> Result<Dataset> {
+    let (c, side) = (spec.channels, spec.height);
+    if spec.height != spec.width {
+        return Err(ModelError::config(
+            "data",
+            "only square model inputs are supported",
+        ));
+    }
+    if raw.channels != 1 && raw.channels != 3 {
+        return Err(ModelError::config(
+            "data",
+            "images must have 1 or 3 channels",
+        ));
+    }
+    let len = raw.channels * raw.height * raw.width;
+    let plane = side * side;
+    let images: Vec<f32> = raw
+        .pixels
+        .par_chunks(len)
+        .flat_map_iter(|img| {
+            let planes = resize_planes(img, raw.channels, raw.height, raw.width, side);
+            (0..c).flat_map(move |ch| {
+                let src: Vec<f32> = match (raw.channels, c) {
+                    (1, _) => planes[..plane].to_vec(),
+                    (3, 1) => (0..plane)
+                        .map(|p| (planes[p] + planes[plane + p] + planes[2 * plane + p]) / 3.0)
+                        .collect(),
+                    _ => planes[ch * plane..(ch + 1) * plane].to_vec(),
+                };
+                let (m, s) = (spec.mean[ch], spec.std[ch]);
+                src.into_iter().map(move |v| (v / 255.0 - m) / s)
+            })
+        })
+        .collect();
+    Ok(Dataset {
+        images: Tensor::from_vec(images, (raw.len(), c, side, side), device)?,
+        labels: raw.labels.clone(),
+    })
+}
+
+/// One image's planes as f32 in 0..255, resized to `side` × `side` (identity when it already is).
+fn resize_planes(img: &[u8], channels: usize, h: usize, w: usize, side: usize) -> Vec<f32> {
+    if h == side && w == side {
+        return img.iter().map(|&v| v as f32).collect();
+    }
+    let mut out = Vec::with_capacity(channels * side * side);
+    for ch in 0..channels {
+        let plane = img[ch * h * w..(ch + 1) * h * w].to_vec();
+        let grey = image::GrayImage::from_raw(w as u32, h as u32, plane).expect("h × w bytes");
+        out.extend(
+            resize_crop(&grey, side as u32)
+                .into_raw()
+                .into_iter()
+                .map(f32::from),
+        );
+    }
+    out
+}

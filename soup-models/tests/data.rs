@@ -1,0 +1,256 @@
+//! Data set readers on files written by the tests, the held-out split, and preprocessing.
+
+use std::io::Write;
+
+use candle_core::Device;
+use soup_models::arch::InputSpec;
+use soup_models::data::{prepare, DataSpec, Heldout, Split};
+use soup_models::fixtures::ScratchDir;
+
+fn idx_images(n: usize, h: usize, w: usize) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, 3];
+    for d in [n, h, w] {
+        b.extend((d as u32).to_be_bytes());
+    }
+    b.extend((0..n * h * w).map(|i| (i % 251) as u8));
+    b
+}
+
+fn idx_labels(n: usize) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, 1];
+    b.extend((n as u32).to_be_bytes());
+    b.extend((0..n).map(|i| (i % 10) as u8));
+    b
+}
+
+fn gz(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+fn write_idx(dir: &std::path::Path, train: usize, test: usize, zipped: bool) {
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let files = [
+            (format!("{prefix}-images-idx3-ubyte"), idx_images(n, 28, 28)),
+            (format!("{prefix}-labels-idx1-ubyte"), idx_labels(n)),
+        ];
+        for (name, bytes) in files {
+            if zipped {
+                std::fs::write(dir.join(format!("{name}.gz")), gz(&bytes)).unwrap();
+            } else {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn idx_files_and_the_heldout_split() {
+    for zipped in [true, false] {
+        let dir = ScratchDir::new("idx");
+        write_idx(dir.path(), 200, 50, zipped);
+        let spec = DataSpec::new(dir.path().to_str().unwrap());
+        let train = spec.load(Split::Train).unwrap();
+        let heldout = spec.load(Split::Heldout).unwrap();
+        let test = spec.load(Split::Test).unwrap();
+        assert_eq!((train.len(), heldout.len(), test.len()), (180, 20, 50));
+        assert_eq!(
+            (train.channels, train.height, train.width, train.num_classes),
+            (1, 28, 28, 10)
+        );
+        // Held-out and train are disjoint and cover the training file: compare the first pixel
+        // of each image, which is (784·i) mod 251 for image i: distinct for i < 251.
+        let first = |r: &soup_models::data::RawImages| -> Vec<u8> {
+            r.pixels.chunks(784).map(|c| c[0]).collect()
+        };
+        let mut all: Vec<u8> = first(&train).into_iter().chain(first(&heldout)).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 200);
+        // The split is fixed by its seed.
+        assert_eq!(spec.load(Split::Heldout).unwrap(), heldout);
+        let other = DataSpec {
+            heldout: Heldout::Fraction {
+                fraction: 0.1,
+                seed: 9,
+            },
+            ..spec.clone()
+        };
+        assert_ne!(other.load(Split::Heldout).unwrap(), heldout);
+    }
+}
+
+#[test]
+fn heldout_index_file() {
+    let dir = ScratchDir::new("index");
+    write_idx(dir.path(), 30, 5, true);
+    let index = dir.path().join("heldout.txt");
+    std::fs::write(&index, "3\n7\n\n11\n").unwrap();
+    let spec = DataSpec {
+        heldout: Heldout::IndexFile(index.clone()),
+        ..DataSpec::new(dir.path().to_str().unwrap())
+    };
+    let heldout = spec.load(Split::Heldout).unwrap();
+    assert_eq!(heldout.labels, vec![3, 7, 1]);
+    assert_eq!(spec.load(Split::Train).unwrap().len(), 27);
+    std::fs::write(&index, "3\n30\n").unwrap();
+    let msg = spec.load(Split::Heldout).unwrap_err().to_string();
+    assert!(
+        msg.contains("heldout.txt") && msg.contains("line 2") && msg.contains("30"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_data_names_the_file() {
+    let dir = ScratchDir::new("baddata");
+    write_idx(dir.path(), 20, 5, false);
+    let images = dir.path().join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&images, &bytes[..bytes.len() - 10]).unwrap();
+    let msg = DataSpec::new(dir.path().to_str().unwrap())
+        .load(Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("train-images-idx3-ubyte") && msg.contains("header promises"),
+        "{msg}"
+    );
+    std::fs::write(&images, b"\0\0\x08\x01rest").unwrap();
+    let msg = DataSpec::new(dir.path().to_str().unwrap())
+        .load(Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("magic 0x803"), "{msg}");
+    let msg = DataSpec::new("/nonexistent/data")
+        .load(Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("/nonexistent/data") && msg.contains("no such data directory"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn cifar_binary_files() {
+    for classes in [10usize, 100] {
+        let dir = ScratchDir::new("cifar");
+        let label_bytes = if classes == 10 { 1 } else { 2 };
+        let record = |label: u8| -> Vec<u8> {
+            let mut r = vec![label / 2; label_bytes];
+            r[label_bytes - 1] = label;
+            r.extend((0..3072).map(|i| (i / 1024) as u8 * 100 + label));
+            r
+        };
+        let files: Vec<String> = if classes == 10 {
+            (1..=5)
+                .map(|i| format!("data_batch_{i}.bin"))
+                .chain(["test_batch.bin".to_string()])
+                .collect()
+        } else {
+            vec!["train.bin".into(), "test.bin".into()]
+        };
+        for (k, f) in files.iter().enumerate() {
+            let bytes: Vec<u8> = (0..4u8).flat_map(|i| record(i + k as u8)).collect();
+            std::fs::write(dir.path().join(f), bytes).unwrap();
+        }
+        let spec = DataSpec::new(dir.path().to_str().unwrap());
+        let test = spec.load(Split::Test).unwrap();
+        assert_eq!(
+            (test.len(), test.channels, test.height, test.num_classes),
+            (4, 3, 32, classes)
+        );
+        let k = files.len() as u8 - 1;
+        assert_eq!(
+            test.labels,
+            vec![k as u32, k as u32 + 1, k as u32 + 2, k as u32 + 3]
+        );
+        // Planes R, G, B: the first pixel of each plane.
+        assert_eq!(
+            (test.pixels[0], test.pixels[1024], test.pixels[2048]),
+            (k, 100 + k, 200 + k)
+        );
+        let train_n =
+            spec.load(Split::Train).unwrap().len() + spec.load(Split::Heldout).unwrap().len();
+        assert_eq!(train_n, 4 * (files.len() - 1));
+    }
+}
+
+#[test]
+fn image_folder_is_decoded_resized_and_cropped() {
+    let dir = ScratchDir::new("folder");
+    for (split, count) in [("train", 3), ("val", 1)] {
+        for (class, colour) in [("cat", [200u8, 10, 10]), ("dog", [10, 10, 200])] {
+            let d = dir.path().join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..count {
+                let img = image::RgbImage::from_pixel(40 + 10 * i, 30, image::Rgb(colour));
+                img.save(d.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+    let spec = DataSpec::new(dir.path().to_str().unwrap());
+    let val = spec.load(Split::Test).unwrap();
+    assert_eq!(
+        (
+            val.len(),
+            val.channels,
+            val.height,
+            val.width,
+            val.num_classes
+        ),
+        (2, 3, 224, 224, 2)
+    );
+    assert_eq!(val.labels, vec![0, 1]);
+    let side = 224 * 224;
+    assert_eq!(
+        (val.pixels[0], val.pixels[side], val.pixels[2 * side]),
+        (200, 10, 10)
+    );
+    assert_eq!(
+        spec.load(Split::Train).unwrap().len() + spec.load(Split::Heldout).unwrap().len(),
+        6
+    );
+}
+
+#[test]
+fn preparation_matches_channels_size_and_normalisation() {
+    let dir = ScratchDir::new("prep");
+    write_idx(dir.path(), 10, 4, true);
+    let raw = DataSpec::new(dir.path().to_str().unwrap())
+        .load(Split::Test)
+        .unwrap();
+    // Same size, grey → RGB with per-channel statistics.
+    let spec = InputSpec {
+        channels: 3,
+        height: 28,
+        width: 28,
+        mean: vec![0.5, 0.0, 0.25],
+        std: vec![0.5, 1.0, 2.0],
+    };
+    let data = prepare(&raw, &spec, &Device::Cpu).unwrap();
+    assert_eq!(data.images.dims(), &[4, 3, 28, 28]);
+    let v = data.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let p = raw.pixels[5] as f32 / 255.0;
+    let plane = 28 * 28;
+    assert!((v[5] - (p - 0.5) / 0.5).abs() < 1e-6);
+    assert!((v[plane + 5] - p).abs() < 1e-6);
+    assert!((v[2 * plane + 5] - (p - 0.25) / 2.0).abs() < 1e-6);
+    // Resized to 14: a constant image stays constant.
+    let mut flat = raw.clone();
+    flat.pixels.iter_mut().for_each(|p| *p = 51);
+    let spec = InputSpec {
+        channels: 1,
+        height: 14,
+        width: 14,
+        mean: vec![0.0],
+        std: vec![1.0],
+    };
+    let data = prepare(&flat, &spec, &Device::Cpu).unwrap();
+    assert_eq!(data.images.dims(), &[4, 1, 14, 14]);
+    for v in data.images.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+        assert!((v - 0.2).abs() < 1e-6, "{v}");
+    }
+}
