@@ -1,15 +1,70 @@
-//! The `soup` command line (issue [cli] adds its subcommands: train, finetune, mix, eval, inspect).
+//! `soup`: learned model soups from a zoo of fine-tuned checkpoints.
+
+mod common;
+mod error;
+mod inspect;
+mod mix;
+mod recipe;
+mod svg;
+mod train;
+mod zoo;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+/// Learned model soups on one machine: MEHL-Soup (ECCV 2024) and its baselines.
+#[derive(Parser, Debug)]
+#[command(name = "soup", version, about, long_about = None)]
+struct Cli {
+    /// No progress bars.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model from scratch, or continue from --init (makes a pre-trained start point).
+    Train(train::TrainArgs),
+    /// Fine-tune a start point N times with a random hyper-parameter search: a zoo.
+    Finetune(train::FinetuneArgs),
+    /// Make a soup of a zoo: uniform, greedy, learned, learned+, mehl or mehl+.
+    Mix(mix::MixArgs),
+    /// Accuracy and loss of a model on a split.
+    Eval(inspect::EvalArgs),
+    /// Architecture, tensors and parameters of a checkpoint; memory per method for a zoo.
+    Inspect(inspect::InspectArgs),
+}
+
 fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
-        Some("--version") | Some("-V") => {
-            println!("soup {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!("soup: no subcommands yet; the command line arrives with issue [cli]");
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match &cli.command {
+        Command::Train(a) => train::train(a, cli.quiet),
+        Command::Finetune(a) => train::finetune_zoo(a, cli.quiet),
+        Command::Mix(a) => mix::mix(a, cli.quiet),
+        Command::Eval(a) => inspect::eval(a),
+        Command::Inspect(a) => inspect::inspect(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("soup: {}", e.0.lines().next().unwrap_or("error"));
             ExitCode::from(2)
         }
     }

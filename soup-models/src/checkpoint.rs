@@ -244,6 +244,24 @@ impl Checkpoint {
         }
     }
 
+    /// The stored element type of tensor `name`, e.g. `F32`, `BF16`.
+    pub fn dtype(&self, name: &str) -> Result<String> {
+        match &self.backend {
+            Backend::Safetensors { shards, weight_map } => Ok(format!(
+                "{:?}",
+                self.entry(shards, weight_map, name)?.1.dtype
+            )),
+            Backend::Torch { pth, sources, .. } => {
+                let source = sources.get(name).ok_or_else(|| self.missing(name))?;
+                let info = pth
+                    .tensor_infos()
+                    .get(source.name())
+                    .ok_or_else(|| self.missing(source.name()))?;
+                Ok(format!("{:?}", info.dtype).to_uppercase())
+            }
+        }
+    }
+
     /// Tensor `name` as f32 on `device` (f16, bf16 and f64 are converted).
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (shards, weight_map) = match &self.backend {

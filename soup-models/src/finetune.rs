@@ -180,7 +180,11 @@ pub fn augment(images: &Tensor, augment: &Augment, rng: &mut SplitMix64) -> Resu
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             let (dy, dx) = (rng.below(2 * p + 1), rng.below(2 * p + 1));
-            let mut img = padded.narrow(0, i, 1)?.narrow(2, dy, h)?.narrow(3, dx, w)?;
+            let mut img = padded
+                .narrow(0, i, 1)?
+                .narrow(2, dy, h)?
+                .narrow(3, dx, w)?
+                .contiguous()?;
             if augment.horizontal_flip && rng.next_u64() & 1 == 1 {
                 img = img.flip(&[3])?;
             }

@@ -238,6 +238,18 @@ fn augmentations_do_what_they_say() {
     }
     assert!(v.contains(&0.0), "some crop moved the image");
 
+    // Crop and flip together: every output pixel of a constant image is 1 or 0.
+    let both = Augment {
+        crop_padding: 1,
+        horizontal_flip: true,
+        noise_std: 0.0,
+    };
+    let out = augment(&ones, &both, &mut rng).unwrap();
+    assert_eq!(out.dims(), ones.dims());
+    assert!(flat(&out)
+        .iter()
+        .all(|&b| f32::from_bits(b) == 1.0 || f32::from_bits(b) == 0.0));
+
     // Noise: zero mean, the configured standard deviation.
     let zeros = Tensor::zeros((16, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
     let noisy = flat(

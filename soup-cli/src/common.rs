@@ -1,0 +1,119 @@
+//! Pieces the subcommands share: data loading, progress bars, memory figures.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use soup_models::data::{prepare, DataSpec, Heldout, Split};
+use soup_models::{Architecture, Dataset};
+
+use crate::error::{CliError, Result};
+use crate::recipe::Method;
+
+/// Where the labelled data comes from and how it is split.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DataArgs {
+    /// Data set: `fashion-mnist` (the Debian package's files) or a directory holding idx files,
+    /// CIFAR .bin files, or train/<class>/ and val/<class>/ image folders.
+    #[arg(long)]
+    pub data: String,
+    /// Fraction of the training split held out for choosing soups.
+    #[arg(long, default_value_t = 0.1)]
+    pub heldout_fraction: f64,
+    /// Seed of the held-out split.
+    #[arg(long, default_value_t = 0)]
+    pub heldout_seed: u64,
+    /// Held-out split as indices into the training split, one per line (replaces the fraction).
+    #[arg(long)]
+    pub heldout_index: Option<PathBuf>,
+    /// Use at most this many examples of each split (for quick runs).
+    #[arg(long)]
+    pub max_examples: Option<usize>,
+}
+
+impl DataArgs {
+    pub fn spec(&self) -> DataSpec {
+        let mut spec = DataSpec::new(&self.data);
+        spec.heldout = match &self.heldout_index {
+            Some(path) => Heldout::IndexFile(path.clone()),
+            None => Heldout::Fraction {
+                fraction: self.heldout_fraction,
+                seed: self.heldout_seed,
+            },
+        };
+        spec
+    }
+
+    /// Split `split`, capped at `max_examples`, prepared for `arch`; every label must have a
+    /// class in the model's head.
+    pub fn load(&self, split: Split, arch: &Arc<dyn Architecture>) -> Result<Dataset> {
+        let mut raw = self.spec().load(split)?;
+        if let Some(m) = self.max_examples {
+            let rows: Vec<usize> = (0..raw.len().min(m)).collect();
+            raw = raw.subset(&rows);
+        }
+        if let Some(&bad) = raw
+            .labels
+            .iter()
+            .find(|&&l| l as usize >= arch.num_classes())
+        {
+            return Err(CliError::new(format!(
+                "{}: label {bad} has no class in the model's head ({} classes)",
+                self.data,
+                arch.num_classes()
+            )));
+        }
+        Ok(prepare(&raw, &arch.input(), &Device::Cpu)?)
+    }
+
+    /// The number of classes of the training split.
+    pub fn num_classes(&self) -> Result<usize> {
+        Ok(self.spec().load(Split::Test)?.num_classes)
+    }
+}
+
+/// A progress bar with rate and ETA on stderr, hidden with `--quiet`.
+pub fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {prefix}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is not available.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The tensor memory a method holds for a zoo of `n` models of `d` f32 parameters, with model
+/// batch `b` (soup-core's byte account, before the model's activations and the data).
+pub fn method_bytes(method: Method, n: usize, d: usize, b: usize) -> u64 {
+    let model = 4 * d as u64;
+    match method {
+        Method::Uniform => 2 * model,
+        Method::Greedy => 3 * model,
+        Method::Learned | Method::LearnedPlus => (n as u64 + 2) * model,
+        Method::Mehl | Method::MehlPlus => (b.min(n) as u64 + 4) * model,
+    }
+}
+
+/// Bytes as GB with two decimals.
+pub fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}

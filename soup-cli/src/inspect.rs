@@ -1,0 +1,121 @@
+//! `soup eval` and `soup inspect`.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use soup_core::Objective;
+use soup_models::data::Split;
+use soup_models::{Checkpoint, Classification};
+
+use crate::common::{gb, method_bytes, DataArgs};
+use crate::error::{CliError, Result};
+use crate::mix::Scores;
+use crate::recipe::Method;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// The model: a checkpoint file or directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Which split: test, heldout or train.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval(args: &EvalArgs) -> Result<()> {
+    let split: Split = args.split.parse().map_err(CliError::new)?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let arch = ckpt.architecture()?;
+    let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
+    let mut objective = Classification {
+        arch: arch.clone(),
+        data: args.data.load(split, &arch)?,
+        batch_size: 256,
+        eval_batch_size: 256,
+        label_smoothing: 0.0,
+    };
+    let scores: Scores = objective.evaluate(&params)?.into();
+    if args.json {
+        println!("{}", serde_json::to_string(&scores)?);
+    } else {
+        println!(
+            "{} on {} {}: accuracy {:.4}, loss {:.4}, {} examples",
+            args.model.display(),
+            args.data.data,
+            args.split,
+            scores.accuracy,
+            scores.loss,
+            scores.count
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// A checkpoint (file or directory), a zoo directory or a zoo.toml.
+    pub target: PathBuf,
+    /// Model batch b for the MEHL memory figures.
+    #[arg(long, default_value_t = 18)]
+    pub model_batch: usize,
+}
+
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    let is_zoo = args.target.join("zoo.toml").exists()
+        || args.target.extension().is_some_and(|e| e == "toml")
+        || (args.target.is_dir()
+            && !args.target.join("model.safetensors").exists()
+            && !args.target.join("model.safetensors.index.json").exists());
+    let paths = if is_zoo {
+        crate::zoo::resolve(&args.target)?
+    } else {
+        vec![args.target.clone()]
+    };
+    let ckpt = Checkpoint::open(&paths[0])?;
+    let arch = ckpt.architecture()?;
+    let layout = ckpt.layout(arch.as_ref())?;
+    let mut dtypes: Vec<String> = layout
+        .tensors
+        .iter()
+        .map(|t| ckpt.dtype(&t.name))
+        .collect::<std::result::Result<_, _>>()?;
+    dtypes.sort();
+    dtypes.dedup();
+    let d = layout.numel();
+    println!("{}", paths[0].display());
+    println!("  architecture  {} {}", arch.family(), arch.config());
+    println!("  tensors       {}", layout.len());
+    println!("  parameters    {d}");
+    println!("  stored as     {}", dtypes.join(", "));
+    println!("  classes       {}", arch.num_classes());
+    let n = paths.len();
+    if is_zoo {
+        println!("zoo of {n} models");
+        println!(
+            "  memory each method holds (f32 weights and soup state, before activations and data):"
+        );
+        for m in [
+            Method::Uniform,
+            Method::Greedy,
+            Method::LearnedPlus,
+            Method::MehlPlus,
+        ] {
+            let note = if m == Method::MehlPlus {
+                format!(" (b = {})", args.model_batch.min(n))
+            } else {
+                String::new()
+            };
+            println!(
+                "  {:<10} {}{note}",
+                m.name(),
+                gb(method_bytes(m, n, d, args.model_batch))
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,517 @@
+//! `soup mix`: a soup from a zoo, with its coefficients, report, figures and recipe.
+//!
+//! Outputs go to `OUT.partial/` while the run lasts (MEHL saves its progress there after every
+//! model batch, which `--resume` continues from); the finished directory is renamed to OUT, so
+//! OUT is never half-written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use soup_core::{
+    greedy_soup, learned_soup, resume_mehl, uniform_soup, BatchEval, Event, MehlProgress, Metrics,
+    ModelStore, Objective, SoupResult, StepRecord, TensorSpec,
+};
+use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
+use soup_models::data::Split;
+use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError};
+
+use crate::common::{bar, gb, method_bytes, peak_rss_bytes, DataArgs};
+use crate::error::{io, CliError, Result};
+use crate::recipe::{Method, Recipe};
+use crate::svg;
+
+#[derive(clap::Args, Debug)]
+pub struct MixArgs {
+    /// The zoo: a directory of checkpoints or a zoo.toml.
+    #[arg(long)]
+    pub zoo: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A recipe.toml; flags override its values.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    #[command(flatten)]
+    pub knobs: Recipe,
+    /// Continue an interrupted MEHL run from OUT.partial/.
+    #[arg(long)]
+    pub resume: bool,
+    /// Refuse to start when the estimated memory exceeds this many bytes (suffixes K, M, G).
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// α per block, as `coefficients.json` stores it.
+#[derive(Serialize, Deserialize)]
+pub struct Coefficients {
+    pub models: Vec<String>,
+    pub blocks: Vec<String>,
+    pub alpha: Vec<Vec<f64>>,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub struct Scores {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub count: usize,
+}
+
+impl From<Metrics> for Scores {
+    fn from(m: Metrics) -> Self {
+        Scores {
+            accuracy: m.accuracy.unwrap_or(f64::NAN),
+            loss: m.loss,
+            count: m.count,
+        }
+    }
+}
+
+/// The saved state of an interrupted run (`OUT.partial/progress.json` with the soup's block
+/// vectors in `progress.safetensors`).
+#[derive(Serialize, Deserialize)]
+struct SavedProgress {
+    recipe: Recipe,
+    models: Vec<String>,
+    model_batches_done: usize,
+    global_step: usize,
+    alpha: Vec<Vec<f64>>,
+    /// (outer pass, model batch, step, global step, loss, lr, grad norm)
+    history: Vec<(usize, usize, usize, usize, f64, f64, f64)>,
+    /// (model batch, global step, loss, accuracy, count)
+    evaluations: Vec<(usize, usize, f64, Option<f64>, usize)>,
+}
+
+fn parse_bytes(s: &str) -> Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| (v * mult) as u64)
+        .ok_or_else(|| CliError::new(format!("--max-memory {s:?}: expected a size such as 8G")))
+}
+
+pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let from_file = match &args.recipe {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+            toml::from_str::<Recipe>(&text)
+                .map_err(|e| CliError::new(format!("{}: {}", path.display(), e.message())))?
+        }
+        None => Recipe::default(),
+    };
+    let recipe = from_file.overridden_by(&args.knobs).resolved()?;
+    let method = recipe.method();
+    let partial = partial_dir(&args.out);
+    if args.out.exists() && !args.force {
+        return Err(CliError::new(format!(
+            "{}: already exists (use --force to replace it)",
+            args.out.display()
+        )));
+    }
+    if args.resume && !partial.join("progress.json").exists() {
+        return Err(CliError::new(format!(
+            "--resume: no saved progress in {}",
+            partial.display()
+        )));
+    }
+
+    let t_load = Instant::now();
+    let paths = crate::zoo::resolve(&args.zoo)?;
+    let store = FileStore::open(paths.clone(), Device::Cpu)?;
+    let arch = store.arch.clone();
+    let n = store.len();
+    let d = arch.layout().numel();
+    let heldout = args.data.load(Split::Heldout, &arch)?;
+    let test = args.data.load(Split::Test, &arch)?;
+    let data_bytes = 4 * (heldout.images.elem_count() + test.images.elem_count()) as u64;
+    let estimate = method_bytes(method, n, d, recipe.model_batch.unwrap_or(18)) + data_bytes;
+    if let Some(limit) = &args.max_memory {
+        let limit = parse_bytes(limit)?;
+        if estimate > limit {
+            return Err(CliError::new(format!(
+                "{} needs about {} for {n} models of {d} parameters plus the data, over --max-memory {}",
+                method.name(),
+                gb(estimate),
+                gb(limit)
+            )));
+        }
+    }
+    let load_s = t_load.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+
+    let mut objective = Classification {
+        arch: arch.clone(),
+        data: heldout,
+        batch_size: recipe.batch_size.unwrap_or(128),
+        eval_batch_size: 256,
+        label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
+    };
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let t_soup = Instant::now();
+    let result = match method {
+        Method::Uniform => uniform_soup(&store)?,
+        Method::Greedy => greedy_soup(&store, &mut objective, recipe.accept()?)?,
+        Method::Learned | Method::LearnedPlus => {
+            learned_soup(&store, &mut objective, &recipe.learned_config()?)?
+        }
+        Method::Mehl | Method::MehlPlus => {
+            let config = recipe.mehl_config()?;
+            let progress = if args.resume {
+                Some(load_progress(&partial, &recipe, &names, &store)?)
+            } else {
+                None
+            };
+            let batches = config.outer_passes * n.div_ceil(config.model_batch.min(n));
+            let steps_per_batch = config.inner_epochs * objective.num_batches();
+            let bar = bar(quiet, batches * steps_per_batch, method.name());
+            if let Some(p) = &progress {
+                bar.set_position((p.model_batches_done * steps_per_batch) as u64);
+            }
+            let mut save_error = None;
+            let result = resume_mehl(
+                &store,
+                &mut objective,
+                &config,
+                progress,
+                &mut |e| match e {
+                    Event::Step { record, .. } => {
+                        bar.inc(1);
+                        bar.set_prefix(format!("loss {:.4}", record.loss));
+                    }
+                    Event::BatchEnd { resume, .. } => {
+                        if let Err(e) = save_progress(&partial, &recipe, &names, resume) {
+                            save_error.get_or_insert(e);
+                        }
+                    }
+                    Event::BatchStart { .. } => {}
+                },
+            );
+            bar.finish_and_clear();
+            if let Some(e) = save_error {
+                return Err(e);
+            }
+            result?
+        }
+    };
+    let soup_s = t_soup.elapsed().as_secs_f64();
+
+    let t_eval = Instant::now();
+    let heldout_scores: Scores = objective.evaluate(&result.soup)?.into();
+    objective.data = test;
+    let test_scores: Scores = objective.evaluate(&result.soup)?.into();
+    let eval_s = t_eval.elapsed().as_secs_f64();
+
+    write_outputs(
+        &partial,
+        args,
+        &recipe,
+        arch.as_ref(),
+        &names,
+        &result,
+        heldout_scores,
+        test_scores,
+        [("load", load_s), ("soup", soup_s), ("evaluate", eval_s)],
+        started,
+        estimate,
+    )?;
+    if args.out.exists() {
+        std::fs::remove_dir_all(&args.out).map_err(|e| io(&args.out, e))?;
+    }
+    std::fs::rename(&partial, &args.out).map_err(|e| io(&args.out, e))?;
+    println!(
+        "{}: {n} models -> held-out accuracy {:.4}, test accuracy {:.4}, {:.1} s -> {}",
+        method.name(),
+        heldout_scores.accuracy,
+        test_scores.accuracy,
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn partial_dir(out: &Path) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+fn save_progress(dir: &Path, recipe: &Recipe, models: &[String], p: &MehlProgress) -> Result<()> {
+    let saved = SavedProgress {
+        recipe: recipe.clone(),
+        models: models.to_vec(),
+        model_batches_done: p.model_batches_done,
+        global_step: p.global_step,
+        alpha: p.alpha.clone(),
+        history: p
+            .history
+            .iter()
+            .map(|r| {
+                (
+                    r.outer_pass,
+                    r.model_batch,
+                    r.step,
+                    r.global_step,
+                    r.loss,
+                    r.lr,
+                    r.grad_norm,
+                )
+            })
+            .collect(),
+        evaluations: p
+            .evaluations
+            .iter()
+            .map(|e| {
+                (
+                    e.model_batch,
+                    e.global_step,
+                    e.metrics.loss,
+                    e.metrics.accuracy,
+                    e.metrics.count,
+                )
+            })
+            .collect(),
+    };
+    let layout = soup_core::ParamLayout::new(
+        p.soup_blocks
+            .iter()
+            .enumerate()
+            .map(|(l, t)| TensorSpec {
+                name: format!("block.{l}"),
+                shape: t.dims().to_vec(),
+            })
+            .collect(),
+    );
+    // The tensors first: progress.json names a state whose tensors are already in place.
+    write_safetensors(
+        &dir.join("progress.safetensors"),
+        &layout,
+        &p.soup_blocks,
+        &BTreeMap::new(),
+    )?;
+    let text = serde_json::to_string(&saved)?;
+    let path = dir.join("progress.json");
+    atomic_write(&path, |tmp| {
+        std::fs::write(tmp, &text).map_err(|e| ModelError::io(tmp, e))
+    })?;
+    Ok(())
+}
+
+fn load_progress(
+    dir: &Path,
+    recipe: &Recipe,
+    models: &[String],
+    store: &FileStore,
+) -> Result<MehlProgress> {
+    let path = dir.join("progress.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    let saved: SavedProgress = serde_json::from_str(&text)
+        .map_err(|e| CliError::new(format!("{}: {e}", path.display())))?;
+    if &saved.recipe != recipe || saved.models != models {
+        return Err(CliError::new(format!(
+            "--resume: {} was saved by a run with another recipe or zoo",
+            path.display()
+        )));
+    }
+    let ckpt = Checkpoint::open(dir.join("progress.safetensors"))?;
+    let soup_blocks = (0..saved.alpha.len())
+        .map(|l| ckpt.load(&format!("block.{l}"), &store.device))
+        .collect::<std::result::Result<Vec<Tensor>, _>>()?;
+    Ok(MehlProgress {
+        model_batches_done: saved.model_batches_done,
+        global_step: saved.global_step,
+        soup_blocks,
+        alpha: saved.alpha,
+        history: saved
+            .history
+            .into_iter()
+            .map(
+                |(outer_pass, model_batch, step, global_step, loss, lr, grad_norm)| StepRecord {
+                    outer_pass,
+                    model_batch,
+                    step,
+                    global_step,
+                    loss,
+                    lr,
+                    grad_norm,
+                },
+            )
+            .collect(),
+        evaluations: saved
+            .evaluations
+            .into_iter()
+            .map(
+                |(model_batch, global_step, loss, accuracy, count)| BatchEval {
+                    model_batch,
+                    global_step,
+                    metrics: Metrics {
+                        loss,
+                        accuracy,
+                        count,
+                    },
+                },
+            )
+            .collect(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_outputs(
+    dir: &Path,
+    args: &MixArgs,
+    recipe: &Recipe,
+    arch: &dyn Architecture,
+    models: &[String],
+    result: &SoupResult,
+    heldout: Scores,
+    test: Scores,
+    phases: [(&str, f64); 3],
+    started: Instant,
+    estimate: u64,
+) -> Result<()> {
+    let write = |name: &str, text: &str| -> Result<()> {
+        let path = dir.join(name);
+        atomic_write(&path, |tmp| {
+            std::fs::write(tmp, text).map_err(|e| ModelError::io(tmp, e))
+        })?;
+        Ok(())
+    };
+    let method = recipe.method().name();
+    let meta = BTreeMap::from([
+        ("soup.method".to_string(), method.to_string()),
+        ("soup.models".to_string(), serde_json::to_string(models)?),
+        ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
+    ]);
+    // soup.safetensors with HF names and the architecture; config.json beside it for transformers.
+    let tmp_dir = dir.join(".model");
+    write_model_dir(&tmp_dir, arch, &result.soup, &meta)?;
+    for (from, to) in [
+        ("model.safetensors", "soup.safetensors"),
+        ("config.json", "config.json"),
+    ] {
+        std::fs::rename(tmp_dir.join(from), dir.join(to)).map_err(|e| io(&dir.join(to), e))?;
+    }
+    std::fs::remove_dir_all(&tmp_dir).map_err(|e| io(&tmp_dir, e))?;
+
+    let coefficients = Coefficients {
+        models: models.to_vec(),
+        blocks: result.blocks.iter().map(|b| b.name.clone()).collect(),
+        alpha: result.alpha.clone(),
+    };
+    write(
+        "coefficients.json",
+        &serde_json::to_string_pretty(&coefficients)?,
+    )?;
+
+    let mut timings: BTreeMap<String, f64> =
+        phases.iter().map(|(p, s)| (p.to_string(), *s)).collect();
+    for (p, s) in &result.timings.phases {
+        timings.insert(format!("soup.{p}"), *s);
+    }
+    let m = &result.memory;
+    let report = serde_json::json!({
+        "method": method,
+        "models": models.len(),
+        "parameters": arch.layout().numel(),
+        "blocks": result.blocks.len(),
+        "heldout": heldout,
+        "test": test,
+        "time_s": started.elapsed().as_secs_f64(),
+        "timings_s": timings,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "estimated_bytes": estimate,
+        "world_size": 1,
+        "memory_account_bytes": {
+            "models": m.models, "directions": m.directions, "center": m.center,
+            "theta": m.theta, "gradient": m.gradient, "coefficients": m.coefficients,
+            "total": m.total(),
+        },
+        "steps": result.history.len(),
+        "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
+            "model_batch": e.model_batch, "global_step": e.global_step,
+            "loss": e.metrics.loss, "accuracy": e.metrics.accuracy,
+        })).collect::<Vec<_>>(),
+        "data": args.data.data,
+    });
+    write("report.json", &serde_json::to_string_pretty(&report)?)?;
+    let md = format!(
+        "# Soup: {method}\n\n{} models of {} parameters ({} blocks), data `{}`.\n\n\
+         | split | accuracy | loss | examples |\n|---|---|---|---|\n\
+         | held-out | {:.4} | {:.4} | {} |\n| test | {:.4} | {:.4} | {} |\n\n\
+         Time {:.1} s (load {:.1} s, soup {:.1} s, evaluate {:.1} s); peak RSS {}; \
+         bytes held by the method {}.\n\nFiles: soup.safetensors, coefficients.json, \
+         coefficients.svg, curve.svg, recipe.toml, report.json.\n",
+        models.len(),
+        arch.layout().numel(),
+        result.blocks.len(),
+        args.data.data,
+        heldout.accuracy,
+        heldout.loss,
+        heldout.count,
+        test.accuracy,
+        test.loss,
+        test.count,
+        started.elapsed().as_secs_f64(),
+        phases[0].1,
+        phases[1].1,
+        phases[2].1,
+        gb(peak_rss_bytes()),
+        gb(m.total() as u64),
+    );
+    write("report.md", &md)?;
+    let short: Vec<String> = models
+        .iter()
+        .map(|m| {
+            Path::new(m)
+                .file_name()
+                .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
+        })
+        .collect();
+    write(
+        "coefficients.svg",
+        &svg::coefficients(
+            &result.alpha,
+            &short,
+            &format!(
+                "α of {method} ({} blocks × {} models)",
+                result.blocks.len(),
+                models.len()
+            ),
+        ),
+    )?;
+    let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
+    let accuracy: Vec<(usize, f64)> = result
+        .evaluations
+        .iter()
+        .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
+        .collect();
+    write(
+        "curve.svg",
+        &svg::curve(
+            &losses,
+            &accuracy,
+            &format!("{method}: loss per step, held-out accuracy"),
+        ),
+    )?;
+    write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
+    for leftover in ["progress.json", "progress.safetensors"] {
+        let _ = std::fs::remove_file(dir.join(leftover));
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The configuration of `soup mix`: a `recipe.toml`, flags that override it, and the method's
+//! defaults for the rest. The resolved recipe is written next to the soup.
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+use soup_core::{BlockCut, GreedyAccept, LearnedConfig, MehlConfig, OptimizerKind, StepSchedule};
+
+use crate::error::{CliError, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    Uniform,
+    Greedy,
+    Learned,
+    #[value(name = "learned+")]
+    #[serde(rename = "learned+")]
+    LearnedPlus,
+    Mehl,
+    #[value(name = "mehl+")]
+    #[serde(rename = "mehl+")]
+    MehlPlus,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Uniform => "uniform",
+            Method::Greedy => "greedy",
+            Method::Learned => "learned",
+            Method::LearnedPlus => "learned+",
+            Method::Mehl => "mehl",
+            Method::MehlPlus => "mehl+",
+        }
+    }
+}
+
+/// Every knob of `soup mix`. In a file or on the command line, any may be left out.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Soup method.
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// MEHL: models per model batch (b).
+    #[arg(long)]
+    pub model_batch: Option<usize>,
+    /// MEHL: passes over all models.
+    #[arg(long)]
+    pub outer_passes: Option<usize>,
+    /// MEHL: epochs over the held-out data per model batch; Learned: epochs.
+    #[arg(long)]
+    pub inner_epochs: Option<usize>,
+    /// Peak learning rate of the coefficients.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Weight decay on the coefficients.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Coefficient optimizer: adamw or sgd.
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// SGD momentum.
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Step schedule: cosine (warm-up + cosine), constant, or convergence-rate.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Warm-up fraction of the cosine schedule.
+    #[arg(long)]
+    pub warmup_fraction: Option<f64>,
+    /// Convergence-rate schedule: the smoothness β (estimated when absent).
+    #[arg(long)]
+    pub smoothness: Option<f64>,
+    /// Convergence-rate schedule: the scale c of c/√T.
+    #[arg(long)]
+    pub rate_scale: Option<f64>,
+    /// Clip ∇θ to this global L2 norm; 0 turns clipping off.
+    #[arg(long)]
+    pub clip_grad_norm: Option<f64>,
+    /// Block cut: tensor, whole, layer, or size:S (the authors' layer_size).
+    #[arg(long)]
+    pub block_cut: Option<String>,
+    /// Seed of model and data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Held-out mini-batch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Label smoothing of the held-out loss.
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Greedy: keep a model when accuracy improves (model-soups code) or does not drop (paper).
+    #[arg(long)]
+    pub greedy_accept: Option<String>,
+}
+
+impl Recipe {
+    /// `self` with the fields `over` sets replaced.
+    pub fn overridden_by(self, over: &Recipe) -> Recipe {
+        macro_rules! pick {
+            ($($f:ident),*) => { Recipe { $($f: over.$f.clone().or(self.$f),)* } };
+        }
+        pick!(
+            method,
+            model_batch,
+            outer_passes,
+            inner_epochs,
+            lr,
+            weight_decay,
+            optimizer,
+            momentum,
+            schedule,
+            warmup_fraction,
+            smoothness,
+            rate_scale,
+            clip_grad_norm,
+            block_cut,
+            seed,
+            batch_size,
+            label_smoothing,
+            greedy_accept
+        )
+    }
+
+    /// Fills every unset field with the method's default (the authors' run for MEHL, model-soups
+    /// for Learned), so the written recipe says exactly what ran.
+    pub fn resolved(self) -> Result<Recipe> {
+        let method = self.method.ok_or_else(|| {
+            CliError::new("--method is required (uniform, greedy, learned, learned+, mehl, mehl+)")
+        })?;
+        let learned = matches!(method, Method::Learned | Method::LearnedPlus);
+        let mehl = MehlConfig::mehl_plus();
+        let lc = LearnedConfig::learned();
+        let r = Recipe {
+            method: Some(method),
+            model_batch: self.model_batch.or(Some(mehl.model_batch)),
+            outer_passes: self.outer_passes.or(Some(mehl.outer_passes)),
+            inner_epochs: self.inner_epochs.or(Some(if learned {
+                lc.epochs
+            } else {
+                mehl.inner_epochs
+            })),
+            lr: self.lr.or(Some(if learned { lc.lr } else { mehl.lr })),
+            weight_decay: self.weight_decay.or(Some(0.0)),
+            optimizer: self.optimizer.or(Some("adamw".into())),
+            momentum: self.momentum.or(Some(0.9)),
+            schedule: self
+                .schedule
+                .or(Some(if learned { "constant" } else { "cosine" }.into())),
+            warmup_fraction: self.warmup_fraction.or(Some(0.2)),
+            smoothness: self.smoothness,
+            rate_scale: self.rate_scale.or(Some(1.0)),
+            clip_grad_norm: self.clip_grad_norm.or(Some(1.0)),
+            block_cut: self.block_cut.or(Some(
+                match method {
+                    Method::Mehl | Method::Learned => "whole",
+                    _ => "tensor",
+                }
+                .into(),
+            )),
+            seed: self.seed.or(Some(1)),
+            batch_size: self.batch_size.or(Some(128)),
+            label_smoothing: self.label_smoothing.or(Some(0.0)),
+            greedy_accept: self.greedy_accept.or(Some("improves".into())),
+        };
+        // Parse everything now, so a bad value fails before any work.
+        r.optimizer_kind()?;
+        r.step_schedule()?;
+        r.cut()?;
+        r.accept()?;
+        Ok(r)
+    }
+
+    pub fn method(&self) -> Method {
+        self.method.expect("resolved recipe")
+    }
+
+    fn optimizer_kind(&self) -> Result<OptimizerKind> {
+        match self.optimizer.as_deref().unwrap_or("adamw") {
+            "adamw" => Ok(OptimizerKind::ADAMW),
+            "sgd" => Ok(OptimizerKind::Sgd {
+                momentum: self.momentum.unwrap_or(0.9),
+            }),
+            other => Err(CliError::new(format!(
+                "--optimizer {other:?}: expected adamw or sgd"
+            ))),
+        }
+    }
+
+    fn step_schedule(&self) -> Result<StepSchedule> {
+        match self.schedule.as_deref().unwrap_or("cosine") {
+            "cosine" => Ok(StepSchedule::WarmupCosine {
+                warmup_fraction: self.warmup_fraction.unwrap_or(0.2),
+            }),
+            "constant" => Ok(StepSchedule::Constant),
+            "convergence-rate" => Ok(StepSchedule::ConvergenceRate {
+                smoothness: self.smoothness,
+                scale: self.rate_scale.unwrap_or(1.0),
+            }),
+            other => Err(CliError::new(format!(
+                "--schedule {other:?}: expected cosine, constant or convergence-rate"
+            ))),
+        }
+    }
+
+    fn cut(&self) -> Result<BlockCut> {
+        let s = self.block_cut.as_deref().unwrap_or("tensor");
+        match s {
+            "tensor" => Ok(BlockCut::PER_TENSOR),
+            "whole" => Ok(BlockCut::WHOLE),
+            "layer" => Ok(BlockCut::PerLayer {
+                marker: "layers.".into(),
+            }),
+            _ => match s.strip_prefix("size:").map(str::parse::<usize>) {
+                Some(Ok(size)) => Ok(BlockCut::LayerSize(size)),
+                _ => Err(CliError::new(format!(
+                    "--block-cut {s:?}: expected tensor, whole, layer or size:S"
+                ))),
+            },
+        }
+    }
+
+    pub fn accept(&self) -> Result<GreedyAccept> {
+        match self.greedy_accept.as_deref().unwrap_or("improves") {
+            "improves" => Ok(GreedyAccept::Improves),
+            "not-worse" => Ok(GreedyAccept::NotWorse),
+            other => Err(CliError::new(format!(
+                "--greedy-accept {other:?}: expected improves or not-worse"
+            ))),
+        }
+    }
+
+    fn clip(&self) -> Option<f64> {
+        self.clip_grad_norm.filter(|&c| c > 0.0)
+    }
+
+    pub fn mehl_config(&self) -> Result<MehlConfig> {
+        Ok(MehlConfig {
+            model_batch: self.model_batch.unwrap_or(18),
+            outer_passes: self.outer_passes.unwrap_or(1),
+            inner_epochs: self.inner_epochs.unwrap_or(5),
+            lr: self.lr.unwrap_or(0.01),
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            optimizer: self.optimizer_kind()?,
+            schedule: self.step_schedule()?,
+            clip_grad_norm: self.clip(),
+            block_cut: self.cut()?,
+            seed: self.seed.unwrap_or(1),
+            evaluate_each_model_batch: true,
+        })
+    }
+
+    pub fn learned_config(&self) -> Result<LearnedConfig> {
+        Ok(LearnedConfig {
+            epochs: self.inner_epochs.unwrap_or(5),
+            lr: self.lr.unwrap_or(0.05),
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            optimizer: self.optimizer_kind()?,
+            schedule: self.step_schedule()?,
+            block_cut: self.cut()?,
+            seed: self.seed.unwrap_or(1),
+            init_temperature: 1.0,
+            evaluate_each_epoch: true,
+        })
+    }
+}

@@ -1,0 +1,369 @@
+//! `soup train` and `soup finetune`: make a start point, then a zoo of fine-tunes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use soup_core::rng::SplitMix64;
+use soup_core::{Metrics, Objective};
+use soup_models::checkpoint::{arch_metadata, write_model_dir, write_safetensors};
+use soup_models::data::Split;
+use soup_models::finetune::{finetune, Augment, FinetuneConfig};
+use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
+
+use crate::common::{bar, DataArgs};
+use crate::error::{io, CliError, Result};
+use crate::zoo::{Entry, Manifest};
+
+/// Training hyper-parameters shared by `train` and as the base of `finetune`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainingArgs {
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_fraction: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Random-crop padding in pixels (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub crop_padding: usize,
+    /// Random horizontal flips.
+    #[arg(long)]
+    pub flip: bool,
+    /// Standard deviation of Gaussian pixel noise (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub noise: f32,
+    /// Clip gradients to this global norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip_grad_norm: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl TrainingArgs {
+    fn config(&self) -> FinetuneConfig {
+        FinetuneConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup_fraction: self.warmup_fraction,
+            label_smoothing: self.label_smoothing,
+            augment: Augment {
+                crop_padding: self.crop_padding,
+                horizontal_flip: self.flip,
+                noise_std: self.noise,
+            },
+            clip_grad_norm: (self.clip_grad_norm > 0.0).then_some(self.clip_grad_norm),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Architecture from the registry (clip-vit-b32, clip-vit-b16, clip-vit-l14, clip-vit, mlp).
+    #[arg(long, required_unless_present = "init")]
+    pub arch: Option<String>,
+    /// The architecture's configuration as JSON (required for clip-vit and mlp; the number of
+    /// classes defaults to the data's).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue from this checkpoint instead of a random initialisation.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub training: TrainingArgs,
+    /// Output checkpoint: a .safetensors file, or a directory (model.safetensors + config.json).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
+    let (arch, params) = match &args.init {
+        Some(init) => {
+            let ckpt = Checkpoint::open(init)?;
+            let arch = ckpt.architecture()?;
+            let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
+            (arch, params)
+        }
+        None => {
+            let mut config = match &args.config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+                    serde_json::from_str(&text)
+                        .map_err(|e| CliError::new(format!("{}: {e}", path.display())))?
+                }
+                None => serde_json::json!({}),
+            };
+            if let Some(obj) = config.as_object_mut() {
+                if !obj.contains_key("num_classes") {
+                    obj.insert("num_classes".into(), args.data.num_classes()?.into());
+                }
+            }
+            let arch = build(args.arch.as_deref().expect("clap requires --arch"), &config)?;
+            let params = arch.init(args.training.seed, &Device::Cpu)?;
+            (arch, params)
+        }
+    };
+    let train = args.data.load(Split::Train, &arch)?;
+    let heldout = args.data.load(Split::Heldout, &arch)?;
+    let config = args.training.config();
+    let (trained, metrics) =
+        run_training(&arch, &params, &train, &heldout, &config, quiet, "train")?;
+    let mut meta = config.metadata();
+    meta.insert(
+        "soup.heldout_accuracy".into(),
+        format!("{}", metrics.accuracy.unwrap_or(0.0)),
+    );
+    write_checkpoint(&args.out, arch.as_ref(), &trained, meta)?;
+    println!(
+        "trained {} ({} parameters) for {} epochs: held-out accuracy {:.4}, loss {:.4} -> {}",
+        arch.family(),
+        arch.layout().numel(),
+        config.epochs,
+        metrics.accuracy.unwrap_or(0.0),
+        metrics.loss,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Fine-tunes with a progress bar, then evaluates on the held-out split.
+fn run_training(
+    arch: &Arc<dyn Architecture>,
+    params: &[Tensor],
+    train: &Dataset,
+    heldout: &Dataset,
+    config: &FinetuneConfig,
+    quiet: bool,
+    what: &str,
+) -> Result<(Vec<Tensor>, Metrics)> {
+    let steps = config.epochs * train.len().div_ceil(config.batch_size.max(1));
+    let bar = bar(quiet, steps, what);
+    let (trained, _) = finetune(arch.as_ref(), params, train, config, &mut |s| {
+        bar.inc(1);
+        bar.set_prefix(format!("loss {:.4}", s.loss));
+    })?;
+    bar.finish_and_clear();
+    let mut objective = Classification {
+        arch: arch.clone(),
+        data: heldout.clone(),
+        batch_size: 256,
+        eval_batch_size: 256,
+        label_smoothing: 0.0,
+    };
+    let metrics = objective.evaluate(&trained)?;
+    Ok((trained, metrics))
+}
+
+/// A .safetensors file for a path ending so, else a model directory.
+fn write_checkpoint(
+    out: &Path,
+    arch: &dyn Architecture,
+    params: &[Tensor],
+    meta: BTreeMap<String, String>,
+) -> Result<()> {
+    if out.extension().is_some_and(|e| e == "safetensors") {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        let mut all = arch_metadata(arch);
+        all.extend(meta);
+        write_safetensors(out, arch.layout(), params, &all)?;
+    } else {
+        write_model_dir(out, arch, params, &meta)?;
+    }
+    Ok(())
+}
+
+/// The random search of `soup finetune`, model-soups style: each fine-tune draws its settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Search {
+    /// Learning rate, log-uniform in [min, max].
+    pub lr: [f64; 2],
+    /// Weight decay, log-uniform in [min, max].
+    pub weight_decay: [f64; 2],
+    /// Epochs, uniform in [min, max].
+    pub epochs: [usize; 2],
+    /// Label smoothing, one of these.
+    pub label_smoothing: Vec<f64>,
+    /// Augmentation, one of: none, crop-flip, crop-flip-noise.
+    pub augment: Vec<String>,
+    pub batch_size: usize,
+}
+
+impl Default for Search {
+    fn default() -> Self {
+        Self {
+            lr: [1e-4, 3e-3],
+            weight_decay: [1e-4, 0.1],
+            epochs: [1, 2],
+            label_smoothing: vec![0.0, 0.1],
+            augment: vec!["none".into(), "crop-flip".into(), "crop-flip-noise".into()],
+            batch_size: 64,
+        }
+    }
+}
+
+impl Search {
+    fn check(&self) -> Result<()> {
+        let bad = |m: &str| Err(CliError::new(format!("search: {m}")));
+        if !(self.lr[0] > 0.0 && self.lr[0] <= self.lr[1]) {
+            return bad("lr needs 0 < min ≤ max");
+        }
+        if !(self.weight_decay[0] > 0.0 && self.weight_decay[0] <= self.weight_decay[1]) {
+            return bad("weight_decay needs 0 < min ≤ max");
+        }
+        if !(self.epochs[0] >= 1 && self.epochs[0] <= self.epochs[1]) {
+            return bad("epochs needs 1 ≤ min ≤ max");
+        }
+        if self.label_smoothing.is_empty() || self.augment.is_empty() {
+            return bad("label_smoothing and augment need at least one choice");
+        }
+        for a in &self.augment {
+            augment_named(a)?;
+        }
+        Ok(())
+    }
+
+    fn draw(&self, rng: &mut SplitMix64) -> Result<FinetuneConfig> {
+        let log_uniform = |rng: &mut SplitMix64, [lo, hi]: [f64; 2]| {
+            (lo.ln() + rng.next_f64() * (hi.ln() - lo.ln())).exp()
+        };
+        let lr = log_uniform(rng, self.lr);
+        let weight_decay = log_uniform(rng, self.weight_decay);
+        let epochs = self.epochs[0] + rng.below(self.epochs[1] - self.epochs[0] + 1);
+        let label_smoothing = self.label_smoothing[rng.below(self.label_smoothing.len())];
+        let augment = augment_named(&self.augment[rng.below(self.augment.len())])?;
+        Ok(FinetuneConfig {
+            epochs,
+            batch_size: self.batch_size,
+            lr,
+            weight_decay,
+            warmup_fraction: 0.1,
+            label_smoothing,
+            augment,
+            clip_grad_norm: Some(1.0),
+            seed: rng.next_u64() >> 11,
+        })
+    }
+}
+
+fn augment_named(name: &str) -> Result<Augment> {
+    match name {
+        "none" => Ok(Augment::default()),
+        "crop-flip" => Ok(Augment {
+            crop_padding: 2,
+            horizontal_flip: true,
+            noise_std: 0.0,
+        }),
+        "crop-flip-noise" => Ok(Augment {
+            crop_padding: 2,
+            horizontal_flip: true,
+            noise_std: 0.1,
+        }),
+        other => Err(CliError::new(format!(
+            "search: augment {other:?}: expected none, crop-flip or crop-flip-noise"
+        ))),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FinetuneArgs {
+    /// The pre-trained start point.
+    #[arg(long)]
+    pub base: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Number of fine-tunes.
+    #[arg(long)]
+    pub count: usize,
+    /// The zoo directory: model-NN/ per fine-tune and zoo.toml.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The random search as TOML (keys lr, weight_decay, epochs, label_smoothing, augment,
+    /// batch_size); the built-in ranges otherwise.
+    #[arg(long)]
+    pub search: Option<PathBuf>,
+    /// Seed of the search.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace an existing zoo.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
+    if args.count == 0 {
+        return Err(CliError::new("--count must be at least 1"));
+    }
+    let search: Search = match &args.search {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+            toml::from_str(&text)
+                .map_err(|e| CliError::new(format!("{}: {}", path.display(), e.message())))?
+        }
+        None => Search::default(),
+    };
+    search.check()?;
+    let manifest_path = args.out.join("zoo.toml");
+    if manifest_path.exists() && !args.force {
+        return Err(CliError::new(format!(
+            "{}: a zoo is already there (use --force to replace it)",
+            manifest_path.display()
+        )));
+    }
+    let base = Checkpoint::open(&args.base)?;
+    let arch = base.architecture()?;
+    let params = base.load_params(arch.as_ref(), &Device::Cpu)?;
+    let train = args.data.load(Split::Train, &arch)?;
+    let heldout = args.data.load(Split::Heldout, &arch)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| io(&args.out, e))?;
+    let mut rng = SplitMix64::new(args.seed);
+    let mut manifest = Manifest::default();
+    for i in 0..args.count {
+        let config = search.draw(&mut rng)?;
+        let name = format!("model-{i:02}");
+        let (trained, metrics) =
+            run_training(&arch, &params, &train, &heldout, &config, quiet, &name)?;
+        let accuracy = metrics.accuracy.unwrap_or(0.0);
+        let mut meta = config.metadata();
+        meta.insert("soup.heldout_accuracy".into(), format!("{accuracy}"));
+        meta.insert("soup.base".into(), args.base.display().to_string());
+        write_model_dir(&args.out.join(&name), arch.as_ref(), &trained, &meta)?;
+        if !quiet {
+            eprintln!(
+                "{name}: lr {:.2e} wd {:.2e} epochs {} smoothing {} augment {:?}: held-out accuracy {accuracy:.4}",
+                config.lr, config.weight_decay, config.epochs, config.label_smoothing, config.augment
+            );
+        }
+        manifest.models.push(Entry {
+            path: name,
+            heldout_accuracy: Some(accuracy),
+            hyperparameters: Some(toml::Value::try_from(&config)?),
+        });
+    }
+    let text = toml::to_string_pretty(&manifest)?;
+    soup_models::checkpoint::atomic_write(&manifest_path, |tmp| {
+        std::fs::write(tmp, &text).map_err(|e| soup_models::ModelError::io(tmp, e))
+    })?;
+    println!(
+        "{} fine-tunes of {} -> {}",
+        args.count,
+        args.base.display(),
+        manifest_path.display()
+    );
+    Ok(())
+}

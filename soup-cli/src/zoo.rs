@@ -1,0 +1,84 @@
+//! A zoo: the checkpoints to soup, named by a directory or a `zoo.toml` manifest.
+//!
+//! `zoo.toml` (written by `soup finetune`):
+//! ```toml
+//! [[model]]
+//! path = "model-00"          # relative to the manifest
+//! heldout_accuracy = 0.87    # optional
+//! hyperparameters = { ... }  # optional, the fine-tuning settings
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{io, CliError, Result};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(default, rename = "model")]
+    pub models: Vec<Entry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyperparameters: Option<toml::Value>,
+}
+
+/// The checkpoint paths of a zoo, in order: the entries of a `zoo.toml`, or, for a directory
+/// without one, its model directories and `.safetensors`/`.pt` files sorted by name.
+pub fn resolve(zoo: &Path) -> Result<Vec<PathBuf>> {
+    let manifest = if zoo.is_dir() {
+        zoo.join("zoo.toml")
+    } else {
+        zoo.to_path_buf()
+    };
+    if manifest.is_file() {
+        let text = std::fs::read_to_string(&manifest).map_err(|e| io(&manifest, e))?;
+        let m: Manifest = toml::from_str(&text)
+            .map_err(|e| CliError::new(format!("{}: {}", manifest.display(), e.message())))?;
+        let base = manifest.parent().unwrap_or(Path::new("."));
+        let paths: Vec<PathBuf> = m.models.iter().map(|e| base.join(&e.path)).collect();
+        if paths.is_empty() {
+            return Err(CliError::new(format!(
+                "{}: the zoo lists no models",
+                manifest.display()
+            )));
+        }
+        return Ok(paths);
+    }
+    if !zoo.is_dir() {
+        return Err(CliError::new(format!(
+            "{}: no such zoo (a directory or zoo.toml)",
+            zoo.display()
+        )));
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(zoo)
+        .map_err(|e| io(zoo, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with('.') {
+                return false;
+            }
+            (p.is_dir()
+                && (p.join("model.safetensors").exists()
+                    || p.join("model.safetensors.index.json").exists()))
+                || [".safetensors", ".pt", ".pth"]
+                    .iter()
+                    .any(|e| name.ends_with(e))
+        })
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(CliError::new(format!(
+            "{}: the zoo holds no checkpoints",
+            zoo.display()
+        )));
+    }
+    Ok(paths)
+}
