@@ -113,7 +113,13 @@ pub fn method_bytes(method: Method, n: usize, d: usize, b: usize) -> u64 {
     }
 }
 
-/// Bytes as GB with two decimals.
-pub fn gb(bytes: u64) -> String {
-    format!("{:.2} GB", bytes as f64 / 1e9)
+/// Bytes in the largest decimal unit that keeps the number ≥ 1 (kB, MB, GB).
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    match b {
+        b if b >= 1e9 => format!("{:.2} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b} B"),
+    }
 }

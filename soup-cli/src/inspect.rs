@@ -7,7 +7,7 @@ use soup_core::Objective;
 use soup_models::data::Split;
 use soup_models::{Checkpoint, Classification};
 
-use crate::common::{gb, method_bytes, DataArgs};
+use crate::common::{human_bytes, method_bytes, DataArgs};
 use crate::error::{CliError, Result};
 use crate::mix::Scores;
 use crate::recipe::Method;
@@ -113,7 +113,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             println!(
                 "  {:<10} {}{note}",
                 m.name(),
-                gb(method_bytes(m, n, d, args.model_batch))
+                human_bytes(method_bytes(m, n, d, args.model_batch))
             );
         }
     }

@@ -34,7 +34,7 @@ enum Command {
     /// Fine-tune a start point N times with a random hyper-parameter search: a zoo.
     Finetune(train::FinetuneArgs),
     /// Make a soup of a zoo: uniform, greedy, learned, learned+, mehl or mehl+.
-    Mix(mix::MixArgs),
+    Mix(Box<mix::MixArgs>),
     /// Accuracy and loss of a model on a split.
     Eval(inspect::EvalArgs),
     /// Architecture, tensors and parameters of a checkpoint; memory per method for a zoo.

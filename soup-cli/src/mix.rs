@@ -18,7 +18,7 @@ use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
 use soup_models::data::Split;
 use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError};
 
-use crate::common::{bar, gb, method_bytes, peak_rss_bytes, DataArgs};
+use crate::common::{bar, human_bytes, method_bytes, peak_rss_bytes, DataArgs};
 use crate::error::{io, CliError, Result};
 use crate::recipe::{Method, Recipe};
 use crate::svg;
@@ -145,8 +145,8 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
             return Err(CliError::new(format!(
                 "{} needs about {} for {n} models of {d} parameters plus the data, over --max-memory {}",
                 method.name(),
-                gb(estimate),
-                gb(limit)
+                human_bytes(estimate),
+                human_bytes(limit)
             )));
         }
     }
@@ -471,8 +471,8 @@ fn write_outputs(
         phases[0].1,
         phases[1].1,
         phases[2].1,
-        gb(peak_rss_bytes()),
-        gb(m.total() as u64),
+        human_bytes(peak_rss_bytes()),
+        human_bytes(m.total() as u64),
     );
     write("report.md", &md)?;
     let short: Vec<String> = models
