@@ -169,6 +169,14 @@ impl Recipe {
         r.step_schedule()?;
         r.cut()?;
         r.accept()?;
+        match method {
+            Method::Mehl | Method::MehlPlus => r.mehl_config()?.validate()?,
+            Method::Learned | Method::LearnedPlus => r.learned_config()?.validate()?,
+            Method::Uniform | Method::Greedy => {}
+        }
+        if r.batch_size == Some(0) {
+            return Err(CliError::new("--batch-size must be at least 1"));
+        }
         Ok(r)
     }
 

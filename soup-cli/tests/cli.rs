@@ -1,0 +1,478 @@
+//! End to end on real data: Fashion-MNIST (Debian package `dataset-fashion-mnist`, which
+//! `cargo xtask ci` installs) and a tiny CLIP: train → finetune → mix with every method → eval,
+//! resume after a kill, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use soup_models::fixtures::ScratchDir;
+use soup_models::Checkpoint;
+
+const DATA: &str = "/usr/share/datasets/fashion-mnist";
+/// Examples per split: enough to learn something, few enough for CI.
+const LIMIT: &str = "600";
+
+fn soup(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_soup"))
+        .args(args)
+        .arg("-q")
+        .output()
+        .expect("run soup")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = soup(args);
+    assert!(
+        out.status.success(),
+        "soup {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Exit code 2 and a one-line message containing `what`.
+fn fails(args: &[&str], what: &str) {
+    let out = soup(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "soup {args:?}: {err}");
+    assert!(
+        err.contains(what),
+        "soup {args:?}: expected {what:?} in {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+struct Zoo {
+    _dir: ScratchDir,
+    root: PathBuf,
+}
+
+impl Zoo {
+    fn path(&self, name: &str) -> String {
+        self.root.join(name).display().to_string()
+    }
+}
+
+/// A start point trained on Fashion-MNIST and six fine-tunes of it, made once per test run.
+fn zoo() -> &'static Zoo {
+    static ZOO: OnceLock<Zoo> = OnceLock::new();
+    ZOO.get_or_init(|| {
+        assert!(
+            Path::new(DATA).join("train-images-idx3-ubyte.gz").exists(),
+            "Fashion-MNIST is missing from {DATA}: `cargo xtask ci` installs it \
+             (apt-get install dataset-fashion-mnist)"
+        );
+        let dir = ScratchDir::new("cli");
+        let root = dir.path().to_path_buf();
+        let config = root.join("tiny.json");
+        std::fs::write(
+            &config,
+            r#"{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_channels": 1, "image_size": 28, "patch_size": 7,
+                "projection_dim": 16}"#,
+        )
+        .unwrap();
+        let search = root.join("search.toml");
+        std::fs::write(
+            &search,
+            "lr = [3e-4, 3e-3]\nepochs = [1, 1]\nbatch_size = 32\n",
+        )
+        .unwrap();
+        let zoo = Zoo { _dir: dir, root };
+        let out = ok(&[
+            "train",
+            "--arch",
+            "clip-vit",
+            "--config",
+            config.to_str().unwrap(),
+            "--data",
+            DATA,
+            "--max-examples",
+            LIMIT,
+            "--epochs",
+            "2",
+            "--lr",
+            "3e-3",
+            "--out",
+            &zoo.path("base.safetensors"),
+        ]);
+        assert!(out.contains("held-out accuracy"), "{out}");
+        ok(&[
+            "finetune",
+            "--base",
+            &zoo.path("base.safetensors"),
+            "--data",
+            DATA,
+            "--max-examples",
+            LIMIT,
+            "--count",
+            "6",
+            "--search",
+            search.to_str().unwrap(),
+            "--out",
+            &zoo.path("zoo"),
+        ]);
+        zoo
+    })
+}
+
+fn mix(zoo: &Zoo, method: &str, out: &str, model_batch: &str) -> Vec<String> {
+    [
+        "mix",
+        "--method",
+        method,
+        "--zoo",
+        &zoo.path("zoo"),
+        "--data",
+        DATA,
+        "--max-examples",
+        LIMIT,
+        "--out",
+        &zoo.path(out),
+        "--model-batch",
+        model_batch,
+        "--inner-epochs",
+        "1",
+        "--batch-size",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn json(path: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn soup_bits(path: &str) -> Vec<u32> {
+    let ckpt = Checkpoint::open(path).unwrap();
+    let arch = ckpt.architecture().unwrap();
+    ckpt.load_params(arch.as_ref(), &Device::Cpu)
+        .unwrap()
+        .iter()
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(f32::to_bits)
+        .collect()
+}
+
+#[test]
+fn every_method_writes_a_soup_that_eval_reproduces() {
+    let zoo = zoo();
+    for method in ["uniform", "greedy", "learned", "learned+", "mehl", "mehl+"] {
+        let out = format!("out-{method}");
+        let args = mix(zoo, method, &out, "2");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&args);
+        for file in [
+            "soup.safetensors",
+            "coefficients.json",
+            "report.json",
+            "report.md",
+            "coefficients.svg",
+            "curve.svg",
+            "recipe.toml",
+            "config.json",
+        ] {
+            assert!(
+                Path::new(&zoo.path(&out)).join(file).exists(),
+                "{method}: no {file}"
+            );
+        }
+        let coefficients = json(&zoo.path(&format!("{out}/coefficients.json")));
+        let rows = coefficients["alpha"].as_array().unwrap();
+        assert_eq!(coefficients["models"].as_array().unwrap().len(), 6);
+        assert_eq!(rows.len(), coefficients["blocks"].as_array().unwrap().len());
+        for row in rows {
+            let sum: f64 = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_f64().unwrap())
+                .sum();
+            assert!((sum - 1.0).abs() < 1e-6, "{method}: α sums to {sum}");
+        }
+        let report = json(&zoo.path(&format!("{out}/report.json")));
+        assert_eq!(report["method"], method);
+        assert!(report["peak_rss_bytes"].as_u64().unwrap() > 0);
+        let eval: serde_json::Value = serde_json::from_str(&ok(&[
+            "eval",
+            "--model",
+            &zoo.path(&format!("{out}/soup.safetensors")),
+            "--data",
+            DATA,
+            "--max-examples",
+            LIMIT,
+            "--split",
+            "test",
+            "--json",
+        ]))
+        .unwrap();
+        assert_eq!(eval["accuracy"], report["test"]["accuracy"], "{method}");
+        assert_eq!(eval["loss"], report["test"]["loss"], "{method}");
+        assert!(
+            std::fs::read_to_string(zoo.path(&format!("{out}/coefficients.svg")))
+                .unwrap()
+                .starts_with("<svg")
+        );
+    }
+    // Uniform is the mean of the checkpoints.
+    let models: Vec<Vec<u32>> = (0..6)
+        .map(|i| soup_bits(&zoo.path(&format!("zoo/model-{i:02}"))))
+        .collect();
+    let uniform = soup_bits(&zoo.path("out-uniform/soup.safetensors"));
+    for (k, u) in uniform.iter().enumerate() {
+        let mean = models
+            .iter()
+            .map(|m| f32::from_bits(m[k]) as f64)
+            .sum::<f64>()
+            / 6.0;
+        assert!((f32::from_bits(*u) as f64 - mean).abs() <= 1e-6 * mean.abs().max(1.0));
+    }
+    let inspect = ok(&["inspect", &zoo.path("zoo")]);
+    assert!(
+        inspect.contains("zoo of 6 models") && inspect.contains("mehl+"),
+        "{inspect}"
+    );
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_soup() {
+    let zoo = zoo();
+    let full = mix(zoo, "mehl+", "resume-full", "1");
+    ok(&full.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let killed = mix(zoo, "mehl+", "resume-killed", "1");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_soup"))
+        .args(&killed)
+        .arg("-q")
+        .spawn()
+        .unwrap();
+    let progress = PathBuf::from(zoo.path("resume-killed.partial/progress.json"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !progress.exists() {
+        assert!(std::time::Instant::now() < deadline, "no progress saved");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !Path::new(&zoo.path("resume-killed")).exists(),
+        "OUT must not exist before the run ends"
+    );
+    let mut resumed = killed.clone();
+    resumed.push("--resume".into());
+    ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        soup_bits(&zoo.path("resume-full/soup.safetensors")),
+        soup_bits(&zoo.path("resume-killed/soup.safetensors"))
+    );
+    assert_eq!(
+        json(&zoo.path("resume-full/coefficients.json")),
+        json(&zoo.path("resume-killed/coefficients.json"))
+    );
+}
+
+#[test]
+fn bad_input_gets_exit_code_two_and_a_named_culprit() {
+    let zoo = zoo();
+    let dir = ScratchDir::new("cli-bad");
+    let p = |n: &str| dir.path().join(n).display().to_string();
+
+    // A zoo with a corrupt checkpoint, and one whose models do not match.
+    let corrupt = dir.path().join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    for i in 0..2 {
+        let from = PathBuf::from(zoo.path(&format!("zoo/model-{i:02}/model.safetensors")));
+        std::fs::copy(&from, corrupt.join(format!("m{i}.safetensors"))).unwrap();
+    }
+    let bytes = std::fs::read(corrupt.join("m1.safetensors")).unwrap();
+    std::fs::write(corrupt.join("m1.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let mismatched = dir.path().join("mismatched");
+    std::fs::create_dir_all(&mismatched).unwrap();
+    std::fs::copy(
+        zoo.path("zoo/model-00/model.safetensors"),
+        mismatched.join("a.safetensors"),
+    )
+    .unwrap();
+    let json_cfg = p("other.json");
+    std::fs::write(&json_cfg, r#"{"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_channels": 1, "image_size": 28, "patch_size": 7, "projection_dim": 16}"#).unwrap();
+    ok(&[
+        "train",
+        "--arch",
+        "clip-vit",
+        "--config",
+        &json_cfg,
+        "--data",
+        DATA,
+        "--max-examples",
+        "64",
+        "--out",
+        &mismatched.join("b.safetensors").display().to_string(),
+    ]);
+    let empty_data = dir.path().join("empty-data");
+    std::fs::create_dir_all(&empty_data).unwrap();
+
+    let base = ["--data", DATA, "--max-examples", "64"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(base.iter().map(|s| s.to_string()));
+        v
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            with(&[
+                "mix",
+                "--method",
+                "uniform",
+                "--zoo",
+                &p("absent"),
+                "--out",
+                &p("o1"),
+            ]),
+            "no such zoo",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "uniform",
+                "--zoo",
+                corrupt.to_str().unwrap(),
+                "--out",
+                &p("o2"),
+            ]),
+            "m1.safetensors",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "mehl+",
+                "--zoo",
+                mismatched.to_str().unwrap(),
+                "--out",
+                &p("o3"),
+            ]),
+            "b.safetensors",
+        ),
+        (
+            vec![
+                "mix".into(),
+                "--method".into(),
+                "uniform".into(),
+                "--zoo".into(),
+                zoo.path("zoo"),
+                "--data".into(),
+                empty_data.display().to_string(),
+                "--out".into(),
+                p("o4"),
+            ],
+            "unknown data set layout",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "stew",
+                "--zoo",
+                &zoo.path("zoo"),
+                "--out",
+                &p("o5"),
+            ]),
+            "invalid value 'stew'",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "mehl+",
+                "--zoo",
+                &zoo.path("zoo"),
+                "--out",
+                &p("o6"),
+                "--block-cut",
+                "diagonal",
+            ]),
+            "--block-cut",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "mehl+",
+                "--zoo",
+                &zoo.path("zoo"),
+                "--out",
+                &p("o7"),
+                "--lr",
+                "1e30",
+                "--optimizer",
+                "sgd",
+                "--clip-grad-norm",
+                "0",
+            ]),
+            "non-finite",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "learned+",
+                "--zoo",
+                &zoo.path("zoo"),
+                "--out",
+                &p("o8"),
+                "--max-memory",
+                "1K",
+            ]),
+            "over --max-memory",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "mehl+",
+                "--zoo",
+                &zoo.path("zoo"),
+                "--out",
+                &p("o9"),
+                "--model-batch",
+                "0",
+            ]),
+            "model_batch",
+        ),
+        (
+            with(&["eval", "--model", &p("absent.safetensors")]),
+            "absent.safetensors",
+        ),
+        (
+            with(&[
+                "mix",
+                "--method",
+                "mehl",
+                "--zoo",
+                &zoo.path("zoo"),
+                "--out",
+                &p("o10"),
+                "--resume",
+            ]),
+            "no saved progress",
+        ),
+    ];
+    for (args, what) in &cases {
+        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), what);
+    }
+    for o in ["o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8", "o9", "o10"] {
+        assert!(
+            !dir.path().join(o).exists(),
+            "{o} was written by a failing run"
+        );
+    }
+}
