@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's build system, in Rust.
 //!
 //! - `cargo xtask ci`: everything CI checks: formatting, clippy with warnings denied, every test.
+//!   It installs what the tests need when it is missing (rustfmt, clippy, Fashion-MNIST).
 //! - `cargo xtask bench [--batch 8,32] [--rounds 5]`: the forward + backward step of the ViT-B/32
 //!   classifier on this machine (release build), as a table and JSON lines in `target/bench/`.
 //! - `cargo xtask reproduce`: the paper's experiments (issue [reproduce] fills it in).
@@ -36,7 +37,8 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  ci         formatting, clippy (warnings denied) and every test of the workspace
+  ci         formatting, clippy (warnings denied) and every test of the workspace;
+             installs rustfmt, clippy and Debian's dataset-fashion-mnist when missing
   reproduce  the paper's experiments (not implemented yet)
   bench      forward + backward step time of the ViT-B/32 classifier, with peak RSS
              options: --batch 8,32 (batch sizes), --rounds 5 (timed rounds after one warm-up)";
@@ -96,9 +98,58 @@ fn ensure_components() -> Result<(), String> {
     Ok(())
 }
 
+/// Debian packages the tests need, with a file each that shows it is installed.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[(
+    "dataset-fashion-mnist",
+    "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz",
+)];
+
+/// Installs the missing Debian packages with apt-get (as root, or through sudo).
+fn ensure_packages() -> Result<(), String> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let apt = |args: &[&str]| -> bool {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        cmd.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    let mut install = vec!["install", "-y", "--no-install-recommends"];
+    install.extend(&missing);
+    if !apt(&install) && !(apt(&["update"]) && apt(&install)) {
+        return Err(format!(
+            "could not install {} with apt-get; install it by hand (apt-get install {})",
+            missing.join(" "),
+            missing.join(" ")
+        ));
+    }
+    Ok(())
+}
+
 fn ci() -> Result<(), String> {
     let started = Instant::now();
     ensure_components()?;
+    ensure_packages()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&[
         "clippy",
