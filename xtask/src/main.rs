@@ -136,7 +136,8 @@ fn ensure_packages() -> Result<(), String> {
     };
     let mut install = vec!["install", "-y", "--no-install-recommends"];
     install.extend(&missing);
-    if !apt(&install) && !(apt(&["update"]) && apt(&install)) {
+    let installed = apt(&install) || (apt(&["update"]) && apt(&install));
+    if !installed {
         return Err(format!(
             "could not install {} with apt-get; install it by hand (apt-get install {})",
             missing.join(" "),
