@@ -150,6 +150,14 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
             )));
         }
     }
+    tracing::info!(
+        models = n,
+        parameters = d,
+        heldout = heldout.len(),
+        test = test.len(),
+        estimated_bytes = estimate,
+        "zoo and data loaded"
+    );
     let load_s = t_load.elapsed().as_secs_f64();
     std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
 
