@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use soup_models::data::{prepare, DataSpec, Heldout, Split};
+use soup_models::data::{prepare, DataSpec, Heldout, RawImages, Split};
 use soup_models::{Architecture, Dataset};
 
 use crate::error::{CliError, Result};
@@ -48,11 +48,21 @@ impl DataArgs {
     /// Split `split`, capped at `max_examples`, prepared for `arch`; every label must have a
     /// class in the model's head.
     pub fn load(&self, split: Split, arch: &Arc<dyn Architecture>) -> Result<Dataset> {
+        self.prepare(&self.load_raw(split)?, arch)
+    }
+
+    /// Split `split` as stored, capped at `max_examples`.
+    pub fn load_raw(&self, split: Split) -> Result<RawImages> {
         let mut raw = self.spec().load(split)?;
         if let Some(m) = self.max_examples {
             let rows: Vec<usize> = (0..raw.len().min(m)).collect();
             raw = raw.subset(&rows);
         }
+        Ok(raw)
+    }
+
+    /// `raw` prepared for `arch`, after checking that every label has a class in its head.
+    pub fn prepare(&self, raw: &RawImages, arch: &Arc<dyn Architecture>) -> Result<Dataset> {
         if let Some(&bad) = raw
             .labels
             .iter()
@@ -64,7 +74,7 @@ impl DataArgs {
                 arch.num_classes()
             )));
         }
-        Ok(prepare(&raw, &arch.input(), &Device::Cpu)?)
+        Ok(prepare(raw, &arch.input(), &Device::Cpu)?)
     }
 
     /// The number of classes of the training split.

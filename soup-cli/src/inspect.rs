@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use soup_core::Objective;
-use soup_models::data::Split;
+use soup_models::data::{shifted, Shift, Split};
 use soup_models::{Checkpoint, Classification};
 
 use crate::common::{human_bytes, method_bytes, DataArgs};
@@ -22,6 +22,10 @@ pub struct EvalArgs {
     /// Which split: test, heldout or train.
     #[arg(long, default_value = "test")]
     pub split: String,
+    /// Evaluate under distribution shifts instead: noise, blur, rotate, contrast (comma-separated)
+    /// or all; the split's images under each shift in turn.
+    #[arg(long)]
+    pub shift: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -32,9 +36,13 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let ckpt = Checkpoint::open(&args.model)?;
     let arch = ckpt.architecture()?;
     let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
+    let mut raw = args.data.load_raw(split)?;
+    if let Some(list) = &args.shift {
+        raw = shifted(&raw, &Shift::parse_list(list).map_err(CliError::new)?, 0);
+    }
     let mut objective = Classification {
         arch: arch.clone(),
-        data: args.data.load(split, &arch)?,
+        data: args.data.prepare(&raw, &arch)?,
         batch_size: 256,
         eval_batch_size: 256,
         label_smoothing: 0.0,
@@ -43,8 +51,12 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&scores)?);
     } else {
+        let shift = args
+            .shift
+            .as_deref()
+            .map_or(String::new(), |s| format!(" shifted ({s})"));
         println!(
-            "{} on {} {}: accuracy {:.4}, loss {:.4}, {} examples",
+            "{} on {} {}{shift}: accuracy {:.4}, loss {:.4}, {} examples",
             args.model.display(),
             args.data.data,
             args.split,

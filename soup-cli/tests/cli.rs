@@ -231,6 +231,21 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
             / 6.0;
         assert!((f32::from_bits(*u) as f64 - mean).abs() <= 1e-6 * mean.abs().max(1.0));
     }
+    // The shifted test set: the test images under four corruptions.
+    let shifted: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &zoo.path("out-uniform/soup.safetensors"),
+        "--data",
+        DATA,
+        "--max-examples",
+        LIMIT,
+        "--shift",
+        "all",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(shifted["count"], 4 * 600);
     let inspect = ok(&["inspect", &zoo.path("zoo")]);
     assert!(
         inspect.contains("zoo of 6 models") && inspect.contains("mehl+"),

@@ -254,3 +254,38 @@ fn preparation_matches_channels_size_and_normalisation() {
         assert!((v - 0.2).abs() < 1e-6, "{v}");
     }
 }
+
+#[test]
+fn shifts_corrupt_as_documented() {
+    use soup_models::data::{shifted, RawImages, Shift};
+    // One 5 × 5 grey image: a bright centre pixel on a mid-grey field.
+    let mut pixels = vec![100u8; 25];
+    pixels[12] = 250;
+    let raw = RawImages {
+        channels: 1,
+        height: 5,
+        width: 5,
+        pixels,
+        labels: vec![7],
+        num_classes: 10,
+    };
+    let out = shifted(&raw, &Shift::ALL, 1);
+    assert_eq!(out.len(), 4);
+    assert_eq!(out.labels, vec![7; 4]);
+    let img = |k: usize| &out.pixels[k * 25..(k + 1) * 25];
+    // Noise changes pixels; blur spreads the bright pixel (centre: (8·100 + 250)/9 = 117).
+    assert!(img(0).iter().zip(&raw.pixels).any(|(a, b)| a != b));
+    assert_eq!(img(1)[12], 117);
+    assert_eq!(img(1)[0], 100);
+    // Rotation about the centre keeps the centre pixel, fills a corner with black.
+    assert_eq!(img(2)[12], 250);
+    assert_eq!(img(2)[0], 0);
+    // Contrast pulls pixels towards the mean (106): 250 → 164, 100 → 104.
+    assert_eq!((img(3)[12], img(3)[0]), (164, 104));
+    assert_eq!(Shift::parse_list("all").unwrap(), Shift::ALL.to_vec());
+    assert_eq!(
+        Shift::parse_list("blur,noise").unwrap(),
+        vec![Shift::Blur, Shift::Noise]
+    );
+    assert!(Shift::parse_list("fog").unwrap_err().contains("fog"));
+}
