@@ -4,7 +4,9 @@
 //!   It installs what the tests need when it is missing (rustfmt, clippy, Fashion-MNIST).
 //! - `cargo xtask bench [--batch 8,32] [--rounds 5]`: the forward + backward step of the ViT-B/32
 //!   classifier on this machine (release build), as a table and JSON lines in `target/bench/`.
-//! - `cargo xtask reproduce`: the paper's experiments (issue [reproduce] fills it in).
+//! - `cargo xtask reproduce [--quick]`: the paper's experiments on Fashion-MNIST (`reproduce.rs`).
+
+mod reproduce;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,10 +17,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
-        Some("reproduce") => Err(format!(
-            "`cargo xtask {}` is not implemented yet: it arrives with its issue",
-            args[0]
-        )),
+        Some("reproduce") => reproduce::reproduce(&args[1..]),
         Some("-h") | Some("--help") | None => {
             println!("{}", USAGE);
             return ExitCode::SUCCESS;
@@ -39,12 +38,13 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   ci         formatting, clippy (warnings denied) and every test of the workspace;
              installs rustfmt, clippy and Debian's dataset-fashion-mnist when missing
-  reproduce  the paper's experiments (not implemented yet)
+  reproduce  the paper's experiments offline (preset fmnist): results/fmnist/
+             options: --quick (small zoo, one seed, a few minutes)
   bench      forward + backward step time of the ViT-B/32 classifier, with peak RSS
              options: --batch 8,32 (batch sizes), --rounds 5 (timed rounds after one warm-up)";
 
 /// The workspace root (the parent of this crate's directory).
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -52,7 +52,7 @@ fn root() -> PathBuf {
 }
 
 /// Runs `cargo args...` in the workspace root; the error names the failing command.
-fn cargo(args: &[&str]) -> Result<(), String> {
+pub(crate) fn cargo(args: &[&str]) -> Result<(), String> {
     let shown = format!("cargo {}", args.join(" "));
     eprintln!("xtask: $ {shown}");
     let started = Instant::now();
@@ -105,7 +105,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[(
 )];
 
 /// Installs the missing Debian packages with apt-get (as root, or through sudo).
-fn ensure_packages() -> Result<(), String> {
+pub(crate) fn ensure_packages() -> Result<(), String> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .filter(|(_, probe)| !Path::new(probe).exists())
@@ -161,6 +161,7 @@ fn ci() -> Result<(), String> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    check_quick_reproduction()?;
     eprintln!(
         "xtask: ci passed in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -230,5 +231,52 @@ fn bench(args: &[String]) -> Result<(), String> {
         println!("| {} |", row.join(" | "));
     }
     println!("(medians of {rounds} rounds; raw results in target/bench/step.jsonl)");
+    Ok(())
+}
+
+/// Runs `cargo xtask reproduce --quick` and checks that every output exists and is well-formed
+/// (not that any method wins).
+fn check_quick_reproduction() -> Result<(), String> {
+    reproduce::reproduce(&["--quick".to_string()])?;
+    let dir = root().join("results/fmnist-quick");
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("results.json")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("results.json: {e}"))?;
+    let methods = results["table1"].as_array().map_or(0, Vec::len);
+    if methods != 7 {
+        return Err(format!(
+            "results.json: {methods} methods in table 1, expected 7"
+        ));
+    }
+    for row in results["table1"].as_array().into_iter().flatten() {
+        for run in row["runs"].as_array().into_iter().flatten() {
+            let test = run["test"].as_f64().unwrap_or(f64::NAN);
+            if !(0.0..=1.0).contains(&test) {
+                return Err(format!(
+                    "results.json: test accuracy {test} of {}",
+                    row["method"]
+                ));
+            }
+        }
+    }
+    for name in [
+        "results.md",
+        "fig1-mehl+.svg",
+        "fig1-learned+.svg",
+        "fig2-models.svg",
+        "fig3-sensitivity.svg",
+    ] {
+        let text = std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        let ok = if name.ends_with(".svg") {
+            text.starts_with("<svg") && text.trim_end().ends_with("</svg>")
+        } else {
+            text.contains("## Table 1")
+        };
+        if !ok {
+            return Err(format!("{name} is not well-formed"));
+        }
+    }
+    eprintln!("xtask: quick reproduction complete and well-formed");
     Ok(())
 }

@@ -1,0 +1,753 @@
+//! `cargo xtask reproduce`: the paper's experiments (spec §6) on what is available offline.
+//!
+//! Preset `fmnist` (the default): a tiny CLIP ViT pre-trained on Fashion-MNIST, fine-tuned N times
+//! with a random search, then every soup method through the `soup` binary, each in its own process
+//! so its peak RSS and time are its own. Results go to `results/fmnist[-quick]/` as markdown, JSON
+//! and SVG. The start point and the zoo are cached under `results/cache/`; reruns skip them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::{cargo, ensure_packages, root};
+
+const DATA: &str = "fashion-mnist";
+
+/// The tiny CLIP ViT of the preset: 28 px grey images, 7 px patches, width 32, 2 layers.
+const ARCH_CONFIG: &str = r#"{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+ "num_attention_heads": 2, "num_channels": 1, "image_size": 28, "patch_size": 7, "projection_dim": 16}"#;
+
+/// The settings of one run of the preset.
+struct Preset {
+    name: &'static str,
+    /// Models in the zoo.
+    n: usize,
+    /// Examples per split (None: the whole data set).
+    max_examples: Option<usize>,
+    pretrain_epochs: usize,
+    /// The fine-tuning search.
+    search: &'static str,
+    /// Soup-learning seeds (Learned and MEHL are repeated over these).
+    seeds: Vec<u64>,
+    /// MEHL knobs: model batch, inner epochs, lr.
+    b: usize,
+    inner_epochs: usize,
+    lr: f64,
+    learned_epochs: usize,
+    sensitivity_b: Vec<usize>,
+    sensitivity_lr: Vec<f64>,
+    sensitivity_epochs: Vec<usize>,
+}
+
+impl Preset {
+    fn fmnist(quick: bool) -> Self {
+        if quick {
+            Preset {
+                name: "fmnist-quick",
+                n: 6,
+                max_examples: Some(1200),
+                pretrain_epochs: 2,
+                search: "lr = [3e-4, 3e-3]\nepochs = [1, 1]\nbatch_size = 64\n",
+                seeds: vec![1],
+                b: 3,
+                inner_epochs: 1,
+                lr: 0.01,
+                learned_epochs: 1,
+                sensitivity_b: vec![2, 3],
+                sensitivity_lr: vec![0.01, 0.03],
+                sensitivity_epochs: vec![1, 2],
+            }
+        } else {
+            Preset {
+                name: "fmnist",
+                n: 32,
+                max_examples: None,
+                pretrain_epochs: 3,
+                search: "lr = [1e-4, 3e-3]\nepochs = [1, 2]\nbatch_size = 128\n",
+                seeds: vec![1, 2, 3],
+                b: 8,
+                inner_epochs: 2,
+                lr: 0.01,
+                learned_epochs: 2,
+                sensitivity_b: vec![2, 4, 8, 16],
+                sensitivity_lr: vec![0.003, 0.01, 0.03],
+                sensitivity_epochs: vec![1, 2, 4],
+            }
+        }
+    }
+
+    fn data_args(&self) -> Vec<String> {
+        let mut v = vec!["--data".to_string(), DATA.to_string()];
+        if let Some(m) = self.max_examples {
+            v.extend(["--max-examples".to_string(), m.to_string()]);
+        }
+        v
+    }
+
+    /// What the cache depends on.
+    fn cache_key(&self) -> String {
+        format!(
+            "arch {ARCH_CONFIG}\nn {}\nmax_examples {:?}\npretrain_epochs {}\nsearch {}",
+            self.n, self.max_examples, self.pretrain_epochs, self.search
+        )
+    }
+}
+
+/// Runs `soup args` (quiet) and returns its stdout; the error carries its stderr.
+fn soup(args: &[String]) -> Result<String, String> {
+    let exe = root().join("target/release/soup");
+    let out = Command::new(&exe)
+        .args(args)
+        .arg("-q")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "soup {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Test accuracy of a checkpoint on the shifted test set.
+fn shifted_accuracy(p: &Preset, model: &Path) -> Result<f64, String> {
+    let mut args = strings(&["eval", "--model"]);
+    args.push(model.display().to_string());
+    args.extend(p.data_args());
+    args.extend(strings(&["--split", "test", "--shift", "all", "--json"]));
+    let v: Value = serde_json::from_str(&soup(&args)?).map_err(|e| e.to_string())?;
+    Ok(v["accuracy"].as_f64().unwrap_or(f64::NAN))
+}
+
+/// One `soup mix` run and its measurements.
+#[derive(Clone, Debug)]
+struct Run {
+    heldout: f64,
+    test: f64,
+    shifted: Option<f64>,
+    time_s: f64,
+    peak_rss: f64,
+    negative_alpha: usize,
+    alpha_min: f64,
+    alpha_max: f64,
+}
+
+fn mix(
+    p: &Preset,
+    zoo: &Path,
+    out: &Path,
+    method: &str,
+    seed: u64,
+    extra: &[String],
+    shifted: bool,
+) -> Result<Run, String> {
+    let mut args = strings(&["mix", "--method", method, "--zoo"]);
+    args.push(zoo.display().to_string());
+    args.extend(p.data_args());
+    args.push("--out".into());
+    args.push(out.display().to_string());
+    args.extend(strings(&["--force", "--seed"]));
+    args.push(seed.to_string());
+    let mut knobs = vec![
+        ("--model-batch", p.b.to_string()),
+        (
+            "--inner-epochs",
+            if method.starts_with("learned") {
+                p.learned_epochs
+            } else {
+                p.inner_epochs
+            }
+            .to_string(),
+        ),
+        ("--batch-size", "128".to_string()),
+    ];
+    if method.starts_with("mehl") {
+        knobs.push(("--lr", p.lr.to_string()));
+    }
+    for (flag, value) in knobs {
+        if !extra.iter().any(|e| e == flag) {
+            args.push(flag.to_string());
+            args.push(value);
+        }
+    }
+    args.extend(extra.iter().cloned());
+    soup(&args)?;
+    let report = read_json(&out.join("report.json"))?;
+    let coefficients = read_json(&out.join("coefficients.json"))?;
+    let alpha: Vec<f64> = coefficients["alpha"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|row| row.as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_f64())
+        .collect();
+    Ok(Run {
+        heldout: report["heldout"]["accuracy"].as_f64().unwrap_or(f64::NAN),
+        test: report["test"]["accuracy"].as_f64().unwrap_or(f64::NAN),
+        shifted: if shifted {
+            Some(shifted_accuracy(p, &out.join("soup.safetensors"))?)
+        } else {
+            None
+        },
+        time_s: report["time_s"].as_f64().unwrap_or(f64::NAN),
+        peak_rss: report["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN),
+        negative_alpha: alpha.iter().filter(|&&a| a < 0.0).count(),
+        alpha_min: alpha.iter().cloned().fold(f64::INFINITY, f64::min),
+        alpha_max: alpha.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    })
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+fn pct(v: &[f64]) -> String {
+    let (m, s) = mean_std(v);
+    if v.len() > 1 {
+        format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * s)
+    } else {
+        format!("{:.2}", 100.0 * m)
+    }
+}
+
+/// A zoo manifest of `paths` (absolute).
+fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String> {
+    let mut text = String::new();
+    for p in paths {
+        let _ = writeln!(text, "[[model]]\npath = {:?}\n", p.display().to_string());
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A line chart of named series of (x, y) points, as SVG.
+fn line_chart(
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    let (w, h, left, top) = (640.0, 360.0, 70.0, 40.0);
+    let (pw, ph) = (w - left - 150.0, h - top - 50.0);
+    let points = series.iter().flat_map(|(_, s)| s.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let (xs, ys) = ((x1 - x0).max(1e-9), (y1 - y0).max(1e-9));
+    let px = |x: f64| left + pw * (x - x0) / xs;
+    let py = |y: f64| top + ph * (y1 - y) / ys;
+    let colours = ["#c33", "#36c", "#393", "#939", "#c93"];
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="20" font-size="14">{title}</text>"#
+    );
+    let _ = write!(
+        s,
+        r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##
+    );
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let c = colours[k % colours.len()];
+        let line: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = write!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+            line.join(" ")
+        );
+        for &(x, y) in pts {
+            let _ = write!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"><title>{name}: {x}, {y:.4}</title></circle>"#,
+                px(x),
+                py(y)
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{:.0}" y="{:.0}" fill="{c}">{name}</text>"#,
+            left + pw + 10.0,
+            top + 14.0 * (k + 1) as f64
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="{:.0}">{x0}</text><text x="{:.0}" y="{:.0}">{x1}</text>"#,
+        top + ph + 14.0,
+        left + pw - 20.0,
+        top + ph + 14.0
+    );
+    let _ = write!(
+        s,
+        r#"<text x="{:.0}" y="{:.0}">{xlabel}</text>"#,
+        left + pw / 2.0 - 30.0,
+        top + ph + 32.0
+    );
+    let _ = write!(
+        s,
+        r#"<text x="4" y="{:.0}">{y1:.3}</text><text x="4" y="{:.0}">{y0:.3}</text>"#,
+        top + 8.0,
+        top + ph
+    );
+    let _ = write!(
+        s,
+        r#"<text x="4" y="{:.0}">{ylabel}</text>"#,
+        top + ph / 2.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+pub fn reproduce(args: &[String]) -> Result<(), String> {
+    let mut preset = "fmnist".to_string();
+    let mut quick = false;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--quick" => quick = true,
+            "--preset" => preset = it.next().ok_or("--preset needs a value")?.clone(),
+            other => return Err(format!("unknown reproduce flag {other}")),
+        }
+    }
+    match preset.as_str() {
+        "fmnist" => fmnist(&Preset::fmnist(quick)),
+        other => Err(format!(
+            "preset {other:?} is not available yet (available: fmnist)"
+        )),
+    }
+}
+
+fn fmnist(p: &Preset) -> Result<(), String> {
+    let started = Instant::now();
+    ensure_packages()?;
+    cargo(&["build", "--release", "-p", "soup-cli"])?;
+    let results = root().join("results").join(p.name);
+    let cache = root().join("results/cache").join(p.name);
+    let runs = results.join("runs");
+    for d in [&results, &cache, &runs] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let zoo = cache.join("zoo");
+    let stamp = cache.join("settings.txt");
+    let cached = std::fs::read_to_string(&stamp).ok().as_deref() == Some(&p.cache_key())
+        && zoo.join("zoo.toml").exists();
+    let mut phases: BTreeMap<&str, f64> = BTreeMap::new();
+    if cached {
+        eprintln!("xtask: zoo cached in {}", zoo.display());
+    } else {
+        let t = Instant::now();
+        let config = cache.join("arch.json");
+        let search = cache.join("search.toml");
+        std::fs::write(&config, ARCH_CONFIG).map_err(|e| e.to_string())?;
+        std::fs::write(&search, p.search).map_err(|e| e.to_string())?;
+        eprintln!(
+            "xtask: training the start point ({} epochs)",
+            p.pretrain_epochs
+        );
+        let mut args = strings(&["train", "--arch", "clip-vit", "--config"]);
+        args.push(config.display().to_string());
+        args.extend(p.data_args());
+        args.extend(strings(&[
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "128",
+            "--epochs",
+        ]));
+        args.push(p.pretrain_epochs.to_string());
+        args.push("--out".into());
+        args.push(cache.join("base.safetensors").display().to_string());
+        eprint!("{}", soup(&args)?);
+        eprintln!("xtask: fine-tuning {} models", p.n);
+        let mut args = strings(&["finetune", "--base"]);
+        args.push(cache.join("base.safetensors").display().to_string());
+        args.extend(p.data_args());
+        args.extend(strings(&[
+            "--count",
+            &p.n.to_string(),
+            "--force",
+            "--search",
+        ]));
+        args.push(search.display().to_string());
+        args.push("--out".into());
+        args.push(zoo.display().to_string());
+        eprint!("{}", soup(&args)?);
+        std::fs::write(&stamp, p.cache_key()).map_err(|e| e.to_string())?;
+        phases.insert("zoo", t.elapsed().as_secs_f64());
+    }
+
+    // The zoo in fine-tuning order, with held-out accuracies.
+    let manifest = std::fs::read_to_string(zoo.join("zoo.toml")).map_err(|e| e.to_string())?;
+    let mut models: Vec<(PathBuf, f64)> = Vec::new();
+    let mut current: Option<PathBuf> = None;
+    for line in manifest.lines() {
+        if let Some(v) = line.strip_prefix("path = ") {
+            current = Some(zoo.join(v.trim_matches('"')));
+        } else if let Some(v) = line.strip_prefix("heldout_accuracy = ") {
+            if let Some(path) = current.take() {
+                models.push((path, v.parse().unwrap_or(f64::NAN)));
+            }
+        }
+    }
+    let n = models.len();
+    if n != p.n {
+        return Err(format!("{}: {n} models, expected {}", zoo.display(), p.n));
+    }
+    let mut by_accuracy: Vec<usize> = (0..n).collect();
+    by_accuracy.sort_by(|&a, &b| models[b].1.total_cmp(&models[a].1));
+
+    // Table 1: every method; Learned and MEHL over every seed.
+    let t = Instant::now();
+    let mut table1: Vec<(String, Vec<Run>)> = Vec::new();
+    let best = &models[by_accuracy[0]].0;
+    let best_eval = {
+        let mut args = strings(&["eval", "--model"]);
+        args.push(best.display().to_string());
+        args.extend(p.data_args());
+        args.extend(strings(&["--split", "test", "--json"]));
+        let v: Value = serde_json::from_str(&soup(&args)?).map_err(|e| e.to_string())?;
+        v["accuracy"].as_f64().unwrap_or(f64::NAN)
+    };
+    let best_run = Run {
+        heldout: models[by_accuracy[0]].1,
+        test: best_eval,
+        shifted: Some(shifted_accuracy(p, best)?),
+        time_s: 0.0,
+        peak_rss: 0.0,
+        negative_alpha: 0,
+        alpha_min: 0.0,
+        alpha_max: 1.0,
+    };
+    table1.push(("best individual".into(), vec![best_run]));
+    for method in ["uniform", "greedy", "learned", "learned+", "mehl", "mehl+"] {
+        let seeds: &[u64] = if matches!(method, "uniform" | "greedy") {
+            &p.seeds[..1]
+        } else {
+            &p.seeds
+        };
+        let mut v = Vec::new();
+        for &seed in seeds {
+            eprintln!("xtask: {method}, seed {seed}");
+            v.push(mix(
+                p,
+                &zoo,
+                &runs.join(format!("{method}-s{seed}")),
+                method,
+                seed,
+                &[],
+                true,
+            )?);
+        }
+        table1.push((method.to_string(), v));
+    }
+    phases.insert("table 1", t.elapsed().as_secs_f64());
+
+    // Table 2: without the best k models.
+    let t = Instant::now();
+    let mut table2 = Vec::new();
+    for k in [2, n / 3, 2 * n / 3] {
+        let keep: Vec<PathBuf> = by_accuracy[k..]
+            .iter()
+            .map(|&i| models[i].0.clone())
+            .collect();
+        let manifest = runs.join(format!("zoo-without-best-{k}.toml"));
+        write_subset(&manifest, &keep)?;
+        let greedy = mix(
+            p,
+            &manifest,
+            &runs.join(format!("greedy-without-{k}")),
+            "greedy",
+            p.seeds[0],
+            &[],
+            false,
+        )?;
+        let mehl = mix(
+            p,
+            &manifest,
+            &runs.join(format!("mehl+-without-{k}")),
+            "mehl+",
+            p.seeds[0],
+            &[],
+            false,
+        )?;
+        table2.push((k, greedy.test, mehl.test));
+    }
+    phases.insert("table 2", t.elapsed().as_secs_f64());
+
+    // Figure 2: accuracy against the number of models (in fine-tuning order).
+    let t = Instant::now();
+    let mut fig2 = Vec::new();
+    for k in [n / 4, n / 2, 3 * n / 4, n] {
+        let k = k.max(2);
+        let first: Vec<PathBuf> = models[..k].iter().map(|m| m.0.clone()).collect();
+        let manifest = runs.join(format!("zoo-first-{k}.toml"));
+        write_subset(&manifest, &first)?;
+        let greedy = mix(
+            p,
+            &manifest,
+            &runs.join(format!("greedy-first-{k}")),
+            "greedy",
+            p.seeds[0],
+            &[],
+            false,
+        )?;
+        let mehl = mix(
+            p,
+            &manifest,
+            &runs.join(format!("mehl+-first-{k}")),
+            "mehl+",
+            p.seeds[0],
+            &[],
+            false,
+        )?;
+        fig2.push((k, greedy.test, mehl.test));
+    }
+    phases.insert("figure 2", t.elapsed().as_secs_f64());
+
+    // Figure 3: sensitivity of MEHL+ to b, lr and inner epochs.
+    let t = Instant::now();
+    let mut fig3: Vec<(&str, f64, f64)> = Vec::new();
+    for &b in &p.sensitivity_b {
+        let r = mix(
+            p,
+            &zoo,
+            &runs.join(format!("mehl+-b{b}")),
+            "mehl+",
+            p.seeds[0],
+            &["--model-batch".into(), b.to_string()],
+            false,
+        )?;
+        fig3.push(("b", b as f64, r.test));
+    }
+    for &lr in &p.sensitivity_lr {
+        let r = mix(
+            p,
+            &zoo,
+            &runs.join(format!("mehl+-lr{lr}")),
+            "mehl+",
+            p.seeds[0],
+            &["--lr".into(), lr.to_string()],
+            false,
+        )?;
+        fig3.push(("lr", lr, r.test));
+    }
+    for &e in &p.sensitivity_epochs {
+        let r = mix(
+            p,
+            &zoo,
+            &runs.join(format!("mehl+-e{e}")),
+            "mehl+",
+            p.seeds[0],
+            &["--inner-epochs".into(), e.to_string()],
+            false,
+        )?;
+        fig3.push(("inner epochs", e as f64, r.test));
+    }
+    phases.insert("figure 3", t.elapsed().as_secs_f64());
+
+    write_results(
+        p, &results, &runs, &table1, &table2, &fig2, &fig3, &phases, started,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_results(
+    p: &Preset,
+    results: &Path,
+    runs: &Path,
+    table1: &[(String, Vec<Run>)],
+    table2: &[(usize, f64, f64)],
+    fig2: &[(usize, f64, f64)],
+    fig3: &[(&str, f64, f64)],
+    phases: &BTreeMap<&str, f64>,
+    started: Instant,
+) -> Result<(), String> {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Reproduction: preset `{}`\n", p.name);
+    let _ = writeln!(
+        md,
+        "Tiny CLIP ViT on Fashion-MNIST, {} fine-tunes, soups learned over seeds {:?} (mean ± std over seeds). \
+         MEHL: b = {}, {} inner epochs, AdamW lr {}. Accuracies in %. Command: `cargo xtask reproduce{}`.\n",
+        p.n,
+        p.seeds,
+        p.b,
+        p.inner_epochs,
+        p.lr,
+        if p.name.ends_with("quick") { " --quick" } else { "" }
+    );
+    let _ = writeln!(md, "## Table 1: methods\n\n| method | held-out | test | shifted test | soup time (s) | peak RSS (MB) |\n|---|---|---|---|---|---|");
+    for (name, rs) in table1 {
+        let col = |f: &dyn Fn(&Run) -> f64| -> Vec<f64> { rs.iter().map(f).collect() };
+        let shifted: Vec<f64> = rs.iter().filter_map(|r| r.shifted).collect();
+        let (t, _) = mean_std(&col(&|r| r.time_s));
+        let (m, _) = mean_std(&col(&|r| r.peak_rss));
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} |",
+            pct(&col(&|r| r.heldout)),
+            pct(&col(&|r| r.test)),
+            if shifted.is_empty() {
+                "–".into()
+            } else {
+                pct(&shifted)
+            },
+            if t > 0.0 {
+                format!("{t:.1}")
+            } else {
+                "–".into()
+            },
+            if m > 0.0 {
+                format!("{:.0}", m / 1e6)
+            } else {
+                "–".into()
+            },
+        );
+    }
+    let _ = writeln!(md, "\n## Table 2: without the best k models (test accuracy)\n\n| k removed | Greedy | MEHL+ |\n|---|---|---|");
+    for (k, g, m) in table2 {
+        let _ = writeln!(md, "| {k} | {:.2} | {:.2} |", 100.0 * g, 100.0 * m);
+    }
+    let _ = writeln!(md, "\n## Figure 2: test accuracy against the number of models (fine-tuning order)\n\n| models | Greedy | MEHL+ |\n|---|---|---|");
+    for (k, g, m) in fig2 {
+        let _ = writeln!(md, "| {k} | {:.2} | {:.2} |", 100.0 * g, 100.0 * m);
+    }
+    let _ = writeln!(md, "\n![accuracy against models](fig2-models.svg)\n");
+    let _ = writeln!(md, "## Figure 1: coefficients\n\n| method | α < 0 (of all) | min α | max α |\n|---|---|---|---|");
+    for (name, rs) in table1
+        .iter()
+        .filter(|(n, _)| n == "learned+" || n == "mehl+")
+    {
+        let r = &rs[0];
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {:.4} | {:.4} |",
+            r.negative_alpha, r.alpha_min, r.alpha_max
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n![MEHL+ coefficients](fig1-mehl+.svg) ![Learned+ coefficients](fig1-learned+.svg)\n"
+    );
+    let _ = writeln!(md, "## Figure 3: sensitivity of MEHL+ (test accuracy)\n\n| knob | value | test |\n|---|---|---|");
+    for (knob, v, acc) in fig3 {
+        let _ = writeln!(md, "| {knob} | {v} | {:.2} |", 100.0 * acc);
+    }
+    let _ = writeln!(md, "\n![sensitivity](fig3-sensitivity.svg)\n");
+    let total = started.elapsed().as_secs_f64();
+    let _ = writeln!(
+        md,
+        "Wall time {total:.0} s; phases: {}.",
+        phases
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let write = |name: &str, text: &str| -> Result<(), String> {
+        let path = results.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write("results.md", &md)?;
+    let runs_json: Vec<Value> = table1
+        .iter()
+        .map(|(name, rs)| {
+            json!({"method": name, "runs": rs.iter().map(|r| json!({
+                "heldout": r.heldout, "test": r.test, "shifted": r.shifted, "time_s": r.time_s,
+                "peak_rss_bytes": r.peak_rss, "negative_alpha": r.negative_alpha,
+                "alpha_min": r.alpha_min, "alpha_max": r.alpha_max,
+            })).collect::<Vec<_>>()})
+        })
+        .collect();
+    let all = json!({
+        "preset": p.name, "models": p.n, "seeds": p.seeds,
+        "table1": runs_json,
+        "table2": table2.iter().map(|(k, g, m)| json!({"removed": k, "greedy": g, "mehl+": m})).collect::<Vec<_>>(),
+        "figure2": fig2.iter().map(|(k, g, m)| json!({"models": k, "greedy": g, "mehl+": m})).collect::<Vec<_>>(),
+        "figure3": fig3.iter().map(|(k, v, a)| json!({"knob": k, "value": v, "test": a})).collect::<Vec<_>>(),
+        "wall_time_s": total,
+    });
+    write(
+        "results.json",
+        &serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?,
+    )?;
+    let series = vec![
+        (
+            "Greedy".to_string(),
+            fig2.iter().map(|&(k, g, _)| (k as f64, g)).collect(),
+        ),
+        (
+            "MEHL+".to_string(),
+            fig2.iter().map(|&(k, _, m)| (k as f64, m)).collect(),
+        ),
+    ];
+    write(
+        "fig2-models.svg",
+        &line_chart(
+            "Test accuracy against the number of models",
+            "models",
+            "accuracy",
+            &series,
+        ),
+    )?;
+    let mut knobs: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for (knob, v, a) in fig3 {
+        match knobs.iter_mut().find(|(k, _)| k == knob) {
+            Some((_, pts)) => pts.push((*v, *a)),
+            None => knobs.push((knob.to_string(), vec![(*v, *a)])),
+        }
+    }
+    // One chart per knob, stacked in one file.
+    let stacked = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="640" height="{}">{}</svg>"#,
+        360 * knobs.len(),
+        knobs
+            .iter()
+            .enumerate()
+            .map(|(i, (knob, pts))| format!(
+                r#"<g transform="translate(0 {})">{}</g>"#,
+                360 * i,
+                line_chart(
+                    &format!("MEHL+ test accuracy against {knob}"),
+                    knob,
+                    "accuracy",
+                    &[(knob.clone(), pts.clone())]
+                )
+            ))
+            .collect::<String>()
+    );
+    write("fig3-sensitivity.svg", &stacked)?;
+    for method in ["mehl+", "learned+"] {
+        let from = runs.join(format!("{method}-s{}/coefficients.svg", p.seeds[0]));
+        std::fs::copy(&from, results.join(format!("fig1-{method}.svg")))
+            .map_err(|e| format!("{}: {e}", from.display()))?;
+    }
+    println!("{md}");
+    println!("results in {}", results.display());
+    Ok(())
+}
