@@ -237,6 +237,23 @@ fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Greedy and MEHL+ soups of the zoo `paths` (first seed): their test accuracies.
+fn greedy_vs_mehl(
+    p: &Preset,
+    runs: &Path,
+    label: &str,
+    paths: &[PathBuf],
+) -> Result<(f64, f64), String> {
+    let manifest = runs.join(format!("zoo-{label}.toml"));
+    write_subset(&manifest, paths)?;
+    let mut test = [0.0; 2];
+    for (slot, method) in test.iter_mut().zip(["greedy", "mehl+"]) {
+        let out = runs.join(format!("{method}-{label}"));
+        *slot = mix(p, &manifest, &out, method, p.seeds[0], &[], false)?.test;
+    }
+    Ok((test[0], test[1]))
+}
+
 /// A line chart of named series of (x, y) points, as SVG.
 fn line_chart(
     title: &str,
@@ -475,27 +492,8 @@ fn fmnist(p: &Preset) -> Result<(), String> {
             .iter()
             .map(|&i| models[i].0.clone())
             .collect();
-        let manifest = runs.join(format!("zoo-without-best-{k}.toml"));
-        write_subset(&manifest, &keep)?;
-        let greedy = mix(
-            p,
-            &manifest,
-            &runs.join(format!("greedy-without-{k}")),
-            "greedy",
-            p.seeds[0],
-            &[],
-            false,
-        )?;
-        let mehl = mix(
-            p,
-            &manifest,
-            &runs.join(format!("mehl+-without-{k}")),
-            "mehl+",
-            p.seeds[0],
-            &[],
-            false,
-        )?;
-        table2.push((k, greedy.test, mehl.test));
+        let (greedy, mehl) = greedy_vs_mehl(p, &runs, &format!("without-best-{k}"), &keep)?;
+        table2.push((k, greedy, mehl));
     }
     phases.insert("table 2", t.elapsed().as_secs_f64());
 
@@ -505,68 +503,41 @@ fn fmnist(p: &Preset) -> Result<(), String> {
     for k in [n / 4, n / 2, 3 * n / 4, n] {
         let k = k.max(2);
         let first: Vec<PathBuf> = models[..k].iter().map(|m| m.0.clone()).collect();
-        let manifest = runs.join(format!("zoo-first-{k}.toml"));
-        write_subset(&manifest, &first)?;
-        let greedy = mix(
-            p,
-            &manifest,
-            &runs.join(format!("greedy-first-{k}")),
-            "greedy",
-            p.seeds[0],
-            &[],
-            false,
-        )?;
-        let mehl = mix(
-            p,
-            &manifest,
-            &runs.join(format!("mehl+-first-{k}")),
-            "mehl+",
-            p.seeds[0],
-            &[],
-            false,
-        )?;
-        fig2.push((k, greedy.test, mehl.test));
+        let (greedy, mehl) = greedy_vs_mehl(p, &runs, &format!("first-{k}"), &first)?;
+        fig2.push((k, greedy, mehl));
     }
     phases.insert("figure 2", t.elapsed().as_secs_f64());
 
-    // Figure 3: sensitivity of MEHL+ to b, lr and inner epochs.
+    // Figure 3: sensitivity of MEHL+ to b, lr and inner epochs, one knob at a time.
     let t = Instant::now();
     let mut fig3: Vec<(&str, f64, f64)> = Vec::new();
-    for &b in &p.sensitivity_b {
-        let r = mix(
-            p,
-            &zoo,
-            &runs.join(format!("mehl+-b{b}")),
-            "mehl+",
-            p.seeds[0],
-            &["--model-batch".into(), b.to_string()],
-            false,
-        )?;
-        fig3.push(("b", b as f64, r.test));
-    }
-    for &lr in &p.sensitivity_lr {
-        let r = mix(
-            p,
-            &zoo,
-            &runs.join(format!("mehl+-lr{lr}")),
-            "mehl+",
-            p.seeds[0],
-            &["--lr".into(), lr.to_string()],
-            false,
-        )?;
-        fig3.push(("lr", lr, r.test));
-    }
-    for &e in &p.sensitivity_epochs {
-        let r = mix(
-            p,
-            &zoo,
-            &runs.join(format!("mehl+-e{e}")),
-            "mehl+",
-            p.seeds[0],
-            &["--inner-epochs".into(), e.to_string()],
-            false,
-        )?;
-        fig3.push(("inner epochs", e as f64, r.test));
+    let knobs: [(&str, &str, Vec<f64>); 3] = [
+        (
+            "b",
+            "--model-batch",
+            p.sensitivity_b.iter().map(|&b| b as f64).collect(),
+        ),
+        ("lr", "--lr", p.sensitivity_lr.clone()),
+        (
+            "inner epochs",
+            "--inner-epochs",
+            p.sensitivity_epochs.iter().map(|&e| e as f64).collect(),
+        ),
+    ];
+    for (knob, flag, values) in &knobs {
+        for &v in values {
+            let out = runs.join(format!("mehl+{}{v}", flag.trim_start_matches("--")));
+            let r = mix(
+                p,
+                &zoo,
+                &out,
+                "mehl+",
+                p.seeds[0],
+                &[flag.to_string(), v.to_string()],
+                false,
+            )?;
+            fig3.push((*knob, v, r.test));
+        }
     }
     phases.insert("figure 3", t.elapsed().as_secs_f64());
 
