@@ -21,13 +21,18 @@ const DATA: &str = "fashion-mnist";
 const ARCH_CONFIG: &str = r#"{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
  "num_attention_heads": 2, "num_channels": 1, "image_size": 28, "patch_size": 7, "projection_dim": 16}"#;
 
+/// Bump when training changes in a way that invalidates cached zoos.
+const CACHE_VERSION: u32 = 2;
+
 /// The settings of one run of the preset.
 struct Preset {
     name: &'static str,
     /// Models in the zoo.
     n: usize,
-    /// Examples per split (None: the whole data set).
-    max_examples: Option<usize>,
+    /// Examples per split for training the start point and the zoo (None: all).
+    train_examples: Option<usize>,
+    /// Examples per split for soups and evaluation (None: all, the official 10,000 test images).
+    eval_examples: Option<usize>,
     pretrain_epochs: usize,
     /// The fine-tuning search.
     search: &'static str,
@@ -49,7 +54,8 @@ impl Preset {
             Preset {
                 name: "fmnist-quick",
                 n: 6,
-                max_examples: Some(1200),
+                train_examples: Some(1200),
+                eval_examples: Some(1200),
                 pretrain_epochs: 2,
                 search: "lr = [3e-4, 3e-3]\nepochs = [1, 1]\nbatch_size = 64\n",
                 seeds: vec![1],
@@ -65,7 +71,8 @@ impl Preset {
             Preset {
                 name: "fmnist",
                 n: 32,
-                max_examples: None,
+                train_examples: None,
+                eval_examples: None,
                 pretrain_epochs: 3,
                 search: "lr = [1e-4, 3e-3]\nepochs = [1, 2]\nbatch_size = 128\n",
                 seeds: vec![1, 2, 3],
@@ -80,9 +87,15 @@ impl Preset {
         }
     }
 
-    fn data_args(&self) -> Vec<String> {
+    /// `--data` with the cap on examples for training (`train`) or for soups and evaluation.
+    fn data_args(&self, train: bool) -> Vec<String> {
         let mut v = vec!["--data".to_string(), DATA.to_string()];
-        if let Some(m) = self.max_examples {
+        let cap = if train {
+            self.train_examples
+        } else {
+            self.eval_examples
+        };
+        if let Some(m) = cap {
             v.extend(["--max-examples".to_string(), m.to_string()]);
         }
         v
@@ -91,8 +104,8 @@ impl Preset {
     /// What the cache depends on.
     fn cache_key(&self) -> String {
         format!(
-            "arch {ARCH_CONFIG}\nn {}\nmax_examples {:?}\npretrain_epochs {}\nsearch {}",
-            self.n, self.max_examples, self.pretrain_epochs, self.search
+            "version {CACHE_VERSION}\narch {ARCH_CONFIG}\nn {}\ntrain_examples {:?}\npretrain_epochs {}\nsearch {}",
+            self.n, self.train_examples, self.pretrain_epochs, self.search
         )
     }
 }
@@ -128,7 +141,7 @@ fn read_json(path: &Path) -> Result<Value, String> {
 fn shifted_accuracy(p: &Preset, model: &Path) -> Result<f64, String> {
     let mut args = strings(&["eval", "--model"]);
     args.push(model.display().to_string());
-    args.extend(p.data_args());
+    args.extend(p.data_args(false));
     args.extend(strings(&["--split", "test", "--shift", "all", "--json"]));
     let v: Value = serde_json::from_str(&soup(&args)?).map_err(|e| e.to_string())?;
     Ok(v["accuracy"].as_f64().unwrap_or(f64::NAN))
@@ -158,7 +171,7 @@ fn mix(
 ) -> Result<Run, String> {
     let mut args = strings(&["mix", "--method", method, "--zoo"]);
     args.push(zoo.display().to_string());
-    args.extend(p.data_args());
+    args.extend(p.data_args(false));
     args.push("--out".into());
     args.push(out.display().to_string());
     args.extend(strings(&["--force", "--seed"]));
@@ -388,7 +401,7 @@ fn fmnist(p: &Preset) -> Result<(), String> {
         );
         let mut args = strings(&["train", "--arch", "clip-vit", "--config"]);
         args.push(config.display().to_string());
-        args.extend(p.data_args());
+        args.extend(p.data_args(true));
         args.extend(strings(&[
             "--lr",
             "3e-3",
@@ -403,7 +416,7 @@ fn fmnist(p: &Preset) -> Result<(), String> {
         eprintln!("xtask: fine-tuning {} models", p.n);
         let mut args = strings(&["finetune", "--base"]);
         args.push(cache.join("base.safetensors").display().to_string());
-        args.extend(p.data_args());
+        args.extend(p.data_args(true));
         args.extend(strings(&[
             "--count",
             &p.n.to_string(),
@@ -445,7 +458,7 @@ fn fmnist(p: &Preset) -> Result<(), String> {
     let best_eval = {
         let mut args = strings(&["eval", "--model"]);
         args.push(best.display().to_string());
-        args.extend(p.data_args());
+        args.extend(p.data_args(false));
         args.extend(strings(&["--split", "test", "--json"]));
         let v: Value = serde_json::from_str(&soup(&args)?).map_err(|e| e.to_string())?;
         v["accuracy"].as_f64().unwrap_or(f64::NAN)
@@ -487,7 +500,9 @@ fn fmnist(p: &Preset) -> Result<(), String> {
     // Table 2: without the best k models.
     let t = Instant::now();
     let mut table2 = Vec::new();
-    for k in [2, n / 3, 2 * n / 3] {
+    let mut removed = vec![2, n / 3, 2 * n / 3];
+    removed.dedup();
+    for k in removed {
         let keep: Vec<PathBuf> = by_accuracy[k..]
             .iter()
             .map(|&i| models[i].0.clone())

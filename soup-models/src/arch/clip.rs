@@ -344,6 +344,16 @@ impl Architecture for ClipClassifier {
                     filled(&t.shape, one, device)
                 } else if name.ends_with("bias") {
                     filled(&t.shape, 0.0, device)
+                } else if name == "classification_head.weight" {
+                    // Features are unit vectors, so the head's row norms bound the logits: start
+                    // them near 10 (CLIP's zero-shot heads carry its logit scale, 100), or the
+                    // softmax starts flat and training crawls.
+                    normal(
+                        &mut rng,
+                        &t.shape,
+                        10.0 / (t.shape[1] as f64).sqrt(),
+                        device,
+                    )
                 } else if name.ends_with("position_embedding.weight") {
                     normal(&mut rng, &t.shape, 0.02, device)
                 } else {
