@@ -227,6 +227,21 @@ impl Checkpoint {
         Ok((shard, info))
     }
 
+    /// Where tensor `name` comes from in a PyTorch state dict, and the stored tensor's header.
+    fn torch_entry<'a>(
+        &self,
+        pth: &'a PthTensors,
+        sources: &'a BTreeMap<String, Source>,
+        name: &str,
+    ) -> Result<(&'a Source, &'a candle_core::pickle::TensorInfo)> {
+        let source = sources.get(name).ok_or_else(|| self.missing(name))?;
+        let info = pth
+            .tensor_infos()
+            .get(source.name())
+            .ok_or_else(|| self.missing(source.name()))?;
+        Ok((source, info))
+    }
+
     /// The shape of tensor `name`, from the header.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         match &self.backend {
@@ -234,11 +249,7 @@ impl Checkpoint {
                 Ok(self.entry(shards, weight_map, name)?.1.shape.clone())
             }
             Backend::Torch { pth, sources, .. } => {
-                let source = sources.get(name).ok_or_else(|| self.missing(name))?;
-                let info = pth
-                    .tensor_infos()
-                    .get(source.name())
-                    .ok_or_else(|| self.missing(source.name()))?;
+                let (source, info) = self.torch_entry(pth, sources, name)?;
                 Ok(source.shape(info.layout.dims()))
             }
         }
@@ -252,11 +263,7 @@ impl Checkpoint {
                 self.entry(shards, weight_map, name)?.1.dtype
             )),
             Backend::Torch { pth, sources, .. } => {
-                let source = sources.get(name).ok_or_else(|| self.missing(name))?;
-                let info = pth
-                    .tensor_infos()
-                    .get(source.name())
-                    .ok_or_else(|| self.missing(source.name()))?;
+                let (_, info) = self.torch_entry(pth, sources, name)?;
                 Ok(format!("{:?}", info.dtype).to_uppercase())
             }
         }
