@@ -26,7 +26,7 @@ pub const META_CONFIG: &str = "soup.config";
 
 /// Tensors of a checkpoint that are not part of any image classifier and are skipped: the text
 /// tower and logit scale of a full CLIPModel, and the int64 `position_ids` buffers of older files.
-fn ignored(name: &str) -> bool {
+pub(crate) fn ignored(name: &str) -> bool {
     name.starts_with("text_model.")
         || name.starts_with("text_projection.")
         || name == "logit_scale"
@@ -49,7 +49,8 @@ struct Stored {
 
 #[derive(Debug)]
 struct Mapped {
-    mmap: Mmap,
+    /// The file's bytes; `None` for a header read remotely (see [`Checkpoint::from_headers`]).
+    mmap: Option<Mmap>,
     data_start: usize,
     tensors: HashMap<String, Stored>,
     metadata: HashMap<String, String>,
@@ -86,7 +87,7 @@ impl Shard {
                 .collect();
             let metadata = meta.metadata().clone().unwrap_or_default();
             Ok(Mapped {
-                mmap,
+                mmap: Some(mmap),
                 data_start: 8 + n,
                 tensors,
                 metadata,
@@ -187,6 +188,53 @@ impl Checkpoint {
         })
     }
 
+    /// A checkpoint known from safetensors headers alone (each with its 8-byte length prefix),
+    /// as read remotely: names, shapes, dtypes, metadata and the architecture, but no weights.
+    /// `weight_map` (tensor → shard file name) comes from a sharded index; without it every
+    /// tensor of every header is mapped.
+    pub fn from_headers(
+        path: PathBuf,
+        hf_config: Option<serde_json::Value>,
+        headers: Vec<(PathBuf, Vec<u8>)>,
+        weight_map: Option<BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut map = BTreeMap::new();
+        for (i, (file, header)) in headers.into_iter().enumerate() {
+            let mapped =
+                parse_header(&header).map_err(|e| ModelError::format(&path.join(&file), e))?;
+            if weight_map.is_none() {
+                map.extend(mapped.tensors.keys().map(|n| (n.clone(), i)));
+            }
+            let shard = Shard::new(file);
+            let _ = shard.mapped.set(Ok(mapped));
+            shards.push(shard);
+        }
+        if let Some(wm) = weight_map {
+            for (name, file) in wm {
+                let i = match shards.iter().position(|s| s.path == Path::new(&file)) {
+                    Some(i) => i,
+                    None => {
+                        shards.push(Shard::new(path.join(&file)));
+                        shards.len() - 1
+                    }
+                };
+                map.insert(name, i);
+            }
+        }
+        if shards.is_empty() {
+            return Err(ModelError::format(&path, "no safetensors header"));
+        }
+        Ok(Self {
+            path,
+            backend: Backend::Safetensors {
+                shards,
+                weight_map: map,
+            },
+            hf_config,
+        })
+    }
+
     /// Every tensor name in the checkpoint (Hugging Face names for the OpenAI layout).
     pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match &self.backend {
@@ -200,7 +248,14 @@ impl Checkpoint {
     /// The safetensors metadata of the first shard (empty for PyTorch files).
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
         match &self.backend {
-            Backend::Safetensors { shards, .. } => Ok(shards[0].mapped()?.metadata.clone()),
+            Backend::Safetensors { shards, .. } => {
+                // A Hub download may leave out shards that hold only ignored tensors.
+                let shard = shards
+                    .iter()
+                    .find(|s| s.mapped.get().is_some() || s.path.exists())
+                    .unwrap_or(&shards[0]);
+                Ok(shard.mapped()?.metadata.clone())
+            }
             Backend::Torch { .. } => Ok(HashMap::new()),
         }
     }
@@ -311,7 +366,13 @@ impl Checkpoint {
             }
         };
         let mapped = shard.mapped()?;
-        let bytes = &mapped.mmap[mapped.data_start + start..mapped.data_start + end];
+        let Some(mmap) = &mapped.mmap else {
+            return Err(ModelError::format(
+                &self.path,
+                format!("tensor {name}: only the header was read (fetch the weights to load it)"),
+            ));
+        };
+        let bytes = &mmap[mapped.data_start + start..mapped.data_start + end];
         Ok(Tensor::from_raw_buffer(bytes, dtype, &stored.shape, device)?.to_dtype(DType::F32)?)
     }
 
@@ -405,7 +466,7 @@ impl Checkpoint {
     }
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("bad JSON: {e}")))
 }
@@ -470,6 +531,47 @@ fn open_index(index: &Path) -> Result<(Vec<Shard>, BTreeMap<String, usize>)> {
     }
     let shards = files.into_iter().map(|f| Shard::new(dir.join(f))).collect();
     Ok((shards, weight_map))
+}
+
+/// A safetensors header (length prefix included) without the data: tensors and metadata.
+fn parse_header(bytes: &[u8]) -> std::result::Result<Mapped, String> {
+    let n = bytes
+        .get(..8)
+        .map(|p| u64::from_le_bytes(p.try_into().unwrap_or_default()) as usize)
+        .ok_or("shorter than a safetensors header")?;
+    let text = bytes.get(8..8 + n).ok_or("truncated safetensors header")?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(text).map_err(|e| format!("bad safetensors header ({e})"))?;
+    let mut tensors = HashMap::new();
+    let mut metadata = HashMap::new();
+    for (name, v) in json {
+        if name == "__metadata__" {
+            metadata = serde_json::from_value(v).map_err(|e| format!("bad __metadata__ ({e})"))?;
+            continue;
+        }
+        #[derive(serde::Deserialize)]
+        struct Info {
+            dtype: Dtype,
+            shape: Vec<usize>,
+            data_offsets: (usize, usize),
+        }
+        let info: Info =
+            serde_json::from_value(v).map_err(|e| format!("bad entry for tensor {name} ({e})"))?;
+        tensors.insert(
+            name,
+            Stored {
+                dtype: info.dtype,
+                shape: info.shape,
+                offsets: info.data_offsets,
+            },
+        );
+    }
+    Ok(Mapped {
+        mmap: None,
+        data_start: 8 + n,
+        tensors,
+        metadata,
+    })
 }
 
 /// Writes `tensors` (named as `layout`) to the safetensors file `path` atomically, with

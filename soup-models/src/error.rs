@@ -30,6 +30,9 @@ pub enum ModelError {
     UnknownArchitecture { name: String, known: String },
     #[error("architecture {arch}: {detail}")]
     Config { arch: String, detail: String },
+    /// A model source that cannot be parsed or fetched (Hub, URL, cache).
+    #[error("{source_name}: {detail}")]
+    Source { source_name: String, detail: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
@@ -50,6 +53,13 @@ impl ModelError {
         ModelError::Io {
             path: path.to_path_buf(),
             source,
+        }
+    }
+
+    pub fn source(source: &str, detail: impl ToString) -> Self {
+        ModelError::Source {
+            source_name: source.to_string(),
+            detail: detail.to_string(),
         }
     }
 

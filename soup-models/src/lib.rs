@@ -12,10 +12,16 @@ pub use arch::{build, Architecture, InputSpec, REGISTRY};
 pub use error::{ModelError, Result};
 pub mod checkpoint;
 pub mod data;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod objective;
 pub mod pt;
+pub mod source;
 pub mod store;
+#[cfg(feature = "hub")]
+pub mod test_hub;
 
 pub use checkpoint::Checkpoint;
 pub use objective::{Classification, Dataset};
+pub use source::{fetch, fetch_str, ModelSource, Resolved};
 pub use store::FileStore;
