@@ -1,11 +1,9 @@
 //! `soup eval` and `soup inspect`.
 
-use std::path::PathBuf;
-
 use candle_core::Device;
 use soup_core::Objective;
 use soup_models::data::{shifted, Shift, Split};
-use soup_models::{Checkpoint, Classification};
+use soup_models::{Checkpoint, Classification, ModelSource};
 
 use crate::common::{human_bytes, method_bytes, DataArgs};
 use crate::error::{CliError, Result};
@@ -14,9 +12,9 @@ use crate::recipe::Method;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// The model: a checkpoint file or directory.
+    /// The model: a checkpoint file or directory, hf://org/name[@revision][:file] or a URL.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
     #[command(flatten)]
     pub data: DataArgs,
     /// Which split: test, heldout or train.
@@ -31,9 +29,9 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-pub fn eval(args: &EvalArgs) -> Result<()> {
+pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     let split: Split = args.split.parse().map_err(CliError::new)?;
-    let ckpt = Checkpoint::open(&args.model)?;
+    let ckpt = Checkpoint::open(crate::common::fetch_str(&args.model, quiet)?.path)?;
     let arch = ckpt.architecture()?;
     let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
     let mut raw = args.data.load_raw(split)?;
@@ -57,12 +55,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
             .map_or(String::new(), |s| format!(" shifted ({s})"));
         println!(
             "{} on {} {}{shift}: accuracy {:.4}, loss {:.4}, {} examples",
-            args.model.display(),
-            args.data.data,
-            args.split,
-            scores.accuracy,
-            scores.loss,
-            scores.count
+            args.model, args.data.data, args.split, scores.accuracy, scores.loss, scores.count
         );
     }
     Ok(())
@@ -70,25 +63,33 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
-    /// A checkpoint (file or directory), a zoo directory or a zoo.toml.
-    pub target: PathBuf,
+    /// A checkpoint (file or directory, hf://org/name[@revision][:file] or a URL), a zoo
+    /// directory or a zoo.toml. Hub safetensors models are inspected from their headers alone.
+    pub target: String,
     /// Model batch b for the MEHL memory figures.
     #[arg(long, default_value_t = 18)]
     pub model_batch: usize,
 }
 
-pub fn inspect(args: &InspectArgs) -> Result<()> {
-    let is_zoo = args.target.join("zoo.toml").exists()
-        || args.target.extension().is_some_and(|e| e == "toml")
-        || (args.target.is_dir()
-            && !args.target.join("model.safetensors").exists()
-            && !args.target.join("model.safetensors.index.json").exists());
-    let paths = if is_zoo {
-        crate::zoo::resolve(&args.target)?
-    } else {
-        vec![args.target.clone()]
+pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
+    let source = ModelSource::parse(&args.target)?;
+    let (ckpt, label, n, is_zoo) = match &source {
+        ModelSource::Local(target) => {
+            let is_zoo = target.join("zoo.toml").exists()
+                || target.extension().is_some_and(|e| e == "toml")
+                || (target.is_dir()
+                    && !target.join("model.safetensors").exists()
+                    && !target.join("model.safetensors.index.json").exists());
+            let zoo = if is_zoo {
+                crate::zoo::resolve(target, quiet)?
+            } else {
+                vec![crate::common::fetch(&source, quiet)?]
+            };
+            let ckpt = Checkpoint::open(&zoo[0].path)?;
+            (ckpt, zoo[0].source.clone(), zoo.len(), is_zoo)
+        }
+        remote => (open_remote(remote, quiet)?, remote.to_string(), 1, false),
     };
-    let ckpt = Checkpoint::open(&paths[0])?;
     let arch = ckpt.architecture()?;
     let layout = ckpt.layout(arch.as_ref())?;
     let mut dtypes: Vec<String> = layout
@@ -99,13 +100,12 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     dtypes.sort();
     dtypes.dedup();
     let d = layout.numel();
-    println!("{}", paths[0].display());
+    println!("{label}");
     println!("  architecture  {} {}", arch.family(), arch.config());
     println!("  tensors       {}", layout.len());
     println!("  parameters    {d}");
     println!("  stored as     {}", dtypes.join(", "));
     println!("  classes       {}", arch.num_classes());
-    let n = paths.len();
     if is_zoo {
         println!("zoo of {n} models");
         println!(
@@ -130,4 +130,15 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A remote checkpoint for inspection: from its headers alone where the Hub has safetensors.
+fn open_remote(source: &ModelSource, quiet: bool) -> Result<Checkpoint> {
+    #[cfg(feature = "hub")]
+    {
+        let hub = soup_models::hub::Hub::from_env()?.with_progress(!quiet);
+        Ok(hub.open_remote(source)?)
+    }
+    #[cfg(not(feature = "hub"))]
+    Ok(Checkpoint::open(crate::common::fetch(source, quiet)?.path)?)
 }

@@ -58,8 +58,8 @@ fn main() -> ExitCode {
         Command::Train(a) => train::train(a, cli.quiet),
         Command::Finetune(a) => train::finetune_zoo(a, cli.quiet),
         Command::Mix(a) => mix::mix(a, cli.quiet),
-        Command::Eval(a) => inspect::eval(a),
-        Command::Inspect(a) => inspect::inspect(a),
+        Command::Eval(a) => inspect::eval(a, cli.quiet),
+        Command::Inspect(a) => inspect::inspect(a, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,7 +16,7 @@ use soup_core::{
 };
 use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
 use soup_models::data::Split;
-use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError};
+use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError, Resolved};
 
 use crate::common::{bar, human_bytes, method_bytes, peak_rss_bytes, DataArgs};
 use crate::error::{io, CliError, Result};
@@ -130,8 +130,9 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
     }
 
     let t_load = Instant::now();
-    let paths = crate::zoo::resolve(&args.zoo)?;
-    let store = FileStore::open(paths.clone(), Device::Cpu)?;
+    let zoo = crate::zoo::resolve(&args.zoo, quiet)?;
+    let paths: Vec<PathBuf> = zoo.iter().map(|r| r.path.clone()).collect();
+    let store = FileStore::open(paths, Device::Cpu)?;
     let arch = store.arch.clone();
     let n = store.len();
     let d = arch.layout().numel();
@@ -168,7 +169,7 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
         eval_batch_size: 256,
         label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
     };
-    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let names: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
     let t_soup = Instant::now();
     let result = match method {
         Method::Uniform => uniform_soup(&store)?,
@@ -228,7 +229,7 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
         args,
         &recipe,
         arch.as_ref(),
-        &names,
+        &zoo,
         &result,
         heldout_scores,
         test_scores,
@@ -385,7 +386,7 @@ fn write_outputs(
     args: &MixArgs,
     recipe: &Recipe,
     arch: &dyn Architecture,
-    models: &[String],
+    zoo: &[Resolved],
     result: &SoupResult,
     heldout: Scores,
     test: Scores,
@@ -401,9 +402,17 @@ fn write_outputs(
         Ok(())
     };
     let method = recipe.method().name();
+    let models: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
+    let models = models.as_slice();
+    // Provenance: each model's source with the Hub commit or download sha256 it resolved to.
+    let sources: Vec<serde_json::Value> = zoo
+        .iter()
+        .map(|r| serde_json::json!({"source": r.source, "commit": r.commit, "sha256": r.sha256}))
+        .collect();
     let meta = BTreeMap::from([
         ("soup.method".to_string(), method.to_string()),
         ("soup.models".to_string(), serde_json::to_string(models)?),
+        ("soup.sources".to_string(), serde_json::to_string(&sources)?),
         ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
     ]);
     // soup.safetensors with HF names and the architecture; config.json beside it for transformers.
@@ -436,6 +445,7 @@ fn write_outputs(
     let report = serde_json::json!({
         "method": method,
         "models": models.len(),
+        "zoo": zoo,
         "parameters": arch.layout().numel(),
         "blocks": result.blocks.len(),
         "heldout": heldout,

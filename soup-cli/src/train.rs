@@ -77,9 +77,10 @@ pub struct TrainArgs {
     /// classes defaults to the data's).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Continue from this checkpoint instead of a random initialisation.
+    /// Continue from this checkpoint instead of a random initialisation (a path,
+    /// hf://org/name[@revision][:file] or a URL).
     #[arg(long)]
-    pub init: Option<PathBuf>,
+    pub init: Option<String>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -92,7 +93,7 @@ pub struct TrainArgs {
 pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
     let (arch, params) = match &args.init {
         Some(init) => {
-            let ckpt = Checkpoint::open(init)?;
+            let ckpt = Checkpoint::open(crate::common::fetch_str(init, quiet)?.path)?;
             let arch = ckpt.architecture()?;
             let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
             (arch, params)
@@ -282,9 +283,9 @@ fn augment_named(name: &str) -> Result<Augment> {
 
 #[derive(clap::Args, Debug)]
 pub struct FinetuneArgs {
-    /// The pre-trained start point.
+    /// The pre-trained start point (a path, hf://org/name[@revision][:file] or a URL).
     #[arg(long)]
-    pub base: PathBuf,
+    pub base: String,
     #[command(flatten)]
     pub data: DataArgs,
     /// Number of fine-tunes.
@@ -325,7 +326,8 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             manifest_path.display()
         )));
     }
-    let base = Checkpoint::open(&args.base)?;
+    let base_source = crate::common::fetch_str(&args.base, quiet)?;
+    let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &Device::Cpu)?;
     let train = args.data.load(Split::Train, &arch)?;
@@ -341,7 +343,10 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         let accuracy = metrics.accuracy.unwrap_or(0.0);
         let mut meta = config.metadata();
         meta.insert("soup.heldout_accuracy".into(), format!("{accuracy}"));
-        meta.insert("soup.base".into(), args.base.display().to_string());
+        meta.insert("soup.base".into(), args.base.clone());
+        if let Some(commit) = &base_source.commit {
+            meta.insert("soup.base_commit".into(), commit.clone());
+        }
         write_model_dir(&args.out.join(&name), arch.as_ref(), &trained, &meta)?;
         if !quiet {
             eprintln!(
@@ -351,6 +356,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         }
         manifest.models.push(Entry {
             path: name,
+            sha256: None,
             heldout_accuracy: Some(accuracy),
             hyperparameters: Some(toml::Value::try_from(&config)?),
         });
@@ -362,7 +368,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     println!(
         "{} fine-tunes of {} -> {}",
         args.count,
-        args.base.display(),
+        args.base,
         manifest_path.display()
     );
     Ok(())

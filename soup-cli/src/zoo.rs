@@ -3,7 +3,8 @@
 //! `zoo.toml` (written by `soup finetune`):
 //! ```toml
 //! [[model]]
-//! path = "model-00"          # relative to the manifest
+//! path = "model-00"          # relative to the manifest, or hf://org/name[@rev][:file], or a URL
+//! sha256 = "..."             # optional, checked for URL sources
 //! heldout_accuracy = 0.87    # optional
 //! hyperparameters = { ... }  # optional, the fine-tuning settings
 //! ```
@@ -11,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use soup_models::{ModelSource, Resolved};
 
 use crate::error::{io, CliError, Result};
 
@@ -24,14 +26,17 @@ pub struct Manifest {
 pub struct Entry {
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heldout_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyperparameters: Option<toml::Value>,
 }
 
-/// The checkpoint paths of a zoo, in order: the entries of a `zoo.toml`, or, for a directory
-/// without one, its model directories and `.safetensors`/`.pt` files sorted by name.
-pub fn resolve(zoo: &Path) -> Result<Vec<PathBuf>> {
+/// The checkpoints of a zoo, in order, fetched where remote: the entries of a `zoo.toml`, or,
+/// for a directory without one, its model directories and `.safetensors`/`.pt` files sorted by
+/// name.
+pub fn resolve(zoo: &Path, quiet: bool) -> Result<Vec<Resolved>> {
     let manifest = if zoo.is_dir() {
         zoo.join("zoo.toml")
     } else {
@@ -42,14 +47,23 @@ pub fn resolve(zoo: &Path) -> Result<Vec<PathBuf>> {
         let m: Manifest = toml::from_str(&text)
             .map_err(|e| CliError::new(format!("{}: {}", manifest.display(), e.message())))?;
         let base = manifest.parent().unwrap_or(Path::new("."));
-        let paths: Vec<PathBuf> = m.models.iter().map(|e| base.join(&e.path)).collect();
-        if paths.is_empty() {
+        if m.models.is_empty() {
             return Err(CliError::new(format!(
                 "{}: the zoo lists no models",
                 manifest.display()
             )));
         }
-        return Ok(paths);
+        return m
+            .models
+            .iter()
+            .map(|e| {
+                let source = match ModelSource::parse(&e.path)? {
+                    ModelSource::Local(p) => ModelSource::Local(base.join(p)),
+                    remote => remote,
+                };
+                crate::common::fetch(&source.with_sha256(e.sha256.clone())?, quiet)
+            })
+            .collect();
     }
     if !zoo.is_dir() {
         return Err(CliError::new(format!(
@@ -80,5 +94,8 @@ pub fn resolve(zoo: &Path) -> Result<Vec<PathBuf>> {
             zoo.display()
         )));
     }
-    Ok(paths)
+    paths
+        .into_iter()
+        .map(|p| crate::common::fetch(&ModelSource::Local(p), quiet))
+        .collect()
 }

@@ -491,3 +491,123 @@ fn bad_input_gets_exit_code_two_and_a_named_culprit() {
         );
     }
 }
+
+fn soup_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_soup"));
+    cmd.args(args).arg("-q");
+    for var in [
+        "HF_ENDPOINT",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_TOKEN",
+        "HF_HUB_OFFLINE",
+        "SOUP_CACHE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run soup")
+}
+
+#[test]
+fn a_zoo_of_hub_models_mixes_like_the_local_zoo_and_works_offline_afterwards() {
+    use soup_models::test_hub::{Behaviour, HubServer};
+    let zoo = zoo();
+    let hf_home = ScratchDir::new("cli-hf-home");
+    let home = hf_home.path().display().to_string();
+    let server = HubServer::start(Behaviour::Normal).unwrap();
+    let commit = "abcdef0123456789abcdef0123456789abcdef01";
+    let models = ["model-00", "model-01", "model-02"];
+    let mut local = String::new();
+    let mut remote = String::new();
+    for (i, m) in models.iter().enumerate() {
+        let dir = zoo.root.join("zoo").join(m);
+        server
+            .add_dir(&format!("org/m{i}"), "main", commit, &dir)
+            .unwrap();
+        local += &format!("[[model]]\npath = \"{}\"\n", dir.display());
+        remote += &format!("[[model]]\npath = \"hf://org/m{i}\"\n");
+    }
+    std::fs::write(zoo.root.join("hub-local.toml"), local).unwrap();
+    std::fs::write(zoo.root.join("hub-remote.toml"), remote).unwrap();
+    let env = [
+        ("HF_ENDPOINT", server.url.as_str()),
+        ("HF_HOME", home.as_str()),
+    ];
+    for (manifest, out) in [
+        ("hub-local.toml", "hub-local"),
+        ("hub-remote.toml", "hub-remote"),
+    ] {
+        let mut args = mix(zoo, "mehl+", out, "2");
+        args[4] = zoo.path(manifest);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = soup_env(&args, &env);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let soup = |out: &str| soup_bits(&format!("{}/soup.safetensors", zoo.path(out)));
+    assert_eq!(soup("hub-local"), soup("hub-remote"));
+    let report = json(&format!("{}/report.json", zoo.path("hub-remote")));
+    assert_eq!(report["zoo"][1]["source"], "hf://org/m1");
+    assert_eq!(report["zoo"][1]["commit"], commit);
+    let coefficients = json(&format!("{}/coefficients.json", zoo.path("hub-remote")));
+    assert_eq!(coefficients["models"][0], "hf://org/m0");
+
+    // The server gone and HF_HUB_OFFLINE set: inspect and eval run from the cache; a model
+    // never fetched is a one-line error naming it.
+    server.stop();
+    let offline = [
+        ("HF_ENDPOINT", server.url.as_str()),
+        ("HF_HOME", home.as_str()),
+        ("HF_HUB_OFFLINE", "1"),
+    ];
+    let o = soup_env(&["inspect", "hf://org/m2"], &offline);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("clip-vit"), "{text}");
+    let o = soup_env(
+        &[
+            "eval",
+            "--model",
+            "hf://org/m0",
+            "--data",
+            DATA,
+            "--max-examples",
+            LIMIT,
+            "--json",
+        ],
+        &offline,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = soup_env(&["inspect", "hf://org/m9"], &offline);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("soup: hf://org/m9: ") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_hub_that_never_answers_ends_in_a_timeout_error() {
+    use soup_models::test_hub::{Behaviour, HubServer};
+    let hf_home = ScratchDir::new("cli-hang");
+    let home = hf_home.path().display().to_string();
+    let server = HubServer::start(Behaviour::Hang).unwrap();
+    let env = [
+        ("HF_ENDPOINT", server.url.as_str()),
+        ("HF_HOME", home.as_str()),
+        ("HF_HUB_ETAG_TIMEOUT", "0.5"),
+        ("SOUP_HUB_RETRIES", "0"),
+    ];
+    let t = std::time::Instant::now();
+    let o = soup_env(&["inspect", "hf://org/m0"], &env);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    // One attempt of 0.5 s: anything near this bound means a hang.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+}
