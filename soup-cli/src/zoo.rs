@@ -99,3 +99,21 @@ pub fn resolve(zoo: &Path, quiet: bool) -> Result<Vec<Resolved>> {
         .map(|p| crate::common::fetch(&ModelSource::Local(p), quiet))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_paper_manifest_is_a_zoo_of_72_url_sources() {
+        let text = include_str!("../../xtask/manifests/paper-vit-b32.toml");
+        let m: Manifest = toml::from_str(text).unwrap();
+        assert_eq!(m.models.len(), 72);
+        for (i, e) in m.models.iter().enumerate() {
+            match ModelSource::parse(&e.path).unwrap() {
+                ModelSource::Url { url, .. } => assert!(url.ends_with(&format!("/model_{i}.pt"))),
+                other => panic!("entry {i} is not a URL source: {other:?}"),
+            }
+        }
+    }
+}

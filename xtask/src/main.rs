@@ -6,7 +6,9 @@
 //!   classifier on this machine (release build), as a table and JSON lines in `target/bench/`.
 //! - `cargo xtask reproduce [--quick]`: the paper's experiments on Fashion-MNIST (`reproduce.rs`).
 
+mod paper;
 mod reproduce;
+mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -38,8 +40,12 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   ci         formatting, clippy (warnings denied) and every test of the workspace;
              installs rustfmt, clippy and Debian's dataset-fashion-mnist when missing
-  reproduce  the paper's experiments offline (preset fmnist): results/fmnist/
-             options: --quick (small zoo, one seed, a few minutes)
+  reproduce  the paper's experiments: results/<preset>/
+             --preset fmnist (default; offline, CPU) [--quick: small zoo, one seed, minutes]
+             --preset scale [--models 4,8,16,24]: memory and time of Learned+ vs MEHL+ on
+               ViT-B/32-size perturbed zoos
+             --preset paper-vit-b32 --imagenet DIR [--zoo DIR] [--max-examples N]: the 72
+               model-soups checkpoints on ImageNet (manifests/paper-vit-b32.toml)
   bench      forward + backward step time of the ViT-B/32 classifier, with peak RSS
              options: --batch 8,32 (batch sizes), --rounds 5 (timed rounds after one warm-up)";
 

@@ -111,7 +111,7 @@ impl Preset {
 }
 
 /// Runs `soup args` (quiet) and returns its stdout; the error carries its stderr.
-fn soup(args: &[String]) -> Result<String, String> {
+pub(crate) fn soup(args: &[String]) -> Result<String, String> {
     let exe = root().join("target/release/soup");
     let out = Command::new(&exe)
         .args(args)
@@ -128,11 +128,11 @@ fn soup(args: &[String]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
+pub(crate) fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-fn read_json(path: &Path) -> Result<Value, String> {
+pub(crate) fn read_json(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -242,7 +242,7 @@ fn pct(v: &[f64]) -> String {
 }
 
 /// A zoo manifest of `paths` (absolute).
-fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String> {
+pub(crate) fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String> {
     let mut text = String::new();
     for p in paths {
         let _ = writeln!(text, "[[model]]\npath = {:?}\n", p.display().to_string());
@@ -268,7 +268,7 @@ fn greedy_vs_mehl(
 }
 
 /// A line chart of named series of (x, y) points, as SVG.
-fn line_chart(
+pub(crate) fn line_chart(
     title: &str,
     xlabel: &str,
     ylabel: &str,
@@ -356,18 +356,49 @@ fn line_chart(
 pub fn reproduce(args: &[String]) -> Result<(), String> {
     let mut preset = "fmnist".to_string();
     let mut quick = false;
+    let mut models: Option<Vec<usize>> = None;
+    let (mut imagenet, mut zoo, mut max_examples) = (None, None, None);
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--quick" => quick = true,
-            "--preset" => preset = it.next().ok_or("--preset needs a value")?.clone(),
+            "--preset" => preset = value()?.clone(),
+            "--models" => {
+                let list = value()?;
+                let parsed: Result<Vec<usize>, _> = list.split(',').map(str::parse).collect();
+                models = Some(parsed.map_err(|_| format!("--models {list:?}: expected N,N,..."))?);
+            }
+            "--imagenet" => imagenet = Some(PathBuf::from(value()?)),
+            "--zoo" => zoo = Some(PathBuf::from(value()?)),
+            "--max-examples" => {
+                let v = value()?;
+                max_examples = Some(v.parse().map_err(|_| format!("--max-examples {v:?}"))?);
+            }
             other => return Err(format!("unknown reproduce flag {other}")),
         }
     }
+    let misplaced = |flag: &str, set: bool, owner: &str| -> Result<(), String> {
+        if set && preset != owner {
+            return Err(format!("{flag} belongs to --preset {owner}"));
+        }
+        Ok(())
+    };
+    misplaced("--quick", quick, "fmnist")?;
+    misplaced("--models", models.is_some(), "scale")?;
+    misplaced("--imagenet", imagenet.is_some(), "paper-vit-b32")?;
+    misplaced("--zoo", zoo.is_some(), "paper-vit-b32")?;
+    misplaced("--max-examples", max_examples.is_some(), "paper-vit-b32")?;
     match preset.as_str() {
         "fmnist" => fmnist(&Preset::fmnist(quick)),
+        "scale" => crate::scale::scale(models.as_deref().unwrap_or(crate::scale::DEFAULT_MODELS)),
+        "paper-vit-b32" => crate::paper::paper(&crate::paper::check_args(
+            imagenet.as_deref(),
+            zoo.as_deref(),
+            max_examples,
+        )?),
         other => Err(format!(
-            "preset {other:?} is not available yet (available: fmnist)"
+            "unknown preset {other:?} (available: fmnist, scale, paper-vit-b32)"
         )),
     }
 }
