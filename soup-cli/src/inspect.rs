@@ -44,6 +44,7 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
         batch_size: 256,
         eval_batch_size: 256,
         label_smoothing: 0.0,
+        shard: (0, 1),
     };
     let scores: Scores = objective.evaluate(&params)?.into();
     if args.json {

@@ -4,6 +4,8 @@ mod common;
 mod error;
 mod inspect;
 mod mix;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod recipe;
 mod svg;
 mod train;
@@ -12,6 +14,7 @@ mod zoo;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use soup_core::{Collective, SingleProcess};
 
 /// Learned model soups on one machine: MEHL-Soup (ECCV 2024) and its baselines.
 #[derive(Parser, Debug)]
@@ -54,17 +57,40 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    #[cfg(feature = "mpi")]
+    let mpi = mpi::Mpi::from_env();
+    #[cfg(feature = "mpi")]
+    let comm: &dyn Collective = match &mpi {
+        Some(m) => m,
+        None => &SingleProcess,
+    };
+    #[cfg(not(feature = "mpi"))]
+    let comm: &dyn Collective = &SingleProcess;
+    let (rank, world) = (comm.rank(), comm.world_size());
     let result = match &cli.command {
+        Command::Mix(a) => mix::mix(a, cli.quiet || rank > 0, comm),
+        _ if world > 1 => Err(error::CliError::new(
+            "only `soup mix` runs over several processes",
+        )),
         Command::Train(a) => train::train(a, cli.quiet),
         Command::Finetune(a) => train::finetune_zoo(a, cli.quiet),
-        Command::Mix(a) => mix::mix(a, cli.quiet),
         Command::Eval(a) => inspect::eval(a, cli.quiet),
         Command::Inspect(a) => inspect::inspect(a, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("soup: {}", e.0.lines().next().unwrap_or("error"));
+            let message = e.0.lines().next().unwrap_or("error");
+            if world > 1 {
+                // Every rank's error reaches the user, and the others must not wait for it.
+                eprintln!("soup: rank {rank} of {world}: {message}");
+                #[cfg(feature = "mpi")]
+                if let Some(m) = &mpi {
+                    m.abort(2);
+                }
+            } else {
+                eprintln!("soup: {message}");
+            }
             ExitCode::from(2)
         }
     }

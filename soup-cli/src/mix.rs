@@ -11,8 +11,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::{
-    greedy_soup, learned_soup, resume_mehl, uniform_soup, BatchEval, Event, MehlProgress, Metrics,
-    ModelStore, Objective, SoupResult, StepRecord, TensorSpec,
+    greedy_soup, learned_soup, resume_mehl_on, uniform_soup_on, BatchEval, Collective, Event,
+    MehlProgress, Metrics, ModelStore, Objective, SoupResult, StepRecord, TensorSpec,
 };
 use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
 use soup_models::data::Split;
@@ -103,8 +103,42 @@ fn parse_bytes(s: &str) -> Result<u64> {
         .ok_or_else(|| CliError::new(format!("--max-memory {s:?}: expected a size such as 8G")))
 }
 
-pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
+/// What one process of a run held and did, for the report.
+#[derive(Clone, Copy, Debug, Default)]
+struct RankStats {
+    models_loaded: f64,
+    max_models_per_batch: f64,
+    direction_bytes: f64,
+    peak_rss_bytes: f64,
+}
+
+/// A store that counts the models it loads.
+struct Counted<'a> {
+    inner: &'a FileStore,
+    loads: std::cell::Cell<usize>,
+}
+
+impl ModelStore for Counted<'_> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn name(&self, i: usize) -> String {
+        self.inner.name(i)
+    }
+    fn layout(&self, i: usize) -> soup_core::Result<soup_core::ParamLayout> {
+        self.inner.layout(i)
+    }
+    fn load(&self, i: usize) -> soup_core::Result<Vec<Tensor>> {
+        self.loads.set(self.loads.get() + 1);
+        self.inner.load(i)
+    }
+}
+
+/// `soup mix`. Over several processes (`comm`), only uniform, mehl and mehl+ run; every rank
+/// loads its share of the models, and rank 0 alone evaluates and writes OUT.
+pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
     let started = Instant::now();
+    let (rank, world) = (comm.rank(), comm.world_size());
     let from_file = match &args.recipe {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
@@ -115,6 +149,12 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
     };
     let recipe = from_file.overridden_by(&args.knobs).resolved()?;
     let method = recipe.method();
+    if world > 1 && !matches!(method, Method::Uniform | Method::Mehl | Method::MehlPlus) {
+        return Err(CliError::new(format!(
+            "{} runs in one process; over several processes soup mixes uniform, mehl and mehl+",
+            method.name()
+        )));
+    }
     let partial = partial_dir(&args.out);
     if args.out.exists() && !args.force {
         return Err(CliError::new(format!(
@@ -130,16 +170,29 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
     }
 
     let t_load = Instant::now();
+    // Over several processes rank 0 fetches remote models first; the others then find them in
+    // the cache instead of racing it for the same downloads.
+    if rank > 0 {
+        comm.all_reduce_f64(&[0.0])?;
+    }
     let zoo = crate::zoo::resolve(&args.zoo, quiet)?;
+    if world > 1 && rank == 0 {
+        comm.all_reduce_f64(&[0.0])?;
+    }
     let paths: Vec<PathBuf> = zoo.iter().map(|r| r.path.clone()).collect();
-    let store = FileStore::open(paths, Device::Cpu)?;
-    let arch = store.arch.clone();
+    let files = FileStore::open(paths, Device::Cpu)?;
+    let store = Counted {
+        inner: &files,
+        loads: std::cell::Cell::new(0),
+    };
+    let arch = files.arch.clone();
     let n = store.len();
     let d = arch.layout().numel();
     let heldout = args.data.load(Split::Heldout, &arch)?;
     let test = args.data.load(Split::Test, &arch)?;
     let data_bytes = 4 * (heldout.images.elem_count() + test.images.elem_count()) as u64;
-    let estimate = method_bytes(method, n, d, recipe.model_batch.unwrap_or(18)) + data_bytes;
+    let per_rank_batch = recipe.model_batch.unwrap_or(18).min(n).div_ceil(world);
+    let estimate = method_bytes(method, n, d, per_rank_batch) + data_bytes;
     if let Some(limit) = &args.max_memory {
         let limit = parse_bytes(limit)?;
         if estimate > limit {
@@ -160,7 +213,9 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
         "zoo and data loaded"
     );
     let load_s = t_load.elapsed().as_secs_f64();
-    std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+    if rank == 0 {
+        std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+    }
 
     let mut objective = Classification {
         arch: arch.clone(),
@@ -168,11 +223,13 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
         batch_size: recipe.batch_size.unwrap_or(128),
         eval_batch_size: 256,
         label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
+        shard: (0, 1),
     };
     let names: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
+    let mut max_rows = 0;
     let t_soup = Instant::now();
     let result = match method {
-        Method::Uniform => uniform_soup(&store)?,
+        Method::Uniform => uniform_soup_on(&store, comm)?,
         Method::Greedy => greedy_soup(&store, &mut objective, recipe.accept()?)?,
         Method::Learned | Method::LearnedPlus => {
             learned_soup(&store, &mut objective, &recipe.learned_config()?)?
@@ -180,7 +237,7 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
         Method::Mehl | Method::MehlPlus => {
             let config = recipe.mehl_config()?;
             let progress = if args.resume {
-                Some(load_progress(&partial, &recipe, &names, &store)?)
+                Some(load_progress(&partial, &recipe, &names, &files)?)
             } else {
                 None
             };
@@ -191,22 +248,27 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
                 bar.set_position((p.model_batches_done * steps_per_batch) as u64);
             }
             let mut save_error = None;
-            let result = resume_mehl(
+            let result = resume_mehl_on(
                 &store,
                 &mut objective,
                 &config,
                 progress,
+                comm,
                 &mut |e| match e {
                     Event::Step { record, .. } => {
                         bar.inc(1);
                         bar.set_prefix(format!("loss {:.4}", record.loss));
                     }
                     Event::BatchEnd { resume, .. } => {
-                        if let Err(e) = save_progress(&partial, &recipe, &names, resume) {
-                            save_error.get_or_insert(e);
+                        if rank == 0 {
+                            if let Err(e) = save_progress(&partial, &recipe, &names, resume) {
+                                save_error.get_or_insert(e);
+                            }
                         }
                     }
-                    Event::BatchStart { .. } => {}
+                    Event::BatchStart { hyperplane, .. } => {
+                        max_rows = max_rows.max(hyperplane.batch_len());
+                    }
                 },
             );
             bar.finish_and_clear();
@@ -217,6 +279,29 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
         }
     };
     let soup_s = t_soup.elapsed().as_secs_f64();
+
+    // What each rank held, gathered on every rank (each fills its own slots of a sum).
+    let mut slots = vec![0.0; 4 * world];
+    slots[4 * rank..4 * rank + 4].copy_from_slice(&[
+        store.loads.get() as f64,
+        max_rows as f64,
+        result.memory.directions as f64,
+        peak_rss_bytes() as f64,
+    ]);
+    let ranks: Vec<RankStats> = comm
+        .all_reduce_f64(&slots)?
+        .chunks(4)
+        .map(|c| RankStats {
+            models_loaded: c[0],
+            max_models_per_batch: c[1],
+            direction_bytes: c[2],
+            peak_rss_bytes: c[3],
+        })
+        .collect();
+    if rank > 0 {
+        return Ok(());
+    }
+    objective.set_shard(0, 1)?;
 
     let t_eval = Instant::now();
     let heldout_scores: Scores = objective.evaluate(&result.soup)?.into();
@@ -236,6 +321,7 @@ pub fn mix(args: &MixArgs, quiet: bool) -> Result<()> {
         [("load", load_s), ("soup", soup_s), ("evaluate", eval_s)],
         started,
         estimate,
+        &ranks,
     )?;
     if args.out.exists() {
         std::fs::remove_dir_all(&args.out).map_err(|e| io(&args.out, e))?;
@@ -393,6 +479,7 @@ fn write_outputs(
     phases: [(&str, f64); 3],
     started: Instant,
     estimate: u64,
+    ranks: &[RankStats],
 ) -> Result<()> {
     let write = |name: &str, text: &str| -> Result<()> {
         let path = dir.join(name);
@@ -454,7 +541,12 @@ fn write_outputs(
         "timings_s": timings,
         "peak_rss_bytes": peak_rss_bytes(),
         "estimated_bytes": estimate,
-        "world_size": 1,
+        "world_size": ranks.len(),
+        "ranks": ranks.iter().enumerate().map(|(r, s)| serde_json::json!({
+            "rank": r, "models_loaded": s.models_loaded,
+            "max_models_per_batch": s.max_models_per_batch,
+            "direction_bytes": s.direction_bytes, "peak_rss_bytes": s.peak_rss_bytes,
+        })).collect::<Vec<_>>(),
         "memory_account_bytes": {
             "models": m.models, "directions": m.directions, "center": m.center,
             "theta": m.theta, "gradient": m.gradient, "coefficients": m.coefficients,

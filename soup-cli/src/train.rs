@@ -163,6 +163,7 @@ fn run_training(
         batch_size: 256,
         eval_batch_size: 256,
         label_smoothing: 0.0,
+        shard: (0, 1),
     };
     let metrics = objective.evaluate(&trained)?;
     Ok((trained, metrics))

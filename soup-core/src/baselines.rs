@@ -12,16 +12,27 @@ use crate::optim::{Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::derive_seed;
 use crate::schedule::StepSchedule;
-use crate::traits::{Batch, ModelStore, Objective};
+use crate::traits::{Batch, Collective, ModelStore, Objective, SingleProcess};
 use crate::zoo::{scale, Zoo};
 
 /// Uniform-Soup: θ = (1/N) Σ θ_i, streamed (one model resident besides the running sum).
 pub fn uniform_soup(store: &dyn ModelStore) -> Result<SoupResult> {
+    uniform_soup_on(store, &SingleProcess)
+}
+
+/// [`uniform_soup`] as one of `comm.world_size()` processes: each sums its [`crate::share`] of
+/// the models, and the sums are summed over the processes.
+pub fn uniform_soup_on(store: &dyn ModelStore, comm: &dyn Collective) -> Result<SoupResult> {
     let started = Instant::now();
     let zoo = Zoo::open(store)?;
     let n = zoo.len();
     let all: Vec<usize> = (0..n).collect();
-    let soup = zoo.mean(&all)?;
+    let soup = if comm.world_size() == 1 {
+        zoo.mean(&all)?
+    } else {
+        let mine = crate::mehl::share(&all, comm.rank(), comm.world_size());
+        scale(&zoo.sum_over(mine, comm)?, 1.0 / n as f64)?
+    };
     let mut timings = Timings::default();
     timings.add("load", started);
     let model_bytes = bytes_of(&soup);

@@ -40,7 +40,7 @@ pub enum SoupError {
 pub type Result<T> = std::result::Result<T, SoupError>;
 
 impl SoupError {
-    pub(crate) fn config(name: &'static str, value: impl ToString, reason: &'static str) -> Self {
+    pub fn config(name: &'static str, value: impl ToString, reason: &'static str) -> Self {
         SoupError::InvalidConfig {
             name,
             value: value.to_string(),

@@ -39,6 +39,22 @@ impl Hyperplane {
         center: Vec<Tensor>,
         gamma: Vec<Vec<f64>>,
         members: Vec<usize>,
+        load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
+    ) -> Result<Self> {
+        let b = members.len();
+        Self::new_part(layout, blocks, center, gamma, members, b, load)
+    }
+
+    /// The part of a hyperplane of `batch_len` models that one process of a run over several
+    /// holds (spec §3.7): the rows of `members` only (possibly none). The zero-norm guard uses
+    /// `batch_len`, so every process guards exactly as one process holding the whole batch.
+    pub fn new_part(
+        layout: ParamLayout,
+        blocks: Vec<Block>,
+        center: Vec<Tensor>,
+        gamma: Vec<Vec<f64>>,
+        members: Vec<usize>,
+        batch_len: usize,
         mut load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
         let b = members.len();
@@ -60,7 +76,7 @@ impl Hyperplane {
                     DType::F32 => f32::EPSILON as f64,
                     _ => 1e-3, // f16/bf16: 2^-10 and 2^-7
                 };
-                Ok((b + 1) as f64 * eps * l2_norm(c)?)
+                Ok((batch_len + 1) as f64 * eps * l2_norm(c)?)
             })
             .collect::<Result<_>>()?;
         for (i, &j) in members.iter().enumerate() {
@@ -142,6 +158,28 @@ impl Hyperplane {
             .collect()
     }
 
+    /// Σ_i X_{i,l} d_{i,l} over this hyperplane's rows, per block, and whether any X of the
+    /// block is non-zero (1.0) or not (0.0, and the block's sum is zeros): the share of θ − c
+    /// of one process of a run over several.
+    pub fn delta_blocks(&self) -> Result<(Vec<Tensor>, Vec<f64>)> {
+        let b = self.batch_len();
+        let num_blocks = self.blocks.len();
+        let mut active = vec![0.0; num_blocks];
+        let deltas = (0..num_blocks)
+            .map(|l| {
+                let c = &self.center[l];
+                let col: Vec<f64> = (0..b).map(|i| self.x[i * num_blocks + l]).collect();
+                if col.iter().all(|&v| v == 0.0) {
+                    return Ok(c.zeros_like()?);
+                }
+                active[l] = 1.0;
+                let xs = Tensor::from_vec(col, (1, b), c.device())?.to_dtype(c.dtype())?;
+                Ok(xs.matmul(&self.directions[l])?.squeeze(0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((deltas, active))
+    }
+
     /// θ as named tensors in layout order.
     pub fn theta(&self) -> Result<Vec<Tensor>> {
         from_blocks(&self.theta_blocks()?, &self.blocks, &self.layout)
@@ -151,6 +189,9 @@ impl Hyperplane {
     /// order): ∂F/∂X_{i,l} = ⟨g^l, d_{i,l}⟩, one (b × D_l)·(D_l × 1) product per block.
     /// Returned b × L row-major, like `x`.
     pub fn project(&self, grad: &[Tensor]) -> Result<Vec<f64>> {
+        if self.members.is_empty() {
+            return Ok(Vec::new());
+        }
         let g = to_blocks(grad, &self.blocks)?;
         let cols = g
             .iter()
@@ -163,30 +204,45 @@ impl Hyperplane {
 
     /// α[l][j] for all N models, per block (spec §3.2).
     pub fn alpha(&self) -> Vec<Vec<f64>> {
+        let (s, own) = self.alpha_terms();
+        self.alpha_from_terms(&s, &own)
+    }
+
+    /// The terms of α that this hyperplane's rows contribute: s_l = Σ_i X_{i,l}/‖θ_i^l − c^l‖
+    /// and own[l][j] = X_{j,l}/‖θ_j^l − c^l‖ for its members j (0 elsewhere). Over several
+    /// processes, the sums of both over the processes give α by [`Self::alpha_from_terms`].
+    pub fn alpha_terms(&self) -> (Vec<f64>, Vec<Vec<f64>>) {
         let num_blocks = self.blocks.len();
-        (0..num_blocks)
-            .map(|l| {
-                let mut row = self.gamma[l].clone();
-                let mut s = 0.0;
-                let own: Vec<f64> = (0..self.batch_len())
-                    .map(|i| {
-                        let n = self.norms[i * num_blocks + l];
-                        let v = if n > 0.0 {
-                            self.x[i * num_blocks + l] / n
-                        } else {
-                            0.0
-                        };
-                        s += v;
-                        v
-                    })
-                    .collect();
-                for a in row.iter_mut() {
-                    *a *= 1.0 - s;
-                }
-                for (i, &j) in self.members.iter().enumerate() {
-                    row[j] += own[i];
-                }
-                row
+        let n = self.gamma.first().map_or(0, Vec::len);
+        let mut s = vec![0.0; num_blocks];
+        let mut own = vec![vec![0.0; n]; num_blocks];
+        for l in 0..num_blocks {
+            for (i, &j) in self.members.iter().enumerate() {
+                let norm = self.norms[i * num_blocks + l];
+                let v = if norm > 0.0 {
+                    self.x[i * num_blocks + l] / norm
+                } else {
+                    0.0
+                };
+                s[l] += v;
+                own[l][j] += v;
+            }
+        }
+        (s, own)
+    }
+
+    /// α[l][j] = γ[l][j](1 − s_l) + own[l][j].
+    pub fn alpha_from_terms(&self, s: &[f64], own: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        self.gamma
+            .iter()
+            .zip(s)
+            .zip(own)
+            .map(|((gamma, s), own)| {
+                gamma
+                    .iter()
+                    .zip(own)
+                    .map(|(g, o)| g * (1.0 - s) + o)
+                    .collect()
             })
             .collect()
     }

@@ -18,11 +18,15 @@ pub mod schedule;
 pub mod traits;
 pub mod zoo;
 
-pub use baselines::{greedy_soup, learned_soup, uniform_soup, GreedyAccept, LearnedConfig};
+pub use baselines::{
+    greedy_soup, learned_soup, uniform_soup, uniform_soup_on, GreedyAccept, LearnedConfig,
+};
 pub use error::{Result, SoupError};
 pub use hyperplane::Hyperplane;
 pub use layout::{from_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
-pub use mehl::{epoch_seed, resume_mehl, run_mehl, Event, MehlConfig, MehlProgress};
+pub use mehl::{
+    epoch_seed, resume_mehl, resume_mehl_on, run_mehl, share, Event, MehlConfig, MehlProgress,
+};
 pub use optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
 pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 pub use schedule::StepSchedule;

@@ -11,8 +11,8 @@ use crate::optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::{derive_seed, permutation};
 use crate::schedule::StepSchedule;
-use crate::traits::{Batch, Metrics, ModelStore, Objective};
-use crate::zoo::Zoo;
+use crate::traits::{Batch, Collective, Metrics, ModelStore, Objective, SingleProcess};
+use crate::zoo::{scale, Zoo};
 
 /// Every knob of the authors' MEHL-Soup code. MEHL-Soup and MEHL-Soup+ differ only in `block_cut`.
 #[derive(Clone, Debug, PartialEq)]
@@ -216,7 +216,35 @@ pub fn resume_mehl(
     progress: Option<MehlProgress>,
     observer: &mut dyn FnMut(&Event),
 ) -> Result<SoupResult> {
+    resume_mehl_on(store, objective, config, progress, &SingleProcess, observer)
+}
+
+/// The models of a model batch that rank `rank` of `world` holds: a contiguous share of
+/// ⌈b/W⌉ (the last ranks may hold fewer, or none).
+pub fn share(members: &[usize], rank: usize, world: usize) -> &[usize] {
+    let k = members.len().div_ceil(world.max(1));
+    let start = (rank * k).min(members.len());
+    &members[start..(start + k).min(members.len())]
+}
+
+/// [`resume_mehl`] as one of `comm.world_size()` processes (spec §3.7). Every process runs this
+/// with the same arguments; each loads only its [`share`] of every model batch (its directions
+/// and rows of X) and its shard of every data mini-batch (see [`Objective::set_shard`]). Per step,
+/// θ − c and ∇θ are summed over the processes; the first center is the summed mean. Every process
+/// returns the same soup and α, equal to the one-process run's up to rounding.
+pub fn resume_mehl_on(
+    store: &dyn ModelStore,
+    objective: &mut dyn Objective,
+    config: &MehlConfig,
+    progress: Option<MehlProgress>,
+    comm: &dyn Collective,
+    observer: &mut dyn FnMut(&Event),
+) -> Result<SoupResult> {
     config.validate()?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world > 1 {
+        objective.set_shard(rank, world)?;
+    }
     let zoo = Zoo::open(store)?;
     let n = zoo.len();
     let num_batches = objective.num_batches();
@@ -255,11 +283,16 @@ pub fn resume_mehl(
                 continue;
             }
             let started = Instant::now();
+            let mine = share(members, rank, world);
             let (center, gamma) = match soup.take() {
                 Some(s) => s,
                 None => {
                     // The first model batch starts at the uniform soup of its models.
-                    let mean = zoo.mean(members)?;
+                    let mean = if world == 1 {
+                        zoo.mean(members)?
+                    } else {
+                        scale(&zoo.sum_over(mine, comm)?, 1.0 / members.len() as f64)?
+                    };
                     memory = memory.peak(MemoryAccount {
                         models: 2 * bytes_of(&mean),
                         ..Default::default()
@@ -273,12 +306,13 @@ pub fn resume_mehl(
                     (to_blocks(&mean, &blocks)?, gamma)
                 }
             };
-            let mut hp = Hyperplane::new(
+            let mut hp = Hyperplane::new_part(
                 layout.clone(),
                 blocks.clone(),
                 center,
                 gamma,
-                members.to_vec(),
+                mine.to_vec(),
+                members.len(),
                 |j| zoo.load(j),
             )?;
             timings.add("load", started);
@@ -312,7 +346,7 @@ pub fn resume_mehl(
                 StepSchedule::ConvergenceRate { smoothness, scale } => {
                     let beta = match smoothness {
                         Some(beta) => beta,
-                        None => estimate_smoothness(&mut hp, objective, first_batch)?,
+                        None => estimate_smoothness(&mut hp, objective, first_batch, comm)?,
                     };
                     StepSchedule::convergence_rate(beta, scale, total_steps)
                 }
@@ -323,7 +357,8 @@ pub fn resume_mehl(
                 coefficients: hp.coefficient_bytes() + optimizer.state_bytes(),
                 ..Default::default()
             });
-            let mut theta = from_blocks(hp.center(), &blocks, &layout)?;
+            let mut theta_blocks = hp.center().to_vec();
+            let mut theta = from_blocks(&theta_blocks, &blocks, &layout)?;
             for epoch in 0..config.inner_epochs {
                 let seed = epoch_seed(config.seed, outer_pass, model_batch, epoch);
                 for index in 0..num_batches {
@@ -333,7 +368,7 @@ pub fn resume_mehl(
                         epoch_seed: seed,
                         index,
                     };
-                    let (loss, mut grad) = objective.loss_and_grad(&theta, batch)?;
+                    let (loss, mut grad) = loss_and_grad(objective, &theta, batch, comm)?;
                     let non_finite = |what| SoupError::NonFinite {
                         what,
                         step,
@@ -351,7 +386,8 @@ pub fn resume_mehl(
                     }
                     let grad_x = hp.project(&grad)?;
                     optimizer.step(&mut hp.x, &grad_x, lr, config.weight_decay);
-                    theta = hp.theta()?;
+                    theta_blocks = theta_of(&hp, comm)?;
+                    theta = from_blocks(&theta_blocks, &blocks, &layout)?;
                     let record = StepRecord {
                         outer_pass,
                         model_batch,
@@ -373,7 +409,7 @@ pub fn resume_mehl(
 
             let metrics = if config.evaluate_each_model_batch {
                 let started = Instant::now();
-                let m = objective.evaluate(&theta)?;
+                let m = evaluate(objective, &theta, comm)?;
                 timings.add("evaluate", started);
                 evaluations.push(BatchEval {
                     model_batch,
@@ -387,8 +423,8 @@ pub fn resume_mehl(
             let progress = MehlProgress {
                 model_batches_done: model_batch + 1,
                 global_step,
-                soup_blocks: hp.theta_blocks()?,
-                alpha: hp.alpha(),
+                soup_blocks: theta_blocks,
+                alpha: alpha_of(&hp, comm)?,
                 history: history.clone(),
                 evaluations: evaluations.clone(),
             };
@@ -457,31 +493,107 @@ pub fn epoch_seed(seed: u64, outer_pass: usize, model_batch: usize, epoch: usize
     )
 }
 
+/// θ = c + Σ X d of the whole model batch as block vectors: the rows of every process summed.
+fn theta_of(hp: &Hyperplane, comm: &dyn Collective) -> Result<Vec<Tensor>> {
+    if comm.world_size() == 1 {
+        return hp.theta_blocks();
+    }
+    let (deltas, active) = hp.delta_blocks()?;
+    let deltas = comm.all_reduce_sum_each(&deltas)?;
+    let active = comm.all_reduce_f64(&active)?;
+    hp.center()
+        .iter()
+        .zip(deltas)
+        .zip(active)
+        .map(|((c, d), a)| Ok(if a > 0.0 { (c + d)? } else { c.clone() }))
+        .collect()
+}
+
+/// The loss and ∇θ of the whole mini-batch: the shards' summed.
+fn loss_and_grad(
+    objective: &mut dyn Objective,
+    theta: &[Tensor],
+    batch: Batch,
+    comm: &dyn Collective,
+) -> Result<(f64, Vec<Tensor>)> {
+    let (loss, grad) = objective.loss_and_grad(theta, batch)?;
+    if comm.world_size() == 1 {
+        return Ok((loss, grad));
+    }
+    Ok((
+        comm.all_reduce_f64(&[loss])?[0],
+        comm.all_reduce_sum_each(&grad)?,
+    ))
+}
+
+/// The metrics of the whole held-out data: the shards' combined by their sizes.
+fn evaluate(
+    objective: &mut dyn Objective,
+    theta: &[Tensor],
+    comm: &dyn Collective,
+) -> Result<Metrics> {
+    let m = objective.evaluate(theta)?;
+    if comm.world_size() == 1 {
+        return Ok(m);
+    }
+    let count = m.count as f64;
+    let sums = comm.all_reduce_f64(&[
+        m.loss * count,
+        m.accuracy.unwrap_or(0.0) * count,
+        count,
+        if m.accuracy.is_some() { 1.0 } else { 0.0 },
+    ])?;
+    let total = sums[2].max(1.0);
+    Ok(Metrics {
+        loss: sums[0] / total,
+        accuracy: (sums[3] > 0.0).then(|| sums[1] / total),
+        count: sums[2] as usize,
+    })
+}
+
+/// α of the whole model batch: the terms of every process summed.
+fn alpha_of(hp: &Hyperplane, comm: &dyn Collective) -> Result<Vec<Vec<f64>>> {
+    if comm.world_size() == 1 {
+        return Ok(hp.alpha());
+    }
+    let (s, own) = hp.alpha_terms();
+    let n = own.first().map_or(0, Vec::len);
+    let mut flat = s.clone();
+    for row in &own {
+        flat.extend_from_slice(row);
+    }
+    let flat = comm.all_reduce_f64(&flat)?;
+    let (s, rest) = flat.split_at(s.len());
+    let own: Vec<Vec<f64>> = rest.chunks(n.max(1)).map(<[f64]>::to_vec).collect();
+    Ok(hp.alpha_from_terms(s, &own[..s.len()]))
+}
+
 /// β̂ = ‖∇_X F(h u) − ∇_X F(0)‖ / h with u = ∇_X F(0)/‖∇_X F(0)‖ and h = [`SECANT_STEP`], on one
 /// data batch: the curvature of F along the first step's direction. NaN when the gradient is zero.
 fn estimate_smoothness(
     hp: &mut Hyperplane,
     objective: &mut dyn Objective,
     batch: Batch,
+    comm: &dyn Collective,
 ) -> Result<f64> {
     let start = hp.x.clone();
-    let (_, g0) = objective.loss_and_grad(&hp.theta()?, batch)?;
+    let theta = |hp: &Hyperplane| from_blocks(&theta_of(hp, comm)?, &hp.blocks, &hp.layout);
+    let (_, g0) = loss_and_grad(objective, &theta(hp)?, batch, comm)?;
     let p0 = hp.project(&g0)?;
-    let norm = p0.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let norm = comm.all_reduce_f64(&[p0.iter().map(|v| v * v).sum::<f64>()])?[0].sqrt();
     if !(norm.is_finite() && norm > 0.0) {
         return Ok(f64::NAN);
     }
     for (x, p) in hp.x.iter_mut().zip(&p0) {
         *x += SECANT_STEP * p / norm;
     }
-    let (_, g1) = objective.loss_and_grad(&hp.theta()?, batch)?;
+    let (_, g1) = loss_and_grad(objective, &theta(hp)?, batch, comm)?;
     let p1 = hp.project(&g1)?;
     hp.x = start;
     let diff = p1
         .iter()
         .zip(&p0)
         .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    Ok(diff / SECANT_STEP)
+        .sum::<f64>();
+    Ok(comm.all_reduce_f64(&[diff])?[0].sqrt() / SECANT_STEP)
 }

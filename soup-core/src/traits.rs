@@ -2,7 +2,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::error::Result;
+use crate::error::{Result, SoupError};
 use crate::layout::ParamLayout;
 
 /// N models of one architecture, loaded on demand, so that a method holds only the models it asks
@@ -87,16 +87,65 @@ pub trait Objective {
         Ok((value, g))
     }
 
-    /// Loss and metrics of `params` over the whole held-out data.
+    /// Loss and metrics of `params` over the whole held-out data (this shard's part of it after
+    /// [`Self::set_shard`]).
     fn evaluate(&mut self, params: &[Tensor]) -> Result<Metrics>;
+
+    /// Restricts the objective to shard `rank` of `world` for a run over several processes
+    /// (spec §3.7): afterwards [`Self::loss`] of a batch is the summed loss of this shard's
+    /// examples of the batch divided by the size of the whole batch, so that the shards' losses
+    /// and gradients add up to those of the whole batch; [`Self::evaluate`] covers this shard's
+    /// part of the data. An objective that cannot split its data refuses worlds of more than one.
+    fn set_shard(&mut self, rank: usize, world: usize) -> Result<()> {
+        if world == 1 && rank == 0 {
+            Ok(())
+        } else {
+            Err(SoupError::config(
+                "world_size",
+                world,
+                "this objective cannot split its data across processes",
+            ))
+        }
+    }
 }
 
-/// Communication between the processes of one run (spec §3.7).
+/// Communication between the processes of one run (spec §3.7). Every rank makes the same calls
+/// in the same order; the sums are identical on every rank.
 pub trait Collective {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// The element-wise sum of `t` over all ranks, returned on every rank.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// The element-wise sums of several tensors of one dtype, in one reduction.
+    fn all_reduce_sum_each(&self, ts: &[Tensor]) -> Result<Vec<Tensor>> {
+        if self.world_size() == 1 || ts.is_empty() {
+            return Ok(ts.to_vec());
+        }
+        let flat = ts
+            .iter()
+            .map(Tensor::flatten_all)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let summed = self.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+        let mut offset = 0;
+        ts.iter()
+            .map(|t| {
+                let n = t.elem_count();
+                let part = summed.narrow(0, offset, n)?.reshape(t.shape())?;
+                offset += n;
+                Ok(part)
+            })
+            .collect()
+    }
+
+    /// The element-wise sum of host numbers over all ranks.
+    fn all_reduce_f64(&self, v: &[f64]) -> Result<Vec<f64>> {
+        if self.world_size() == 1 {
+            return Ok(v.to_vec());
+        }
+        let t = Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?;
+        Ok(self.all_reduce_sum(&t)?.to_vec1::<f64>()?)
+    }
 }
 
 /// The collective of a run with one process: the sum over one rank is the tensor itself.

@@ -1,11 +1,11 @@
 //! Checked access to a [`ModelStore`]: every model is checked against the first model's layout
 //! when it is loaded, and whole-model sums are streamed one model at a time.
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Result, SoupError};
 use crate::layout::ParamLayout;
-use crate::traits::ModelStore;
+use crate::traits::{Collective, ModelStore};
 
 pub struct Zoo<'a> {
     pub store: &'a dyn ModelStore,
@@ -65,6 +65,48 @@ impl<'a> Zoo<'a> {
             });
         }
         sum.ok_or(SoupError::EmptyZoo)
+    }
+
+    /// Σ θ_j over the models of every process of `comm`, each process summing `mine` (possibly
+    /// none). The processes first agree on the dtype of the sum (the widest of their models'),
+    /// so one without models contributes zeros of the right type.
+    pub fn sum_over(&self, mine: &[usize], comm: &dyn Collective) -> Result<Vec<Tensor>> {
+        if comm.world_size() == 1 {
+            return self.sum(mine);
+        }
+        const DTYPES: [DType; 4] = [DType::F16, DType::BF16, DType::F32, DType::F64];
+        let part = if mine.is_empty() {
+            None
+        } else {
+            Some(self.sum(mine)?)
+        };
+        let mut seen = [0.0; DTYPES.len()];
+        if let Some(p) = &part {
+            let dtype = p.first().ok_or(SoupError::EmptyLayout)?.dtype();
+            if let Some(k) = DTYPES.iter().position(|&d| d == dtype) {
+                seen[k] = 1.0;
+            }
+        }
+        let seen = comm.all_reduce_f64(&seen)?;
+        let dtype = DTYPES
+            .iter()
+            .zip(&seen)
+            .rev()
+            .find(|(_, &n)| n > 0.0)
+            .map_or(DType::F32, |(&d, _)| d);
+        let part = match part {
+            Some(p) => p
+                .iter()
+                .map(|t| t.to_dtype(dtype))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            None => self
+                .layout
+                .tensors
+                .iter()
+                .map(|t| Tensor::zeros(t.shape.as_slice(), dtype, &Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        comm.all_reduce_sum_each(&part)
     }
 
     /// The uniform mean of `members`, streamed as in [`Self::sum`].

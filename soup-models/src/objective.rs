@@ -43,6 +43,14 @@ pub struct Classification {
     pub eval_batch_size: usize,
     /// ε of the training loss (evaluation reports plain cross-entropy).
     pub label_smoothing: f64,
+    /// This process's part of the data in a run over several ([`Objective::set_shard`]):
+    /// (rank, world); (0, 1) is all of it.
+    pub shard: (usize, usize),
+}
+
+/// Part `rank` of `world` of `0..len`, contiguous and balanced.
+fn part(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    (rank * len / world)..((rank + 1) * len / world)
 }
 
 impl Classification {
@@ -77,19 +85,50 @@ impl Objective for Classification {
         logit_scale: Option<&Tensor>,
         batch: Batch,
     ) -> soup_core::Result<Tensor> {
-        let (mut logits, labels) = self.logits(params, &self.batch_rows(batch))?;
+        let rows = self.batch_rows(batch);
+        let (rank, world) = self.shard;
+        if world == 1 {
+            let (mut logits, labels) = self.logits(params, &rows)?;
+            if let Some(s) = logit_scale {
+                logits = logits.broadcast_mul(s)?;
+            }
+            return Ok(cross_entropy(&logits, &labels, self.label_smoothing)?);
+        }
+        // This shard's examples: their mean loss weighted by their share of the batch.
+        let mine = &rows[part(rows.len(), rank, world)];
+        if mine.is_empty() {
+            let p = params.first().ok_or(soup_core::SoupError::EmptyLayout)?;
+            return Ok(p.flatten_all()?.sum_all()?.affine(0.0, 0.0)?);
+        }
+        let (mut logits, labels) = self.logits(params, mine)?;
         if let Some(s) = logit_scale {
             logits = logits.broadcast_mul(s)?;
         }
-        Ok(cross_entropy(&logits, &labels, self.label_smoothing)?)
+        let mean = cross_entropy(&logits, &labels, self.label_smoothing)?;
+        Ok(mean.affine(mine.len() as f64 / rows.len() as f64, 0.0)?)
+    }
+
+    fn set_shard(&mut self, rank: usize, world: usize) -> soup_core::Result<()> {
+        if world == 0 || rank >= world {
+            return Err(soup_core::SoupError::config(
+                "shard",
+                format!("{rank} of {world}"),
+                "the rank must be below the world size",
+            ));
+        }
+        self.shard = (rank, world);
+        Ok(())
     }
 
     fn evaluate(&mut self, params: &[Tensor]) -> soup_core::Result<Metrics> {
-        let n = self.data.len();
+        let range = part(self.data.len(), self.shard.0, self.shard.1);
+        let (first, n) = (range.start, range.len());
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         let step = self.eval_batch_size.max(1);
         for start in (0..n).step_by(step) {
-            let rows: Vec<u32> = (start..(start + step).min(n)).map(|i| i as u32).collect();
+            let rows: Vec<u32> = (first + start..first + (start + step).min(n))
+                .map(|i| i as u32)
+                .collect();
             let (logits, labels) = self.logits(params, &rows)?;
             let logits = logits.detach();
             let loss = cross_entropy(&logits, &labels, 0.0)?

@@ -65,6 +65,7 @@ fn objective(arch: &ClipClassifier, data: Dataset) -> Classification {
         batch_size: 16,
         eval_batch_size: 64,
         label_smoothing: 0.0,
+        shard: (0, 1),
     }
 }
 

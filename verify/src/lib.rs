@@ -99,6 +99,13 @@ pub struct MlpObjective {
     pub arch: Mlp,
     pub data: Data,
     pub batch_size: usize,
+    /// (rank, world) of a run over several processes; (0, 1) is all the data.
+    pub shard: (usize, usize),
+}
+
+/// Part `rank` of `world` of `0..len`, contiguous and balanced.
+fn part(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    (rank * len / world)..((rank + 1) * len / world)
 }
 
 impl MlpObjective {
@@ -122,33 +129,56 @@ impl Objective for MlpObjective {
         logit_scale: Option<&Tensor>,
         batch: Batch,
     ) -> Result<Tensor> {
-        let rows = self.batch_rows(batch);
-        let idx = Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu)?;
+        let all = self.batch_rows(batch);
+        let (rank, world) = self.shard;
+        let rows = &all[part(all.len(), rank, world)];
+        if rows.is_empty() {
+            return Ok(params[0].flatten_all()?.sum_all()?.affine(0.0, 0.0)?);
+        }
+        let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &Device::Cpu)?;
         let x = self.data.x.index_select(&idx, 0)?;
         let y = self.data.onehot.index_select(&idx, 0)?;
         let mut logits = self.arch.forward(params, &x)?;
         if let Some(s) = logit_scale {
             logits = logits.broadcast_mul(s)?;
         }
-        Ok(cross_entropy(&logits, &y)?)
+        let mean = cross_entropy(&logits, &y)?;
+        if world == 1 {
+            return Ok(mean);
+        }
+        Ok(mean.affine(rows.len() as f64 / all.len() as f64, 0.0)?)
     }
 
     fn evaluate(&mut self, params: &[Tensor]) -> Result<Metrics> {
-        let logits = self.arch.forward(params, &self.data.x)?;
-        let loss = cross_entropy(&logits, &self.data.onehot)?
+        let range = part(self.data.len(), self.shard.0, self.shard.1);
+        let n = range.len();
+        let idx = Tensor::from_vec(
+            range.clone().map(|i| i as u32).collect::<Vec<_>>(),
+            n,
+            &Device::Cpu,
+        )?;
+        let logits = self
+            .arch
+            .forward(params, &self.data.x.index_select(&idx, 0)?)?;
+        let loss = cross_entropy(&logits, &self.data.onehot.index_select(&idx, 0)?)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
         let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let correct = predicted
             .iter()
-            .zip(&self.data.labels)
+            .zip(&self.data.labels[range])
             .filter(|(p, y)| **p as usize == **y)
             .count();
         Ok(Metrics {
             loss,
-            accuracy: Some(correct as f64 / self.data.len() as f64),
-            count: self.data.len(),
+            accuracy: Some(correct as f64 / n as f64),
+            count: n,
         })
+    }
+
+    fn set_shard(&mut self, rank: usize, world: usize) -> Result<()> {
+        self.shard = (rank, world);
+        Ok(())
     }
 }
 
@@ -281,4 +311,58 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
         .zip(b)
         .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
         / scale
+}
+
+/// A [`Collective`] over threads of one process, for testing runs over several processes without
+/// MPI: every rank deposits its tensor, and each sums all deposits in rank order, so every rank
+/// gets the same bits.
+pub struct ThreadCollective {
+    rank: usize,
+    shared: std::sync::Arc<ThreadShared>,
+}
+
+struct ThreadShared {
+    world: usize,
+    slots: std::sync::Mutex<Vec<Option<Tensor>>>,
+    barrier: std::sync::Barrier,
+}
+
+impl ThreadCollective {
+    /// One collective per rank of a world of `world` threads.
+    pub fn world(world: usize) -> Vec<ThreadCollective> {
+        let shared = std::sync::Arc::new(ThreadShared {
+            world,
+            slots: std::sync::Mutex::new(vec![None; world]),
+            barrier: std::sync::Barrier::new(world),
+        });
+        (0..world)
+            .map(|rank| ThreadCollective {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+impl soup_core::Collective for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.shared.slots.lock().expect("slots")[self.rank] = Some(t.clone());
+        self.shared.barrier.wait();
+        let sum = {
+            let slots = self.shared.slots.lock().expect("slots");
+            let mut it = slots
+                .iter()
+                .map(|s| s.as_ref().expect("every rank deposited"));
+            let first = it.next().expect("a rank").clone();
+            it.try_fold(first, |acc, t| acc + t)?
+        };
+        self.shared.barrier.wait();
+        Ok(sum)
+    }
 }

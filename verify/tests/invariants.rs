@@ -674,3 +674,71 @@ proptest! {
         prop_assert_eq!(&full.history, &resumed.history);
     }
 }
+
+// §3.7: a run over W processes (threads here, each with its own store and data shard) ends with
+// the soup, α and loss history of the one-process run, and each process loads only its share
+// ⌈b/W⌉ of every model batch and holds only those directions.
+proptest! {
+    #![proptest_config(cases(24))]
+    #[test]
+    fn a_run_over_several_processes_equals_the_one_process_run(
+        n in 2usize..8, b in 1usize..6, world in 2usize..4, outer in 1usize..3,
+        examples in 10usize..26, seed in any::<u64>(),
+    ) {
+        let cfg = config(b, BlockCut::PER_TENSOR, outer, seed);
+        let single = run_mehl(&zoo(n, seed, DType::F64), &mut objective(examples, 8, seed, DType::F64), &cfg, &mut |_| {}).unwrap();
+        let ranks = verify::ThreadCollective::world(world);
+        let results: Vec<(soup_core::SoupResult, Vec<usize>, usize)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .map(|comm| {
+                    let cfg = &cfg;
+                    s.spawn(move || {
+                        let store = zoo(n, seed, DType::F64);
+                        let mut obj = objective(examples, 8, seed, DType::F64);
+                        let mut max_rows = 0;
+                        let r = soup_core::resume_mehl_on(&store, &mut obj, cfg, None, &comm, &mut |e| {
+                            if let Event::BatchStart { hyperplane, .. } = e {
+                                max_rows = max_rows.max(hyperplane.batch_len());
+                            }
+                        }).unwrap();
+                        let loads = store.loads.borrow().clone();
+                        (r, loads, max_rows)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let bk = b.min(n);
+        let k = bk.div_ceil(world);
+        let flat = |r: &soup_core::SoupResult| -> Vec<f64> {
+            r.soup.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect()
+        };
+        for (rank, (r, loads, max_rows)) in results.iter().enumerate() {
+            prop_assert!(rel_err(&flat(r), &flat(&single)) <= 1e-9);
+            for (a, e) in r.alpha.iter().flatten().zip(single.alpha.iter().flatten()) {
+                prop_assert!((a - e).abs() <= 1e-9 * (1.0 + e.abs()), "α {} vs {}", a, e);
+            }
+            prop_assert_eq!(r.history.len(), single.history.len());
+            for (h, e) in r.history.iter().zip(&single.history) {
+                prop_assert!((h.loss - e.loss).abs() <= 1e-9 * (1.0 + e.loss.abs()));
+            }
+            // Rows and directions: at most ⌈b/W⌉ per process.
+            prop_assert!(*max_rows <= k);
+            prop_assert!(r.memory.directions <= k * ARCH.layout().numel() * 8);
+            // Loads: the first center and every hyperplane read only this rank's share.
+            let mut expected = Vec::new();
+            for pass in 0..outer {
+                let order = soup_core::rng::permutation(n, soup_core::rng::derive_seed(seed, &[0, pass as u64]));
+                for (i, members) in order.chunks(bk).enumerate() {
+                    let mine = soup_core::share(members, rank, world);
+                    if pass == 0 && i == 0 {
+                        expected.extend_from_slice(mine);
+                    }
+                    expected.extend_from_slice(mine);
+                }
+            }
+            prop_assert_eq!(loads, &expected);
+        }
+    }
+}

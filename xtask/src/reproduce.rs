@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::{cargo, ensure_packages, root};
+use crate::{cargo, ensure_packages, root, DATA_PACKAGES};
 
 const DATA: &str = "fashion-mnist";
 
@@ -405,7 +405,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
 
 fn fmnist(p: &Preset) -> Result<(), String> {
     let started = Instant::now();
-    ensure_packages()?;
+    ensure_packages(DATA_PACKAGES)?;
     cargo(&["build", "--release", "-p", "soup-cli"])?;
     let results = root().join("results").join(p.name);
     let cache = root().join("results/cache").join(p.name);

@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::reproduce::{line_chart, read_json, soup, strings, write_subset};
-use crate::{cargo, ensure_packages, root};
+use crate::{cargo, ensure_packages, root, DATA_PACKAGES};
 
 const SIGMA: f64 = 0.01;
 const SEED: u64 = 1;
@@ -126,7 +126,7 @@ pub fn scale(models: &[usize]) -> Result<(), String> {
     if models.contains(&0) {
         return Err("--models: N must be at least 1".into());
     }
-    ensure_packages()?;
+    ensure_packages(DATA_PACKAGES)?;
     cargo(&["build", "--release", "-p", "soup-cli"])?;
     cargo(&[
         "build",

@@ -32,6 +32,7 @@ pub fn objective(examples: usize, batch_size: usize, seed: u64, dtype: DType) ->
         arch: ARCH,
         data: Data::clusters(ARCH, examples, 3.0, seed ^ 0x5eed, dtype).unwrap(),
         batch_size,
+        shard: (0, 1),
     }
 }
 
