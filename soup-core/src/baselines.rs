@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Result, SoupError};
 use crate::layout::{Block, BlockCut, ParamLayout};
@@ -268,8 +268,6 @@ pub fn learned_soup(
     // All N models resident: tensor t of every model stacked into an (N × numel) matrix.
     let started = Instant::now();
     let stacks = stack_models(&zoo, &layout)?;
-    let dtype = stacks[0].dtype();
-    let device = stacks[0].device().clone();
     timings.add("load", started);
     let model_bytes = bytes_of(&stacks) / n;
 
@@ -285,15 +283,14 @@ pub fn learned_soup(
         let epoch_seed = derive_seed(config.seed, &[2, epoch as u64]);
         for index in 0..num_batches {
             let step = epoch * num_batches + index;
-            let a = Var::from_tensor(
-                &Tensor::from_slice(&coef[..num_blocks * n], (num_blocks, n), &device)?
-                    .to_dtype(dtype)?,
+            let (value, g) = learned_loss_and_grad(
+                objective,
+                &stacks,
+                &blocks,
+                &layout,
+                &coef,
+                Batch { epoch_seed, index },
             )?;
-            let t =
-                Var::from_tensor(&Tensor::new(coef[num_blocks * n], &device)?.to_dtype(dtype)?)?;
-            let theta = mix(&softmax_rows(a.as_tensor())?, &stacks, &blocks, &layout)?;
-            let loss = objective.loss(&theta, Some(t.as_tensor()), Batch { epoch_seed, index })?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(SoupError::NonFinite {
                     what: "loss",
@@ -301,15 +298,6 @@ pub fn learned_soup(
                     model_batch: 0,
                 });
             }
-            let grads = loss.backward()?;
-            let mut g = match grads.get(a.as_tensor()) {
-                Some(g) => g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-                None => vec![0.0; num_blocks * n],
-            };
-            g.push(match grads.get(t.as_tensor()) {
-                Some(g) => g.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-                None => 0.0,
-            });
             if g.iter().any(|v| !v.is_finite()) {
                 return Err(SoupError::NonFinite {
                     what: "gradient",
@@ -342,12 +330,10 @@ pub fn learned_soup(
     timings.add("steps", started);
 
     let soup = current_soup(&coef, num_blocks, n, &stacks, &blocks, &layout)?;
-    let alpha = softmax_rows(&Tensor::from_slice(
-        &coef[..num_blocks * n],
-        (num_blocks, n),
-        &Device::Cpu,
-    )?)?
-    .to_vec2::<f64>()?;
+    let alpha: Vec<Vec<f64>> = softmax_host(&coef[..num_blocks * n], n)
+        .chunks(n)
+        .map(<[f64]>::to_vec)
+        .collect();
     Ok(SoupResult {
         method: if config.block_cut == BlockCut::WHOLE {
             "learned"
@@ -374,7 +360,71 @@ pub fn learned_soup(
 }
 
 /// Loads every model, one at a time, into per-tensor (N × numel) matrices.
-fn stack_models(zoo: &Zoo, layout: &ParamLayout) -> Result<Vec<Tensor>> {
+/// The loss of Learned-Soup's soup on `batch` and its gradient with respect to `coef`: the
+/// coefficient logits (L × N, row-major; α = row softmax) followed by the temperature that
+/// multiplies the logits. `stacks` holds every model's tensors ([`stack_models`]).
+///
+/// θ = Σ_i α_i θ_i is formed outside the autograd graph: only ∇θ and the temperature's gradient
+/// come from backpropagation, and ∂L/∂α_{l,i} = Σ_{t ∈ l} ⟨∇θ_t, θ_i^t⟩ is one
+/// (N × numel)·(numel × 1) product per tensor, then ∂L/∂a = α ⊙ (∂L/∂α − ⟨∂L/∂α, α⟩) per row.
+/// Differentiating through the mixing instead makes candle build the (N × numel) gradient of
+/// every constant stack: three copies of the zoo in memory instead of one.
+pub fn learned_loss_and_grad(
+    objective: &mut dyn Objective,
+    stacks: &[Tensor],
+    blocks: &[Block],
+    layout: &ParamLayout,
+    coef: &[f64],
+    batch: Batch,
+) -> Result<(f64, Vec<f64>)> {
+    let num_blocks = blocks.len();
+    let n = stacks.first().ok_or(SoupError::EmptyLayout)?.dim(0)?;
+    let (dtype, device) = (stacks[0].dtype(), stacks[0].device().clone());
+    let alpha = softmax_host(&coef[..num_blocks * n], n);
+    let alpha_t = Tensor::from_slice(&alpha, (num_blocks, n), &device)?.to_dtype(dtype)?;
+    let theta = mix(&alpha_t, stacks, blocks, layout)?
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let inputs: Vec<Tensor> = theta.iter().map(|v| v.as_tensor().clone()).collect();
+    let t = Var::from_tensor(&Tensor::new(coef[num_blocks * n], &device)?.to_dtype(dtype)?)?;
+    let loss = objective.loss(&inputs, Some(t.as_tensor()), batch)?;
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !value.is_finite() {
+        return Ok((value, vec![f64::NAN; coef.len()]));
+    }
+    let grads = loss.backward()?;
+    let mut g_alpha = vec![0.0; num_blocks * n];
+    for (l, block) in blocks.iter().enumerate() {
+        for ti in block.tensors.clone() {
+            let Some(g) = grads.get(&inputs[ti]) else {
+                continue;
+            };
+            let col = g.flatten_all()?.to_dtype(dtype)?.unsqueeze(1)?;
+            let dots = stacks[ti]
+                .matmul(&col)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            for (acc, d) in g_alpha[l * n..(l + 1) * n].iter_mut().zip(dots) {
+                *acc += d;
+            }
+        }
+    }
+    let mut g: Vec<f64> = Vec::with_capacity(coef.len());
+    for (ga, p) in g_alpha.chunks(n).zip(alpha.chunks(n)) {
+        let inner: f64 = ga.iter().zip(p).map(|(x, y)| x * y).sum();
+        g.extend(ga.iter().zip(p).map(|(x, y)| y * (x - inner)));
+    }
+    g.push(match grads.get(t.as_tensor()) {
+        Some(g) => g.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        None => 0.0,
+    });
+    Ok((value, g))
+}
+
+/// Every model of the zoo resident: tensor t of model i is row i of an (N × numel) matrix.
+pub fn stack_models(zoo: &Zoo, layout: &ParamLayout) -> Result<Vec<Tensor>> {
     let n = zoo.len();
     let mut stacks: Vec<Tensor> = Vec::new();
     for i in 0..n {
@@ -394,15 +444,19 @@ fn stack_models(zoo: &Zoo, layout: &ParamLayout) -> Result<Vec<Tensor>> {
     Ok(stacks)
 }
 
-/// Row-wise softmax, differentiable (the max is subtracted as a constant).
-fn softmax_rows(a: &Tensor) -> Result<Tensor> {
-    let m = a.max_keepdim(D::Minus1)?.detach();
-    let e = a.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+/// Softmax of each row of `n` logits, in f64.
+fn softmax_host(a: &[f64], n: usize) -> Vec<f64> {
+    a.chunks(n)
+        .flat_map(|row| {
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = row.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.into_iter().map(move |v| v / z)
+        })
+        .collect()
 }
 
-/// θ_t = Σ_i α_{l(t),i} θ_i^t for every tensor t: one (1 × N)·(N × numel) product per tensor,
-/// in the autograd graph of α.
+/// θ_t = Σ_i α_{l(t),i} θ_i^t for every tensor t: one (1 × N)·(N × numel) product per tensor.
 fn mix(
     alpha: &Tensor,
     stacks: &[Tensor],
@@ -428,7 +482,8 @@ fn current_soup(
     blocks: &[Block],
     layout: &ParamLayout,
 ) -> Result<Vec<Tensor>> {
-    let a = Tensor::from_slice(&coef[..num_blocks * n], (num_blocks, n), stacks[0].device())?
+    let alpha = softmax_host(&coef[..num_blocks * n], n);
+    let a = Tensor::from_slice(&alpha, (num_blocks, n), stacks[0].device())?
         .to_dtype(stacks[0].dtype())?;
-    mix(&softmax_rows(&a)?, stacks, blocks, layout)
+    mix(&a, stacks, blocks, layout)
 }

@@ -19,7 +19,8 @@ pub mod traits;
 pub mod zoo;
 
 pub use baselines::{
-    greedy_soup, learned_soup, uniform_soup, uniform_soup_on, GreedyAccept, LearnedConfig,
+    greedy_soup, learned_loss_and_grad, learned_soup, stack_models, uniform_soup, uniform_soup_on,
+    GreedyAccept, LearnedConfig,
 };
 pub use error::{Result, SoupError};
 pub use hyperplane::Hyperplane;

@@ -122,3 +122,95 @@ fn learned_soup_trains_coefficients_on_the_simplex() {
         assert_eq!(config.block_cut == BlockCut::WHOLE, blocks == 1);
     }
 }
+
+/// The reference: α = softmax(a) and θ = Σ α θ_i built inside candle's autograd graph, with the
+/// loss differentiated with respect to a and the temperature directly.
+fn autograd_reference(
+    obj: &mut verify::MlpObjective,
+    stacks: &[Tensor],
+    blocks: &[soup_core::Block],
+    layout: &soup_core::ParamLayout,
+    coef: &[f64],
+    batch: soup_core::Batch,
+) -> Vec<f64> {
+    use candle_core::{Var, D};
+    let n = stacks[0].dim(0).unwrap();
+    let l = blocks.len();
+    let a = Var::from_tensor(
+        &Tensor::from_slice(&coef[..l * n], (l, n), &candle_core::Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let t =
+        Var::from_tensor(&Tensor::new(coef[l * n], &candle_core::Device::Cpu).unwrap()).unwrap();
+    let e = a
+        .as_tensor()
+        .broadcast_sub(&a.as_tensor().max_keepdim(D::Minus1).unwrap().detach())
+        .unwrap()
+        .exp()
+        .unwrap();
+    let alpha = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+    let mut theta = Vec::new();
+    for (bi, block) in blocks.iter().enumerate() {
+        for ti in block.tensors.clone() {
+            let row = alpha.narrow(0, bi, 1).unwrap();
+            theta.push(
+                row.matmul(&stacks[ti])
+                    .unwrap()
+                    .reshape(layout.tensors[ti].shape.as_slice())
+                    .unwrap(),
+            );
+        }
+    }
+    let loss = obj.loss(&theta, Some(t.as_tensor()), batch).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut g = grads
+        .get(a.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    g.push(
+        grads
+            .get(t.as_tensor())
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+    );
+    g
+}
+
+// Learned-Soup's coefficient gradient (formed outside the autograd graph) equals autograd through
+// the mixing and central finite differences of the loss.
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn learned_soup_gradient_matches_autograd_and_finite_differences(
+        n in 2usize..6, plus in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let store = zoo(n, seed, DType::F64);
+        let mut obj = objective(24, 8, seed, DType::F64);
+        let z = soup_core::zoo::Zoo::open(&store).unwrap();
+        let layout = z.layout.clone();
+        let cut = if plus { BlockCut::PER_TENSOR } else { BlockCut::WHOLE };
+        let blocks = cut.blocks(&layout).unwrap();
+        let stacks = soup_core::stack_models(&z, &layout).unwrap();
+        let mut rng = soup_core::rng::SplitMix64::new(seed);
+        let mut coef: Vec<f64> = rng.normals(blocks.len() * n + 1);
+        coef[blocks.len() * n] = 1.0 + coef[blocks.len() * n].abs();
+        let batch = soup_core::Batch { epoch_seed: seed, index: 1 };
+        let (_, g) = soup_core::learned_loss_and_grad(&mut obj, &stacks, &blocks, &layout, &coef, batch).unwrap();
+        let reference = autograd_reference(&mut obj, &stacks, &blocks, &layout, &coef, batch);
+        prop_assert!(rel_err(&g, &reference) <= 1e-10, "autograd: {}", rel_err(&g, &reference));
+        let h = 1e-5;
+        let fd: Vec<f64> = (0..coef.len()).map(|k| {
+            let mut up = coef.clone();
+            up[k] += h;
+            let mut down = coef.clone();
+            down[k] -= h;
+            let f = |c: &[f64], o: &mut verify::MlpObjective| soup_core::learned_loss_and_grad(o, &stacks, &blocks, &layout, c, batch).unwrap().0;
+            (f(&up, &mut obj) - f(&down, &mut obj)) / (2.0 * h)
+        }).collect();
+        prop_assert!(rel_err(&g, &fd) <= 1e-6, "finite differences: {}", rel_err(&g, &fd));
+    }
+}
