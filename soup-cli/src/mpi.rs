@@ -48,30 +48,28 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> soup_core::Result<Tensor> {
-        let flat = t.flatten_all()?;
-        let summed = match t.dtype() {
-            DType::F32 => {
-                let send = flat.to_vec1::<f32>()?;
-                let mut recv = vec![0f32; send.len()];
-                self.world
-                    .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
-                Tensor::from_vec(recv, t.shape(), t.device())?
-            }
-            DType::F64 => {
-                let send = flat.to_vec1::<f64>()?;
-                let mut recv = vec![0f64; send.len()];
-                self.world
-                    .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
-                Tensor::from_vec(recv, t.shape(), t.device())?
-            }
-            other => {
-                return Err(soup_core::SoupError::config(
-                    "dtype",
-                    format!("{other:?}"),
-                    "MPI sums f32 and f64 tensors only",
-                ))
-            }
-        };
-        Ok(summed)
+        match t.dtype() {
+            DType::F32 => self.sum::<f32>(t),
+            DType::F64 => self.sum::<f64>(t),
+            other => Err(soup_core::SoupError::config(
+                "dtype",
+                format!("{other:?}"),
+                "MPI sums f32 and f64 tensors only",
+            )),
+        }
+    }
+}
+
+impl Mpi {
+    /// The element-wise sum over all ranks of `t`, whose elements are `T`.
+    fn sum<T>(&self, t: &Tensor) -> soup_core::Result<Tensor>
+    where
+        T: candle_core::WithDType + mpi::datatype::Equivalence + Default,
+    {
+        let send = t.flatten_all()?.to_vec1::<T>()?;
+        let mut recv = vec![T::default(); send.len()];
+        self.world
+            .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
+        Ok(Tensor::from_vec(recv, t.shape(), t.device())?)
     }
 }

@@ -195,6 +195,12 @@ fn ci() -> Result<(), String> {
     Ok(())
 }
 
+/// Builds `soup-models/examples/<name>.rs` in release mode; returns the executable.
+pub(crate) fn release_example(name: &str) -> Result<PathBuf, String> {
+    cargo(&["build", "--release", "-p", "soup-models", "--example", name])?;
+    Ok(root().join("target/release/examples").join(name))
+}
+
 /// `cargo xtask bench`: runs the step benchmark (release build) for each batch size, prints a
 /// markdown table of medians and peak RSS, and keeps the raw JSON lines in target/bench/.
 fn bench(args: &[String]) -> Result<(), String> {
@@ -209,15 +215,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             other => return Err(format!("unknown bench flag {other}")),
         }
     }
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "soup-models",
-        "--example",
-        "step_bench",
-    ])?;
-    let exe = root().join("target/release/examples/step_bench");
+    let exe = release_example("step_bench")?;
     let out_dir = root().join("target/bench");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let mut lines = Vec::new();

@@ -90,7 +90,7 @@ fn run(manifest: &Path, out: &Path, method: &str, limit: u64) -> Result<Outcome,
 }
 
 /// Makes (or reuses) the perturbed zoo of `n` models; returns the model directories.
-fn zoo(n: usize) -> Result<Vec<PathBuf>, String> {
+fn zoo(exe: &Path, n: usize) -> Result<Vec<PathBuf>, String> {
     let cache = root().join("results/cache/scale");
     let dir = cache.join("zoo");
     let key = format!("version 1\narch clip-vit-b32\nclasses 10\nsigma {SIGMA}\nseed {SEED}\n");
@@ -100,8 +100,7 @@ fn zoo(n: usize) -> Result<Vec<PathBuf>, String> {
         std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
         std::fs::write(&key_file, &key).map_err(|e| format!("{}: {e}", key_file.display()))?;
     }
-    let exe = root().join("target/release/examples/perturbed_zoo");
-    let status = std::process::Command::new(&exe)
+    let status = std::process::Command::new(exe)
         .args(["--arch", "clip-vit-b32", "--classes", "10", "--count"])
         .arg(n.to_string())
         .args([
@@ -128,16 +127,9 @@ pub fn scale(models: &[usize]) -> Result<(), String> {
     }
     ensure_packages(DATA_PACKAGES)?;
     cargo(&["build", "--release", "-p", "soup-cli"])?;
-    cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "soup-models",
-        "--example",
-        "perturbed_zoo",
-    ])?;
+    let exe = crate::release_example("perturbed_zoo")?;
     eprintln!("xtask: scale: a perturbed zoo of {max_n} ViT-B/32 classifiers");
-    let paths = zoo(max_n)?;
+    let paths = zoo(&exe, max_n)?;
     let results = root().join("results/scale");
     let runs = results.join("runs");
     std::fs::create_dir_all(&runs).map_err(|e| format!("{}: {e}", runs.display()))?;
