@@ -43,6 +43,7 @@ tasks:
              dataset-fashion-mnist, openmpi-bin, libopenmpi-dev, libclang-dev when missing
   reproduce  the paper's experiments: results/<preset>/
              --preset fmnist (default; offline, CPU) [--quick: small zoo, one seed, minutes]
+             --dev-build: run the dev-profile soup instead of building the release one
              --preset scale [--models 4,8,16,24]: memory and time of Learned+ vs MEHL+ on
                ViT-B/32-size perturbed zoos
              --preset paper-vit-b32 --imagenet DIR [--zoo DIR] [--max-examples N]: the 72
@@ -261,7 +262,9 @@ fn bench(args: &[String]) -> Result<(), String> {
 /// Runs `cargo xtask reproduce --quick` and checks that every output exists and is well-formed
 /// (not that any method wins).
 fn check_quick_reproduction() -> Result<(), String> {
-    reproduce::reproduce(&["--quick".to_string()])?;
+    // The dev-profile binary (dependencies are optimised in that profile too): no second,
+    // release build of the whole dependency tree in CI.
+    reproduce::reproduce(&["--quick".to_string(), "--dev-build".to_string()])?;
     let dir = root().join("results/fmnist-quick");
     let results: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("results.json")).map_err(|e| e.to_string())?,

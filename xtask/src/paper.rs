@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::reproduce::{read_json, soup, strings, write_subset};
-use crate::{cargo, root};
+use crate::root;
 
 /// The shipped manifest of the 72 checkpoints.
 pub const MANIFEST: &str = include_str!("../manifests/paper-vit-b32.toml");
@@ -101,7 +101,7 @@ fn data_args(a: &PaperArgs) -> Vec<String> {
 
 pub fn paper(a: &PaperArgs) -> Result<(), String> {
     let started = Instant::now();
-    cargo(&["build", "--release", "-p", "soup-cli"])?;
+    crate::reproduce::build_soup()?;
     let results = root().join("results/paper-vit-b32");
     let runs = results.join("runs");
     std::fs::create_dir_all(&runs).map_err(|e| format!("{}: {e}", runs.display()))?;

@@ -110,9 +110,31 @@ impl Preset {
     }
 }
 
+/// Whether the presets run the dev-profile `soup` (`--dev-build`: CI reuses its test build instead
+/// of building the release profile) rather than the release one.
+static DEV_BUILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn soup_exe() -> PathBuf {
+    let profile = if DEV_BUILD.load(std::sync::atomic::Ordering::Relaxed) {
+        "debug"
+    } else {
+        "release"
+    };
+    root().join("target").join(profile).join("soup")
+}
+
+/// Builds the `soup` binary the presets run.
+pub(crate) fn build_soup() -> Result<(), String> {
+    if DEV_BUILD.load(std::sync::atomic::Ordering::Relaxed) {
+        cargo(&["build", "-p", "soup-cli"])
+    } else {
+        cargo(&["build", "--release", "-p", "soup-cli"])
+    }
+}
+
 /// Runs `soup args` (quiet) and returns its stdout; the error carries its stderr.
 pub(crate) fn soup(args: &[String]) -> Result<String, String> {
-    let exe = root().join("target/release/soup");
+    let exe = soup_exe();
     let out = Command::new(&exe)
         .args(args)
         .arg("-q")
@@ -363,6 +385,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
             "--quick" => quick = true,
+            "--dev-build" => DEV_BUILD.store(true, std::sync::atomic::Ordering::Relaxed),
             "--preset" => preset = value()?.clone(),
             "--models" => {
                 let list = value()?;
@@ -406,7 +429,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
 fn fmnist(p: &Preset) -> Result<(), String> {
     let started = Instant::now();
     ensure_packages(DATA_PACKAGES)?;
-    cargo(&["build", "--release", "-p", "soup-cli"])?;
+    build_soup()?;
     let results = root().join("results").join(p.name);
     let cache = root().join("results/cache").join(p.name);
     let runs = results.join("runs");

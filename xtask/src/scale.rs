@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::reproduce::{line_chart, read_json, soup, strings, write_subset};
-use crate::{cargo, ensure_packages, root, DATA_PACKAGES};
+use crate::{ensure_packages, root, DATA_PACKAGES};
 
 const SIGMA: f64 = 0.01;
 const SEED: u64 = 1;
@@ -126,7 +126,7 @@ pub fn scale(models: &[usize]) -> Result<(), String> {
         return Err("--models: N must be at least 1".into());
     }
     ensure_packages(DATA_PACKAGES)?;
-    cargo(&["build", "--release", "-p", "soup-cli"])?;
+    crate::reproduce::build_soup()?;
     let exe = crate::release_example("perturbed_zoo")?;
     eprintln!("xtask: scale: a perturbed zoo of {max_n} ViT-B/32 classifiers");
     let paths = zoo(&exe, max_n)?;
