@@ -43,7 +43,8 @@ tasks:
              dataset-fashion-mnist, openmpi-bin, libopenmpi-dev, libclang-dev when missing
   reproduce  the paper's experiments: results/<preset>/
              --preset fmnist (default; offline, CPU) [--quick: small zoo, one seed, minutes]
-             --dev-build: run the dev-profile soup instead of building the release one
+             --dev-build: run the dev-profile target/debug/soup as built (built if missing)
+               instead of building the release one
              --preset scale [--models 4,8,16,24]: memory and time of Learned+ vs MEHL+ on
                ViT-B/32-size perturbed zoos
              --preset paper-vit-b32 --imagenet DIR [--zoo DIR] [--max-examples N]: the 72

@@ -110,8 +110,8 @@ impl Preset {
     }
 }
 
-/// Whether the presets run the dev-profile `soup` (`--dev-build`: CI reuses its test build instead
-/// of building the release profile) rather than the release one.
+/// Whether the presets run the dev-profile `soup` (`--dev-build`: CI reuses the binary its tests
+/// built instead of building the release profile) rather than the release one.
 static DEV_BUILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn soup_exe() -> PathBuf {
@@ -123,9 +123,14 @@ fn soup_exe() -> PathBuf {
     root().join("target").join(profile).join("soup")
 }
 
-/// Builds the `soup` binary the presets run.
+/// Builds the `soup` binary the presets run. With `--dev-build` a dev-profile binary that is
+/// already there is used as it is (CI's comes from its test build, whose feature set a separate
+/// `cargo build` would not match, rebuilding candle).
 pub(crate) fn build_soup() -> Result<(), String> {
     if DEV_BUILD.load(std::sync::atomic::Ordering::Relaxed) {
+        if soup_exe().exists() {
+            return Ok(());
+        }
         cargo(&["build", "-p", "soup-cli"])
     } else {
         cargo(&["build", "--release", "-p", "soup-cli"])
