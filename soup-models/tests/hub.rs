@@ -63,15 +63,42 @@ fn source(text: &str) -> ModelSource {
     ModelSource::parse(text).unwrap()
 }
 
-#[test]
-fn downloads_into_the_hub_cache_then_works_offline_and_pins_revisions() {
-    let dir = ScratchDir::new("hub-cache");
+/// A scratch directory with the two tiny models, a Hub stand-in serving `v1` as commit C1 of
+/// `org/tiny` on main, and a fetcher that uses it.
+struct Setup {
+    dir: ScratchDir,
+    arch: ClipClassifier,
+    zoo: Vec<Vec<Tensor>>,
+    server: HubServer,
+    hub: Hub,
+}
+
+fn setup(label: &str, behaviour: Behaviour) -> Setup {
+    let dir = ScratchDir::new(label);
     let (arch, zoo) = two_versions(dir.path());
-    let server = HubServer::start(Behaviour::Normal).unwrap();
+    let server = HubServer::start(behaviour).unwrap();
     server
         .add_dir("org/tiny", "main", C1, &dir.path().join("v1"))
         .unwrap();
     let hub = Hub::new(config(&server, dir.path()));
+    Setup {
+        dir,
+        arch,
+        zoo,
+        server,
+        hub,
+    }
+}
+
+#[test]
+fn downloads_into_the_hub_cache_then_works_offline_and_pins_revisions() {
+    let Setup {
+        dir,
+        arch,
+        zoo,
+        server,
+        hub,
+    } = setup("hub-cache", Behaviour::Normal);
 
     let got = hub.fetch(&source("hf://org/tiny")).unwrap();
     assert_eq!(got.commit.as_deref(), Some(C1));
@@ -128,13 +155,7 @@ fn downloads_into_the_hub_cache_then_works_offline_and_pins_revisions() {
 
 #[test]
 fn an_unreachable_hub_falls_back_to_the_cache_and_missing_things_are_named() {
-    let dir = ScratchDir::new("hub-missing");
-    let _ = two_versions(dir.path());
-    let server = HubServer::start(Behaviour::Normal).unwrap();
-    server
-        .add_dir("org/tiny", "main", C1, &dir.path().join("v1"))
-        .unwrap();
-    let hub = Hub::new(config(&server, dir.path()));
+    let Setup { server, hub, .. } = setup("hub-missing", Behaviour::Normal);
     let e = hub
         .fetch(&source("hf://org/tiny:nothing.safetensors"))
         .unwrap_err()
@@ -183,13 +204,13 @@ fn a_server_that_never_answers_fails_within_the_timeout() {
 
 #[test]
 fn truncated_bodies_are_detected_and_never_cached_and_a_cut_download_resumes() {
-    let dir = ScratchDir::new("hub-trunc");
-    let (_, zoo) = two_versions(dir.path());
-    let server = HubServer::start(Behaviour::Truncate).unwrap();
-    server
-        .add_dir("org/tiny", "main", C1, &dir.path().join("v1"))
-        .unwrap();
-    let hub = Hub::new(config(&server, dir.path()));
+    let Setup {
+        dir,
+        zoo,
+        server,
+        hub,
+        ..
+    } = setup("hub-trunc", Behaviour::Truncate);
     let e = hub.fetch(&source("hf://org/tiny")).unwrap_err().to_string();
     assert!(e.contains("truncated") && e.contains("not cached"), "{e}");
     let repo = dir.path().join("hub/models--org--tiny");
@@ -262,13 +283,13 @@ fn sharded_repos_download_only_the_shards_the_classifier_needs() {
 
 #[test]
 fn remote_inspection_reads_headers_only() {
-    let dir = ScratchDir::new("hub-inspect");
-    let (arch, _) = two_versions(dir.path());
-    let server = HubServer::start(Behaviour::Normal).unwrap();
-    server
-        .add_dir("org/tiny", "main", C1, &dir.path().join("v1"))
-        .unwrap();
-    let hub = Hub::new(config(&server, dir.path()));
+    let Setup {
+        dir,
+        arch,
+        server,
+        hub,
+        ..
+    } = setup("hub-inspect", Behaviour::Normal);
     let remote = hub.open_remote(&source("hf://org/tiny")).unwrap();
     let local = Checkpoint::open(dir.path().join("v1")).unwrap();
     let a = remote.architecture().unwrap();
