@@ -143,18 +143,18 @@ impl Hyperplane {
 
     /// θ = c + Σ X d as block vectors. Blocks whose coefficients are all zero are c itself.
     pub fn theta_blocks(&self) -> Result<Vec<Tensor>> {
-        let b = self.batch_len();
-        let num_blocks = self.blocks.len();
-        (0..num_blocks)
-            .map(|l| {
-                let c = &self.center[l];
-                let col: Vec<f64> = (0..b).map(|i| self.x[i * num_blocks + l]).collect();
-                if col.iter().all(|&v| v == 0.0) {
-                    return Ok(c.clone());
-                }
-                let xs = Tensor::from_vec(col, (1, b), c.device())?.to_dtype(c.dtype())?;
-                Ok((c + xs.matmul(&self.directions[l])?.squeeze(0)?)?)
-            })
+        let (deltas, active) = self.delta_blocks()?;
+        self.add_center(deltas, &active)
+    }
+
+    /// c + `deltas` per block, where `active` (> 0) says a block has any non-zero coefficient;
+    /// an inactive block is c itself.
+    pub fn add_center(&self, deltas: Vec<Tensor>, active: &[f64]) -> Result<Vec<Tensor>> {
+        self.center
+            .iter()
+            .zip(deltas)
+            .zip(active)
+            .map(|((c, d), &a)| Ok(if a > 0.0 { (c + d)? } else { c.clone() }))
             .collect()
     }
 

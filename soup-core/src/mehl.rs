@@ -500,13 +500,7 @@ fn theta_of(hp: &Hyperplane, comm: &dyn Collective) -> Result<Vec<Tensor>> {
     }
     let (deltas, active) = hp.delta_blocks()?;
     let deltas = comm.all_reduce_sum_each(&deltas)?;
-    let active = comm.all_reduce_f64(&active)?;
-    hp.center()
-        .iter()
-        .zip(deltas)
-        .zip(active)
-        .map(|((c, d), a)| Ok(if a > 0.0 { (c + d)? } else { c.clone() }))
-        .collect()
+    hp.add_center(deltas, &comm.all_reduce_f64(&active)?)
 }
 
 /// The loss and ∇θ of the whole mini-batch: the shards' summed.
