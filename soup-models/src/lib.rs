@@ -6,6 +6,7 @@ pub mod arch;
 pub mod error;
 pub mod finetune;
 pub mod fixtures;
+pub mod kernels;
 pub mod ops;
 
 pub use arch::{build, Architecture, InputSpec, REGISTRY};

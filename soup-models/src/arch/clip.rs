@@ -14,7 +14,7 @@ use soup_core::{ParamLayout, TensorSpec};
 
 use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params};
 use crate::error::{ModelError, Result};
-use crate::ops::{layer_norm, linear, quick_gelu, softmax};
+use crate::ops::{attention, layer_norm, linear, quick_gelu};
 
 /// CLIP's pixel normalisation (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -225,7 +225,7 @@ impl ClipClassifier {
         let kernel = p
             .get("vision_model.embeddings.patch_embedding.weight")
             .reshape((e, ch * ps * ps))?;
-        let patch_embeds = patches.matmul(&kernel.t()?)?.reshape((n, g * g, e))?;
+        let patch_embeds = linear(&patches, &kernel, None)?.reshape((n, g * g, e))?;
         let class = p
             .get("vision_model.embeddings.class_embedding")
             .reshape((1, 1, e))?
@@ -249,24 +249,30 @@ impl ClipClassifier {
         };
         hidden = ln(&hidden, "vision_model.pre_layrnorm")?;
         let heads = c.num_attention_heads;
-        let head_dim = e / heads;
-        let t = c.num_positions();
-        let split = |x: Tensor| -> candle_core::Result<Tensor> {
-            x.reshape((n, t, heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let scale = ((e / heads) as f64).powf(-0.5);
         for i in 0..c.num_hidden_layers {
             let l = format!("vision_model.encoder.layers.{i}");
             let residual = hidden.clone();
             let x = ln(&hidden, &format!("{l}.layer_norm1"))?;
-            let q = split(
-                (lin(&x, &format!("{l}.self_attn.q_proj"))? * (head_dim as f64).powf(-0.5))?,
+            // q, k and v in one product: the three projections stacked (a 3e × e copy per layer).
+            let proj = |part: &str| format!("{l}.self_attn.{part}");
+            let w = Tensor::cat(
+                &[
+                    p.get(&proj("q_proj.weight")),
+                    p.get(&proj("k_proj.weight")),
+                    p.get(&proj("v_proj.weight")),
+                ],
+                0,
             )?;
-            let k = split(lin(&x, &format!("{l}.self_attn.k_proj"))?)?;
-            let v = split(lin(&x, &format!("{l}.self_attn.v_proj"))?)?;
-            let attn = softmax(&q.matmul(&k.t()?)?)?;
-            let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, e))?;
+            let b = Tensor::cat(
+                &[
+                    p.get(&proj("q_proj.bias")),
+                    p.get(&proj("k_proj.bias")),
+                    p.get(&proj("v_proj.bias")),
+                ],
+                0,
+            )?;
+            let out = attention(&linear(&x, &w, Some(&b))?, heads, scale)?;
             hidden = (residual + lin(&out, &format!("{l}.self_attn.out_proj"))?)?;
             let residual = hidden.clone();
             let x = ln(&hidden, &format!("{l}.layer_norm2"))?;

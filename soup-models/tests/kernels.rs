@@ -1,0 +1,199 @@
+//! The fused CPU kernels against the composed reference ops: values and gradients (f64, random
+//! shapes and values), f32 agreement, and non-contiguous inputs. The whole-model finite-difference
+//! checks of `gradients.rs` run through the kernels as well.
+
+use candle_core::{DType, Device, Tensor, Var};
+use proptest::prelude::*;
+use soup_core::rng::SplitMix64;
+use soup_models::{kernels, ops, ops::reference};
+
+fn random(rng: &mut SplitMix64, shape: &[usize], dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(rng.normals(n), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Runs `f` (fused) and `g` (reference) on the same variables; compares the outputs and the
+/// gradients of ⟨output, R⟩ for a random R, to `tol` relative to the largest magnitude.
+fn check(
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Tensor,
+    g: impl Fn(&[Tensor]) -> Tensor,
+    seed: u64,
+    tol: f64,
+) -> Result<(), TestCaseError> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (yf, yg) = (f(&ts), g(&ts));
+    prop_assert_eq!(yf.dims(), yg.dims());
+    let scale = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .max(1.0)
+    };
+    let err = max_abs_diff(&yf, &yg) / scale(&yg);
+    prop_assert!(err <= tol, "output differs by {err:e}");
+    let r = random(&mut SplitMix64::new(seed), yg.dims(), yg.dtype());
+    let gf = (&yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gg = (&yg * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (k, t) in ts.iter().enumerate() {
+        let a = gf.get(t).expect("fused op gives a gradient");
+        let b = gg.get(t).expect("reference gives a gradient");
+        let err = max_abs_diff(a, b) / scale(b);
+        prop_assert!(err <= tol, "gradient of input {k} differs by {err:e}");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn linear_matches_reference(rows in 1usize..7, inp in 1usize..9, out in 1usize..6, bias: bool, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        let x = random(&mut rng, &[2, rows, inp], DType::F64);
+        let w = random(&mut rng, &[out, inp], DType::F64);
+        let b = random(&mut rng, &[out], DType::F64);
+        let inputs = if bias { vec![x, w, b] } else { vec![x, w] };
+        check(
+            &inputs,
+            |t| ops::linear(&t[0], &t[1], t.get(2)).unwrap(),
+            |t| reference::linear(&t[0], &t[1], t.get(2)).unwrap(),
+            seed,
+            1e-12,
+        )?;
+    }
+
+    #[test]
+    fn layer_norm_matches_reference(rows in 1usize..6, d in 1usize..10, shift in -50.0f64..50.0, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        // A large common offset tests the two-pass variance.
+        let x = (random(&mut rng, &[2, rows, d], DType::F64) + shift).unwrap();
+        let w = random(&mut rng, &[d], DType::F64);
+        let b = random(&mut rng, &[d], DType::F64);
+        check(
+            &[x, w, b],
+            |t| kernels::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            |t| reference::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            seed,
+            1e-10,
+        )?;
+    }
+
+    #[test]
+    fn quick_gelu_matches_reference(n in 1usize..200, spread in 0.1f64..20.0, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        let x = (random(&mut rng, &[n], DType::F64) * spread).unwrap();
+        check(
+            &[x],
+            |t| kernels::quick_gelu(&t[0]).unwrap(),
+            |t| reference::quick_gelu(&t[0]).unwrap(),
+            seed,
+            1e-12,
+        )?;
+    }
+
+    #[test]
+    fn attention_matches_reference(n in 1usize..4, t in 1usize..8, heads in 1usize..4, hd in 1usize..6, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        let e = heads * hd;
+        let qkv = (random(&mut rng, &[n, t, 3 * e], DType::F64) * 2.0).unwrap();
+        let scale = (hd as f64).powf(-0.5);
+        check(
+            &[qkv],
+            |x| kernels::attention(&x[0], heads, scale).unwrap(),
+            |x| reference::attention(&x[0], heads, scale).unwrap(),
+            seed,
+            1e-12,
+        )?;
+    }
+}
+
+#[test]
+fn f32_kernels_agree_with_the_reference() {
+    let mut rng = SplitMix64::new(4);
+    let x = random(&mut rng, &[3, 17, 48], DType::F32);
+    let w = random(&mut rng, &[40, 48], DType::F32);
+    let b = random(&mut rng, &[40], DType::F32);
+    let g = random(&mut rng, &[48], DType::F32);
+    let pairs = [
+        (
+            ops::linear(&x, &w, Some(&b)).unwrap(),
+            reference::linear(&x, &w, Some(&b)).unwrap(),
+        ),
+        (
+            kernels::layer_norm(&x, &g, &g, 1e-5).unwrap(),
+            reference::layer_norm(&x, &g, &g, 1e-5).unwrap(),
+        ),
+        (
+            kernels::quick_gelu(&x).unwrap(),
+            reference::quick_gelu(&x).unwrap(),
+        ),
+        (
+            kernels::attention(&x, 4, 0.25).unwrap(),
+            reference::attention(&x, 4, 0.25).unwrap(),
+        ),
+    ];
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let err = max_abs_diff(a, b);
+        assert!(err < 1e-4, "op {i}: f32 kernel differs by {err:e}");
+    }
+}
+
+#[test]
+fn kernels_take_non_contiguous_inputs() {
+    let mut rng = SplitMix64::new(5);
+    let xt = random(&mut rng, &[6, 5], DType::F64).t().unwrap();
+    assert!(!xt.is_contiguous());
+    let w = random(&mut rng, &[3, 6], DType::F64);
+    let g = random(&mut rng, &[6], DType::F64);
+    let diffs = [
+        max_abs_diff(
+            &kernels::linear(&xt, &w, None).unwrap(),
+            &reference::linear(&xt, &w, None).unwrap(),
+        ),
+        max_abs_diff(
+            &kernels::layer_norm(&xt, &g, &g, 1e-5).unwrap(),
+            &reference::layer_norm(&xt, &g, &g, 1e-5).unwrap(),
+        ),
+    ];
+    assert!(diffs.iter().all(|&d| d < 1e-12), "{diffs:?}");
+}
+
+#[test]
+fn unsupported_inputs_fail_with_a_message() {
+    let x = Tensor::zeros((2, 3, 7), DType::F64, &Device::Cpu).unwrap();
+    let err = kernels::attention(&x, 2, 1.0).unwrap_err().to_string();
+    assert!(err.contains("heads"), "{err}");
+    let x = Tensor::zeros((2, 4), DType::BF16, &Device::Cpu).unwrap();
+    assert!(!kernels::supported(&x));
+    let err = kernels::quick_gelu(&x).unwrap_err().to_string();
+    assert!(err.contains("f32 and f64"), "{err}");
+}
