@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Result, SoupError};
+use crate::kernels;
 use crate::layout::{from_blocks, to_blocks, Block, ParamLayout};
 use crate::result::bytes_of;
 
@@ -141,8 +142,23 @@ impl Hyperplane {
         &self.directions[l]
     }
 
-    /// θ = c + Σ X d as block vectors. Blocks whose coefficients are all zero are c itself.
+    /// θ = c + Σ X d as block vectors.
     pub fn theta_blocks(&self) -> Result<Vec<Tensor>> {
+        // The arithmetic of `theta_params` (bit for bit) where the kernel applies.
+        let num_blocks = self.blocks.len();
+        let fused: Option<Vec<Tensor>> = (0..num_blocks)
+            .map(|l| {
+                let x: Vec<f64> = (0..self.batch_len())
+                    .map(|i| self.x[i * num_blocks + l])
+                    .collect();
+                let len = self.blocks[l].numel;
+                kernels::combine(&self.center[l], &self.directions[l], &x, 0..len, &[len])
+                    .map(|t| t.detach())
+            })
+            .collect();
+        if let Some(blocks) = fused {
+            return Ok(blocks);
+        }
         let (deltas, active) = self.delta_blocks()?;
         self.add_center(deltas, &active)
     }
@@ -185,6 +201,65 @@ impl Hyperplane {
         from_blocks(&self.theta_blocks()?, &self.blocks, &self.layout)
     }
 
+    /// [`Self::theta_params`] written into the variables of `previous` (an earlier result of
+    /// `theta_params` of this hyperplane: no allocation, no page faults) when it is one; a new
+    /// result otherwise. The tensors of `previous` must not be shared with anything that expects
+    /// the old values.
+    pub fn theta_params_into(&self, previous: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let fits = previous.len() == self.layout.len()
+            && previous
+                .iter()
+                .all(|t| t.is_variable() && t.is_contiguous());
+        if !fits {
+            return self.theta_params();
+        }
+        let num_blocks = self.blocks.len();
+        let mut k = 0;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let x: Vec<f64> = (0..self.batch_len())
+                .map(|i| self.x[i * num_blocks + l])
+                .collect();
+            let mut offset = 0;
+            for spec in &self.layout.tensors[blk.tensors.clone()] {
+                let range = offset..offset + spec.numel();
+                offset = range.end;
+                let dst = &previous[k];
+                k += 1;
+                if dst.dims() != spec.shape.as_slice()
+                    || kernels::combine_into(dst, &self.center[l], &self.directions[l], &x, range)
+                        .is_none()
+                {
+                    return self.theta_params();
+                }
+            }
+        }
+        Ok(previous)
+    }
+
+    /// θ as named tensors in layout order for a training step: on the CPU each is a new
+    /// variable computed in one pass over c and the directions (no copy when autograd takes it);
+    /// elsewhere [`Self::theta`].
+    pub fn theta_params(&self) -> Result<Vec<Tensor>> {
+        let num_blocks = self.blocks.len();
+        let mut out = Vec::with_capacity(self.layout.len());
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let x: Vec<f64> = (0..self.batch_len())
+                .map(|i| self.x[i * num_blocks + l])
+                .collect();
+            let mut offset = 0;
+            for spec in &self.layout.tensors[blk.tensors.clone()] {
+                let range = offset..offset + spec.numel();
+                offset = range.end;
+                match kernels::combine(&self.center[l], &self.directions[l], &x, range, &spec.shape)
+                {
+                    Some(t) => out.push(t),
+                    None => return self.theta(),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The gradient with respect to X of a loss whose ∇θ is `grad` (named tensors in layout
     /// order): ∂F/∂X_{i,l} = ⟨g^l, d_{i,l}⟩, one (b × D_l)·(D_l × 1) product per block.
     /// Returned b × L row-major, like `x`.
@@ -193,6 +268,23 @@ impl Hyperplane {
             return Ok(Vec::new());
         }
         let g = to_blocks(grad, &self.blocks)?;
+        let b = self.batch_len();
+        let num_blocks = self.blocks.len();
+        // The fused kernel: one pass over each block's directions.
+        let fused: Option<Vec<Vec<f64>>> = g
+            .iter()
+            .zip(&self.directions)
+            .map(|(g, d)| kernels::dots(d, g))
+            .collect();
+        if let Some(cols) = fused {
+            let mut out = vec![0.0; b * num_blocks];
+            for (l, col) in cols.iter().enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    out[i * num_blocks + l] = *v;
+                }
+            }
+            return Ok(out);
+        }
         let cols = g
             .iter()
             .zip(&self.directions)

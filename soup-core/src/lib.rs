@@ -9,6 +9,7 @@
 pub mod baselines;
 pub mod error;
 pub mod hyperplane;
+pub mod kernels;
 pub mod layout;
 pub mod mehl;
 pub mod optim;

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use crate::error::{Result, SoupError};
 use crate::hyperplane::Hyperplane;
 use crate::layout::{from_blocks, to_blocks, BlockCut};
-use crate::optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
+use crate::optim::{clip_coefficient, global_norm, Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::{derive_seed, permutation};
 use crate::schedule::StepSchedule;
@@ -357,8 +357,7 @@ pub fn resume_mehl_on(
                 coefficients: hp.coefficient_bytes() + optimizer.state_bytes(),
                 ..Default::default()
             });
-            let mut theta_blocks = hp.center().to_vec();
-            let mut theta = from_blocks(&theta_blocks, &blocks, &layout)?;
+            let mut theta = from_blocks(hp.center(), &blocks, &layout)?;
             for epoch in 0..config.inner_epochs {
                 let seed = epoch_seed(config.seed, outer_pass, model_batch, epoch);
                 for index in 0..num_batches {
@@ -368,7 +367,7 @@ pub fn resume_mehl_on(
                         epoch_seed: seed,
                         index,
                     };
-                    let (loss, mut grad) = loss_and_grad(objective, &theta, batch, comm)?;
+                    let (loss, grad) = loss_and_grad(objective, &theta, batch, comm)?;
                     let non_finite = |what| SoupError::NonFinite {
                         what,
                         step,
@@ -377,17 +376,21 @@ pub fn resume_mehl_on(
                     if !loss.is_finite() {
                         return Err(non_finite("loss"));
                     }
-                    let grad_norm = match config.clip_grad_norm {
-                        Some(max) => clip_global_norm(&mut grad, max)?,
-                        None => global_norm(&grad)?,
-                    };
+                    let grad_norm = global_norm(&grad)?;
                     if !grad_norm.is_finite() {
                         return Err(non_finite("gradient"));
                     }
-                    let grad_x = hp.project(&grad)?;
+                    let mut grad_x = hp.project(&grad)?;
+                    // Clipping ∇θ to a global norm scales its projection by the same factor
+                    // (torch's clip_grad_norm_ coefficient), without a pass over ∇θ.
+                    if let Some(max) = config.clip_grad_norm {
+                        let coef = clip_coefficient(grad_norm, max);
+                        if coef < 1.0 {
+                            grad_x.iter_mut().for_each(|v| *v *= coef);
+                        }
+                    }
                     optimizer.step(&mut hp.x, &grad_x, lr, config.weight_decay);
-                    theta_blocks = theta_of(&hp, comm)?;
-                    theta = from_blocks(&theta_blocks, &blocks, &layout)?;
+                    theta = theta_params(&hp, comm, theta)?;
                     let record = StepRecord {
                         outer_pass,
                         model_batch,
@@ -423,7 +426,10 @@ pub fn resume_mehl_on(
             let progress = MehlProgress {
                 model_batches_done: model_batch + 1,
                 global_step,
-                soup_blocks: theta_blocks,
+                soup_blocks: to_blocks(&theta, &blocks)?
+                    .iter()
+                    .map(Tensor::detach)
+                    .collect(),
                 alpha: alpha_of(&hp, comm)?,
                 history: history.clone(),
                 evaluations: evaluations.clone(),
@@ -503,6 +509,20 @@ fn theta_of(hp: &Hyperplane, comm: &dyn Collective) -> Result<Vec<Tensor>> {
     hp.add_center(deltas, &comm.all_reduce_f64(&active)?)
 }
 
+/// θ as named tensors for the next step: [`Hyperplane::theta_params`] in one process, the
+/// all-reduced rows of every process over several.
+/// `previous` (the θ of the last step, no longer needed) is overwritten in place when it can be.
+fn theta_params(
+    hp: &Hyperplane,
+    comm: &dyn Collective,
+    previous: Vec<Tensor>,
+) -> Result<Vec<Tensor>> {
+    if comm.world_size() == 1 {
+        return hp.theta_params_into(previous);
+    }
+    from_blocks(&theta_of(hp, comm)?, &hp.blocks, &hp.layout)
+}
+
 /// The loss and ∇θ of the whole mini-batch: the shards' summed.
 fn loss_and_grad(
     objective: &mut dyn Objective,
@@ -526,7 +546,9 @@ fn evaluate(
     theta: &[Tensor],
     comm: &dyn Collective,
 ) -> Result<Metrics> {
-    let m = objective.evaluate(theta)?;
+    // θ of a training step is a variable: evaluate it without building a graph.
+    let theta: Vec<Tensor> = theta.iter().map(Tensor::detach).collect();
+    let m = objective.evaluate(&theta)?;
     if comm.world_size() == 1 {
         return Ok(m);
     }

@@ -102,20 +102,29 @@ impl Optimizer {
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0.0f64;
     for g in grads {
-        sum += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        sum += match crate::kernels::sum_squares(g) {
+            Some(s) => s,
+            None => g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?,
+        };
     }
     Ok(sum.sqrt())
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales gradients of global norm `norm` by:
+/// max_norm / (norm + 1e-6), applied when below 1.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    max_norm / (norm + 1e-6)
 }
 
 /// `torch.nn.utils.clip_grad_norm_`: scales `grads` by max_norm / (norm + 1e-6) when that is
 /// below 1. Returns the norm before clipping.
 pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
-    let coef = max_norm / (norm + 1e-6);
+    let coef = clip_coefficient(norm, max_norm);
     if coef < 1.0 {
         for g in grads.iter_mut() {
             *g = g.affine(coef, 0.0)?;

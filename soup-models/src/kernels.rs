@@ -846,3 +846,58 @@ impl CustomOp2 for AttentionBwd {
         )
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// In-place y ← y + a·x (a plain SGD update without a new tensor).
+
+/// y ← y + a·x in place, for contiguous y and x of the same shape. Not differentiable.
+pub fn axpy_inplace(y: &Tensor, a: f64, x: &Tensor) -> Result<()> {
+    if y.shape() != x.shape() || !y.is_contiguous() {
+        bail!("axpy: y {:?} (contiguous) and x {:?}", y.dims(), x.dims());
+    }
+    y.inplace_op2(&x.contiguous()?, &Axpy { a })
+}
+
+struct Axpy {
+    a: f64,
+}
+
+fn axpy_slices<T: Real>(y: &mut [T], x: &[T], a: f64) {
+    let a = T::from_f64(a);
+    y.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536))
+        .for_each(|(yc, xc)| {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                *y += a * x;
+            }
+        });
+}
+
+impl candle_core::InplaceOp2 for Axpy {
+    fn name(&self) -> &'static str {
+        "soup-axpy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (a, b) = match l1.contiguous_offsets() {
+            Some(r) => r,
+            None => bail!("axpy: y is not contiguous"),
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(_)) => {
+                axpy_slices(&mut y[a..b], data::<f32>(s2, l2, "axpy")?, self.a)
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(_)) => {
+                axpy_slices(&mut y[a..b], data::<f64>(s2, l2, "axpy")?, self.a)
+            }
+            _ => bail!("axpy: only f32 and f64 of one dtype are supported"),
+        }
+        Ok(())
+    }
+}

@@ -2,10 +2,12 @@
 //!
 //! - `cargo xtask ci`: everything CI checks: formatting, clippy with warnings denied, every test.
 //!   It installs what the tests need when it is missing (rustfmt, clippy, Fashion-MNIST).
-//! - `cargo xtask bench [--batch 8,32] [--rounds 5]`: the forward + backward step of the ViT-B/32
-//!   classifier on this machine (release build), as a table and JSON lines in `target/bench/`.
+//! - `cargo xtask bench [--torch] [--only step,mehl,authors,load]`: side-by-side benchmarks
+//!   (`bench.rs`): ours against PyTorch, MEHL+ against plain training, `soup` against the
+//!   authors' loop, checkpoint loading against copying.
 //! - `cargo xtask reproduce [--quick]`: the paper's experiments on Fashion-MNIST (`reproduce.rs`).
 
+mod bench;
 mod paper;
 mod reproduce;
 mod scale;
@@ -18,7 +20,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("bench") => bench(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         Some("reproduce") => reproduce::reproduce(&args[1..]),
         Some("-h") | Some("--help") | None => {
             println!("{}", USAGE);
@@ -49,8 +51,16 @@ tasks:
                ViT-B/32-size perturbed zoos
              --preset paper-vit-b32 --imagenet DIR [--zoo DIR] [--max-examples N]: the 72
                model-soups checkpoints on ImageNet (manifests/paper-vit-b32.toml)
-  bench      forward + backward step time of the ViT-B/32 classifier, with peak RSS
-             options: --batch 8,32 (batch sizes), --rounds 5 (timed rounds after one warm-up)";
+  bench      side-by-side benchmarks (release builds; tables on stdout, JSON in
+             target/bench/bench.json), sections (--only, comma-separated; default all):
+               step     ViT-B/32 forward + backward step: ours, and PyTorch with --torch
+               mehl     a MEHL-Soup+ step (b = 8) against a plain training step
+               authors  soup mix --method mehl+ against the authors' loop ported to
+                        PyTorch, time and peak RSS (needs --torch)
+               load     checkpoint loading against the copy bandwidth
+             --torch: make target/bench/torch-venv (pip install torch) when missing
+             --batch 8,32 (data batch sizes), --rounds 3 (timed rounds per process),
+             --repeats 3 (processes per contender, alternating)";
 
 /// The workspace root (the parent of this crate's directory).
 pub(crate) fn root() -> PathBuf {
@@ -201,63 +211,6 @@ fn ci() -> Result<(), String> {
 pub(crate) fn release_example(name: &str) -> Result<PathBuf, String> {
     cargo(&["build", "--release", "-p", "soup-models", "--example", name])?;
     Ok(root().join("target/release/examples").join(name))
-}
-
-/// `cargo xtask bench`: runs the step benchmark (release build) for each batch size, prints a
-/// markdown table of medians and peak RSS, and keeps the raw JSON lines in target/bench/.
-fn bench(args: &[String]) -> Result<(), String> {
-    let mut batches = vec!["8".to_string()];
-    let mut rounds = "5".to_string();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--batch" => batches = value.split(',').map(str::to_string).collect(),
-            "--rounds" => rounds = value.clone(),
-            other => return Err(format!("unknown bench flag {other}")),
-        }
-    }
-    let exe = release_example("step_bench")?;
-    let out_dir = root().join("target/bench");
-    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let mut lines = Vec::new();
-    let mut rows = Vec::new();
-    for batch in &batches {
-        eprintln!("xtask: step benchmark, batch {batch}");
-        let out = Command::new(&exe)
-            .args(["--batch", batch, "--rounds", &rounds])
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "step_bench failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let mut row = vec![batch.clone()];
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| format!("bad bench output {line:?}: {e}"))?;
-            if let Some(m) = v.get("median_s") {
-                row.push(format!("{:.3}", m.as_f64().unwrap_or(f64::NAN)));
-            }
-            if let Some(r) = v.get("peak_rss_bytes") {
-                row.push(format!("{:.2}", r.as_f64().unwrap_or(0.0) / 1e9));
-            }
-            lines.push(line.to_string());
-        }
-        rows.push(row);
-    }
-    std::fs::write(out_dir.join("step.jsonl"), lines.join("\n") + "\n")
-        .map_err(|e| e.to_string())?;
-    println!("| batch | forward (s) | backward (s) | step (s) | peak RSS (GB) |");
-    println!("|---|---|---|---|---|");
-    for row in rows {
-        println!("| {} |", row.join(" | "));
-    }
-    println!("(medians of {rounds} rounds; raw results in target/bench/step.jsonl)");
-    Ok(())
 }
 
 /// Runs `cargo xtask reproduce --quick` and checks that every output exists and is well-formed

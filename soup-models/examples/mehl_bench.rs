@@ -1,0 +1,186 @@
+//! One MEHL-Soup+ coefficient step against one plain training step of the same model, side by
+//! side in one process (used by `cargo xtask bench`).
+//!
+//! `mehl_bench [--arch clip-vit-b32] [--b 8] [--batch 8] [--steps 4] [--rounds 3] [--classes 10]`
+//!
+//! A zoo of b models (one random start plus uniform noise, in memory) and `batch × steps` random
+//! held-out images. Each round runs `steps` plain steps (forward, backward, θ ← θ − η∇θ in place)
+//! and then MEHL-Soup+ over the b models for `steps` coefficient steps (one model batch, one inner
+//! epoch, the real `soup_core::run_mehl` loop: materialise θ, forward, backward, clip, project,
+//! AdamW on X). Prints one JSON line per kind with every step's seconds and the median.
+
+use std::cell::Cell;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use soup_core::{run_mehl, Batch, Event, MehlConfig, ModelStore, Objective, ParamLayout};
+use soup_models::{kernels, Classification, Dataset};
+
+struct Zoo {
+    layout: ParamLayout,
+    models: Vec<Vec<Tensor>>,
+}
+
+impl ModelStore for Zoo {
+    fn len(&self) -> usize {
+        self.models.len()
+    }
+    fn name(&self, i: usize) -> String {
+        format!("model {i}")
+    }
+    fn layout(&self, _: usize) -> soup_core::Result<ParamLayout> {
+        Ok(self.layout.clone())
+    }
+    fn load(&self, i: usize) -> soup_core::Result<Vec<Tensor>> {
+        Ok(self.models[i].clone())
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut arch_name = "clip-vit-b32".to_string();
+    let (mut b, mut batch, mut steps, mut rounds, mut classes) = (8, 8, 4, 3, 10);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--arch" => arch_name = value()?,
+            "--b" => b = value()?.parse()?,
+            "--batch" => batch = value()?.parse()?,
+            "--steps" => steps = value()?.parse()?,
+            "--rounds" => rounds = value()?.parse()?,
+            "--classes" => classes = value()?.parse()?,
+            other => return Err(format!("unknown flag {other}").into()),
+        }
+    }
+    let dev = Device::Cpu;
+    let arch = soup_models::build(&arch_name, &serde_json::json!({ "num_classes": classes }))?;
+    let base = arch.init(1, &dev)?;
+    let models = (0..b)
+        .map(|_| {
+            base.iter()
+                .map(|t| t + t.rand_like(-0.01, 0.01)?)
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let zoo = Zoo {
+        layout: arch.layout().clone(),
+        models,
+    };
+    let spec = arch.input();
+    let n = batch * steps;
+    let images = Tensor::randn(0f32, 1.0, (n, spec.channels, spec.height, spec.width), &dev)?;
+    let labels: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
+    let mut objective = Classification {
+        arch: arch.clone(),
+        data: Dataset { images, labels },
+        batch_size: batch,
+        eval_batch_size: batch,
+        label_smoothing: 0.0,
+        shard: (0, 1),
+    };
+    let config = MehlConfig {
+        model_batch: b,
+        inner_epochs: 1,
+        evaluate_each_model_batch: false,
+        ..MehlConfig::mehl_plus()
+    };
+
+    let vars: Vec<Var> = base
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<_, _>>()?;
+    let theta: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (mut plain, mut mehl) = (Vec::new(), Vec::new());
+    for round in 0..=rounds {
+        // Plain training: the same objective, batches and model size; SGD in place.
+        let mut times = Vec::new();
+        for index in 0..steps {
+            let t0 = Instant::now();
+            let batch = Batch {
+                epoch_seed: 7,
+                index,
+            };
+            let loss = objective.loss(&theta, None, batch)?;
+            let grads = loss.backward()?;
+            loss.to_scalar::<f32>()?;
+            for t in &theta {
+                let g = grads.get(t).ok_or("a parameter got no gradient")?;
+                kernels::axpy_inplace(t, -1e-6, g)?;
+            }
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        // MEHL-Soup+: the step time is the time between successive Step events (the first
+        // measured from BatchStart, after the hyperplane is built).
+        let last = Cell::new(None::<Instant>);
+        let mut step_times = Vec::new();
+        run_mehl(&zoo, &mut objective, &config, &mut |e| match e {
+            Event::BatchStart { .. } => last.set(Some(Instant::now())),
+            Event::Step { .. } => {
+                let now = Instant::now();
+                if let Some(t) = last.get() {
+                    step_times.push((now - t).as_secs_f64());
+                }
+                last.set(Some(now));
+            }
+            _ => {}
+        })?;
+        if round > 0 {
+            // Round 0 warms caches and allocators.
+            plain.extend(times);
+            mehl.extend(step_times);
+        }
+    }
+    // The memory-bound parts of a MEHL step alone, on the same hyperplane (b directions):
+    // ∇θ's global norm and its projection on the directions, and θ = c + Σ X d.
+    let blocks = config.block_cut.blocks(&zoo.layout)?;
+    let members: Vec<usize> = (0..b).collect();
+    let mean = soup_core::zoo::Zoo::open(&zoo)?.mean(&members)?;
+    let mut hp = soup_core::Hyperplane::new(
+        zoo.layout.clone(),
+        blocks.clone(),
+        soup_core::to_blocks(&mean, &blocks)?,
+        vec![vec![1.0 / b as f64; b]; blocks.len()],
+        members,
+        |j| Ok((zoo.name(j), zoo.load(j)?)),
+    )?;
+    hp.x.iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x = 1e-3 * (i % 7) as f64);
+    let grad = &zoo.models[0];
+    let (mut project, mut materialise) = (Vec::new(), Vec::new());
+    let mut theta = hp.theta_params()?;
+    for round in 0..=rounds * steps {
+        let t0 = Instant::now();
+        let norm = soup_core::global_norm(grad)?;
+        let gx = hp.project(grad)?;
+        let t1 = Instant::now();
+        theta = hp.theta_params_into(theta)?;
+        let t2 = Instant::now();
+        assert!(norm.is_finite() && gx.len() == hp.x.len() && theta.len() == grad.len());
+        if round > 0 {
+            project.push((t1 - t0).as_secs_f64());
+            materialise.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let numel = arch.layout().numel();
+    for (kind, v) in [
+        ("plain", &plain),
+        ("mehl+", &mehl),
+        ("mehl+ norm and projection", &project),
+        ("mehl+ materialise", &materialise),
+    ] {
+        let s: Vec<String> = v.iter().map(|s| format!("{s:.4}")).collect();
+        println!(
+            "{{\"bench\":\"mehl-step\",\"arch\":\"{arch_name}\",\"params\":{numel},\"b\":{b},\"batch\":{batch},\"kind\":\"{kind}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
+            s.join(","),
+            median(v)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,504 @@
+//! `cargo xtask bench`: side-by-side benchmarks (release builds), as markdown tables on stdout and
+//! JSON in `target/bench/bench.json`. Contenders run alternately in one invocation.
+//!
+//! - `step`: forward + backward + update of the ViT-B/32 classifier per data batch size: ours
+//!   (`soup-models/examples/step_bench.rs`) and, with `--torch`, PyTorch (`bench/clip_torch.py`,
+//!   the same architecture and shapes), `--repeats` processes each, `--rounds` timed rounds per
+//!   process; medians over all rounds and the ratio ours / PyTorch.
+//! - `mehl`: one MEHL-Soup+ coefficient step (b = 8) against one plain training step of the same
+//!   model (`mehl_bench.rs`), with the memory-bound parts alone.
+//! - `authors` (needs `--torch`): `soup mix --method mehl+` against a PyTorch port of the
+//!   authors' loop (`bench/mehl_authors.py`) on one tiny CLIP zoo and the same Fashion-MNIST
+//!   examples and knobs: wall time and peak RSS of each process (GNU time).
+//! - `load`: checkpoint loading throughput against the copy bandwidth (`load_bench.rs`).
+//!
+//! `--torch` makes a Python virtual environment in `target/bench/torch-venv` with
+//! `pip install torch safetensors numpy` when it has none (a few GB; never in CI).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::reproduce::{build_soup, strings};
+use crate::{ensure_packages, release_example, root, DATA_PACKAGES};
+
+struct Options {
+    batches: Vec<usize>,
+    rounds: usize,
+    repeats: usize,
+    torch: bool,
+    only: Vec<String>,
+}
+
+const SECTIONS: &[&str] = &["step", "mehl", "authors", "load"];
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        batches: vec![8, 32],
+        rounds: 3,
+        repeats: 3,
+        torch: false,
+        only: SECTIONS.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if flag == "--torch" {
+            o.torch = true;
+            continue;
+        }
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = |v: &str| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{flag}: {v:?} is not a positive integer"))
+        };
+        match flag.as_str() {
+            "--batch" => o.batches = value.split(',').map(number).collect::<Result<_, _>>()?,
+            "--rounds" => o.rounds = number(value)?,
+            "--repeats" => o.repeats = number(value)?,
+            "--only" => {
+                o.only = value.split(',').map(str::to_string).collect();
+                if let Some(bad) = o.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                    return Err(format!(
+                        "--only: unknown section {bad:?} (sections: {})",
+                        SECTIONS.join(", ")
+                    ));
+                }
+            }
+            other => return Err(format!("unknown bench flag {other}")),
+        }
+    }
+    if o.only.iter().any(|s| s == "authors") && !o.torch {
+        o.only.retain(|s| s != "authors");
+        eprintln!("xtask: the `authors` section needs --torch; skipped");
+    }
+    Ok(o)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Runs a command; returns its stdout as JSON lines (non-JSON lines are skipped).
+fn json_lines(cmd: &mut Command) -> Result<Vec<Value>, String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Every round's seconds of the lines with `key` = `value`.
+fn seconds(lines: &[Value], key: &str, value: &str) -> Vec<f64> {
+    lines
+        .iter()
+        .filter(|l| l[key] == value)
+        .flat_map(|l| l["seconds"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s.as_f64())
+        .collect()
+}
+
+/// The Python of the benchmark venv, made when missing.
+fn torch_python() -> Result<PathBuf, String> {
+    let venv = root().join("target/bench/torch-venv");
+    let python = venv.join("bin/python");
+    let ready = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import torch, safetensors, numpy"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if python.exists() && ready(&python) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: making {} (pip install torch: a few GB)",
+        venv.display()
+    );
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        return Err("`python3 -m venv` failed: install python3 and python3-venv".into());
+    }
+    let ok = Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "torch", "safetensors", "numpy"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok || !ready(&python) {
+        return Err("pip install torch safetensors numpy failed in the bench venv".into());
+    }
+    Ok(python)
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn bench(args: &[String]) -> Result<(), String> {
+    let o = parse(args)?;
+    let out_dir = root().join("target/bench");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let python = if o.torch { Some(torch_python()?) } else { None };
+    let mut report = serde_json::Map::new();
+    report.insert(
+        "machine".into(),
+        json!({ "cpu": cpu_name(), "threads": threads() }),
+    );
+    let mut md = String::new();
+    for section in &o.only {
+        let (value, table) = match section.as_str() {
+            "step" => step(&o, python.as_deref())?,
+            "mehl" => mehl(&o)?,
+            "authors" => authors(&o, python.as_deref().expect("--torch"))?,
+            "load" => load(&o)?,
+            _ => unreachable!("sections are checked"),
+        };
+        println!("{table}");
+        md.push_str(&table);
+        md.push('\n');
+        report.insert(section.clone(), value);
+    }
+    let path = out_dir.join("bench.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).expect("JSON") + "\n",
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(out_dir.join("bench.md"), md).map_err(|e| e.to_string())?;
+    println!("(raw results in target/bench/bench.json)");
+    Ok(())
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Forward + backward step, ours against PyTorch.
+fn step(o: &Options, python: Option<&Path>) -> Result<(Value, String), String> {
+    let exe = release_example("step_bench")?;
+    let script = root().join("bench/clip_torch.py");
+    let mut rows = Vec::new();
+    let mut table = String::from(
+        "### Forward + backward step, CLIP ViT-B/32 classifier (1000 classes), CPU\n\n\
+         | batch | phase | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (GB) | PyTorch peak RSS (GB) |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for &batch in &o.batches {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for rep in 0..o.repeats {
+            eprintln!("xtask: step, batch {batch}, repeat {}", rep + 1);
+            let b = batch.to_string();
+            let r = o.rounds.to_string();
+            ours.extend(json_lines(
+                Command::new(&exe).args(["--batch", &b, "--rounds", &r]),
+            )?);
+            if let Some(py) = python {
+                theirs.extend(json_lines(Command::new(py).arg(&script).args([
+                    "--batch",
+                    &b,
+                    "--rounds",
+                    &r,
+                    "--threads",
+                    &threads().to_string(),
+                ]))?);
+            }
+        }
+        let rss = |lines: &[Value]| {
+            median(
+                &lines
+                    .iter()
+                    .filter_map(|l| l["peak_rss_bytes"].as_f64())
+                    .collect::<Vec<_>>(),
+            ) / 1e9
+        };
+        let mut phases = serde_json::Map::new();
+        for phase in ["forward", "backward", "step"] {
+            let a = seconds(&ours, "phase", phase);
+            let b = seconds(&theirs, "phase", phase);
+            let (ma, mb) = (median(&a), median(&b));
+            table.push_str(&format!(
+                "| {batch} | {phase} | {ma:.3} | {} | {} | {:.2} | {} |\n",
+                fmt(mb, 3),
+                fmt(ma / mb, 2),
+                rss(&ours),
+                fmt(rss(&theirs), 2)
+            ));
+            phases.insert(
+                phase.into(),
+                json!({ "ours_s": a, "pytorch_s": b, "ours_median_s": ma,
+                        "pytorch_median_s": mb, "ratio": ma / mb }),
+            );
+        }
+        rows.push(json!({ "batch": batch, "phases": phases,
+                          "ours_peak_rss_bytes": rss(&ours) * 1e9,
+                          "pytorch_peak_rss_bytes": rss(&theirs) * 1e9 }));
+    }
+    table.push_str(&format!(
+        "\n{} processes per contender and batch, alternating, {} timed rounds each after a warm-up round; medians over all rounds.\n",
+        o.repeats, o.rounds
+    ));
+    Ok((json!(rows), table))
+}
+
+fn fmt(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        "–".into()
+    }
+}
+
+/// MEHL-Soup+ step against a plain training step.
+fn mehl(o: &Options) -> Result<(Value, String), String> {
+    let exe = release_example("mehl_bench")?;
+    let mut rows = Vec::new();
+    let mut table = String::from(
+        "### MEHL-Soup+ coefficient step (b = 8) against a plain training step, CLIP ViT-B/32 (10 classes), CPU\n\n\
+         | batch | plain step (s) | MEHL+ step (s) | MEHL+ / plain | of which norm + projection (s) | θ = c + Σ X d (s) |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for &batch in &o.batches {
+        eprintln!("xtask: mehl, batch {batch}");
+        let lines = json_lines(Command::new(&exe).args([
+            "--b",
+            "8",
+            "--batch",
+            &batch.to_string(),
+            "--steps",
+            "4",
+            "--rounds",
+            &o.repeats.to_string(),
+        ]))?;
+        let m = |kind: &str| median(&seconds(&lines, "kind", kind));
+        let (plain, step) = (m("plain"), m("mehl+"));
+        table.push_str(&format!(
+            "| {batch} | {plain:.3} | {step:.3} | {:.2} | {:.3} | {:.3} |\n",
+            step / plain,
+            m("mehl+ norm and projection"),
+            m("mehl+ materialise")
+        ));
+        rows.push(json!({ "batch": batch, "lines": lines, "ratio": step / plain }));
+    }
+    table.push_str(&format!(
+        "\n{} rounds of 4 plain steps then 4 MEHL+ steps in one process (after a warm-up round); medians over all steps.\n",
+        o.repeats
+    ));
+    Ok((json!(rows), table))
+}
+
+/// The tiny CLIP of the end-to-end comparison: 1-channel 28 px Fashion-MNIST, 3 layers.
+const TINY_CLIP: &str = r#"{"hidden_size":96,"intermediate_size":384,"num_hidden_layers":3,"num_attention_heads":4,"num_channels":1,"image_size":28,"patch_size":7,"projection_dim":64}"#;
+const AUTHORS_MODELS: usize = 8;
+const AUTHORS_EXAMPLES: usize = 2000;
+
+/// Wall seconds and peak RSS (bytes) of a command, by GNU time.
+fn timed(cmd: &[String], log: &Path) -> Result<(f64, f64, String), String> {
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%e %M", "-o"])
+        .arg(log)
+        .args(cmd)
+        .output()
+        .map_err(|e| format!("cannot run /usr/bin/time: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = std::fs::read_to_string(log).map_err(|e| e.to_string())?;
+    let mut f = text.split_whitespace();
+    let wall: f64 = f
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or("bad time output")?;
+    let kb: f64 = f
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or("bad time output")?;
+    Ok((
+        wall,
+        kb * 1024.0,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// `soup mix --method mehl+` against the authors' loop ported to PyTorch.
+fn authors(o: &Options, python: &Path) -> Result<(Value, String), String> {
+    ensure_packages(DATA_PACKAGES)?;
+    ensure_packages(&[("time", "/usr/bin/time")])?;
+    build_soup()?;
+    let dir = root().join("target/bench/authors");
+    let zoo = dir.join("zoo");
+    let maker = release_example("perturbed_zoo")?;
+    let ok = Command::new(&maker)
+        .args(["--arch", "clip-vit", "--classes", "10", "--sigma", "0.02"])
+        .args([
+            "--count",
+            &AUTHORS_MODELS.to_string(),
+            "--config",
+            TINY_CLIP,
+        ])
+        .arg("--out")
+        .arg(&zoo)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        return Err("perturbed_zoo failed to write the tiny zoo".into());
+    }
+    let index = dir.join("heldout.txt");
+    let rows: Vec<String> = (0..AUTHORS_EXAMPLES).map(|i| i.to_string()).collect();
+    std::fs::write(&index, rows.join("\n") + "\n").map_err(|e| e.to_string())?;
+    let (b, epochs, batch, lr, seed) = ("4", "2", "50", "0.01", "1");
+    let mut ours_cmd = vec![root().join("target/release/soup").display().to_string()];
+    ours_cmd.extend(strings(&["mix", "-q", "--method", "mehl+", "--zoo"]));
+    ours_cmd.push(zoo.display().to_string());
+    ours_cmd.extend(strings(&["--data", "fashion-mnist", "--heldout-index"]));
+    ours_cmd.push(index.display().to_string());
+    ours_cmd.extend(strings(&[
+        "--max-examples",
+        &AUTHORS_EXAMPLES.to_string(),
+        "--model-batch",
+        b,
+        "--inner-epochs",
+        epochs,
+        "--batch-size",
+        batch,
+        "--lr",
+        lr,
+        "--seed",
+        seed,
+        "--force",
+        "--out",
+    ]));
+    ours_cmd.push(dir.join("soup-out").display().to_string());
+    let mut theirs_cmd = vec![
+        python.display().to_string(),
+        root().join("bench/mehl_authors.py").display().to_string(),
+        "--zoo".into(),
+        zoo.display().to_string(),
+        "--heldout-index".into(),
+        index.display().to_string(),
+    ];
+    theirs_cmd.extend(strings(&[
+        "--examples",
+        &AUTHORS_EXAMPLES.to_string(),
+        "--model-batch",
+        b,
+        "--epochs",
+        epochs,
+        "--batch-size",
+        batch,
+        "--lr",
+        lr,
+        "--seed",
+        seed,
+        "--threads",
+        &threads().to_string(),
+    ]));
+    let log = dir.join("time.log");
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut accuracy = (f64::NAN, f64::NAN);
+    for rep in 0..o.repeats {
+        eprintln!("xtask: authors, repeat {}", rep + 1);
+        let (w, r, _) = timed(&ours_cmd, &log)?;
+        ours.push((w, r));
+        let report = crate::reproduce::read_json(&dir.join("soup-out/report.json"))?;
+        accuracy.0 = report["test"]["accuracy"].as_f64().unwrap_or(f64::NAN);
+        let (w, r, stdout) = timed(&theirs_cmd, &log)?;
+        theirs.push((w, r));
+        if let Some(v) = stdout
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        {
+            accuracy.1 = v["test_accuracy"].as_f64().unwrap_or(f64::NAN);
+        }
+    }
+    let wall = |v: &[(f64, f64)]| median(&v.iter().map(|p| p.0).collect::<Vec<_>>());
+    let rss = |v: &[(f64, f64)]| median(&v.iter().map(|p| p.1).collect::<Vec<_>>());
+    let table = format!(
+        "### End to end: `soup mix --method mehl+` against the authors' loop (PyTorch port)\n\n\
+         Tiny CLIP ViT ({TINY_CLIP}), {AUTHORS_MODELS} models, b = {b}, {AUTHORS_EXAMPLES} held-out and test examples \
+         (Fashion-MNIST), batch {batch}, E_in {epochs}, AdamW lr {lr}, seed {seed}; {} runs each, alternating.\n\n\
+         | | wall (s) | peak RSS (MB) | test accuracy |\n|---|---|---|---|\n\
+         | soup | {:.2} | {:.0} | {} |\n| authors' loop | {:.2} | {:.0} | {} |\n| soup / authors | {:.2} | {:.2} | |\n",
+        o.repeats,
+        wall(&ours),
+        rss(&ours) / 1e6,
+        fmt(accuracy.0, 4),
+        wall(&theirs),
+        rss(&theirs) / 1e6,
+        fmt(accuracy.1, 4),
+        wall(&ours) / wall(&theirs),
+        rss(&ours) / rss(&theirs),
+    );
+    Ok((
+        json!({ "soup": ours, "authors": theirs, "accuracy": [accuracy.0, accuracy.1],
+                "time_ratio": wall(&ours) / wall(&theirs), "rss_ratio": rss(&ours) / rss(&theirs) }),
+        table,
+    ))
+}
+
+/// Checkpoint loading against copying.
+fn load(o: &Options) -> Result<(Value, String), String> {
+    let exe = release_example("load_bench")?;
+    eprintln!("xtask: load");
+    let lines = json_lines(
+        Command::new(&exe)
+            .args([
+                "--models",
+                "4",
+                "--rounds",
+                &(o.repeats * o.rounds).to_string(),
+            ])
+            .arg("--dir")
+            .arg(root().join("target/bench/load-zoo")),
+    )?;
+    let m = |kind: &str| {
+        lines
+            .iter()
+            .find(|l| l["kind"] == kind)
+            .and_then(|l| l["median_gb_per_s"].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    let (copy, load) = (m("copy"), m("load"));
+    let table = format!(
+        "### Reading a zoo: 4 ViT-B/32 checkpoints (safetensors, f32) from the page cache\n\n\
+         | copy bandwidth (GB/s) | checkpoint loading (GB/s) | loading / copy |\n|---|---|---|\n\
+         | {copy:.2} | {load:.2} | {:.2} |\n",
+        load / copy
+    );
+    Ok((json!({ "lines": lines, "ratio": load / copy }), table))
+}
