@@ -16,6 +16,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use soup_core::{Collective, SingleProcess};
 
+/// Large blocks on transparent huge pages (fewer page faults: `soup_models::alloc`).
+#[global_allocator]
+static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
+
 /// Learned model soups on one machine: MEHL-Soup (ECCV 2024) and its baselines.
 #[derive(Parser, Debug)]
 #[command(name = "soup", version, about, long_about = None)]

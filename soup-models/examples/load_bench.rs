@@ -18,6 +18,9 @@ use soup_core::ModelStore;
 use soup_models::checkpoint::write_model_dir;
 use soup_models::FileStore;
 
+#[global_allocator]
+static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);

@@ -16,6 +16,9 @@ use candle_core::{Device, Tensor, Var};
 use soup_core::{run_mehl, Batch, Event, MehlConfig, ModelStore, Objective, ParamLayout};
 use soup_models::{kernels, Classification, Dataset};
 
+#[global_allocator]
+static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
+
 struct Zoo {
     layout: ParamLayout,
     models: Vec<Vec<Tensor>>,

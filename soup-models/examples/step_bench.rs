@@ -9,6 +9,9 @@ use candle_core::{Device, Tensor, Var};
 use soup_core::rng::SplitMix64;
 use soup_models::ops::cross_entropy;
 
+#[global_allocator]
+static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]

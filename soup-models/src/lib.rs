@@ -2,6 +2,7 @@
 //! registered by name, the classification objective, and checkpoints, implementing soup-core's
 //! `ModelStore` and `Objective` traits.
 
+pub mod alloc;
 pub mod arch;
 pub mod error;
 pub mod finetune;
