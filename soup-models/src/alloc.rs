@@ -137,7 +137,12 @@ mod tests {
     #[test]
     fn big_and_small_blocks_are_usable_aligned_and_zeroed() {
         let a = HugePages;
-        for (size, align) in [(16, 8), (THRESHOLD - 1, 64), (THRESHOLD, 8), (9 << 20, 4096)] {
+        for (size, align) in [
+            (16, 8),
+            (THRESHOLD - 1, 64),
+            (THRESHOLD, 8),
+            (9 << 20, 4096),
+        ] {
             unsafe {
                 let layout = Layout::from_size_align(size, align).unwrap();
                 let z = a.alloc_zeroed(layout);

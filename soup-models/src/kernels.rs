@@ -24,13 +24,34 @@ pub fn supported(t: &Tensor) -> bool {
 
 /// The float types of the kernels.
 pub trait Real: WithDType + std::ops::Neg<Output = Self> {
+    /// e^x: for f32 [`exp_f32`] (vectorisable, relative error below 3e-7), for f64 the libm one.
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
 }
 
+/// e^x in f32 without a libm call, so that loops over it vectorise (Cephes' expf: x = n·ln 2 + r,
+/// |r| ≤ ln 2 / 2, e^r by a degree-7 polynomial; the rounding of x·log2(e) to n uses the 1.5·2²³
+/// trick, which needs no SSE4.1). Relative error below 3e-7 on [−87, 88]; inputs are clamped
+/// there (e^−87 ≈ 1.6e−38, e^88 ≈ 1.7e38), NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 impl Real for f32 {
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)

@@ -197,3 +197,20 @@ fn unsupported_inputs_fail_with_a_message() {
     let err = kernels::quick_gelu(&x).unwrap_err().to_string();
     assert!(err.contains("f32 and f64"), "{err}");
 }
+
+#[test]
+fn exp_f32_is_accurate_over_the_whole_range() {
+    let mut worst = 0.0f64;
+    let mut x = -87.0f32;
+    while x <= 88.0 {
+        let want = (x as f64).exp();
+        let got = kernels::exp_f32(x) as f64;
+        worst = worst.max((got - want).abs() / want);
+        x += 0.000_37;
+    }
+    assert!(worst < 3e-7, "relative error {worst:e}");
+    assert!(kernels::exp_f32(-1e4) >= 0.0 && kernels::exp_f32(-1e4) < 1e-37);
+    assert!(kernels::exp_f32(1e4).is_finite());
+    assert!(kernels::exp_f32(f32::NAN).is_nan());
+    assert_eq!(kernels::exp_f32(0.0), 1.0);
+}
