@@ -372,7 +372,7 @@ impl Checkpoint {
                 format!("tensor {name}: only the header was read (fetch the weights to load it)"),
             ));
         };
-        if dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
+        if dtype == DType::F32 && device.is_cpu() && cfg!(all(unix, target_endian = "little")) {
             // One copy from the page cache into the tensor's buffer (no faults on the mapping).
             let values = read_f32(&shard.path, (mapped.data_start + start) as u64, end - start)?;
             return Ok(Tensor::from_vec(values, stored.shape.as_slice(), device)?);
@@ -473,6 +473,7 @@ impl Checkpoint {
 
 /// `len` bytes of little-endian f32 at `offset` of `path`, read straight into the values
 /// (pread on all threads: one copy from the page cache, no page faults on a mapping).
+#[cfg(unix)]
 fn read_f32(path: &Path, offset: u64, len: usize) -> Result<Vec<f32>> {
     use std::os::unix::fs::FileExt;
     if !len.is_multiple_of(4) {
@@ -493,6 +494,11 @@ fn read_f32(path: &Path, offset: u64, len: usize) -> Result<Vec<f32>> {
         .try_for_each(|(k, part)| file.read_exact_at(part, offset + (k * PART) as u64))
         .map_err(|e| ModelError::io(path, e))?;
     Ok(out)
+}
+
+#[cfg(not(unix))]
+fn read_f32(path: &Path, _: u64, _: usize) -> Result<Vec<f32>> {
+    Err(ModelError::format(path, "pread is Unix-only"))
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
