@@ -145,13 +145,10 @@ impl Hyperplane {
     /// θ = c + Σ X d as block vectors.
     pub fn theta_blocks(&self) -> Result<Vec<Tensor>> {
         // The arithmetic of `theta_params` (bit for bit) where the kernel applies.
-        let num_blocks = self.blocks.len();
-        let fused: Option<Vec<Tensor>> = (0..num_blocks)
+        let fused: Option<Vec<Tensor>> = (0..self.blocks.len())
             .map(|l| {
-                let x: Vec<f64> = (0..self.batch_len())
-                    .map(|i| self.x[i * num_blocks + l])
-                    .collect();
                 let len = self.blocks[l].numel;
+                let x = self.column(l);
                 kernels::combine(&self.center[l], &self.directions[l], &x, 0..len, &[len])
                     .map(|t| t.detach())
             })
@@ -184,7 +181,7 @@ impl Hyperplane {
         let deltas = (0..num_blocks)
             .map(|l| {
                 let c = &self.center[l];
-                let col: Vec<f64> = (0..b).map(|i| self.x[i * num_blocks + l]).collect();
+                let col = self.column(l);
                 if col.iter().all(|&v| v == 0.0) {
                     return Ok(c.zeros_like()?);
                 }
@@ -206,31 +203,19 @@ impl Hyperplane {
     /// result otherwise. The tensors of `previous` must not be shared with anything that expects
     /// the old values.
     pub fn theta_params_into(&self, previous: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        let fits = previous.len() == self.layout.len()
-            && previous
-                .iter()
-                .all(|t| t.is_variable() && t.is_contiguous());
+        let pieces = self.tensor_pieces();
+        let fits = previous.len() == pieces.len()
+            && previous.iter().zip(&pieces).all(|(t, (_, _, shape))| {
+                t.is_variable() && t.is_contiguous() && t.dims() == *shape
+            });
         if !fits {
             return self.theta_params();
         }
-        let num_blocks = self.blocks.len();
-        let mut k = 0;
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let x: Vec<f64> = (0..self.batch_len())
-                .map(|i| self.x[i * num_blocks + l])
-                .collect();
-            let mut offset = 0;
-            for spec in &self.layout.tensors[blk.tensors.clone()] {
-                let range = offset..offset + spec.numel();
-                offset = range.end;
-                let dst = &previous[k];
-                k += 1;
-                if dst.dims() != spec.shape.as_slice()
-                    || kernels::combine_into(dst, &self.center[l], &self.directions[l], &x, range)
-                        .is_none()
-                {
-                    return self.theta_params();
-                }
+        let columns: Vec<Vec<f64>> = (0..self.blocks.len()).map(|l| self.column(l)).collect();
+        for (dst, (l, range, _)) in previous.iter().zip(pieces) {
+            let (c, d) = (&self.center[l], &self.directions[l]);
+            if kernels::combine_into(dst, c, d, &columns[l], range).is_none() {
+                return self.theta_params();
             }
         }
         Ok(previous)
@@ -240,24 +225,46 @@ impl Hyperplane {
     /// variable computed in one pass over c and the directions (no copy when autograd takes it);
     /// elsewhere [`Self::theta`].
     pub fn theta_params(&self) -> Result<Vec<Tensor>> {
+        let columns: Vec<Vec<f64>> = (0..self.blocks.len()).map(|l| self.column(l)).collect();
+        let fused: Option<Vec<Tensor>> = self
+            .tensor_pieces()
+            .into_iter()
+            .map(|(l, range, shape)| {
+                kernels::combine(
+                    &self.center[l],
+                    &self.directions[l],
+                    &columns[l],
+                    range,
+                    shape,
+                )
+            })
+            .collect();
+        match fused {
+            Some(out) => Ok(out),
+            None => self.theta(),
+        }
+    }
+
+    /// Column l of X: X_{i,l} for every row i.
+    fn column(&self, l: usize) -> Vec<f64> {
         let num_blocks = self.blocks.len();
+        (0..self.batch_len())
+            .map(|i| self.x[i * num_blocks + l])
+            .collect()
+    }
+
+    /// Every tensor of the layout, in order, as (its block, its element range in the block
+    /// vector, its shape).
+    fn tensor_pieces(&self) -> Vec<(usize, std::ops::Range<usize>, &[usize])> {
         let mut out = Vec::with_capacity(self.layout.len());
         for (l, blk) in self.blocks.iter().enumerate() {
-            let x: Vec<f64> = (0..self.batch_len())
-                .map(|i| self.x[i * num_blocks + l])
-                .collect();
             let mut offset = 0;
             for spec in &self.layout.tensors[blk.tensors.clone()] {
-                let range = offset..offset + spec.numel();
-                offset = range.end;
-                match kernels::combine(&self.center[l], &self.directions[l], &x, range, &spec.shape)
-                {
-                    Some(t) => out.push(t),
-                    None => return self.theta(),
-                }
+                out.push((l, offset..offset + spec.numel(), spec.shape.as_slice()));
+                offset += spec.numel();
             }
         }
-        Ok(out)
+        out
     }
 
     /// The gradient with respect to X of a loss whose ∇θ is `grad` (named tensors in layout

@@ -23,6 +23,15 @@ fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Option<
     }
 }
 
+/// Runs `f` on the contiguous CPU data of two tensors of dtype `T`; `None` otherwise.
+fn with_slices<T: WithDType, R>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[T], &[T]) -> R,
+) -> Option<R> {
+    with_slice::<T, _>(a, |a| with_slice::<T, _>(b, |b| f(a, b)))?
+}
+
 /// Σ a_j b_j with eight independent accumulators (vectorisable), then in f64.
 fn dot<T: WithDType>(a: &[T], b: &[T]) -> f64 {
     let mut acc = [T::zero(); 8];
@@ -67,8 +76,8 @@ pub fn dots(d: &Tensor, g: &Tensor) -> Option<Vec<f64>> {
         return None;
     }
     match d.dtype() {
-        DType::F32 => with_slice::<f32, _>(d, |d| with_slice::<f32, _>(g, |g| dots_slices(d, g)))?,
-        DType::F64 => with_slice::<f64, _>(d, |d| with_slice::<f64, _>(g, |g| dots_slices(d, g)))?,
+        DType::F32 => with_slices::<f32, _>(d, g, dots_slices),
+        DType::F64 => with_slices::<f64, _>(d, g, dots_slices),
         _ => None,
     }
 }
@@ -121,26 +130,18 @@ pub fn combine(
         return None;
     }
     let dev = c.device().clone();
-    let make = |v: candle_core::Result<candle_core::Var>| v.ok().map(candle_core::Var::into_inner);
+    let var = |v: candle_core::Result<candle_core::Var>| v.ok().map(candle_core::Var::into_inner);
     match c.dtype() {
-        DType::F32 => with_slice::<f32, _>(c, |cs| {
-            with_slice::<f32, _>(d, |ds| {
-                make(candle_core::Var::from_vec(
-                    combine_slices(cs, ds, x, range),
-                    shape,
-                    &dev,
-                ))
-            })
-        })??,
-        DType::F64 => with_slice::<f64, _>(c, |cs| {
-            with_slice::<f64, _>(d, |ds| {
-                make(candle_core::Var::from_vec(
-                    combine_slices(cs, ds, x, range),
-                    shape,
-                    &dev,
-                ))
-            })
-        })??,
+        DType::F32 => var(candle_core::Var::from_vec(
+            with_slices::<f32, _>(c, d, |cs, ds| combine_slices(cs, ds, x, range))?,
+            shape,
+            &dev,
+        )),
+        DType::F64 => var(candle_core::Var::from_vec(
+            with_slices::<f64, _>(c, d, |cs, ds| combine_slices(cs, ds, x, range))?,
+            shape,
+            &dev,
+        )),
         _ => None,
     }
 }
@@ -191,20 +192,16 @@ impl candle_core::InplaceOp1 for CombineInto<'_> {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("combine_into: not contiguous".into()))?;
         let done = match storage {
-            CpuStorage::F32(out) => with_slice::<f32, _>(self.c, |c| {
-                with_slice::<f32, _>(self.d, |d| {
-                    combine_into_slice(&mut out[a..b], c, d, self.x, self.range.clone())
-                })
+            CpuStorage::F32(out) => with_slices::<f32, _>(self.c, self.d, |c, d| {
+                combine_into_slice(&mut out[a..b], c, d, self.x, self.range.clone())
             }),
-            CpuStorage::F64(out) => with_slice::<f64, _>(self.c, |c| {
-                with_slice::<f64, _>(self.d, |d| {
-                    combine_into_slice(&mut out[a..b], c, d, self.x, self.range.clone())
-                })
+            CpuStorage::F64(out) => with_slices::<f64, _>(self.c, self.d, |c, d| {
+                combine_into_slice(&mut out[a..b], c, d, self.x, self.range.clone())
             }),
             _ => None,
         };
         match done {
-            Some(Some(())) => Ok(()),
+            Some(()) => Ok(()),
             _ => Err(candle_core::Error::Msg(
                 "combine_into: c and d must be contiguous CPU tensors".into(),
             )),

@@ -15,9 +15,9 @@ fn random(rng: &mut SplitMix64, shape: &[usize], dtype: DType) -> Tensor {
         .unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+/// max |t_j| in f64.
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
         .unwrap()
         .abs()
         .unwrap()
@@ -27,6 +27,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
 /// Runs `f` (fused) and `g` (reference) on the same variables; compares the outputs and the
@@ -45,19 +50,7 @@ fn check(
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let (yf, yg) = (f(&ts), g(&ts));
     prop_assert_eq!(yf.dims(), yg.dims());
-    let scale = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1.0)
-    };
+    let scale = |t: &Tensor| max_abs(t).max(1.0);
     let err = max_abs_diff(&yf, &yg) / scale(&yg);
     prop_assert!(err <= tol, "output differs by {err:e}");
     let r = random(&mut SplitMix64::new(seed), yg.dims(), yg.dtype());
