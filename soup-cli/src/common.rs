@@ -53,6 +53,9 @@ impl DataArgs {
 
     /// Split `split` as stored, capped at `max_examples`.
     pub fn load_raw(&self, split: Split) -> Result<RawImages> {
+        if self.max_examples == Some(0) {
+            return Err(CliError::new("--max-examples must be at least 1"));
+        }
         let mut raw = self.spec().load(split)?;
         if let Some(m) = self.max_examples {
             let rows: Vec<usize> = (0..raw.len().min(m)).collect();
@@ -75,6 +78,20 @@ impl DataArgs {
             )));
         }
         Ok(prepare(raw, &arch.input(), &Device::Cpu)?)
+    }
+
+    /// The training split, refused when it holds fewer than two classes (nothing to learn: a
+    /// classifier of one class scores 1.0 on it whatever its weights).
+    pub fn load_train(&self, arch: &Arc<dyn Architecture>) -> Result<Dataset> {
+        let train = self.load(Split::Train, arch)?;
+        let first = train.labels.first().copied();
+        if train.labels.iter().all(|&l| Some(l) == first) {
+            return Err(CliError::new(format!(
+                "{}: the training split holds a single class: nothing to learn",
+                self.data
+            )));
+        }
+        Ok(train)
     }
 
     /// The number of classes of the training split.

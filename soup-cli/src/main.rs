@@ -6,6 +6,7 @@ mod inspect;
 mod mix;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod output;
 mod recipe;
 mod svg;
 mod train;
@@ -48,8 +49,34 @@ enum Command {
     Inspect(inspect::InspectArgs),
 }
 
+/// A usage error in one line on stderr, exit code 2 (help and version print as clap does).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    eprintln!("soup: {}", line.strip_prefix("error: ").unwrap_or(&line));
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",

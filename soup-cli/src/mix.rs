@@ -14,12 +14,13 @@ use soup_core::{
     greedy_soup, learned_soup, resume_mehl_on, uniform_soup_on, BatchEval, Collective, Event,
     MehlProgress, Metrics, ModelStore, Objective, SoupResult, StepRecord, TensorSpec,
 };
-use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
+use soup_models::checkpoint::{arch_metadata, atomic_write, hf_config_text, write_safetensors};
 use soup_models::data::Split;
 use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError, Resolved};
 
 use crate::common::{bar, human_bytes, method_bytes, peak_rss_bytes, DataArgs};
 use crate::error::{io, CliError, Result};
+use crate::output::{Output, Partial, PROGRESS};
 use crate::recipe::{Method, Recipe};
 use crate::svg;
 
@@ -74,8 +75,11 @@ impl From<Metrics> for Scores {
     }
 }
 
-/// The saved state of an interrupted run (`OUT.partial/progress.json` with the soup's block
-/// vectors in `progress.safetensors`).
+/// The metadata key of `progress.safetensors` that holds [`SavedProgress`].
+const META_PROGRESS: &str = "soup.progress";
+
+/// The saved state of an interrupted run: the soup's block vectors are the tensors of
+/// `OUT.partial/progress.safetensors`, this is in its metadata.
 #[derive(Serialize, Deserialize)]
 struct SavedProgress {
     recipe: Recipe,
@@ -134,9 +138,55 @@ impl ModelStore for Counted<'_> {
     }
 }
 
+/// The files `soup mix` writes into OUT.
+pub const OUTPUTS: &[&str] = &[
+    "soup.safetensors",
+    "config.json",
+    "coefficients.json",
+    "report.json",
+    "report.md",
+    "coefficients.svg",
+    "curve.svg",
+    "recipe.toml",
+];
+
+/// The paths a run reads, which OUT must not hold (and `--force` must not delete).
+fn inputs(args: &MixArgs) -> Vec<PathBuf> {
+    let mut inputs = vec![args.zoo.clone(), args.data.spec().root];
+    inputs.extend(args.recipe.clone());
+    inputs.extend(args.data.heldout_index.clone());
+    inputs
+}
+
+/// `soup mix`. Over several processes (`comm`), only uniform, mehl and mehl+ run; every rank
+/// loads its share of the models, and rank 0 alone evaluates and writes OUT. Everything is
+/// checked before any work; a run that fails leaves no `OUT.partial/` unless it saved progress.
+pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
+    let inputs = inputs(args);
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    let mut output = Output::check(&args.out, OUTPUTS, &inputs, args.force, args.resume)?;
+    if output.state == Partial::Finished && args.resume {
+        // Killed after its outputs were complete: only the rename is left (rank 0's job).
+        if comm.rank() == 0 {
+            output.finish("mix", OUTPUTS)?;
+            println!(
+                "completed the finished run in {} -> {}",
+                output.partial.display(),
+                args.out.display()
+            );
+        }
+        return Ok(());
+    }
+    let result = run(args, quiet, comm, &mut output);
+    if result.is_err() && comm.rank() == 0 {
+        output.abandon(OUTPUTS);
+    }
+    result
+}
+
 /// `soup mix`. Over several processes (`comm`), only uniform, mehl and mehl+ run; every rank
 /// loads its share of the models, and rank 0 alone evaluates and writes OUT.
-pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
+fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) -> Result<()> {
     let started = Instant::now();
     let (rank, world) = (comm.rank(), comm.world_size());
     let from_file = match &args.recipe {
@@ -155,19 +205,7 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
             method.name()
         )));
     }
-    let partial = partial_dir(&args.out);
-    if args.out.exists() && !args.force {
-        return Err(CliError::new(format!(
-            "{}: already exists (use --force to replace it)",
-            args.out.display()
-        )));
-    }
-    if args.resume && !partial.join("progress.json").exists() {
-        return Err(CliError::new(format!(
-            "--resume: no saved progress in {}",
-            partial.display()
-        )));
-    }
+    let partial = output.partial.clone();
 
     let t_load = Instant::now();
     // Over several processes rank 0 fetches remote models first; the others then find them in
@@ -187,6 +225,11 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
     };
     let arch = files.arch.clone();
     let n = store.len();
+    // Every member's header against the first's, before any weight is read.
+    for i in 0..n {
+        arch.layout()
+            .check_same(&files.name(i), &files.layout(i)?)?;
+    }
     let d = arch.layout().numel();
     let heldout = args.data.load(Split::Heldout, &arch)?;
     let test = args.data.load(Split::Test, &arch)?;
@@ -213,8 +256,9 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
         "zoo and data loaded"
     );
     let load_s = t_load.elapsed().as_secs_f64();
+    let resume = args.resume && output.state == Partial::Progress;
     if rank == 0 {
-        std::fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
+        output.begin(OUTPUTS, args.resume)?;
     }
 
     let mut objective = Classification {
@@ -236,7 +280,7 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
         }
         Method::Mehl | Method::MehlPlus => {
             let config = recipe.mehl_config()?;
-            let progress = if args.resume {
+            let progress = if resume {
                 Some(load_progress(&partial, &recipe, &names, &files)?)
             } else {
                 None
@@ -323,10 +367,7 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
         estimate,
         &ranks,
     )?;
-    if args.out.exists() {
-        std::fs::remove_dir_all(&args.out).map_err(|e| io(&args.out, e))?;
-    }
-    std::fs::rename(&partial, &args.out).map_err(|e| io(&args.out, e))?;
+    output.finish("mix", OUTPUTS)?;
     println!(
         "{}: {n} models -> held-out accuracy {:.4}, test accuracy {:.4}, {:.1} s -> {}",
         method.name(),
@@ -336,15 +377,6 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
         args.out.display()
     );
     Ok(())
-}
-
-fn partial_dir(out: &Path) -> PathBuf {
-    let mut name = out
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".partial");
-    out.with_file_name(name)
 }
 
 fn save_progress(dir: &Path, recipe: &Recipe, models: &[String], p: &MehlProgress) -> Result<()> {
@@ -393,18 +425,10 @@ fn save_progress(dir: &Path, recipe: &Recipe, models: &[String], p: &MehlProgres
             })
             .collect(),
     );
-    // The tensors first: progress.json names a state whose tensors are already in place.
-    write_safetensors(
-        &dir.join("progress.safetensors"),
-        &layout,
-        &p.soup_blocks,
-        &BTreeMap::new(),
-    )?;
-    let text = serde_json::to_string(&saved)?;
-    let path = dir.join("progress.json");
-    atomic_write(&path, |tmp| {
-        std::fs::write(tmp, &text).map_err(|e| ModelError::io(tmp, e))
-    })?;
+    // One file, written atomically: the soup's blocks with the rest of the state in its
+    // metadata, so a crash leaves either the previous state or this one, never a mix.
+    let meta = BTreeMap::from([(META_PROGRESS.to_string(), serde_json::to_string(&saved)?)]);
+    write_safetensors(&dir.join(PROGRESS), &layout, &p.soup_blocks, &meta)?;
     Ok(())
 }
 
@@ -414,8 +438,14 @@ fn load_progress(
     models: &[String],
     store: &FileStore,
 ) -> Result<MehlProgress> {
-    let path = dir.join("progress.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    let path = dir.join(PROGRESS);
+    let ckpt = Checkpoint::open(&path)?;
+    let text = ckpt.metadata()?.remove(META_PROGRESS).ok_or_else(|| {
+        CliError::new(format!(
+            "{}: no saved run state in its metadata",
+            path.display()
+        ))
+    })?;
     let saved: SavedProgress = serde_json::from_str(&text)
         .map_err(|e| CliError::new(format!("{}: {e}", path.display())))?;
     if &saved.recipe != recipe || saved.models != models {
@@ -424,7 +454,6 @@ fn load_progress(
             path.display()
         )));
     }
-    let ckpt = Checkpoint::open(dir.join("progress.safetensors"))?;
     let soup_blocks = (0..saved.alpha.len())
         .map(|l| ckpt.load(&format!("block.{l}"), &store.device))
         .collect::<std::result::Result<Vec<Tensor>, _>>()?;
@@ -503,15 +532,15 @@ fn write_outputs(
         ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
     ]);
     // soup.safetensors with HF names and the architecture; config.json beside it for transformers.
-    let tmp_dir = dir.join(".model");
-    write_model_dir(&tmp_dir, arch, &result.soup, &meta)?;
-    for (from, to) in [
-        ("model.safetensors", "soup.safetensors"),
-        ("config.json", "config.json"),
-    ] {
-        std::fs::rename(tmp_dir.join(from), dir.join(to)).map_err(|e| io(&dir.join(to), e))?;
-    }
-    std::fs::remove_dir_all(&tmp_dir).map_err(|e| io(&tmp_dir, e))?;
+    let mut all = arch_metadata(arch);
+    all.extend(meta);
+    write_safetensors(
+        &dir.join("soup.safetensors"),
+        arch.layout(),
+        &result.soup,
+        &all,
+    )?;
+    write("config.json", &hf_config_text(arch))?;
 
     let coefficients = Coefficients {
         models: models.to_vec(),
@@ -620,8 +649,5 @@ fn write_outputs(
         ),
     )?;
     write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
-    for leftover in ["progress.json", "progress.safetensors"] {
-        let _ = std::fs::remove_file(dir.join(leftover));
-    }
     Ok(())
 }

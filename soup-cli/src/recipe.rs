@@ -177,6 +177,16 @@ impl Recipe {
         if r.batch_size == Some(0) {
             return Err(CliError::new("--batch-size must be at least 1"));
         }
+        if let Some(s) = r.label_smoothing.filter(|s| !(0.0..1.0).contains(s)) {
+            return Err(CliError::new(format!(
+                "--label-smoothing {s}: must be in [0, 1)"
+            )));
+        }
+        if let Some(c) = r.clip_grad_norm.filter(|c| !(c.is_finite() && *c >= 0.0)) {
+            return Err(CliError::new(format!(
+                "--clip-grad-norm {c}: must be a positive number, or 0 to turn clipping off"
+            )));
+        }
         Ok(r)
     }
 

@@ -15,7 +15,7 @@ use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
 
 use crate::common::{bar, DataArgs};
 use crate::error::{io, CliError, Result};
-use crate::zoo::{Entry, Manifest};
+use crate::zoo::{Entry, FinetuneRun, Manifest};
 
 /// Training hyper-parameters shared by `train` and as the base of `finetune`.
 #[derive(clap::Args, Clone, Debug)]
@@ -62,7 +62,7 @@ impl TrainingArgs {
                 horizontal_flip: self.flip,
                 noise_std: self.noise,
             },
-            clip_grad_norm: (self.clip_grad_norm > 0.0).then_some(self.clip_grad_norm),
+            clip_grad_norm: (self.clip_grad_norm != 0.0).then_some(self.clip_grad_norm),
             seed: self.seed,
         }
     }
@@ -117,7 +117,7 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
             (arch, params)
         }
     };
-    let train = args.data.load(Split::Train, &arch)?;
+    let train = args.data.load_train(&arch)?;
     let heldout = args.data.load(Split::Heldout, &arch)?;
     let config = args.training.config();
     let (trained, metrics) =
@@ -302,11 +302,57 @@ pub struct FinetuneArgs {
     /// Seed of the search.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Replace an existing zoo.
+    /// Continue an interrupted run (the same flags) from the models its zoo.toml lists.
+    #[arg(long, conflicts_with = "force")]
+    pub resume: bool,
+    /// Replace a zoo that `soup finetune` wrote (its model-NN directories and zoo.toml only).
     #[arg(long)]
     pub force: bool,
 }
 
+/// The files of a model directory soup writes.
+const MODEL_FILES: &[&str] = &["model.safetensors", "config.json"];
+
+/// Whether `dir` holds only what [`write_model_dir`] writes (and temporary files of its
+/// atomic writes).
+fn is_our_model_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(|e| e.ok()).all(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            e.path().is_file()
+                && (MODEL_FILES.contains(&name.as_str())
+                    || (name.starts_with('.') && name.contains(".tmp.")))
+        })
+    })
+}
+
+/// Removes a model directory soup wrote (only its own files, then the empty directory).
+fn remove_model_dir(dir: &Path) -> Result<()> {
+    if !is_our_model_dir(dir) {
+        return Err(CliError::new(format!(
+            "{}: holds files soup did not write; move it away",
+            dir.display()
+        )));
+    }
+    for e in std::fs::read_dir(dir).map_err(|e| io(dir, e))?.flatten() {
+        std::fs::remove_file(e.path()).map_err(|err| io(&e.path(), err))?;
+    }
+    std::fs::remove_dir(dir).map_err(|e| io(dir, e))
+}
+
+/// Writes `manifest` to `path` atomically.
+fn write_manifest(path: &Path, manifest: &Manifest) -> Result<()> {
+    let text = toml::to_string_pretty(manifest)?;
+    soup_models::checkpoint::atomic_write(path, |tmp| {
+        std::fs::write(tmp, &text).map_err(|e| soup_models::ModelError::io(tmp, e))
+    })?;
+    Ok(())
+}
+
+/// `soup finetune`. The zoo is durable model by model: each fine-tune is written to
+/// `.model-NN.partial/`, renamed to `model-NN/`, then added to `zoo.toml` (written atomically,
+/// with the planned count, so that `soup mix` refuses an unfinished zoo and `--resume` continues
+/// it to the same models an uninterrupted run makes).
 pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     if args.count == 0 {
         return Err(CliError::new("--count must be at least 1"));
@@ -320,25 +366,151 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         None => Search::default(),
     };
     search.check()?;
-    let manifest_path = args.out.join("zoo.toml");
-    if manifest_path.exists() && !args.force {
+    let run = FinetuneRun {
+        count: args.count,
+        base: args.base.clone(),
+        seed: args.seed,
+        data: args.data.data.clone(),
+        heldout: match &args.data.heldout_index {
+            Some(p) => format!("index {}", p.display()),
+            None => format!(
+                "fraction {} seed {}",
+                args.data.heldout_fraction, args.data.heldout_seed
+            ),
+        },
+        max_examples: args.data.max_examples,
+        search: toml::Value::try_from(&search)?,
+    };
+    if args.out.exists() && !args.out.is_dir() {
         return Err(CliError::new(format!(
-            "{}: a zoo is already there (use --force to replace it)",
-            manifest_path.display()
+            "{}: exists and is not a directory",
+            args.out.display()
         )));
+    }
+    let manifest_path = args.out.join("zoo.toml");
+    let existing = if manifest_path.exists() {
+        let text = std::fs::read_to_string(&manifest_path).map_err(|e| io(&manifest_path, e))?;
+        let m: Manifest = toml::from_str(&text)
+            .map_err(|e| CliError::new(format!("{}: {}", manifest_path.display(), e.message())))?;
+        Some(m)
+    } else {
+        None
+    };
+    // The directories of a zoo `--force` replaces (checked to be soup's own).
+    let mut replaced: Vec<PathBuf> = Vec::new();
+    let mut manifest = match (existing, args.resume, args.force) {
+        (None, true, _) => {
+            return Err(CliError::new(format!(
+                "--resume: no zoo to continue in {} (no zoo.toml)",
+                args.out.display()
+            )))
+        }
+        (Some(m), true, _) => {
+            match &m.finetune {
+                Some(r) if *r == run => {}
+                Some(_) => {
+                    return Err(CliError::new(format!(
+                        "--resume: {} was made by `soup finetune` with other settings (base, count, seed, data or search)",
+                        manifest_path.display()
+                    )))
+                }
+                None => {
+                    return Err(CliError::new(format!(
+                        "--resume: {} was not written by `soup finetune`",
+                        manifest_path.display()
+                    )))
+                }
+            }
+            m
+        }
+        (Some(m), false, true) => {
+            if m.finetune.is_none() {
+                return Err(CliError::new(format!(
+                    "{}: not written by `soup finetune`; --force replaces only a zoo soup made",
+                    manifest_path.display()
+                )));
+            }
+            let ours = |p: &str| {
+                p.strip_prefix("model-")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            };
+            if let Some(e) = m.models.iter().find(|e| !ours(&e.path)) {
+                return Err(CliError::new(format!(
+                    "{}: lists {}, which `soup finetune` does not write; --force replaces only a zoo soup made",
+                    manifest_path.display(),
+                    e.path
+                )));
+            }
+            let dirs: Vec<PathBuf> = m.models.iter().map(|e| args.out.join(&e.path)).collect();
+            if let Some(foreign) = dirs.iter().find(|d| d.exists() && !is_our_model_dir(d)) {
+                return Err(CliError::new(format!(
+                    "{}: holds files soup did not write; --force replaces only a zoo soup made",
+                    foreign.display()
+                )));
+            }
+            replaced = dirs;
+            Manifest::default()
+        }
+        (Some(_), false, false) => {
+            return Err(CliError::new(format!(
+                "{}: a zoo is already there (--resume continues it, --force replaces it)",
+                manifest_path.display()
+            )))
+        }
+        (None, false, _) => Manifest::default(),
+    };
+    if manifest.finetune.is_none() {
+        // A fresh zoo: model-NN directories of someone else's must not be mixed into it.
+        for i in 0..args.count {
+            let dir = args.out.join(format!("model-{i:02}"));
+            if dir.exists() && !replaced.contains(&dir) {
+                return Err(CliError::new(format!(
+                    "{}: already exists and no zoo.toml lists it; choose a new --out",
+                    dir.display()
+                )));
+            }
+        }
     }
     let base_source = crate::common::fetch_str(&args.base, quiet)?;
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &Device::Cpu)?;
-    let train = args.data.load(Split::Train, &arch)?;
+    let train = args.data.load_train(&arch)?;
     let heldout = args.data.load(Split::Heldout, &arch)?;
+
     std::fs::create_dir_all(&args.out).map_err(|e| io(&args.out, e))?;
+    if manifest.finetune.is_none() {
+        if !replaced.is_empty() || (args.force && manifest_path.exists()) {
+            // Checked above: every directory the old zoo.toml lists is soup's own.
+            std::fs::remove_file(&manifest_path).map_err(|e| io(&manifest_path, e))?;
+            for dir in &replaced {
+                if dir.exists() {
+                    remove_model_dir(dir)?;
+                }
+            }
+        }
+        manifest.finetune = Some(run);
+        write_manifest(&manifest_path, &manifest)?;
+    }
+    // Temporary files of a crashed write of zoo.toml.
+    crate::output::remove_temporaries(&args.out)?;
     let mut rng = SplitMix64::new(args.seed);
-    let mut manifest = Manifest::default();
+    let done = manifest.models.len();
     for i in 0..args.count {
         let config = search.draw(&mut rng)?;
+        if i < done {
+            continue;
+        }
         let name = format!("model-{i:02}");
+        let dir = args.out.join(&name);
+        let partial = args.out.join(format!(".{name}.partial"));
+        for leftover in [&dir, &partial] {
+            // Left by a crash after the model was written but before zoo.toml listed it (or
+            // while it was written): made again, to the same bits.
+            if leftover.exists() {
+                remove_model_dir(leftover)?;
+            }
+        }
         let (trained, metrics) =
             run_training(&arch, &params, &train, &heldout, &config, quiet, &name)?;
         let accuracy = metrics.accuracy.unwrap_or(0.0);
@@ -348,7 +520,13 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         if let Some(commit) = &base_source.commit {
             meta.insert("soup.base_commit".into(), commit.clone());
         }
-        write_model_dir(&args.out.join(&name), arch.as_ref(), &trained, &meta)?;
+        if let Err(e) = write_model_dir(&partial, arch.as_ref(), &trained, &meta) {
+            let _ = remove_model_dir(&partial);
+            return Err(e.into());
+        }
+        std::fs::rename(&partial, &dir).map_err(|e| io(&dir, e))?;
+        soup_models::checkpoint::sync_dir(&args.out);
+        soup_models::crash::point("finetune: model directory in place");
         if !quiet {
             eprintln!(
                 "{name}: lr {:.2e} wd {:.2e} epochs {} smoothing {} augment {:?}: held-out accuracy {accuracy:.4}",
@@ -361,11 +539,8 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             heldout_accuracy: Some(accuracy),
             hyperparameters: Some(toml::Value::try_from(&config)?),
         });
+        write_manifest(&manifest_path, &manifest)?;
     }
-    let text = toml::to_string_pretty(&manifest)?;
-    soup_models::checkpoint::atomic_write(&manifest_path, |tmp| {
-        std::fs::write(tmp, &text).map_err(|e| soup_models::ModelError::io(tmp, e))
-    })?;
     println!(
         "{} fine-tunes of {} -> {}",
         args.count,

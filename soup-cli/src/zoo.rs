@@ -18,8 +18,51 @@ use crate::error::{io, CliError, Result};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The run of `soup finetune` that makes this zoo, when soup makes it: the zoo is complete
+    /// when it lists `count` models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneRun>,
     #[serde(default, rename = "model")]
     pub models: Vec<Entry>,
+}
+
+/// What `soup finetune` was asked for: `finetune --resume` continues only the same run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneRun {
+    /// Fine-tunes planned (`--count`).
+    pub count: usize,
+    pub base: String,
+    pub seed: u64,
+    pub data: String,
+    /// The held-out split: `fraction F seed S`, or `index PATH`.
+    pub heldout: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_examples: Option<usize>,
+    /// The random search.
+    pub search: toml::Value,
+}
+
+impl Manifest {
+    /// An error naming what is missing when a `soup finetune` run has not finished.
+    pub fn check_complete(&self, path: &Path) -> Result<()> {
+        match &self.finetune {
+            Some(run) if self.models.len() < run.count => {
+                let first = self.models.len();
+                let missing = if first + 1 == run.count {
+                    format!("model-{first:02}")
+                } else {
+                    format!("model-{first:02} to model-{:02}", run.count - 1)
+                };
+                Err(CliError::new(format!(
+                    "{}: incomplete zoo: {} of {} fine-tunes finished ({missing} missing); `soup finetune --resume` continues it",
+                    path.display(),
+                    first,
+                    run.count
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -47,6 +90,7 @@ pub fn resolve(zoo: &Path, quiet: bool) -> Result<Vec<Resolved>> {
         let m: Manifest = toml::from_str(&text)
             .map_err(|e| CliError::new(format!("{}: {}", manifest.display(), e.message())))?;
         let base = manifest.parent().unwrap_or(Path::new("."));
+        m.check_complete(&manifest)?;
         if m.models.is_empty() {
             return Err(CliError::new(format!(
                 "{}: the zoo lists no models",

@@ -265,7 +265,7 @@ fn a_killed_run_resumes_to_the_same_soup() {
         .arg("-q")
         .spawn()
         .unwrap();
-    let progress = PathBuf::from(zoo.path("resume-killed.partial/progress.json"));
+    let progress = PathBuf::from(zoo.path("resume-killed.partial/progress.safetensors"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while !progress.exists() {
         assert!(std::time::Instant::now() < deadline, "no progress saved");

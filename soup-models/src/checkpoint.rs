@@ -86,6 +86,19 @@ impl Shard {
                 })
                 .collect();
             let metadata = meta.metadata().clone().unwrap_or_default();
+            let data_len = meta
+                .tensors()
+                .values()
+                .map(|i| i.data_offsets.1)
+                .max()
+                .unwrap_or(0);
+            if (8 + n).checked_add(data_len) != Some(mmap.len()) {
+                return Err(format!(
+                    "truncated or padded: {} bytes, the header promises {}",
+                    mmap.len(),
+                    (8 + n).saturating_add(data_len)
+                ));
+            }
             Ok(Mapped {
                 mmap: Some(mmap),
                 data_start: 8 + n,
@@ -332,12 +345,15 @@ impl Checkpoint {
                 file, pth, sources, ..
             } => {
                 let source = sources.get(name).ok_or_else(|| self.missing(name))?;
-                let stored = pth
-                    .get(source.name())
-                    .map_err(|e| {
+                if let Some(info) = pth.tensor_infos().get(source.name()) {
+                    crate::pt::check_tensor_fits(file, info)?;
+                }
+                let stored = contain(file, || {
+                    pth.get(source.name()).map_err(|e| {
                         ModelError::format(file, format!("tensor {}: {e}", source.name()))
-                    })?
-                    .ok_or_else(|| self.missing(source.name()))?;
+                    })
+                })?
+                .ok_or_else(|| self.missing(source.name()))?;
                 if !stored.dtype().is_float() {
                     return Err(ModelError::format(
                         file,
@@ -412,6 +428,12 @@ impl Checkpoint {
         }
         if let Some(json) = &self.hf_config {
             let head = self.shape("classification_head.weight")?;
+            if head.len() != 2 {
+                return Err(ModelError::format(
+                    &self.path,
+                    format!("tensor classification_head.weight has shape {head:?}, expected [classes, features]"),
+                ));
+            }
             return Ok(Arc::new(ClipClassifier::new(ClipVitConfig::from_hf_json(
                 json, head[0],
             )?)?));
@@ -509,8 +531,11 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// A `torch.save` state dict: the OpenAI-CLIP layout is mapped to Hugging Face names, any other
 /// is taken by its own names.
 fn open_torch(file: &Path) -> Result<Backend> {
-    let pth = PthTensors::new(file, None).map_err(|e| {
-        ModelError::format(file, format!("not a readable PyTorch checkpoint ({e})"))
+    crate::pt::check_archive(file)?;
+    let pth = contain(file, || {
+        PthTensors::new(file, None).map_err(|e| {
+            ModelError::format(file, format!("not a readable PyTorch checkpoint ({e})"))
+        })
     })?;
     let names: Vec<&str> = pth.tensor_infos().keys().map(String::as_str).collect();
     let (sources, openai) = match openai_prefix(names.iter().copied()) {
@@ -531,6 +556,34 @@ fn open_torch(file: &Path) -> Result<Backend> {
         pth,
         sources,
         openai,
+    })
+}
+
+thread_local! {
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic inside it into an error naming `file`. candle's pickle reader
+/// panics on some malformed pickles (a `Vec::remove` past the end of a truncated tuple); soup
+/// reports those as the bad files they are. The panic message is not printed.
+fn contain<T>(file: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINED.with(|c| c.get()) {
+                previous(info);
+            }
+        }));
+    });
+    CONTAINED.with(|c| c.set(true));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CONTAINED.with(|c| c.set(false));
+    outcome.unwrap_or_else(|_| {
+        Err(ModelError::format(
+            file,
+            "not a readable PyTorch checkpoint (malformed pickle)",
+        ))
     })
 }
 
@@ -574,7 +627,10 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Mapped, String> {
         .get(..8)
         .map(|p| u64::from_le_bytes(p.try_into().unwrap_or_default()) as usize)
         .ok_or("shorter than a safetensors header")?;
-    let text = bytes.get(8..8 + n).ok_or("truncated safetensors header")?;
+    let text = 8usize
+        .checked_add(n)
+        .and_then(|end| bytes.get(8..end))
+        .ok_or("truncated safetensors header")?;
     let json: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(text).map_err(|e| format!("bad safetensors header ({e})"))?;
     let mut tensors = HashMap::new();
@@ -617,18 +673,68 @@ pub fn write_safetensors(
     tensors: &[Tensor],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    if layout.tensors.len() != tensors.len() {
+        return Err(ModelError::format(
+            path,
+            format!(
+                "{} tensors for a layout of {}",
+                tensors.len(),
+                layout.tensors.len()
+            ),
+        ));
+    }
+    let mut meta = metadata.clone();
     meta.insert("format".into(), "pt".into());
-    let data: Vec<(&str, Tensor)> = layout
-        .tensors
+    let tensors: Vec<Tensor> = tensors
         .iter()
-        .zip(tensors)
-        .map(|(spec, t)| Ok((spec.name.as_str(), t.contiguous()?)))
+        .map(|t| Ok(t.contiguous()?))
         .collect::<Result<_>>()?;
+    let header = safetensors_header(&layout.tensors, &tensors, &meta)
+        .map_err(|e| ModelError::format(path, e))?;
     atomic_write(path, |tmp| {
-        safetensors::tensor::serialize_to_file(data.iter().map(|(n, t)| (*n, t)), Some(meta), tmp)
-            .map_err(|e| ModelError::format(path, e))
+        use std::io::Write;
+        let file = File::create(tmp).map_err(|e| ModelError::io(tmp, e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        out.write_all(&header).map_err(|e| ModelError::io(tmp, e))?;
+        for t in &tensors {
+            out.write_all(&safetensors::View::data(t))
+                .map_err(|e| ModelError::io(tmp, e))?;
+        }
+        out.flush().map_err(|e| ModelError::io(tmp, e))
     })
+}
+
+/// The header of a safetensors file (length prefix included) for `tensors` in `specs` order,
+/// deterministic: metadata keys sorted, data offsets in order, padded with spaces to a multiple
+/// of 8 bytes as the safetensors library pads. The same tensors and metadata give the same bytes.
+fn safetensors_header(
+    specs: &[soup_core::TensorSpec],
+    tensors: &[Tensor],
+    metadata: &BTreeMap<String, String>,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut header = String::from("{\"__metadata__\":");
+    header.push_str(&serde_json::to_string(metadata).map_err(|e| e.to_string())?);
+    let mut offset = 0usize;
+    for (spec, t) in specs.iter().zip(tensors) {
+        // safetensors' own name of the type ("F32", "I64", ...), as its library writes it.
+        let dtype =
+            serde_json::to_string(&safetensors::View::dtype(t)).map_err(|e| e.to_string())?;
+        let len = t.elem_count() * t.dtype().size_in_bytes();
+        header.push_str(&format!(
+            ",{}:{{\"dtype\":{dtype},\"shape\":{},\"data_offsets\":[{offset},{}]}}",
+            serde_json::to_string(&spec.name).map_err(|e| e.to_string())?,
+            serde_json::to_string(t.dims()).map_err(|e| e.to_string())?,
+            offset + len
+        ));
+        offset += len;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    Ok(bytes)
 }
 
 /// Writes a model directory: `model.safetensors` (with the architecture in its metadata) and a
@@ -649,6 +755,16 @@ pub fn write_model_dir(
         tensors,
         &meta,
     )?;
+    let text = hf_config_text(arch);
+    let path = dir.join("config.json");
+    atomic_write(&path, |tmp| {
+        std::fs::write(tmp, &text).map_err(|e| ModelError::io(&path, e))
+    })
+}
+
+/// The `config.json` of a model directory of `arch`: for CLIP, Hugging Face's
+/// CLIPVisionModelWithProjection, so that `transformers` reads the vision tower.
+pub fn hf_config_text(arch: &dyn Architecture) -> String {
     let mut config = arch.config();
     if let (Some(obj), "clip-vit") = (config.as_object_mut(), arch.family()) {
         obj.insert(
@@ -657,11 +773,7 @@ pub fn write_model_dir(
         );
         obj.insert("model_type".into(), "clip_vision_model".into());
     }
-    let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
-    let path = dir.join("config.json");
-    atomic_write(&path, |tmp| {
-        std::fs::write(tmp, &text).map_err(|e| ModelError::io(&path, e))
-    })
+    serde_json::to_string_pretty(&config).expect("JSON values serialise")
 }
 
 /// The metadata that lets [`Checkpoint::architecture`] rebuild `arch`.
@@ -690,11 +802,23 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     let result = write(&tmp).and_then(|()| {
         File::open(&tmp)
             .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| ModelError::io(path, e))
+            .map_err(|e| ModelError::io(path, e))?;
+        crate::crash::point("atomic_write: temporary file written");
+        std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
+        sync_dir(&dir);
+        crate::crash::point("atomic_write: renamed into place");
+        Ok(())
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Makes a rename or removal in `dir` durable (best effort: not every file system can sync a
+/// directory).
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
 }

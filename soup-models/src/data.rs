@@ -173,6 +173,12 @@ impl DataSpec {
                         format!("held-out fraction {fraction} is not in (0, 1)"),
                     ));
                 }
+                if n < 2 {
+                    return Err(ModelError::format(
+                        &self.root,
+                        format!("{n} training example(s): too few to hold any out"),
+                    ));
+                }
                 let k = ((n as f64 * fraction).round() as usize).clamp(1, n - 1);
                 permutation(n, *seed)[..k].to_vec()
             }
@@ -245,10 +251,21 @@ fn read_maybe_gz(root: &Path, name: &str) -> Result<(PathBuf, Vec<u8>)> {
     if !zipped {
         return Ok((path, bytes));
     }
+    // Deflate expands at most 1032:1: more output than that is not a gzip stream of this file.
+    let limit = (bytes.len() as u64)
+        .saturating_mul(1032)
+        .saturating_add(1024);
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(&bytes[..])
+        .take(limit + 1)
         .read_to_end(&mut out)
         .map_err(|e| ModelError::format(&path, format!("bad gzip data: {e}")))?;
+    if out.len() as u64 > limit {
+        return Err(ModelError::format(
+            &path,
+            "gzip data expands beyond what deflate can: not a gzip file",
+        ));
+    }
     Ok((path, out))
 }
 
@@ -275,13 +292,22 @@ fn read_idx_split(root: &Path, test: bool) -> Result<RawImages> {
     }
     let n = be_u32(&images, 4) as usize;
     let (h, w) = (be_u32(&images, 8) as usize, be_u32(&images, 12) as usize);
-    if images.len() != 16 + n * h * w {
+    if h == 0 || w == 0 {
+        return Err(ModelError::format(
+            &ipath,
+            format!("images of {h} × {w} pixels"),
+        ));
+    }
+    let promised = n
+        .checked_mul(h)
+        .and_then(|v| v.checked_mul(w))
+        .and_then(|v| v.checked_add(16));
+    if promised != Some(images.len()) {
         return Err(ModelError::format(
             &ipath,
             format!(
-                "{} bytes, the header promises {}",
-                images.len(),
-                16 + n * h * w
+                "{} bytes, the header promises {n} images of {h} × {w} pixels",
+                images.len()
             ),
         ));
     }

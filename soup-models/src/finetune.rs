@@ -101,6 +101,16 @@ pub fn finetune(
     if data.is_empty() {
         return Err(ModelError::config("finetune", "the training data is empty"));
     }
+    let (_, _, h, w) = data.images.dims4()?;
+    if config.augment.crop_padding > h.min(w) {
+        return Err(ModelError::config(
+            "finetune",
+            format!(
+                "crop_padding {} is larger than the {h} × {w} images",
+                config.augment.crop_padding
+            ),
+        ));
+    }
     let vars: Vec<Var> = params
         .iter()
         .map(Var::from_tensor)

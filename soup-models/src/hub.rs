@@ -161,6 +161,16 @@ fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
+/// Whether `url` has the origin (scheme, host, port) of `endpoint`: the only requests that may
+/// carry the Hub token, as huggingface_hub does. A look-alike host (`huggingface.co.example.net`),
+/// another port, a redirect to a CDN or a URL source never see it.
+fn same_origin(url: &str, endpoint: &str) -> bool {
+    match (::url::Url::parse(url), ::url::Url::parse(endpoint)) {
+        (Ok(a), Ok(b)) => a.origin().is_tuple() && a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
 /// `location` (absolute, or absolute-path) against `base`.
 fn join_url(base: &str, location: &str) -> String {
     if location.starts_with("http://") || location.starts_with("https://") {
@@ -326,7 +336,7 @@ impl Hub {
                 .request(method, url)
                 .set("Accept-Encoding", "identity");
             if let Some(token) = &self.config.token {
-                if url.starts_with(&self.config.endpoint) {
+                if same_origin(url, &self.config.endpoint) {
                     req = req.set("Authorization", &format!("Bearer {token}"));
                 }
             }
@@ -989,6 +999,32 @@ fn needed_shards(index: &Path) -> Try<BTreeSet<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_goes_only_to_the_endpoint_origin() {
+        let hub = "https://huggingface.co";
+        assert!(same_origin("https://huggingface.co/api/models/x", hub));
+        assert!(same_origin("https://HuggingFace.co:443/x", hub));
+        for other in [
+            "https://huggingface.co.example.net/x",
+            "https://huggingface.com/x",
+            "http://huggingface.co/x",
+            "https://huggingface.co:8443/x",
+            "https://evil@example.net/huggingface.co",
+            "https://cdn-lfs.huggingface.co/x",
+            "not a url",
+        ] {
+            assert!(!same_origin(other, hub), "{other}");
+        }
+        assert!(same_origin(
+            "http://127.0.0.1:8080/a",
+            "http://127.0.0.1:8080"
+        ));
+        assert!(!same_origin(
+            "http://127.0.0.1:8081/a",
+            "http://127.0.0.1:8080"
+        ));
+    }
 
     #[test]
     fn joins_redirect_locations() {

@@ -13,6 +13,7 @@ pub mod ops;
 pub use arch::{build, Architecture, InputSpec, REGISTRY};
 pub use error::{ModelError, Result};
 pub mod checkpoint;
+pub mod crash;
 pub mod data;
 #[cfg(feature = "hub")]
 pub mod hub;

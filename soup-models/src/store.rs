@@ -46,7 +46,33 @@ impl ModelStore for FileStore {
         Ok(Checkpoint::open(&self.paths[i])?.layout(self.arch.as_ref())?)
     }
 
+    /// Model `i`'s parameters; a tensor holding NaN or an infinity is refused by name (every
+    /// method would otherwise average it into a soup of NaN).
     fn load(&self, i: usize) -> soup_core::Result<Vec<Tensor>> {
-        Ok(Checkpoint::open(&self.paths[i])?.load_params(self.arch.as_ref(), &self.device)?)
+        let params =
+            Checkpoint::open(&self.paths[i])?.load_params(self.arch.as_ref(), &self.device)?;
+        for (spec, t) in self.arch.layout().tensors.iter().zip(&params) {
+            if !all_finite(t)? {
+                return Err(crate::ModelError::format(
+                    &self.paths[i],
+                    format!("tensor {} holds NaN or infinite values", spec.name),
+                )
+                .into());
+            }
+        }
+        Ok(params)
     }
+}
+
+/// Whether every value of `t` is finite (the sum of squares in f64 of finite f32 values is).
+fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    if let Some(s) = soup_core::kernels::sum_squares(t) {
+        return Ok(s.is_finite());
+    }
+    let s = t
+        .to_dtype(candle_core::DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    Ok(s.is_finite())
 }

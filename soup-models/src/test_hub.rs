@@ -33,6 +33,10 @@ struct State {
     blobs: HashMap<String, Vec<u8>>,
     urls: HashMap<String, Vec<u8>>,
     log: Vec<String>,
+    /// Requests that carried an `Authorization` header, as `METHOD /path`.
+    authorized: Vec<String>,
+    /// Where LFS redirects point (another server: another origin); this server by default.
+    cdn: Option<String>,
 }
 
 pub struct HubServer {
@@ -148,6 +152,17 @@ impl HubServer {
         self.state.lock().unwrap().urls.insert(path.into(), data);
     }
 
+    /// Points the redirects of LFS files at `base` (e.g. a second server's URL: a CDN on
+    /// another origin, which must never see the token).
+    pub fn set_cdn(&self, base: &str) {
+        self.state.lock().unwrap().cdn = Some(base.to_string());
+    }
+
+    /// The requests so far that carried an `Authorization` header, as `METHOD /path`.
+    pub fn authorized(&self) -> Vec<String> {
+        self.state.lock().unwrap().authorized.clone()
+    }
+
     /// Every request so far, as `METHOD /path`.
     pub fn log(&self) -> Vec<String> {
         self.state.lock().unwrap().log.clone()
@@ -226,7 +241,10 @@ fn route(state: &Mutex<State>, path: &str, base: &str) -> Reply {
         return reply(
             302,
             vec![
-                ("Location", format!("{base}/cdn/{sha}")),
+                (
+                    "Location",
+                    format!("{}/cdn/{sha}", s.cdn.as_deref().unwrap_or(base)),
+                ),
                 ("X-Repo-Commit", commit),
                 ("X-Linked-Etag", format!("\"{sha}\"")),
                 ("X-Linked-Size", data.len().to_string()),
@@ -256,6 +274,7 @@ fn serve(
     let mut request = String::new();
     reader.read_line(&mut request)?;
     let mut range = None;
+    let mut authorized = false;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" {
@@ -265,12 +284,21 @@ fn serve(
             if k.eq_ignore_ascii_case("range") {
                 range = Some(v.trim().to_string());
             }
+            if k.eq_ignore_ascii_case("authorization") {
+                authorized = true;
+            }
         }
     }
     let mut parts = request.split_whitespace();
     let method = parts.next().unwrap_or("").to_string();
     let path = parts.next().unwrap_or("").to_string();
-    state.lock().unwrap().log.push(format!("{method} {path}"));
+    {
+        let mut s = state.lock().unwrap();
+        s.log.push(format!("{method} {path}"));
+        if authorized {
+            s.authorized.push(format!("{method} {path}"));
+        }
+    }
     let mode = *behaviour.lock().unwrap();
     if mode == Behaviour::Hang {
         while !stop.load(Ordering::SeqCst) {

@@ -351,3 +351,45 @@ fn url_sources_are_cached_and_checked_against_their_sha256() {
     hub.fetch(&right).unwrap();
     assert_eq!(server.log().len(), before);
 }
+
+#[test]
+fn the_token_never_reaches_another_origin() {
+    let Setup {
+        dir, zoo, server, ..
+    } = setup("hub-token", Behaviour::Normal);
+    // The CDN is a second server: same host, another port, another origin.
+    let cdn = HubServer::start(Behaviour::Normal).unwrap();
+    cdn.add_dir("org/tiny", "main", C1, &dir.path().join("v1"))
+        .unwrap();
+    server.set_cdn(&cdn.url);
+    let secret = "hf_secret_token_1234";
+    let mut with_token = config(&server, dir.path());
+    with_token.token = Some(secret.into());
+    let hub = Hub::new(with_token);
+    let got = hub.fetch(&source("hf://org/tiny")).unwrap();
+    assert_eq!(bits(&load(&got.path)), bits(&zoo[0]));
+    assert!(
+        cdn.log().iter().any(|r| r.contains("/cdn/")),
+        "the weights came from the CDN: {:?}",
+        cdn.log()
+    );
+    assert!(
+        cdn.authorized().is_empty(),
+        "the token went to another origin: {:?}",
+        cdn.authorized()
+    );
+    assert!(
+        !server.authorized().is_empty(),
+        "the endpoint itself gets the token"
+    );
+    // A URL source on another origin never gets it either, and errors never show it.
+    cdn.add_url("/releases/m.safetensors", b"not what it claims".to_vec());
+    let url = format!("{}/releases/m.safetensors", cdn.url);
+    let wrong = ModelSource::parse(&url)
+        .unwrap()
+        .with_sha256(Some("0".repeat(64)))
+        .unwrap();
+    let err = hub.fetch(&wrong).unwrap_err().to_string();
+    assert!(!err.contains(secret), "{err}");
+    assert!(cdn.authorized().is_empty(), "{:?}", cdn.authorized());
+}

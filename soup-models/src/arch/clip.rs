@@ -138,8 +138,32 @@ impl ClipVitConfig {
         if self.hidden_act != "quick_gelu" {
             return err("only hidden_act = quick_gelu is supported");
         }
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
+        if self.patch_size == 0
+            || self.image_size == 0
+            || !self.image_size.is_multiple_of(self.patch_size)
+        {
             return err("image_size must be a positive multiple of patch_size");
+        }
+        if self.hidden_size == 0 || self.intermediate_size == 0 || self.num_hidden_layers == 0 {
+            return err("hidden_size, intermediate_size and num_hidden_layers must be positive");
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return err("layer_norm_eps must be a positive number");
+        }
+        // Sizes a real model never reaches, which would only overflow the arithmetic below.
+        if [
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.image_size,
+            self.num_classes,
+            self.projection_dim,
+            self.num_channels,
+        ]
+        .iter()
+        .any(|&v| v > 1 << 20)
+        {
+            return err("a size is beyond 2^20: not a real model");
         }
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)

@@ -31,10 +31,22 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(config: MlpConfig) -> Result<Self> {
-        if config.num_classes == 0 || config.input.contains(&0) {
+        if config.num_classes == 0 || config.input.contains(&0) || config.hidden.contains(&0) {
             return Err(ModelError::config(
                 "mlp",
-                "input dimensions and num_classes must be positive",
+                "input dimensions, hidden widths and num_classes must be positive",
+            ));
+        }
+        if config
+            .input
+            .iter()
+            .chain(&config.hidden)
+            .chain([&config.num_classes])
+            .any(|&v| v > 1 << 24)
+        {
+            return Err(ModelError::config(
+                "mlp",
+                "a width is beyond 2^24: not a real model",
             ));
         }
         let mut tensors = Vec::new();
