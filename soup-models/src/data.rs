@@ -411,8 +411,7 @@ fn read_image_folder(root: &Path, test: bool) -> Result<RawImages> {
     let decoded: Vec<Vec<u8>> = files
         .par_iter()
         .map(|(path, _)| {
-            let img = image::open(path)
-                .map_err(|e| ModelError::format(path, format!("cannot decode image: {e}")))?;
+            let img = decode_image(path)?;
             Ok(square_rgb(&img.to_rgb8(), side))
         })
         .collect::<Result<_>>()?;
@@ -424,6 +423,25 @@ fn read_image_folder(root: &Path, test: bool) -> Result<RawImages> {
         labels: files.iter().map(|(_, l)| *l).collect(),
         num_classes: classes.len(),
     })
+}
+
+/// The most bytes one image may decode to (8192 × 8192 RGBA; ImageNet's largest is far below):
+/// an image file is small, its declared size is not, so the decoder is held to this.
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
+/// Decodes the image at `path` within [`MAX_IMAGE_BYTES`] and 16384 pixels per side.
+fn decode_image(path: &Path) -> Result<image::DynamicImage> {
+    let bad = |e: image::ImageError| ModelError::format(path, format!("cannot decode image: {e}"));
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|e| ModelError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| ModelError::io(path, e))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(1 << 14);
+    limits.max_image_height = Some(1 << 14);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    reader.decode().map_err(bad)
 }
 
 fn list_dirs(dir: &Path) -> Result<Vec<String>> {

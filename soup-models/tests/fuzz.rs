@@ -73,6 +73,16 @@ fn justified(len: usize) -> usize {
 
 /// Runs `load` with the allocator watching; fails on a panic or an oversized allocation.
 fn guarded(len: usize, load: impl FnOnce()) -> std::result::Result<(), TestCaseError> {
+    guarded_within(justified(len), len, load)
+}
+
+/// [`guarded`] with the largest allocation allowed given: an image file declares its size,
+/// and a tiny PNG may rightly decode to megabytes, so images are held to the decoder's limit.
+fn guarded_within(
+    bound: usize,
+    len: usize,
+    load: impl FnOnce(),
+) -> std::result::Result<(), TestCaseError> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     LARGEST.store(0, Ordering::SeqCst);
     WATCH.store(true, Ordering::SeqCst);
@@ -88,7 +98,7 @@ fn guarded(len: usize, load: impl FnOnce()) -> std::result::Result<(), TestCaseE
         return Err(TestCaseError::fail(format!("panicked: {what}")));
     }
     prop_assert!(
-        largest <= justified(len),
+        largest <= bound,
         "allocated {largest} bytes for a file of {len}"
     );
     Ok(())
@@ -434,7 +444,9 @@ fn mutated_png_and_jpeg_image_folders_are_errors_not_panics() {
             std::fs::write(d.join("x.png"), &png).unwrap();
             std::fs::write(d.join("y.jpg"), &jpeg).unwrap();
         }
-        guarded(png.len() + jpeg.len(), || exercise_data(dir.path()))
+        // The decoded image, and its resized copies, within the decoder's limit.
+        let bound = 2 * soup_models::data::MAX_IMAGE_BYTES as usize;
+        guarded_within(bound, png.len() + jpeg.len(), || exercise_data(dir.path()))
     });
 }
 
@@ -477,4 +489,187 @@ fn the_unmutated_fixtures_load() {
     );
     image::load_from_memory(&f.png).unwrap();
     image::load_from_memory(&f.jpeg).unwrap();
+}
+
+// The hostile files of issue 13, one by one: each was a panic or an abort before.
+
+fn named(arch: &ClipClassifier, params: &[Tensor]) -> BTreeMap<String, Tensor> {
+    arch.layout()
+        .tensors
+        .iter()
+        .zip(params)
+        .map(|(s, t)| (s.name.clone(), t.clone()))
+        .collect()
+}
+
+/// Writes a stored zip holding `data.pkl` = `pickle` (plus the usual version file).
+fn write_pt_with_pickle(path: &Path, pickle: &[u8]) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", options).unwrap();
+    zip.write_all(pickle).unwrap();
+    zip.start_file("archive/version", options).unwrap();
+    zip.write_all(b"3\n").unwrap();
+    zip.finish().unwrap();
+}
+
+/// The pickle inside a valid `.pt` fixture.
+fn fixture_pickle() -> Vec<u8> {
+    use std::io::Read;
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(fixtures().pt.clone())).unwrap();
+    let mut pickle = Vec::new();
+    zip.by_name("archive/data.pkl")
+        .unwrap()
+        .read_to_end(&mut pickle)
+        .unwrap();
+    pickle
+}
+
+#[test]
+fn a_scalar_head_in_a_config_json_directory_is_an_error() {
+    let (arch, params) = tiny();
+    let dir = ScratchDir::new("hostile-head");
+    write_hf_clip_dir(dir.path(), &arch, &params).unwrap();
+    let mut specs = arch.layout().tensors.clone();
+    let mut tensors = params.clone();
+    let head = specs
+        .iter()
+        .position(|s| s.name == "classification_head.weight")
+        .unwrap();
+    specs[head].shape = vec![];
+    tensors[head] = Tensor::new(1f32, &Device::Cpu).unwrap();
+    write_safetensors(
+        &dir.path().join("model.safetensors"),
+        &ParamLayout::new(specs),
+        &tensors,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let err = Checkpoint::open(dir.path())
+        .unwrap()
+        .architecture()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("classification_head.weight"), "{err}");
+}
+
+#[test]
+fn an_openai_pt_with_a_scalar_conv1_is_an_error() {
+    let (arch, params) = tiny();
+    let dir = ScratchDir::new("hostile-conv");
+    let mut tensors =
+        soup_models::pt::to_openai("model.visual.", 2, &named(&arch, &params)).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("conv1.weight") {
+            *t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+        }
+    }
+    let path = dir.path().join("m.pt");
+    soup_models::pt::write_torch_state_dict(&path, &tensors).unwrap();
+    let err = Checkpoint::open(&path)
+        .unwrap()
+        .architecture()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("conv1.weight"), "{err}");
+}
+
+#[test]
+fn pickles_cut_short_anywhere_are_errors() {
+    let pickle = fixture_pickle();
+    let dir = ScratchDir::new("hostile-cut");
+    let path = dir.path().join("m.pt");
+    // Every cut inside the first tensor's `_rebuild_tensor_v2` call and storage tuple, and a
+    // sample beyond.
+    let cuts = (0..pickle.len().min(400)).chain((400..pickle.len()).step_by(97));
+    for cut in cuts {
+        write_pt_with_pickle(&path, &pickle[..cut]);
+        guarded(cut, || {
+            let _ = Checkpoint::open(&path).map(|c| c.architecture());
+        })
+        .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+    }
+}
+
+#[test]
+fn a_pickle_declaring_a_4_gib_string_is_refused_before_allocating() {
+    let dir = ScratchDir::new("hostile-bomb");
+    let path = dir.path().join("m.pt");
+    let mut pickle = vec![0x80, 2, b'X'];
+    pickle.extend(u32::MAX.to_le_bytes());
+    pickle.extend(b"abc.");
+    write_pt_with_pickle(&path, &pickle);
+    guarded(pickle.len(), || {
+        let err = Checkpoint::open(&path).unwrap_err().to_string();
+        assert!(err.contains("declares"), "{err}");
+    })
+    .unwrap();
+}
+
+#[test]
+fn degenerate_data_sets_are_errors() {
+    let dir = ScratchDir::new("hostile-data");
+    // idx headers whose dimensions overflow, and 0 × 0 images.
+    for (n, h, w) in [
+        (u32::MAX, u32::MAX, u32::MAX),
+        (3, 0, 0),
+        (1 << 31, 1 << 16, 1 << 16),
+    ] {
+        let mut images = vec![0, 0, 8, 3];
+        for v in [n, h, w] {
+            images.extend(v.to_be_bytes());
+        }
+        images.extend([0u8; 64]);
+        for prefix in ["train", "t10k"] {
+            std::fs::write(
+                dir.path().join(format!("{prefix}-images-idx3-ubyte")),
+                &images,
+            )
+            .unwrap();
+            std::fs::write(
+                dir.path().join(format!("{prefix}-labels-idx1-ubyte")),
+                [0, 0, 8, 1, 0, 0, 0, 3, 0, 1, 2],
+            )
+            .unwrap();
+        }
+        guarded(images.len(), || {
+            DataSpec::new(dir.path().to_str().unwrap())
+                .load(Split::Test)
+                .unwrap_err();
+        })
+        .unwrap_or_else(|e| panic!("{n} × {h} × {w}: {e}"));
+    }
+    // An ImageFolder with a single training image: nothing to hold out.
+    let folder = ScratchDir::new("hostile-one-image");
+    let class = folder.path().join("train/a");
+    std::fs::create_dir_all(&class).unwrap();
+    std::fs::write(class.join("x.png"), &fixtures().png).unwrap();
+    let err = DataSpec::new(folder.path().to_str().unwrap())
+        .load(Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("too few"), "{err}");
+}
+
+#[test]
+fn configs_with_zero_sizes_are_errors() {
+    let mlp = serde_json::json!({"input": [1, 4, 4], "hidden": [8, 0], "num_classes": 3});
+    let err = soup_models::build("mlp", &mlp).unwrap_err().to_string();
+    assert!(err.contains("hidden widths"), "{err}");
+    for (key, value) in [
+        ("hidden_size", 0),
+        ("image_size", 0),
+        ("num_hidden_layers", 0),
+    ] {
+        let mut clip = serde_json::json!({"hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_channels": 1,
+            "image_size": 16, "patch_size": 4, "projection_dim": 8, "num_classes": 3});
+        clip[key] = value.into();
+        let err = soup_models::build("clip-vit", &clip)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
 }

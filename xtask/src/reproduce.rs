@@ -476,16 +476,21 @@ fn fmnist(p: &Preset) -> Result<(), String> {
         let mut args = strings(&["finetune", "--base"]);
         args.push(cache.join("base.safetensors").display().to_string());
         args.extend(p.data_args(true));
-        args.extend(strings(&[
-            "--count",
-            &p.n.to_string(),
-            "--force",
-            "--search",
-        ]));
+        args.extend(strings(&["--count", &p.n.to_string(), "--search"]));
         args.push(search.display().to_string());
         args.push("--out".into());
         args.push(zoo.display().to_string());
-        eprint!("{}", soup(&args)?);
+        // An interrupted fine-tuning of the same settings continues where it stopped; a zoo
+        // of other settings is replaced.
+        let resumed = zoo.join("zoo.toml").exists() && {
+            let mut resume = args.clone();
+            resume.push("--resume".into());
+            soup(&resume).map(|out| eprint!("{out}")).is_ok()
+        };
+        if !resumed {
+            args.push("--force".into());
+            eprint!("{}", soup(&args)?);
+        }
         std::fs::write(&stamp, p.cache_key()).map_err(|e| e.to_string())?;
         phases.insert("zoo", t.elapsed().as_secs_f64());
     }
