@@ -673,3 +673,27 @@ fn configs_with_zero_sizes_are_errors() {
         assert!(err.contains(key), "{key}: {err}");
     }
 }
+
+/// A pickle whose opcodes are all well-formed but whose `_rebuild_tensor_v2` call gets too few
+/// arguments (candle's reader panics on it): an error naming the file.
+#[test]
+fn a_well_formed_pickle_with_short_rebuild_arguments_is_an_error() {
+    let dir = ScratchDir::new("hostile-short-args");
+    let path = dir.path().join("m.pt");
+    let mut pickle = vec![0x80, 2];
+    pickle.extend(b"ccollections\nOrderedDict\n)R(");
+    pickle.push(b'X');
+    pickle.extend(1u32.to_le_bytes());
+    pickle.push(b'w');
+    pickle.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+    pickle.push(b'X');
+    pickle.extend(7u32.to_le_bytes());
+    pickle.extend(b"storage");
+    pickle.extend(b"tRu.");
+    write_pt_with_pickle(&path, &pickle);
+    guarded(pickle.len(), || {
+        let err = Checkpoint::open(&path).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("m.pt"), "{err}");
+    })
+    .unwrap();
+}
