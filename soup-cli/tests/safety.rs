@@ -66,6 +66,12 @@ fn search_toml(root: &Path) -> PathBuf {
     search
 }
 
+/// The base model and search of the shared zoo, copied into `dir` for a finetune of its own.
+fn finetune_scratch(root: &Path, dir: &Path) {
+    std::fs::copy(root.join("base.safetensors"), dir.join("base.safetensors")).unwrap();
+    search_toml(dir);
+}
+
 fn zoo() -> &'static Zoo {
     static ZOO: OnceLock<Zoo> = OnceLock::new();
     ZOO.get_or_init(|| {
@@ -559,12 +565,7 @@ fn finetune_is_durable_model_by_model_and_resumes_to_the_same_zoo() {
     let zoo = zoo();
     let dir = ScratchDir::new("safety-crash-ft");
     let d = dir.path();
-    std::fs::copy(
-        zoo.root.join("base.safetensors"),
-        d.join("base.safetensors"),
-    )
-    .unwrap();
-    search_toml(d);
+    finetune_scratch(&zoo.root, d);
     let steps = trace(d, &finetune_args("whole", 3));
     assert!(steps >= 9, "only {steps} durable steps traced");
     let bits = |zoo: &Path| -> Vec<(String, Vec<u8>)> {
@@ -615,12 +616,7 @@ fn finetune_force_replaces_only_a_zoo_soup_made() {
     let zoo = zoo();
     let dir = ScratchDir::new("safety-ft-force");
     let d = dir.path();
-    std::fs::copy(
-        zoo.root.join("base.safetensors"),
-        d.join("base.safetensors"),
-    )
-    .unwrap();
-    search_toml(d);
+    finetune_scratch(&zoo.root, d);
     // A hand-written zoo.toml is not soup's: --force refuses it.
     std::fs::create_dir_all(d.join("hand")).unwrap();
     std::fs::write(d.join("hand/zoo.toml"), "[[model]]\npath = \"/etc\"\n").unwrap();

@@ -29,6 +29,8 @@ fn mapped_len(size: usize) -> usize {
     size.div_ceil(HUGE) * HUGE
 }
 
+// SAFETY (callers): `size` > 0; the block returned (or null) is released only by `unmap` with
+// the same `size`.
 #[cfg(target_os = "linux")]
 unsafe fn map(size: usize) -> *mut u8 {
     let len = mapped_len(size);
@@ -58,11 +60,13 @@ unsafe fn map(size: usize) -> *mut u8 {
     start as *mut u8
 }
 
+// SAFETY (callers): `ptr` came from `map(size)` with the same `size` and is not used after.
 #[cfg(target_os = "linux")]
 unsafe fn unmap(ptr: *mut u8, size: usize) {
     libc::munmap(ptr.cast(), mapped_len(size));
 }
 
+// SAFETY (callers): never reached off Linux (big blocks are not routed here).
 #[cfg(not(target_os = "linux"))]
 unsafe fn map(_: usize) -> *mut u8 {
     unreachable!("big blocks are Linux only")

@@ -361,6 +361,22 @@ fn exercise_data(root: &Path) {
     }
 }
 
+/// Writes idx image and label files for both splits into `dir` (`suffix` "" or ".gz").
+fn write_idx(dir: &Path, images: &[u8], labels: &[u8], suffix: &str) {
+    for prefix in ["train", "t10k"] {
+        std::fs::write(
+            dir.join(format!("{prefix}-images-idx3-ubyte{suffix}")),
+            images,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-labels-idx1-ubyte{suffix}")),
+            labels,
+        )
+        .unwrap();
+    }
+}
+
 #[test]
 fn mutated_idx_files_are_errors_not_panics() {
     let f = fixtures();
@@ -372,18 +388,7 @@ fn mutated_idx_files_are_errors_not_panics() {
         } else {
             (m.apply(&f.idx_images), f.idx_labels.clone())
         };
-        for prefix in ["train", "t10k"] {
-            std::fs::write(
-                dir.path().join(format!("{prefix}-images-idx3-ubyte")),
-                &images,
-            )
-            .unwrap();
-            std::fs::write(
-                dir.path().join(format!("{prefix}-labels-idx1-ubyte")),
-                &labels,
-            )
-            .unwrap();
-        }
+        write_idx(dir.path(), &images, &labels, "");
         guarded(images.len() + labels.len(), || exercise_data(dir.path()))
     });
 }
@@ -401,18 +406,7 @@ fn mutated_gzip_idx_files_are_errors_not_panics() {
     let (images, labels) = (gz(&f.idx_images), gz(&f.idx_labels));
     fuzz("idx.gz", |m| {
         let images = m.apply(&images);
-        for prefix in ["train", "t10k"] {
-            std::fs::write(
-                dir.path().join(format!("{prefix}-images-idx3-ubyte.gz")),
-                &images,
-            )
-            .unwrap();
-            std::fs::write(
-                dir.path().join(format!("{prefix}-labels-idx1-ubyte.gz")),
-                &labels,
-            )
-            .unwrap();
-        }
+        write_idx(dir.path(), &images, &labels, ".gz");
         guarded(images.len() + labels.len(), || exercise_data(dir.path()))
     });
 }
@@ -468,18 +462,7 @@ fn the_unmutated_fixtures_load() {
     let ckpt = Checkpoint::open(&pt).unwrap();
     let arch = ckpt.architecture().unwrap();
     ckpt.load_params(arch.as_ref(), &Device::Cpu).unwrap();
-    for prefix in ["train", "t10k"] {
-        std::fs::write(
-            dir.path().join(format!("{prefix}-images-idx3-ubyte")),
-            &f.idx_images,
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join(format!("{prefix}-labels-idx1-ubyte")),
-            &f.idx_labels,
-        )
-        .unwrap();
-    }
+    write_idx(dir.path(), &f.idx_images, &f.idx_labels, "");
     assert_eq!(
         DataSpec::new(dir.path().to_str().unwrap())
             .load(Split::Test)
@@ -622,18 +605,7 @@ fn degenerate_data_sets_are_errors() {
             images.extend(v.to_be_bytes());
         }
         images.extend([0u8; 64]);
-        for prefix in ["train", "t10k"] {
-            std::fs::write(
-                dir.path().join(format!("{prefix}-images-idx3-ubyte")),
-                &images,
-            )
-            .unwrap();
-            std::fs::write(
-                dir.path().join(format!("{prefix}-labels-idx1-ubyte")),
-                [0, 0, 8, 1, 0, 0, 0, 3, 0, 1, 2],
-            )
-            .unwrap();
-        }
+        write_idx(dir.path(), &images, &[0, 0, 8, 1, 0, 0, 0, 3, 0, 1, 2], "");
         guarded(images.len(), || {
             DataSpec::new(dir.path().to_str().unwrap())
                 .load(Split::Test)
