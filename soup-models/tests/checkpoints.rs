@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use soup_core::{ModelStore, ParamLayout};
+use soup_core::{ModelStore, ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::{write_model_dir, write_safetensors};
 use soup_models::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
@@ -315,4 +315,64 @@ fn openai_pt_twin_loads_to_the_same_tensors_as_the_hf_directory() {
         msg.contains("bad.pt") && msg.contains("not a readable PyTorch checkpoint"),
         "{msg}"
     );
+}
+
+/// soup's safetensors writer against the real library's output (`tests/golden/`, made once by
+/// safetensors 0.8.0 from Python with `make_safetensors.py`): the same tensors and metadata give
+/// the same length, the same header as JSON (the library orders metadata by a hash map, soup
+/// sorts it) and the same padding and data bytes; and soup reads the library's file back.
+#[test]
+fn the_writer_matches_the_safetensors_library_and_reads_its_files() {
+    let golden = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/safetensors-0.8.safetensors"
+    ))
+    .unwrap();
+    let dev = Device::Cpu;
+    let a: Vec<f32> = (0..6).map(|v| v as f32 / 7.0).collect();
+    let tensors = vec![
+        Tensor::new(&[[0i64, 1, 2]], &dev).unwrap(),
+        Tensor::from_vec(a, (2, 3), &dev).unwrap(),
+        Tensor::new(&[1.5f32, -2.25, 3e-8, 1e30], &dev).unwrap(),
+        Tensor::new(&[0.5f32, -1.0, 2.0], &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap(),
+    ];
+    let layout = ParamLayout::new(
+        ["position_ids", "a.weight", "b.bias", "c.half"]
+            .iter()
+            .zip(&tensors)
+            .map(|(n, t)| TensorSpec {
+                name: n.to_string(),
+                shape: t.dims().to_vec(),
+            })
+            .collect(),
+    );
+    let meta = BTreeMap::from([
+        ("soup.method".to_string(), "uniform".to_string()),
+        ("soup.recipe".to_string(), r#"{"lr":0.01}"#.to_string()),
+    ]);
+    let dir = ScratchDir::new("golden-st");
+    let path = dir.path().join("ours.safetensors");
+    write_safetensors(&path, &layout, &tensors, &meta).unwrap();
+    let ours = std::fs::read(&path).unwrap();
+    assert_eq!(ours.len(), golden.len());
+    let header_len = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let n = header_len(&golden);
+    assert_eq!(header_len(&ours), n, "header length and padding");
+    let json = |b: &[u8]| -> serde_json::Value { serde_json::from_slice(&b[8..8 + n]).unwrap() };
+    assert_eq!(json(&ours), json(&golden));
+    assert_eq!(&ours[8 + n..], &golden[8 + n..], "data bytes");
+    // The padding is spaces, as the library writes it.
+    let padding = |b: &[u8]| b[8..8 + n].iter().rev().take_while(|&&c| c == b' ').count();
+    assert_eq!(padding(&ours), padding(&golden));
+    // soup reads the library's file: values, dtypes, metadata.
+    let golden_path = dir.path().join("golden.safetensors");
+    std::fs::write(&golden_path, &golden).unwrap();
+    let ckpt = Checkpoint::open(&golden_path).unwrap();
+    assert_eq!(ckpt.metadata().unwrap()["soup.recipe"], r#"{"lr":0.01}"#);
+    assert_eq!(ckpt.dtype("c.half").unwrap(), "F16");
+    let b = ckpt.load("b.bias", &dev).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(b, vec![1.5, -2.25, 3e-8, 1e30]);
 }
