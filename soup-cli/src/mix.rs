@@ -164,11 +164,11 @@ fn inputs(args: &MixArgs) -> Vec<PathBuf> {
 pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
     let inputs = inputs(args);
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-    let mut output = Output::check(&args.out, OUTPUTS, &inputs, args.force, args.resume)?;
+    let mut output = Output::check(&args.out, "mix", OUTPUTS, &inputs, args.force, args.resume)?;
     if output.state == Partial::Finished && args.resume {
         // Killed after its outputs were complete: only the rename is left (rank 0's job).
         if comm.rank() == 0 {
-            output.finish("mix", OUTPUTS)?;
+            output.finish()?;
             println!(
                 "completed the finished run in {} -> {}",
                 output.partial.display(),
@@ -179,13 +179,13 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
     }
     let result = run(args, quiet, comm, &mut output);
     if result.is_err() && comm.rank() == 0 {
-        output.abandon(OUTPUTS);
+        output.abandon();
     }
     result
 }
 
-/// `soup mix`. Over several processes (`comm`), only uniform, mehl and mehl+ run; every rank
-/// loads its share of the models, and rank 0 alone evaluates and writes OUT.
+/// The work of `soup mix` once OUT is checked: load and check the zoo and data, make the soup,
+/// evaluate it and write OUT.
 fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) -> Result<()> {
     let started = Instant::now();
     let (rank, world) = (comm.rank(), comm.world_size());
@@ -258,7 +258,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     let load_s = t_load.elapsed().as_secs_f64();
     let resume = args.resume && output.state == Partial::Progress;
     if rank == 0 {
-        output.begin(OUTPUTS, args.resume)?;
+        output.begin(args.resume)?;
     }
 
     let mut objective = Classification {
@@ -367,7 +367,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         estimate,
         &ranks,
     )?;
-    output.finish("mix", OUTPUTS)?;
+    output.finish()?;
     println!(
         "{}: {n} models -> held-out accuracy {:.4}, test accuracy {:.4}, {:.1} s -> {}",
         method.name(),

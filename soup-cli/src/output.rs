@@ -64,6 +64,9 @@ pub struct Output {
     pub out: PathBuf,
     pub partial: PathBuf,
     pub state: Partial,
+    /// The command that writes OUT, and the names of the files it writes there.
+    command: &'static str,
+    outputs: &'static [&'static str],
 }
 
 /// Whether `name` (a file directly in `OUT.partial/`) is one soup writes there: an output, the
@@ -223,11 +226,13 @@ fn partial_state(partial: &Path, outputs: &[&str]) -> Result<Partial> {
 }
 
 impl Output {
-    /// Checks OUT and `OUT.partial/` before a run that writes `outputs` (file names) there.
+    /// Checks OUT and `OUT.partial/` before a run of `command` that writes `outputs` (file
+    /// names) there.
     /// `inputs` are the run's input paths (zoo, data, recipe, ...), which OUT must not hold.
     pub fn check(
         out: &Path,
-        outputs: &[&str],
+        command: &'static str,
+        outputs: &'static [&'static str],
         inputs: &[&Path],
         force: bool,
         resume: bool,
@@ -291,15 +296,17 @@ impl Output {
             out: out.to_path_buf(),
             partial,
             state,
+            command,
+            outputs,
         })
     }
 
     /// Makes `OUT.partial/` ready for the run: kept as it is when resuming, emptied of soup's
     /// files otherwise.
-    pub fn begin(&mut self, outputs: &[&str], resume: bool) -> Result<()> {
+    pub fn begin(&mut self, resume: bool) -> Result<()> {
         if self.state != Partial::Absent && !resume {
             for name in entries(&self.partial)? {
-                if ours_in_partial(&name, outputs) {
+                if ours_in_partial(&name, self.outputs) {
                     let path = self.partial.join(&name);
                     std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
                 }
@@ -311,13 +318,13 @@ impl Output {
     }
 
     /// After a failed run: removes `OUT.partial/` unless it holds progress a `--resume` can use.
-    pub fn abandon(&self, outputs: &[&str]) {
+    pub fn abandon(&self) {
         if !self.partial.is_dir() || self.partial.join(PROGRESS).exists() {
             return;
         }
         if let Ok(names) = entries(&self.partial) {
             for name in names {
-                if ours_in_partial(&name, outputs) {
+                if ours_in_partial(&name, self.outputs) {
                     let _ = std::fs::remove_file(self.partial.join(name));
                 }
             }
@@ -327,12 +334,12 @@ impl Output {
 
     /// Writes the marker into `OUT.partial/` (the run is finished), drops the progress, replaces
     /// OUT when `--force` allowed it, and renames `OUT.partial/` to OUT.
-    pub fn finish(&self, command: &str, outputs: &[&str]) -> Result<()> {
+    pub fn finish(&self) -> Result<()> {
         remove_temporaries(&self.partial)?;
         if !self.partial.join(MARKER).exists() {
             let marker = Marker {
-                command: command.to_string(),
-                files: outputs.iter().map(|s| s.to_string()).collect(),
+                command: self.command.to_string(),
+                files: self.outputs.iter().map(|s| s.to_string()).collect(),
             };
             let text = serde_json::to_string_pretty(&marker)?;
             let path = self.partial.join(MARKER);

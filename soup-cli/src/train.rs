@@ -480,7 +480,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
 
     std::fs::create_dir_all(&args.out).map_err(|e| io(&args.out, e))?;
     if manifest.finetune.is_none() {
-        if !replaced.is_empty() || (args.force && manifest_path.exists()) {
+        if args.force && manifest_path.exists() {
             // Checked above: every directory the old zoo.toml lists is soup's own.
             std::fs::remove_file(&manifest_path).map_err(|e| io(&manifest_path, e))?;
             for dir in &replaced {
