@@ -102,11 +102,17 @@ fn rows_per_task(row_len: usize) -> usize {
 /// A raw pointer that parallel tasks may share: each task writes a disjoint part.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
+// SAFETY: the wrapped pointer is only written through `at` by parallel tasks that each write a
+// disjoint range of one buffer, which outlives the parallel loop; the values are `Send`.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as for `Send`: no two tasks touch the same element, so sharing the pointer is sound.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
     /// The pointer, `offset` elements on (a method, so closures capture the Sync wrapper).
+    ///
+    /// # Safety
+    /// `offset` must stay within the buffer the pointer was taken from.
     unsafe fn at(self, offset: usize) -> *mut T {
         self.0.add(offset)
     }
@@ -114,6 +120,11 @@ impl<T> SharedMut<T> {
 
 /// dst (m × n, row stride dst_rs) = alpha·dst + beta·lhs·rhs, with every operand given by its
 /// pointer, row stride and column stride.
+///
+/// # Safety
+/// Each pointer with its strides must address valid elements of an m × n (dst), m × k (lhs) and
+/// k × n (rhs) matrix for the whole call; dst must not overlap lhs or rhs, and no other thread
+/// may touch the elements of dst meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: 'static>(
     (m, n, k): (usize, usize, usize),
@@ -190,6 +201,8 @@ fn linear_fwd<T: Real>(
     for _ in 0..rows {
         y.extend_from_slice(b);
     }
+    // SAFETY: y holds rows × out (filled above), x rows × in and w out × in (their lengths come
+    // from the shapes checked by `data`); y is a fresh buffer.
     unsafe {
         matmul(
             (rows, out, inp),
@@ -279,6 +292,8 @@ fn linear_bwd<T: Real>(
     let mut g: Vec<T> = vec![T::zero(); total];
     let (dx, rest) = g.split_at_mut(rows * inp);
     let (dw, db) = rest.split_at_mut(out * inp);
+    // SAFETY: dx (rows × in) and dw (out × in) are disjoint slices of g of exactly those sizes;
+    // dy is rows × out, x rows × in and w out × in, as `data` checked against the shapes.
     unsafe {
         // dx (rows × in) = dy (rows × out) · W (out × in)
         if with_dx {
@@ -667,6 +682,8 @@ impl Attention {
     fn probabilities<T: Real>(&self, qkv: &[T], d: AttnDims, i: usize, h: usize, p: &mut [T]) {
         let AttnDims { t, e, hd, .. } = d;
         let base = i * t * 3 * e + h * hd;
+        // SAFETY: p is t × t (the caller's buffer); Q_h and K_h are the t × hd columns of head
+        // h < heads of image i < n in qkv (n × t × 3e, hd · heads = e), read with row stride 3e.
         unsafe {
             matmul(
                 (t, t, hd),
@@ -707,6 +724,9 @@ impl Attention {
                 let (i, h) = (task / self.heads, task % self.heads);
                 self.probabilities(qkv, d, i, h, p);
                 // O_h (t × hd) = P (t × t) · V_h (t × hd); each task writes its own columns.
+                // SAFETY: the destination is columns h·hd..(h+1)·hd of image i's rows of `out`
+                // (n × t × e): no other task writes them; V_h lies inside qkv as in
+                // `probabilities`, and p is this task's own t × t buffer.
                 unsafe {
                     matmul(
                         (t, hd, t),
@@ -744,6 +764,7 @@ impl Attention {
                 let (i, h) = (task / self.heads, task % self.heads);
                 self.probabilities(qkv, d, i, h, p);
                 let base = i * t * 3 * e + h * hd;
+                // SAFETY: base + 2e + hd ≤ (i + 1)·t·3e: the three offsets lie inside qkv.
                 let (q, k, v) = unsafe {
                     (
                         qkv.as_ptr().add(base),
@@ -751,7 +772,11 @@ impl Attention {
                         qkv.as_ptr().add(base + 2 * e),
                     )
                 };
+                // SAFETY: dout holds n × t × e elements (checked above); i < n, h·hd < e.
                 let d_o = unsafe { dout.as_ptr().add(i * t * e + h * hd) };
+                // SAFETY: dV is head h's columns of image i's rows of g (n × t × 3e), written by
+                // this task only; p and dp are its own t × t buffers; dO and V lie inside their
+                // buffers as shown above.
                 unsafe {
                     // dV (t × hd) = Pᵀ · dO
                     matmul(
@@ -784,6 +809,8 @@ impl Attention {
                         *a = scale * b * (*a - dot);
                     }
                 }
+                // SAFETY: dQ and dK are head h's columns of image i's rows of g, this task's
+                // alone; dp is its t × t buffer; K and Q lie inside qkv as shown above.
                 unsafe {
                     // dQ (t × hd) = dS · K
                     matmul(
