@@ -4,7 +4,7 @@
 //! The crate knows nothing of CLIP, files or networks: models come from a [`ModelStore`], the
 //! loss and its gradient from an [`Objective`], communication between processes from a
 //! [`Collective`]. Tensors are `candle_core::Tensor` on any device. Section numbers (§) refer to
-//! `spec/MEHL-SOUP.md`.
+//! `docs/MEHL-SOUP.md`.
 
 pub mod baselines;
 pub mod error;

@@ -1,5 +1,5 @@
 //! Differentiable building blocks. candle's fused `layer_norm` and `softmax_last_dim` have no
-//! backward and silently cut the graph (notes/STACK.md). On the CPU in f32/f64 these run the
+//! backward and silently cut the graph (docs/STACK.md). On the CPU in f32/f64 these run the
 //! fused kernels of `kernels.rs` (hand-written backward passes); elsewhere, and as the
 //! references the kernels are tested against, the `reference` versions composed from candle ops
 //! that have a backward.

@@ -1,6 +1,6 @@
 //! `clip-vit`: the CLIP vision tower → visual projection → L2-normalised features → linear head,
 //! as model-soups builds its classifiers, with Hugging Face tensor names. Every operation is
-//! differentiable (candle's stock CLIP is inference-only: notes/STACK.md).
+//! differentiable (candle's stock CLIP is inference-only: docs/STACK.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
