@@ -49,6 +49,8 @@ pub struct HubConfig {
     pub read_timeout: Duration,
     /// Retries after a failed request (network errors, 5xx, 429, truncated bodies).
     pub retries: u32,
+    /// Draw download progress bars on stderr. Off by default: a library does not print; the
+    /// `soup` binary turns it on (`Hub::with_progress`) unless `--quiet`.
     pub progress: bool,
 }
 
@@ -114,7 +116,7 @@ impl HubConfig {
             metadata_timeout: env_seconds("HF_HUB_ETAG_TIMEOUT", 10.0)?,
             read_timeout: env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0)?,
             retries,
-            progress: true,
+            progress: false,
         })
     }
 }
