@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use soup_models::data::{prepare, DataSpec, Heldout, RawImages, Split};
-use soup_models::{Architecture, Dataset, ModelSource, Resolved};
+use soup_models::{Architecture, Dataset};
 
 use crate::error::{CliError, Result};
 use crate::recipe::Method;
@@ -149,21 +149,4 @@ pub fn human_bytes(bytes: u64) -> String {
         b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
         b => format!("{b} B"),
     }
-}
-
-/// A model source fetched to a local path (remote ones into the Hub cache, with a progress bar
-/// unless `quiet`).
-pub fn fetch(source: &ModelSource, quiet: bool) -> Result<Resolved> {
-    #[cfg(feature = "hub")]
-    if source.is_remote() {
-        let hub = soup_models::hub::Hub::from_env()?.with_progress(!quiet);
-        return Ok(hub.fetch(source)?);
-    }
-    let _ = quiet;
-    Ok(soup_models::fetch(source)?)
-}
-
-/// A model source given as text, fetched.
-pub fn fetch_str(text: &str, quiet: bool) -> Result<Resolved> {
-    fetch(&ModelSource::parse(text)?, quiet)
 }

@@ -10,7 +10,7 @@ use soup_core::rng::SplitMix64;
 use soup_core::{Metrics, Objective};
 use soup_models::checkpoint::{arch_metadata, write_model_dir, write_safetensors};
 use soup_models::data::Split;
-use soup_models::finetune::{finetune, Augment, FinetuneConfig};
+use soup_models::train::finetune::{finetune, Augment, FinetuneConfig};
 use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
 
 use crate::common::{bar, DataArgs};
@@ -93,7 +93,7 @@ pub struct TrainArgs {
 pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
     let (arch, params) = match &args.init {
         Some(init) => {
-            let ckpt = Checkpoint::open(crate::common::fetch_str(init, quiet)?.path)?;
+            let ckpt = Checkpoint::open(soup_models::fetch_str(init, !quiet)?.path)?;
             let arch = ckpt.architecture()?;
             let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
             (arch, params)
@@ -471,7 +471,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             }
         }
     }
-    let base_source = crate::common::fetch_str(&args.base, quiet)?;
+    let base_source = soup_models::fetch_str(&args.base, !quiet)?;
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &Device::Cpu)?;

@@ -105,7 +105,10 @@ pub fn resolve(zoo: &Path, quiet: bool) -> Result<Vec<Resolved>> {
                     ModelSource::Local(p) => ModelSource::Local(base.join(p)),
                     remote => remote,
                 };
-                crate::common::fetch(&source.with_sha256(e.sha256.clone())?, quiet)
+                Ok(soup_models::fetch(
+                    &source.with_sha256(e.sha256.clone())?,
+                    !quiet,
+                )?)
             })
             .collect();
     }
@@ -140,7 +143,7 @@ pub fn resolve(zoo: &Path, quiet: bool) -> Result<Vec<Resolved>> {
     }
     paths
         .into_iter()
-        .map(|p| crate::common::fetch(&ModelSource::Local(p), quiet))
+        .map(|p| Ok(soup_models::fetch(&ModelSource::Local(p), !quiet)?))
         .collect()
 }
 

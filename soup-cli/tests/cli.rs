@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use soup_models::fixtures::ScratchDir;
+use soup_models::testkit::fixtures::ScratchDir;
 use soup_models::Checkpoint;
 
 const DATA: &str = "/usr/share/datasets/fashion-mnist";
@@ -511,7 +511,7 @@ fn soup_env(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 #[test]
 fn a_zoo_of_hub_models_mixes_like_the_local_zoo_and_works_offline_afterwards() {
-    use soup_models::test_hub::{Behaviour, HubServer};
+    use soup_models::testkit::hub::{Behaviour, HubServer};
     let zoo = zoo();
     let hf_home = ScratchDir::new("cli-hf-home");
     let home = hf_home.path().display().to_string();
@@ -589,7 +589,7 @@ fn a_zoo_of_hub_models_mixes_like_the_local_zoo_and_works_offline_afterwards() {
 
 #[test]
 fn a_hub_that_never_answers_ends_in_a_timeout_error() {
-    use soup_models::test_hub::{Behaviour, HubServer};
+    use soup_models::testkit::hub::{Behaviour, HubServer};
     let hf_home = ScratchDir::new("cli-hang");
     let home = hf_home.path().display().to_string();
     let server = HubServer::start(Behaviour::Hang).unwrap();

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use candle_core::Device;
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_model_dir;
-use soup_models::fixtures::{random_zoo, tiny_clip_config, ScratchDir};
+use soup_models::testkit::fixtures::{random_zoo, tiny_clip_config, ScratchDir};
 use soup_models::{Architecture, Checkpoint};
 
 const DATA: &str = "/usr/share/datasets/fashion-mnist";

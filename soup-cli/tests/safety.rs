@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use soup_models::fixtures::ScratchDir;
+use soup_models::testkit::fixtures::ScratchDir;
 
 const DATA: &str = "/usr/share/datasets/fashion-mnist";
 const LIMIT: &str = "300";

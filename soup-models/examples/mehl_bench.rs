@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use soup_core::{run_mehl, Batch, Event, MehlConfig, ModelStore, Objective, ParamLayout};
-use soup_models::{kernels, Classification, Dataset};
+use soup_models::ops::cpu as kernels;
+use soup_models::{Classification, Dataset};
 
 #[global_allocator]
 static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;

@@ -70,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // θ ← θ − 1e-6·∇θ in place, as the PyTorch reference does (`p.sub_(g, alpha=1e-6)`).
         for v in &vars {
             if let Some(g) = grads.get(v.as_tensor()) {
-                soup_models::kernels::axpy_inplace(v.as_tensor(), -1e-6, g)?;
+                soup_models::ops::cpu::axpy_inplace(v.as_tensor(), -1e-6, g)?;
             }
         }
         let t3 = Instant::now();

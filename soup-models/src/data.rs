@@ -21,7 +21,7 @@ use soup_core::rng::{permutation, SplitMix64};
 
 use crate::arch::InputSpec;
 use crate::error::{ModelError, Result};
-use crate::objective::Dataset;
+use crate::train::objective::Dataset;
 
 /// Where the `fashion-mnist` data set name points (Debian package `dataset-fashion-mnist`).
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";

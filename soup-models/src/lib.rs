@@ -1,30 +1,32 @@
-//! soup-models: the model zoo side of soup. Architectures (trainable CLIP ViT classifiers, MLPs)
-//! registered by name, the classification objective, and checkpoints, implementing soup-core's
-//! `ModelStore` and `Objective` traits.
+//! soup-models: the model zoo side of soup, implementing soup-core's `ModelStore` and
+//! `Objective` traits. One folder per job:
+//!
+//! - `arch`: architectures registered by name (trainable CLIP ViT classifiers, MLPs);
+//! - `ops`: the operations models are built of (composed reference ops; `ops::cpu`, the fused
+//!   CPU kernels with hand-written backward passes);
+//! - `checkpoint`: reading and writing safetensors, sharded and Hugging Face directories,
+//!   PyTorch `.pt` files (`checkpoint::torch`), and the `FileStore` over a zoo of them;
+//! - `remote`: model sources (path, Hub, URL) and the one `fetch`;
+//! - `train`: the classification objective and fine-tuning;
+//! - `data`: labelled image data sets and their preprocessing;
+//! - `alloc` (huge-page allocator of soup's binaries) and `crash` (crash points for tests);
+//! - `testkit` (feature `testkit`, tests only): fixtures and the Hub stand-in.
 
 pub mod alloc;
 pub mod arch;
-pub mod error;
-pub mod finetune;
-pub mod fixtures;
-pub mod kernels;
-pub mod ops;
-
-pub use arch::{build, Architecture, InputSpec, REGISTRY};
-pub use error::{ModelError, Result};
 pub mod checkpoint;
 pub mod crash;
 pub mod data;
-#[cfg(feature = "hub")]
-pub mod hub;
-pub mod objective;
-pub mod pt;
-pub mod source;
-pub mod store;
-#[cfg(feature = "hub")]
-pub mod test_hub;
+pub mod error;
+pub mod ops;
+pub mod remote;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+pub mod train;
 
+pub use arch::{build, Architecture, InputSpec, REGISTRY};
+pub use checkpoint::store::FileStore;
 pub use checkpoint::Checkpoint;
-pub use objective::{Classification, Dataset};
-pub use source::{fetch, fetch_str, ModelSource, Resolved};
-pub use store::FileStore;
+pub use error::{ModelError, Result};
+pub use remote::{fetch, fetch_str, ModelSource, Resolved};
+pub use train::{Classification, Dataset};

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use soup_core::{ModelStore, ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::{write_model_dir, write_safetensors};
-use soup_models::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
+use soup_models::testkit::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
 use soup_models::{Architecture, Checkpoint, FileStore};
 
 fn bits(tensors: &[Tensor]) -> Vec<Vec<u32>> {
@@ -288,7 +288,7 @@ fn openai_pt_twin_loads_to_the_same_tensors_as_the_hf_directory() {
     let arch = ClipClassifier::new(config).unwrap();
     let params = random_zoo(&arch, 1, 3).unwrap().remove(0);
     let pt = dir.path().join("model_0.pt");
-    soup_models::fixtures::write_openai_pt(&pt, &arch, &params).unwrap();
+    soup_models::testkit::fixtures::write_openai_pt(&pt, &arch, &params).unwrap();
     let hf = dir.path().join("hf");
     write_hf_clip_dir(&hf, &arch, &params).unwrap();
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use candle_core::Device;
 use soup_models::arch::InputSpec;
 use soup_models::data::{prepare, DataSpec, Heldout, Split};
-use soup_models::fixtures::ScratchDir;
+use soup_models::testkit::fixtures::ScratchDir;
 
 fn idx_images(n: usize, h: usize, w: usize) -> Vec<u8> {
     let mut b = vec![0, 0, 8, 3];

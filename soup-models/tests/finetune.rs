@@ -8,8 +8,8 @@ use soup_core::rng::SplitMix64;
 use soup_core::{run_mehl, BlockCut, MehlConfig, Objective};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_model_dir;
-use soup_models::finetune::{augment, finetune, Augment, FinetuneConfig};
-use soup_models::fixtures::{tiny_clip_config, ScratchDir};
+use soup_models::testkit::fixtures::{tiny_clip_config, ScratchDir};
+use soup_models::train::finetune::{augment, finetune, Augment, FinetuneConfig};
 use soup_models::{Architecture, Checkpoint, Classification, Dataset, FileStore};
 
 /// 1-channel 16×16 images by texture, at a random phase, plus noise: horizontal stripes,

@@ -19,7 +19,7 @@ use soup_core::{ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_safetensors;
 use soup_models::data::{DataSpec, Split};
-use soup_models::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
+use soup_models::testkit::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
 use soup_models::{Architecture, Checkpoint};
 
 /// The system allocator, recording the largest single request while `WATCH` is set.
@@ -225,7 +225,7 @@ fn fixtures() -> &'static Fixtures {
         let hf = dir.path().join("hf");
         write_hf_clip_dir(&hf, &arch, &params).unwrap();
         let pt = dir.path().join("m.pt");
-        soup_models::fixtures::write_openai_pt(&pt, &arch, &params).unwrap();
+        soup_models::testkit::fixtures::write_openai_pt(&pt, &arch, &params).unwrap();
 
         // idx: 6 images of 4 × 4, labels 0..3.
         let mut idx_images = vec![0, 0, 8, 3, 0, 0, 0, 6, 0, 0, 0, 4, 0, 0, 0, 4];
@@ -543,14 +543,15 @@ fn an_openai_pt_with_a_scalar_conv1_is_an_error() {
     let (arch, params) = tiny();
     let dir = ScratchDir::new("hostile-conv");
     let mut tensors =
-        soup_models::pt::to_openai("model.visual.", 2, &named(&arch, &params)).unwrap();
+        soup_models::checkpoint::torch::to_openai("model.visual.", 2, &named(&arch, &params))
+            .unwrap();
     for (name, t) in tensors.iter_mut() {
         if name.ends_with("conv1.weight") {
             *t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
         }
     }
     let path = dir.path().join("m.pt");
-    soup_models::pt::write_torch_state_dict(&path, &tensors).unwrap();
+    soup_models::testkit::torch::write_torch_state_dict(&path, &tensors).unwrap();
     let err = Checkpoint::open(&path)
         .unwrap()
         .architecture()

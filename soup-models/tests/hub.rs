@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use soup_core::{ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_safetensors;
-use soup_models::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
-use soup_models::hub::{Hub, HubConfig};
-use soup_models::test_hub::{sha256, Behaviour, HubServer};
+use soup_models::remote::hub::{Hub, HubConfig};
+use soup_models::testkit::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
+use soup_models::testkit::hub::{sha256, Behaviour, HubServer};
 use soup_models::{Architecture, Checkpoint, ModelSource};
 
 const C1: &str = "1111111111111111111111111111111111111111";

@@ -5,7 +5,8 @@
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
 use soup_core::rng::SplitMix64;
-use soup_models::{kernels, ops, ops::reference};
+use soup_models::ops::cpu as kernels;
+use soup_models::{ops, ops::reference};
 
 fn random(rng: &mut SplitMix64, shape: &[usize], dtype: DType) -> Tensor {
     let n = shape.iter().product();

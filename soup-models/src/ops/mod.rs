@@ -1,12 +1,14 @@
 //! Differentiable building blocks. candle's fused `layer_norm` and `softmax_last_dim` have no
 //! backward and silently cut the graph (docs/STACK.md). On the CPU in f32/f64 these run the
-//! fused kernels of `kernels.rs` (hand-written backward passes); elsewhere, and as the
+//! fused kernels of `cpu` (hand-written backward passes); elsewhere, and as the
 //! references the kernels are tested against, the `reference` versions composed from candle ops
 //! that have a backward.
 
 use candle_core::{Result, Tensor, D};
 
-use crate::kernels;
+pub mod cpu;
+
+use cpu as kernels;
 
 /// LayerNorm over the last dimension: (x − mean) / √(var + eps) · weight + bias.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {

@@ -150,7 +150,11 @@ pub fn write_openai_pt(path: &Path, arch: &ClipClassifier, params: &[Tensor]) ->
         .zip(params)
         .map(|(s, t)| (s.name.clone(), t.clone()))
         .collect();
-    let mut tensors = crate::pt::to_openai("model.visual.", arch.config.num_hidden_layers, &named)?;
+    let mut tensors = crate::checkpoint::torch::to_openai(
+        "model.visual.",
+        arch.config.num_hidden_layers,
+        &named,
+    )?;
     let dev = Device::Cpu;
     tensors.push((
         "model.transformer.resblocks.0.attn.in_proj_weight".into(),
@@ -161,5 +165,5 @@ pub fn write_openai_pt(path: &Path, arch: &ClipClassifier, params: &[Tensor]) ->
         Tensor::ones((10, 8), DType::F32, &dev)?,
     ));
     tensors.push(("model.logit_scale".into(), Tensor::new(&[4.6052f32], &dev)?));
-    crate::pt::write_torch_state_dict(path, &tensors)
+    crate::testkit::torch::write_torch_state_dict(path, &tensors)
 }

@@ -26,7 +26,7 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use crate::checkpoint::{ignored, Checkpoint};
 use crate::error::{ModelError, Result};
-use crate::source::{ModelSource, Resolved};
+use crate::remote::source::{ModelSource, Resolved};
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The largest safetensors header read remotely (the format's own limit).
@@ -1044,7 +1044,7 @@ mod tests {
 
     #[test]
     fn etags_are_checked_as_sha256_or_git_sha1() {
-        let dir = crate::fixtures::ScratchDir::new("etag");
+        let dir = crate::testkit::fixtures::ScratchDir::new("etag");
         let path = dir.path().join("f");
         std::fs::write(&path, b"hello\n").unwrap();
         // `git hash-object` of "hello\n" and `sha256sum` of the same bytes.

@@ -12,8 +12,8 @@ use soup_core::StepSchedule;
 
 use crate::arch::Architecture;
 use crate::error::{ModelError, Result};
-use crate::objective::Dataset;
 use crate::ops::cross_entropy;
+use crate::train::objective::Dataset;
 
 /// Augmentations applied to each training mini-batch.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

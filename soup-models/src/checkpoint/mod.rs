@@ -15,10 +15,13 @@ use soup_core::ParamLayout;
 
 use candle_core::pickle::PthTensors;
 
+pub mod store;
+pub mod torch;
+
 use crate::arch::clip::{ClipClassifier, ClipVitConfig};
 use crate::arch::{build, Architecture};
 use crate::error::{ModelError, Result};
-use crate::pt::{openai_config, openai_layers, openai_mapping, openai_prefix, Source};
+use torch::{openai_config, openai_layers, openai_mapping, openai_prefix, Source};
 
 /// Metadata keys soup writes into safetensors headers.
 pub const META_ARCH: &str = "soup.arch";
@@ -346,7 +349,7 @@ impl Checkpoint {
             } => {
                 let source = sources.get(name).ok_or_else(|| self.missing(name))?;
                 if let Some(info) = pth.tensor_infos().get(source.name()) {
-                    crate::pt::check_tensor_fits(file, info)?;
+                    torch::check_tensor_fits(file, info)?;
                 }
                 let stored = contain(file, || {
                     pth.get(source.name()).map_err(|e| {
@@ -531,7 +534,7 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// A `torch.save` state dict: the OpenAI-CLIP layout is mapped to Hugging Face names, any other
 /// is taken by its own names.
 fn open_torch(file: &Path) -> Result<Backend> {
-    crate::pt::check_archive(file)?;
+    torch::check_archive(file)?;
     let pth = contain(file, || {
         PthTensors::new(file, None).map_err(|e| {
             ModelError::format(file, format!("not a readable PyTorch checkpoint ({e})"))

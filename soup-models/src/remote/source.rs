@@ -1,7 +1,6 @@
 //! Where a model comes from: a local path, a Hugging Face Hub repository or one file of it
 //! (`hf://org/name[@revision][:file]`), or an `http(s)://` URL with an optional sha256.
-//! Remote sources are fetched into the Hub cache by [`crate::hub`] (cargo feature `hub`);
-//! [`fetch`] turns any source into a local path plus its provenance.
+//! Parsing only: [`super::fetch`] turns a source into a local path plus its provenance.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -147,31 +146,6 @@ impl fmt::Display for ModelSource {
             ModelSource::Url { url, .. } => write!(f, "{url}"),
         }
     }
-}
-
-/// Fetches `source` (remote sources into the cache, with the settings of the environment; see
-/// [`crate::hub::HubConfig::from_env`]) and returns the local path to open.
-pub fn fetch(source: &ModelSource) -> Result<Resolved> {
-    match source {
-        ModelSource::Local(path) => Ok(Resolved {
-            source: source.to_string(),
-            path: path.clone(),
-            commit: None,
-            sha256: None,
-        }),
-        #[cfg(feature = "hub")]
-        remote => crate::hub::Hub::from_env()?.fetch(remote),
-        #[cfg(not(feature = "hub"))]
-        remote => Err(bad(
-            &remote.to_string(),
-            "this soup was built without the `hub` feature, so it cannot fetch remote models",
-        )),
-    }
-}
-
-/// Parses and fetches a source given as text.
-pub fn fetch_str(text: &str) -> Result<Resolved> {
-    fetch(&ModelSource::parse(text)?)
 }
 
 #[cfg(test)]

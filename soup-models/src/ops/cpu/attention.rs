@@ -1,0 +1,263 @@
+//! Multi-head self-attention on a packed (n, t, 3e) tensor [q | k | v]: per (image, head),
+//! P = softmax(scale · Q Kᵀ), O = P V, written into (n, t, e) with the heads side by side.
+//! The backward recomputes P (t × t per head, cheap) instead of storing it.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{data, matmul, Real, SharedMut};
+
+/// softmax(scale · Q Kᵀ) V per head, for `qkv` (n, t, 3e) holding q, k, v along the last
+/// dimension; returns (n, t, e) with head h in columns h·e/heads...
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (_, _, e3) = qkv.dims3()?;
+    if heads == 0 || !e3.is_multiple_of(3 * heads) {
+        bail!("attention: width {e3} is not 3 × a multiple of {heads} heads");
+    }
+    qkv.contiguous()?.apply_op1(Attention { heads, scale })
+}
+
+#[derive(Clone, Copy)]
+struct Attention {
+    heads: usize,
+    scale: f64,
+}
+
+/// Shapes of one attention call: images n, tokens t, width e, head width hd.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    n: usize,
+    t: usize,
+    e: usize,
+    hd: usize,
+}
+
+impl Attention {
+    fn dims(&self, l: &Layout) -> Result<AttnDims> {
+        let (n, t, e3) = l.shape().dims3()?;
+        let e = e3 / 3;
+        Ok(AttnDims {
+            n,
+            t,
+            e,
+            hd: e / self.heads,
+        })
+    }
+
+    /// P = softmax(scale · Q_h K_hᵀ) of image i, head h, into `p` (t × t).
+    fn probabilities<T: Real>(&self, qkv: &[T], d: AttnDims, i: usize, h: usize, p: &mut [T]) {
+        let AttnDims { t, e, hd, .. } = d;
+        let base = i * t * 3 * e + h * hd;
+        // SAFETY: p is t × t (the caller's buffer); Q_h and K_h are the t × hd columns of head
+        // h < heads of image i < n in qkv (n × t × 3e, hd · heads = e), read with row stride 3e.
+        unsafe {
+            matmul(
+                (t, t, hd),
+                (p.as_mut_ptr(), t, 1),
+                (qkv.as_ptr().add(base), 3 * e, 1),
+                (qkv.as_ptr().add(base + e), 1, 3 * e),
+                false,
+                (T::zero(), T::from_f64(self.scale)),
+                Parallelism::None,
+            );
+        }
+        for row in p.chunks_exact_mut(t) {
+            let max = row
+                .iter()
+                .copied()
+                .fold(row[0], |m, v| if v > m { v } else { m });
+            let mut sum = T::zero();
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = T::one() / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+
+    fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l)?;
+        let AttnDims { n, t, e, hd } = d;
+        let qkv = data::<T>(s, l, "attention")?;
+        let mut out = vec![T::zero(); n * t * e];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..n * self.heads).into_par_iter().for_each_init(
+            || vec![T::zero(); t * t],
+            |p, task| {
+                let (i, h) = (task / self.heads, task % self.heads);
+                self.probabilities(qkv, d, i, h, p);
+                // O_h (t × hd) = P (t × t) · V_h (t × hd); each task writes its own columns.
+                // SAFETY: the destination is columns h·hd..(h+1)·hd of image i's rows of `out`
+                // (n × t × e): no other task writes them; V_h lies inside qkv as in
+                // `probabilities`, and p is this task's own t × t buffer.
+                unsafe {
+                    matmul(
+                        (t, hd, t),
+                        (dst.at(i * t * e + h * hd), e, 1),
+                        (p.as_ptr(), t, 1),
+                        (qkv.as_ptr().add(i * t * 3 * e + 2 * e + h * hd), 3 * e, 1),
+                        false,
+                        (T::zero(), T::one()),
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((T::to_cpu_storage_owned(out), Shape::from((n, t, e))))
+    }
+
+    fn bwd_kernel<T: Real>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1)?;
+        let AttnDims { n, t, e, hd } = d;
+        let qkv = data::<T>(s1, l1, "attention")?;
+        let dout = data::<T>(s2, l2, "attention")?;
+        if dout.len() != n * t * e {
+            bail!("attention backward: the gradient has shape {:?}", l2.dims());
+        }
+        let scale = T::from_f64(self.scale);
+        let mut g = vec![T::zero(); n * t * 3 * e];
+        let dst = SharedMut(g.as_mut_ptr());
+        (0..n * self.heads).into_par_iter().for_each_init(
+            || (vec![T::zero(); t * t], vec![T::zero(); t * t]),
+            |(p, dp), task| {
+                let (i, h) = (task / self.heads, task % self.heads);
+                self.probabilities(qkv, d, i, h, p);
+                let base = i * t * 3 * e + h * hd;
+                // SAFETY: base + 2e + hd ≤ (i + 1)·t·3e: the three offsets lie inside qkv.
+                let (q, k, v) = unsafe {
+                    (
+                        qkv.as_ptr().add(base),
+                        qkv.as_ptr().add(base + e),
+                        qkv.as_ptr().add(base + 2 * e),
+                    )
+                };
+                // SAFETY: dout holds n × t × e elements (checked above); i < n, h·hd < e.
+                let d_o = unsafe { dout.as_ptr().add(i * t * e + h * hd) };
+                // SAFETY: dV is head h's columns of image i's rows of g (n × t × 3e), written by
+                // this task only; p and dp are its own t × t buffers; dO and V lie inside their
+                // buffers as shown above.
+                unsafe {
+                    // dV (t × hd) = Pᵀ · dO
+                    matmul(
+                        (t, hd, t),
+                        (dst.at(base + 2 * e), 3 * e, 1),
+                        (p.as_ptr(), 1, t),
+                        (d_o, e, 1),
+                        false,
+                        (T::zero(), T::one()),
+                        Parallelism::None,
+                    );
+                    // dP (t × t) = dO · Vᵀ
+                    matmul(
+                        (t, t, hd),
+                        (dp.as_mut_ptr(), t, 1),
+                        (d_o, e, 1),
+                        (v, 1, 3 * e),
+                        false,
+                        (T::zero(), T::one()),
+                        Parallelism::None,
+                    );
+                }
+                // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
+                for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    let mut dot = T::zero();
+                    for (&a, &b) in dpr.iter().zip(pr) {
+                        dot += a * b;
+                    }
+                    for (a, &b) in dpr.iter_mut().zip(pr) {
+                        *a = scale * b * (*a - dot);
+                    }
+                }
+                // SAFETY: dQ and dK are head h's columns of image i's rows of g, this task's
+                // alone; dp is its t × t buffer; K and Q lie inside qkv as shown above.
+                unsafe {
+                    // dQ (t × hd) = dS · K
+                    matmul(
+                        (t, hd, t),
+                        (dst.at(base), 3 * e, 1),
+                        (dp.as_ptr(), t, 1),
+                        (k, 3 * e, 1),
+                        false,
+                        (T::zero(), T::one()),
+                        Parallelism::None,
+                    );
+                    // dK (t × hd) = dSᵀ · Q
+                    matmul(
+                        (t, hd, t),
+                        (dst.at(base + e), 3 * e, 1),
+                        (dp.as_ptr(), 1, t),
+                        (q, 3 * e, 1),
+                        false,
+                        (T::zero(), T::one()),
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((T::to_cpu_storage_owned(g), l1.shape().clone()))
+    }
+}
+
+fn attention_fwd<T: Real>(
+    op: &Attention,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    op.fwd::<T>(s, l)
+}
+
+fn attention_bwd<T: Real>(
+    op: &Attention,
+    a: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    op.bwd_kernel::<T>(a, b)
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "soup-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s, "attention", attention_fwd(self, s, l))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2_no_bwd(
+            &dout.contiguous()?,
+            &AttentionBwd(*self),
+        )?))
+    }
+}
+
+/// (qkv, dO) → d qkv.
+struct AttentionBwd(Attention);
+
+impl CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "soup-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1,
+            "attention backward",
+            attention_bwd(&self.0, (s1, l1), (s2, l2))
+        )
+    }
+}

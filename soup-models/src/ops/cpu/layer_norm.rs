@@ -1,0 +1,197 @@
+//! LayerNorm over the last dimension: y = (x − μ)/√(σ² + ε) · w + b.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{data, rows_per_task, Real};
+
+/// LayerNorm of x over its last dimension, with weight and bias of that length.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
+}
+
+struct LayerNorm {
+    eps: f64,
+}
+
+/// μ and 1/√(σ² + ε) of one row (two passes, as the composed reference).
+fn moments<T: Real>(row: &[T], eps: f64) -> (T, T) {
+    let d = T::from_f64(row.len() as f64);
+    let mut sum = T::zero();
+    for &v in row {
+        sum += v;
+    }
+    let mean = sum / d;
+    let mut sq = T::zero();
+    for &v in row {
+        let c = v - mean;
+        sq += c * c;
+    }
+    let rstd = T::one() / (sq / d + T::from_f64(eps)).sqrt();
+    (mean, rstd)
+}
+
+fn layer_norm_fwd<T: Real>(
+    eps: f64,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let d = l1.dims().last().copied().unwrap_or(0);
+    if d == 0 || l2.shape().elem_count() != d || l3.shape().elem_count() != d {
+        bail!(
+            "layer_norm: input {:?} and weight {:?}",
+            l1.dims(),
+            l2.dims()
+        );
+    }
+    let (x, w, b) = (
+        data::<T>(s1, l1, "layer_norm")?,
+        data::<T>(s2, l2, "layer_norm")?,
+        data::<T>(s3, l3, "layer_norm")?,
+    );
+    let mut y = vec![T::zero(); x.len()];
+    let chunk = rows_per_task(d) * d;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let (mean, rstd) = moments(xr, eps);
+                for j in 0..d {
+                    yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+                }
+            }
+        });
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "soup-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1,
+            "layer_norm",
+            layer_norm_fwd(self.eps, (s1, l1), (s2, l2), (s3, l3))
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let d = w.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + d, d)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (x, w, dy) → [dx | dw | db]: with x̂ = (x − μ)·r and g = dy·w,
+/// dx = r·(g − mean(g) − x̂·mean(g·x̂)), dw = Σ_rows dy·x̂, db = Σ_rows dy.
+struct LayerNormBwd {
+    eps: f64,
+}
+
+fn layer_norm_bwd<T: Real>(
+    eps: f64,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let d = l2.shape().elem_count();
+    let (x, w, dy) = (
+        data::<T>(s1, l1, "layer_norm")?,
+        data::<T>(s2, l2, "layer_norm")?,
+        data::<T>(s3, l3, "layer_norm")?,
+    );
+    if dy.len() != x.len() {
+        bail!(
+            "layer_norm backward: the gradient has shape {:?}",
+            l3.dims()
+        );
+    }
+    let n = x.len();
+    let mut g = vec![T::zero(); n + 2 * d];
+    let (dx, dwb) = g.split_at_mut(n);
+    let chunk = rows_per_task(d) * d;
+    let inv_d = T::from_f64(1.0 / d as f64);
+    // Each task returns its partial [dw | db]; the partials are summed in task order.
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .map(|(dxc, (xc, dyc))| {
+            let mut part = vec![T::zero(); 2 * d];
+            let (pw, pb) = part.split_at_mut(d);
+            let mut xhat = vec![T::zero(); d];
+            for ((dxr, xr), dyr) in dxc
+                .chunks_exact_mut(d)
+                .zip(xc.chunks_exact(d))
+                .zip(dyc.chunks_exact(d))
+            {
+                let (mean, rstd) = moments(xr, eps);
+                let (mut mg, mut mgx) = (T::zero(), T::zero());
+                for j in 0..d {
+                    xhat[j] = (xr[j] - mean) * rstd;
+                    let gj = dyr[j] * w[j];
+                    mg += gj;
+                    mgx += gj * xhat[j];
+                    pw[j] += dyr[j] * xhat[j];
+                    pb[j] += dyr[j];
+                }
+                mg *= inv_d;
+                mgx *= inv_d;
+                for j in 0..d {
+                    dxr[j] = rstd * (dyr[j] * w[j] - mg - xhat[j] * mgx);
+                }
+            }
+            part
+        })
+        .collect();
+    for part in partials {
+        for (a, v) in dwb.iter_mut().zip(part) {
+            *a += v;
+        }
+    }
+    Ok((T::to_cpu_storage_owned(g), Shape::from(n + 2 * d)))
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "soup-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1,
+            "layer_norm backward",
+            layer_norm_bwd(self.eps, (s1, l1), (s2, l2), (s3, l3))
+        )
+    }
+}

@@ -1,0 +1,223 @@
+//! Fused CPU kernels with hand-written backward passes, as candle custom ops: linear (x Wᵀ + b),
+//! LayerNorm, quick-GELU and multi-head attention over a packed q|k|v tensor.
+//!
+//! Why: candle's autograd builds every gradient as `zeros + add` per graph node, runs most
+//! element-wise ops on one thread, and the weight gradient of `x.matmul(&w.t())` arrives
+//! transposed (a strided add). One node per layer operation, with backward passes that write
+//! contiguous results, multi-threaded with rayon, removes most of that (BENCHMARKS.md).
+//!
+//! Every op takes contiguous f32 or f64 tensors on the CPU ([`supported`]); `ops.rs` falls back to
+//! the composed reference ops elsewhere. Each is tested against those references (values and
+//! gradients) in `tests/kernels.rs`.
+
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Whether the fused kernels handle `t` (CPU, f32 or f64).
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The float types of the kernels.
+pub trait Real: WithDType + std::ops::Neg<Output = Self> {
+    /// e^x: for f32 [`exp_f32`] (vectorisable, relative error below 3e-7), for f64 the libm one.
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+}
+
+/// e^x in f32 without a libm call, so that loops over it vectorise (Cephes' expf: x = n·ln 2 + r,
+/// |r| ≤ ln 2 / 2, e^r by a degree-7 polynomial; the rounding of x·log2(e) to n uses the 1.5·2²³
+/// trick, which needs no SSE4.1). Relative error below 3e-7 on [−87, 88]; inputs are clamped
+/// there (e^−87 ≈ 1.6e−38, e^88 ≈ 1.7e38), NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// The contiguous data of a storage/layout pair.
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => bail!("{op}: the input is not contiguous"),
+    }
+}
+
+/// Calls `$f::<T>` for the dtype of a storage (f32 or f64).
+macro_rules! dispatch {
+    ($storage:expr, $op:expr, $f:ident ( $($arg:expr),* )) => {
+        match $storage {
+            CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            _ => bail!("{}: only f32 and f64 are supported", $op),
+        }
+    };
+}
+
+// One file per fused kernel; each uses the helpers above (declared after `dispatch!`,
+// which they need in scope).
+mod attention;
+mod gelu;
+mod layer_norm;
+mod linear;
+
+pub use attention::attention;
+pub use gelu::quick_gelu;
+pub use layer_norm::layer_norm;
+pub use linear::linear;
+
+/// Threads for the large matrix products: candle's own setting (RAYON_NUM_THREADS or the cores).
+fn parallelism() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// Rows per parallel task so that each task gets about 64 K elements (at least one row).
+fn rows_per_task(row_len: usize) -> usize {
+    (65_536 / row_len.max(1)).max(1)
+}
+
+/// A raw pointer that parallel tasks may share: each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: the wrapped pointer is only written through `at` by parallel tasks that each write a
+// disjoint range of one buffer, which outlives the parallel loop; the values are `Send`.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as for `Send`: no two tasks touch the same element, so sharing the pointer is sound.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer, `offset` elements on (a method, so closures capture the Sync wrapper).
+    ///
+    /// # Safety
+    /// `offset` must stay within the buffer the pointer was taken from.
+    unsafe fn at(self, offset: usize) -> *mut T {
+        self.0.add(offset)
+    }
+}
+
+/// dst (m × n, row stride dst_rs) = alpha·dst + beta·lhs·rhs, with every operand given by its
+/// pointer, row stride and column stride.
+///
+/// # Safety
+/// Each pointer with its strides must address valid elements of an m × n (dst), m × k (lhs) and
+/// k × n (rhs) matrix for the whole call; dst must not overlap lhs or rhs, and no other thread
+/// may touch the elements of dst meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: 'static>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    read_dst: bool,
+    (alpha, beta): (T, T),
+    parallelism: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        read_dst,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-place y ← y + a·x (a plain SGD update without a new tensor).
+
+/// y ← y + a·x in place, for contiguous y and x of the same shape. Not differentiable.
+pub fn axpy_inplace(y: &Tensor, a: f64, x: &Tensor) -> Result<()> {
+    if y.shape() != x.shape() || !y.is_contiguous() {
+        bail!("axpy: y {:?} (contiguous) and x {:?}", y.dims(), x.dims());
+    }
+    y.inplace_op2(&x.contiguous()?, &Axpy { a })
+}
+
+struct Axpy {
+    a: f64,
+}
+
+fn axpy_slices<T: Real>(y: &mut [T], x: &[T], a: f64) {
+    let a = T::from_f64(a);
+    y.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536))
+        .for_each(|(yc, xc)| {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                *y += a * x;
+            }
+        });
+}
+
+impl candle_core::InplaceOp2 for Axpy {
+    fn name(&self) -> &'static str {
+        "soup-axpy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (a, b) = match l1.contiguous_offsets() {
+            Some(r) => r,
+            None => bail!("axpy: y is not contiguous"),
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(_)) => {
+                axpy_slices(&mut y[a..b], data::<f32>(s2, l2, "axpy")?, self.a)
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(_)) => {
+                axpy_slices(&mut y[a..b], data::<f64>(s2, l2, "axpy")?, self.a)
+            }
+            _ => bail!("axpy: only f32 and f64 of one dtype are supported"),
+        }
+        Ok(())
+    }
+}

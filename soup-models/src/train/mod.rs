@@ -1,0 +1,6 @@
+//! Training: the classification objective soups and fine-tuning minimise, and fine-tuning itself.
+
+pub mod finetune;
+pub mod objective;
+
+pub use objective::{Classification, Dataset};
