@@ -11,8 +11,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::{
-    greedy_soup, learned_soup, resume_mehl_on, uniform_soup_on, BatchEval, Collective, Event,
-    MehlProgress, Metrics, ModelStore, Objective, SoupResult, StepRecord, TensorSpec,
+    greedy_soup, learned_soup, run_mehl, uniform_soup_on, BatchEval, Collective, Event,
+    MehlOptions, MehlProgress, Metrics, ModelStore, Objective, SoupResult, StepRecord, TensorSpec,
 };
 use soup_models::checkpoint::{arch_metadata, atomic_write, hf_config_text, write_safetensors};
 use soup_models::data::Split;
@@ -292,20 +292,18 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
                 bar.set_position((p.model_batches_done * steps_per_batch) as u64);
             }
             let mut save_error = None;
-            let result = resume_mehl_on(
+            let result = run_mehl(
                 &store,
                 &mut objective,
                 &config,
-                progress,
-                comm,
-                &mut |e| match e {
+                MehlOptions::new(&mut |e| match e {
                     Event::Step { record, .. } => {
                         bar.inc(1);
                         bar.set_prefix(format!("loss {:.4}", record.loss));
                     }
-                    Event::BatchEnd { resume, .. } => {
+                    Event::BatchEnd { progress, .. } => {
                         if rank == 0 {
-                            if let Err(e) = save_progress(&partial, &recipe, &names, resume) {
+                            if let Err(e) = save_progress(&partial, &recipe, &names, progress) {
                                 save_error.get_or_insert(e);
                             }
                         }
@@ -313,7 +311,9 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
                     Event::BatchStart { hyperplane, .. } => {
                         max_rows = max_rows.max(hyperplane.batch_len());
                     }
-                },
+                })
+                .resume(progress)
+                .on(comm),
             );
             bar.finish_and_clear();
             if let Some(e) = save_error {

@@ -26,9 +26,7 @@ pub use baselines::{
 pub use error::{Result, SoupError};
 pub use hyperplane::Hyperplane;
 pub use layout::{from_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
-pub use mehl::{
-    epoch_seed, resume_mehl, resume_mehl_on, run_mehl, share, Event, MehlConfig, MehlProgress,
-};
+pub use mehl::{epoch_seed, run_mehl, share, Event, MehlConfig, MehlOptions, MehlProgress};
 pub use optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
 pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 pub use schedule::StepSchedule;

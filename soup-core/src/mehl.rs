@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use crate::error::{Result, SoupError};
 use crate::hyperplane::Hyperplane;
-use crate::layout::{from_blocks, to_blocks, BlockCut};
+use crate::layout::{from_blocks, to_blocks, Block, BlockCut, ParamLayout};
 use crate::optim::{clip_coefficient, global_norm, Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::{derive_seed, permutation};
@@ -163,13 +163,13 @@ pub enum Event<'a> {
         record: &'a StepRecord,
         hyperplane: &'a Hyperplane,
     },
-    /// A model batch ended; `metrics` when the held-out data was evaluated. `resume` is the state
-    /// from which [`resume_mehl`] continues the run after this batch.
+    /// A model batch ended; `metrics` when the held-out data was evaluated. `progress` is the
+    /// state from which [`run_mehl`] continues the run after this batch ([`MehlOptions::resume`]).
     BatchEnd {
         model_batch: usize,
         hyperplane: &'a Hyperplane,
         metrics: Option<Metrics>,
-        resume: &'a MehlProgress,
+        progress: &'a MehlProgress,
     },
 }
 
@@ -194,29 +194,39 @@ pub struct MehlProgress {
 /// units (directions have unit norm, so X moves θ by this distance).
 pub const SECANT_STEP: f64 = 1e-2;
 
-/// Runs MEHL-Soup (or MEHL-Soup+, by the block cut) over the models of `store`, learning the
-/// coefficients on `objective`'s held-out data. At most `model_batch` directions and one loaded
-/// model are resident at any time.
-pub fn run_mehl(
-    store: &dyn ModelStore,
-    objective: &mut dyn Objective,
-    config: &MehlConfig,
-    observer: &mut dyn FnMut(&Event),
-) -> Result<SoupResult> {
-    resume_mehl(store, objective, config, None, observer)
+/// How a MEHL run is driven beyond its configuration: where it starts, over which processes,
+/// and who watches it.
+pub struct MehlOptions<'a> {
+    /// Continue from this state: the `progress` of a [`Event::BatchEnd`] of an earlier run with
+    /// the same store, objective and configuration. `None` starts afresh.
+    pub progress: Option<MehlProgress>,
+    /// The processes the run is shared over (spec §3.7): [`SingleProcess`] by default.
+    pub comm: &'a dyn Collective,
+    /// Sees every [`Event`] (progress display, saving progress, tests of the invariants).
+    pub observer: &'a mut dyn FnMut(&Event),
 }
 
-/// [`run_mehl`], continuing from `progress` (reported by an earlier run's `BatchEnd` event with
-/// the same store, objective and configuration) when given. Timings and the memory account cover
-/// the part of the run done by this call.
-pub fn resume_mehl(
-    store: &dyn ModelStore,
-    objective: &mut dyn Objective,
-    config: &MehlConfig,
-    progress: Option<MehlProgress>,
-    observer: &mut dyn FnMut(&Event),
-) -> Result<SoupResult> {
-    resume_mehl_on(store, objective, config, progress, &SingleProcess, observer)
+impl<'a> MehlOptions<'a> {
+    /// A fresh run in one process, reporting to `observer`.
+    pub fn new(observer: &'a mut dyn FnMut(&Event)) -> Self {
+        Self {
+            progress: None,
+            comm: &SingleProcess,
+            observer,
+        }
+    }
+
+    /// The run continued from `progress`, when given.
+    pub fn resume(mut self, progress: Option<MehlProgress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// The run as one of `comm.world_size()` processes.
+    pub fn on(mut self, comm: &'a dyn Collective) -> Self {
+        self.comm = comm;
+        self
+    }
 }
 
 /// The models of a model batch that rank `rank` of `world` holds: a contiguous share of
@@ -227,54 +237,50 @@ pub fn share(members: &[usize], rank: usize, world: usize) -> &[usize] {
     &members[start..(start + k).min(members.len())]
 }
 
-/// [`resume_mehl`] as one of `comm.world_size()` processes (spec §3.7). Every process runs this
-/// with the same arguments; each loads only its [`share`] of every model batch (its directions
-/// and rows of X) and its shard of every data mini-batch (see [`Objective::set_shard`]). Per step,
-/// θ − c and ∇θ are summed over the processes; the first center is the summed mean. Every process
-/// returns the same soup and α, equal to the one-process run's up to rounding.
-pub fn resume_mehl_on(
+/// Runs MEHL-Soup (or MEHL-Soup+, by the block cut) over the models of `store`, learning the
+/// coefficients on `objective`'s held-out data by block coordinate descent over model batches
+/// (spec §3.5). At most `model_batch` directions and one loaded model are resident at any time.
+///
+/// `options` may continue an earlier run from its saved progress (timings and the memory account
+/// then cover the part of the run done by this call), and may run it as one of several processes
+/// (spec §3.7): every process runs this with the same arguments; each loads only its [`share`]
+/// of every model batch (its directions and rows of X) and its shard of every data mini-batch
+/// (see [`Objective::set_shard`]). Per step, θ − c and ∇θ are summed over the processes; the
+/// first center is the summed mean. Every process returns the same soup and α, equal to the
+/// one-process run's up to rounding.
+pub fn run_mehl(
     store: &dyn ModelStore,
     objective: &mut dyn Objective,
     config: &MehlConfig,
-    progress: Option<MehlProgress>,
-    comm: &dyn Collective,
-    observer: &mut dyn FnMut(&Event),
+    options: MehlOptions,
 ) -> Result<SoupResult> {
     config.validate()?;
+    let MehlOptions {
+        progress,
+        comm,
+        observer,
+    } = options;
     let (rank, world) = (comm.rank(), comm.world_size());
     if world > 1 {
         objective.set_shard(rank, world)?;
     }
     let zoo = Zoo::open(store)?;
+    let mut run = Run::new(config, comm, &zoo, objective.num_batches())?;
     let n = zoo.len();
-    let num_batches = objective.num_batches();
-    if num_batches == 0 {
-        return Err(SoupError::NoData);
-    }
-    let layout = zoo.layout.clone();
-    let blocks = config.block_cut.blocks(&layout)?;
-    let b = config.model_batch.min(n);
-    let steps = config.inner_epochs * num_batches; // S per model batch
-    let total_steps = config.outer_passes * n.div_ceil(b) * steps; // T of spec §3.6
-
-    let mut timings = Timings::default();
-    let mut memory = MemoryAccount::default();
-    let mut history = Vec::with_capacity(total_steps);
-    let mut evaluations = Vec::new();
     // The current soup as block vectors and its α; None before the first model batch.
     let mut soup: Option<(Vec<Tensor>, Vec<Vec<f64>>)> = None;
-    let mut model_batch = 0;
-    let mut global_step = 0;
     let mut done = 0;
     if let Some(p) = progress {
-        check_progress(&p, &blocks, n)?;
+        check_progress(&p, &run.blocks, n)?;
         done = p.model_batches_done;
-        global_step = p.global_step;
-        history = p.history;
-        evaluations = p.evaluations;
+        run.global_step = p.global_step;
+        run.history = p.history;
+        run.evaluations = p.evaluations;
         soup = Some((p.soup_blocks, p.alpha));
     }
 
+    let b = config.model_batch.min(n);
+    let mut model_batch = 0;
     for outer_pass in 0..config.outer_passes {
         let order = permutation(n, derive_seed(config.seed, &[0, outer_pass as u64]));
         for members in order.chunks(b) {
@@ -282,163 +288,19 @@ pub fn resume_mehl_on(
                 model_batch += 1;
                 continue;
             }
-            let started = Instant::now();
-            let mine = share(members, rank, world);
-            let (center, gamma) = match soup.take() {
-                Some(s) => s,
-                None => {
-                    // The first model batch starts at the uniform soup of its models.
-                    let mean = if world == 1 {
-                        zoo.mean(members)?
-                    } else {
-                        scale(&zoo.sum_over(mine, comm)?, 1.0 / members.len() as f64)?
-                    };
-                    memory = memory.peak(MemoryAccount {
-                        models: 2 * bytes_of(&mean),
-                        ..Default::default()
-                    });
-                    let mut gamma = vec![vec![0.0; n]; blocks.len()];
-                    for row in &mut gamma {
-                        for &j in members {
-                            row[j] = 1.0 / members.len() as f64;
-                        }
-                    }
-                    (to_blocks(&mean, &blocks)?, gamma)
-                }
-            };
-            let mut hp = Hyperplane::new_part(
-                layout.clone(),
-                blocks.clone(),
-                center,
-                gamma,
-                mine.to_vec(),
-                members.len(),
-                |j| zoo.load(j),
-            )?;
-            timings.add("load", started);
-            let model_bytes = hp.center_bytes();
-            memory = memory
-                .peak(MemoryAccount {
-                    models: model_bytes,
-                    directions: hp.direction_bytes(),
-                    center: model_bytes,
-                    ..Default::default()
-                })
-                .peak(MemoryAccount {
-                    directions: hp.direction_bytes(),
-                    center: model_bytes,
-                    theta: model_bytes,
-                    gradient: model_bytes,
-                    ..Default::default()
-                });
+            let mut hp = run.start_batch(members, soup.take())?;
             observer(&Event::BatchStart {
                 outer_pass,
                 model_batch,
                 hyperplane: &hp,
             });
-
-            let started = Instant::now();
-            let first_batch = Batch {
-                epoch_seed: epoch_seed(config.seed, outer_pass, model_batch, 0),
-                index: 0,
-            };
-            let eta = match config.schedule {
-                StepSchedule::ConvergenceRate { smoothness, scale } => {
-                    let beta = match smoothness {
-                        Some(beta) => beta,
-                        None => estimate_smoothness(&mut hp, objective, first_batch, comm)?,
-                    };
-                    StepSchedule::convergence_rate(beta, scale, total_steps)
-                }
-                _ => config.lr,
-            };
-            let mut optimizer = Optimizer::new(config.optimizer, hp.x.len());
-            memory = memory.peak(MemoryAccount {
-                coefficients: hp.coefficient_bytes() + optimizer.state_bytes(),
-                ..Default::default()
-            });
-            let mut theta = from_blocks(hp.center(), &blocks, &layout)?;
-            for epoch in 0..config.inner_epochs {
-                let seed = epoch_seed(config.seed, outer_pass, model_batch, epoch);
-                for index in 0..num_batches {
-                    let step = epoch * num_batches + index;
-                    let lr = config.schedule.lr(eta, step, steps);
-                    let batch = Batch {
-                        epoch_seed: seed,
-                        index,
-                    };
-                    let (loss, grad) = loss_and_grad(objective, &theta, batch, comm)?;
-                    let non_finite = |what| SoupError::NonFinite {
-                        what,
-                        step,
-                        model_batch,
-                    };
-                    if !loss.is_finite() {
-                        return Err(non_finite("loss"));
-                    }
-                    let grad_norm = global_norm(&grad)?;
-                    if !grad_norm.is_finite() {
-                        return Err(non_finite("gradient"));
-                    }
-                    let mut grad_x = hp.project(&grad)?;
-                    // Clipping ∇θ to a global norm scales its projection by the same factor
-                    // (torch's clip_grad_norm_ coefficient), without a pass over ∇θ.
-                    if let Some(max) = config.clip_grad_norm {
-                        let coef = clip_coefficient(grad_norm, max);
-                        if coef < 1.0 {
-                            grad_x.iter_mut().for_each(|v| *v *= coef);
-                        }
-                    }
-                    optimizer.step(&mut hp.x, &grad_x, lr, config.weight_decay);
-                    theta = theta_params(&hp, comm, theta)?;
-                    let record = StepRecord {
-                        outer_pass,
-                        model_batch,
-                        step,
-                        global_step,
-                        loss,
-                        lr,
-                        grad_norm,
-                    };
-                    history.push(record);
-                    global_step += 1;
-                    observer(&Event::Step {
-                        record: &record,
-                        hyperplane: &hp,
-                    });
-                }
-            }
-            timings.add("steps", started);
-
-            let metrics = if config.evaluate_each_model_batch {
-                let started = Instant::now();
-                let m = evaluate(objective, &theta, comm)?;
-                timings.add("evaluate", started);
-                evaluations.push(BatchEval {
-                    model_batch,
-                    global_step,
-                    metrics: m,
-                });
-                Some(m)
-            } else {
-                None
-            };
-            let progress = MehlProgress {
-                model_batches_done: model_batch + 1,
-                global_step,
-                soup_blocks: to_blocks(&theta, &blocks)?
-                    .iter()
-                    .map(Tensor::detach)
-                    .collect(),
-                alpha: alpha_of(&hp, comm)?,
-                history: history.clone(),
-                evaluations: evaluations.clone(),
-            };
+            let theta = run.train_batch(&mut hp, objective, outer_pass, model_batch, observer)?;
+            let (progress, metrics) = run.end_batch(&hp, &theta, objective, model_batch)?;
             observer(&Event::BatchEnd {
                 model_batch,
                 hyperplane: &hp,
                 metrics,
-                resume: &progress,
+                progress: &progress,
             });
             soup = Some((progress.soup_blocks, progress.alpha));
             model_batch += 1;
@@ -452,27 +314,269 @@ pub fn resume_mehl_on(
             "the saved run has more model batches than this configuration",
         ));
     };
-    Ok(SoupResult {
-        method: if config.block_cut == BlockCut::WHOLE {
-            "mehl"
-        } else {
-            "mehl+"
+    run.finish(soup_blocks, alpha)
+}
+
+/// A run's state across model batches: the zoo and its blocks, the step counts of the schedule,
+/// and what the run has recorded so far.
+struct Run<'a> {
+    config: &'a MehlConfig,
+    comm: &'a dyn Collective,
+    zoo: &'a Zoo<'a>,
+    layout: ParamLayout,
+    blocks: Vec<Block>,
+    /// Data mini-batches per inner epoch.
+    num_batches: usize,
+    /// S: steps per model batch.
+    steps: usize,
+    /// T: steps of the whole run (spec §3.6).
+    total_steps: usize,
+    global_step: usize,
+    history: Vec<StepRecord>,
+    evaluations: Vec<BatchEval>,
+    timings: Timings,
+    memory: MemoryAccount,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        config: &'a MehlConfig,
+        comm: &'a dyn Collective,
+        zoo: &'a Zoo<'a>,
+        num_batches: usize,
+    ) -> Result<Self> {
+        if num_batches == 0 {
+            return Err(SoupError::NoData);
         }
-        .to_string(),
-        model_names: zoo.names.clone(),
-        soup: from_blocks(&soup_blocks, &blocks, &layout)?,
-        layout,
-        blocks,
-        alpha,
-        history,
-        evaluations,
-        timings,
-        memory,
-    })
+        let n = zoo.len();
+        let layout = zoo.layout.clone();
+        let blocks = config.block_cut.blocks(&layout)?;
+        let b = config.model_batch.min(n);
+        let steps = config.inner_epochs * num_batches;
+        let total_steps = config.outer_passes * n.div_ceil(b) * steps;
+        Ok(Self {
+            config,
+            comm,
+            zoo,
+            layout,
+            blocks,
+            num_batches,
+            steps,
+            total_steps,
+            global_step: 0,
+            history: Vec::with_capacity(total_steps),
+            evaluations: Vec::new(),
+            timings: Timings::default(),
+            memory: MemoryAccount::default(),
+        })
+    }
+
+    /// The hyperplane of model batch `members` through the current soup (or, for the first
+    /// batch, through the uniform soup of its models), with X = 0.
+    fn start_batch(
+        &mut self,
+        members: &[usize],
+        soup: Option<(Vec<Tensor>, Vec<Vec<f64>>)>,
+    ) -> Result<Hyperplane> {
+        let started = Instant::now();
+        let comm = self.comm;
+        let mine = share(members, comm.rank(), comm.world_size());
+        let (center, gamma) = match soup {
+            Some(s) => s,
+            None => {
+                // The first model batch starts at the uniform soup of its models.
+                let mean = if comm.world_size() == 1 {
+                    self.zoo.mean(members)?
+                } else {
+                    scale(&self.zoo.sum_over(mine, comm)?, 1.0 / members.len() as f64)?
+                };
+                self.memory = self.memory.peak(MemoryAccount {
+                    models: 2 * bytes_of(&mean),
+                    ..Default::default()
+                });
+                let mut gamma = vec![vec![0.0; self.zoo.len()]; self.blocks.len()];
+                for row in &mut gamma {
+                    for &j in members {
+                        row[j] = 1.0 / members.len() as f64;
+                    }
+                }
+                (to_blocks(&mean, &self.blocks)?, gamma)
+            }
+        };
+        let hp = Hyperplane::new_part(
+            self.layout.clone(),
+            self.blocks.clone(),
+            center,
+            gamma,
+            mine.to_vec(),
+            members.len(),
+            |j| self.zoo.load(j),
+        )?;
+        self.timings.add("load", started);
+        let model_bytes = hp.center_bytes();
+        self.memory = self
+            .memory
+            .peak(MemoryAccount {
+                models: model_bytes,
+                directions: hp.direction_bytes(),
+                center: model_bytes,
+                ..Default::default()
+            })
+            .peak(MemoryAccount {
+                directions: hp.direction_bytes(),
+                center: model_bytes,
+                theta: model_bytes,
+                gradient: model_bytes,
+                ..Default::default()
+            });
+        Ok(hp)
+    }
+
+    /// E_in epochs of coefficient steps on `hp` (spec §3.5); returns θ after the last step.
+    fn train_batch(
+        &mut self,
+        hp: &mut Hyperplane,
+        objective: &mut dyn Objective,
+        outer_pass: usize,
+        model_batch: usize,
+        observer: &mut dyn FnMut(&Event),
+    ) -> Result<Vec<Tensor>> {
+        let (config, comm) = (self.config, self.comm);
+        let started = Instant::now();
+        let first_batch = Batch {
+            epoch_seed: epoch_seed(config.seed, outer_pass, model_batch, 0),
+            index: 0,
+        };
+        let eta = match config.schedule {
+            StepSchedule::ConvergenceRate { smoothness, scale } => {
+                let beta = match smoothness {
+                    Some(beta) => beta,
+                    None => estimate_smoothness(hp, objective, first_batch, comm)?,
+                };
+                StepSchedule::convergence_rate(beta, scale, self.total_steps)
+            }
+            _ => config.lr,
+        };
+        let mut optimizer = Optimizer::new(config.optimizer, hp.x.len());
+        self.memory = self.memory.peak(MemoryAccount {
+            coefficients: hp.coefficient_bytes() + optimizer.state_bytes(),
+            ..Default::default()
+        });
+        let mut theta = from_blocks(hp.center(), &self.blocks, &self.layout)?;
+        for epoch in 0..config.inner_epochs {
+            let seed = epoch_seed(config.seed, outer_pass, model_batch, epoch);
+            for index in 0..self.num_batches {
+                let step = epoch * self.num_batches + index;
+                let lr = config.schedule.lr(eta, step, self.steps);
+                let batch = Batch {
+                    epoch_seed: seed,
+                    index,
+                };
+                let (loss, grad) = loss_and_grad(objective, &theta, batch, comm)?;
+                let non_finite = |what| SoupError::NonFinite {
+                    what,
+                    step,
+                    model_batch,
+                };
+                if !loss.is_finite() {
+                    return Err(non_finite("loss"));
+                }
+                let grad_norm = global_norm(&grad)?;
+                if !grad_norm.is_finite() {
+                    return Err(non_finite("gradient"));
+                }
+                let mut grad_x = hp.project(&grad)?;
+                // Clipping ∇θ to a global norm scales its projection by the same factor
+                // (torch's clip_grad_norm_ coefficient), without a pass over ∇θ.
+                if let Some(max) = config.clip_grad_norm {
+                    let coef = clip_coefficient(grad_norm, max);
+                    if coef < 1.0 {
+                        grad_x.iter_mut().for_each(|v| *v *= coef);
+                    }
+                }
+                optimizer.step(&mut hp.x, &grad_x, lr, config.weight_decay);
+                theta = theta_params(hp, comm, theta)?;
+                let record = StepRecord {
+                    outer_pass,
+                    model_batch,
+                    step,
+                    global_step: self.global_step,
+                    loss,
+                    lr,
+                    grad_norm,
+                };
+                self.history.push(record);
+                self.global_step += 1;
+                observer(&Event::Step {
+                    record: &record,
+                    hyperplane: hp,
+                });
+            }
+        }
+        self.timings.add("steps", started);
+        Ok(theta)
+    }
+
+    /// The state after model batch `model_batch` (θ as the new soup, its α), with the held-out
+    /// metrics when the configuration evaluates every batch.
+    fn end_batch(
+        &mut self,
+        hp: &Hyperplane,
+        theta: &[Tensor],
+        objective: &mut dyn Objective,
+        model_batch: usize,
+    ) -> Result<(MehlProgress, Option<Metrics>)> {
+        let metrics = if self.config.evaluate_each_model_batch {
+            let started = Instant::now();
+            let m = evaluate(objective, theta, self.comm)?;
+            self.timings.add("evaluate", started);
+            self.evaluations.push(BatchEval {
+                model_batch,
+                global_step: self.global_step,
+                metrics: m,
+            });
+            Some(m)
+        } else {
+            None
+        };
+        let progress = MehlProgress {
+            model_batches_done: model_batch + 1,
+            global_step: self.global_step,
+            soup_blocks: to_blocks(theta, &self.blocks)?
+                .iter()
+                .map(Tensor::detach)
+                .collect(),
+            alpha: alpha_of(hp, self.comm)?,
+            history: self.history.clone(),
+            evaluations: self.evaluations.clone(),
+        };
+        Ok((progress, metrics))
+    }
+
+    /// The result of the run, the soup given as block vectors with its α.
+    fn finish(self, soup_blocks: Vec<Tensor>, alpha: Vec<Vec<f64>>) -> Result<SoupResult> {
+        Ok(SoupResult {
+            method: if self.config.block_cut == BlockCut::WHOLE {
+                "mehl"
+            } else {
+                "mehl+"
+            }
+            .to_string(),
+            model_names: self.zoo.names.clone(),
+            soup: from_blocks(&soup_blocks, &self.blocks, &self.layout)?,
+            layout: self.layout,
+            blocks: self.blocks,
+            alpha,
+            history: self.history,
+            evaluations: self.evaluations,
+            timings: self.timings,
+            memory: self.memory,
+        })
+    }
 }
 
 /// Checks that saved progress fits this run: its blocks and models.
-fn check_progress(p: &MehlProgress, blocks: &[crate::layout::Block], n: usize) -> Result<()> {
+fn check_progress(p: &MehlProgress, blocks: &[Block], n: usize) -> Result<()> {
     let fits = p.soup_blocks.len() == blocks.len()
         && p.alpha.len() == blocks.len()
         && p.alpha.iter().all(|row| row.len() == n)

@@ -14,6 +14,7 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
+use soup_core::MehlOptions;
 use soup_core::{run_mehl, Batch, Event, MehlConfig, ModelStore, Objective, ParamLayout};
 use soup_models::ops::cpu as kernels;
 use soup_models::{Classification, Dataset};
@@ -124,17 +125,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // measured from BatchStart, after the hyperplane is built).
         let last = Cell::new(None::<Instant>);
         let mut step_times = Vec::new();
-        run_mehl(&zoo, &mut objective, &config, &mut |e| match e {
-            Event::BatchStart { .. } => last.set(Some(Instant::now())),
-            Event::Step { .. } => {
-                let now = Instant::now();
-                if let Some(t) = last.get() {
-                    step_times.push((now - t).as_secs_f64());
+        run_mehl(
+            &zoo,
+            &mut objective,
+            &config,
+            MehlOptions::new(&mut |e| match e {
+                Event::BatchStart { .. } => last.set(Some(Instant::now())),
+                Event::Step { .. } => {
+                    let now = Instant::now();
+                    if let Some(t) = last.get() {
+                        step_times.push((now - t).as_secs_f64());
+                    }
+                    last.set(Some(now));
                 }
-                last.set(Some(now));
-            }
-            _ => {}
-        })?;
+                _ => {}
+            }),
+        )?;
         if round > 0 {
             // Round 0 warms caches and allocators. The first step of a model batch (θ starts as
             // the center and is copied into variables) is reported on its own: a real model batch

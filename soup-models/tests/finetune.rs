@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use soup_core::rng::SplitMix64;
+use soup_core::MehlOptions;
 use soup_core::{run_mehl, BlockCut, MehlConfig, Objective};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_model_dir;
@@ -319,7 +320,7 @@ fn mehl_soup_of_finetuned_checkpoints_on_disk() {
         block_cut: BlockCut::PER_TENSOR,
         ..MehlConfig::mehl_plus()
     };
-    let result = run_mehl(&store, &mut obj, &cfg, &mut |_| {}).unwrap();
+    let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap();
     assert_eq!(result.alpha.len(), arch.layout().len());
     for row in &result.alpha {
         assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);

@@ -4,6 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{config, objective, zoo, ARCH};
+use soup_core::MehlOptions;
 use soup_core::{
     greedy_soup, learned_soup, run_mehl, uniform_soup, BlockCut, GreedyAccept, LearnedConfig,
     MehlConfig, SoupError, StepSchedule,
@@ -16,7 +17,7 @@ fn empty_zoo() {
     let mut obj = objective(8, 8, 1, DType::F64);
     let cfg = config(2, BlockCut::WHOLE, 1, 1);
     assert!(matches!(
-        run_mehl(&store, &mut obj, &cfg, &mut |_| {}),
+        run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})),
         Err(SoupError::EmptyZoo)
     ));
     assert!(matches!(uniform_soup(&store), Err(SoupError::EmptyZoo)));
@@ -88,7 +89,7 @@ fn bad_knobs_are_named() {
         ),
     ];
     for (cfg, name) in bad {
-        let err = run_mehl(&store, &mut obj, &cfg, &mut |_| {}).unwrap_err();
+        let err = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err();
         assert!(
             matches!(err, SoupError::InvalidConfig { name: n, .. } if n == name),
             "{err}"
@@ -114,7 +115,7 @@ fn mismatched_models_name_model_and_tensor() {
     let mut obj = objective(8, 8, 1, DType::F64);
     let cfg = config(3, BlockCut::WHOLE, 1, 1);
     for err in [
-        run_mehl(&store, &mut obj, &cfg, &mut |_| {}).unwrap_err(),
+        run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err(),
         uniform_soup(&store).unwrap_err(),
     ] {
         let msg = err.to_string();
@@ -142,7 +143,7 @@ fn non_finite_loss_names_step_and_model_batch() {
         &store,
         &mut obj,
         &config(2, BlockCut::WHOLE, 1, 1),
-        &mut |_| {},
+        MehlOptions::new(&mut |_| {}),
     )
     .unwrap_err();
     assert!(
@@ -171,7 +172,7 @@ fn non_finite_model_is_named() {
         model_batch: 1,
         ..config(1, BlockCut::PER_TENSOR, 1, 1)
     };
-    let err = run_mehl(&store, &mut obj, &cfg, &mut |_| {}).unwrap_err();
+    let err = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("model-1") && msg.contains("layers.0.weight"),
