@@ -9,7 +9,6 @@ use soup_models::data::{prepare, DataSpec, Heldout, RawImages, Split};
 use soup_models::{Architecture, Dataset};
 
 use crate::error::{CliError, Result};
-use crate::recipe::Method;
 
 /// Where the labelled data comes from and how it is split.
 #[derive(clap::Args, Clone, Debug)]
@@ -126,18 +125,6 @@ pub fn peak_rss_bytes() -> u64 {
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-/// The tensor memory a method holds for a zoo of `n` models of `d` f32 parameters, with model
-/// batch `b` (soup-core's byte account, before the model's activations and the data).
-pub fn method_bytes(method: Method, n: usize, d: usize, b: usize) -> u64 {
-    let model = 4 * d as u64;
-    match method {
-        Method::Uniform => 2 * model,
-        Method::Greedy => 3 * model,
-        Method::Learned | Method::LearnedPlus => (n as u64 + 2) * model,
-        Method::Mehl | Method::MehlPlus => (b.min(n) as u64 + 4) * model,
-    }
 }
 
 /// Bytes in the largest decimal unit that keeps the number ≥ 1 (kB, MB, GB).

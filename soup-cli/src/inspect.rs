@@ -5,10 +5,10 @@ use soup_core::Objective;
 use soup_models::data::{shifted, Shift, Split};
 use soup_models::{Checkpoint, Classification, ModelSource};
 
-use crate::common::{human_bytes, method_bytes, DataArgs};
+use crate::common::{human_bytes, DataArgs};
 use crate::error::{CliError, Result};
 use crate::mix::Scores;
-use crate::recipe::Method;
+use soup_core::Method;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -126,7 +126,7 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
             println!(
                 "  {:<10} {}{note}",
                 m.name(),
-                human_bytes(method_bytes(m, n, d, args.model_batch))
+                human_bytes(m.tensor_bytes(n, d, args.model_batch))
             );
         }
     }

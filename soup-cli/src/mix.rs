@@ -11,17 +11,17 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::{
-    greedy_soup, learned_soup, run_mehl, uniform_soup_on, BatchEval, Collective, Event,
-    MehlOptions, MehlProgress, Metrics, ModelStore, Objective, SoupResult, StepRecord, TensorSpec,
+    greedy_soup, learned_soup, run_mehl, uniform_soup_on, Collective, Event, MehlOptions,
+    MehlProgress, Method, Metrics, ModelStore, Objective, SoupResult, TensorSpec,
 };
 use soup_models::checkpoint::{arch_metadata, atomic_write, hf_config_text, write_safetensors};
 use soup_models::data::Split;
 use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError, Resolved};
 
-use crate::common::{bar, human_bytes, method_bytes, peak_rss_bytes, DataArgs};
+use crate::common::{bar, human_bytes, peak_rss_bytes, DataArgs};
 use crate::error::{io, CliError, Result};
 use crate::output::{Output, Partial, PROGRESS};
-use crate::recipe::{Method, Recipe};
+use crate::recipe::Recipe;
 use crate::svg;
 
 #[derive(clap::Args, Debug)]
@@ -84,13 +84,8 @@ const META_PROGRESS: &str = "soup.progress";
 struct SavedProgress {
     recipe: Recipe,
     models: Vec<String>,
-    model_batches_done: usize,
-    global_step: usize,
-    alpha: Vec<Vec<f64>>,
-    /// (outer pass, model batch, step, global step, loss, lr, grad norm)
-    history: Vec<(usize, usize, usize, usize, f64, f64, f64)>,
-    /// (model batch, global step, loss, accuracy, count)
-    evaluations: Vec<(usize, usize, f64, Option<f64>, usize)>,
+    /// The run's state but for the soup's block vectors (the file's tensors).
+    progress: MehlProgress,
 }
 
 fn parse_bytes(s: &str) -> Result<u64> {
@@ -199,7 +194,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     };
     let recipe = from_file.overridden_by(&args.knobs).resolved()?;
     let method = recipe.method();
-    if world > 1 && !matches!(method, Method::Uniform | Method::Mehl | Method::MehlPlus) {
+    if world > 1 && !method.runs_distributed() {
         return Err(CliError::new(format!(
             "{} runs in one process; over several processes soup mixes uniform, mehl and mehl+",
             method.name()
@@ -234,8 +229,12 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     let heldout = args.data.load(Split::Heldout, &arch)?;
     let test = args.data.load(Split::Test, &arch)?;
     let data_bytes = 4 * (heldout.images.elem_count() + test.images.elem_count()) as u64;
-    let per_rank_batch = recipe.model_batch.unwrap_or(18).min(n).div_ceil(world);
-    let estimate = method_bytes(method, n, d, per_rank_batch) + data_bytes;
+    let per_rank_batch = recipe
+        .model_batch
+        .unwrap_or(Method::mehl_defaults().model_batch)
+        .min(n)
+        .div_ceil(world);
+    let estimate = method.tensor_bytes(n, d, per_rank_batch) + data_bytes;
     if let Some(limit) = &args.max_memory {
         let limit = parse_bytes(limit)?;
         if estimate > limit {
@@ -353,20 +352,20 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     let test_scores: Scores = objective.evaluate(&result.soup)?.into();
     let eval_s = t_eval.elapsed().as_secs_f64();
 
-    write_outputs(
-        &partial,
+    Finished {
         args,
-        &recipe,
-        arch.as_ref(),
-        &zoo,
-        &result,
-        heldout_scores,
-        test_scores,
-        [("load", load_s), ("soup", soup_s), ("evaluate", eval_s)],
+        recipe: &recipe,
+        arch: arch.as_ref(),
+        zoo: &zoo,
+        result: &result,
+        heldout: heldout_scores,
+        test: test_scores,
+        phases: [("load", load_s), ("soup", soup_s), ("evaluate", eval_s)],
         started,
         estimate,
-        &ranks,
-    )?;
+        ranks: &ranks,
+    }
+    .write_outputs(&partial)?;
     output.finish()?;
     println!(
         "{}: {n} models -> held-out accuracy {:.4}, test accuracy {:.4}, {:.1} s -> {}",
@@ -383,37 +382,7 @@ fn save_progress(dir: &Path, recipe: &Recipe, models: &[String], p: &MehlProgres
     let saved = SavedProgress {
         recipe: recipe.clone(),
         models: models.to_vec(),
-        model_batches_done: p.model_batches_done,
-        global_step: p.global_step,
-        alpha: p.alpha.clone(),
-        history: p
-            .history
-            .iter()
-            .map(|r| {
-                (
-                    r.outer_pass,
-                    r.model_batch,
-                    r.step,
-                    r.global_step,
-                    r.loss,
-                    r.lr,
-                    r.grad_norm,
-                )
-            })
-            .collect(),
-        evaluations: p
-            .evaluations
-            .iter()
-            .map(|e| {
-                (
-                    e.model_batch,
-                    e.global_step,
-                    e.metrics.loss,
-                    e.metrics.accuracy,
-                    e.metrics.count,
-                )
-            })
-            .collect(),
+        progress: p.clone(),
     };
     let layout = soup_core::ParamLayout::new(
         p.soup_blocks
@@ -454,200 +423,187 @@ fn load_progress(
             path.display()
         )));
     }
-    let soup_blocks = (0..saved.alpha.len())
+    let mut progress = saved.progress;
+    progress.soup_blocks = (0..progress.alpha.len())
         .map(|l| ckpt.load(&format!("block.{l}"), &store.device))
         .collect::<std::result::Result<Vec<Tensor>, _>>()?;
-    Ok(MehlProgress {
-        model_batches_done: saved.model_batches_done,
-        global_step: saved.global_step,
-        soup_blocks,
-        alpha: saved.alpha,
-        history: saved
-            .history
-            .into_iter()
-            .map(
-                |(outer_pass, model_batch, step, global_step, loss, lr, grad_norm)| StepRecord {
-                    outer_pass,
-                    model_batch,
-                    step,
-                    global_step,
-                    loss,
-                    lr,
-                    grad_norm,
-                },
-            )
-            .collect(),
-        evaluations: saved
-            .evaluations
-            .into_iter()
-            .map(
-                |(model_batch, global_step, loss, accuracy, count)| BatchEval {
-                    model_batch,
-                    global_step,
-                    metrics: Metrics {
-                        loss,
-                        accuracy,
-                        count,
-                    },
-                },
-            )
-            .collect(),
-    })
+    Ok(progress)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_outputs(
-    dir: &Path,
-    args: &MixArgs,
-    recipe: &Recipe,
-    arch: &dyn Architecture,
-    zoo: &[Resolved],
-    result: &SoupResult,
+/// A finished run of `soup mix`: what its outputs are made of.
+struct Finished<'a> {
+    args: &'a MixArgs,
+    recipe: &'a Recipe,
+    arch: &'a dyn Architecture,
+    zoo: &'a [Resolved],
+    result: &'a SoupResult,
     heldout: Scores,
     test: Scores,
-    phases: [(&str, f64); 3],
+    /// Seconds of loading, souping and evaluating.
+    phases: [(&'static str, f64); 3],
     started: Instant,
+    /// The memory estimate checked against `--max-memory`.
     estimate: u64,
-    ranks: &[RankStats],
-) -> Result<()> {
-    let write = |name: &str, text: &str| -> Result<()> {
-        let path = dir.join(name);
-        atomic_write(&path, |tmp| {
-            std::fs::write(tmp, text).map_err(|e| ModelError::io(tmp, e))
-        })?;
-        Ok(())
-    };
-    let method = recipe.method().name();
-    let models: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
-    let models = models.as_slice();
-    // Provenance: each model's source with the Hub commit or download sha256 it resolved to.
-    let sources: Vec<serde_json::Value> = zoo
-        .iter()
-        .map(|r| serde_json::json!({"source": r.source, "commit": r.commit, "sha256": r.sha256}))
-        .collect();
-    let meta = BTreeMap::from([
-        ("soup.method".to_string(), method.to_string()),
-        ("soup.models".to_string(), serde_json::to_string(models)?),
-        ("soup.sources".to_string(), serde_json::to_string(&sources)?),
-        ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
-    ]);
-    // soup.safetensors with HF names and the architecture; config.json beside it for transformers.
-    let mut all = arch_metadata(arch);
-    all.extend(meta);
-    write_safetensors(
-        &dir.join("soup.safetensors"),
-        arch.layout(),
-        &result.soup,
-        &all,
-    )?;
-    write("config.json", &hf_config_text(arch))?;
+    ranks: &'a [RankStats],
+}
 
-    let coefficients = Coefficients {
-        models: models.to_vec(),
-        blocks: result.blocks.iter().map(|b| b.name.clone()).collect(),
-        alpha: result.alpha.clone(),
-    };
-    write(
-        "coefficients.json",
-        &serde_json::to_string_pretty(&coefficients)?,
-    )?;
+impl Finished<'_> {
+    /// Writes every output file of [`OUTPUTS`] into `dir`, each atomically.
+    fn write_outputs(&self, dir: &Path) -> Result<()> {
+        let Finished {
+            args,
+            recipe,
+            arch,
+            zoo,
+            result,
+            heldout,
+            test,
+            phases,
+            started,
+            estimate,
+            ranks,
+        } = *self;
+        let write = |name: &str, text: &str| -> Result<()> {
+            let path = dir.join(name);
+            atomic_write(&path, |tmp| {
+                std::fs::write(tmp, text).map_err(|e| ModelError::io(tmp, e))
+            })?;
+            Ok(())
+        };
+        let method = recipe.method().name();
+        let models: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
+        let models = models.as_slice();
+        // Provenance: each model's source with the Hub commit or download sha256 it resolved to.
+        let sources: Vec<serde_json::Value> = zoo
+            .iter()
+            .map(
+                |r| serde_json::json!({"source": r.source, "commit": r.commit, "sha256": r.sha256}),
+            )
+            .collect();
+        let meta = BTreeMap::from([
+            ("soup.method".to_string(), method.to_string()),
+            ("soup.models".to_string(), serde_json::to_string(models)?),
+            ("soup.sources".to_string(), serde_json::to_string(&sources)?),
+            ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
+        ]);
+        // soup.safetensors with HF names and the architecture; config.json beside it for transformers.
+        let mut all = arch_metadata(arch);
+        all.extend(meta);
+        write_safetensors(
+            &dir.join("soup.safetensors"),
+            arch.layout(),
+            &result.soup,
+            &all,
+        )?;
+        write("config.json", &hf_config_text(arch))?;
 
-    let mut timings: BTreeMap<String, f64> =
-        phases.iter().map(|(p, s)| (p.to_string(), *s)).collect();
-    for (p, s) in &result.timings.phases {
-        timings.insert(format!("soup.{p}"), *s);
-    }
-    let m = &result.memory;
-    let report = serde_json::json!({
-        "method": method,
-        "models": models.len(),
-        "zoo": zoo,
-        "parameters": arch.layout().numel(),
-        "blocks": result.blocks.len(),
-        "heldout": heldout,
-        "test": test,
-        "time_s": started.elapsed().as_secs_f64(),
-        "timings_s": timings,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "estimated_bytes": estimate,
-        "world_size": ranks.len(),
-        "ranks": ranks.iter().enumerate().map(|(r, s)| serde_json::json!({
-            "rank": r, "models_loaded": s.models_loaded,
-            "max_models_per_batch": s.max_models_per_batch,
-            "direction_bytes": s.direction_bytes, "peak_rss_bytes": s.peak_rss_bytes,
-        })).collect::<Vec<_>>(),
-        "memory_account_bytes": {
-            "models": m.models, "directions": m.directions, "center": m.center,
-            "theta": m.theta, "gradient": m.gradient, "coefficients": m.coefficients,
-            "total": m.total(),
-        },
-        "steps": result.history.len(),
-        "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
-            "model_batch": e.model_batch, "global_step": e.global_step,
-            "loss": e.metrics.loss, "accuracy": e.metrics.accuracy,
-        })).collect::<Vec<_>>(),
-        "data": args.data.data,
-    });
-    write("report.json", &serde_json::to_string_pretty(&report)?)?;
-    let md = format!(
-        "# Soup: {method}\n\n{} models of {} parameters ({} blocks), data `{}`.\n\n\
+        let coefficients = Coefficients {
+            models: models.to_vec(),
+            blocks: result.blocks.iter().map(|b| b.name.clone()).collect(),
+            alpha: result.alpha.clone(),
+        };
+        write(
+            "coefficients.json",
+            &serde_json::to_string_pretty(&coefficients)?,
+        )?;
+
+        let mut timings: BTreeMap<String, f64> =
+            phases.iter().map(|(p, s)| (p.to_string(), *s)).collect();
+        for (p, s) in &result.timings.phases {
+            timings.insert(format!("soup.{p}"), *s);
+        }
+        let m = &result.memory;
+        let report = serde_json::json!({
+            "method": method,
+            "models": models.len(),
+            "zoo": zoo,
+            "parameters": arch.layout().numel(),
+            "blocks": result.blocks.len(),
+            "heldout": heldout,
+            "test": test,
+            "time_s": started.elapsed().as_secs_f64(),
+            "timings_s": timings,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "estimated_bytes": estimate,
+            "world_size": ranks.len(),
+            "ranks": ranks.iter().enumerate().map(|(r, s)| serde_json::json!({
+                "rank": r, "models_loaded": s.models_loaded,
+                "max_models_per_batch": s.max_models_per_batch,
+                "direction_bytes": s.direction_bytes, "peak_rss_bytes": s.peak_rss_bytes,
+            })).collect::<Vec<_>>(),
+            "memory_account_bytes": {
+                "models": m.models, "directions": m.directions, "center": m.center,
+                "theta": m.theta, "gradient": m.gradient, "coefficients": m.coefficients,
+                "total": m.total(),
+            },
+            "steps": result.history.len(),
+            "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
+                "model_batch": e.model_batch, "global_step": e.global_step,
+                "loss": e.metrics.loss, "accuracy": e.metrics.accuracy,
+            })).collect::<Vec<_>>(),
+            "data": args.data.data,
+        });
+        write("report.json", &serde_json::to_string_pretty(&report)?)?;
+        let md = format!(
+            "# Soup: {method}\n\n{} models of {} parameters ({} blocks), data `{}`.\n\n\
          | split | accuracy | loss | examples |\n|---|---|---|---|\n\
          | held-out | {:.4} | {:.4} | {} |\n| test | {:.4} | {:.4} | {} |\n\n\
          Time {:.1} s (load {:.1} s, soup {:.1} s, evaluate {:.1} s); peak RSS {}; \
          bytes held by the method {}.\n\nFiles: soup.safetensors, coefficients.json, \
          coefficients.svg, curve.svg, recipe.toml, report.json.\n",
-        models.len(),
-        arch.layout().numel(),
-        result.blocks.len(),
-        args.data.data,
-        heldout.accuracy,
-        heldout.loss,
-        heldout.count,
-        test.accuracy,
-        test.loss,
-        test.count,
-        started.elapsed().as_secs_f64(),
-        phases[0].1,
-        phases[1].1,
-        phases[2].1,
-        human_bytes(peak_rss_bytes()),
-        human_bytes(m.total() as u64),
-    );
-    write("report.md", &md)?;
-    let short: Vec<String> = models
-        .iter()
-        .map(|m| {
-            Path::new(m)
-                .file_name()
-                .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
-        })
-        .collect();
-    write(
-        "coefficients.svg",
-        &svg::coefficients(
-            &result.alpha,
-            &short,
-            &format!(
-                "α of {method} ({} blocks × {} models)",
-                result.blocks.len(),
-                models.len()
+            models.len(),
+            arch.layout().numel(),
+            result.blocks.len(),
+            args.data.data,
+            heldout.accuracy,
+            heldout.loss,
+            heldout.count,
+            test.accuracy,
+            test.loss,
+            test.count,
+            started.elapsed().as_secs_f64(),
+            phases[0].1,
+            phases[1].1,
+            phases[2].1,
+            human_bytes(peak_rss_bytes()),
+            human_bytes(m.total() as u64),
+        );
+        write("report.md", &md)?;
+        let short: Vec<String> = models
+            .iter()
+            .map(|m| {
+                Path::new(m)
+                    .file_name()
+                    .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
+            })
+            .collect();
+        write(
+            "coefficients.svg",
+            &svg::coefficients(
+                &result.alpha,
+                &short,
+                &format!(
+                    "α of {method} ({} blocks × {} models)",
+                    result.blocks.len(),
+                    models.len()
+                ),
             ),
-        ),
-    )?;
-    let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
-    let accuracy: Vec<(usize, f64)> = result
-        .evaluations
-        .iter()
-        .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
-        .collect();
-    write(
-        "curve.svg",
-        &svg::curve(
-            &losses,
-            &accuracy,
-            &format!("{method}: loss per step, held-out accuracy"),
-        ),
-    )?;
-    write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
-    Ok(())
+        )?;
+        let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
+        let accuracy: Vec<(usize, f64)> = result
+            .evaluations
+            .iter()
+            .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
+            .collect();
+        write(
+            "curve.svg",
+            &svg::curve(
+                &losses,
+                &accuracy,
+                &format!("{method}: loss per step, held-out accuracy"),
+            ),
+        )?;
+        write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
+        Ok(())
+    }
 }

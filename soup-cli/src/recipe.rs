@@ -1,38 +1,18 @@
 //! The configuration of `soup mix`: a `recipe.toml`, flags that override it, and the method's
 //! defaults for the rest. The resolved recipe is written next to the soup.
 
-use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
-use soup_core::{BlockCut, GreedyAccept, LearnedConfig, MehlConfig, OptimizerKind, StepSchedule};
+use soup_core::{
+    BlockCut, GreedyAccept, LearnedConfig, MehlConfig, Method, OptimizerKind, StepSchedule,
+};
 
 use crate::error::{CliError, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    Uniform,
-    Greedy,
-    Learned,
-    #[value(name = "learned+")]
-    #[serde(rename = "learned+")]
-    LearnedPlus,
-    Mehl,
-    #[value(name = "mehl+")]
-    #[serde(rename = "mehl+")]
-    MehlPlus,
-}
-
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Uniform => "uniform",
-            Method::Greedy => "greedy",
-            Method::Learned => "learned",
-            Method::LearnedPlus => "learned+",
-            Method::Mehl => "mehl",
-            Method::MehlPlus => "mehl+",
-        }
-    }
+/// The values `--method` takes: the method names of soup-core, listed in errors and help.
+fn method_parser() -> impl clap::builder::TypedValueParser<Value = Method> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Method::NAMES)
+        .map(|name| name.parse::<Method>().expect("a listed method name"))
 }
 
 /// Every knob of `soup mix`. In a file or on the command line, any may be left out.
@@ -40,7 +20,7 @@ impl Method {
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     /// Soup method.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = method_parser())]
     pub method: Option<Method>,
     /// MEHL: models per model batch (b).
     #[arg(long)]
@@ -129,9 +109,9 @@ impl Recipe {
         let method = self.method.ok_or_else(|| {
             CliError::new("--method is required (uniform, greedy, learned, learned+, mehl, mehl+)")
         })?;
-        let learned = matches!(method, Method::Learned | Method::LearnedPlus);
-        let mehl = MehlConfig::mehl_plus();
-        let lc = LearnedConfig::learned();
+        let learned = method.is_learned();
+        let mehl = Method::mehl_defaults();
+        let lc = Method::learned_defaults();
         let r = Recipe {
             method: Some(method),
             model_batch: self.model_batch.or(Some(mehl.model_batch)),
@@ -153,9 +133,10 @@ impl Recipe {
             rate_scale: self.rate_scale.or(Some(1.0)),
             clip_grad_norm: self.clip_grad_norm.or(Some(1.0)),
             block_cut: self.block_cut.or(Some(
-                match method {
-                    Method::Mehl | Method::Learned => "whole",
-                    _ => "tensor",
+                if method.default_block_cut() == BlockCut::WHOLE {
+                    "whole"
+                } else {
+                    "tensor"
                 }
                 .into(),
             )),
@@ -169,10 +150,10 @@ impl Recipe {
         r.step_schedule()?;
         r.cut()?;
         r.accept()?;
-        match method {
-            Method::Mehl | Method::MehlPlus => r.mehl_config()?.validate()?,
-            Method::Learned | Method::LearnedPlus => r.learned_config()?.validate()?,
-            Method::Uniform | Method::Greedy => {}
+        if method.is_mehl() {
+            r.mehl_config()?.validate()?;
+        } else if method.is_learned() {
+            r.learned_config()?.validate()?;
         }
         if r.batch_size == Some(0) {
             return Err(CliError::new("--batch-size must be at least 1"));
@@ -254,31 +235,33 @@ impl Recipe {
     }
 
     pub fn mehl_config(&self) -> Result<MehlConfig> {
+        let d = Method::mehl_defaults();
         Ok(MehlConfig {
-            model_batch: self.model_batch.unwrap_or(18),
-            outer_passes: self.outer_passes.unwrap_or(1),
-            inner_epochs: self.inner_epochs.unwrap_or(5),
-            lr: self.lr.unwrap_or(0.01),
-            weight_decay: self.weight_decay.unwrap_or(0.0),
+            model_batch: self.model_batch.unwrap_or(d.model_batch),
+            outer_passes: self.outer_passes.unwrap_or(d.outer_passes),
+            inner_epochs: self.inner_epochs.unwrap_or(d.inner_epochs),
+            lr: self.lr.unwrap_or(d.lr),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             optimizer: self.optimizer_kind()?,
             schedule: self.step_schedule()?,
             clip_grad_norm: self.clip(),
             block_cut: self.cut()?,
-            seed: self.seed.unwrap_or(1),
+            seed: self.seed.unwrap_or(d.seed),
             evaluate_each_model_batch: true,
         })
     }
 
     pub fn learned_config(&self) -> Result<LearnedConfig> {
+        let d = Method::learned_defaults();
         Ok(LearnedConfig {
-            epochs: self.inner_epochs.unwrap_or(5),
-            lr: self.lr.unwrap_or(0.05),
-            weight_decay: self.weight_decay.unwrap_or(0.0),
+            epochs: self.inner_epochs.unwrap_or(d.epochs),
+            lr: self.lr.unwrap_or(d.lr),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             optimizer: self.optimizer_kind()?,
             schedule: self.step_schedule()?,
             block_cut: self.cut()?,
-            seed: self.seed.unwrap_or(1),
-            init_temperature: 1.0,
+            seed: self.seed.unwrap_or(d.seed),
+            init_temperature: d.init_temperature,
             evaluate_each_epoch: true,
         })
     }

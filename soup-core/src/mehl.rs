@@ -176,13 +176,18 @@ pub enum Event<'a> {
 /// A MEHL run between two model batches: everything the rest of the run depends on. The model
 /// order of every pass and the data order of every epoch derive from the seed, so resuming from
 /// here with the same inputs gives the same soup, bit for bit, as the uninterrupted run.
+///
+/// With the `serde` feature it serialises all but the tensors of `soup_blocks`, which a caller
+/// saves in a tensor format beside it.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct MehlProgress {
     /// Model batches completed, counted over the whole run.
     pub model_batches_done: usize,
     /// Coefficient steps taken.
     pub global_step: usize,
     /// The soup after them, as block vectors of the run's block cut.
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub soup_blocks: Vec<Tensor>,
     /// α[l][j] of that soup.
     pub alpha: Vec<Vec<f64>>,

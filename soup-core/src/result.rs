@@ -9,6 +9,7 @@ use crate::traits::Metrics;
 
 /// One coefficient step.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StepRecord {
     /// Outer pass over the models (0-based).
     pub outer_pass: usize,
@@ -27,6 +28,7 @@ pub struct StepRecord {
 
 /// Held-out metrics of the soup after a model batch.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct BatchEval {
     pub model_batch: usize,
     pub global_step: usize,

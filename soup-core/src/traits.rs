@@ -35,6 +35,7 @@ pub struct Batch {
 
 /// Evaluation of a model over a whole data split.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Metrics {
     /// Mean loss per example.
     pub loss: f64,
