@@ -82,7 +82,7 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
                     && !target.join("model.safetensors").exists()
                     && !target.join("model.safetensors.index.json").exists());
             let zoo = if is_zoo {
-                crate::zoo::resolve(target, quiet)?
+                crate::manifest::resolve(target, quiet)?
             } else {
                 vec![soup_models::fetch(&source, !quiet)?]
             };

@@ -3,6 +3,7 @@
 mod common;
 mod error;
 mod inspect;
+mod manifest;
 mod mix;
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -10,7 +11,6 @@ mod output;
 mod recipe;
 mod svg;
 mod train;
-mod zoo;
 
 use std::process::ExitCode;
 

@@ -208,7 +208,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     if rank > 0 {
         comm.all_reduce_f64(&[0.0])?;
     }
-    let zoo = crate::zoo::resolve(&args.zoo, quiet)?;
+    let zoo = crate::manifest::resolve(&args.zoo, quiet)?;
     if world > 1 && rank == 0 {
         comm.all_reduce_f64(&[0.0])?;
     }

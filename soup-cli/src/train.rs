@@ -15,7 +15,7 @@ use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
 
 use crate::common::{bar, DataArgs};
 use crate::error::{io, CliError, Result};
-use crate::zoo::{Entry, FinetuneRun, Manifest};
+use crate::manifest::{Entry, FinetuneRun, Manifest};
 
 /// Training hyper-parameters shared by `train` and as the base of `finetune`.
 #[derive(clap::Args, Clone, Debug)]

@@ -43,13 +43,14 @@ impl Hyperplane {
         load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
         let b = members.len();
-        Self::new_part(layout, blocks, center, gamma, members, b, load)
+        Self::new_share(layout, blocks, center, gamma, members, b, load)
     }
 
-    /// The part of a hyperplane of `batch_len` models that one process of a run over several
-    /// holds (spec §3.7): the rows of `members` only (possibly none). The zero-norm guard uses
+    /// The share of a hyperplane of `batch_len` models that one process of a run over several
+    /// holds (spec §3.7; `mehl::share` picks the members): the rows of `members` only (possibly
+    /// none). The zero-norm guard uses
     /// `batch_len`, so every process guards exactly as one process holding the whole batch.
-    pub fn new_part(
+    pub fn new_share(
         layout: ParamLayout,
         blocks: Vec<Block>,
         center: Vec<Tensor>,

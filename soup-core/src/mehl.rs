@@ -408,7 +408,7 @@ impl<'a> Run<'a> {
                 (to_blocks(&mean, &self.blocks)?, gamma)
             }
         };
-        let hp = Hyperplane::new_part(
+        let hp = Hyperplane::new_share(
             self.layout.clone(),
             self.blocks.clone(),
             center,

@@ -21,7 +21,7 @@ pub mod torch;
 use crate::arch::clip::{ClipClassifier, ClipVitConfig};
 use crate::arch::{build, Architecture};
 use crate::error::{ModelError, Result};
-use torch::{openai_config, openai_layers, openai_mapping, openai_prefix, Source};
+use torch::{openai_config, openai_layers, openai_mapping, openai_prefix, Origin};
 
 /// Metadata keys soup writes into safetensors headers.
 pub const META_ARCH: &str = "soup.arch";
@@ -127,7 +127,7 @@ enum Backend {
     Torch {
         file: PathBuf,
         pth: PthTensors,
-        sources: BTreeMap<String, Source>,
+        sources: BTreeMap<String, Origin>,
         openai: Option<(String, usize)>,
     },
 }
@@ -302,9 +302,9 @@ impl Checkpoint {
     fn torch_entry<'a>(
         &self,
         pth: &'a PthTensors,
-        sources: &'a BTreeMap<String, Source>,
+        sources: &'a BTreeMap<String, Origin>,
         name: &str,
-    ) -> Result<(&'a Source, &'a candle_core::pickle::TensorInfo)> {
+    ) -> Result<(&'a Origin, &'a candle_core::pickle::TensorInfo)> {
         let source = sources.get(name).ok_or_else(|| self.missing(name))?;
         let info = pth
             .tensor_infos()
@@ -549,7 +549,7 @@ fn open_torch(file: &Path) -> Result<Backend> {
         None => (
             names
                 .iter()
-                .map(|n| (n.to_string(), Source::Same(n.to_string())))
+                .map(|n| (n.to_string(), Origin::Same(n.to_string())))
                 .collect(),
             None,
         ),

@@ -13,7 +13,7 @@ use crate::error::{ModelError, Result};
 
 /// Where a Hugging Face tensor comes from in a PyTorch state dict.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
+pub enum Origin {
     /// The tensor of that name, as is.
     Same(String),
     /// Rows `part`·n..(`part`+1)·n of a tensor stacked from `parts` equal pieces along dim 0
@@ -27,35 +27,35 @@ pub enum Source {
     Transposed(String),
 }
 
-impl Source {
+impl Origin {
     pub fn name(&self) -> &str {
         match self {
-            Source::Same(n) | Source::Transposed(n) | Source::Rows { name: n, .. } => n,
+            Origin::Same(n) | Origin::Transposed(n) | Origin::Rows { name: n, .. } => n,
         }
     }
 
     /// The shape of the derived tensor, given the stored one.
     pub fn shape(&self, stored: &[usize]) -> Vec<usize> {
         match self {
-            Source::Same(_) => stored.to_vec(),
-            Source::Rows { parts, .. } => {
+            Origin::Same(_) => stored.to_vec(),
+            Origin::Rows { parts, .. } => {
                 let mut s = stored.to_vec();
                 s[0] /= parts;
                 s
             }
-            Source::Transposed(_) => stored.iter().rev().copied().collect(),
+            Origin::Transposed(_) => stored.iter().rev().copied().collect(),
         }
     }
 
     /// The derived tensor from the stored one.
     pub fn apply(&self, stored: Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Source::Same(_) => Ok(stored),
-            Source::Rows { part, parts, .. } => {
+            Origin::Same(_) => Ok(stored),
+            Origin::Rows { part, parts, .. } => {
                 let n = stored.dim(0)? / parts;
                 stored.narrow(0, part * n, n)?.contiguous()
             }
-            Source::Transposed(_) => stored.t()?.contiguous(),
+            Origin::Transposed(_) => stored.t()?.contiguous(),
         }
     }
 }
@@ -87,11 +87,11 @@ pub fn openai_layers<'a>(prefix: &str, names: impl IntoIterator<Item = &'a str>)
 }
 
 /// Hugging Face name → OpenAI source, for a tower of `layers` blocks under `prefix`.
-pub fn openai_mapping(prefix: &str, layers: usize) -> BTreeMap<String, Source> {
+pub fn openai_mapping(prefix: &str, layers: usize) -> BTreeMap<String, Origin> {
     let v = |s: &str| format!("{prefix}{s}");
     let mut m = BTreeMap::new();
     let mut same = |hf: String, openai: String| {
-        m.insert(hf, Source::Same(openai));
+        m.insert(hf, Origin::Same(openai));
     };
     same(
         "vision_model.embeddings.class_embedding".into(),
@@ -141,7 +141,7 @@ pub fn openai_mapping(prefix: &str, layers: usize) -> BTreeMap<String, Source> {
             for (wb, fused) in [("weight", "in_proj_weight"), ("bias", "in_proj_bias")] {
                 m.insert(
                     format!("{hf}.{proj}.{wb}"),
-                    Source::Rows {
+                    Origin::Rows {
                         name: format!("{oa}.{fused}"),
                         part,
                         parts: 3,
@@ -152,7 +152,7 @@ pub fn openai_mapping(prefix: &str, layers: usize) -> BTreeMap<String, Source> {
     }
     m.insert(
         "visual_projection.weight".into(),
-        Source::Transposed(v("proj")),
+        Origin::Transposed(v("proj")),
     );
     m
 }
@@ -221,9 +221,9 @@ pub fn to_openai(
             .get(&hf)
             .ok_or_else(|| ModelError::config("clip-vit", format!("no tensor {hf}")))?;
         match source {
-            Source::Same(n) => out.push((n, t.clone())),
-            Source::Transposed(n) => out.push((n, t.t()?.contiguous()?)),
-            Source::Rows { name, part, .. } => {
+            Origin::Same(n) => out.push((n, t.clone())),
+            Origin::Transposed(n) => out.push((n, t.t()?.contiguous()?)),
+            Origin::Rows { name, part, .. } => {
                 fused.entry(name).or_default().push((part, t.clone()))
             }
         }

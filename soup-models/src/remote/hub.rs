@@ -123,21 +123,22 @@ impl HubConfig {
 
 /// Why a request failed. `Network` failures fall back to the cache when it has the file.
 #[derive(Debug)]
-enum Fail {
+enum RequestError {
     NotFound(String),
     Network(String),
     Other(String),
 }
 
-impl Fail {
+impl RequestError {
     fn message(self) -> String {
         match self {
-            Fail::NotFound(m) | Fail::Network(m) | Fail::Other(m) => m,
+            RequestError::NotFound(m) | RequestError::Network(m) | RequestError::Other(m) => m,
         }
     }
 }
 
-type Try<T> = std::result::Result<T, Fail>;
+/// The outcome of a request.
+type Request<T> = std::result::Result<T, RequestError>;
 
 /// Where and what a Hub file is, from its `resolve` metadata.
 #[derive(Debug)]
@@ -193,8 +194,8 @@ fn join_url(base: &str, location: &str) -> String {
     }
 }
 
-fn io_fail(path: &Path, e: std::io::Error) -> Fail {
-    Fail::Other(format!("{}: {e}", path.display()))
+fn io_fail(path: &Path, e: std::io::Error) -> RequestError {
+    RequestError::Other(format!("{}: {e}", path.display()))
 }
 
 /// The sha256 of a file, hex.
@@ -254,7 +255,7 @@ impl Hub {
     /// Fetches a remote source into the cache; local sources pass through.
     pub fn fetch(&self, source: &ModelSource) -> Result<Resolved> {
         let label = source.to_string();
-        let fail = |f: Fail| ModelError::source(&label, f.message());
+        let fail = |f: RequestError| ModelError::source(&label, f.message());
         match source {
             ModelSource::Local(path) => Ok(Resolved {
                 source: label.clone(),
@@ -330,7 +331,7 @@ impl Hub {
         url: &str,
         range: Option<&str>,
         deadline: Option<Duration>,
-    ) -> Try<ureq::Response> {
+    ) -> Request<ureq::Response> {
         let mut attempt = 0;
         loop {
             let mut req = self
@@ -357,22 +358,22 @@ impl Hub {
                         // missing repository or revision ends the fetch.
                         404 => {
                             return Err(match what.as_str() {
-                                "RepoNotFound" | "RepositoryNotFound" => Fail::Other(format!(
+                                "RepoNotFound" | "RepositoryNotFound" => RequestError::Other(format!(
                                     "no such repository, or it is private (HTTP 404 from {url})"
                                 )),
                                 "RevisionNotFound" => {
-                                    Fail::Other(format!("no such revision (HTTP 404 from {url})"))
+                                    RequestError::Other(format!("no such revision (HTTP 404 from {url})"))
                                 }
-                                _ => Fail::NotFound(format!("no such file (HTTP 404 from {url})")),
+                                _ => RequestError::NotFound(format!("no such file (HTTP 404 from {url})")),
                             });
                         }
                         401 | 403 => {
-                            return Err(Fail::Other(format!(
+                            return Err(RequestError::Other(format!(
                                 "access denied (HTTP {code} from {url}); a gated or private repository needs HF_TOKEN"
                             )))
                         }
-                        429 | 500..=599 => Fail::Network(format!("HTTP {code} from {url}")),
-                        _ => return Err(Fail::Other(format!("HTTP {code} from {url}"))),
+                        429 | 500..=599 => RequestError::Network(format!("HTTP {code} from {url}")),
+                        _ => return Err(RequestError::Other(format!("HTTP {code} from {url}"))),
                     }
                 }
                 Err(ureq::Error::Transport(t)) => {
@@ -387,21 +388,21 @@ impl Hub {
                         || t.to_string().contains("timed out");
                     if timed_out {
                         let limit = deadline.unwrap_or(self.config.read_timeout);
-                        Fail::Network(format!(
+                        RequestError::Network(format!(
                             "{url}: no answer within {:.1} s (timed out)",
                             limit.as_secs_f64()
                         ))
                     } else {
-                        Fail::Network(t.to_string())
+                        RequestError::Network(t.to_string())
                     }
                 }
             };
             if attempt >= self.config.retries {
-                let Fail::Network(m) = failure else {
+                let RequestError::Network(m) = failure else {
                     return Err(failure);
                 };
                 let tries = attempt + 1;
-                return Err(Fail::Network(format!(
+                return Err(RequestError::Network(format!(
                     "{m} ({tries} attempt{})",
                     if tries == 1 { "" } else { "s" }
                 )));
@@ -412,19 +413,19 @@ impl Hub {
     }
 
     /// A request with redirects followed (up to 10).
-    fn follow(&self, method: &str, url: &str, range: Option<&str>) -> Try<ureq::Response> {
+    fn follow(&self, method: &str, url: &str, range: Option<&str>) -> Request<ureq::Response> {
         let mut url = url.to_string();
         for _ in 0..10 {
             let r = self.call(method, &url, range, None)?;
             if !(300..400).contains(&r.status()) {
                 return Ok(r);
             }
-            let location = r
-                .header("Location")
-                .ok_or_else(|| Fail::Other(format!("{url}: redirect without a Location")))?;
+            let location = r.header("Location").ok_or_else(|| {
+                RequestError::Other(format!("{url}: redirect without a Location"))
+            })?;
             url = join_url(&url, location);
         }
-        Err(Fail::Other(format!("{url}: too many redirects")))
+        Err(RequestError::Other(format!("{url}: too many redirects")))
     }
 
     fn resolve_url(&self, repo: &str, revision: &str, file: &str) -> String {
@@ -437,24 +438,24 @@ impl Hub {
 
     /// The `resolve` metadata of a file: HEAD, following relative redirects (renamed repos)
     /// only; an absolute redirect points at the bytes (a CDN) and carries the metadata itself.
-    fn file_meta(&self, repo: &str, revision: &str, file: &str) -> Try<FileMeta> {
+    fn file_meta(&self, repo: &str, revision: &str, file: &str) -> Request<FileMeta> {
         let mut url = self.resolve_url(repo, revision, file);
         for _ in 0..10 {
             let r = self.call("HEAD", &url, None, Some(self.config.metadata_timeout))?;
             let location = r.header("Location").map(str::to_string);
             let redirect = (300..400).contains(&r.status());
             if redirect {
-                let location = location
-                    .as_deref()
-                    .ok_or_else(|| Fail::Other(format!("{url}: redirect without a Location")))?;
+                let location = location.as_deref().ok_or_else(|| {
+                    RequestError::Other(format!("{url}: redirect without a Location"))
+                })?;
                 if location.starts_with('/') {
                     url = join_url(&url, location);
                     continue;
                 }
             }
-            let header = |name: &str| -> Try<String> {
+            let header = |name: &str| -> Request<String> {
                 r.header(name).map(str::to_string).ok_or_else(|| {
-                    Fail::Other(format!(
+                    RequestError::Other(format!(
                         "{url}: the answer has no {name} header (is HF_ENDPOINT a Hub?)"
                     ))
                 })
@@ -471,9 +472,9 @@ impl Hub {
             };
             let size = size
                 .parse()
-                .map_err(|_| Fail::Other(format!("{url}: bad size {size:?}")))?;
+                .map_err(|_| RequestError::Other(format!("{url}: bad size {size:?}")))?;
             if !is_commit(&commit) {
-                return Err(Fail::Other(format!("{url}: bad commit {commit:?}")));
+                return Err(RequestError::Other(format!("{url}: bad commit {commit:?}")));
             }
             let target = match (redirect, location) {
                 (true, Some(l)) => join_url(&url, &l),
@@ -486,11 +487,11 @@ impl Hub {
                 url: target,
             });
         }
-        Err(Fail::Other(format!("{url}: too many redirects")))
+        Err(RequestError::Other(format!("{url}: too many redirects")))
     }
 
-    fn offline_miss(&self, what: &str) -> Fail {
-        Fail::NotFound(format!(
+    fn offline_miss(&self, what: &str) -> RequestError {
+        RequestError::NotFound(format!(
             "{what} is not in the cache {} and HF_HUB_OFFLINE is set",
             self.config.cache.display()
         ))
@@ -509,7 +510,7 @@ impl Hub {
             .map_err(|f| ModelError::source(&format!("hf://{repo}@{revision}:{file}"), f.message()))
     }
 
-    fn fetch_file(&self, repo: &str, revision: &str, file: &str) -> Try<(PathBuf, String)> {
+    fn fetch_file(&self, repo: &str, revision: &str, file: &str) -> Request<(PathBuf, String)> {
         if self.config.offline || is_commit(revision) {
             if let Some(hit) = self.cached(repo, revision, file) {
                 return Ok(hit);
@@ -520,12 +521,12 @@ impl Hub {
         }
         let meta = match self.file_meta(repo, revision, file) {
             Ok(m) => m,
-            Err(Fail::Network(m)) => {
+            Err(RequestError::Network(m)) => {
                 if let Some(hit) = self.cached(repo, revision, file) {
                     tracing::warn!("{m}; using the cached {file} of commit {}", hit.1);
                     return Ok(hit);
                 }
-                return Err(Fail::Network(m));
+                return Err(RequestError::Network(m));
             }
             Err(e) => return Err(e),
         };
@@ -561,7 +562,7 @@ impl Hub {
     /// A whole model repository: `config.json` when there is one, and the weights (a sharded
     /// index and the shards holding vision tensors, `model.safetensors`, or
     /// `pytorch_model.bin`), all at one commit. Returns the snapshot directory and the commit.
-    fn fetch_repo(&self, repo: &str, revision: &str) -> Try<(PathBuf, String)> {
+    fn fetch_repo(&self, repo: &str, revision: &str) -> Request<(PathBuf, String)> {
         let mut commit: Option<String> = None;
         let mut at = revision.to_string();
         match self.fetch_file(repo, &at, "config.json") {
@@ -569,7 +570,7 @@ impl Hub {
                 at = c.clone();
                 commit = Some(c);
             }
-            Err(Fail::NotFound(_)) => {}
+            Err(RequestError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
         let candidates = [
@@ -585,7 +586,7 @@ impl Hub {
         for candidate in candidates.iter().skip(cached_first.unwrap_or(0)).copied() {
             let (path, c) = match self.fetch_file(repo, &at, candidate) {
                 Ok(hit) => hit,
-                Err(Fail::NotFound(_)) => continue,
+                Err(RequestError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
             if candidate.ends_with(".index.json") {
@@ -595,14 +596,14 @@ impl Hub {
             }
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             if commit.as_ref().is_some_and(|first| *first != c) {
-                return Err(Fail::Other(format!(
+                return Err(RequestError::Other(format!(
                     "the repository moved from commit {} to {c} while fetching",
                     commit.unwrap_or_default()
                 )));
             }
             return Ok((dir, c));
         }
-        Err(Fail::NotFound(if self.config.offline {
+        Err(RequestError::NotFound(if self.config.offline {
             format!(
                 "no model.safetensors(.index.json) or pytorch_model.bin of revision {revision} in the cache and HF_HUB_OFFLINE is set"
             )
@@ -615,7 +616,7 @@ impl Hub {
 
     /// A file at a URL, kept in the URL cache under a name derived from the URL; `expected`
     /// (sha256 hex) is checked on download and on every later use of the cached copy.
-    fn fetch_url(&self, url: &str, expected: Option<&str>) -> Try<(PathBuf, String)> {
+    fn fetch_url(&self, url: &str, expected: Option<&str>) -> Request<(PathBuf, String)> {
         let key = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
         let key: String = key.as_ref()[..8]
             .iter()
@@ -669,7 +670,7 @@ impl Hub {
         dest: &Path,
         label: &str,
         check: impl Fn(&Path) -> std::result::Result<(), String>,
-    ) -> Try<()> {
+    ) -> Request<()> {
         let parent = dest.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| io_fail(parent, e))?;
         let tmp = PathBuf::from(format!("{}.incomplete", dest.display()));
@@ -727,7 +728,7 @@ impl Hub {
                 if let Some(b) = &bar {
                     b.abandon();
                 }
-                return Err(Fail::Network(format!(
+                return Err(RequestError::Network(format!(
                     "{url}: download truncated: {why}; not cached ({} attempts)",
                     attempt + 1
                 )));
@@ -741,7 +742,7 @@ impl Hub {
         }
         if let Err(why) = check(&tmp) {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Fail::Other(format!(
+            return Err(RequestError::Other(format!(
                 "{url}: corrupt download ({why}); removed, not cached"
             )));
         }
@@ -768,7 +769,7 @@ impl Hub {
     /// that are not safetensors are fetched whole.
     pub fn open_remote(&self, source: &ModelSource) -> Result<Checkpoint> {
         let label = source.to_string();
-        let fail = |f: Fail| ModelError::source(&label, f.message());
+        let fail = |f: RequestError| ModelError::source(&label, f.message());
         let ModelSource::Hub {
             repo,
             revision,
@@ -788,7 +789,7 @@ impl Hub {
             None => {
                 let (config, at) = match self.fetch_file(repo, revision, "config.json") {
                     Ok((p, c)) => (Some(p), c),
-                    Err(Fail::NotFound(_)) => (None, revision.to_string()),
+                    Err(RequestError::NotFound(_)) => (None, revision.to_string()),
                     Err(e) => return Err(fail(e)),
                 };
                 let hf_config = match &config {
@@ -805,7 +806,7 @@ impl Hub {
                         }
                         return Checkpoint::from_headers(path, hf_config, headers, Some(map));
                     }
-                    Err(Fail::NotFound(_)) => {}
+                    Err(RequestError::NotFound(_)) => {}
                     Err(e) => return Err(fail(e)),
                 }
                 match self.remote_header(repo, &at, "model.safetensors") {
@@ -815,7 +816,7 @@ impl Hub {
                         vec![(PathBuf::from("model.safetensors"), h)],
                         None,
                     ),
-                    Err(Fail::NotFound(_)) => Checkpoint::open(self.fetch(source)?.path),
+                    Err(RequestError::NotFound(_)) => Checkpoint::open(self.fetch(source)?.path),
                     Err(e) => Err(fail(e)),
                 }
             }
@@ -824,7 +825,7 @@ impl Hub {
 
     /// The header of a remote safetensors file (length prefix included): read from the cached
     /// file when there is one, else by two range requests.
-    fn remote_header(&self, repo: &str, revision: &str, file: &str) -> Try<(Vec<u8>, String)> {
+    fn remote_header(&self, repo: &str, revision: &str, file: &str) -> Request<(Vec<u8>, String)> {
         if self.config.offline || is_commit(revision) {
             if let Some((path, commit)) = self.cached(repo, revision, file) {
                 return Ok((read_header_file(&path)?, commit));
@@ -835,14 +836,11 @@ impl Hub {
         }
         let meta = self.file_meta(repo, revision, file)?;
         let prefix = self.range(&meta.url, 0, 8)?;
-        let n = u64::from_le_bytes(
-            prefix
-                .as_slice()
-                .try_into()
-                .map_err(|_| Fail::Other(format!("{file}: shorter than a safetensors header")))?,
-        );
+        let n = u64::from_le_bytes(prefix.as_slice().try_into().map_err(|_| {
+            RequestError::Other(format!("{file}: shorter than a safetensors header"))
+        })?);
         if n > MAX_HEADER || 8 + n > meta.size {
-            return Err(Fail::Other(format!(
+            return Err(RequestError::Other(format!(
                 "{file}: not a safetensors file (header length {n})"
             )));
         }
@@ -852,14 +850,14 @@ impl Hub {
     }
 
     /// `len` bytes of `url` from `start`, by a range request.
-    fn range(&self, url: &str, start: u64, len: u64) -> Try<Vec<u8>> {
+    fn range(&self, url: &str, start: u64, len: u64) -> Request<Vec<u8>> {
         let r = self.follow(
             "GET",
             url,
             Some(&format!("bytes={start}-{}", start + len - 1)),
         )?;
         if r.status() != 206 {
-            return Err(Fail::Other(format!(
+            return Err(RequestError::Other(format!(
                 "{url}: the server ignored a range request (HTTP {})",
                 r.status()
             )));
@@ -868,9 +866,9 @@ impl Hub {
         r.into_reader()
             .take(len)
             .read_to_end(&mut buf)
-            .map_err(|e| Fail::Network(format!("{url}: {e}")))?;
+            .map_err(|e| RequestError::Network(format!("{url}: {e}")))?;
         if buf.len() as u64 != len {
-            return Err(Fail::Network(format!(
+            return Err(RequestError::Network(format!(
                 "{url}: range request truncated ({} of {len} bytes)",
                 buf.len()
             )));
@@ -879,13 +877,13 @@ impl Hub {
     }
 }
 
-fn read_header_file(path: &Path) -> Try<Vec<u8>> {
+fn read_header_file(path: &Path) -> Request<Vec<u8>> {
     let mut f = File::open(path).map_err(|e| io_fail(path, e))?;
     let mut prefix = [0u8; 8];
     f.read_exact(&mut prefix).map_err(|e| io_fail(path, e))?;
     let n = u64::from_le_bytes(prefix);
     if n > MAX_HEADER {
-        return Err(Fail::Other(format!(
+        return Err(RequestError::Other(format!(
             "{}: not a safetensors file",
             path.display()
         )));
@@ -973,24 +971,26 @@ fn link(blob: &Path, snapshot: &Path) -> std::io::Result<()> {
     }
 }
 
-fn weight_map(index: &Path) -> Try<BTreeMap<String, String>> {
-    let json = crate::checkpoint::read_json(index).map_err(|e| Fail::Other(e.to_string()))?;
+fn weight_map(index: &Path) -> Request<BTreeMap<String, String>> {
+    let json =
+        crate::checkpoint::read_json(index).map_err(|e| RequestError::Other(e.to_string()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| Fail::Other(format!("{}: no weight_map object", index.display())))?;
+        .ok_or_else(|| RequestError::Other(format!("{}: no weight_map object", index.display())))?;
     map.iter()
         .map(|(k, v)| {
             let f = v.as_str().filter(|f| !f.contains('/') && !f.contains(".."));
-            f.map(|f| (k.clone(), f.to_string()))
-                .ok_or_else(|| Fail::Other(format!("{}: bad shard name for {k}", index.display())))
+            f.map(|f| (k.clone(), f.to_string())).ok_or_else(|| {
+                RequestError::Other(format!("{}: bad shard name for {k}", index.display()))
+            })
         })
         .collect()
 }
 
 /// The shards of a sharded index that hold tensors an image classifier uses (a CLIPModel's
 /// text tower shards are skipped).
-fn needed_shards(index: &Path) -> Try<BTreeSet<String>> {
+fn needed_shards(index: &Path) -> Request<BTreeSet<String>> {
     Ok(weight_map(index)?
         .into_iter()
         .filter(|(name, _)| !ignored(name))
