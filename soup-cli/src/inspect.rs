@@ -38,14 +38,7 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     if let Some(list) = &args.shift {
         raw = shifted(&raw, &Shift::parse_list(list).map_err(CliError::new)?, 0);
     }
-    let mut objective = Classification {
-        arch: arch.clone(),
-        data: args.data.prepare(&raw, &arch)?,
-        batch_size: 256,
-        eval_batch_size: 256,
-        label_smoothing: 0.0,
-        shard: (0, 1),
-    };
+    let mut objective = Classification::new(arch.clone(), args.data.prepare(&raw, &arch)?, 256);
     let scores: Scores = objective.evaluate(&params)?.into();
     if args.json {
         println!("{}", serde_json::to_string(&scores)?);

@@ -261,12 +261,9 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     }
 
     let mut objective = Classification {
-        arch: arch.clone(),
-        data: heldout,
-        batch_size: recipe.batch_size.unwrap_or(128),
         eval_batch_size: 256,
         label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
-        shard: (0, 1),
+        ..Classification::new(arch.clone(), heldout, recipe.batch_size.unwrap_or(128))
     };
     let names: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
     let mut max_rows = 0;

@@ -157,14 +157,7 @@ fn run_training(
         bar.set_prefix(format!("loss {:.4}", s.loss));
     })?;
     bar.finish_and_clear();
-    let mut objective = Classification {
-        arch: arch.clone(),
-        data: heldout.clone(),
-        batch_size: 256,
-        eval_batch_size: 256,
-        label_smoothing: 0.0,
-        shard: (0, 1),
-    };
+    let mut objective = Classification::new(arch.clone(), heldout.clone(), 256);
     let metrics = objective.evaluate(&trained)?;
     Ok((trained, metrics))
 }

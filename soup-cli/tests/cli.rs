@@ -14,12 +14,11 @@ const DATA: &str = "/usr/share/datasets/fashion-mnist";
 /// Examples per split: enough to learn something, few enough for CI.
 const LIMIT: &str = "600";
 
+mod common;
+use common::json;
+
 fn soup(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_soup"))
-        .args(args)
-        .arg("-q")
-        .output()
-        .expect("run soup")
+    common::run(None, args, &[])
 }
 
 fn ok(args: &[&str]) -> String {
@@ -143,10 +142,6 @@ fn mix(zoo: &Zoo, method: &str, out: &str, model_batch: &str) -> Vec<String> {
     .collect()
 }
 
-fn json(path: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn soup_bits(path: &str) -> Vec<u32> {
     let ckpt = Checkpoint::open(path).unwrap();
     let arch = ckpt.architecture().unwrap();
@@ -181,7 +176,7 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
                 "{method}: no {file}"
             );
         }
-        let coefficients = json(&zoo.path(&format!("{out}/coefficients.json")));
+        let coefficients = json(zoo.path(&format!("{out}/coefficients.json")));
         let rows = coefficients["alpha"].as_array().unwrap();
         assert_eq!(coefficients["models"].as_array().unwrap().len(), 6);
         assert_eq!(rows.len(), coefficients["blocks"].as_array().unwrap().len());
@@ -194,7 +189,7 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
                 .sum();
             assert!((sum - 1.0).abs() < 1e-6, "{method}: α sums to {sum}");
         }
-        let report = json(&zoo.path(&format!("{out}/report.json")));
+        let report = json(zoo.path(&format!("{out}/report.json")));
         assert_eq!(report["method"], method);
         assert!(report["peak_rss_bytes"].as_u64().unwrap() > 0);
         let eval: serde_json::Value = serde_json::from_str(&ok(&[
@@ -289,8 +284,8 @@ fn a_killed_run_resumes_to_the_same_soup() {
         soup_bits(&zoo.path("resume-killed/soup.safetensors"))
     );
     assert_eq!(
-        json(&zoo.path("resume-full/coefficients.json")),
-        json(&zoo.path("resume-killed/coefficients.json"))
+        json(zoo.path("resume-full/coefficients.json")),
+        json(zoo.path("resume-killed/coefficients.json"))
     );
 }
 
@@ -493,20 +488,7 @@ fn bad_input_gets_exit_code_two_and_a_named_culprit() {
 }
 
 fn soup_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_soup"));
-    cmd.args(args).arg("-q");
-    for var in [
-        "HF_ENDPOINT",
-        "HF_HOME",
-        "HF_HUB_CACHE",
-        "HF_TOKEN",
-        "HF_HUB_OFFLINE",
-        "SOUP_CACHE",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run soup")
+    common::run(None, args, env)
 }
 
 #[test]
@@ -546,10 +528,10 @@ fn a_zoo_of_hub_models_mixes_like_the_local_zoo_and_works_offline_afterwards() {
     }
     let soup = |out: &str| soup_bits(&format!("{}/soup.safetensors", zoo.path(out)));
     assert_eq!(soup("hub-local"), soup("hub-remote"));
-    let report = json(&format!("{}/report.json", zoo.path("hub-remote")));
+    let report = json(format!("{}/report.json", zoo.path("hub-remote")));
     assert_eq!(report["zoo"][1]["source"], "hf://org/m1");
     assert_eq!(report["zoo"][1]["commit"], commit);
-    let coefficients = json(&format!("{}/coefficients.json", zoo.path("hub-remote")));
+    let coefficients = json(format!("{}/coefficients.json", zoo.path("hub-remote")));
     assert_eq!(coefficients["models"][0], "hf://org/m0");
 
     // The server gone and HF_HUB_OFFLINE set: inspect and eval run from the cache; a model

@@ -85,9 +85,8 @@ fn ok(ranks: usize, args: &[String]) {
     );
 }
 
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+mod common;
+use common::json;
 
 /// The soup's tensors by name, as f64.
 fn soup(dir: &Path) -> Vec<(String, Vec<f64>)> {
@@ -113,7 +112,7 @@ fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
 
 /// α per block: (block name, α over the models).
 fn alphas(dir: &Path) -> Vec<(String, Vec<f64>)> {
-    let c = json(&dir.join("coefficients.json"));
+    let c = json(dir.join("coefficients.json"));
     let blocks = c["blocks"].as_array().unwrap();
     blocks
         .iter()
@@ -183,7 +182,7 @@ fn mehl_plus_over_two_and_three_ranks_equals_one_process() {
 
         // Each rank held at most ⌈b/W⌉ models of a batch and their directions, and loaded only
         // its share: the first center's share plus every batch's share.
-        let report = json(&out.join("report.json"));
+        let report = json(out.join("report.json"));
         assert_eq!(report["world_size"], ranks);
         let k = B.div_ceil(ranks);
         let batches: Vec<usize> = (0..N).step_by(B).map(|s| (N - s).min(B)).collect();

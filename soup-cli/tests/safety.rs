@@ -7,7 +7,7 @@
 //! `cargo xtask ci`) keeps each run under a second.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use soup_models::testkit::fixtures::ScratchDir;
@@ -15,16 +15,10 @@ use soup_models::testkit::fixtures::ScratchDir;
 const DATA: &str = "/usr/share/datasets/fashion-mnist";
 const LIMIT: &str = "300";
 
+mod common;
+
 fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_soup"))
-        .args(args)
-        .arg("-q")
-        .current_dir(dir)
-        .env_remove("SOUP_CRASH_AT")
-        .env_remove("SOUP_CRASH_TRACE")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run soup")
+    common::run(Some(dir), args, env)
 }
 
 fn ok_in(dir: &Path, args: &[&str]) -> String {

@@ -82,14 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = batch * steps;
     let images = Tensor::randn(0f32, 1.0, (n, spec.channels, spec.height, spec.width), &dev)?;
     let labels: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
-    let mut objective = Classification {
-        arch: arch.clone(),
-        data: Dataset { images, labels },
-        batch_size: batch,
-        eval_batch_size: batch,
-        label_smoothing: 0.0,
-        shard: (0, 1),
-    };
+    let mut objective = Classification::new(arch.clone(), Dataset { images, labels }, batch);
     let config = MehlConfig {
         model_batch: b,
         inner_epochs: 1,

@@ -8,23 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use soup_core::{ModelStore, ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::{write_model_dir, write_safetensors};
-use soup_models::testkit::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
+use soup_models::testkit::fixtures::{
+    bits, random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir,
+};
 use soup_models::{Architecture, Checkpoint, FileStore};
-
-fn bits(tensors: &[Tensor]) -> Vec<Vec<u32>> {
-    tensors
-        .iter()
-        .map(|t| {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(f32::to_bits)
-                .collect()
-        })
-        .collect()
-}
 
 fn tiny() -> (ClipClassifier, Vec<Tensor>) {
     let arch = ClipClassifier::new(tiny_clip_config(3, 4)).unwrap();

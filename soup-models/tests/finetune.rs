@@ -9,7 +9,7 @@ use soup_core::MehlOptions;
 use soup_core::{run_mehl, BlockCut, MehlConfig, Objective};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_model_dir;
-use soup_models::testkit::fixtures::{tiny_clip_config, ScratchDir};
+use soup_models::testkit::fixtures::{bits, tensor_bits as flat, tiny_clip_config, ScratchDir};
 use soup_models::train::finetune::{augment, finetune, Augment, FinetuneConfig};
 use soup_models::{Architecture, Checkpoint, Classification, Dataset, FileStore};
 
@@ -61,12 +61,12 @@ fn config(seed: u64, lr: f64) -> FinetuneConfig {
 
 fn objective(arch: &ClipClassifier, data: Dataset) -> Classification {
     Classification {
-        arch: std::sync::Arc::new(ClipClassifier::new(arch.config.clone()).unwrap()),
-        data,
-        batch_size: 16,
         eval_batch_size: 64,
-        label_smoothing: 0.0,
-        shard: (0, 1),
+        ..Classification::new(
+            std::sync::Arc::new(ClipClassifier::new(arch.config.clone()).unwrap()),
+            data,
+            16,
+        )
     }
 }
 
@@ -114,14 +114,8 @@ fn finetuning_learns_and_is_reproducible() {
         &mut |_| {},
     )
     .unwrap();
-    let flat = |p: &[Tensor]| -> Vec<u32> {
-        p.iter()
-            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .map(f32::to_bits)
-            .collect()
-    };
-    assert_eq!(flat(&trained), flat(&again));
-    assert_ne!(flat(&trained), flat(&other));
+    assert_eq!(bits(&trained), bits(&again));
+    assert_ne!(bits(&trained), bits(&other));
 }
 
 #[test]
@@ -277,16 +271,6 @@ fn augmentations_do_what_they_say() {
         mean.abs() < 0.03 && (std - 0.5).abs() < 0.03,
         "mean {mean}, std {std}"
     );
-}
-
-fn flat(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
 }
 
 #[test]

@@ -11,7 +11,9 @@ use soup_core::{ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_safetensors;
 use soup_models::remote::hub::{Hub, HubConfig};
-use soup_models::testkit::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
+use soup_models::testkit::fixtures::{
+    bits, random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir,
+};
 use soup_models::testkit::hub::{sha256, Behaviour, HubServer};
 use soup_models::{Architecture, Checkpoint, ModelSource};
 
@@ -31,16 +33,6 @@ fn config(server: &HubServer, dir: &Path) -> HubConfig {
         retries: 1,
         progress: false,
     }
-}
-
-fn bits(tensors: &[Tensor]) -> Vec<Vec<u32>> {
-    tensors
-        .iter()
-        .map(|t| {
-            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            v.into_iter().map(f32::to_bits).collect()
-        })
-        .collect()
 }
 
 /// Two tiny CLIP models written as Hugging Face directories `v1/` and `v2/` under `dir`.

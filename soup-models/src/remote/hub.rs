@@ -222,12 +222,12 @@ fn digest_file(
         }
         ctx.update(&buf[..n]);
     }
-    Ok(ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(ctx.finish().as_ref()))
+}
+
+/// Lower-case hexadecimal of `bytes` (digests as the Hub and sha256sum write them).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Hub {
@@ -618,10 +618,7 @@ impl Hub {
     /// (sha256 hex) is checked on download and on every later use of the cached copy.
     fn fetch_url(&self, url: &str, expected: Option<&str>) -> Request<(PathBuf, String)> {
         let key = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
-        let key: String = key.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let key = hex(&key.as_ref()[..8]);
         let name = url
             .rsplit('/')
             .next()

@@ -4,7 +4,7 @@
 //! `position_ids` as real files do), and scratch directories that clean up after themselves.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use soup_core::rng::SplitMix64;
@@ -15,28 +15,22 @@ use crate::arch::Architecture;
 use crate::checkpoint::write_safetensors;
 use crate::error::Result;
 
-/// A directory under the system's temporary directory, removed when dropped.
+/// A directory under the system's temporary directory, named after the test that uses it,
+/// removed when dropped (`tempfile::TempDir`).
 #[derive(Debug)]
-pub struct ScratchDir(pub PathBuf);
+pub struct ScratchDir(tempfile::TempDir);
 
 impl ScratchDir {
     pub fn new(label: &str) -> Self {
-        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("soup-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("soup-{label}-"))
+            .tempdir()
+            .expect("create a scratch directory");
         Self(dir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
@@ -166,4 +160,19 @@ pub fn write_openai_pt(path: &Path, arch: &ClipClassifier, params: &[Tensor]) ->
     ));
     tensors.push(("model.logit_scale".into(), Tensor::new(&[4.6052f32], &dev)?));
     crate::testkit::torch::write_torch_state_dict(path, &tensors)
+}
+
+/// The bits of each f32 tensor, for bit-for-bit comparisons in tests.
+pub fn bits(tensors: &[Tensor]) -> Vec<Vec<u32>> {
+    tensors.iter().map(tensor_bits).collect()
+}
+
+/// The bits of an f32 tensor's values, in row-major order.
+pub fn tensor_bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("an f32 tensor")
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
 }

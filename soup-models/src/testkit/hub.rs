@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::remote::hub::hex;
+
 /// How the server answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Behaviour {
@@ -45,10 +47,6 @@ pub struct HubServer {
     state: Arc<Mutex<State>>,
     behaviour: Arc<Mutex<Behaviour>>,
     stop: Arc<AtomicBool>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn sha256(data: &[u8]) -> String {

@@ -54,6 +54,19 @@ fn part(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
 }
 
 impl Classification {
+    /// Classification of `data` by `arch` in mini-batches of `batch_size` (evaluated in batches
+    /// of the same size), plain cross-entropy, all of the data (no shard).
+    pub fn new(arch: Arc<dyn Architecture>, data: Dataset, batch_size: usize) -> Self {
+        Self {
+            arch,
+            data,
+            batch_size,
+            eval_batch_size: batch_size,
+            label_smoothing: 0.0,
+            shard: (0, 1),
+        }
+    }
+
     /// The rows of mini-batch `batch`: a slice of the permutation drawn from its epoch seed.
     pub fn batch_rows(&self, batch: Batch) -> Vec<u32> {
         let order = permutation(self.data.len(), batch.epoch_seed);
