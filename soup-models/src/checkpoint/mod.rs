@@ -624,7 +624,9 @@ fn open_index(index: &Path) -> Result<(Vec<Shard>, BTreeMap<String, usize>)> {
     Ok((shards, weight_map))
 }
 
-/// A safetensors header (length prefix included) without the data: tensors and metadata.
+/// A safetensors header (length prefix included) without the data: tensors and metadata. The
+/// safetensors library's `read_metadata` insists that the data cover the offsets ("file not
+/// fully covered"), so headers fetched alone by range requests are parsed here.
 fn parse_header(bytes: &[u8]) -> std::result::Result<Mapped, String> {
     let n = bytes
         .get(..8)
