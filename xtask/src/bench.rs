@@ -20,7 +20,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::reproduce::{build_soup, strings};
+use crate::reproduce::{strings, Soup};
 use crate::{ensure_packages, release_example, root, DATA_PACKAGES};
 
 struct Options {
@@ -358,7 +358,7 @@ fn timed(cmd: &[String], log: &Path) -> Result<(f64, f64, String), String> {
 fn authors(o: &Options, python: &Path) -> Result<(Value, String), String> {
     ensure_packages(DATA_PACKAGES)?;
     ensure_packages(&[("time", "/usr/bin/time")])?;
-    build_soup()?;
+    let soup = Soup::build(false)?;
     let dir = root().join("target/bench/authors");
     let zoo = dir.join("zoo");
     let maker = release_example("perturbed_zoo")?;
@@ -382,7 +382,7 @@ fn authors(o: &Options, python: &Path) -> Result<(Value, String), String> {
     let rows: Vec<String> = (0..AUTHORS_EXAMPLES).map(|i| i.to_string()).collect();
     std::fs::write(&index, rows.join("\n") + "\n").map_err(|e| e.to_string())?;
     let (b, epochs, batch, lr, seed) = ("4", "2", "50", "0.01", "1");
-    let mut ours_cmd = vec![root().join("target/release/soup").display().to_string()];
+    let mut ours_cmd = vec![soup.exe().display().to_string()];
     ours_cmd.extend(strings(&["mix", "-q", "--method", "mehl+", "--zoo"]));
     ours_cmd.push(zoo.display().to_string());
     ours_cmd.extend(strings(&["--data", "fashion-mnist", "--heldout-index"]));

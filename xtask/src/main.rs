@@ -8,9 +8,7 @@
 //! - `cargo xtask reproduce [--quick]`: the paper's experiments on Fashion-MNIST (`reproduce.rs`).
 
 mod bench;
-mod paper;
 mod reproduce;
-mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::reproduce::{line_chart, read_json, soup, strings, write_subset};
+use super::{line_chart, read_json, strings, write_subset, Soup};
 use crate::{ensure_packages, root, DATA_PACKAGES};
 
 const SIGMA: f64 = 0.01;
@@ -53,7 +53,13 @@ fn mem_available() -> Result<u64, String> {
         .ok_or_else(|| "/proc/meminfo: no MemAvailable".to_string())
 }
 
-fn run(manifest: &Path, out: &Path, method: &str, limit: u64) -> Result<Outcome, String> {
+fn run(
+    soup: &Soup,
+    manifest: &Path,
+    out: &Path,
+    method: &str,
+    limit: u64,
+) -> Result<Outcome, String> {
     let mut args = strings(&["mix", "--method", method, "--zoo"]);
     args.push(manifest.display().to_string());
     args.extend(strings(&["--data", "fashion-mnist", "--max-examples"]));
@@ -66,7 +72,7 @@ fn run(manifest: &Path, out: &Path, method: &str, limit: u64) -> Result<Outcome,
     args.push(limit.to_string());
     args.push("--out".into());
     args.push(out.display().to_string());
-    match soup(&args) {
+    match soup.run(&args) {
         Ok(_) => {}
         Err(e) if e.contains("over --max-memory") => {
             let why = e.rsplit("soup: ").next().unwrap_or(&e).trim().to_string();
@@ -119,14 +125,13 @@ fn zoo(exe: &Path, n: usize) -> Result<Vec<PathBuf>, String> {
     Ok((0..n).map(|i| dir.join(format!("model-{i:02}"))).collect())
 }
 
-pub fn scale(models: &[usize]) -> Result<(), String> {
+pub fn scale(soup: &Soup, models: &[usize]) -> Result<(), String> {
     let started = Instant::now();
     let max_n = *models.iter().max().ok_or("--models needs at least one N")?;
     if models.contains(&0) {
         return Err("--models: N must be at least 1".into());
     }
     ensure_packages(DATA_PACKAGES)?;
-    crate::reproduce::build_soup()?;
     let exe = crate::release_example("perturbed_zoo")?;
     eprintln!("xtask: scale: a perturbed zoo of {max_n} ViT-B/32 classifiers");
     let paths = zoo(&exe, max_n)?;
@@ -142,7 +147,7 @@ pub fn scale(models: &[usize]) -> Result<(), String> {
             let limit = mem_available()?;
             eprintln!("xtask: scale: {method}, N = {n}");
             let out = runs.join(format!("{method}-{n}"));
-            pair.push(run(&manifest, &out, method, limit)?);
+            pair.push(run(soup, &manifest, &out, method, limit)?);
         }
         let mehl = pair.pop().expect("two runs");
         let learned = pair.pop().expect("two runs");

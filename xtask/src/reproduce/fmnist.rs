@@ -1,5 +1,3 @@
-//! `cargo xtask reproduce`: the paper's experiments (spec §6) on what is available offline.
-//!
 //! Preset `fmnist` (the default): a tiny CLIP ViT pre-trained on Fashion-MNIST, fine-tuned N times
 //! with a random search, then every soup method through the `soup` binary, each in its own process
 //! so its peak RSS and time are its own. Results go to `results/fmnist[-quick]/` as markdown, JSON
@@ -8,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::{cargo, ensure_packages, root, DATA_PACKAGES};
+use super::{line_chart, read_json, strings, write_subset, Soup};
+use crate::{ensure_packages, root, DATA_PACKAGES};
 
 const DATA: &str = "fashion-mnist";
 
@@ -26,6 +24,8 @@ const CACHE_VERSION: u32 = 2;
 
 /// The settings of one run of the preset.
 struct Preset {
+    /// The binary that runs every step.
+    soup: Soup,
     name: &'static str,
     /// Models in the zoo.
     n: usize,
@@ -49,9 +49,10 @@ struct Preset {
 }
 
 impl Preset {
-    fn fmnist(quick: bool) -> Self {
+    fn fmnist(soup: Soup, quick: bool) -> Self {
         if quick {
             Preset {
+                soup,
                 name: "fmnist-quick",
                 n: 6,
                 train_examples: Some(1200),
@@ -69,6 +70,7 @@ impl Preset {
             }
         } else {
             Preset {
+                soup,
                 name: "fmnist",
                 n: 32,
                 train_examples: None,
@@ -110,67 +112,13 @@ impl Preset {
     }
 }
 
-/// Whether the presets run the dev-profile `soup` (`--dev-build`: CI reuses the binary its tests
-/// built instead of building the release profile) rather than the release one.
-static DEV_BUILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-fn soup_exe() -> PathBuf {
-    let profile = if DEV_BUILD.load(std::sync::atomic::Ordering::Relaxed) {
-        "debug"
-    } else {
-        "release"
-    };
-    root().join("target").join(profile).join("soup")
-}
-
-/// Builds the `soup` binary the presets run. With `--dev-build` a dev-profile binary that is
-/// already there is used as it is (CI's comes from its test build, whose feature set a separate
-/// `cargo build` would not match, rebuilding candle).
-pub(crate) fn build_soup() -> Result<(), String> {
-    if DEV_BUILD.load(std::sync::atomic::Ordering::Relaxed) {
-        if soup_exe().exists() {
-            return Ok(());
-        }
-        cargo(&["build", "-p", "soup-cli"])
-    } else {
-        cargo(&["build", "--release", "-p", "soup-cli"])
-    }
-}
-
-/// Runs `soup args` (quiet) and returns its stdout; the error carries its stderr.
-pub(crate) fn soup(args: &[String]) -> Result<String, String> {
-    let exe = soup_exe();
-    let out = Command::new(&exe)
-        .args(args)
-        .arg("-q")
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "soup {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub(crate) fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-pub(crate) fn read_json(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// Test accuracy of a checkpoint on the shifted test set.
 fn shifted_accuracy(p: &Preset, model: &Path) -> Result<f64, String> {
     let mut args = strings(&["eval", "--model"]);
     args.push(model.display().to_string());
     args.extend(p.data_args(false));
     args.extend(strings(&["--split", "test", "--shift", "all", "--json"]));
-    let v: Value = serde_json::from_str(&soup(&args)?).map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&p.soup.run(&args)?).map_err(|e| e.to_string())?;
     Ok(v["accuracy"].as_f64().unwrap_or(f64::NAN))
 }
 
@@ -226,7 +174,7 @@ fn mix(
         }
     }
     args.extend(extra.iter().cloned());
-    soup(&args)?;
+    p.soup.run(&args)?;
     let report = read_json(&out.join("report.json"))?;
     let coefficients = read_json(&out.join("coefficients.json"))?;
     let alpha: Vec<f64> = coefficients["alpha"]
@@ -268,15 +216,6 @@ fn pct(v: &[f64]) -> String {
     }
 }
 
-/// A zoo manifest of `paths` (absolute).
-pub(crate) fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String> {
-    let mut text = String::new();
-    for p in paths {
-        let _ = writeln!(text, "[[model]]\npath = {:?}\n", p.display().to_string());
-    }
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// Greedy and MEHL+ soups of the zoo `paths` (first seed): their test accuracies.
 fn greedy_vs_mehl(
     p: &Preset,
@@ -294,147 +233,11 @@ fn greedy_vs_mehl(
     Ok((test[0], test[1]))
 }
 
-/// A line chart of named series of (x, y) points, as SVG.
-pub(crate) fn line_chart(
-    title: &str,
-    xlabel: &str,
-    ylabel: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-) -> String {
-    let (w, h, left, top) = (640.0, 360.0, 70.0, 40.0);
-    let (pw, ph) = (w - left - 150.0, h - top - 50.0);
-    let points = series.iter().flat_map(|(_, s)| s.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    let (xs, ys) = ((x1 - x0).max(1e-9), (y1 - y0).max(1e-9));
-    let px = |x: f64| left + pw * (x - x0) / xs;
-    let py = |y: f64| top + ph * (y1 - y) / ys;
-    let colours = ["#c33", "#36c", "#393", "#939", "#c93"];
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = write!(
-        s,
-        r#"<text x="{left}" y="20" font-size="14">{title}</text>"#
-    );
-    let _ = write!(
-        s,
-        r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##
-    );
-    for (k, (name, pts)) in series.iter().enumerate() {
-        let c = colours[k % colours.len()];
-        let line: Vec<String> = pts
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        let _ = write!(
-            s,
-            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
-            line.join(" ")
-        );
-        for &(x, y) in pts {
-            let _ = write!(
-                s,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"><title>{name}: {x}, {y:.4}</title></circle>"#,
-                px(x),
-                py(y)
-            );
-        }
-        let _ = write!(
-            s,
-            r#"<text x="{:.0}" y="{:.0}" fill="{c}">{name}</text>"#,
-            left + pw + 10.0,
-            top + 14.0 * (k + 1) as f64
-        );
-    }
-    let _ = write!(
-        s,
-        r#"<text x="{left}" y="{:.0}">{x0}</text><text x="{:.0}" y="{:.0}">{x1}</text>"#,
-        top + ph + 14.0,
-        left + pw - 20.0,
-        top + ph + 14.0
-    );
-    let _ = write!(
-        s,
-        r#"<text x="{:.0}" y="{:.0}">{xlabel}</text>"#,
-        left + pw / 2.0 - 30.0,
-        top + ph + 32.0
-    );
-    let _ = write!(
-        s,
-        r#"<text x="4" y="{:.0}">{y1:.3}</text><text x="4" y="{:.0}">{y0:.3}</text>"#,
-        top + 8.0,
-        top + ph
-    );
-    let _ = write!(
-        s,
-        r#"<text x="4" y="{:.0}">{ylabel}</text>"#,
-        top + ph / 2.0
-    );
-    s.push_str("</svg>\n");
-    s
-}
-
-pub fn reproduce(args: &[String]) -> Result<(), String> {
-    let mut preset = "fmnist".to_string();
-    let mut quick = false;
-    let mut models: Option<Vec<usize>> = None;
-    let (mut imagenet, mut zoo, mut max_examples) = (None, None, None);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--quick" => quick = true,
-            "--dev-build" => DEV_BUILD.store(true, std::sync::atomic::Ordering::Relaxed),
-            "--preset" => preset = value()?.clone(),
-            "--models" => {
-                let list = value()?;
-                let parsed: Result<Vec<usize>, _> = list.split(',').map(str::parse).collect();
-                models = Some(parsed.map_err(|_| format!("--models {list:?}: expected N,N,..."))?);
-            }
-            "--imagenet" => imagenet = Some(PathBuf::from(value()?)),
-            "--zoo" => zoo = Some(PathBuf::from(value()?)),
-            "--max-examples" => {
-                let v = value()?;
-                max_examples = Some(v.parse().map_err(|_| format!("--max-examples {v:?}"))?);
-            }
-            other => return Err(format!("unknown reproduce flag {other}")),
-        }
-    }
-    let misplaced = |flag: &str, set: bool, owner: &str| -> Result<(), String> {
-        if set && preset != owner {
-            return Err(format!("{flag} belongs to --preset {owner}"));
-        }
-        Ok(())
-    };
-    misplaced("--quick", quick, "fmnist")?;
-    misplaced("--models", models.is_some(), "scale")?;
-    misplaced("--imagenet", imagenet.is_some(), "paper-vit-b32")?;
-    misplaced("--zoo", zoo.is_some(), "paper-vit-b32")?;
-    misplaced("--max-examples", max_examples.is_some(), "paper-vit-b32")?;
-    match preset.as_str() {
-        "fmnist" => fmnist(&Preset::fmnist(quick)),
-        "scale" => crate::scale::scale(models.as_deref().unwrap_or(crate::scale::DEFAULT_MODELS)),
-        "paper-vit-b32" => crate::paper::paper(&crate::paper::check_args(
-            imagenet.as_deref(),
-            zoo.as_deref(),
-            max_examples,
-        )?),
-        other => Err(format!(
-            "unknown preset {other:?} (available: fmnist, scale, paper-vit-b32)"
-        )),
-    }
-}
-
-fn fmnist(p: &Preset) -> Result<(), String> {
+/// Runs the preset (`quick`: a small zoo, one seed, minutes) with `soup`.
+pub(super) fn fmnist(soup: &Soup, quick: bool) -> Result<(), String> {
+    let p = &Preset::fmnist(soup.clone(), quick);
     let started = Instant::now();
     ensure_packages(DATA_PACKAGES)?;
-    build_soup()?;
     let results = root().join("results").join(p.name);
     let cache = root().join("results/cache").join(p.name);
     let runs = results.join("runs");
@@ -471,7 +274,7 @@ fn fmnist(p: &Preset) -> Result<(), String> {
         args.push(p.pretrain_epochs.to_string());
         args.push("--out".into());
         args.push(cache.join("base.safetensors").display().to_string());
-        eprint!("{}", soup(&args)?);
+        eprint!("{}", p.soup.run(&args)?);
         eprintln!("xtask: fine-tuning {} models", p.n);
         let mut args = strings(&["finetune", "--base"]);
         args.push(cache.join("base.safetensors").display().to_string());
@@ -485,11 +288,11 @@ fn fmnist(p: &Preset) -> Result<(), String> {
         let resumed = zoo.join("zoo.toml").exists() && {
             let mut resume = args.clone();
             resume.push("--resume".into());
-            soup(&resume).map(|out| eprint!("{out}")).is_ok()
+            p.soup.run(&resume).map(|out| eprint!("{out}")).is_ok()
         };
         if !resumed {
             args.push("--force".into());
-            eprint!("{}", soup(&args)?);
+            eprint!("{}", p.soup.run(&args)?);
         }
         std::fs::write(&stamp, p.cache_key()).map_err(|e| e.to_string())?;
         phases.insert("zoo", t.elapsed().as_secs_f64());
@@ -524,7 +327,7 @@ fn fmnist(p: &Preset) -> Result<(), String> {
         args.push(best.display().to_string());
         args.extend(p.data_args(false));
         args.extend(strings(&["--split", "test", "--json"]));
-        let v: Value = serde_json::from_str(&soup(&args)?).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&p.soup.run(&args)?).map_err(|e| e.to_string())?;
         v["accuracy"].as_f64().unwrap_or(f64::NAN)
     };
     let best_run = Run {

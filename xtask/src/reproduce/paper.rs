@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::reproduce::{read_json, soup, strings, write_subset};
+use super::{read_json, strings, write_subset, Soup};
 use crate::root;
 
 /// The shipped manifest of the 72 checkpoints.
-pub const MANIFEST: &str = include_str!("../manifests/paper-vit-b32.toml");
+pub const MANIFEST: &str = include_str!("../../manifests/paper-vit-b32.toml");
 pub const MODELS: usize = 72;
 
 /// Spec §6: method, ImageNet top-1, soup time, memory.
@@ -99,9 +99,8 @@ fn data_args(a: &PaperArgs) -> Vec<String> {
     v
 }
 
-pub fn paper(a: &PaperArgs) -> Result<(), String> {
+pub fn paper(soup: &Soup, a: &PaperArgs) -> Result<(), String> {
     let started = Instant::now();
-    crate::reproduce::build_soup()?;
     let results = root().join("results/paper-vit-b32");
     let runs = results.join("runs");
     std::fs::create_dir_all(&runs).map_err(|e| format!("{}: {e}", runs.display()))?;
@@ -114,7 +113,7 @@ pub fn paper(a: &PaperArgs) -> Result<(), String> {
         let mut args = strings(&["eval", "--model", model]);
         args.extend(data_args(a));
         args.extend(strings(&["--split", split, "--json"]));
-        let v: Value = serde_json::from_str(&soup(&args)?).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&soup.run(&args)?).map_err(|e| e.to_string())?;
         Ok(v["accuracy"].as_f64().unwrap_or(f64::NAN))
     };
     let mut best = (f64::MIN, String::new());
@@ -148,7 +147,7 @@ pub fn paper(a: &PaperArgs) -> Result<(), String> {
             "--out",
         ]));
         args.push(out.display().to_string());
-        soup(&args)?;
+        soup.run(&args)?;
         let r = read_json(&out.join("report.json"))?;
         rows.push((
             method.to_string(),

@@ -1,0 +1,234 @@
+//! `cargo xtask reproduce`: the paper's experiments (spec §6) on what is available offline, one
+//! file per preset: `fmnist` (the default: a tiny CLIP ViT on Fashion-MNIST, every table and
+//! figure), `scale` (memory and time of Learned+ vs MEHL+ on ViT-B/32-size zoos) and
+//! `paper-vit-b32` (the 72 model-soups checkpoints on ImageNet). Every soup runs through the
+//! `soup` binary ([`Soup`]), each in its own process so its peak RSS and time are its own.
+
+mod fmnist;
+pub(crate) mod paper;
+pub(crate) mod scale;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::{cargo, root};
+
+/// The `soup` binary the presets and benchmarks run.
+#[derive(Clone, Debug)]
+pub(crate) struct Soup {
+    exe: PathBuf,
+}
+
+impl Soup {
+    /// The release `soup`, built; with `dev` the dev-profile one as it is when it exists (CI
+    /// reuses the binary its tests built: a separate `cargo build` would not match their feature
+    /// set and would rebuild candle).
+    pub(crate) fn build(dev: bool) -> Result<Self, String> {
+        let profile = if dev { "debug" } else { "release" };
+        let exe = root().join("target").join(profile).join("soup");
+        if !dev {
+            cargo(&["build", "--release", "-p", "soup-cli"])?;
+        } else if !exe.exists() {
+            cargo(&["build", "-p", "soup-cli"])?;
+        }
+        Ok(Self { exe })
+    }
+
+    pub(crate) fn exe(&self) -> &Path {
+        &self.exe
+    }
+
+    /// Runs `soup args -q` and returns its stdout; the error carries its stderr.
+    pub(crate) fn run(&self, args: &[String]) -> Result<String, String> {
+        let out = Command::new(&self.exe)
+            .args(args)
+            .arg("-q")
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "soup {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+pub(crate) fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A zoo manifest of `paths` (absolute).
+pub(crate) fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String> {
+    let mut text = String::new();
+    for p in paths {
+        let _ = writeln!(text, "[[model]]\npath = {:?}\n", p.display().to_string());
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `text` safe inside SVG/XML text and attributes.
+pub(crate) fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A line chart of named series of (x, y) points, as SVG (title, labels and names escaped).
+pub(crate) fn line_chart(
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    let (w, h, left, top) = (640.0, 360.0, 70.0, 40.0);
+    let (pw, ph) = (w - left - 150.0, h - top - 50.0);
+    let points = series.iter().flat_map(|(_, s)| s.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let (xs, ys) = ((x1 - x0).max(1e-9), (y1 - y0).max(1e-9));
+    let px = |x: f64| left + pw * (x - x0) / xs;
+    let py = |y: f64| top + ph * (y1 - y) / ys;
+    let colours = ["#c33", "#36c", "#393", "#939", "#c93"];
+    let (title, xlabel, ylabel) = (escape(title), escape(xlabel), escape(ylabel));
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="20" font-size="14">{title}</text>"#
+    );
+    let _ = write!(
+        s,
+        r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##
+    );
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let c = colours[k % colours.len()];
+        let name = escape(name);
+        let line: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = write!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+            line.join(" ")
+        );
+        for &(x, y) in pts {
+            let _ = write!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"><title>{name}: {x}, {y:.4}</title></circle>"#,
+                px(x),
+                py(y)
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{:.0}" y="{:.0}" fill="{c}">{name}</text>"#,
+            left + pw + 10.0,
+            top + 14.0 * (k + 1) as f64
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="{:.0}">{x0}</text><text x="{:.0}" y="{:.0}">{x1}</text>"#,
+        top + ph + 14.0,
+        left + pw - 20.0,
+        top + ph + 14.0
+    );
+    let _ = write!(
+        s,
+        r#"<text x="{:.0}" y="{:.0}">{xlabel}</text>"#,
+        left + pw / 2.0 - 30.0,
+        top + ph + 32.0
+    );
+    let _ = write!(
+        s,
+        r#"<text x="4" y="{:.0}">{y1:.3}</text><text x="4" y="{:.0}">{y0:.3}</text>"#,
+        top + 8.0,
+        top + ph
+    );
+    let _ = write!(
+        s,
+        r#"<text x="4" y="{:.0}">{ylabel}</text>"#,
+        top + ph / 2.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+pub fn reproduce(args: &[String]) -> Result<(), String> {
+    let mut preset = "fmnist".to_string();
+    let mut quick = false;
+    let mut dev_build = false;
+    let mut models: Option<Vec<usize>> = None;
+    let (mut imagenet, mut zoo, mut max_examples) = (None, None, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--quick" => quick = true,
+            "--dev-build" => dev_build = true,
+            "--preset" => preset = value()?.clone(),
+            "--models" => {
+                let list = value()?;
+                let parsed: Result<Vec<usize>, _> = list.split(',').map(str::parse).collect();
+                models = Some(parsed.map_err(|_| format!("--models {list:?}: expected N,N,..."))?);
+            }
+            "--imagenet" => imagenet = Some(PathBuf::from(value()?)),
+            "--zoo" => zoo = Some(PathBuf::from(value()?)),
+            "--max-examples" => {
+                let v = value()?;
+                max_examples = Some(v.parse().map_err(|_| format!("--max-examples {v:?}"))?);
+            }
+            other => return Err(format!("unknown reproduce flag {other}")),
+        }
+    }
+    let misplaced = |flag: &str, set: bool, owner: &str| -> Result<(), String> {
+        if set && preset != owner {
+            return Err(format!("{flag} belongs to --preset {owner}"));
+        }
+        Ok(())
+    };
+    misplaced("--quick", quick, "fmnist")?;
+    misplaced("--models", models.is_some(), "scale")?;
+    misplaced("--imagenet", imagenet.is_some(), "paper-vit-b32")?;
+    misplaced("--zoo", zoo.is_some(), "paper-vit-b32")?;
+    misplaced("--max-examples", max_examples.is_some(), "paper-vit-b32")?;
+    if !["fmnist", "scale", "paper-vit-b32"].contains(&preset.as_str()) {
+        return Err(format!(
+            "unknown preset {preset:?} (available: fmnist, scale, paper-vit-b32)"
+        ));
+    }
+    let paper_args = if preset == "paper-vit-b32" {
+        Some(paper::check_args(
+            imagenet.as_deref(),
+            zoo.as_deref(),
+            max_examples,
+        )?)
+    } else {
+        None
+    };
+    let soup = Soup::build(dev_build)?;
+    match (preset.as_str(), paper_args) {
+        ("scale", _) => scale::scale(&soup, models.as_deref().unwrap_or(scale::DEFAULT_MODELS)),
+        (_, Some(a)) => paper::paper(&soup, &a),
+        _ => fmnist::fmnist(&soup, quick),
+    }
+}
