@@ -270,7 +270,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     let t_soup = Instant::now();
     let result = match method {
         Method::Uniform => uniform_soup_on(&store, comm)?,
-        Method::Greedy => greedy_soup(&store, &mut objective, recipe.accept()?)?,
+        Method::Greedy => greedy_soup(&store, &mut objective, recipe.accept())?,
         Method::Learned | Method::LearnedPlus => {
             learned_soup(&store, &mut objective, &recipe.learned_config()?)?
         }

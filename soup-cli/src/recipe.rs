@@ -15,6 +15,35 @@ fn method_parser() -> impl clap::builder::TypedValueParser<Value = Method> {
         .map(|name| name.parse::<Method>().expect("a listed method name"))
 }
 
+/// The coefficient optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerName {
+    Adamw,
+    Sgd,
+}
+
+/// The step schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleName {
+    /// Linear warm-up, then cosine decay.
+    Cosine,
+    Constant,
+    /// c/√T with the smoothness β (spec §3.6).
+    ConvergenceRate,
+}
+
+/// When Greedy keeps a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcceptName {
+    /// Held-out accuracy improves (model-soups' code).
+    Improves,
+    /// Held-out accuracy does not drop (the paper's text).
+    NotWorse,
+}
+
 /// Every knob of `soup mix`. In a file or on the command line, any may be left out.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -37,15 +66,15 @@ pub struct Recipe {
     /// Weight decay on the coefficients.
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Coefficient optimizer: adamw or sgd.
-    #[arg(long)]
-    pub optimizer: Option<String>,
+    /// Coefficient optimizer.
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerName>,
     /// SGD momentum.
     #[arg(long)]
     pub momentum: Option<f64>,
-    /// Step schedule: cosine (warm-up + cosine), constant, or convergence-rate.
-    #[arg(long)]
-    pub schedule: Option<String>,
+    /// Step schedule.
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleName>,
     /// Warm-up fraction of the cosine schedule.
     #[arg(long)]
     pub warmup_fraction: Option<f64>,
@@ -71,8 +100,8 @@ pub struct Recipe {
     #[arg(long)]
     pub label_smoothing: Option<f64>,
     /// Greedy: keep a model when accuracy improves (model-soups code) or does not drop (paper).
-    #[arg(long)]
-    pub greedy_accept: Option<String>,
+    #[arg(long, value_enum)]
+    pub greedy_accept: Option<AcceptName>,
 }
 
 impl Recipe {
@@ -123,11 +152,13 @@ impl Recipe {
             })),
             lr: self.lr.or(Some(if learned { lc.lr } else { mehl.lr })),
             weight_decay: self.weight_decay.or(Some(0.0)),
-            optimizer: self.optimizer.or(Some("adamw".into())),
+            optimizer: self.optimizer.or(Some(OptimizerName::Adamw)),
             momentum: self.momentum.or(Some(0.9)),
-            schedule: self
-                .schedule
-                .or(Some(if learned { "constant" } else { "cosine" }.into())),
+            schedule: self.schedule.or(Some(if learned {
+                ScheduleName::Constant
+            } else {
+                ScheduleName::Cosine
+            })),
             warmup_fraction: self.warmup_fraction.or(Some(0.2)),
             smoothness: self.smoothness,
             rate_scale: self.rate_scale.or(Some(1.0)),
@@ -143,13 +174,10 @@ impl Recipe {
             seed: self.seed.or(Some(1)),
             batch_size: self.batch_size.or(Some(128)),
             label_smoothing: self.label_smoothing.or(Some(0.0)),
-            greedy_accept: self.greedy_accept.or(Some("improves".into())),
+            greedy_accept: self.greedy_accept.or(Some(AcceptName::Improves)),
         };
         // Parse everything now, so a bad value fails before any work.
-        r.optimizer_kind()?;
-        r.step_schedule()?;
         r.cut()?;
-        r.accept()?;
         if method.is_mehl() {
             r.mehl_config()?.validate()?;
         } else if method.is_learned() {
@@ -175,31 +203,25 @@ impl Recipe {
         self.method.expect("resolved recipe")
     }
 
-    fn optimizer_kind(&self) -> Result<OptimizerKind> {
-        match self.optimizer.as_deref().unwrap_or("adamw") {
-            "adamw" => Ok(OptimizerKind::ADAMW),
-            "sgd" => Ok(OptimizerKind::Sgd {
+    fn optimizer_kind(&self) -> OptimizerKind {
+        match self.optimizer.unwrap_or(OptimizerName::Adamw) {
+            OptimizerName::Adamw => OptimizerKind::ADAMW,
+            OptimizerName::Sgd => OptimizerKind::Sgd {
                 momentum: self.momentum.unwrap_or(0.9),
-            }),
-            other => Err(CliError::new(format!(
-                "--optimizer {other:?}: expected adamw or sgd"
-            ))),
+            },
         }
     }
 
-    fn step_schedule(&self) -> Result<StepSchedule> {
-        match self.schedule.as_deref().unwrap_or("cosine") {
-            "cosine" => Ok(StepSchedule::WarmupCosine {
+    fn step_schedule(&self) -> StepSchedule {
+        match self.schedule.unwrap_or(ScheduleName::Cosine) {
+            ScheduleName::Cosine => StepSchedule::WarmupCosine {
                 warmup_fraction: self.warmup_fraction.unwrap_or(0.2),
-            }),
-            "constant" => Ok(StepSchedule::Constant),
-            "convergence-rate" => Ok(StepSchedule::ConvergenceRate {
+            },
+            ScheduleName::Constant => StepSchedule::Constant,
+            ScheduleName::ConvergenceRate => StepSchedule::ConvergenceRate {
                 smoothness: self.smoothness,
                 scale: self.rate_scale.unwrap_or(1.0),
-            }),
-            other => Err(CliError::new(format!(
-                "--schedule {other:?}: expected cosine, constant or convergence-rate"
-            ))),
+            },
         }
     }
 
@@ -220,13 +242,10 @@ impl Recipe {
         }
     }
 
-    pub fn accept(&self) -> Result<GreedyAccept> {
-        match self.greedy_accept.as_deref().unwrap_or("improves") {
-            "improves" => Ok(GreedyAccept::Improves),
-            "not-worse" => Ok(GreedyAccept::NotWorse),
-            other => Err(CliError::new(format!(
-                "--greedy-accept {other:?}: expected improves or not-worse"
-            ))),
+    pub fn accept(&self) -> GreedyAccept {
+        match self.greedy_accept.unwrap_or(AcceptName::Improves) {
+            AcceptName::Improves => GreedyAccept::Improves,
+            AcceptName::NotWorse => GreedyAccept::NotWorse,
         }
     }
 
@@ -242,8 +261,8 @@ impl Recipe {
             inner_epochs: self.inner_epochs.unwrap_or(d.inner_epochs),
             lr: self.lr.unwrap_or(d.lr),
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
-            optimizer: self.optimizer_kind()?,
-            schedule: self.step_schedule()?,
+            optimizer: self.optimizer_kind(),
+            schedule: self.step_schedule(),
             clip_grad_norm: self.clip(),
             block_cut: self.cut()?,
             seed: self.seed.unwrap_or(d.seed),
@@ -257,8 +276,8 @@ impl Recipe {
             epochs: self.inner_epochs.unwrap_or(d.epochs),
             lr: self.lr.unwrap_or(d.lr),
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
-            optimizer: self.optimizer_kind()?,
-            schedule: self.step_schedule()?,
+            optimizer: self.optimizer_kind(),
+            schedule: self.step_schedule(),
             block_cut: self.cut()?,
             seed: self.seed.unwrap_or(d.seed),
             init_temperature: d.init_temperature,
