@@ -543,8 +543,7 @@ fn an_openai_pt_with_a_scalar_conv1_is_an_error() {
     let (arch, params) = tiny();
     let dir = ScratchDir::new("hostile-conv");
     let mut tensors =
-        soup_models::checkpoint::torch::to_openai("model.visual.", 2, &named(&arch, &params))
-            .unwrap();
+        soup_models::testkit::torch::to_openai("model.visual.", 2, &named(&arch, &params)).unwrap();
     for (name, t) in tensors.iter_mut() {
         if name.ends_with("conv1.weight") {
             *t = Tensor::new(&[1f32], &Device::Cpu).unwrap();

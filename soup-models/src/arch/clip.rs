@@ -397,43 +397,194 @@ impl Architecture for ClipClassifier {
 
 /// The tensors of a CLIP classifier in the order of the Hugging Face state dict.
 fn clip_layout(c: &ClipVitConfig) -> ParamLayout {
-    let e = c.hidden_size;
-    let mut t = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>| t.push(TensorSpec { name, shape });
-    let emb = "vision_model.embeddings";
-    push(format!("{emb}.class_embedding"), vec![e]);
-    push(
-        format!("{emb}.patch_embedding.weight"),
-        vec![e, c.num_channels, c.patch_size, c.patch_size],
-    );
-    push(
-        format!("{emb}.position_embedding.weight"),
-        vec![c.num_positions(), e],
-    );
-    push("vision_model.pre_layrnorm.weight".into(), vec![e]);
-    push("vision_model.pre_layrnorm.bias".into(), vec![e]);
-    for i in 0..c.num_hidden_layers {
-        let l = format!("vision_model.encoder.layers.{i}");
-        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
-            push(format!("{l}.self_attn.{proj}.weight"), vec![e, e]);
-            push(format!("{l}.self_attn.{proj}.bias"), vec![e]);
+    ParamLayout::new(
+        clip_tensors(c.num_hidden_layers, "")
+            .into_iter()
+            .map(|t| TensorSpec {
+                shape: t.shape(c),
+                name: t.hf,
+            })
+            .collect(),
+    )
+}
+
+/// Where a Hugging Face tensor comes from in OpenAI's layout of the visual tower (model-soups'
+/// and the MEHL-Soup authors' `.pt` checkpoints).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The tensor of that name, as is.
+    Same(String),
+    /// Rows `part`·n..(`part`+1)·n of a tensor stacked from `parts` equal pieces along dim 0
+    /// (`in_proj_weight` holds q, k, v).
+    Rows {
+        name: String,
+        part: usize,
+        parts: usize,
+    },
+    /// The transpose of a matrix (OpenAI's `proj` is x @ proj; HF's projection is x Wᵀ).
+    Transposed(String),
+}
+
+/// A dimension of a CLIP tensor, named by the configuration value it is.
+#[derive(Clone, Copy, Debug)]
+enum Dim {
+    Width,
+    Mlp,
+    Channels,
+    Patch,
+    Positions,
+    Projection,
+    Classes,
+}
+
+impl Dim {
+    fn of(self, c: &ClipVitConfig) -> usize {
+        match self {
+            Dim::Width => c.hidden_size,
+            Dim::Mlp => c.intermediate_size,
+            Dim::Channels => c.num_channels,
+            Dim::Patch => c.patch_size,
+            Dim::Positions => c.num_positions(),
+            Dim::Projection => c.projection_dim,
+            Dim::Classes => c.num_classes,
         }
-        push(format!("{l}.layer_norm1.weight"), vec![e]);
-        push(format!("{l}.layer_norm1.bias"), vec![e]);
-        push(format!("{l}.mlp.fc1.weight"), vec![c.intermediate_size, e]);
-        push(format!("{l}.mlp.fc1.bias"), vec![c.intermediate_size]);
-        push(format!("{l}.mlp.fc2.weight"), vec![e, c.intermediate_size]);
-        push(format!("{l}.mlp.fc2.bias"), vec![e]);
-        push(format!("{l}.layer_norm2.weight"), vec![e]);
-        push(format!("{l}.layer_norm2.bias"), vec![e]);
     }
-    push("vision_model.post_layernorm.weight".into(), vec![e]);
-    push("vision_model.post_layernorm.bias".into(), vec![e]);
-    push("visual_projection.weight".into(), vec![c.projection_dim, e]);
-    push(
-        "classification_head.weight".into(),
-        vec![c.num_classes, c.projection_dim],
+}
+
+/// One tensor of the CLIP classifier: its Hugging Face name, its shape, and where OpenAI's
+/// layout keeps it.
+#[derive(Clone, Debug)]
+pub struct ClipTensor {
+    pub hf: String,
+    dims: Vec<Dim>,
+    pub openai: Origin,
+}
+
+impl ClipTensor {
+    /// The shape for configuration `c`.
+    pub fn shape(&self, c: &ClipVitConfig) -> Vec<usize> {
+        self.dims.iter().map(|d| d.of(c)).collect()
+    }
+}
+
+/// The one table of CLIP's tensor names: every tensor of a classifier of `layers` blocks in the
+/// model's order (its `ParamLayout`), with its shape and its OpenAI origin under the visual
+/// tower's `prefix` (`model.visual.`, `visual.`). The model, the `.pt` reader and the `.pt`
+/// writer of the tests all read it.
+pub fn clip_tensors(layers: usize, prefix: &str) -> Vec<ClipTensor> {
+    use Dim::*;
+    let v = |s: &str| format!("{prefix}{s}");
+    let mut t = Vec::new();
+    let mut add = |hf: String, dims: &[Dim], openai: Origin| {
+        t.push(ClipTensor {
+            hf,
+            dims: dims.to_vec(),
+            openai,
+        })
+    };
+    let same = Origin::Same;
+    let emb = "vision_model.embeddings";
+    add(
+        format!("{emb}.class_embedding"),
+        &[Width],
+        same(v("class_embedding")),
     );
-    push("classification_head.bias".into(), vec![c.num_classes]);
-    ParamLayout::new(t)
+    add(
+        format!("{emb}.patch_embedding.weight"),
+        &[Width, Channels, Patch, Patch],
+        same(v("conv1.weight")),
+    );
+    add(
+        format!("{emb}.position_embedding.weight"),
+        &[Positions, Width],
+        same(v("positional_embedding")),
+    );
+    for wb in ["weight", "bias"] {
+        add(
+            format!("vision_model.pre_layrnorm.{wb}"),
+            &[Width],
+            same(v(&format!("ln_pre.{wb}"))),
+        );
+    }
+    for i in 0..layers {
+        let l = format!("vision_model.encoder.layers.{i}");
+        let oa = v(&format!("transformer.resblocks.{i}"));
+        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
+            for (wb, dims) in [("weight", &[Width, Width][..]), ("bias", &[Width][..])] {
+                let openai = match ["q_proj", "k_proj", "v_proj"]
+                    .iter()
+                    .position(|&p| p == proj)
+                {
+                    Some(part) => Origin::Rows {
+                        name: format!("{oa}.attn.in_proj_{wb}"),
+                        part,
+                        parts: 3,
+                    },
+                    None => same(format!("{oa}.attn.out_proj.{wb}")),
+                };
+                add(format!("{l}.self_attn.{proj}.{wb}"), dims, openai);
+            }
+        }
+        let blocks: [(&str, &str, &[Dim], &[Dim]); 4] = [
+            ("layer_norm1", "ln_1", &[Width], &[Width]),
+            ("mlp.fc1", "mlp.c_fc", &[Mlp, Width], &[Mlp]),
+            ("mlp.fc2", "mlp.c_proj", &[Width, Mlp], &[Width]),
+            ("layer_norm2", "ln_2", &[Width], &[Width]),
+        ];
+        for (hf, openai, weight, bias) in blocks {
+            add(
+                format!("{l}.{hf}.weight"),
+                weight,
+                same(format!("{oa}.{openai}.weight")),
+            );
+            add(
+                format!("{l}.{hf}.bias"),
+                bias,
+                same(format!("{oa}.{openai}.bias")),
+            );
+        }
+    }
+    for wb in ["weight", "bias"] {
+        add(
+            format!("vision_model.post_layernorm.{wb}"),
+            &[Width],
+            same(v(&format!("ln_post.{wb}"))),
+        );
+    }
+    add(
+        "visual_projection.weight".into(),
+        &[Projection, Width],
+        Origin::Transposed(v("proj")),
+    );
+    add(
+        "classification_head.weight".into(),
+        &[Classes, Projection],
+        same("classification_head.weight".into()),
+    );
+    add(
+        "classification_head.bias".into(),
+        &[Classes],
+        same("classification_head.bias".into()),
+    );
+    t
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn the_table_gives_vit_b32_its_published_size() {
+        // OpenAI's ViT-B/32 image encoder (projection included) has 87,849,216 parameters;
+        // the head adds 512 × 10 + 10.
+        let c = ClipVitConfig::preset(Preset::B32, 10);
+        assert_eq!(clip_layout(&c).numel(), 87_849_216 + 5_130);
+        let names = clip_tensors(12, "visual.");
+        assert_eq!(names.len(), 3 + 2 + 12 * 16 + 2 + 1 + 2);
+        let fused = names
+            .iter()
+            .filter(|t| matches!(&t.openai, Origin::Rows { name, .. } if name.ends_with("in_proj_weight")))
+            .count();
+        assert_eq!(fused, 12 * 3);
+    }
 }

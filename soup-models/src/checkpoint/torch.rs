@@ -8,24 +8,10 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use crate::arch::clip::ClipVitConfig;
+use crate::arch::clip::{clip_tensors, ClipVitConfig};
 use crate::error::{ModelError, Result};
 
-/// Where a Hugging Face tensor comes from in a PyTorch state dict.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// The tensor of that name, as is.
-    Same(String),
-    /// Rows `part`·n..(`part`+1)·n of a tensor stacked from `parts` equal pieces along dim 0
-    /// (`in_proj_weight` holds q, k, v).
-    Rows {
-        name: String,
-        part: usize,
-        parts: usize,
-    },
-    /// The transpose of a matrix (OpenAI's `proj` is x @ proj; HF's projection is x Wᵀ).
-    Transposed(String),
-}
+pub use crate::arch::clip::Origin;
 
 impl Origin {
     pub fn name(&self) -> &str {
@@ -86,75 +72,13 @@ pub fn openai_layers<'a>(prefix: &str, names: impl IntoIterator<Item = &'a str>)
         .unwrap_or(0)
 }
 
-/// Hugging Face name → OpenAI source, for a tower of `layers` blocks under `prefix`.
+/// Hugging Face name → OpenAI origin, for a tower of `layers` blocks under `prefix` (CLIP's
+/// one table of names, [`clip_tensors`]).
 pub fn openai_mapping(prefix: &str, layers: usize) -> BTreeMap<String, Origin> {
-    let v = |s: &str| format!("{prefix}{s}");
-    let mut m = BTreeMap::new();
-    let mut same = |hf: String, openai: String| {
-        m.insert(hf, Origin::Same(openai));
-    };
-    same(
-        "vision_model.embeddings.class_embedding".into(),
-        v("class_embedding"),
-    );
-    same(
-        "vision_model.embeddings.patch_embedding.weight".into(),
-        v("conv1.weight"),
-    );
-    same(
-        "vision_model.embeddings.position_embedding.weight".into(),
-        v("positional_embedding"),
-    );
-    for wb in ["weight", "bias"] {
-        same(
-            format!("vision_model.pre_layrnorm.{wb}"),
-            v(&format!("ln_pre.{wb}")),
-        );
-        same(
-            format!("vision_model.post_layernorm.{wb}"),
-            v(&format!("ln_post.{wb}")),
-        );
-        same(
-            format!("classification_head.{wb}"),
-            format!("classification_head.{wb}"),
-        );
-        for i in 0..layers {
-            let hf = format!("vision_model.encoder.layers.{i}");
-            let oa = v(&format!("transformer.resblocks.{i}"));
-            same(
-                format!("{hf}.self_attn.out_proj.{wb}"),
-                format!("{oa}.attn.out_proj.{wb}"),
-            );
-            same(format!("{hf}.layer_norm1.{wb}"), format!("{oa}.ln_1.{wb}"));
-            same(format!("{hf}.layer_norm2.{wb}"), format!("{oa}.ln_2.{wb}"));
-            same(format!("{hf}.mlp.fc1.{wb}"), format!("{oa}.mlp.c_fc.{wb}"));
-            same(
-                format!("{hf}.mlp.fc2.{wb}"),
-                format!("{oa}.mlp.c_proj.{wb}"),
-            );
-        }
-    }
-    for i in 0..layers {
-        let hf = format!("vision_model.encoder.layers.{i}.self_attn");
-        let oa = v(&format!("transformer.resblocks.{i}.attn"));
-        for (part, proj) in ["q_proj", "k_proj", "v_proj"].into_iter().enumerate() {
-            for (wb, fused) in [("weight", "in_proj_weight"), ("bias", "in_proj_bias")] {
-                m.insert(
-                    format!("{hf}.{proj}.{wb}"),
-                    Origin::Rows {
-                        name: format!("{oa}.{fused}"),
-                        part,
-                        parts: 3,
-                    },
-                );
-            }
-        }
-    }
-    m.insert(
-        "visual_projection.weight".into(),
-        Origin::Transposed(v("proj")),
-    );
-    m
+    clip_tensors(layers, prefix)
+        .into_iter()
+        .map(|t| (t.hf, t.openai))
+        .collect()
 }
 
 /// The configuration of an OpenAI visual tower, read off its shapes as OpenAI's `build_model`
@@ -205,35 +129,6 @@ pub fn openai_config(
         image_mean: None,
         image_std: None,
     })
-}
-
-/// The OpenAI state dict of a Hugging Face-named CLIP classifier (the inverse of
-/// [`openai_mapping`]): q, k, v fused into `in_proj_*`, the projection transposed.
-pub fn to_openai(
-    prefix: &str,
-    layers: usize,
-    named: &BTreeMap<String, Tensor>,
-) -> Result<Vec<(String, Tensor)>> {
-    let mut fused: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
-    let mut out = Vec::new();
-    for (hf, source) in openai_mapping(prefix, layers) {
-        let t = named
-            .get(&hf)
-            .ok_or_else(|| ModelError::config("clip-vit", format!("no tensor {hf}")))?;
-        match source {
-            Origin::Same(n) => out.push((n, t.clone())),
-            Origin::Transposed(n) => out.push((n, t.t()?.contiguous()?)),
-            Origin::Rows { name, part, .. } => {
-                fused.entry(name).or_default().push((part, t.clone()))
-            }
-        }
-    }
-    for (name, mut parts) in fused {
-        parts.sort_by_key(|(p, _)| *p);
-        let parts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
-        out.push((name, Tensor::cat(&parts, 0)?));
-    }
-    Ok(out)
 }
 
 /// Checks a `torch.save` archive before candle's pickle reader sees it: every zip entry's

@@ -144,11 +144,8 @@ pub fn write_openai_pt(path: &Path, arch: &ClipClassifier, params: &[Tensor]) ->
         .zip(params)
         .map(|(s, t)| (s.name.clone(), t.clone()))
         .collect();
-    let mut tensors = crate::checkpoint::torch::to_openai(
-        "model.visual.",
-        arch.config.num_hidden_layers,
-        &named,
-    )?;
+    let mut tensors =
+        crate::testkit::torch::to_openai("model.visual.", arch.config.num_hidden_layers, &named)?;
     let dev = Device::Cpu;
     tensors.push((
         "model.transformer.resblocks.0.attn.in_proj_weight".into(),

@@ -6,6 +6,9 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
+use std::collections::BTreeMap;
+
+use crate::checkpoint::torch::{openai_mapping, Origin};
 use crate::error::{ModelError, Result};
 
 /// Writes `tensors` (f32) as `torch.save` writes a state dict: a zip archive with
@@ -93,4 +96,33 @@ impl Pickle {
         }
         self.bytes.push(b't');
     }
+}
+
+/// The OpenAI state dict of a Hugging Face-named CLIP classifier (the inverse of
+/// [`openai_mapping`]): q, k, v fused into `in_proj_*`, the projection transposed.
+pub fn to_openai(
+    prefix: &str,
+    layers: usize,
+    named: &BTreeMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut fused: BTreeMap<String, Vec<(usize, Tensor)>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (hf, source) in openai_mapping(prefix, layers) {
+        let t = named
+            .get(&hf)
+            .ok_or_else(|| ModelError::config("clip-vit", format!("no tensor {hf}")))?;
+        match source {
+            Origin::Same(n) => out.push((n, t.clone())),
+            Origin::Transposed(n) => out.push((n, t.t()?.contiguous()?)),
+            Origin::Rows { name, part, .. } => {
+                fused.entry(name).or_default().push((part, t.clone()))
+            }
+        }
+    }
+    for (name, mut parts) in fused {
+        parts.sort_by_key(|(p, _)| *p);
+        let parts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
+        out.push((name, Tensor::cat(&parts, 0)?));
+    }
+    Ok(out)
 }
