@@ -133,6 +133,126 @@ impl ModelStore for Counted<'_> {
     }
 }
 
+/// The recipe of the run: `--recipe`'s file, overridden by the flags, resolved.
+fn resolve_recipe(args: &MixArgs) -> Result<Recipe> {
+    let from_file = match &args.recipe {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+            toml::from_str::<Recipe>(&text)
+                .map_err(|e| CliError::new(format!("{}: {}", path.display(), e.message())))?
+        }
+        None => Recipe::default(),
+    };
+    from_file.overridden_by(&args.knobs).resolved()
+}
+
+/// Refuses a run whose `estimate` exceeds `--max-memory`.
+fn check_memory(args: &MixArgs, method: Method, estimate: u64, n: usize, d: usize) -> Result<()> {
+    if let Some(limit) = &args.max_memory {
+        let limit = parse_bytes(limit)?;
+        if estimate > limit {
+            return Err(CliError::new(format!(
+                "{} needs about {} for {n} models of {d} parameters plus the data, over --max-memory {}",
+                method.name(),
+                human_bytes(estimate),
+                human_bytes(limit)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What every rank held, gathered on every rank (each fills its own slots of a sum).
+fn gather_ranks(comm: &dyn Collective, mine: RankStats) -> Result<Vec<RankStats>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut slots = vec![0.0; 4 * world];
+    slots[4 * rank..4 * rank + 4].copy_from_slice(&[
+        mine.models_loaded,
+        mine.max_models_per_batch,
+        mine.direction_bytes,
+        mine.peak_rss_bytes,
+    ]);
+    Ok(comm
+        .all_reduce_f64(&slots)?
+        .chunks(4)
+        .map(|c| RankStats {
+            models_loaded: c[0],
+            max_models_per_batch: c[1],
+            direction_bytes: c[2],
+            peak_rss_bytes: c[3],
+        })
+        .collect())
+}
+
+/// Where a MEHL run saves its progress, and what it resumes from.
+struct Saved<'a> {
+    /// `OUT.partial/`.
+    dir: &'a Path,
+    recipe: &'a Recipe,
+    names: &'a [String],
+    /// The zoo's store when the run continues from the saved progress.
+    resume: Option<&'a FileStore>,
+}
+
+/// MEHL or MEHL+ with a progress bar, saving progress after every model batch (rank 0);
+/// returns the soup and the most models a model batch held on this rank.
+fn mix_mehl(
+    store: &Counted,
+    objective: &mut Classification,
+    saved: Saved,
+    comm: &dyn Collective,
+    quiet: bool,
+) -> Result<(SoupResult, usize)> {
+    let Saved {
+        dir: partial,
+        recipe,
+        names,
+        resume,
+    } = saved;
+    let (method, rank, n) = (recipe.method(), comm.rank(), store.len());
+    let mut max_rows = 0;
+    let config = recipe.mehl_config()?;
+    let progress = match resume {
+        Some(files) => Some(load_progress(partial, recipe, names, files)?),
+        None => None,
+    };
+    let batches = config.outer_passes * n.div_ceil(config.model_batch.min(n));
+    let steps_per_batch = config.inner_epochs * objective.num_batches();
+    let bar = bar(quiet, batches * steps_per_batch, method.name());
+    if let Some(p) = &progress {
+        bar.set_position((p.model_batches_done * steps_per_batch) as u64);
+    }
+    let mut save_error = None;
+    let result = run_mehl(
+        store,
+        objective,
+        &config,
+        MehlOptions::new(&mut |e| match e {
+            Event::Step { record, .. } => {
+                bar.inc(1);
+                bar.set_prefix(format!("loss {:.4}", record.loss));
+            }
+            Event::BatchEnd { progress, .. } => {
+                if rank == 0 {
+                    if let Err(e) = save_progress(partial, recipe, names, progress) {
+                        save_error.get_or_insert(e);
+                    }
+                }
+            }
+            Event::BatchStart { hyperplane, .. } => {
+                max_rows = max_rows.max(hyperplane.batch_len());
+            }
+        })
+        .resume(progress)
+        .on(comm),
+    );
+    bar.finish_and_clear();
+    if let Some(e) = save_error {
+        return Err(e);
+    }
+    Ok((result?, max_rows))
+}
+
 /// The files `soup mix` writes into OUT.
 pub const OUTPUTS: &[&str] = &[
     "soup.safetensors",
@@ -184,15 +304,7 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
 fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) -> Result<()> {
     let started = Instant::now();
     let (rank, world) = (comm.rank(), comm.world_size());
-    let from_file = match &args.recipe {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-            toml::from_str::<Recipe>(&text)
-                .map_err(|e| CliError::new(format!("{}: {}", path.display(), e.message())))?
-        }
-        None => Recipe::default(),
-    };
-    let recipe = from_file.overridden_by(&args.knobs).resolved()?;
+    let recipe = resolve_recipe(args)?;
     let method = recipe.method();
     if world > 1 && !method.runs_distributed() {
         return Err(CliError::new(format!(
@@ -235,17 +347,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         .min(n)
         .div_ceil(world);
     let estimate = method.tensor_bytes(n, d, per_rank_batch) + data_bytes;
-    if let Some(limit) = &args.max_memory {
-        let limit = parse_bytes(limit)?;
-        if estimate > limit {
-            return Err(CliError::new(format!(
-                "{} needs about {} for {n} models of {d} parameters plus the data, over --max-memory {}",
-                method.name(),
-                human_bytes(estimate),
-                human_bytes(limit)
-            )));
-        }
-    }
+    check_memory(args, method, estimate, n, d)?;
     tracing::info!(
         models = n,
         parameters = d,
@@ -275,69 +377,28 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
             learned_soup(&store, &mut objective, &recipe.learned_config()?)?
         }
         Method::Mehl | Method::MehlPlus => {
-            let config = recipe.mehl_config()?;
-            let progress = if resume {
-                Some(load_progress(&partial, &recipe, &names, &files)?)
-            } else {
-                None
+            let saved = Saved {
+                dir: &partial,
+                recipe: &recipe,
+                names: &names,
+                resume: resume.then_some(&files),
             };
-            let batches = config.outer_passes * n.div_ceil(config.model_batch.min(n));
-            let steps_per_batch = config.inner_epochs * objective.num_batches();
-            let bar = bar(quiet, batches * steps_per_batch, method.name());
-            if let Some(p) = &progress {
-                bar.set_position((p.model_batches_done * steps_per_batch) as u64);
-            }
-            let mut save_error = None;
-            let result = run_mehl(
-                &store,
-                &mut objective,
-                &config,
-                MehlOptions::new(&mut |e| match e {
-                    Event::Step { record, .. } => {
-                        bar.inc(1);
-                        bar.set_prefix(format!("loss {:.4}", record.loss));
-                    }
-                    Event::BatchEnd { progress, .. } => {
-                        if rank == 0 {
-                            if let Err(e) = save_progress(&partial, &recipe, &names, progress) {
-                                save_error.get_or_insert(e);
-                            }
-                        }
-                    }
-                    Event::BatchStart { hyperplane, .. } => {
-                        max_rows = max_rows.max(hyperplane.batch_len());
-                    }
-                })
-                .resume(progress)
-                .on(comm),
-            );
-            bar.finish_and_clear();
-            if let Some(e) = save_error {
-                return Err(e);
-            }
-            result?
+            let (result, rows) = mix_mehl(&store, &mut objective, saved, comm, quiet)?;
+            max_rows = rows;
+            result
         }
     };
     let soup_s = t_soup.elapsed().as_secs_f64();
 
-    // What each rank held, gathered on every rank (each fills its own slots of a sum).
-    let mut slots = vec![0.0; 4 * world];
-    slots[4 * rank..4 * rank + 4].copy_from_slice(&[
-        store.loads.get() as f64,
-        max_rows as f64,
-        result.memory.directions as f64,
-        peak_rss_bytes() as f64,
-    ]);
-    let ranks: Vec<RankStats> = comm
-        .all_reduce_f64(&slots)?
-        .chunks(4)
-        .map(|c| RankStats {
-            models_loaded: c[0],
-            max_models_per_batch: c[1],
-            direction_bytes: c[2],
-            peak_rss_bytes: c[3],
-        })
-        .collect();
+    let ranks = gather_ranks(
+        comm,
+        RankStats {
+            models_loaded: store.loads.get() as f64,
+            max_models_per_batch: max_rows as f64,
+            direction_bytes: result.memory.directions as f64,
+            peak_rss_bytes: peak_rss_bytes() as f64,
+        },
+    )?;
     if rank > 0 {
         return Ok(());
     }
