@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use soup_models::data::{prepare, DataSpec, Heldout, RawImages, Split};
+use soup_models::remote::{Download, OnDownload};
 use soup_models::{Architecture, Dataset};
 
 use crate::error::{CliError, Result};
@@ -136,4 +137,39 @@ pub fn human_bytes(bytes: u64) -> String {
         b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
         b => format!("{b} B"),
     }
+}
+
+/// Download progress bars on stderr (none with `--quiet`), drawn from the Hub fetcher's reports.
+pub fn downloads(quiet: bool) -> Option<OnDownload> {
+    if quiet {
+        return None;
+    }
+    let bar: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+    Some(OnDownload(Arc::new(move |d: Download| {
+        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
+        match d {
+            Download::Start { label, size } => {
+                let b = ProgressBar::new(size.unwrap_or(0));
+                let style = ProgressStyle::with_template(
+                    "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+                b.set_style(style);
+                b.set_message(label.to_string());
+                *bar = Some(b);
+            }
+            Download::Size(s) => bar.iter().for_each(|b| b.set_length(s)),
+            Download::Position(p) => bar.iter().for_each(|b| b.set_position(p)),
+            Download::Advance(n) => bar.iter().for_each(|b| b.inc(n)),
+            Download::End { complete } => {
+                if let Some(b) = bar.take() {
+                    if complete {
+                        b.finish_and_clear();
+                    } else {
+                        b.abandon();
+                    }
+                }
+            }
+        }
+    })))
 }

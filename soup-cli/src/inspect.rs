@@ -31,7 +31,9 @@ pub struct EvalArgs {
 
 pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     let split: Split = args.split.parse().map_err(CliError::new)?;
-    let ckpt = Checkpoint::open(soup_models::fetch_str(&args.model, !quiet)?.path)?;
+    let ckpt = Checkpoint::open(
+        soup_models::fetch_str(&args.model, crate::common::downloads(quiet))?.path,
+    )?;
     let arch = ckpt.architecture()?;
     let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
     let mut raw = args.data.load_raw(split)?;
@@ -77,7 +79,10 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
             let zoo = if is_zoo {
                 crate::manifest::resolve(target, quiet)?
             } else {
-                vec![soup_models::fetch(&source, !quiet)?]
+                vec![soup_models::fetch(
+                    &source,
+                    crate::common::downloads(quiet),
+                )?]
             };
             let ckpt = Checkpoint::open(&zoo[0].path)?;
             (ckpt, zoo[0].source.clone(), zoo.len(), is_zoo)
@@ -130,9 +135,12 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
 fn open_remote(source: &ModelSource, quiet: bool) -> Result<Checkpoint> {
     #[cfg(feature = "hub")]
     {
-        let hub = soup_models::remote::hub::Hub::from_env()?.with_progress(!quiet);
+        let hub = soup_models::remote::hub::Hub::from_env()?
+            .with_progress(crate::common::downloads(quiet));
         Ok(hub.open_remote(source)?)
     }
     #[cfg(not(feature = "hub"))]
-    Ok(Checkpoint::open(soup_models::fetch(source, !quiet)?.path)?)
+    Ok(Checkpoint::open(
+        soup_models::fetch(source, crate::common::downloads(quiet))?.path,
+    )?)
 }

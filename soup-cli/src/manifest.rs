@@ -107,7 +107,7 @@ pub fn resolve(zoo: &Path, quiet: bool) -> Result<Vec<Resolved>> {
                 };
                 Ok(soup_models::fetch(
                     &source.with_sha256(e.sha256.clone())?,
-                    !quiet,
+                    crate::common::downloads(quiet),
                 )?)
             })
             .collect();
@@ -143,7 +143,12 @@ pub fn resolve(zoo: &Path, quiet: bool) -> Result<Vec<Resolved>> {
     }
     paths
         .into_iter()
-        .map(|p| Ok(soup_models::fetch(&ModelSource::Local(p), !quiet)?))
+        .map(|p| {
+            Ok(soup_models::fetch(
+                &ModelSource::Local(p),
+                crate::common::downloads(quiet),
+            )?)
+        })
         .collect()
 }
 

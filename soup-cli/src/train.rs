@@ -93,7 +93,9 @@ pub struct TrainArgs {
 pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
     let (arch, params) = match &args.init {
         Some(init) => {
-            let ckpt = Checkpoint::open(soup_models::fetch_str(init, !quiet)?.path)?;
+            let ckpt = Checkpoint::open(
+                soup_models::fetch_str(init, crate::common::downloads(quiet))?.path,
+            )?;
             let arch = ckpt.architecture()?;
             let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
             (arch, params)
@@ -464,7 +466,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             }
         }
     }
-    let base_source = soup_models::fetch_str(&args.base, !quiet)?;
+    let base_source = soup_models::fetch_str(&args.base, crate::common::downloads(quiet))?;
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &Device::Cpu)?;

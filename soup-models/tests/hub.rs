@@ -31,7 +31,7 @@ fn config(server: &HubServer, dir: &Path) -> HubConfig {
         metadata_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_secs(2),
         retries: 1,
-        progress: false,
+        progress: None,
     }
 }
 
@@ -384,4 +384,46 @@ fn the_token_never_reaches_another_origin() {
     let err = hub.fetch(&wrong).unwrap_err().to_string();
     assert!(!err.contains(secret), "{err}");
     assert!(cdn.authorized().is_empty(), "{:?}", cdn.authorized());
+}
+
+#[test]
+fn downloads_report_their_progress_to_the_caller() {
+    use soup_models::remote::{Download, OnDownload};
+    use std::sync::{Arc, Mutex};
+    let dir = ScratchDir::new("hub-progress");
+    let (_, _) = two_versions(dir.path());
+    let server = HubServer::start(Behaviour::Normal).unwrap();
+    server
+        .add_dir("org/tiny", "main", C1, &dir.path().join("v1"))
+        .unwrap();
+    // (label, announced size, bytes advanced, ended whole)
+    type Report = (String, Option<u64>, u64, bool);
+    let seen: Arc<Mutex<Vec<Report>>> = Arc::default();
+    let log = seen.clone();
+    let on = OnDownload(Arc::new(move |d: Download| {
+        let mut v = log.lock().unwrap();
+        match d {
+            Download::Start { label, size } => v.push((label.to_string(), size, 0, false)),
+            Download::Advance(n) => v.last_mut().unwrap().2 += n,
+            Download::End { complete } => v.last_mut().unwrap().3 = complete,
+            Download::Size(s) => v.last_mut().unwrap().1 = Some(s),
+            Download::Position(_) => {}
+        }
+    }));
+    let hub = Hub::new(config(&server, dir.path())).with_progress(Some(on));
+    let got = hub.fetch(&source("hf://org/tiny")).unwrap();
+    let seen = seen.lock().unwrap();
+    let weights = std::fs::metadata(got.path.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let entry = seen
+        .iter()
+        .find(|(label, ..)| label.contains("model.safetensors"))
+        .unwrap_or_else(|| panic!("no report for the weights: {seen:?}"));
+    assert_eq!(entry.1, Some(weights), "{seen:?}");
+    assert_eq!(entry.2, weights, "{seen:?}");
+    assert!(
+        seen.iter().all(|e| e.3),
+        "every download ends whole: {seen:?}"
+    );
 }

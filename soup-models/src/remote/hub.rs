@@ -27,6 +27,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::checkpoint::{ignored, Checkpoint};
 use crate::error::{ModelError, Result};
 use crate::remote::source::{ModelSource, Resolved};
+use crate::remote::{Download, OnDownload};
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The largest safetensors header read remotely (the format's own limit).
@@ -49,9 +50,9 @@ pub struct HubConfig {
     pub read_timeout: Duration,
     /// Retries after a failed request (network errors, 5xx, 429, truncated bodies).
     pub retries: u32,
-    /// Draw download progress bars on stderr. Off by default: a library does not print; the
-    /// `soup` binary turns it on (`Hub::with_progress`) unless `--quiet`.
-    pub progress: bool,
+    /// Receives download progress ([`Download`]); none by default: the library never prints,
+    /// the `soup` binary draws bars from these reports unless `--quiet`.
+    pub progress: Option<OnDownload>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -116,7 +117,7 @@ impl HubConfig {
             metadata_timeout: env_seconds("HF_HUB_ETAG_TIMEOUT", 10.0)?,
             read_timeout: env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0)?,
             retries,
-            progress: false,
+            progress: None,
         })
     }
 }
@@ -247,7 +248,7 @@ impl Hub {
         Ok(Self::new(HubConfig::from_env()?))
     }
 
-    pub fn with_progress(mut self, progress: bool) -> Self {
+    pub fn with_progress(mut self, progress: Option<OnDownload>) -> Self {
         self.config.progress = progress;
         self
     }
@@ -671,7 +672,7 @@ impl Hub {
         let parent = dest.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| io_fail(parent, e))?;
         let tmp = PathBuf::from(format!("{}.incomplete", dest.display()));
-        let bar = self.bar(label, size);
+        self.report(Download::Start { label, size });
         let mut attempt = 0;
         loop {
             let have = std::fs::metadata(&tmp).map_or(0, |m| m.len());
@@ -691,8 +692,8 @@ impl Hub {
                 .and_then(|v| v.parse::<u64>().ok());
             if size.is_none() && !resumed {
                 size = announced;
-                if let (Some(b), Some(s)) = (&bar, size) {
-                    b.set_length(s);
+                if let Some(s) = size {
+                    self.report(Download::Size(s));
                 }
             }
             let mut out = if resumed {
@@ -702,10 +703,10 @@ impl Hub {
             }
             .map_err(|e| io_fail(&tmp, e))?;
             let start = if resumed { have } else { 0 };
-            if let Some(b) = &bar {
-                b.set_position(start);
-            }
-            let copied = copy_body(r.into_reader(), &mut out, bar.as_ref());
+            self.report(Download::Position(start));
+            let copied = copy_body(r.into_reader(), &mut out, &|n| {
+                self.report(Download::Advance(n))
+            });
             out.flush().map_err(|e| io_fail(&tmp, e))?;
             let now = std::fs::metadata(&tmp).map_or(0, |m| m.len());
             let complete = match size {
@@ -722,9 +723,7 @@ impl Hub {
                 (Ok(_), None) => unreachable!("an unsized body that ends is complete"),
             };
             if attempt >= self.config.retries {
-                if let Some(b) = &bar {
-                    b.abandon();
-                }
+                self.report(Download::End { complete: false });
                 return Err(RequestError::Network(format!(
                     "{url}: download truncated: {why}; not cached ({} attempts)",
                     attempt + 1
@@ -734,9 +733,7 @@ impl Hub {
             std::thread::sleep(Duration::from_millis(250 << attempt.min(5)));
             attempt += 1;
         }
-        if let Some(b) = &bar {
-            b.finish_and_clear();
-        }
+        self.report(Download::End { complete: true });
         if let Err(why) = check(&tmp) {
             let _ = std::fs::remove_file(&tmp);
             return Err(RequestError::Other(format!(
@@ -746,19 +743,11 @@ impl Hub {
         std::fs::rename(&tmp, dest).map_err(|e| io_fail(dest, e))
     }
 
-    fn bar(&self, label: &str, size: Option<u64>) -> Option<indicatif::ProgressBar> {
-        if !self.config.progress {
-            return None;
+    /// Passes `d` to the caller's progress receiver, if any.
+    fn report(&self, d: Download) {
+        if let Some(on) = &self.config.progress {
+            (on.0)(d);
         }
-        let bar =
-            indicatif::ProgressBar::with_draw_target(size, indicatif::ProgressDrawTarget::stderr());
-        let style = indicatif::ProgressStyle::with_template(
-            "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-        bar.set_style(style);
-        bar.set_message(label.to_string());
-        Some(bar)
     }
 
     /// A checkpoint of a remote source that reads only what `soup inspect` needs: config.json,
@@ -892,12 +881,8 @@ fn read_header_file(path: &Path) -> Request<Vec<u8>> {
     Ok(header)
 }
 
-/// Copies a response body, counting bytes into the progress bar.
-fn copy_body(
-    mut body: impl Read,
-    out: &mut File,
-    bar: Option<&indicatif::ProgressBar>,
-) -> std::io::Result<u64> {
+/// Copies a response body, telling `advance` how many bytes each read brought.
+fn copy_body(mut body: impl Read, out: &mut File, advance: &dyn Fn(u64)) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0;
     loop {
@@ -909,9 +894,7 @@ fn copy_body(
         };
         out.write_all(&buf[..n])?;
         total += n as u64;
-        if let Some(b) = bar {
-            b.inc(n as u64);
-        }
+        advance(n as u64);
     }
 }
 
