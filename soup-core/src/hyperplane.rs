@@ -145,7 +145,7 @@ impl Hyperplane {
 
     /// θ = c + Σ X d as block vectors.
     pub fn theta_blocks(&self) -> Result<Vec<Tensor>> {
-        // The arithmetic of `theta_params` (bit for bit) where the kernel applies.
+        // The arithmetic of `theta_step` (bit for bit) where the kernel applies.
         let fused: Option<Vec<Tensor>> = (0..self.blocks.len())
             .map(|l| {
                 let len = self.blocks[l].numel;
@@ -163,7 +163,7 @@ impl Hyperplane {
 
     /// c + `deltas` per block, where `active` (> 0) says a block has any non-zero coefficient;
     /// an inactive block is c itself.
-    pub fn add_center(&self, deltas: Vec<Tensor>, active: &[f64]) -> Result<Vec<Tensor>> {
+    pub(crate) fn add_center(&self, deltas: Vec<Tensor>, active: &[f64]) -> Result<Vec<Tensor>> {
         self.center
             .iter()
             .zip(deltas)
@@ -175,7 +175,7 @@ impl Hyperplane {
     /// Σ_i X_{i,l} d_{i,l} over this hyperplane's rows, per block, and whether any X of the
     /// block is non-zero (1.0) or not (0.0, and the block's sum is zeros): the share of θ − c
     /// of one process of a run over several.
-    pub fn delta_blocks(&self) -> Result<(Vec<Tensor>, Vec<f64>)> {
+    pub(crate) fn delta_blocks(&self) -> Result<(Vec<Tensor>, Vec<f64>)> {
         let b = self.batch_len();
         let num_blocks = self.blocks.len();
         let mut active = vec![0.0; num_blocks];
@@ -199,36 +199,29 @@ impl Hyperplane {
         from_blocks(&self.theta_blocks()?, &self.blocks, &self.layout)
     }
 
-    /// [`Self::theta_params`] written into the variables of `previous` (an earlier result of
-    /// `theta_params` of this hyperplane: no allocation, no page faults) when it is one; a new
-    /// result otherwise. The tensors of `previous` must not be shared with anything that expects
-    /// the old values.
-    pub fn theta_params_into(&self, previous: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    /// θ as named tensors in layout order for a training step: on the CPU each tensor is a
+    /// candle variable computed in one pass over c and the directions (autograd takes it without
+    /// a copy), written into the variables of `previous` (the θ of the last step of this
+    /// hyperplane, no longer needed: no allocation, no page faults) when they fit; elsewhere
+    /// [`Self::theta`]. Anything else holding `previous` sees its values change.
+    pub fn theta_step(&self, previous: Option<Vec<Tensor>>) -> Result<Vec<Tensor>> {
         let pieces = self.tensor_pieces();
-        let fits = previous.len() == pieces.len()
-            && previous.iter().zip(&pieces).all(|(t, (_, _, shape))| {
-                t.is_variable() && t.is_contiguous() && t.dims() == *shape
-            });
-        if !fits {
-            return self.theta_params();
-        }
         let columns: Vec<Vec<f64>> = (0..self.blocks.len()).map(|l| self.column(l)).collect();
-        for (dst, (l, range, _)) in previous.iter().zip(pieces) {
-            let (c, d) = (&self.center[l], &self.directions[l]);
-            if kernels::combine_into(dst, c, d, &columns[l], range).is_none() {
-                return self.theta_params();
+        if let Some(previous) = previous {
+            let fits = previous.len() == pieces.len()
+                && previous.iter().zip(&pieces).all(|(t, (_, _, shape))| {
+                    t.is_variable() && t.is_contiguous() && t.dims() == *shape
+                });
+            let written = fits
+                && previous.iter().zip(&pieces).all(|(dst, (l, range, _))| {
+                    let (c, d) = (&self.center[*l], &self.directions[*l]);
+                    kernels::combine_into(dst, c, d, &columns[*l], range.clone()).is_some()
+                });
+            if written {
+                return Ok(previous);
             }
         }
-        Ok(previous)
-    }
-
-    /// θ as named tensors in layout order for a training step: on the CPU each is a new
-    /// variable computed in one pass over c and the directions (no copy when autograd takes it);
-    /// elsewhere [`Self::theta`].
-    pub fn theta_params(&self) -> Result<Vec<Tensor>> {
-        let columns: Vec<Vec<f64>> = (0..self.blocks.len()).map(|l| self.column(l)).collect();
-        let fused: Option<Vec<Tensor>> = self
-            .tensor_pieces()
+        let fused: Option<Vec<Tensor>> = pieces
             .into_iter()
             .map(|(l, range, shape)| {
                 kernels::combine(

@@ -618,7 +618,7 @@ fn theta_of(hp: &Hyperplane, comm: &dyn Collective) -> Result<Vec<Tensor>> {
     hp.add_center(deltas, &comm.all_reduce_f64(&active)?)
 }
 
-/// θ as named tensors for the next step: [`Hyperplane::theta_params`] in one process, the
+/// θ as named tensors for the next step: [`Hyperplane::theta_step`] in one process, the
 /// all-reduced rows of every process over several.
 /// `previous` (the θ of the last step, no longer needed) is overwritten in place when it can be.
 fn theta_params(
@@ -627,7 +627,7 @@ fn theta_params(
     previous: Vec<Tensor>,
 ) -> Result<Vec<Tensor>> {
     if comm.world_size() == 1 {
-        return hp.theta_params_into(previous);
+        return hp.theta_step(Some(previous));
     }
     from_blocks(&theta_of(hp, comm)?, &hp.blocks, &hp.layout)
 }

@@ -161,13 +161,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .for_each(|(i, x)| *x = 1e-3 * (i % 7) as f64);
     let grad = &zoo.models[0];
     let (mut project, mut materialise) = (Vec::new(), Vec::new());
-    let mut theta = hp.theta_params()?;
+    let mut theta = hp.theta_step(None)?;
     for round in 0..=rounds * steps {
         let t0 = Instant::now();
         let norm = soup_core::global_norm(grad)?;
         let gx = hp.project(grad)?;
         let t1 = Instant::now();
-        theta = hp.theta_params_into(theta)?;
+        theta = hp.theta_step(Some(theta))?;
         let t2 = Instant::now();
         assert!(norm.is_finite() && gx.len() == hp.x.len() && theta.len() == grad.len());
         if round > 0 {
