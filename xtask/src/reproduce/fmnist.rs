@@ -233,72 +233,64 @@ fn greedy_vs_mehl(
     Ok((test[0], test[1]))
 }
 
-/// Runs the preset (`quick`: a small zoo, one seed, minutes) with `soup`.
-pub(super) fn fmnist(soup: &Soup, quick: bool) -> Result<(), String> {
-    let p = &Preset::fmnist(soup.clone(), quick);
-    let started = Instant::now();
-    ensure_packages(DATA_PACKAGES)?;
-    let results = root().join("results").join(p.name);
-    let cache = root().join("results/cache").join(p.name);
-    let runs = results.join("runs");
-    for d in [&results, &cache, &runs] {
-        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-    }
-    let zoo = cache.join("zoo");
+/// Trains the start point and fine-tunes the zoo into `cache`, unless a zoo of the same
+/// settings is cached there; returns the seconds it took, `None` when cached.
+fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String> {
     let stamp = cache.join("settings.txt");
     let cached = std::fs::read_to_string(&stamp).ok().as_deref() == Some(&p.cache_key())
         && zoo.join("zoo.toml").exists();
-    let mut phases: BTreeMap<&str, f64> = BTreeMap::new();
     if cached {
         eprintln!("xtask: zoo cached in {}", zoo.display());
-    } else {
-        let t = Instant::now();
-        let config = cache.join("arch.json");
-        let search = cache.join("search.toml");
-        std::fs::write(&config, ARCH_CONFIG).map_err(|e| e.to_string())?;
-        std::fs::write(&search, p.search).map_err(|e| e.to_string())?;
-        eprintln!(
-            "xtask: training the start point ({} epochs)",
-            p.pretrain_epochs
-        );
-        let mut args = strings(&["train", "--arch", "clip-vit", "--config"]);
-        args.push(config.display().to_string());
-        args.extend(p.data_args(true));
-        args.extend(strings(&[
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "128",
-            "--epochs",
-        ]));
-        args.push(p.pretrain_epochs.to_string());
-        args.push("--out".into());
-        args.push(cache.join("base.safetensors").display().to_string());
-        eprint!("{}", p.soup.run(&args)?);
-        eprintln!("xtask: fine-tuning {} models", p.n);
-        let mut args = strings(&["finetune", "--base"]);
-        args.push(cache.join("base.safetensors").display().to_string());
-        args.extend(p.data_args(true));
-        args.extend(strings(&["--count", &p.n.to_string(), "--search"]));
-        args.push(search.display().to_string());
-        args.push("--out".into());
-        args.push(zoo.display().to_string());
-        // An interrupted fine-tuning of the same settings continues where it stopped; a zoo
-        // of other settings is replaced.
-        let resumed = zoo.join("zoo.toml").exists() && {
-            let mut resume = args.clone();
-            resume.push("--resume".into());
-            p.soup.run(&resume).map(|out| eprint!("{out}")).is_ok()
-        };
-        if !resumed {
-            args.push("--force".into());
-            eprint!("{}", p.soup.run(&args)?);
-        }
-        std::fs::write(&stamp, p.cache_key()).map_err(|e| e.to_string())?;
-        phases.insert("zoo", t.elapsed().as_secs_f64());
+        return Ok(None);
     }
+    let t = Instant::now();
+    let config = cache.join("arch.json");
+    let search = cache.join("search.toml");
+    std::fs::write(&config, ARCH_CONFIG).map_err(|e| e.to_string())?;
+    std::fs::write(&search, p.search).map_err(|e| e.to_string())?;
+    eprintln!(
+        "xtask: training the start point ({} epochs)",
+        p.pretrain_epochs
+    );
+    let mut args = strings(&["train", "--arch", "clip-vit", "--config"]);
+    args.push(config.display().to_string());
+    args.extend(p.data_args(true));
+    args.extend(strings(&[
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "128",
+        "--epochs",
+    ]));
+    args.push(p.pretrain_epochs.to_string());
+    args.push("--out".into());
+    args.push(cache.join("base.safetensors").display().to_string());
+    eprint!("{}", p.soup.run(&args)?);
+    eprintln!("xtask: fine-tuning {} models", p.n);
+    let mut args = strings(&["finetune", "--base"]);
+    args.push(cache.join("base.safetensors").display().to_string());
+    args.extend(p.data_args(true));
+    args.extend(strings(&["--count", &p.n.to_string(), "--search"]));
+    args.push(search.display().to_string());
+    args.push("--out".into());
+    args.push(zoo.display().to_string());
+    // An interrupted fine-tuning of the same settings continues where it stopped; a zoo
+    // of other settings is replaced.
+    let resumed = zoo.join("zoo.toml").exists() && {
+        let mut resume = args.clone();
+        resume.push("--resume".into());
+        p.soup.run(&resume).map(|out| eprint!("{out}")).is_ok()
+    };
+    if !resumed {
+        args.push("--force".into());
+        eprint!("{}", p.soup.run(&args)?);
+    }
+    std::fs::write(&stamp, p.cache_key()).map_err(|e| e.to_string())?;
+    Ok(Some(t.elapsed().as_secs_f64()))
+}
 
-    // The zoo in fine-tuning order, with held-out accuracies.
+/// The zoo's models in fine-tuning order, with their held-out accuracies (from its zoo.toml).
+fn zoo_models(p: &Preset, zoo: &Path) -> Result<Vec<(PathBuf, f64)>, String> {
     let manifest = std::fs::read_to_string(zoo.join("zoo.toml")).map_err(|e| e.to_string())?;
     let mut models: Vec<(PathBuf, f64)> = Vec::new();
     let mut current: Option<PathBuf> = None;
@@ -311,10 +303,35 @@ pub(super) fn fmnist(soup: &Soup, quick: bool) -> Result<(), String> {
             }
         }
     }
-    let n = models.len();
-    if n != p.n {
-        return Err(format!("{}: {n} models, expected {}", zoo.display(), p.n));
+    if models.len() != p.n {
+        return Err(format!(
+            "{}: {} models, expected {}",
+            zoo.display(),
+            models.len(),
+            p.n
+        ));
     }
+    Ok(models)
+}
+
+/// Runs the preset (`quick`: a small zoo, one seed, minutes) with `soup`.
+pub(super) fn fmnist(soup: &Soup, quick: bool) -> Result<(), String> {
+    let p = &Preset::fmnist(soup.clone(), quick);
+    let started = Instant::now();
+    ensure_packages(DATA_PACKAGES)?;
+    let results = root().join("results").join(p.name);
+    let cache = root().join("results/cache").join(p.name);
+    let runs = results.join("runs");
+    for d in [&results, &cache, &runs] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let mut phases: BTreeMap<&str, f64> = BTreeMap::new();
+    let zoo = cache.join("zoo");
+    if let Some(seconds) = make_zoo(p, &cache, &zoo)? {
+        phases.insert("zoo", seconds);
+    }
+    let models = zoo_models(p, &zoo)?;
+    let n = models.len();
     let mut by_accuracy: Vec<usize> = (0..n).collect();
     by_accuracy.sort_by(|&a, &b| models[b].1.total_cmp(&models[a].1));
 
