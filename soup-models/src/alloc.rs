@@ -126,6 +126,9 @@ mod tests {
     use super::*;
 
     /// Writes a pattern over a block, then checks it (the block is usable memory of its size).
+    ///
+    /// # Safety
+    /// `p` points to `len` ≥ 1 writable bytes.
     unsafe fn fill_and_check(p: *mut u8, len: usize, seed: u8) {
         for i in (0..len).step_by(4093) {
             *p.add(i) = seed.wrapping_add(i as u8);
@@ -147,6 +150,7 @@ mod tests {
             (THRESHOLD, 8),
             (9 << 20, 4096),
         ] {
+            // SAFETY: every block is used within its layout and released with that layout.
             unsafe {
                 let layout = Layout::from_size_align(size, align).unwrap();
                 let z = a.alloc_zeroed(layout);
@@ -167,6 +171,8 @@ mod tests {
     #[test]
     fn realloc_keeps_contents_across_small_and_big() {
         let a = HugePages;
+        // SAFETY: the block is read and written within its current size, reallocated with the
+        // layout it has, and released with its last layout.
         unsafe {
             let mut layout = Layout::from_size_align(1000, 8).unwrap();
             let mut p = a.alloc(layout);
