@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use soup_models::testkit::fixtures::ScratchDir;
+use soup_models::testkit::fixtures::{bits, ScratchDir};
 use soup_models::Checkpoint;
 
 const DATA: &str = "/usr/share/datasets/fashion-mnist";
@@ -145,12 +145,7 @@ fn mix(zoo: &Zoo, method: &str, out: &str, model_batch: &str) -> Vec<String> {
 fn soup_bits(path: &str) -> Vec<u32> {
     let ckpt = Checkpoint::open(path).unwrap();
     let arch = ckpt.architecture().unwrap();
-    ckpt.load_params(arch.as_ref(), &Device::Cpu)
-        .unwrap()
-        .iter()
-        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        .map(f32::to_bits)
-        .collect()
+    bits(&ckpt.load_params(arch.as_ref(), &Device::Cpu).unwrap()).concat()
 }
 
 #[test]

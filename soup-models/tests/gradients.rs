@@ -10,23 +10,17 @@ use soup_core::rng::SplitMix64;
 use soup_models::arch::clip::{ClipClassifier, ClipVitConfig};
 use soup_models::arch::mlp::{Mlp, MlpConfig};
 use soup_models::ops::cross_entropy;
+use soup_models::testkit::fixtures::tiny_clip_config;
 use soup_models::Architecture;
 
 fn tiny_clip(channels: usize) -> ClipClassifier {
+    // Smaller than the fixture's: finite differences over every parameter.
     ClipClassifier::new(ClipVitConfig {
         hidden_size: 8,
         intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_channels: channels,
         image_size: 8,
-        patch_size: 4,
         projection_dim: 6,
-        layer_norm_eps: 1e-5,
-        hidden_act: "quick_gelu".into(),
-        num_classes: 3,
-        image_mean: None,
-        image_std: None,
+        ..tiny_clip_config(channels, 3)
     })
     .unwrap()
 }
@@ -166,17 +160,9 @@ fn clip_forward_equals_the_stock_candle_clip() {
     let arch = ClipClassifier::new(ClipVitConfig {
         hidden_size: 32,
         intermediate_size: 64,
-        num_hidden_layers: 2,
         num_attention_heads: 4,
-        num_channels: 3,
-        image_size: 16,
-        patch_size: 4,
         projection_dim: 16,
-        layer_norm_eps: 1e-5,
-        hidden_act: "quick_gelu".into(),
-        num_classes: 5,
-        image_mean: None,
-        image_std: None,
+        ..tiny_clip_config(3, 5)
     })
     .unwrap();
     let p = params(&arch, 11, DType::F32);
