@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use soup_models::data::{prepare, DataSpec, Heldout, RawImages, Split};
+use soup_models::data::{prepare, DataSpec, Heldout, Preprocess, RawImages, Split};
 use soup_models::remote::{Download, OnDownload};
 use soup_models::{Architecture, Dataset};
 
@@ -30,11 +30,61 @@ pub struct DataArgs {
     /// Use at most this many examples of each split (for quick runs).
     #[arg(long)]
     pub max_examples: Option<usize>,
+    /// How image-folder images are resized and cropped: `clip` (OpenAI's preprocess, as
+    /// model-soups and open_clip; Pillow's bicubic, bit for bit) or `hf-clip` (transformers'
+    /// CLIPImageProcessorPil: the crop offset of an odd margin rounds down).
+    #[arg(long, default_value = "clip", value_parser = preprocess_parser())]
+    pub preprocess: Preprocess,
+}
+
+/// `--arch-config`: configuration values that replace what a checkpoint states or what soup
+/// inferred by rule (`soup inspect` lists those).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ArchOverride {
+    /// Architecture settings that replace the checkpoint's or soup's inference: a JSON object
+    /// or a file holding one, e.g. '{"num_attention_heads": 4}' for an OpenAI .pt whose heads
+    /// are not 64 wide (.pt files do not store the head count).
+    #[arg(long)]
+    pub arch_config: Option<String>,
+}
+
+impl ArchOverride {
+    /// The override as a JSON object (empty when not given).
+    pub fn map(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let Some(given) = &self.arch_config else {
+            return Ok(serde_json::Map::new());
+        };
+        let path = std::path::Path::new(given);
+        let text = if path.is_file() {
+            std::fs::read_to_string(path).map_err(|e| crate::error::io(path, e))?
+        } else {
+            given.clone()
+        };
+        match serde_json::from_str(&text) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            _ => Err(CliError::new(format!(
+                "--arch-config {given:?}: expected a JSON object such as '{{\"num_attention_heads\": 4}}'"
+            ))),
+        }
+    }
+
+    /// The checkpoint's architecture with the override applied.
+    pub fn architecture(&self, ckpt: &soup_models::Checkpoint) -> Result<Arc<dyn Architecture>> {
+        Ok(ckpt.architecture_with(&self.map()?)?)
+    }
+}
+
+/// `--preprocess`: one of [`Preprocess::NAMES`], listed in `--help`.
+fn preprocess_parser() -> impl clap::builder::TypedValueParser<Value = Preprocess> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Preprocess::NAMES)
+        .map(|s| s.parse::<Preprocess>().expect("a listed name"))
 }
 
 impl DataArgs {
     pub fn spec(&self) -> DataSpec {
         let mut spec = DataSpec::new(&self.data);
+        spec.preprocess = self.preprocess;
         spec.heldout = match &self.heldout_index {
             Some(path) => Heldout::IndexFile(path.clone()),
             None => Heldout::Fraction {

@@ -1,11 +1,15 @@
 //! `soup eval` and `soup inspect`.
 
-use candle_core::Device;
-use soup_core::Objective;
-use soup_models::data::{shifted, Shift, Split};
-use soup_models::{Checkpoint, Classification, ModelSource};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use crate::common::{human_bytes, DataArgs};
+use candle_core::{Device, Tensor};
+use soup_core::Objective;
+use soup_models::checkpoint::atomic_write;
+use soup_models::data::{shifted, Shift, Split};
+use soup_models::{Architecture, Checkpoint, Classification, Dataset, ModelError, ModelSource};
+
+use crate::common::{human_bytes, ArchOverride, DataArgs};
 use crate::error::{CliError, Result};
 use crate::mix::Scores;
 use soup_core::Method;
@@ -27,6 +31,13 @@ pub struct EvalArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also write every example's logits, features and label to this .safetensors file
+    /// (tensors `logits` n × classes, `features` n × width where the architecture has them,
+    /// `labels` u32), in the split's order.
+    #[arg(long)]
+    pub save_logits: Option<PathBuf>,
+    #[command(flatten)]
+    pub arch: ArchOverride,
 }
 
 pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
@@ -34,13 +45,17 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     let ckpt = Checkpoint::open(
         soup_models::fetch_str(&args.model, crate::common::downloads(quiet))?.path,
     )?;
-    let arch = ckpt.architecture()?;
+    let arch = args.arch.architecture(&ckpt)?;
     let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
     let mut raw = args.data.load_raw(split)?;
     if let Some(list) = &args.shift {
         raw = shifted(&raw, &Shift::parse_list(list).map_err(CliError::new)?, 0);
     }
-    let mut objective = Classification::new(arch.clone(), args.data.prepare(&raw, &arch)?, 256);
+    let data = args.data.prepare(&raw, &arch)?;
+    if let Some(path) = &args.save_logits {
+        save_logits(path, arch.as_ref(), &params, &data)?;
+    }
+    let mut objective = Classification::new(arch.clone(), data, 256);
     let scores: Scores = objective.evaluate(&params)?.into();
     if args.json {
         println!("{}", serde_json::to_string(&scores)?);
@@ -57,6 +72,38 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Writes the logits (and features) of `params` on `data` to `path`, batch by batch, atomically.
+fn save_logits(
+    path: &Path,
+    arch: &dyn Architecture,
+    params: &[Tensor],
+    data: &Dataset,
+) -> Result<()> {
+    let n = data.labels.len();
+    let (mut logits, mut features) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(256) {
+        let images = data.images.narrow(0, start, 256.min(n - start))?;
+        logits.push(arch.forward(params, &images)?);
+        if let Some(f) = arch.features(params, &images)? {
+            features.push(f);
+        }
+    }
+    let mut tensors = HashMap::from([
+        ("logits".to_string(), Tensor::cat(&logits, 0)?),
+        (
+            "labels".to_string(),
+            Tensor::from_vec(data.labels.clone(), n, &Device::Cpu)?,
+        ),
+    ]);
+    if !features.is_empty() {
+        tensors.insert("features".to_string(), Tensor::cat(&features, 0)?);
+    }
+    atomic_write(path, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp).map_err(|e| ModelError::format(tmp, e))
+    })?;
+    Ok(())
+}
+
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
     /// A checkpoint (file or directory, hf://org/name[@revision][:file] or a URL), a zoo
@@ -65,6 +112,8 @@ pub struct InspectArgs {
     /// Model batch b for the MEHL memory figures.
     #[arg(long, default_value_t = 18)]
     pub model_batch: usize,
+    #[command(flatten)]
+    pub arch: ArchOverride,
 }
 
 pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
@@ -89,7 +138,12 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
         }
         remote => (open_remote(remote, quiet)?, remote.to_string(), 1, false),
     };
-    let arch = ckpt.architecture()?;
+    let mut overrides = match &source {
+        ModelSource::Local(target) if is_zoo => crate::manifest::arch_config(target)?,
+        _ => serde_json::Map::new(),
+    };
+    overrides.extend(args.arch.map()?);
+    let arch = ckpt.architecture_with(&overrides)?;
     let layout = ckpt.layout(arch.as_ref())?;
     let mut dtypes: Vec<String> = layout
         .tensors
@@ -105,6 +159,11 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
     println!("  parameters    {d}");
     println!("  stored as     {}", dtypes.join(", "));
     println!("  classes       {}", arch.num_classes());
+    for (key, rule) in ckpt.inferred()? {
+        if !overrides.contains_key(key) {
+            println!("  inferred      {key} = {} ({rule})", arch.config()[key]);
+        }
+    }
     if is_zoo {
         println!("zoo of {n} models");
         println!(

@@ -1,5 +1,6 @@
 //! `soup`: learned model soups from a zoo of fine-tuned checkpoints.
 
+mod card;
 mod common;
 mod error;
 mod inspect;

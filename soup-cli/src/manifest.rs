@@ -7,6 +7,9 @@
 //! sha256 = "..."             # optional, checked for URL sources
 //! heldout_accuracy = 0.87    # optional
 //! hyperparameters = { ... }  # optional, the fine-tuning settings
+//!
+//! [arch_config]              # optional: replaces what the checkpoints state or soup infers
+//! num_attention_heads = 4    # (e.g. OpenAI .pt files, which store no head count)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -24,6 +27,9 @@ pub struct Manifest {
     pub finetune: Option<FinetuneRun>,
     #[serde(default, rename = "model")]
     pub models: Vec<Entry>,
+    /// Architecture settings for every model, as `--arch-config` gives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch_config: Option<toml::Table>,
 }
 
 /// What `soup finetune` was asked for: `finetune --resume` continues only the same run.
@@ -74,6 +80,25 @@ pub struct Entry {
     pub heldout_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyperparameters: Option<toml::Value>,
+}
+
+/// The `[arch_config]` of a zoo's manifest, as JSON (empty without a manifest or the table).
+pub fn arch_config(zoo: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let manifest = if zoo.is_dir() {
+        zoo.join("zoo.toml")
+    } else {
+        zoo.to_path_buf()
+    };
+    if !manifest.is_file() {
+        return Ok(serde_json::Map::new());
+    }
+    let text = std::fs::read_to_string(&manifest).map_err(|e| io(&manifest, e))?;
+    let m: Manifest = toml::from_str(&text)
+        .map_err(|e| CliError::new(format!("{}: {}", manifest.display(), e.message())))?;
+    match m.arch_config.map(serde_json::to_value) {
+        Some(Ok(serde_json::Value::Object(map))) => Ok(map),
+        _ => Ok(serde_json::Map::new()),
+    }
 }
 
 /// The checkpoints of a zoo, in order, fetched where remote: the entries of a `zoo.toml`, or,

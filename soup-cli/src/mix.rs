@@ -14,7 +14,7 @@ use soup_core::{
     greedy_soup, learned_soup, run_mehl, uniform_soup_on, Collective, Event, MehlOptions,
     MehlProgress, Method, Metrics, ModelStore, Objective, SoupResult, TensorSpec,
 };
-use soup_models::checkpoint::{arch_metadata, atomic_write, hf_config_text, write_safetensors};
+use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
 use soup_models::data::Split;
 use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError, Resolved};
 
@@ -48,6 +48,9 @@ pub struct MixArgs {
     /// Replace OUT if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Overrides the zoo.toml's [arch_config] key by key.
+    #[command(flatten)]
+    pub arch: crate::common::ArchOverride,
 }
 
 /// α per block, as `coefficients.json` stores it.
@@ -255,11 +258,12 @@ fn mix_mehl(
 
 /// The files `soup mix` writes into OUT.
 pub const OUTPUTS: &[&str] = &[
-    "soup.safetensors",
+    "model.safetensors",
     "config.json",
+    "preprocessor_config.json",
+    "README.md",
     "coefficients.json",
     "report.json",
-    "report.md",
     "coefficients.svg",
     "curve.svg",
     "recipe.toml",
@@ -325,7 +329,13 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         comm.all_reduce_f64(&[0.0])?;
     }
     let paths: Vec<PathBuf> = zoo.iter().map(|r| r.path.clone()).collect();
-    let files = FileStore::open(paths, Device::Cpu)?;
+    let mut overrides = crate::manifest::arch_config(&args.zoo)?;
+    overrides.extend(args.arch.map()?);
+    let first = paths
+        .first()
+        .ok_or_else(|| CliError::new("the zoo is empty"))?;
+    let arch = Checkpoint::open(first)?.architecture_with(&overrides)?;
+    let files = FileStore::with_arch(paths, arch, Device::Cpu);
     let store = Counted {
         inner: &files,
         loads: std::cell::Cell::new(0),
@@ -506,6 +516,76 @@ struct Finished<'a> {
 }
 
 impl Finished<'_> {
+    /// The model card (README.md): what the soup is, its sources, α, scores and recipe.
+    fn card(&self, method_bytes: u64) -> String {
+        let (recipe, result, arch) = (self.recipe, self.result, self.arch);
+        let method = recipe.method().name();
+        let n = self.zoo.len();
+        let sources: Vec<Vec<String>> = self
+            .zoo
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let alpha: Vec<f64> = result.alpha.iter().map(|a| a[i]).collect();
+                let mean = alpha.iter().sum::<f64>() / alpha.len().max(1) as f64;
+                let (lo, hi) = alpha
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &a| {
+                        (lo.min(a), hi.max(a))
+                    });
+                let pin = r
+                    .commit
+                    .as_ref()
+                    .map(|c| format!("commit `{c}`"))
+                    .or_else(|| r.sha256.as_ref().map(|h| format!("sha256 `{h}`")))
+                    .unwrap_or_else(|| "local file".into());
+                vec![
+                    i.to_string(),
+                    format!("`{}`", r.source),
+                    pin,
+                    format!("{mean:.4}"),
+                    format!("{lo:.4} … {hi:.4}"),
+                ]
+            })
+            .collect();
+        let scores = [("held-out", &self.heldout), ("test", &self.test)]
+            .iter()
+            .map(|(split, s)| {
+                vec![
+                    split.to_string(),
+                    format!("{:.4}", s.accuracy),
+                    format!("{:.4}", s.loss),
+                    s.count.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let body = format!(
+            "A {method} soup of {n} models made by `soup mix` (MEHL-Soup, ECCV 2024, and its \
+             baselines): one model of {} parameters whose weights are, block by block ({} \
+             blocks), affine combinations Σ α_i θ_i of the models below (α of a block sums to \
+             1). Data: `{}`; the held-out split chose the soup, the test split did not.\n\n\
+             ## Scores\n\n{}\n## Sources\n\nα per model: mean over blocks, and its range \
+             (every block's α in `coefficients.json`, drawn in `coefficients.svg`).\n\n{}\n\
+             ## Run\n\nBytes held by the method {}; timings and peak memory in \
+             `report.json`. Files: `model.safetensors`, `config.json`, \
+             `preprocessor_config.json`, `coefficients.json`, `coefficients.svg`, `curve.svg`, \
+             `recipe.toml`, `report.json`.\n\n## Recipe\n\n```toml\n{}```\n\n",
+            arch.layout().numel(),
+            result.blocks.len(),
+            self.args.data.data,
+            crate::card::table(&["split", "accuracy", "loss", "examples"], &scores),
+            crate::card::table(&["#", "source", "pinned to", "mean α", "α range"], &sources),
+            human_bytes(method_bytes),
+            toml::to_string_pretty(recipe).unwrap_or_default(),
+        );
+        crate::card::card(
+            &["model-soup", "merge", method],
+            &format!("Soup: {method} of {n} models"),
+            &body,
+            arch,
+        )
+    }
+
     /// Writes every output file of [`OUTPUTS`] into `dir`, each atomically.
     fn write_outputs(&self, dir: &Path) -> Result<()> {
         let Finished {
@@ -544,17 +624,6 @@ impl Finished<'_> {
             ("soup.sources".to_string(), serde_json::to_string(&sources)?),
             ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
         ]);
-        // soup.safetensors with HF names and the architecture; config.json beside it for transformers.
-        let mut all = arch_metadata(arch);
-        all.extend(meta);
-        write_safetensors(
-            &dir.join("soup.safetensors"),
-            arch.layout(),
-            &result.soup,
-            &all,
-        )?;
-        write("config.json", &hf_config_text(arch))?;
-
         let coefficients = Coefficients {
             models: models.to_vec(),
             blocks: result.blocks.iter().map(|b| b.name.clone()).collect(),
@@ -602,31 +671,10 @@ impl Finished<'_> {
             "data": args.data.data,
         });
         write("report.json", &serde_json::to_string_pretty(&report)?)?;
-        let md = format!(
-            "# Soup: {method}\n\n{} models of {} parameters ({} blocks), data `{}`.\n\n\
-         | split | accuracy | loss | examples |\n|---|---|---|---|\n\
-         | held-out | {:.4} | {:.4} | {} |\n| test | {:.4} | {:.4} | {} |\n\n\
-         Time {:.1} s (load {:.1} s, soup {:.1} s, evaluate {:.1} s); peak RSS {}; \
-         bytes held by the method {}.\n\nFiles: soup.safetensors, coefficients.json, \
-         coefficients.svg, curve.svg, recipe.toml, report.json.\n",
-            models.len(),
-            arch.layout().numel(),
-            result.blocks.len(),
-            args.data.data,
-            heldout.accuracy,
-            heldout.loss,
-            heldout.count,
-            test.accuracy,
-            test.loss,
-            test.count,
-            started.elapsed().as_secs_f64(),
-            phases[0].1,
-            phases[1].1,
-            phases[2].1,
-            human_bytes(peak_rss_bytes()),
-            human_bytes(m.total() as u64),
-        );
-        write("report.md", &md)?;
+        // The soup as a model directory (model.safetensors, config.json, preprocessor_config.json)
+        // with its model card as README.md.
+        let card = self.card(m.total() as u64);
+        write_model_dir(dir, arch, &result.soup, &meta, &card)?;
         let short: Vec<String> = models
             .iter()
             .map(|m| {

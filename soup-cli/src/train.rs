@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{Metrics, Objective};
-use soup_models::checkpoint::{arch_metadata, write_model_dir, write_safetensors};
+use soup_models::checkpoint::{
+    arch_metadata, write_model_dir, write_safetensors, MODEL_DIR_FILES as MODEL_FILES,
+};
 use soup_models::data::Split;
 use soup_models::train::finetune::{finetune, Augment, FinetuneConfig};
 use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
@@ -129,7 +131,13 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
         "soup.heldout_accuracy".into(),
         format!("{}", metrics.accuracy.unwrap_or(0.0)),
     );
-    write_checkpoint(&args.out, arch.as_ref(), &trained, meta)?;
+    let title = match &args.init {
+        Some(init) => format!("{} trained from `{init}`", arch.family()),
+        None => format!("{} trained from scratch", arch.family()),
+    };
+    let body = training_card_body("soup train", &args.data.data, &meta);
+    let card = crate::card::card(&["image-classification"], &title, &body, arch.as_ref());
+    write_checkpoint(&args.out, arch.as_ref(), &trained, meta, &card)?;
     println!(
         "trained {} ({} parameters) for {} epochs: held-out accuracy {:.4}, loss {:.4} -> {}",
         arch.family(),
@@ -170,6 +178,7 @@ fn write_checkpoint(
     arch: &dyn Architecture,
     params: &[Tensor],
     meta: BTreeMap<String, String>,
+    card: &str,
 ) -> Result<()> {
     if out.extension().is_some_and(|e| e == "safetensors") {
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -179,9 +188,27 @@ fn write_checkpoint(
         all.extend(meta);
         write_safetensors(out, arch.layout(), params, &all)?;
     } else {
-        write_model_dir(out, arch, params, &meta)?;
+        write_model_dir(out, arch, params, &meta, card)?;
     }
     Ok(())
+}
+
+/// The body of a trained model's card: the command, the data and every setting it recorded.
+fn training_card_body(command: &str, data: &str, meta: &BTreeMap<String, String>) -> String {
+    let rows: Vec<Vec<String>> = meta
+        .iter()
+        .map(|(k, v)| {
+            vec![
+                format!("`{}`", k.strip_prefix("soup.").unwrap_or(k)),
+                format!("`{v}`"),
+            ]
+        })
+        .collect();
+    format!(
+        "Made by `{command}` on the data `{data}` (held-out accuracy measured on the held-out \
+         split, which training never saw).\n\n## Training\n\n{}\n",
+        crate::card::table(&["setting", "value"], &rows)
+    )
 }
 
 /// The random search of `soup finetune`, model-soups style: each fine-tune draws its settings.
@@ -304,9 +331,6 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub force: bool,
 }
-
-/// The files of a model directory soup writes.
-const MODEL_FILES: &[&str] = &["model.safetensors", "config.json"];
 
 /// Whether `dir` holds only what [`write_model_dir`] writes (and temporary files of its
 /// atomic writes).
@@ -515,7 +539,10 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         if let Some(commit) = &base_source.commit {
             meta.insert("soup.base_commit".into(), commit.clone());
         }
-        if let Err(e) = write_model_dir(&partial, arch.as_ref(), &trained, &meta) {
+        let title = format!("{name}: a fine-tune of `{}`", args.base);
+        let body = training_card_body("soup finetune", &args.data.data, &meta);
+        let card = crate::card::card(&["image-classification"], &title, &body, arch.as_ref());
+        if let Err(e) = write_model_dir(&partial, arch.as_ref(), &trained, &meta, &card) {
             let _ = remove_model_dir(&partial);
             return Err(e.into());
         }

@@ -157,10 +157,11 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ok(&args);
         for file in [
-            "soup.safetensors",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "README.md",
             "coefficients.json",
             "report.json",
-            "report.md",
             "coefficients.svg",
             "curve.svg",
             "recipe.toml",
@@ -190,7 +191,7 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
         let eval: serde_json::Value = serde_json::from_str(&ok(&[
             "eval",
             "--model",
-            &zoo.path(&format!("{out}/soup.safetensors")),
+            &zoo.path(&out),
             "--data",
             DATA,
             "--max-examples",
@@ -202,17 +203,59 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
         .unwrap();
         assert_eq!(eval["accuracy"], report["test"]["accuracy"], "{method}");
         assert_eq!(eval["loss"], report["test"]["loss"], "{method}");
+        // The model card names the method, and every source.
+        let card = std::fs::read_to_string(zoo.path(&format!("{out}/README.md"))).unwrap();
+        assert!(
+            card.starts_with("---\nlibrary_name: transformers\n"),
+            "{card}"
+        );
+        assert!(
+            card.contains(&format!("# Soup: {method} of 6 models")),
+            "{card}"
+        );
+        assert_eq!(card.matches("zoo/model-0").count(), 6, "{card}");
         assert!(
             std::fs::read_to_string(zoo.path(&format!("{out}/coefficients.svg")))
                 .unwrap()
                 .starts_with("<svg")
         );
     }
+    // Per-example logits: their argmax is the accuracy eval reports.
+    let logits_file = zoo.path("uniform-test-logits.safetensors");
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        &zoo.path("out-uniform"),
+        "--data",
+        DATA,
+        "--max-examples",
+        LIMIT,
+        "--json",
+        "--save-logits",
+        &logits_file,
+    ]))
+    .unwrap();
+    let saved = candle_core::safetensors::load(&logits_file, &Device::Cpu).unwrap();
+    let logits = &saved["logits"];
+    let labels: Vec<u32> = saved["labels"].to_vec1().unwrap();
+    assert_eq!(logits.dims(), &[600, 10]);
+    assert_eq!(saved["features"].dims(), &[600, 16]);
+    let predicted: Vec<u32> = logits.argmax(1).unwrap().to_vec1().unwrap();
+    let correct = predicted
+        .iter()
+        .zip(&labels)
+        .filter(|(p, l)| p == l)
+        .count();
+    assert_eq!(
+        correct as f64 / 600.0,
+        eval["accuracy"].as_f64().unwrap(),
+        "argmax of the saved logits"
+    );
     // Uniform is the mean of the checkpoints.
     let models: Vec<Vec<u32>> = (0..6)
         .map(|i| soup_bits(&zoo.path(&format!("zoo/model-{i:02}"))))
         .collect();
-    let uniform = soup_bits(&zoo.path("out-uniform/soup.safetensors"));
+    let uniform = soup_bits(&zoo.path("out-uniform/model.safetensors"));
     for (k, u) in uniform.iter().enumerate() {
         let mean = models
             .iter()
@@ -225,7 +268,7 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
     let shifted: serde_json::Value = serde_json::from_str(&ok(&[
         "eval",
         "--model",
-        &zoo.path("out-uniform/soup.safetensors"),
+        &zoo.path("out-uniform/model.safetensors"),
         "--data",
         DATA,
         "--max-examples",
@@ -275,8 +318,8 @@ fn a_killed_run_resumes_to_the_same_soup() {
     resumed.push("--resume".into());
     ok(&resumed.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(
-        soup_bits(&zoo.path("resume-full/soup.safetensors")),
-        soup_bits(&zoo.path("resume-killed/soup.safetensors"))
+        soup_bits(&zoo.path("resume-full/model.safetensors")),
+        soup_bits(&zoo.path("resume-killed/model.safetensors"))
     );
     assert_eq!(
         json(zoo.path("resume-full/coefficients.json")),
@@ -521,7 +564,7 @@ fn a_zoo_of_hub_models_mixes_like_the_local_zoo_and_works_offline_afterwards() {
         let o = soup_env(&args, &env);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let soup = |out: &str| soup_bits(&format!("{}/soup.safetensors", zoo.path(out)));
+    let soup = |out: &str| soup_bits(&format!("{}/model.safetensors", zoo.path(out)));
     assert_eq!(soup("hub-local"), soup("hub-remote"));
     let report = json(format!("{}/report.json", zoo.path("hub-remote")));
     assert_eq!(report["zoo"][1]["source"], "hf://org/m1");

@@ -28,6 +28,7 @@ fn zoo(dir: &Path) -> usize {
             &arch,
             params,
             &Default::default(),
+            "",
         )
         .unwrap();
     }
@@ -90,7 +91,7 @@ use common::json;
 
 /// The soup's tensors by name, as f64.
 fn soup(dir: &Path) -> Vec<(String, Vec<f64>)> {
-    let ckpt = Checkpoint::open(dir.join("soup.safetensors")).unwrap();
+    let ckpt = Checkpoint::open(dir.join("model.safetensors")).unwrap();
     let arch = ckpt.architecture().unwrap();
     let params = ckpt.load_params(arch.as_ref(), &Device::Cpu).unwrap();
     arch.layout()

@@ -223,7 +223,7 @@ fn force_never_deletes_what_soup_did_not_write() {
     ok_in(root, &args);
     std::fs::write(root.join("own/mine.txt"), "mine").unwrap();
     fails_in(root, &args, "mine.txt");
-    assert!(root.join("own/mine.txt").exists() && root.join("own/soup.safetensors").exists());
+    assert!(root.join("own/mine.txt").exists() && root.join("own/model.safetensors").exists());
     // Without --force an existing OUT is never touched.
     fails_in(root, &mix_args("uniform", "zoo", "own"), "already exists");
     // `--out FILE` fails before the work.
@@ -460,7 +460,7 @@ fn bad_flags_and_configs_get_one_line_and_exit_code_two() {
 fn output_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     listing(dir)
         .into_iter()
-        .filter(|n| n != "report.json" && n != "report.md")
+        .filter(|n| n != "report.json")
         .map(|n| {
             let bytes = std::fs::read(dir.join(&n)).unwrap();
             (n, bytes)

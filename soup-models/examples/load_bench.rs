@@ -53,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .iter()
                 .map(|t| Tensor::rand(-1f32, 1.0, t.shape.as_slice(), &Device::Cpu))
                 .collect::<Result<_, _>>()?;
-            write_model_dir(&d, arch.as_ref(), &params, &BTreeMap::new())?;
+            write_model_dir(&d, arch.as_ref(), &params, &BTreeMap::new(), "")?;
         }
         paths.push(d.join("model.safetensors"));
     }

@@ -65,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ]
         .into_iter()
         .collect();
-        write_model_dir(&dir, arch.as_ref(), &model, &meta)?;
+        write_model_dir(&dir, arch.as_ref(), &model, &meta, "")?;
         eprintln!("perturbed_zoo: {} written", dir.display());
     }
     Ok(())

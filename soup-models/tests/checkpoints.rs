@@ -71,7 +71,7 @@ fn hf_directory_sharded_and_soup_files_load_identical_tensors() {
     // soup's own directory (metadata names the architecture) and a bare file.
     let ours = dir.path().join("ours");
     let meta = BTreeMap::from([("soup.method".to_string(), "mehl+".to_string())]);
-    write_model_dir(&ours, &arch, &params, &meta).unwrap();
+    write_model_dir(&ours, &arch, &params, &meta, "").unwrap();
     for path in [ours.clone(), ours.join("model.safetensors")] {
         let ckpt = Checkpoint::open(&path).unwrap();
         assert_eq!(ckpt.metadata().unwrap()["soup.method"], "mehl+");
@@ -219,7 +219,7 @@ fn zoo_members_that_do_not_match_are_named() {
     let mut paths = Vec::new();
     for (i, params) in random_zoo(&arch, 2, 1).unwrap().into_iter().enumerate() {
         let p = dir.path().join(format!("m{i}"));
-        write_model_dir(&p, &arch, &params, &BTreeMap::new()).unwrap();
+        write_model_dir(&p, &arch, &params, &BTreeMap::new(), "").unwrap();
         paths.push(p);
     }
     let odd = dir.path().join("odd");
@@ -228,6 +228,7 @@ fn zoo_members_that_do_not_match_are_named() {
         &other,
         &random_zoo(&other, 1, 2).unwrap()[0],
         &BTreeMap::new(),
+        "",
     )
     .unwrap();
     paths.push(odd);

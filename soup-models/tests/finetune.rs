@@ -287,7 +287,7 @@ fn mehl_soup_of_finetuned_checkpoints_on_disk() {
         };
         let (params, _) = finetune(&arch, &init, &train, &cfg, &mut |_| {}).unwrap();
         let path = dir.path().join(format!("model-{i}"));
-        write_model_dir(&path, &arch, &params, &cfg.metadata()).unwrap();
+        write_model_dir(&path, &arch, &params, &cfg.metadata(), "").unwrap();
         paths.push(path);
     }
     let recorded: FinetuneConfig = serde_json::from_str(
@@ -315,6 +315,7 @@ fn mehl_soup_of_finetuned_checkpoints_on_disk() {
         &arch,
         &result.soup,
         &BTreeMap::from([("soup.method".into(), result.method.clone())]),
+        "",
     )
     .unwrap();
     let back = Checkpoint::open(&out).unwrap();

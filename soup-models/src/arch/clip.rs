@@ -100,22 +100,41 @@ impl ClipVitConfig {
         }
     }
 
-    /// Reads a Hugging Face `config.json` (CLIPModel: `vision_config` plus a top-level
-    /// `projection_dim`; CLIPVisionModel(WithProjection): the vision keys at the top level).
+    /// Reads a Hugging Face `config.json` with transformers' own precedence and defaults.
+    /// `CLIPConfig` (`model_type` "clip", a `vision_config` inside): the vision keys from
+    /// `vision_config`, the projection width from the top-level `projection_dim` (what `CLIPModel`
+    /// builds `visual_projection` with; `vision_config.projection_dim` is ignored, as transformers
+    /// ignores it). `CLIPVisionConfig` (`clip_vision_model`): every key at the top level. A key
+    /// absent from the file takes `CLIPVisionConfig`'s default (ViT-B/32's values).
     pub fn from_hf_json(json: &serde_json::Value, num_classes: usize) -> Result<Self> {
-        let vision = json.get("vision_config").unwrap_or(json);
-        let mut v = vision.clone();
-        let obj = v
-            .as_object_mut()
-            .ok_or_else(|| ModelError::config("clip-vit", "config.json is not an object"))?;
-        if !obj.contains_key("projection_dim") {
-            let p = json.get("projection_dim").cloned().ok_or_else(|| {
-                ModelError::config("clip-vit", "config.json has no projection_dim")
-            })?;
-            obj.insert("projection_dim".into(), p);
+        let bad = || ModelError::config("clip-vit", "config.json is not an object");
+        let top = json.as_object().ok_or_else(bad)?;
+        let vision = match top.get("vision_config") {
+            Some(v) => v.as_object().ok_or_else(bad)?,
+            None => top,
+        };
+        let mut v = serde_json::Map::new();
+        for (key, default) in [
+            ("hidden_size", serde_json::json!(768)),
+            ("intermediate_size", serde_json::json!(3072)),
+            ("num_hidden_layers", serde_json::json!(12)),
+            ("num_attention_heads", serde_json::json!(12)),
+            ("num_channels", serde_json::json!(3)),
+            ("image_size", serde_json::json!(224)),
+            ("patch_size", serde_json::json!(32)),
+            ("layer_norm_eps", serde_json::json!(1e-5)),
+            ("hidden_act", serde_json::json!("quick_gelu")),
+        ] {
+            v.insert(key.into(), vision.get(key).cloned().unwrap_or(default));
         }
-        obj.insert("num_classes".into(), num_classes.into());
-        parse_config("clip-vit", &v)
+        // Both config classes read `projection_dim` at their own top level.
+        let projection = top.get("projection_dim").cloned();
+        v.insert(
+            "projection_dim".into(),
+            projection.unwrap_or(serde_json::json!(512)),
+        );
+        v.insert("num_classes".into(), num_classes.into());
+        parse_config("clip-vit", &serde_json::Value::Object(v))
     }
 
     /// The same configuration as candle-transformers' type (used by its stock CLIP).
@@ -357,6 +376,10 @@ impl Architecture for ClipClassifier {
             p.get("classification_head.weight"),
             Some(p.get("classification_head.bias")),
         )?)
+    }
+
+    fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.image_features(params, images)?))
     }
 
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {

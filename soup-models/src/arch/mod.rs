@@ -37,6 +37,12 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     /// Logits (n × classes) of normalised images (n × channels × height × width), differentiable
     /// with respect to every parameter.
     fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor>;
+    /// Per-example features the head reads (n × width), for export; `None` where the
+    /// architecture has no such layer to offer. CLIP: the projected image features before
+    /// normalisation (transformers' `image_embeds`).
+    fn features(&self, _params: &[Tensor], _images: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     /// A seeded random initialisation (f32), for training from scratch.
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
 }

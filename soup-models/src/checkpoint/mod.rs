@@ -162,10 +162,12 @@ impl Checkpoint {
             } else {
                 None
             };
+            // `soup.safetensors`: what `soup mix` wrote before its output was a model directory.
             let candidates = [
                 "model.safetensors.index.json",
                 "model.safetensors",
                 "pytorch_model.bin",
+                "soup.safetensors",
             ];
             let Some(weights) = candidates.iter().map(|c| path.join(c)).find(|p| p.exists()) else {
                 return Err(ModelError::format(
@@ -445,6 +447,89 @@ impl Checkpoint {
             &self.path,
             "cannot tell the architecture: no soup metadata and no config.json (pass it explicitly)",
         ))
+    }
+
+    /// The architecture with some of its configuration replaced: `overrides` (keys of the
+    /// family's config, e.g. `{"num_attention_heads": 4}`) win over what the checkpoint says or
+    /// what was inferred by rule ([`Checkpoint::inferred`]). Needed where a file cannot say it:
+    /// an OpenAI `.pt` stores no head count.
+    pub fn architecture_with(
+        &self,
+        overrides: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Arc<dyn Architecture>> {
+        let arch = self.architecture()?;
+        if overrides.is_empty() {
+            return Ok(arch);
+        }
+        let mut config = arch.config();
+        let obj = config
+            .as_object_mut()
+            .ok_or_else(|| ModelError::config(arch.family(), "config is not an object"))?;
+        for (k, v) in overrides {
+            if !obj.contains_key(k) {
+                let known: Vec<&str> = obj.keys().map(String::as_str).collect();
+                return Err(ModelError::config(
+                    arch.family(),
+                    format!(
+                        "no config key {k:?} to override (keys: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            obj.insert(k.clone(), v.clone());
+        }
+        build(arch.family(), &config)
+    }
+
+    /// The configuration values the checkpoint does not state, with the rule that filled each:
+    /// (key, rule). Empty for soup's own files, which state everything.
+    pub fn inferred(&self) -> Result<Vec<(&'static str, &'static str)>> {
+        if self.metadata()?.contains_key(META_ARCH) {
+            return Ok(Vec::new());
+        }
+        if let Backend::Torch {
+            openai: Some(_), ..
+        } = &self.backend
+        {
+            return Ok(vec![
+                (
+                    "num_attention_heads",
+                    "hidden_size / 64: OpenAI's rule for every released ViT (override with --arch-config)",
+                ),
+                ("layer_norm_eps", "1e-5, OpenAI's"),
+                ("hidden_act", "quick_gelu, OpenAI's"),
+            ]);
+        }
+        if let Some(json) = &self.hf_config {
+            let vision = json.get("vision_config").unwrap_or(json);
+            let mut found = Vec::new();
+            for key in [
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_channels",
+                "image_size",
+                "patch_size",
+                "layer_norm_eps",
+                "hidden_act",
+            ] {
+                if vision.get(key).is_none() {
+                    found.push((
+                        key,
+                        "absent from config.json: transformers' CLIPVisionConfig default",
+                    ));
+                }
+            }
+            if json.get("projection_dim").is_none() {
+                found.push((
+                    "projection_dim",
+                    "absent from config.json: transformers' default, 512",
+                ));
+            }
+            return Ok(found);
+        }
+        Ok(Vec::new())
     }
 
     /// The layout of this checkpoint's tensors as `arch` orders them: shapes as stored, so that
@@ -742,14 +827,24 @@ fn safetensors_header(
     Ok(bytes)
 }
 
-/// Writes a model directory: `model.safetensors` (with the architecture in its metadata) and a
-/// `config.json`, which for CLIP follows Hugging Face's CLIPVisionModelWithProjection so that
-/// `transformers` can read the vision tower. Both files are written atomically.
+/// The files of a model directory soup writes ([`write_model_dir`]).
+pub const MODEL_DIR_FILES: &[&str] = &[
+    "model.safetensors",
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+];
+
+/// Writes a model directory that transformers and soup both load as it is: `model.safetensors`
+/// (with the architecture in its metadata), `config.json` (for CLIP, Hugging Face's
+/// CLIPVisionModelWithProjection), `preprocessor_config.json` (the image processor that prepares
+/// its inputs) and the model card `card` as `README.md`. Every file is written atomically.
 pub fn write_model_dir(
     dir: &Path,
     arch: &dyn Architecture,
     tensors: &[Tensor],
     metadata: &BTreeMap<String, String>,
+    card: &str,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let mut meta = arch_metadata(arch);
@@ -760,11 +855,17 @@ pub fn write_model_dir(
         tensors,
         &meta,
     )?;
-    let text = hf_config_text(arch);
-    let path = dir.join("config.json");
-    atomic_write(&path, |tmp| {
-        std::fs::write(tmp, &text).map_err(|e| ModelError::io(&path, e))
-    })
+    for (name, text) in [
+        ("config.json", hf_config_text(arch)),
+        ("preprocessor_config.json", hf_preprocessor_text(arch)),
+        ("README.md", card.to_string()),
+    ] {
+        let path = dir.join(name);
+        atomic_write(&path, |tmp| {
+            std::fs::write(tmp, &text).map_err(|e| ModelError::io(&path, e))
+        })?;
+    }
+    Ok(())
 }
 
 /// The `config.json` of a model directory of `arch`: for CLIP, Hugging Face's
@@ -778,6 +879,28 @@ pub fn hf_config_text(arch: &dyn Architecture) -> String {
         );
         obj.insert("model_type".into(), "clip_vision_model".into());
     }
+    serde_json::to_string_pretty(&config).expect("JSON values serialise")
+}
+
+/// The `preprocessor_config.json` of a model directory of `arch`: Hugging Face's
+/// `CLIPImageProcessor` settings for CLIP's preprocessing (bicubic resize of the shorter side,
+/// centre crop, the model's mean and standard deviation), which soup's `--preprocess clip` equals.
+pub fn hf_preprocessor_text(arch: &dyn Architecture) -> String {
+    let input = arch.input();
+    let config = serde_json::json!({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": true,
+        "size": {"shortest_edge": input.height},
+        "resample": 3,
+        "do_center_crop": true,
+        "crop_size": {"height": input.height, "width": input.width},
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": input.mean,
+        "image_std": input.std,
+        "do_convert_rgb": input.channels == 3,
+    });
     serde_json::to_string_pretty(&config).expect("JSON values serialise")
 }
 

@@ -25,11 +25,16 @@ impl FileStore {
             crate::ModelError::format(std::path::Path::new("<zoo>"), "the zoo is empty")
         })?;
         let arch = Checkpoint::open(first)?.architecture()?;
-        Ok(Self {
+        Ok(Self::with_arch(paths, arch, device))
+    }
+
+    /// A store over `paths` read as `arch` (the first checkpoint's, with overrides applied).
+    pub fn with_arch(paths: Vec<PathBuf>, arch: Arc<dyn Architecture>, device: Device) -> Self {
+        Self {
             arch,
             paths,
             device,
-        })
+        }
     }
 }
 

@@ -15,13 +15,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
 use rayon::prelude::*;
 use soup_core::rng::{permutation, SplitMix64};
 
 use crate::arch::InputSpec;
 use crate::error::{ModelError, Result};
 use crate::train::objective::Dataset;
+
+pub mod resize;
 
 /// Where the `fashion-mnist` data set name points (Debian package `dataset-fashion-mnist`).
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -111,6 +112,8 @@ impl Default for Heldout {
 pub struct DataSpec {
     pub root: PathBuf,
     pub heldout: Heldout,
+    /// How ImageFolder images are resized and cropped.
+    pub preprocess: Preprocess,
 }
 
 impl DataSpec {
@@ -124,6 +127,7 @@ impl DataSpec {
         Self {
             root,
             heldout: Heldout::default(),
+            preprocess: Preprocess::default(),
         }
     }
 
@@ -135,7 +139,7 @@ impl DataSpec {
             Format::Idx => read_idx_split(&self.root, test)?,
             Format::Cifar10 => read_cifar(&self.root, test, 10)?,
             Format::Cifar100 => read_cifar(&self.root, test, 100)?,
-            Format::ImageFolder => read_image_folder(&self.root, test)?,
+            Format::ImageFolder => read_image_folder(&self.root, test, self.preprocess)?,
         };
         if all.is_empty() {
             return Err(ModelError::format(&self.root, "the split holds no images"));
@@ -376,12 +380,12 @@ fn read_cifar(root: &Path, test: bool, classes: usize) -> Result<RawImages> {
 }
 
 /// Side of the square images ImageFolder decodes to (resized on the shorter side, then centre-
-/// cropped), before the model's own preprocessing.
+/// cropped: [`Preprocess`]), CLIP's input size; a model of another size resizes these squares.
 pub const IMAGE_FOLDER_SIDE: usize = 224;
 
 /// `train/<class>/*` or `val/<class>/*` (`test/<class>/*`), decoded in parallel to RGB, resized
-/// (shorter side, bicubic) and centre-cropped to [`IMAGE_FOLDER_SIDE`].
-fn read_image_folder(root: &Path, test: bool) -> Result<RawImages> {
+/// and centre-cropped to [`IMAGE_FOLDER_SIDE`] as `preprocess` says.
+fn read_image_folder(root: &Path, test: bool, preprocess: Preprocess) -> Result<RawImages> {
     let classes = list_dirs(&root.join("train"))?;
     let dir = if !test {
         root.join("train")
@@ -412,7 +416,7 @@ fn read_image_folder(root: &Path, test: bool) -> Result<RawImages> {
         .par_iter()
         .map(|(path, _)| {
             let img = decode_image(path)?;
-            Ok(square_rgb(&img.to_rgb8(), side))
+            Ok(square_rgb(&img.to_rgb8(), side, preprocess))
         })
         .collect::<Result<_>>()?;
     Ok(RawImages {
@@ -430,7 +434,7 @@ fn read_image_folder(root: &Path, test: bool) -> Result<RawImages> {
 pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
 
 /// Decodes the image at `path` within [`MAX_IMAGE_BYTES`] and 16384 pixels per side.
-fn decode_image(path: &Path) -> Result<image::DynamicImage> {
+pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     let bad = |e: image::ImageError| ModelError::format(path, format!("cannot decode image: {e}"));
     let mut reader = image::ImageReader::open(path)
         .map_err(|e| ModelError::io(path, e))?
@@ -455,29 +459,86 @@ fn list_dirs(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// CLIP's resize: shorter side to `side` (bicubic), then the centre `side` × `side` crop.
-fn resize_crop<P>(img: &image::ImageBuffer<P, Vec<u8>>, side: u32) -> image::ImageBuffer<P, Vec<u8>>
-where
-    P: image::Pixel<Subpixel = u8> + 'static,
-{
-    let (w, h) = img.dimensions();
-    let scale = side as f64 / w.min(h) as f64;
-    let nw = ((w as f64 * scale).round() as u32).max(side);
-    let nh = ((h as f64 * scale).round() as u32).max(side);
-    let resized = image::imageops::resize(img, nw, nh, FilterType::CatmullRom);
-    image::imageops::crop_imm(&resized, (nw - side) / 2, (nh - side) / 2, side, side).to_image()
+/// How an image is brought to the model's square input: CLIP's preprocessing, which resizes the
+/// shorter side to the model's size with Pillow's bicubic filter ([`resize::resize_plane`], bit
+/// for bit) and the longer side to `int(side × long / short)`, then crops the centre. The two
+/// variants differ only in where an odd margin puts the crop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Preprocess {
+    /// OpenAI's `preprocess` (torchvision `Resize` + `CenterCrop` on PIL images), as model-soups
+    /// and open_clip prepare images: crop offset `round(margin / 2)`, halves to even.
+    #[default]
+    Clip,
+    /// transformers' `CLIPImageProcessorPil`: crop offset `margin / 2` rounded down.
+    HfClip,
 }
 
-/// [`resize_crop`] to `side`, returned as planar RGB.
-fn square_rgb(img: &image::RgbImage, side: usize) -> Vec<u8> {
-    let square = resize_crop(img, side as u32);
-    let mut out = vec![0u8; 3 * side * side];
-    for (x, y, p) in square.enumerate_pixels() {
-        for c in 0..3 {
-            out[c * side * side + y as usize * side + x as usize] = p[c];
+impl Preprocess {
+    pub const NAMES: &'static [&'static str] = &["clip", "hf-clip"];
+
+    /// The offset of a centred crop of `side` out of `len` pixels.
+    fn crop_offset(self, len: usize, side: usize) -> usize {
+        let margin = len - side;
+        match self {
+            // Python's round(margin / 2.0): an odd margin's half rounds to the even neighbour.
+            Preprocess::Clip if margin % 2 == 1 && (margin / 2) % 2 == 1 => margin / 2 + 1,
+            Preprocess::Clip | Preprocess::HfClip => margin / 2,
+        }
+    }
+}
+
+impl std::str::FromStr for Preprocess {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "clip" => Ok(Preprocess::Clip),
+            "hf-clip" => Ok(Preprocess::HfClip),
+            other => Err(format!("unknown preprocessing {other:?} (clip, hf-clip)")),
+        }
+    }
+}
+
+/// `planes` (`channels` planes of `h` × `w` u8 pixels) resized on the shorter side to `side`
+/// and centre-cropped to `side` × `side` as `preprocess` does, planar.
+pub fn resize_crop_planes(
+    planes: &[u8],
+    channels: usize,
+    w: usize,
+    h: usize,
+    side: usize,
+    preprocess: Preprocess,
+) -> Vec<u8> {
+    let (nw, nh) = if w <= h {
+        (side, side * h / w)
+    } else {
+        (side * w / h, side)
+    };
+    // Python computes int(side * long / short) in floating point; for the sizes images have
+    // (below 2^26 pixels a side) that equals the integer quotient.
+    let (left, top) = (
+        preprocess.crop_offset(nw, side),
+        preprocess.crop_offset(nh, side),
+    );
+    let mut out = Vec::with_capacity(channels * side * side);
+    for plane in planes.chunks(w * h).take(channels) {
+        let resized = resize::resize_plane(plane, w, h, nw, nh);
+        for row in resized.chunks(nw).skip(top).take(side) {
+            out.extend_from_slice(&row[left..left + side]);
         }
     }
     out
+}
+
+/// An RGB image as planes, resized and cropped to `side` × `side` ([`resize_crop_planes`]).
+pub fn square_rgb(img: &image::RgbImage, side: usize, preprocess: Preprocess) -> Vec<u8> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut planes = vec![0u8; 3 * w * h];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            planes[c * w * h + i] = p[c];
+        }
+    }
+    resize_crop_planes(&planes, 3, w, h, side, preprocess)
 }
 
 /// Model inputs from stored images: channels matched (grey replicated to RGB, RGB averaged to
@@ -528,18 +589,10 @@ fn resize_planes(img: &[u8], channels: usize, h: usize, w: usize, side: usize) -
     if h == side && w == side {
         return img.iter().map(|&v| v as f32).collect();
     }
-    let mut out = Vec::with_capacity(channels * side * side);
-    for ch in 0..channels {
-        let plane = img[ch * h * w..(ch + 1) * h * w].to_vec();
-        let grey = image::GrayImage::from_raw(w as u32, h as u32, plane).expect("h × w bytes");
-        out.extend(
-            resize_crop(&grey, side as u32)
-                .into_raw()
-                .into_iter()
-                .map(f32::from),
-        );
-    }
-    out
+    resize_crop_planes(img, channels, w, h, side, Preprocess::Clip)
+        .into_iter()
+        .map(f32::from)
+        .collect()
 }
 
 /// A distribution shift applied to stored images: the stand-in for model-soups' shifted test sets.

@@ -1,0 +1,72 @@
+//! Model cards: the `README.md` of every model directory soup writes, in the Hugging Face
+//! format (YAML front matter, then Markdown), saying what the model is, how it was made and how
+//! to load it.
+
+use soup_models::Architecture;
+
+/// A model card: front matter with `tags`, the `title`, the `body` (Markdown sections the
+/// command writes) and a "Use" section for the model's architecture.
+pub fn card(tags: &[&str], title: &str, body: &str, arch: &dyn Architecture) -> String {
+    let mut tags: Vec<&str> = tags.to_vec();
+    tags.insert(0, "soup");
+    let library = if arch.family() == "clip-vit" {
+        "library_name: transformers\n"
+    } else {
+        ""
+    };
+    format!(
+        "---\n{library}tags:\n{}---\n\n# {title}\n\n{body}\n{}",
+        tags.iter().map(|t| format!("- {t}\n")).collect::<String>(),
+        usage(arch),
+    )
+}
+
+/// How to load a model directory of `arch`, in soup and (for CLIP) in transformers.
+fn usage(arch: &dyn Architecture) -> String {
+    let layout = arch.layout();
+    let mut text = format!(
+        "## Use\n\nArchitecture `{}` ({} tensors, {} parameters, {} classes); inputs {}×{}×{}.\n\n\
+         ```sh\nsoup eval --model THIS_DIRECTORY --data DATA\n```\n",
+        arch.family(),
+        layout.len(),
+        layout.numel(),
+        arch.num_classes(),
+        arch.input().channels,
+        arch.input().height,
+        arch.input().width,
+    );
+    if arch.family() == "clip-vit" {
+        text.push_str(
+            "\nIn transformers, the vision tower and projection load as \
+             `CLIPVisionModelWithProjection`, the preprocessing as `CLIPImageProcessor` \
+             (`CLIPImageProcessorPil` equals soup's `--preprocess clip` up to the centre \
+             crop's rounding); the classifier is the head `classification_head.weight`, `.bias` \
+             (also in `model.safetensors`, reported as unexpected keys) applied to the \
+             L2-normalised `image_embeds`:\n\n\
+             ```python\nimport torch\nfrom safetensors.torch import load_file\n\
+             from transformers import AutoImageProcessor, CLIPVisionModelWithProjection\n\n\
+             model = CLIPVisionModelWithProjection.from_pretrained(\"THIS_DIRECTORY\")\n\
+             processor = AutoImageProcessor.from_pretrained(\"THIS_DIRECTORY\")\n\
+             weights = load_file(\"THIS_DIRECTORY/model.safetensors\")\n\
+             head = torch.nn.Linear(*weights[\"classification_head.weight\"].shape[::-1])\n\
+             head.load_state_dict({\"weight\": weights[\"classification_head.weight\"], \
+             \"bias\": weights[\"classification_head.bias\"]})\n\
+             features = model(**processor(images=images, return_tensors=\"pt\")).image_embeds\n\
+             logits = head(features / features.norm(dim=-1, keepdim=True))\n```\n",
+        );
+    }
+    text
+}
+
+/// A Markdown table of `rows` under the header `header`.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut t = format!(
+        "| {} |\n|{}\n",
+        header.join(" | "),
+        "---|".repeat(header.len())
+    );
+    for r in rows {
+        t.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    t
+}

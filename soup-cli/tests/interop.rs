@@ -1,0 +1,95 @@
+//! The soup binary against files the real libraries wrote (`soup-models/tests/golden/ecosystem/`,
+//! made by `make_ecosystem.py`): what it infers is said, what it cannot infer can be given, and
+//! what it writes carries what transformers reads.
+
+use std::path::{Path, PathBuf};
+
+mod common;
+
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../soup-models/tests/golden/ecosystem")
+        .join(name)
+}
+
+fn soup(args: &[&str]) -> (bool, String, String) {
+    let out = common::run(None, args, &[]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inspect_says_what_it_inferred_and_arch_config_replaces_it() {
+    let pt = golden("openai-48h12.pt").display().to_string();
+    let (ok, out, err) = soup(&["inspect", &pt]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("inferred      num_attention_heads = 1 (hidden_size / 64"),
+        "{out}"
+    );
+    let (ok, out, err) = soup(&[
+        "inspect",
+        &pt,
+        "--arch-config",
+        r#"{"num_attention_heads": 4}"#,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"num_attention_heads\":4"), "{out}");
+    assert!(!out.contains("inferred      num_attention_heads"), "{out}");
+    // A key the architecture does not have, and text that is not an object, are refused.
+    let (ok, _, err) = soup(&["inspect", &pt, "--arch-config", r#"{"heads": 4}"#]);
+    assert!(!ok && err.contains("no config key \"heads\""), "{err}");
+    let (ok, _, err) = soup(&["inspect", &pt, "--arch-config", "[4]"]);
+    assert!(!ok && err.contains("expected a JSON object"), "{err}");
+}
+
+#[test]
+fn inspect_reads_the_projection_width_of_a_clipmodel_as_transformers_does() {
+    let dir = golden("hf-clipmodel").display().to_string();
+    let (ok, out, err) = soup(&["inspect", &dir]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"projection_dim\":24"), "{out}");
+}
+
+/// The config.json soup writes for a CLIP holds every value transformers itself wrote for the
+/// same vision tower (golden `hf-vision/config.json`), so `from_pretrained` builds the same model;
+/// preprocessor_config.json is the CLIPImageProcessor of its input.
+#[test]
+fn a_written_model_directory_carries_what_transformers_reads() {
+    let theirs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("hf-vision/config.json")).unwrap())
+            .unwrap();
+    let ckpt = soup_models::Checkpoint::open(golden("hf-vision")).unwrap();
+    let arch = ckpt.architecture().unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_str(&soup_models::checkpoint::hf_config_text(arch.as_ref())).unwrap();
+    for key in [
+        "model_type",
+        "hidden_act",
+        "hidden_size",
+        "image_size",
+        "intermediate_size",
+        "layer_norm_eps",
+        "num_attention_heads",
+        "num_channels",
+        "num_hidden_layers",
+        "patch_size",
+        "projection_dim",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    assert_eq!(ours["architectures"][0], "CLIPVisionModelWithProjection");
+    let pre: serde_json::Value = serde_json::from_str(
+        &soup_models::checkpoint::hf_preprocessor_text(arch.as_ref()),
+    )
+    .unwrap();
+    assert_eq!(pre["image_processor_type"], "CLIPImageProcessor");
+    assert_eq!(pre["size"]["shortest_edge"], 32);
+    assert_eq!(pre["crop_size"]["height"], 32);
+    assert_eq!(pre["resample"], 3);
+    let mean: Vec<f64> = serde_json::from_value(pre["image_mean"].clone()).unwrap();
+    assert!((mean[0] - 0.48145466).abs() < 1e-7, "{mean:?}");
+}
