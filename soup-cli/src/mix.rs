@@ -214,7 +214,7 @@ fn mix_mehl(
     } = saved;
     let (method, rank, n) = (recipe.method(), comm.rank(), store.len());
     let mut max_rows = 0;
-    let config = recipe.mehl_config()?;
+    let config = recipe.mehl_config(&store.inner.arch.zero_gradient_tensors())?;
     let progress = match resume {
         Some(files) => Some(load_progress(partial, recipe, names, files)?),
         None => None,
@@ -383,9 +383,11 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     let result = match method {
         Method::Uniform => uniform_soup_on(&store, comm)?,
         Method::Greedy => greedy_soup(&store, &mut objective, recipe.accept())?,
-        Method::Learned | Method::LearnedPlus => {
-            learned_soup(&store, &mut objective, &recipe.learned_config()?)?
-        }
+        Method::Learned | Method::LearnedPlus => learned_soup(
+            &store,
+            &mut objective,
+            &recipe.learned_config(&arch.zero_gradient_tensors())?,
+        )?,
         Method::Mehl | Method::MehlPlus => {
             let saved = Saved {
                 dir: &partial,

@@ -102,6 +102,10 @@ pub struct Recipe {
     /// Greedy: keep a model when accuracy improves (model-soups code) or does not drop (paper).
     #[arg(long, value_enum)]
     pub greedy_accept: Option<AcceptName>,
+    /// Learned and MEHL: keep the α of blocks whose gradient is identically zero (a CLIP key
+    /// bias, which softmax cancels) instead of letting the optimizer amplify rounding noise.
+    #[arg(long)]
+    pub freeze_zero_gradient: Option<bool>,
 }
 
 impl Recipe {
@@ -128,7 +132,8 @@ impl Recipe {
             seed,
             batch_size,
             label_smoothing,
-            greedy_accept
+            greedy_accept,
+            freeze_zero_gradient
         )
     }
 
@@ -175,13 +180,14 @@ impl Recipe {
             batch_size: self.batch_size.or(Some(128)),
             label_smoothing: self.label_smoothing.or(Some(0.0)),
             greedy_accept: self.greedy_accept.or(Some(AcceptName::Improves)),
+            freeze_zero_gradient: self.freeze_zero_gradient.or(Some(true)),
         };
         // Parse everything now, so a bad value fails before any work.
         r.cut()?;
         if method.is_mehl() {
-            r.mehl_config()?.validate()?;
+            r.mehl_config(&[])?.validate()?;
         } else if method.is_learned() {
-            r.learned_config()?.validate()?;
+            r.learned_config(&[])?.validate()?;
         }
         if r.batch_size == Some(0) {
             return Err(CliError::new("--batch-size must be at least 1"));
@@ -253,7 +259,17 @@ impl Recipe {
         self.clip_grad_norm.filter(|&c| c > 0.0)
     }
 
-    pub fn mehl_config(&self) -> Result<MehlConfig> {
+    /// The tensors to freeze: the architecture's zero-gradient ones, unless turned off.
+    fn frozen(&self, zero_gradient: &[String]) -> Vec<String> {
+        if self.freeze_zero_gradient.unwrap_or(true) {
+            zero_gradient.to_vec()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// MEHL's settings; `zero_gradient` names the architecture's tensors of zero gradient.
+    pub fn mehl_config(&self, zero_gradient: &[String]) -> Result<MehlConfig> {
         let d = Method::mehl_defaults();
         Ok(MehlConfig {
             model_batch: self.model_batch.unwrap_or(d.model_batch),
@@ -265,12 +281,14 @@ impl Recipe {
             schedule: self.step_schedule(),
             clip_grad_norm: self.clip(),
             block_cut: self.cut()?,
+            frozen_tensors: self.frozen(zero_gradient),
             seed: self.seed.unwrap_or(d.seed),
             evaluate_each_model_batch: true,
         })
     }
 
-    pub fn learned_config(&self) -> Result<LearnedConfig> {
+    /// Learned-Soup's settings; `zero_gradient` as for [`Recipe::mehl_config`].
+    pub fn learned_config(&self, zero_gradient: &[String]) -> Result<LearnedConfig> {
         let d = Method::learned_defaults();
         Ok(LearnedConfig {
             epochs: self.inner_epochs.unwrap_or(d.epochs),
@@ -279,6 +297,7 @@ impl Recipe {
             optimizer: self.optimizer_kind(),
             schedule: self.step_schedule(),
             block_cut: self.cut()?,
+            frozen_tensors: self.frozen(zero_gradient),
             seed: self.seed.unwrap_or(d.seed),
             init_temperature: d.init_temperature,
             evaluate_each_epoch: true,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Result, SoupError};
-use crate::layout::{Block, BlockCut, ParamLayout};
+use crate::layout::{frozen_blocks, Block, BlockCut, ParamLayout};
 use crate::mehl::{validate_optimizer, validate_schedule};
 use crate::optim::{Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
@@ -178,6 +178,9 @@ pub struct LearnedConfig {
     /// Over all epochs × batches (`ConvergenceRate` applies to MEHL only).
     pub schedule: StepSchedule,
     pub block_cut: BlockCut,
+    /// Tensors whose loss gradient is identically zero: a block made only of them keeps its
+    /// logits at 0, α uniform ([`crate::MehlConfig::frozen_tensors`]).
+    pub frozen_tensors: Vec<String>,
     /// Fixes the data order of every epoch.
     pub seed: u64,
     /// Initial logit scale; a = 0 starts at the uniform soup.
@@ -196,6 +199,7 @@ impl LearnedConfig {
             optimizer: OptimizerKind::ADAMW,
             schedule: StepSchedule::Constant,
             block_cut: BlockCut::WHOLE,
+            frozen_tensors: Vec::new(),
             seed: 1,
             init_temperature: 1.0,
             evaluate_each_epoch: true,
@@ -263,6 +267,7 @@ pub fn learned_soup(
     let layout = zoo.layout.clone();
     let blocks = config.block_cut.blocks(&layout)?;
     let num_blocks = blocks.len();
+    let frozen = frozen_blocks(&blocks, &layout, &config.frozen_tensors);
     let mut timings = Timings::default();
 
     // All N models resident: tensor t of every model stacked into an (N × numel) matrix.
@@ -283,7 +288,7 @@ pub fn learned_soup(
         let epoch_seed = derive_seed(config.seed, &[2, epoch as u64]);
         for index in 0..num_batches {
             let step = epoch * num_batches + index;
-            let (value, g) = learned_loss_and_grad(
+            let (value, mut g) = learned_loss_and_grad(
                 objective,
                 &stacks,
                 &blocks,
@@ -304,6 +309,10 @@ pub fn learned_soup(
                     step,
                     model_batch: 0,
                 });
+            }
+            // Frozen blocks keep their logits a (L × N, row-major) at 0: α uniform.
+            for (l, _) in frozen.iter().enumerate().filter(|(_, f)| **f) {
+                g[l * n..(l + 1) * n].iter_mut().for_each(|v| *v = 0.0);
             }
             let lr = config.schedule.lr(config.lr, step, steps);
             optimizer.step(&mut coef, &g, lr, config.weight_decay);

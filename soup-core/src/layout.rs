@@ -135,6 +135,23 @@ pub struct Block {
     pub numel: usize,
 }
 
+/// Per block, whether every tensor of it is named in `frozen_tensors` (such a block's
+/// coefficients are not learned).
+pub fn frozen_blocks(
+    blocks: &[Block],
+    layout: &ParamLayout,
+    frozen_tensors: &[String],
+) -> Vec<bool> {
+    blocks
+        .iter()
+        .map(|b| {
+            layout.tensors[b.tensors.clone()]
+                .iter()
+                .all(|t| frozen_tensors.contains(&t.name))
+        })
+        .collect()
+}
+
 /// How tensors are grouped into blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlockCut {

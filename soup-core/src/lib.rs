@@ -26,7 +26,7 @@ pub use baselines::{
 };
 pub use error::{Result, SoupError};
 pub use hyperplane::Hyperplane;
-pub use layout::{from_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
+pub use layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
 pub use mehl::{epoch_seed, run_mehl, share, Event, MehlConfig, MehlOptions, MehlProgress};
 pub use method::Method;
 pub use optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};

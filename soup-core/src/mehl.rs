@@ -6,7 +6,7 @@ use candle_core::Tensor;
 
 use crate::error::{Result, SoupError};
 use crate::hyperplane::Hyperplane;
-use crate::layout::{from_blocks, to_blocks, Block, BlockCut, ParamLayout};
+use crate::layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout};
 use crate::optim::{clip_coefficient, global_norm, Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::{derive_seed, permutation};
@@ -32,6 +32,11 @@ pub struct MehlConfig {
     /// Clip ∇θ to this global L2 norm before projecting it (the authors clip ViTs at 1.0).
     pub clip_grad_norm: Option<f64>,
     pub block_cut: BlockCut,
+    /// Tensors whose loss gradient is identically zero (e.g. a CLIP key bias: softmax cancels
+    /// it). A block made only of such tensors is frozen: its x stays 0, so its α stays the
+    /// center's. Otherwise AdamW normalises the rounding noise of its gradient into full-size
+    /// steps and α drifts at random (the authors' code does so; a deviation, `docs/MEHL-SOUP.md`).
+    pub frozen_tensors: Vec<String>,
     /// Fixes the model order of every pass and the data order of every inner epoch.
     pub seed: u64,
     /// Evaluate the soup on the held-out data after every model batch.
@@ -52,6 +57,7 @@ impl MehlConfig {
             schedule: StepSchedule::default(),
             clip_grad_norm: Some(1.0),
             block_cut: BlockCut::PER_TENSOR,
+            frozen_tensors: Vec::new(),
             seed: 1,
             evaluate_each_model_batch: true,
         }
@@ -330,6 +336,8 @@ struct Run<'a> {
     zoo: &'a Zoo<'a>,
     layout: ParamLayout,
     blocks: Vec<Block>,
+    /// Per block: frozen (`MehlConfig::frozen_tensors`).
+    frozen: Vec<bool>,
     /// Data mini-batches per inner epoch.
     num_batches: usize,
     /// S: steps per model batch.
@@ -356,6 +364,7 @@ impl<'a> Run<'a> {
         let n = zoo.len();
         let layout = zoo.layout.clone();
         let blocks = config.block_cut.blocks(&layout)?;
+        let frozen = frozen_blocks(&blocks, &layout, &config.frozen_tensors);
         let b = config.model_batch.min(n);
         let steps = config.inner_epochs * num_batches;
         let total_steps = config.outer_passes * n.div_ceil(b) * steps;
@@ -365,6 +374,7 @@ impl<'a> Run<'a> {
             zoo,
             layout,
             blocks,
+            frozen,
             num_batches,
             steps,
             total_steps,
@@ -491,6 +501,12 @@ impl<'a> Run<'a> {
                     return Err(non_finite("gradient"));
                 }
                 let mut grad_x = hp.project(&grad)?;
+                let num_blocks = self.blocks.len();
+                for (i, g) in grad_x.iter_mut().enumerate() {
+                    if self.frozen[i % num_blocks] {
+                        *g = 0.0;
+                    }
+                }
                 // Clipping ∇θ to a global norm scales its projection by the same factor
                 // (torch's clip_grad_norm_ coefficient), without a pass over ∇θ.
                 if let Some(max) = config.clip_grad_norm {

@@ -302,6 +302,7 @@ fn mehl_soup_of_finetuned_checkpoints_on_disk() {
         model_batch: 2,
         inner_epochs: 2,
         block_cut: BlockCut::PER_TENSOR,
+        frozen_tensors: Vec::new(),
         ..MehlConfig::mehl_plus()
     };
     let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap();
@@ -328,4 +329,111 @@ fn mehl_soup_of_finetuned_checkpoints_on_disk() {
         bits(&result.soup),
         "the written soup loads back bit-identically"
     );
+}
+
+/// A CLIP key bias has zero gradient (softmax cancels it): measured, then frozen by MEHL+ and
+/// Learned+ (α = the center's, 1/N with one model batch), with the soup's outputs unchanged.
+#[test]
+fn zero_gradient_blocks_are_frozen_and_the_soups_outputs_do_not_change() {
+    let dir = ScratchDir::new("frozen");
+    let arch = ClipClassifier::new(tiny_clip_config(1, 4)).unwrap();
+    let init = arch.init(2, &Device::Cpu).unwrap();
+    let train = quadrants(48, 3);
+    let mut paths = Vec::new();
+    for (i, lr) in [1e-3, 3e-3, 5e-3].into_iter().enumerate() {
+        let (params, _) =
+            finetune(&arch, &init, &train, &config(i as u64, lr), &mut |_| {}).unwrap();
+        let path = dir.path().join(format!("model-{i}"));
+        write_model_dir(&path, &arch, &params, &BTreeMap::new(), "").unwrap();
+        paths.push(path);
+    }
+    let frozen = arch.zero_gradient_tensors();
+    assert_eq!(frozen.len(), arch.config.num_hidden_layers);
+    let layout = arch.layout();
+    let index = |name: &str| layout.tensors.iter().position(|t| t.name == name).unwrap();
+
+    // The gradient of a key bias is rounding noise next to the query bias beside it.
+    let store = FileStore::open(paths, Device::Cpu).unwrap();
+    let mut obj = objective(&arch, quadrants(32, 4));
+    let params = soup_core::ModelStore::load(&store, 0).unwrap();
+    let (_, grad) = obj
+        .loss_and_grad(
+            &params,
+            soup_core::Batch {
+                epoch_seed: 0,
+                index: 0,
+            },
+        )
+        .unwrap();
+    let norm = |t: &Tensor| -> f64 {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64
+    };
+    for name in &frozen {
+        let q = name.replace("k_proj", "q_proj");
+        let (k, q) = (norm(&grad[index(name)]), norm(&grad[index(&q)]));
+        assert!(k < 1e-5 * q, "{name}: |∇| {k} against the query bias's {q}");
+    }
+
+    let data = quadrants(32, 5);
+    let run = |frozen_tensors: Vec<String>| {
+        let cfg = MehlConfig {
+            model_batch: 3,
+            inner_epochs: 2,
+            frozen_tensors,
+            ..MehlConfig::mehl_plus()
+        };
+        let mut obj = objective(&arch, quadrants(32, 4));
+        run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap()
+    };
+    let (with, without) = (run(frozen.clone()), run(Vec::new()));
+    for name in &frozen {
+        // Per-tensor blocks: block l is tensor l.
+        let alpha = &with.alpha[index(name)];
+        assert!(
+            alpha.iter().all(|a| (a - 1.0 / 3.0).abs() < 1e-12),
+            "{name}: α {alpha:?}"
+        );
+    }
+    let logits = |soup: &[Tensor]| -> Vec<f32> {
+        arch.forward(soup, &data.images)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (logits(&with.soup), logits(&without.soup));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff < 1e-3,
+        "frozen and free soups' logits differ by {diff}"
+    );
+
+    // Learned+ the same: frozen logits a stay 0, α uniform.
+    let learned = soup_core::learned_soup(
+        &store,
+        &mut objective(&arch, quadrants(32, 4)),
+        &soup_core::LearnedConfig {
+            epochs: 2,
+            frozen_tensors: frozen.clone(),
+            ..soup_core::LearnedConfig::learned_plus()
+        },
+    )
+    .unwrap();
+    for name in &frozen {
+        let alpha = &learned.alpha[index(name)];
+        assert!(
+            alpha.iter().all(|a| (a - 1.0 / 3.0).abs() < 1e-12),
+            "{name}: α {alpha:?}"
+        );
+    }
 }

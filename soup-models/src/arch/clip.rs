@@ -378,6 +378,14 @@ impl Architecture for ClipClassifier {
         )?)
     }
 
+    /// The key biases: q·(k + b) = q·k + q·b adds the same q·b to every score of a query, which
+    /// softmax cancels, so their gradient is zero (up to rounding).
+    fn zero_gradient_tensors(&self) -> Vec<String> {
+        (0..self.config.num_hidden_layers)
+            .map(|l| format!("vision_model.encoder.layers.{l}.self_attn.k_proj.bias"))
+            .collect()
+    }
+
     fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.image_features(params, images)?))
     }

@@ -43,6 +43,11 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     fn features(&self, _params: &[Tensor], _images: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// Tensors whose loss gradient is identically zero for every input (the soup methods keep
+    /// their coefficients fixed: `soup_core::MehlConfig::frozen_tensors`).
+    fn zero_gradient_tensors(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// A seeded random initialisation (f32), for training from scratch.
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
 }

@@ -887,6 +887,12 @@ pub fn hf_config_text(arch: &dyn Architecture) -> String {
 /// centre crop, the model's mean and standard deviation), which soup's `--preprocess clip` equals.
 pub fn hf_preprocessor_text(arch: &dyn Architecture) -> String {
     let input = arch.input();
+    // f32 values as their shortest decimals (0.48145466, not 0.48145467042922974).
+    let decimal = |v: &[f32]| -> Vec<f64> {
+        v.iter()
+            .map(|x| x.to_string().parse().expect("a float's decimal parses"))
+            .collect()
+    };
     let config = serde_json::json!({
         "image_processor_type": "CLIPImageProcessor",
         "do_resize": true,
@@ -897,8 +903,8 @@ pub fn hf_preprocessor_text(arch: &dyn Architecture) -> String {
         "do_rescale": true,
         "rescale_factor": 1.0 / 255.0,
         "do_normalize": true,
-        "image_mean": input.mean,
-        "image_std": input.std,
+        "image_mean": decimal(&input.mean),
+        "image_std": decimal(&input.std),
         "do_convert_rgb": input.channels == 3,
     });
     serde_json::to_string_pretty(&config).expect("JSON values serialise")

@@ -48,6 +48,7 @@ pub fn config(b: usize, cut: BlockCut, outer_passes: usize, seed: u64) -> MehlCo
         schedule: StepSchedule::default(),
         clip_grad_norm: Some(1.0),
         block_cut: cut,
+        frozen_tensors: Vec::new(),
         seed,
         evaluate_each_model_batch: false,
     }
