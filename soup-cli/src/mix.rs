@@ -519,7 +519,7 @@ struct Finished<'a> {
 
 impl Finished<'_> {
     /// The model card (README.md): what the soup is, its sources, α, scores and recipe.
-    fn card(&self, method_bytes: u64) -> String {
+    fn card(&self) -> String {
         let (recipe, result, arch) = (self.recipe, self.result, self.arch);
         let method = recipe.method().name();
         let n = self.zoo.len();
@@ -568,8 +568,7 @@ impl Finished<'_> {
              1). Data: `{}`; the held-out split chose the soup, the test split did not.\n\n\
              ## Scores\n\n{}\n## Sources\n\nα per model: mean over blocks, and its range \
              (every block's α in `coefficients.json`, drawn in `coefficients.svg`).\n\n{}\n\
-             ## Run\n\nBytes held by the method {}; timings and peak memory in \
-             `report.json`. Files: `model.safetensors`, `config.json`, \
+             ## Run\n\nTimings and memory in `report.json`. Files: `model.safetensors`, `config.json`, \
              `preprocessor_config.json`, `coefficients.json`, `coefficients.svg`, `curve.svg`, \
              `recipe.toml`, `report.json`.\n\n## Recipe\n\n```toml\n{}```\n\n",
             arch.layout().numel(),
@@ -577,7 +576,6 @@ impl Finished<'_> {
             self.args.data.data,
             crate::card::table(&["split", "accuracy", "loss", "examples"], &scores),
             crate::card::table(&["#", "source", "pinned to", "mean α", "α range"], &sources),
-            human_bytes(method_bytes),
             toml::to_string_pretty(recipe).unwrap_or_default(),
         );
         crate::card::card(
@@ -675,7 +673,7 @@ impl Finished<'_> {
         write("report.json", &serde_json::to_string_pretty(&report)?)?;
         // The soup as a model directory (model.safetensors, config.json, preprocessor_config.json)
         // with its model card as README.md.
-        let card = self.card(m.total() as u64);
+        let card = self.card();
         write_model_dir(dir, arch, &result.soup, &meta, &card)?;
         let short: Vec<String> = models
             .iter()

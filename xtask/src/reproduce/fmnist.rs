@@ -188,7 +188,7 @@ fn mix(
         heldout: report["heldout"]["accuracy"].as_f64().unwrap_or(f64::NAN),
         test: report["test"]["accuracy"].as_f64().unwrap_or(f64::NAN),
         shifted: if shifted {
-            Some(shifted_accuracy(p, &out.join("soup.safetensors"))?)
+            Some(shifted_accuracy(p, &out.join("model.safetensors"))?)
         } else {
             None
         },
