@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{line_chart, read_json, strings, write_subset, Soup};
+use super::{line_chart, read_json, strings, write_subset, Soup, CHART_SIZE};
 use crate::{ensure_packages, root, DATA_PACKAGES};
 
 const DATA: &str = "fashion-mnist";
@@ -594,14 +594,15 @@ fn write_results(
     }
     // One chart per knob, stacked in one file.
     let stacked = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="640" height="{}">{}</svg>"#,
-        360 * knobs.len(),
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{:.0}" height="{:.0}">{}</svg>"#,
+        CHART_SIZE.0,
+        CHART_SIZE.1 * knobs.len() as f64,
         knobs
             .iter()
             .enumerate()
             .map(|(i, (knob, pts))| format!(
-                r#"<g transform="translate(0 {})">{}</g>"#,
-                360 * i,
+                r#"<g transform="translate(0 {:.0})">{}</g>"#,
+                CHART_SIZE.1 * i as f64,
                 line_chart(
                     &format!("MEHL+ test accuracy against {knob}"),
                     knob,

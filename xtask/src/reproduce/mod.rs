@@ -77,101 +77,11 @@ pub(crate) fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String>
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// `text` safe inside SVG/XML text and attributes.
-pub(crate) fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// A line chart of named series of (x, y) points, as SVG (title, labels and names escaped).
-pub(crate) fn line_chart(
-    title: &str,
-    xlabel: &str,
-    ylabel: &str,
-    series: &[(String, Vec<(f64, f64)>)],
-) -> String {
-    let (w, h, left, top) = (640.0, 360.0, 70.0, 40.0);
-    let (pw, ph) = (w - left - 150.0, h - top - 50.0);
-    let points = series.iter().flat_map(|(_, s)| s.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    let (xs, ys) = ((x1 - x0).max(1e-9), (y1 - y0).max(1e-9));
-    let px = |x: f64| left + pw * (x - x0) / xs;
-    let py = |y: f64| top + ph * (y1 - y) / ys;
-    let colours = ["#c33", "#36c", "#393", "#939", "#c93"];
-    let (title, xlabel, ylabel) = (escape(title), escape(xlabel), escape(ylabel));
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = write!(
-        s,
-        r#"<text x="{left}" y="20" font-size="14">{title}</text>"#
-    );
-    let _ = write!(
-        s,
-        r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##
-    );
-    for (k, (name, pts)) in series.iter().enumerate() {
-        let c = colours[k % colours.len()];
-        let name = escape(name);
-        let line: Vec<String> = pts
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        let _ = write!(
-            s,
-            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
-            line.join(" ")
-        );
-        for &(x, y) in pts {
-            let _ = write!(
-                s,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"><title>{name}: {x}, {y:.4}</title></circle>"#,
-                px(x),
-                py(y)
-            );
-        }
-        let _ = write!(
-            s,
-            r#"<text x="{:.0}" y="{:.0}" fill="{c}">{name}</text>"#,
-            left + pw + 10.0,
-            top + 14.0 * (k + 1) as f64
-        );
-    }
-    let _ = write!(
-        s,
-        r#"<text x="{left}" y="{:.0}">{x0}</text><text x="{:.0}" y="{:.0}">{x1}</text>"#,
-        top + ph + 14.0,
-        left + pw - 20.0,
-        top + ph + 14.0
-    );
-    let _ = write!(
-        s,
-        r#"<text x="{:.0}" y="{:.0}">{xlabel}</text>"#,
-        left + pw / 2.0 - 30.0,
-        top + ph + 32.0
-    );
-    let _ = write!(
-        s,
-        r#"<text x="4" y="{:.0}">{y1:.3}</text><text x="4" y="{:.0}">{y0:.3}</text>"#,
-        top + 8.0,
-        top + ph
-    );
-    let _ = write!(
-        s,
-        r#"<text x="4" y="{:.0}">{ylabel}</text>"#,
-        top + ph / 2.0
-    );
-    s.push_str("</svg>\n");
-    s
-}
+/// The figures, drawn by the same code as `soup`'s (one std-only file, included by path).
+#[allow(dead_code)]
+#[path = "../../../soup-cli/src/svg.rs"]
+mod svg;
+pub(crate) use svg::{line_chart, CHART_SIZE};
 
 pub fn reproduce(args: &[String]) -> Result<(), String> {
     let mut preset = "fmnist".to_string();
