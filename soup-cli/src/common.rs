@@ -1,7 +1,9 @@
 //! Pieces the subcommands share: data loading, progress bars, memory figures.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -150,21 +152,150 @@ impl DataArgs {
     }
 }
 
-/// A progress bar with rate and ETA on stderr, hidden with `--quiet`.
-pub fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {prefix}",
+/// How often a plain progress line is printed when stderr is not a terminal.
+const LINE_EVERY: Duration = Duration::from_secs(10);
+
+/// Progress of a long phase on stderr, with rate and ETA: a bar on a terminal; elsewhere (a log
+/// file, CI, `cargo xtask reproduce`) a plain line every [`LINE_EVERY`] and one at the end;
+/// nothing with `--quiet`.
+pub enum Progress {
+    Bar(ProgressBar),
+    Lines(Mutex<Lines>),
+    Hidden,
+}
+
+/// The state of a plain-line progress report.
+pub struct Lines {
+    what: String,
+    len: u64,
+    pos: u64,
+    /// Position and time when this run of the phase started (a resumed run starts past 0).
+    start: (u64, Instant),
+    last: Instant,
+    prefix: String,
+}
+
+impl Lines {
+    /// `what: pos/len (pct %), rate/s, eta, elapsed, prefix`.
+    fn line(&self) -> String {
+        let elapsed = self.start.1.elapsed().as_secs_f64();
+        let done = self.pos.saturating_sub(self.start.0) as f64;
+        let rate = done / elapsed.max(1e-9);
+        let left = self.len.saturating_sub(self.pos) as f64;
+        let eta = if rate > 0.0 {
+            format!("eta {}", clock(left / rate))
+        } else {
+            "eta ?".to_string()
+        };
+        let pct = 100.0 * self.pos as f64 / self.len.max(1) as f64;
+        format!(
+            "{}: {}/{} ({pct:.0} %), {rate:.2}/s, {eta}, elapsed {} {}",
+            self.what,
+            self.pos,
+            self.len,
+            clock(elapsed),
+            self.prefix
         )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
+        .trim_end()
+        .to_string()
+    }
+}
+
+/// Seconds as `1h02m`, `3m05s` or `12s`.
+pub fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+impl Progress {
+    /// Progress of `len` units of `what`.
+    pub fn new(quiet: bool, len: usize, what: &str) -> Self {
+        if quiet {
+            return Progress::Hidden;
+        }
+        if !std::io::stderr().is_terminal() {
+            let now = Instant::now();
+            return Progress::Lines(Mutex::new(Lines {
+                what: what.to_string(),
+                len: len as u64,
+                pos: 0,
+                start: (0, now),
+                last: now,
+                prefix: String::new(),
+            }));
+        }
+        let bar = ProgressBar::new(len as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {prefix}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        Progress::Bar(bar)
+    }
+
+    fn lines(m: &Mutex<Lines>) -> std::sync::MutexGuard<'_, Lines> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn inc(&self, n: u64) {
+        match self {
+            Progress::Bar(b) => b.inc(n),
+            Progress::Lines(m) => {
+                let mut l = Self::lines(m);
+                l.pos += n;
+                if l.last.elapsed() >= LINE_EVERY && l.pos < l.len {
+                    l.last = Instant::now();
+                    eprintln!("{}", l.line());
+                }
+            }
+            Progress::Hidden => {}
+        }
+    }
+
+    /// Where a resumed phase starts (rates and ETA count from here).
+    pub fn set_position(&self, pos: u64) {
+        match self {
+            Progress::Bar(b) => b.set_position(pos),
+            Progress::Lines(m) => {
+                let mut l = Self::lines(m);
+                l.pos = pos;
+                l.start = (pos, Instant::now());
+            }
+            Progress::Hidden => {}
+        }
+    }
+
+    /// A short status after the counts (the current loss, say).
+    pub fn set_prefix(&self, prefix: String) {
+        match self {
+            Progress::Bar(b) => b.set_prefix(prefix),
+            Progress::Lines(m) => Self::lines(m).prefix = prefix,
+            Progress::Hidden => {}
+        }
+    }
+
+    /// The phase is over: the bar is cleared, the plain report prints its last line.
+    pub fn finish(&self) {
+        match self {
+            Progress::Bar(b) => b.finish_and_clear(),
+            Progress::Lines(m) => eprintln!("{}", Self::lines(m).line()),
+            Progress::Hidden => {}
+        }
+    }
+}
+
+/// A one-line note on stderr that a phase begins (none with `--quiet`).
+pub fn phase(quiet: bool, text: &str) {
+    if !quiet {
+        eprintln!("soup: {text}");
+    }
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is not available.
@@ -193,6 +324,39 @@ pub fn human_bytes(bytes: u64) -> String {
 pub fn downloads(quiet: bool) -> Option<OnDownload> {
     if quiet {
         return None;
+    }
+    if !std::io::stderr().is_terminal() {
+        // Plain lines: what starts and how it ended, with its size and time.
+        let current: Mutex<Option<(String, Option<u64>, Instant)>> = Mutex::new(None);
+        return Some(OnDownload(Arc::new(move |d: Download| {
+            let mut current = current.lock().unwrap_or_else(|e| e.into_inner());
+            match d {
+                Download::Start { label, size } => {
+                    eprintln!("soup: downloading {label}");
+                    *current = Some((label.to_string(), size, Instant::now()));
+                }
+                Download::Size(s) => {
+                    if let Some(c) = current.as_mut() {
+                        c.1 = Some(s);
+                    }
+                }
+                Download::End { complete } => {
+                    if let Some((label, size, t)) = current.take() {
+                        let size = size.map_or(String::new(), |s| format!(" ({})", human_bytes(s)));
+                        let how = if complete {
+                            "downloaded"
+                        } else {
+                            "stopped downloading"
+                        };
+                        eprintln!(
+                            "soup: {how} {label}{size} in {}",
+                            clock(t.elapsed().as_secs_f64())
+                        );
+                    }
+                }
+                Download::Position(_) | Download::Advance(_) => {}
+            }
+        })));
     }
     let bar: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
     Some(OnDownload(Arc::new(move |d: Download| {

@@ -18,7 +18,7 @@ use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
 use soup_models::data::Split;
 use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelError, Resolved};
 
-use crate::common::{bar, human_bytes, peak_rss_bytes, DataArgs};
+use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs, Progress};
 use crate::error::{io, CliError, Result};
 use crate::output::{Output, Partial, PROGRESS};
 use crate::recipe::Recipe;
@@ -118,6 +118,9 @@ struct RankStats {
 struct Counted<'a> {
     inner: &'a FileStore,
     loads: std::cell::Cell<usize>,
+    /// Reports each load (uniform, greedy and learned: loading or evaluating models is their
+    /// long part; MEHL reports its steps instead).
+    progress: Progress,
 }
 
 impl ModelStore for Counted<'_> {
@@ -132,7 +135,9 @@ impl ModelStore for Counted<'_> {
     }
     fn load(&self, i: usize) -> soup_core::Result<Vec<Tensor>> {
         self.loads.set(self.loads.get() + 1);
-        self.inner.load(i)
+        let params = self.inner.load(i);
+        self.progress.inc(1);
+        params
     }
 }
 
@@ -221,7 +226,11 @@ fn mix_mehl(
     };
     let batches = config.outer_passes * n.div_ceil(config.model_batch.min(n));
     let steps_per_batch = config.inner_epochs * objective.num_batches();
-    let bar = bar(quiet, batches * steps_per_batch, method.name());
+    let bar = Progress::new(
+        quiet,
+        batches * steps_per_batch,
+        &format!("{} steps", method.name()),
+    );
     if let Some(p) = &progress {
         bar.set_position((p.model_batches_done * steps_per_batch) as u64);
     }
@@ -249,7 +258,7 @@ fn mix_mehl(
         .resume(progress)
         .on(comm),
     );
-    bar.finish_and_clear();
+    bar.finish();
     if let Some(e) = save_error {
         return Err(e);
     }
@@ -336,18 +345,32 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         .ok_or_else(|| CliError::new("the zoo is empty"))?;
     let arch = Checkpoint::open(first)?.architecture_with(&overrides)?;
     let files = FileStore::with_arch(paths, arch, Device::Cpu);
+    let n = files.len();
+    // Greedy loads every model twice: to rank them, then to try each in the soup.
+    let (what, loads) = match method {
+        Method::Greedy => ("greedy: models ranked and tried", 2 * n),
+        _ => ("models loaded", n),
+    };
     let store = Counted {
         inner: &files,
         loads: std::cell::Cell::new(0),
+        progress: if method.is_mehl() {
+            Progress::Hidden
+        } else {
+            Progress::new(quiet || rank > 0, loads, what)
+        },
     };
     let arch = files.arch.clone();
-    let n = store.len();
     // Every member's header against the first's, before any weight is read.
     for i in 0..n {
         arch.layout()
             .check_same(&files.name(i), &files.layout(i)?)?;
     }
     let d = arch.layout().numel();
+    phase(
+        quiet || rank > 0,
+        &format!("{n} models of {d} parameters; loading the held-out and test data"),
+    );
     let heldout = args.data.load(Split::Heldout, &arch)?;
     let test = args.data.load(Split::Test, &arch)?;
     let data_bytes = 4 * (heldout.images.elem_count() + test.images.elem_count()) as u64;
@@ -401,6 +424,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         }
     };
     let soup_s = t_soup.elapsed().as_secs_f64();
+    store.progress.finish();
 
     let ranks = gather_ranks(
         comm,
@@ -416,6 +440,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     }
     objective.set_shard(0, 1)?;
 
+    phase(quiet, "evaluating the soup on the held-out and test splits");
     let t_eval = Instant::now();
     let heldout_scores: Scores = objective.evaluate(&result.soup)?.into();
     objective.data = test;

@@ -15,7 +15,7 @@ use soup_models::data::Split;
 use soup_models::train::finetune::{finetune, Augment, FinetuneConfig};
 use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
 
-use crate::common::{bar, DataArgs};
+use crate::common::{DataArgs, Progress};
 use crate::error::{io, CliError, Result};
 use crate::manifest::{Entry, FinetuneRun, Manifest};
 
@@ -161,12 +161,12 @@ fn run_training(
     what: &str,
 ) -> Result<(Vec<Tensor>, Metrics)> {
     let steps = config.epochs * train.len().div_ceil(config.batch_size.max(1));
-    let bar = bar(quiet, steps, what);
+    let bar = Progress::new(quiet, steps, &format!("{what} steps"));
     let (trained, _) = finetune(arch.as_ref(), params, train, config, &mut |s| {
         bar.inc(1);
         bar.set_prefix(format!("loss {:.4}", s.loss));
     })?;
-    bar.finish_and_clear();
+    bar.finish();
     let mut objective = Classification::new(arch.clone(), heldout.clone(), 256);
     let metrics = objective.evaluate(&trained)?;
     Ok((trained, metrics))

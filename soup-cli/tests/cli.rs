@@ -631,3 +631,35 @@ fn a_hub_that_never_answers_ends_in_a_timeout_error() {
         t.elapsed()
     );
 }
+
+/// Without a terminal (a log file, CI) long phases report in plain lines with rate and ETA:
+/// each method's work, the phases around it, and a last line at 100 %.
+#[test]
+fn progress_is_plain_lines_when_stderr_is_not_a_terminal() {
+    let zoo = zoo();
+    for (method, expected) in [
+        ("uniform", "models loaded: 6/6 (100 %)"),
+        ("greedy", "greedy: models ranked and tried: 12/12 (100 %)"),
+        ("mehl+", "mehl+ steps: 12/12 (100 %)"),
+    ] {
+        let out_dir = format!("progress-{method}");
+        let args = mix(zoo, method, &out_dir, "3");
+        let out = Command::new(env!("CARGO_BIN_EXE_soup"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains(expected), "{method}: {err}");
+        assert!(err.contains("/s, eta 0s, elapsed "), "{method}: {err}");
+        assert!(
+            err.contains("soup: 6 models of 20042 parameters; loading"),
+            "{err}"
+        );
+        assert!(err.contains("soup: evaluating the soup"), "{err}");
+        assert!(
+            !err.contains('\r') && !err.contains('\u{1b}'),
+            "no terminal codes: {err:?}"
+        );
+    }
+}

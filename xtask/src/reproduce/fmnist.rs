@@ -265,7 +265,8 @@ fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String>
     args.push(p.pretrain_epochs.to_string());
     args.push("--out".into());
     args.push(cache.join("base.safetensors").display().to_string());
-    eprint!("{}", p.soup.run(&args)?);
+    eprintln!("xtask: training the start point");
+    eprint!("{}", p.soup.run_watched(&args)?);
     eprintln!("xtask: fine-tuning {} models", p.n);
     let mut args = strings(&["finetune", "--base"]);
     args.push(cache.join("base.safetensors").display().to_string());
@@ -279,11 +280,19 @@ fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String>
     let resumed = zoo.join("zoo.toml").exists() && {
         let mut resume = args.clone();
         resume.push("--resume".into());
-        p.soup.run(&resume).map(|out| eprint!("{out}")).is_ok()
+        let resumed = p
+            .soup
+            .run_watched(&resume)
+            .map(|out| eprint!("{out}"))
+            .is_ok();
+        if !resumed {
+            eprintln!("xtask: the cached zoo cannot be continued; fine-tuning anew");
+        }
+        resumed
     };
     if !resumed {
         args.push("--force".into());
-        eprint!("{}", p.soup.run(&args)?);
+        eprint!("{}", p.soup.run_watched(&args)?);
     }
     std::fs::write(&stamp, p.cache_key()).map_err(|e| e.to_string())?;
     Ok(Some(t.elapsed().as_secs_f64()))

@@ -59,6 +59,26 @@ impl Soup {
     }
 }
 
+impl Soup {
+    /// Runs `soup args` with its stderr on ours (its progress lines and bars: fine-tuning takes
+    /// minutes) and returns its stdout.
+    pub(crate) fn run_watched(&self, args: &[String]) -> Result<String, String> {
+        let out = Command::new(&self.exe)
+            .args(args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "soup {} failed ({}; its message is above)",
+                args.join(" "),
+                out.status
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
 pub(crate) fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
