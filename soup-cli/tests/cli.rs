@@ -663,3 +663,25 @@ fn progress_is_plain_lines_when_stderr_is_not_a_terminal() {
         );
     }
 }
+
+/// `--dry-run` measures and estimates, refuses nothing silently, and writes nothing.
+#[test]
+fn a_dry_run_estimates_memory_and_time_and_writes_nothing() {
+    let zoo = zoo();
+    let mut args = mix(zoo, "mehl+", "dry", "3");
+    args.extend(["--dry-run", "--max-memory", "1K"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok(&args);
+    assert!(
+        out.contains("dry run of mehl+: 6 models of 20042 parameters"),
+        "{out}"
+    );
+    assert!(out.contains("refused  mehl+ needs about"), "{out}");
+    assert!(
+        out.contains("12 steps") && out.contains("2 held-out evaluations"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was written"), "{out}");
+    assert!(!Path::new(&zoo.path("dry")).exists());
+    assert!(!Path::new(&zoo.path("dry.partial")).exists());
+}
