@@ -99,8 +99,19 @@ impl DataArgs {
 
     /// Split `split`, capped at `max_examples`, prepared for `arch`; every label must have a
     /// class in the model's head.
+    /// An image folder is streamed (decoded batch by batch, straight to the model's size); the
+    /// other formats are small and read whole.
     pub fn load(&self, split: Split, arch: &Arc<dyn Architecture>) -> Result<Dataset> {
-        self.prepare(&self.load_raw(split)?, arch)
+        if self.max_examples == Some(0) {
+            return Err(CliError::new("--max-examples must be at least 1"));
+        }
+        let spec = self.spec();
+        if !spec.is_image_folder()? {
+            return self.prepare(&self.load_raw(split)?, arch);
+        }
+        let data = spec.stream(split, &arch.input(), self.max_examples)?;
+        self.check_labels(&data.labels, arch)?;
+        Ok(data)
     }
 
     /// Split `split` as stored, capped at `max_examples`.
@@ -118,18 +129,20 @@ impl DataArgs {
 
     /// `raw` prepared for `arch`, after checking that every label has a class in its head.
     pub fn prepare(&self, raw: &RawImages, arch: &Arc<dyn Architecture>) -> Result<Dataset> {
-        if let Some(&bad) = raw
-            .labels
-            .iter()
-            .find(|&&l| l as usize >= arch.num_classes())
-        {
+        self.check_labels(&raw.labels, arch)?;
+        Ok(prepare(raw, &arch.input(), &Device::Cpu)?)
+    }
+
+    /// Every label must have a class in the model's head.
+    fn check_labels(&self, labels: &[u32], arch: &Arc<dyn Architecture>) -> Result<()> {
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= arch.num_classes()) {
             return Err(CliError::new(format!(
                 "{}: label {bad} has no class in the model's head ({} classes)",
                 self.data,
                 arch.num_classes()
             )));
         }
-        Ok(prepare(raw, &arch.input(), &Device::Cpu)?)
+        Ok(())
     }
 
     /// The training split, refused when it holds fewer than two classes (nothing to learn: a
@@ -148,7 +161,7 @@ impl DataArgs {
 
     /// The number of classes of the training split.
     pub fn num_classes(&self) -> Result<usize> {
-        Ok(self.spec().load(Split::Test)?.num_classes)
+        Ok(self.spec().num_classes()?)
     }
 }
 

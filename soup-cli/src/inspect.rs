@@ -47,11 +47,16 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     )?;
     let arch = args.arch.architecture(&ckpt)?;
     let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
-    let mut raw = args.data.load_raw(split)?;
-    if let Some(list) = &args.shift {
-        raw = shifted(&raw, &Shift::parse_list(list).map_err(CliError::new)?, 0);
-    }
-    let data = args.data.prepare(&raw, &arch)?;
+    // Shifts apply to stored pixels, so a shifted split is read whole; otherwise an image folder
+    // streams.
+    let data = match &args.shift {
+        Some(list) => {
+            let raw = args.data.load_raw(split)?;
+            let raw = shifted(&raw, &Shift::parse_list(list).map_err(CliError::new)?, 0);
+            args.data.prepare(&raw, &arch)?
+        }
+        None => args.data.load(split, &arch)?,
+    };
     if let Some(path) = &args.save_logits {
         save_logits(path, arch.as_ref(), &params, &data)?;
     }
@@ -82,7 +87,8 @@ fn save_logits(
     let n = data.labels.len();
     let (mut logits, mut features) = (Vec::new(), Vec::new());
     for start in (0..n).step_by(256) {
-        let images = data.images.narrow(0, start, 256.min(n - start))?;
+        let rows: Vec<u32> = (start..n.min(start + 256)).map(|r| r as u32).collect();
+        let (images, _) = data.select(&rows)?;
         logits.push(arch.forward(params, &images)?);
         if let Some(f) = arch.features(params, &images)? {
             features.push(f);

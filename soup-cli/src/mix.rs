@@ -217,7 +217,7 @@ fn dry_run(
         eval_batch_size: eval_bs,
         ..Classification::new(
             store.inner.arch.clone(),
-            soup_models::Dataset { images, labels },
+            soup_models::Dataset::in_memory(images, labels),
             eval_bs,
         )
     };
@@ -490,7 +490,8 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     );
     let heldout = args.data.load(Split::Heldout, &arch)?;
     let test = args.data.load(Split::Test, &arch)?;
-    let data_bytes = 4 * (heldout.images.elem_count() + test.images.elem_count()) as u64;
+    // Evaluation reads batches of 256, the largest a run uses.
+    let data_bytes = heldout.resident_bytes(256) + test.resident_bytes(256);
     let per_rank_batch = recipe
         .model_batch
         .unwrap_or(Method::mehl_defaults().model_batch)

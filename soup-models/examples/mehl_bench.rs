@@ -82,7 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = batch * steps;
     let images = Tensor::randn(0f32, 1.0, (n, spec.channels, spec.height, spec.width), &dev)?;
     let labels: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
-    let mut objective = Classification::new(arch.clone(), Dataset { images, labels }, batch);
+    let mut objective =
+        Classification::new(arch.clone(), Dataset::in_memory(images, labels), batch);
     let config = MehlConfig {
         model_batch: b,
         inner_epochs: 1,

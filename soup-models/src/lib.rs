@@ -29,4 +29,4 @@ pub use checkpoint::store::FileStore;
 pub use checkpoint::Checkpoint;
 pub use error::{ModelError, Result};
 pub use remote::{fetch, fetch_str, ModelSource, Resolved};
-pub use train::{Classification, Dataset};
+pub use train::{Classification, Dataset, Images};

@@ -231,8 +231,14 @@ fn preparation_matches_channels_size_and_normalisation() {
         std: vec![0.5, 1.0, 2.0],
     };
     let data = prepare(&raw, &spec, &Device::Cpu).unwrap();
-    assert_eq!(data.images.dims(), &[4, 3, 28, 28]);
-    let v = data.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(data.all().unwrap().dims(), &[4, 3, 28, 28]);
+    let v = data
+        .all()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let p = raw.pixels[5] as f32 / 255.0;
     let plane = 28 * 28;
     assert!((v[5] - (p - 0.5) / 0.5).abs() < 1e-6);
@@ -249,8 +255,15 @@ fn preparation_matches_channels_size_and_normalisation() {
         std: vec![1.0],
     };
     let data = prepare(&flat, &spec, &Device::Cpu).unwrap();
-    assert_eq!(data.images.dims(), &[4, 1, 14, 14]);
-    for v in data.images.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+    assert_eq!(data.all().unwrap().dims(), &[4, 1, 14, 14]);
+    for v in data
+        .all()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+    {
         assert!((v - 0.2).abs() < 1e-6, "{v}");
     }
 }
@@ -288,4 +301,89 @@ fn shifts_corrupt_as_documented() {
         vec![Shift::Blur, Shift::Noise]
     );
     assert!(Shift::parse_list("fog").unwrap_err().contains("fog"));
+}
+
+/// An ImageFolder of `per_class` noisy images of odd sizes per class, PNG and JPEG.
+fn noisy_folder(root: &std::path::Path, per_class: u32) {
+    let mut seed = 1u32;
+    let mut next = move || {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (seed >> 24) as u8
+    };
+    for split in ["train", "val"] {
+        for class in ["a", "b", "c"] {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..per_class {
+                let (w, h) = (230 + 13 * i, 224 + 7 * (i % 3));
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    image::Rgb([(x * 3) as u8, (y * 5) as u8, next()])
+                });
+                let ext = if i % 2 == 0 { "png" } else { "jpg" };
+                img.save(d.join(format!("{i}.{ext}"))).unwrap();
+            }
+        }
+    }
+}
+
+/// Streamed ImageFolder data are the in-memory data, bit for bit, batch by batch, prefetched or
+/// not, with one thread or several.
+#[test]
+fn a_streamed_image_folder_equals_the_decoded_one() {
+    let dir = ScratchDir::new("stream");
+    noisy_folder(dir.path(), 5);
+    let spec = DataSpec::new(dir.path().to_str().unwrap());
+    // The in-memory path decodes to 224 px squares: at a 224 px model both paths resize once.
+    let input = InputSpec {
+        channels: 3,
+        height: 224,
+        width: 224,
+        mean: vec![0.4, 0.5, 0.6],
+        std: vec![0.2, 0.25, 0.3],
+    };
+    for split in [Split::Train, Split::Heldout, Split::Test] {
+        let memory = prepare(&spec.load(split).unwrap(), &input, &Device::Cpu).unwrap();
+        let stream = spec.stream(split, &input, None).unwrap();
+        assert!(matches!(stream.images, soup_models::Images::Stream(_)));
+        assert_eq!(stream.labels, memory.labels, "{split:?}");
+        let bits = |t: candle_core::Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(
+            bits(stream.all().unwrap()),
+            bits(memory.all().unwrap()),
+            "{split:?}"
+        );
+        let rows: Vec<u32> = (0..stream.len() as u32).rev().step_by(2).collect();
+        let expected = bits(memory.select(&rows).unwrap().0);
+        // Prefetched, prefetched other rows, and on one thread: the same batch.
+        stream.prefetch(rows.clone());
+        assert_eq!(bits(stream.select(&rows).unwrap().0), expected);
+        stream.prefetch(vec![0]);
+        assert_eq!(bits(stream.select(&rows).unwrap().0), expected);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        assert_eq!(
+            one.install(|| bits(stream.select(&rows).unwrap().0)),
+            expected
+        );
+        assert_eq!(stream.resident_bytes(2), (2 * 2 * 3 * 224 * 224 * 4) as u64);
+    }
+    // A cap takes the first examples of the split.
+    let capped = spec.stream(Split::Test, &input, Some(4)).unwrap();
+    assert_eq!(capped.len(), 4);
+    // A file that does not decode is named when its batch is asked for.
+    let bad = dir.path().join("val/a/0.png");
+    std::fs::write(&bad, b"not a png").unwrap();
+    let stream = spec.stream(Split::Test, &input, None).unwrap();
+    let err = stream.select(&[0]).unwrap_err().to_string();
+    assert!(err.contains("0.png"), "{err}");
 }

@@ -36,7 +36,9 @@ fn quadrants(n: usize, seed: u64) -> Dataset {
         }
     }
     Dataset {
-        images: Tensor::from_vec(pixels, (n, 1, 16, 16), &Device::Cpu).unwrap(),
+        images: soup_models::Images::Memory(
+            Tensor::from_vec(pixels, (n, 1, 16, 16), &Device::Cpu).unwrap(),
+        ),
         labels,
     }
 }
@@ -401,7 +403,8 @@ fn zero_gradient_blocks_are_frozen_and_the_soups_outputs_do_not_change() {
         );
     }
     let logits = |soup: &[Tensor]| -> Vec<f32> {
-        arch.forward(soup, &data.images)
+        let rows: Vec<u32> = (0..data.len() as u32).collect();
+        arch.forward(soup, &data.select(&rows).unwrap().0)
             .unwrap()
             .flatten_all()
             .unwrap()

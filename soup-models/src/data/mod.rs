@@ -23,6 +23,7 @@ use crate::error::{ModelError, Result};
 use crate::train::objective::Dataset;
 
 pub mod resize;
+pub mod stream;
 
 /// Where the `fashion-mnist` data set name points (Debian package `dataset-fashion-mnist`).
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -141,21 +142,55 @@ impl DataSpec {
             Format::Cifar100 => read_cifar(&self.root, test, 100)?,
             Format::ImageFolder => read_image_folder(&self.root, test, self.preprocess)?,
         };
-        if all.is_empty() {
+        let rows = self.split_rows(split, all.len())?;
+        Ok(if test { all } else { all.subset(&rows) })
+    }
+
+    /// The number of classes (an ImageFolder's are its class folders: nothing is decoded).
+    pub fn num_classes(&self) -> Result<usize> {
+        if self.is_image_folder()? {
+            return Ok(list_dirs(&self.root.join("train"))?.len());
+        }
+        Ok(self.load(Split::Test)?.num_classes)
+    }
+
+    /// Whether the data set is an ImageFolder (which [`DataSpec::stream`] can serve).
+    pub fn is_image_folder(&self) -> Result<bool> {
+        Ok(matches!(detect(&self.root)?, Format::ImageFolder))
+    }
+
+    /// Split `split` of an ImageFolder, at most `max` examples, as a [`Dataset`] whose images are
+    /// decoded and prepared for `input` only when a batch asks for them (straight to the model's
+    /// size), so that memory holds a few batches whatever the data set's size.
+    pub fn stream(&self, split: Split, input: &InputSpec, max: Option<usize>) -> Result<Dataset> {
+        let (files, _) = list_image_folder(&self.root, split == Split::Test)?;
+        let mut rows = self.split_rows(split, files.len())?;
+        if let Some(m) = max {
+            rows.truncate(m);
+        }
+        let (paths, labels) = rows.iter().map(|&r| files[r].clone()).unzip();
+        let source = stream::FolderSource::new(paths, input.clone(), self.preprocess)?;
+        Ok(Dataset::stream(std::sync::Arc::new(source), labels))
+    }
+
+    /// The rows of `split` among the `n` examples read (all of them for the test split; the
+    /// training split without the held-out rows, or those rows).
+    fn split_rows(&self, split: Split, n: usize) -> Result<Vec<usize>> {
+        if n == 0 {
             return Err(ModelError::format(&self.root, "the split holds no images"));
         }
-        if test {
-            return Ok(all);
+        if split == Split::Test {
+            return Ok((0..n).collect());
         }
-        let heldout = self.heldout_rows(all.len())?;
+        let heldout = self.heldout_rows(n)?;
         let rows: Vec<usize> = match split {
             Split::Heldout => heldout,
             _ => {
-                let mut is_heldout = vec![false; all.len()];
+                let mut is_heldout = vec![false; n];
                 for &r in &heldout {
                     is_heldout[r] = true;
                 }
-                (0..all.len()).filter(|&r| !is_heldout[r]).collect()
+                (0..n).filter(|&r| !is_heldout[r]).collect()
             }
         };
         if rows.is_empty() {
@@ -164,7 +199,7 @@ impl DataSpec {
                 format!("the {split:?} split is empty"),
             ));
         }
-        Ok(all.subset(&rows))
+        Ok(rows)
     }
 
     /// The training-split rows of the held-out split, sorted.
@@ -386,6 +421,28 @@ pub const IMAGE_FOLDER_SIDE: usize = 224;
 /// `train/<class>/*` or `val/<class>/*` (`test/<class>/*`), decoded in parallel to RGB, resized
 /// and centre-cropped to [`IMAGE_FOLDER_SIDE`] as `preprocess` says.
 fn read_image_folder(root: &Path, test: bool, preprocess: Preprocess) -> Result<RawImages> {
+    let (files, num_classes) = list_image_folder(root, test)?;
+    let side = IMAGE_FOLDER_SIDE;
+    let decoded: Vec<Vec<u8>> = files
+        .par_iter()
+        .map(|(path, _)| {
+            let img = decode_image(path)?;
+            Ok(square_rgb(&img.to_rgb8(), side, preprocess))
+        })
+        .collect::<Result<_>>()?;
+    Ok(RawImages {
+        channels: 3,
+        height: side,
+        width: side,
+        pixels: decoded.concat(),
+        labels: files.iter().map(|(_, l)| *l).collect(),
+        num_classes,
+    })
+}
+
+/// The image files of an ImageFolder split, sorted by class then name, with their labels, and
+/// the number of classes (the folders of `train/`).
+fn list_image_folder(root: &Path, test: bool) -> Result<(Vec<(PathBuf, u32)>, usize)> {
     let classes = list_dirs(&root.join("train"))?;
     let dir = if !test {
         root.join("train")
@@ -411,22 +468,7 @@ fn read_image_folder(root: &Path, test: bool, preprocess: Preprocess) -> Result<
         names.sort();
         files.extend(names.into_iter().map(|p| (p, label as u32)));
     }
-    let side = IMAGE_FOLDER_SIDE;
-    let decoded: Vec<Vec<u8>> = files
-        .par_iter()
-        .map(|(path, _)| {
-            let img = decode_image(path)?;
-            Ok(square_rgb(&img.to_rgb8(), side, preprocess))
-        })
-        .collect::<Result<_>>()?;
-    Ok(RawImages {
-        channels: 3,
-        height: side,
-        width: side,
-        pixels: decoded.concat(),
-        labels: files.iter().map(|(_, l)| *l).collect(),
-        num_classes: classes.len(),
-    })
+    Ok((files, classes.len()))
 }
 
 /// The most bytes one image may decode to (8192 × 8192 RGBA; ImageNet's largest is far below):
@@ -545,43 +587,72 @@ pub fn square_rgb(img: &image::RgbImage, side: usize, preprocess: Preprocess) ->
 /// grey), resized (shorter side, bicubic) and centre-cropped to the model's size, scaled to
 /// [0, 1] and normalised with the model's per-channel mean and standard deviation.
 pub fn prepare(raw: &RawImages, spec: &InputSpec, device: &Device) -> Result<Dataset> {
+    check_input(spec, raw.channels)?;
     let (c, side) = (spec.channels, spec.height);
+    let len = raw.channels * raw.height * raw.width;
+    let mut images = vec![0f32; raw.len() * c * side * side];
+    images
+        .par_chunks_mut(c * side * side)
+        .zip(raw.pixels.par_chunks(len))
+        .for_each(|(out, img)| prepare_one(img, raw.channels, raw.height, raw.width, spec, out));
+    Ok(Dataset::in_memory(
+        Tensor::from_vec(images, (raw.len(), c, side, side), device)?,
+        raw.labels.clone(),
+    ))
+}
+
+/// Refuses model inputs [`prepare_one`] cannot make.
+pub(crate) fn check_input(spec: &InputSpec, channels: usize) -> Result<()> {
     if spec.height != spec.width {
         return Err(ModelError::config(
             "data",
             "only square model inputs are supported",
         ));
     }
-    if raw.channels != 1 && raw.channels != 3 {
+    if channels != 1 && channels != 3 {
         return Err(ModelError::config(
             "data",
             "images must have 1 or 3 channels",
         ));
     }
-    let len = raw.channels * raw.height * raw.width;
+    Ok(())
+}
+
+/// One stored image (`channels` planes of `h` × `w` u8) as the model's input, into `out`: channels matched
+/// (grey replicated, RGB averaged to grey), resized to the model's side when it is not, scaled to
+/// [0, 1] and normalised.
+pub(crate) fn prepare_one(
+    img: &[u8],
+    channels: usize,
+    h: usize,
+    w: usize,
+    spec: &InputSpec,
+    out: &mut [f32],
+) {
+    let (c, side) = (spec.channels, spec.height);
     let plane = side * side;
-    let images: Vec<f32> = raw
-        .pixels
-        .par_chunks(len)
-        .flat_map_iter(|img| {
-            let planes = resize_planes(img, raw.channels, raw.height, raw.width, side);
-            (0..c).flat_map(move |ch| {
-                let src: Vec<f32> = match (raw.channels, c) {
-                    (1, _) => planes[..plane].to_vec(),
-                    (3, 1) => (0..plane)
-                        .map(|p| (planes[p] + planes[plane + p] + planes[2 * plane + p]) / 3.0)
-                        .collect(),
-                    _ => planes[ch * plane..(ch + 1) * plane].to_vec(),
-                };
-                let (m, s) = (spec.mean[ch], spec.std[ch]);
-                src.into_iter().map(move |v| (v / 255.0 - m) / s)
-            })
-        })
-        .collect();
-    Ok(Dataset {
-        images: Tensor::from_vec(images, (raw.len(), c, side, side), device)?,
-        labels: raw.labels.clone(),
-    })
+    let planes = resize_planes(img, channels, h, w, side);
+    for (ch, out) in out.chunks_mut(plane).take(c).enumerate() {
+        let (m, s) = (spec.mean[ch], spec.std[ch]);
+        match (channels, c) {
+            (1, _) => {
+                for (o, v) in out.iter_mut().zip(&planes[..plane]) {
+                    *o = (v / 255.0 - m) / s;
+                }
+            }
+            (3, 1) => {
+                for (p, o) in out.iter_mut().enumerate() {
+                    let v = (planes[p] + planes[plane + p] + planes[2 * plane + p]) / 3.0;
+                    *o = (v / 255.0 - m) / s;
+                }
+            }
+            _ => {
+                for (o, v) in out.iter_mut().zip(&planes[ch * plane..(ch + 1) * plane]) {
+                    *o = (v / 255.0 - m) / s;
+                }
+            }
+        }
+    }
 }
 
 /// One image's planes as f32 in 0..255, resized to `side` × `side` (identity when it already is).

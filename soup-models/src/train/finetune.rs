@@ -101,7 +101,7 @@ pub fn finetune(
     if data.is_empty() {
         return Err(ModelError::config("finetune", "the training data is empty"));
     }
-    let (_, _, h, w) = data.images.dims4()?;
+    let (_, h, w) = data.image_shape()?;
     if config.augment.crop_padding > h.min(w) {
         return Err(ModelError::config(
             "finetune",

@@ -3,4 +3,4 @@
 pub mod finetune;
 pub mod objective;
 
-pub use objective::{Classification, Dataset};
+pub use objective::{Classification, Dataset, Images};

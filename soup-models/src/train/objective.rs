@@ -7,16 +7,42 @@ use soup_core::rng::permutation;
 use soup_core::{Batch, Metrics, Objective};
 
 use crate::arch::Architecture;
+use crate::data::stream::{ImageSource, Stream};
 use crate::ops::cross_entropy;
 
-/// Images (n × channels × height × width, normalised for the architecture, f32) and labels.
+/// Labelled examples prepared for an architecture (channels × height × width, normalised, f32):
+/// in memory, or decoded batch by batch from files ([`Images::Stream`]).
 #[derive(Clone, Debug)]
 pub struct Dataset {
-    pub images: Tensor,
+    pub images: Images,
     pub labels: Vec<u32>,
 }
 
+/// Where a data set's images are.
+#[derive(Clone, Debug)]
+pub enum Images {
+    /// All of them, n × channels × height × width.
+    Memory(Tensor),
+    /// Prepared when a batch asks for them.
+    Stream(Stream),
+}
+
 impl Dataset {
+    pub fn in_memory(images: Tensor, labels: Vec<u32>) -> Self {
+        Self {
+            images: Images::Memory(images),
+            labels,
+        }
+    }
+
+    /// A data set read from `source` batch by batch.
+    pub fn stream(source: Arc<dyn ImageSource>, labels: Vec<u32>) -> Self {
+        Self {
+            images: Images::Stream(Stream::new(source)),
+            labels,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
@@ -25,11 +51,54 @@ impl Dataset {
         self.labels.is_empty()
     }
 
+    /// Channels, height and width of an image.
+    pub fn image_shape(&self) -> candle_core::Result<(usize, usize, usize)> {
+        match &self.images {
+            Images::Memory(t) => {
+                let (_, c, h, w) = t.dims4()?;
+                Ok((c, h, w))
+            }
+            Images::Stream(s) => Ok(s.source.shape()),
+        }
+    }
+
+    /// Bytes of f32 images this data set holds in memory when read in batches of `batch`: all
+    /// of them, or for a streamed one the batch being used and the one being prefetched.
+    pub fn resident_bytes(&self, batch: usize) -> u64 {
+        match &self.images {
+            Images::Memory(t) => 4 * t.elem_count() as u64,
+            Images::Stream(s) => {
+                let (c, h, w) = s.source.shape();
+                (2 * batch.min(self.len()) * c * h * w * 4) as u64
+            }
+        }
+    }
+
     /// The examples at `rows`.
-    pub fn select(&self, rows: &[u32]) -> candle_core::Result<(Tensor, Vec<u32>)> {
-        let idx = Tensor::from_slice(rows, rows.len(), self.images.device())?;
+    pub fn select(&self, rows: &[u32]) -> crate::Result<(Tensor, Vec<u32>)> {
         let labels = rows.iter().map(|&r| self.labels[r as usize]).collect();
-        Ok((self.images.index_select(&idx, 0)?, labels))
+        let images = match &self.images {
+            Images::Memory(t) => {
+                let idx = Tensor::from_slice(rows, rows.len(), t.device())?;
+                t.index_select(&idx, 0)?
+            }
+            Images::Stream(s) => s.batch(rows)?,
+        };
+        Ok((images, labels))
+    }
+
+    /// Every image, in order (a streamed data set decodes them all: for small sets and tests).
+    pub fn all(&self) -> crate::Result<Tensor> {
+        let rows: Vec<u32> = (0..self.len() as u32).collect();
+        Ok(self.select(&rows)?.0)
+    }
+
+    /// Starts preparing the examples at `rows`, which [`Dataset::select`] will ask for next
+    /// (streamed data sets decode them meanwhile; in memory there is nothing to do).
+    pub fn prefetch(&self, rows: Vec<u32>) {
+        if let Images::Stream(s) = &self.images {
+            s.prefetch(rows);
+        }
     }
 }
 
@@ -100,6 +169,14 @@ impl Objective for Classification {
     ) -> soup_core::Result<Tensor> {
         let rows = self.batch_rows(batch);
         let (rank, world) = self.shard;
+        if batch.index + 1 < self.num_batches() {
+            let next = self.batch_rows(Batch {
+                index: batch.index + 1,
+                ..batch
+            });
+            self.data
+                .prefetch(next[part(next.len(), rank, world)].to_vec());
+        }
         if world == 1 {
             let (mut logits, labels) = self.logits(params, &rows)?;
             if let Some(s) = logit_scale {
@@ -138,10 +215,16 @@ impl Objective for Classification {
         let (first, n) = (range.start, range.len());
         let (mut loss_sum, mut correct) = (0.0f64, 0usize);
         let step = self.eval_batch_size.max(1);
-        for start in (0..n).step_by(step) {
-            let rows: Vec<u32> = (first + start..first + (start + step).min(n))
+        let rows_at = |start: usize| -> Vec<u32> {
+            (first + start..first + (start + step).min(n))
                 .map(|i| i as u32)
-                .collect();
+                .collect()
+        };
+        for start in (0..n).step_by(step) {
+            let rows = rows_at(start);
+            if start + step < n {
+                self.data.prefetch(rows_at(start + step));
+            }
             let (logits, labels) = self.logits(params, &rows)?;
             let logits = logits.detach();
             let loss = cross_entropy(&logits, &labels, 0.0)?
