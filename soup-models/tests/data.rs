@@ -387,3 +387,47 @@ fn a_streamed_image_folder_equals_the_decoded_one() {
     let err = stream.select(&[0]).unwrap_err().to_string();
     assert!(err.contains("0.png"), "{err}");
 }
+
+/// Fine-tuning on a streamed image folder (batches prefetched) gives the model that fine-tuning
+/// on the same images in memory gives, bit for bit.
+#[test]
+fn fine_tuning_on_streamed_images_equals_fine_tuning_in_memory() {
+    use soup_models::arch::clip::ClipClassifier;
+    use soup_models::train::finetune::{finetune, Augment, FinetuneConfig};
+    use soup_models::Architecture;
+    let dir = ScratchDir::new("stream-train");
+    noisy_folder(dir.path(), 4);
+    let spec = DataSpec::new(dir.path().to_str().unwrap());
+    let arch = ClipClassifier::new(soup_models::arch::clip::ClipVitConfig {
+        image_size: 224,
+        patch_size: 56,
+        ..soup_models::testkit::fixtures::tiny_clip_config(3, 3)
+    })
+    .unwrap();
+    let input = arch.input();
+    let memory = prepare(&spec.load(Split::Train).unwrap(), &input, &Device::Cpu).unwrap();
+    let stream = spec.stream(Split::Train, &input, None).unwrap();
+    let config = FinetuneConfig {
+        epochs: 2,
+        batch_size: 3,
+        lr: 1e-3,
+        weight_decay: 0.01,
+        warmup_fraction: 0.1,
+        label_smoothing: 0.0,
+        augment: Augment {
+            crop_padding: 2,
+            horizontal_flip: true,
+            noise_std: 0.0,
+        },
+        clip_grad_norm: Some(1.0),
+        seed: 3,
+    };
+    let init = arch.init(1, &Device::Cpu).unwrap();
+    let train = |data| {
+        finetune(&arch, &init, data, &config, &mut |_| {})
+            .unwrap()
+            .0
+    };
+    let bits = soup_models::testkit::fixtures::bits;
+    assert_eq!(bits(&train(&stream)), bits(&train(&memory)));
+}

@@ -132,10 +132,17 @@ pub fn finetune(
     let mut history = Vec::with_capacity(total);
     for epoch in 0..config.epochs {
         let order = permutation(data.len(), derive_seed(config.seed, &[3, epoch as u64]));
-        for (b, rows) in order.chunks(config.batch_size).enumerate() {
+        let batches: Vec<Vec<u32>> = order
+            .chunks(config.batch_size)
+            .map(|rows| rows.iter().map(|&r| r as u32).collect())
+            .collect();
+        for (b, rows) in batches.iter().enumerate() {
             let step = epoch * per_epoch + b;
-            let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-            let (images, labels) = data.select(&rows)?;
+            let (images, labels) = data.select(rows)?;
+            // A streamed data set decodes the next batch while this one trains.
+            if let Some(next) = batches.get(b + 1) {
+                data.prefetch(next.clone());
+            }
             let mut rng = SplitMix64::new(derive_seed(config.seed, &[4, step as u64]));
             let images = augment(&images, &config.augment, &mut rng)?;
             let logits = arch.forward(&tensors, &images.to_device(tensors[0].device())?)?;
