@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::{
-    greedy_soup, learned_soup, run_mehl, uniform_soup_on, Collective, Event, MehlOptions,
+    greedy_soup, learned_soup_observed, run_mehl, uniform_soup_on, Collective, Event, MehlOptions,
     MehlProgress, Method, Metrics, ModelStore, Objective, SoupResult, TensorSpec,
 };
 use soup_models::checkpoint::{atomic_write, write_model_dir, write_safetensors};
@@ -531,11 +531,17 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
     let result = match method {
         Method::Uniform => uniform_soup_on(&store, comm)?,
         Method::Greedy => greedy_soup(&store, &mut objective, recipe.accept())?,
-        Method::Learned | Method::LearnedPlus => learned_soup(
-            &store,
-            &mut objective,
-            &recipe.learned_config(&arch.zero_gradient_tensors())?,
-        )?,
+        Method::Learned | Method::LearnedPlus => {
+            let config = recipe.learned_config(&arch.zero_gradient_tensors())?;
+            let steps = config.epochs * objective.num_batches();
+            let bar = Progress::new(quiet, steps, &format!("{} steps", method.name()));
+            let result = learned_soup_observed(&store, &mut objective, &config, &mut |record| {
+                bar.inc(1);
+                bar.set_prefix(format!("loss {:.4}", record.loss));
+            })?;
+            bar.finish();
+            result
+        }
         Method::Mehl | Method::MehlPlus => {
             let saved = Saved {
                 dir: &partial,

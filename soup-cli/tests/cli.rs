@@ -641,6 +641,7 @@ fn progress_is_plain_lines_when_stderr_is_not_a_terminal() {
         ("uniform", "models loaded: 6/6 (100 %)"),
         ("greedy", "greedy: models ranked and tried: 12/12 (100 %)"),
         ("mehl+", "mehl+ steps: 12/12 (100 %)"),
+        ("learned+", "learned+ steps: 6/6 (100 %)"),
     ] {
         let out_dir = format!("progress-{method}");
         let args = mix(zoo, method, &out_dir, "3");

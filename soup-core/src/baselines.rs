@@ -257,6 +257,16 @@ pub fn learned_soup(
     objective: &mut dyn Objective,
     config: &LearnedConfig,
 ) -> Result<SoupResult> {
+    learned_soup_observed(store, objective, config, &mut |_| {})
+}
+
+/// [`learned_soup`], calling `on_step` after every coefficient step (for progress reports).
+pub fn learned_soup_observed(
+    store: &dyn ModelStore,
+    objective: &mut dyn Objective,
+    config: &LearnedConfig,
+    on_step: &mut dyn FnMut(&StepRecord),
+) -> Result<SoupResult> {
     config.validate()?;
     let zoo = Zoo::open(store)?;
     let n = zoo.len();
@@ -326,6 +336,7 @@ pub fn learned_soup(
                 lr,
                 grad_norm,
             });
+            on_step(history.last().expect("just pushed"));
         }
         if config.evaluate_each_epoch {
             let soup = current_soup(&coef, num_blocks, n, &stacks, &blocks, &layout)?;

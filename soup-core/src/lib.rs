@@ -21,8 +21,8 @@ pub mod traits;
 pub mod zoo;
 
 pub use baselines::{
-    greedy_soup, learned_loss_and_grad, learned_soup, stack_models, uniform_soup, uniform_soup_on,
-    GreedyAccept, LearnedConfig,
+    greedy_soup, learned_loss_and_grad, learned_soup, learned_soup_observed, stack_models,
+    uniform_soup, uniform_soup_on, GreedyAccept, LearnedConfig,
 };
 pub use error::{Result, SoupError};
 pub use hyperplane::Hyperplane;
