@@ -5,7 +5,7 @@ soup-cli/tests/interop.rs). Run by hand:
     python3 -m venv venv && venv/bin/pip install torch==2.15.0 transformers==5.24.0 \
         open_clip_torch==3.3.0 pillow==13.0.0 numpy==2.4.6 safetensors==0.8.0
     venv/bin/python make_ecosystem.py            # writes ecosystem/
-    venv/bin/python make_ecosystem.py check OUT  # loads a soup output directory in transformers
+    venv/bin/python make_ecosystem.py check OUT MEMBER...  # a uniform soup OUT in transformers
 
 What it writes (tiny random models, seeded; a few hundred kB in all):
 - hf-clipmodel/: a full `CLIPModel` (text tower included) with a `classification_head`, saved by
@@ -200,21 +200,27 @@ def main():
     print("wrote", OUT, versions)
 
 
-def check(out):
-    """Loads a soup output directory as transformers and soup's own users would, and prints the
-    logits of the classifier on the golden pixel values (compared by hand with `soup eval`)."""
+def check(out, members):
+    """Loads a soup output directory as transformers' users would and compares its logits on the
+    golden pixel values with those of PyTorch's own average of the member directories (a uniform
+    soup of them): `make_ecosystem.py check OUT MEMBER_DIR...`."""
+    from safetensors.torch import load_file
     model = VisionWithHead.from_pretrained(out).eval()
     proc = transformers.AutoImageProcessor.from_pretrained(out)
-    print(type(proc).__name__, proc.size, proc.crop_size, proc.image_mean, proc.image_std)
-    from safetensors.torch import load_file
+    pil = CLIPImageProcessorPil.from_pretrained(out)
+    print(type(proc).__name__, type(pil).__name__, pil.size, pil.crop_size, pil.resample)
     px = load_file(os.path.join(OUT, "expected.safetensors"))["hf_pixel_values"]
+    weights = [load_file(os.path.join(m, "model.safetensors")) for m in members]
+    mean = {k: sum(w[k].float() for w in weights) / len(weights) for k in weights[0]}
+    ref = VisionWithHead(model.config).eval()
+    ref.load_state_dict(mean, strict=False)
     with torch.no_grad():
-        _, l = model.logits(px)
-    print(json.dumps(l.tolist()))
+        diff = (model.logits(px)[1] - ref.logits(px)[1]).abs().max().item()
+    print("max |logits(from_pretrained(OUT)) - logits(PyTorch average)|:", diff)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "check":
-        check(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[1] == "check":
+        check(sys.argv[2], sys.argv[3:])
     else:
         main()
