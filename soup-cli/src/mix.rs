@@ -498,18 +498,20 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         .min(n)
         .div_ceil(world);
     let estimate = method.tensor_bytes(n, d, per_rank_batch) + data_bytes;
+    let heldout_len = heldout.len();
+    let mut objective = Classification {
+        eval_batch_size: 256,
+        label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
+        ..Classification::new(arch.clone(), heldout, recipe.batch_size.unwrap_or(128))
+    };
     if args.dry_run {
-        let objective = Classification {
-            eval_batch_size: 256,
-            ..Classification::new(arch.clone(), heldout, recipe.batch_size.unwrap_or(128))
-        };
         return dry_run(args, &recipe, &store, objective, test.len(), estimate);
     }
     check_memory(args, method, estimate, n, d)?;
     tracing::info!(
         models = n,
         parameters = d,
-        heldout = heldout.len(),
+        heldout = heldout_len,
         test = test.len(),
         estimated_bytes = estimate,
         "zoo and data loaded"
@@ -520,11 +522,6 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         output.begin(args.resume)?;
     }
 
-    let mut objective = Classification {
-        eval_batch_size: 256,
-        label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
-        ..Classification::new(arch.clone(), heldout, recipe.batch_size.unwrap_or(128))
-    };
     let names: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
     let mut max_rows = 0;
     let t_soup = Instant::now();

@@ -80,6 +80,7 @@ unsafe fn unmap(_: *mut u8, _: usize) {}
 // SAFETY: small blocks are `System`'s; a big block is a private anonymous mapping of at least its
 // size, aligned to 2 MiB (≥ its alignment), zero-filled by the kernel, unmapped on dealloc.
 unsafe impl GlobalAlloc for HugePages {
+    // SAFETY: big blocks come from `map` (a fresh mapping or null), small ones from `System`.
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_big(layout) {
             map(layout.size())
@@ -88,6 +89,7 @@ unsafe impl GlobalAlloc for HugePages {
         }
     }
 
+    // SAFETY: as `alloc`; a fresh anonymous mapping is already zero-filled by the kernel.
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if is_big(layout) {
             map(layout.size())
@@ -96,6 +98,8 @@ unsafe impl GlobalAlloc for HugePages {
         }
     }
 
+    // SAFETY: `ptr` came from `alloc` with this `layout` (GlobalAlloc's contract), so `is_big`
+    // sends it back to whoever made it: the mapping of its size, or `System`.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if is_big(layout) {
             unmap(ptr, layout.size())
@@ -104,6 +108,8 @@ unsafe impl GlobalAlloc for HugePages {
         }
     }
 
+    // SAFETY: `ptr`/`layout` came from this allocator; the copy covers the smaller of the two
+    // sizes, both blocks valid for it, and the old block is released only after the copy.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let new = Layout::from_size_align_unchecked(new_size, layout.align());
         if !is_big(layout) && !is_big(new) {

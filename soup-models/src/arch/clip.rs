@@ -55,6 +55,22 @@ fn default_act() -> String {
     "quick_gelu".to_string()
 }
 
+/// transformers' `CLIPVisionConfig` defaults (ViT-B/32's values) for the keys soup reads, which
+/// a `config.json` may leave out.
+pub fn hf_vision_defaults() -> [(&'static str, serde_json::Value); 9] {
+    [
+        ("hidden_size", serde_json::json!(768)),
+        ("intermediate_size", serde_json::json!(3072)),
+        ("num_hidden_layers", serde_json::json!(12)),
+        ("num_attention_heads", serde_json::json!(12)),
+        ("num_channels", serde_json::json!(3)),
+        ("image_size", serde_json::json!(224)),
+        ("patch_size", serde_json::json!(32)),
+        ("layer_norm_eps", serde_json::json!(1e-5)),
+        ("hidden_act", serde_json::json!("quick_gelu")),
+    ]
+}
+
 /// The Hugging Face CLIP vision towers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
@@ -114,17 +130,7 @@ impl ClipVitConfig {
             None => top,
         };
         let mut v = serde_json::Map::new();
-        for (key, default) in [
-            ("hidden_size", serde_json::json!(768)),
-            ("intermediate_size", serde_json::json!(3072)),
-            ("num_hidden_layers", serde_json::json!(12)),
-            ("num_attention_heads", serde_json::json!(12)),
-            ("num_channels", serde_json::json!(3)),
-            ("image_size", serde_json::json!(224)),
-            ("patch_size", serde_json::json!(32)),
-            ("layer_norm_eps", serde_json::json!(1e-5)),
-            ("hidden_act", serde_json::json!("quick_gelu")),
-        ] {
+        for (key, default) in hf_vision_defaults() {
             v.insert(key.into(), vision.get(key).cloned().unwrap_or(default));
         }
         // Both config classes read `projection_dim` at their own top level.

@@ -503,17 +503,7 @@ impl Checkpoint {
         if let Some(json) = &self.hf_config {
             let vision = json.get("vision_config").unwrap_or(json);
             let mut found = Vec::new();
-            for key in [
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_channels",
-                "image_size",
-                "patch_size",
-                "layer_norm_eps",
-                "hidden_act",
-            ] {
+            for (key, _) in crate::arch::clip::hf_vision_defaults() {
                 if vision.get(key).is_none() {
                     found.push((
                         key,

@@ -169,7 +169,9 @@ impl Objective for Classification {
     ) -> soup_core::Result<Tensor> {
         let rows = self.batch_rows(batch);
         let (rank, world) = self.shard;
-        if batch.index + 1 < self.num_batches() {
+        // Streamed images: the next batch decodes while this one computes (its rows cost a
+        // permutation, so in-memory data skip this).
+        if matches!(self.data.images, Images::Stream(_)) && batch.index + 1 < self.num_batches() {
             let next = self.batch_rows(Batch {
                 index: batch.index + 1,
                 ..batch

@@ -52,11 +52,10 @@ def vision_kwargs():
                 image_size=SIDE, patch_size=8, hidden_act="quick_gelu")
 
 
-class ClipWithHead(CLIPModel):
-    """A CLIPModel fine-tuned as model-soups does: a linear head on normalised image features."""
+class Head:
+    """model-soups' classifier: a linear head on L2-normalised projected image features."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def add_head(self, config):
         self.classification_head = torch.nn.Linear(config.projection_dim, CLASSES)
 
     def logits(self, pixel_values):
@@ -64,14 +63,18 @@ class ClipWithHead(CLIPModel):
         return f, self.classification_head(f / f.norm(dim=-1, keepdim=True))
 
 
-class VisionWithHead(CLIPVisionModelWithProjection):
+class ClipWithHead(Head, CLIPModel):
+    """A full CLIPModel fine-tuned as model-soups does."""
+
     def __init__(self, config):
         super().__init__(config)
-        self.classification_head = torch.nn.Linear(config.projection_dim, CLASSES)
+        self.add_head(config)
 
-    def logits(self, pixel_values):
-        f = self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
-        return f, self.classification_head(f / f.norm(dim=-1, keepdim=True))
+
+class VisionWithHead(Head, CLIPVisionModelWithProjection):
+    def __init__(self, config):
+        super().__init__(config)
+        self.add_head(config)
 
 
 def make_images(d):

@@ -134,6 +134,8 @@ impl<T> SharedMut<T> {
 /// Each pointer with its strides must address valid elements of an m × n (dst), m × k (lhs) and
 /// k × n (rhs) matrix for the whole call; dst must not overlap lhs or rhs, and no other thread
 /// may touch the elements of dst meanwhile.
+// SAFETY: an unsafe fn whose contract is the "# Safety" section above; it only forwards the
+// pointers to `gemm::gemm`, whose requirements are that same contract.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: 'static>(
     (m, n, k): (usize, usize, usize),
