@@ -49,6 +49,17 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
     // Shifts apply to stored pixels, so a shifted split is read whole; otherwise an image folder
     // streams.
+    if let Some(path) = &args.save_logits {
+        // Checked before any work: the file is written after the evaluation.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            return Err(CliError::new(format!(
+                "--save-logits {}: no directory {}",
+                path.display(),
+                dir.map_or(String::new(), |d| d.display().to_string())
+            )));
+        }
+    }
     let data = match &args.shift {
         Some(list) => {
             let raw = args.data.load_raw(split)?;

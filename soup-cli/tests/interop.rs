@@ -93,3 +93,24 @@ fn a_written_model_directory_carries_what_transformers_reads() {
     let mean: Vec<f64> = serde_json::from_value(pre["image_mean"].clone()).unwrap();
     assert!((mean[0] - 0.48145466).abs() < 1e-7, "{mean:?}");
 }
+
+#[test]
+fn save_logits_into_a_missing_directory_is_refused_before_any_work() {
+    let model = golden("hf-vision").display().to_string();
+    let (ok, _, err) = soup(&[
+        "eval",
+        "--model",
+        &model,
+        "--data",
+        "/nonexistent-data",
+        "--save-logits",
+        "/nonexistent-dir/x.safetensors",
+    ]);
+    assert!(
+        !ok && err.contains(
+            "--save-logits /nonexistent-dir/x.safetensors: no directory /nonexistent-dir"
+        ),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

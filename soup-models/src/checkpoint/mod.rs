@@ -494,7 +494,7 @@ impl Checkpoint {
             return Ok(vec![
                 (
                     "num_attention_heads",
-                    "hidden_size / 64: OpenAI's rule for every released ViT (override with --arch-config)",
+                    "hidden_size / 64, OpenAI's rule for every released ViT; --arch-config overrides it",
                 ),
                 ("layer_norm_eps", "1e-5, OpenAI's"),
                 ("hidden_act", "quick_gelu, OpenAI's"),
