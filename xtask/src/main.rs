@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("bench") => bench::bench(&args[1..]),
         Some("reproduce") => reproduce::reproduce(&args[1..]),
+        Some("standin") => standin(&args[1..]),
         Some("-h") | Some("--help") | None => {
             println!("{}", USAGE);
             return ExitCode::SUCCESS;
@@ -48,7 +49,14 @@ tasks:
              --preset scale [--models 4,8,16,24]: memory and time of Learned+ vs MEHL+ on
                ViT-B/32-size perturbed zoos
              --preset paper-vit-b32 --imagenet DIR [--zoo DIR] [--max-examples N]: the 72
-               model-soups checkpoints on ImageNet (manifests/paper-vit-b32.toml)
+               model-soups checkpoints on ImageNet (manifests/paper-vit-b32.toml); scaled
+               down with --models K (the first K), --model-batch B (18), --inner-epochs E (5),
+               --batch-size N (128)
+  standin    what the paper's experiment reads, made up (soup-models/examples/standin.rs):
+             imagenet --out DIR [--classes 1000] [--train 26] [--val 2] [--max-side 500]:
+               an ImageNet-shaped ImageFolder of JPEGs of varied sizes
+             zoo --out DIR [--models 72] [--config JSON]: CLIP ViT-B/32 checkpoints in
+               model-soups' .pt layout (model_<i>.pt)
   bench      side-by-side benchmarks (release builds; tables on stdout, JSON in
              target/bench/bench.json), sections (--only, comma-separated; default all):
                step     ViT-B/32 forward + backward step: ours, and PyTorch with --torch
@@ -198,6 +206,7 @@ fn ci() -> Result<(), String> {
     cargo(&["check", "-p", "soup-cli", "--no-default-features"])?;
     cargo(&["test", "--workspace", "--features", features])?;
     check_quick_reproduction()?;
+    check_standin_paper_run()?;
     eprintln!(
         "xtask: ci passed in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -205,10 +214,119 @@ fn ci() -> Result<(), String> {
     Ok(())
 }
 
+/// `cargo xtask standin imagenet|zoo ...`: runs the stand-in generator (release build).
+fn standin(args: &[String]) -> Result<(), String> {
+    let exe = release_example("standin")?;
+    let status = Command::new(&exe)
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    if !status.success() {
+        return Err(format!("standin {} failed ({status})", args.join(" ")));
+    }
+    Ok(())
+}
+
 /// Builds `soup-models/examples/<name>.rs` in release mode; returns the executable.
 pub(crate) fn release_example(name: &str) -> Result<PathBuf, String> {
     cargo(&["build", "--release", "-p", "soup-models", "--example", name])?;
     Ok(root().join("target/release/examples").join(name))
+}
+
+/// The `paper-vit-b32` preset end to end at a small scale: an ImageNet-shaped stand-in (1,000
+/// classes, 2 training and 1 validation JPEG each, at most 160 px a side) and 4 small CLIP ViTs in model-soups' `.pt`
+/// layout with 1,000-class heads, through the dev-profile `soup`; checks that every method's row
+/// is there and well-formed.
+fn check_standin_paper_run() -> Result<(), String> {
+    cargo(&["build", "-p", "soup-models", "--example", "standin"])?;
+    let exe = root().join("target/debug/examples/standin");
+    let dir = root().join("target/standin-ci");
+    let (imagenet, zoo) = (dir.join("imagenet"), dir.join("zoo"));
+    let config = r#"{"hidden_size":64,"intermediate_size":256,"num_hidden_layers":2,"num_attention_heads":1,"image_size":64,"patch_size":32,"projection_dim":32}"#;
+    for args in [
+        vec![
+            "imagenet",
+            "--out",
+            path_str(&imagenet)?,
+            "--classes",
+            "1000",
+        ],
+        vec![
+            "zoo",
+            "--out",
+            path_str(&zoo)?,
+            "--models",
+            "4",
+            "--config",
+            config,
+        ],
+    ] {
+        let mut full = args.clone();
+        if args[0] == "imagenet" {
+            full.extend(["--train", "2", "--val", "1", "--max-side", "160"]);
+        }
+        let status = Command::new(&exe)
+            .args(&full)
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+        if !status.success() {
+            return Err(format!("standin {} failed ({status})", full.join(" ")));
+        }
+    }
+    let args: Vec<String> = [
+        "--preset",
+        "paper-vit-b32",
+        "--dev-build",
+        "--imagenet",
+        path_str(&imagenet)?,
+        "--zoo",
+        path_str(&zoo)?,
+        "--models",
+        "4",
+        "--model-batch",
+        "2",
+        "--inner-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-examples",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    reproduce::reproduce(&args)?;
+    let results = root().join("results/paper-vit-b32/results.json");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&results).map_err(|e| format!("{}: {e}", results.display()))?,
+    )
+    .map_err(|e| format!("{}: {e}", results.display()))?;
+    let rows = v["rows"].as_array().cloned().unwrap_or_default();
+    let methods: Vec<&str> = rows.iter().filter_map(|r| r["method"].as_str()).collect();
+    if methods != ["best individual", "uniform", "greedy", "learned+", "mehl+"] || v["models"] != 4
+    {
+        return Err(format!(
+            "{}: unexpected rows {methods:?}",
+            results.display()
+        ));
+    }
+    for r in &rows {
+        let test = r["result"]["test"].as_f64().unwrap_or(f64::NAN);
+        if !(0.0..=1.0).contains(&test) {
+            return Err(format!(
+                "{}: test accuracy {test} of {}",
+                results.display(),
+                r["method"]
+            ));
+        }
+    }
+    eprintln!("xtask: stand-in paper-vit-b32 run complete and well-formed");
+    Ok(())
+}
+
+fn path_str(p: &Path) -> Result<&str, String> {
+    p.to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", p.display()))
 }
 
 /// Runs `cargo xtask reproduce --quick` and checks that every output exists and is well-formed

@@ -134,9 +134,35 @@ pub fn random_zoo(arch: &dyn Architecture, n: usize, seed: u64) -> Result<Vec<Ve
 
 /// Writes `params` of the CLIP classifier `arch` as the `.pt` that model-soups publishes: a
 /// `torch.save`d state dict with the OpenAI names under `model.visual.` (q, k, v fused into
-/// `in_proj_*`, the projection transposed), `classification_head.*`, and a stand-in text tower
-/// (`model.transformer.*`, `model.token_embedding.weight`, `model.logit_scale`) that loaders skip.
+/// `in_proj_*`, the projection transposed), `classification_head.*`, and a small stand-in text
+/// tower (`model.transformer.*`, `model.token_embedding.weight`, `model.logit_scale`) that
+/// loaders skip.
 pub fn write_openai_pt(path: &Path, arch: &ClipClassifier, params: &[Tensor]) -> Result<()> {
+    let dev = Device::Cpu;
+    let text = vec![
+        (
+            "model.transformer.resblocks.0.attn.in_proj_weight".into(),
+            Tensor::ones((24, 8), DType::F32, &dev)?,
+        ),
+        (
+            "model.token_embedding.weight".into(),
+            Tensor::ones((10, 8), DType::F32, &dev)?,
+        ),
+        ("model.logit_scale".into(), Tensor::new(&[4.6052f32], &dev)?),
+    ];
+    write_model_soups_pt(path, arch, params, &text)
+}
+
+/// Writes `params` of the CLIP classifier `arch` with the text-tower tensors `text` in the order
+/// of model-soups' `ModelWrapper.state_dict()`: the text tensors that precede the visual tower in
+/// OpenAI's CLIP (`model.positional_embedding`, `model.text_projection`, `model.logit_scale`),
+/// `model.visual.*`, the other text tensors, then `classification_head.*`.
+pub fn write_model_soups_pt(
+    path: &Path,
+    arch: &ClipClassifier,
+    params: &[Tensor],
+    text: &[(String, Tensor)],
+) -> Result<()> {
     let named: BTreeMap<String, Tensor> = arch
         .layout()
         .tensors
@@ -144,18 +170,28 @@ pub fn write_openai_pt(path: &Path, arch: &ClipClassifier, params: &[Tensor]) ->
         .zip(params)
         .map(|(s, t)| (s.name.clone(), t.clone()))
         .collect();
-    let mut tensors =
+    let visual =
         crate::testkit::torch::to_openai("model.visual.", arch.config.num_hidden_layers, &named)?;
-    let dev = Device::Cpu;
-    tensors.push((
-        "model.transformer.resblocks.0.attn.in_proj_weight".into(),
-        Tensor::ones((24, 8), DType::F32, &dev)?,
-    ));
-    tensors.push((
-        "model.token_embedding.weight".into(),
-        Tensor::ones((10, 8), DType::F32, &dev)?,
-    ));
-    tensors.push(("model.logit_scale".into(), Tensor::new(&[4.6052f32], &dev)?));
+    let first = [
+        "model.positional_embedding",
+        "model.text_projection",
+        "model.logit_scale",
+    ];
+    let (head, visual): (Vec<_>, Vec<_>) = visual
+        .into_iter()
+        .partition(|(n, _)| n.starts_with("classification_head."));
+    let mut tensors: Vec<(String, Tensor)> = text
+        .iter()
+        .filter(|(n, _)| first.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    tensors.extend(visual);
+    tensors.extend(
+        text.iter()
+            .filter(|(n, _)| !first.contains(&n.as_str()))
+            .cloned(),
+    );
+    tensors.extend(head);
     crate::testkit::torch::write_torch_state_dict(path, &tensors)
 }
 

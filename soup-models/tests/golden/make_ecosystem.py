@@ -6,6 +6,7 @@ soup-cli/tests/interop.rs). Run by hand:
         open_clip_torch==3.3.0 pillow==13.0.0 numpy==2.4.6 safetensors==0.8.0
     venv/bin/python make_ecosystem.py            # writes ecosystem/
     venv/bin/python make_ecosystem.py check OUT MEMBER...  # a uniform soup OUT in transformers
+    venv/bin/python make_ecosystem.py check-standin model_0.pt  # a `cargo xtask standin zoo` file
 
 What it writes (tiny random models, seeded; a few hundred kB in all):
 - hf-clipmodel/: a full `CLIPModel` (text tower included) with a `classification_head`, saved by
@@ -222,8 +223,27 @@ def check(out, members):
     print("max |logits(from_pretrained(OUT)) - logits(PyTorch average)|:", diff)
 
 
+def check_standin(path):
+    """Loads a stand-in checkpoint of `cargo xtask standin zoo` (no `--config`) as model-soups
+    loads its own: `model.*` into OpenAI's ViT-B/32 (open_clip's `ViT-B-32-quickgelu`) with only
+    the deleted text transformer missing, `classification_head.*` into a Linear(512, 1000):
+    `make_ecosystem.py check-standin model_0.pt`."""
+    sd = torch.load(path, weights_only=True, map_location="cpu")
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    inner = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(inner, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.startswith("transformer.") for k in missing), missing
+    head = torch.nn.Linear(512, 1000)
+    head.load_state_dict({"weight": sd["classification_head.weight"], "bias": sd["classification_head.bias"]})
+    print(f"{path}: {len(sd)} tensors, {sum(v.numel() for v in sd.values())} parameters; "
+          f"{len(missing)} text-transformer tensors missing (deleted by ModelWrapper), nothing unexpected")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[1] == "check":
         check(sys.argv[2], sys.argv[3:])
+    elif len(sys.argv) == 3 and sys.argv[1] == "check-standin":
+        check_standin(sys.argv[2])
     else:
         main()

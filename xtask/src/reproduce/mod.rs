@@ -79,6 +79,52 @@ impl Soup {
     }
 }
 
+impl Soup {
+    /// Runs `soup args` with its stderr copied line by line to ours (plain progress lines: soup
+    /// sees a pipe, not a terminal) and returns its stdout; the error ends with soup's last
+    /// stderr line, its message, so a caller can tell a refusal from a failure.
+    pub(crate) fn run_logged(&self, args: &[String]) -> Result<String, String> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(&self.exe)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
+        let stderr = child.stderr.take().expect("piped");
+        let copier = std::thread::spawn(move || {
+            let mut last = String::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("{line}");
+                if !line.trim().is_empty() {
+                    last = line;
+                }
+            }
+            last
+        });
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("{}: {e}", self.exe.display()))?;
+        let last = copier.join().unwrap_or_default();
+        if !out.status.success() {
+            return Err(format!(
+                "soup {} failed ({}): {last}",
+                args.join(" "),
+                out.status
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn count(flag: &str, v: &str) -> Result<usize, String> {
+    v.parse()
+        .map_err(|_| format!("{flag} {v:?}: expected a whole number"))
+}
+
 pub(crate) fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -109,6 +155,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
     let mut dev_build = false;
     let mut models: Option<Vec<usize>> = None;
     let (mut imagenet, mut zoo, mut max_examples) = (None, None, None);
+    let mut scaling = paper::Scaling::default();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -123,10 +170,10 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
             }
             "--imagenet" => imagenet = Some(PathBuf::from(value()?)),
             "--zoo" => zoo = Some(PathBuf::from(value()?)),
-            "--max-examples" => {
-                let v = value()?;
-                max_examples = Some(v.parse().map_err(|_| format!("--max-examples {v:?}"))?);
-            }
+            "--max-examples" => max_examples = Some(count(flag, value()?)?),
+            "--model-batch" => scaling.model_batch = Some(count(flag, value()?)?),
+            "--inner-epochs" => scaling.inner_epochs = Some(count(flag, value()?)?),
+            "--batch-size" => scaling.batch_size = Some(count(flag, value()?)?),
             other => return Err(format!("unknown reproduce flag {other}")),
         }
     }
@@ -137,10 +184,34 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         Ok(())
     };
     misplaced("--quick", quick, "fmnist")?;
-    misplaced("--models", models.is_some(), "scale")?;
+    // `--models` is a list of N for `scale`, the number of models to mix for `paper-vit-b32`.
+    if preset == "paper-vit-b32" {
+        scaling.models = match models.as_deref() {
+            None => None,
+            Some(&[k]) => Some(k),
+            Some(_) => return Err("--models takes one number for --preset paper-vit-b32".into()),
+        };
+    } else {
+        misplaced("--models", models.is_some(), "scale")?;
+    }
     misplaced("--imagenet", imagenet.is_some(), "paper-vit-b32")?;
     misplaced("--zoo", zoo.is_some(), "paper-vit-b32")?;
     misplaced("--max-examples", max_examples.is_some(), "paper-vit-b32")?;
+    misplaced(
+        "--model-batch",
+        scaling.model_batch.is_some(),
+        "paper-vit-b32",
+    )?;
+    misplaced(
+        "--inner-epochs",
+        scaling.inner_epochs.is_some(),
+        "paper-vit-b32",
+    )?;
+    misplaced(
+        "--batch-size",
+        scaling.batch_size.is_some(),
+        "paper-vit-b32",
+    )?;
     if !["fmnist", "scale", "paper-vit-b32"].contains(&preset.as_str()) {
         return Err(format!(
             "unknown preset {preset:?} (available: fmnist, scale, paper-vit-b32)"
@@ -151,6 +222,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
             imagenet.as_deref(),
             zoo.as_deref(),
             max_examples,
+            &scaling,
         )?)
     } else {
         None

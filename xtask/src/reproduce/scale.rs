@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::paper::mem_available;
 use super::{line_chart, read_json, strings, write_subset, Soup};
 use crate::{ensure_packages, root, DATA_PACKAGES};
 
@@ -41,16 +42,6 @@ enum Outcome {
         account: f64,
     },
     Refused(String),
-}
-
-fn mem_available() -> Result<u64, String> {
-    let info =
-        std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
-    info.lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .ok_or_else(|| "/proc/meminfo: no MemAvailable".to_string())
 }
 
 fn run(
