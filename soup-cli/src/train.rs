@@ -334,7 +334,7 @@ pub struct FinetuneArgs {
 
 /// Whether `dir` holds only what [`write_model_dir`] writes (and temporary files of its
 /// atomic writes).
-fn is_our_model_dir(dir: &Path) -> bool {
+pub(crate) fn is_our_model_dir(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries.filter_map(|e| e.ok()).all(|e| {
             let name = e.file_name().to_string_lossy().into_owned();

@@ -8,6 +8,7 @@ use candle_nn::{Module, VarBuilder};
 use candle_transformers::models::clip::vision_model::ClipVisionTransformer;
 use soup_core::rng::SplitMix64;
 use soup_models::arch::clip::{ClipClassifier, ClipVitConfig};
+use soup_models::arch::dinov2::{Dinov2Classifier, Dinov2Config};
 use soup_models::arch::mlp::{Mlp, MlpConfig};
 use soup_models::ops::cross_entropy;
 use soup_models::testkit::fixtures::tiny_clip_config;
@@ -114,6 +115,27 @@ fn clip_gradients_match_finite_differences() {
     }
 }
 
+fn tiny_dinov2() -> Dinov2Classifier {
+    Dinov2Classifier::new(Dinov2Config {
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        mlp_ratio: 2,
+        image_size: 8,
+        patch_size: 4,
+        num_classes: 3,
+        ..Dinov2Config::small(14, 3)
+    })
+    .unwrap()
+}
+
+#[test]
+fn dinov2_gradients_match_finite_differences() {
+    // Every tensor, LayerScale and the exact GELU's kernel included.
+    let worst = gradient_check(&tiny_dinov2(), 6, 4);
+    eprintln!("dinov2: worst relative error {worst:e}");
+}
+
 #[test]
 fn mlp_gradients_match_finite_differences() {
     let mlp = Mlp::new(MlpConfig {
@@ -127,14 +149,18 @@ fn mlp_gradients_match_finite_differences() {
 }
 
 #[test]
-fn every_clip_parameter_gets_a_gradient() {
+fn every_clip_and_dinov2_parameter_gets_a_gradient() {
     // The stock candle CLIP leaves layer norms, embeddings and class_embedding without one.
-    let arch = tiny_clip(3);
-    let p = params(&arch, 5, DType::F32);
+    every_parameter_gets_a_gradient(&tiny_clip(3));
+    every_parameter_gets_a_gradient(&tiny_dinov2());
+}
+
+fn every_parameter_gets_a_gradient(arch: &dyn Architecture) {
+    let p = params(arch, 5, DType::F32);
     let vars: Vec<Var> = p.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let logits = arch
-        .forward(&inputs, &images(&arch, 2, 9, DType::F32))
+        .forward(&inputs, &images(arch, 2, 9, DType::F32))
         .unwrap();
     let grads = cross_entropy(&logits, &[0, 2], 0.0)
         .unwrap()

@@ -115,6 +115,19 @@ proptest! {
     }
 
     #[test]
+    fn gelu_matches_reference(n in 1usize..200, spread in 0.1f64..20.0, seed: u64) {
+        let mut rng = SplitMix64::new(seed);
+        let x = (random(&mut rng, &[n], DType::F64) * spread).unwrap();
+        check(
+            &[x],
+            |t| kernels::gelu(&t[0]).unwrap(),
+            |t| reference::gelu(&t[0]).unwrap(),
+            seed,
+            1e-12,
+        )?;
+    }
+
+    #[test]
     fn attention_matches_reference(n in 1usize..4, t in 1usize..8, heads in 1usize..4, hd in 1usize..6, seed: u64) {
         let mut rng = SplitMix64::new(seed);
         let e = heads * hd;
@@ -154,10 +167,54 @@ fn f32_kernels_agree_with_the_reference() {
             kernels::attention(&x, 4, 0.25).unwrap(),
             reference::attention(&x, 4, 0.25).unwrap(),
         ),
+        (kernels::gelu(&x).unwrap(), reference::gelu(&x).unwrap()),
     ];
     for (i, (a, b)) in pairs.iter().enumerate() {
         let err = max_abs_diff(a, b);
         assert!(err < 1e-4, "op {i}: f32 kernel differs by {err:e}");
+    }
+}
+
+/// The exact GELU against values of x·Φ(x) computed independently (Φ(1) = 0.841344746068543,
+/// Φ(−0.5) = 0.308537538725987, Φ(3) = 0.998650101968370) and its derivative against central
+/// differences of those: candle's `gelu_erf` is the reference of the kernel, so this checks both
+/// against something neither wrote.
+#[test]
+fn gelu_is_x_times_the_normal_cdf() {
+    let xs = [1.0f64, -0.5, 3.0, 0.0];
+    let want = [
+        0.841_344_746_068_543,
+        -0.154_268_769_362_993_5,
+        2.995_950_305_905_11,
+        0.0,
+    ];
+    let x = Tensor::new(&xs[..], &Device::Cpu).unwrap();
+    let y: Vec<f64> = kernels::gelu(&x).unwrap().to_vec1().unwrap();
+    for ((x, y), w) in xs.iter().zip(&y).zip(want) {
+        assert!((y - w).abs() < 1e-14, "gelu({x}) = {y}, expected {w}");
+    }
+    let v = Var::from_tensor(&x).unwrap();
+    let grads = kernels::gelu(v.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dy: Vec<f64> = grads.get(v.as_tensor()).unwrap().to_vec1().unwrap();
+    let h = 1e-6;
+    for (i, &x0) in xs.iter().enumerate() {
+        let at = |x: f64| -> f64 {
+            kernels::gelu(&Tensor::new(&[x], &Device::Cpu).unwrap())
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0]
+        };
+        let fd = (at(x0 + h) - at(x0 - h)) / (2.0 * h);
+        assert!(
+            (dy[i] - fd).abs() < 1e-8,
+            "gelu'({x0}) = {}, differences give {fd}",
+            dy[i]
+        );
     }
 }
 

@@ -348,6 +348,20 @@ impl Architecture for ClipClassifier {
         serde_json::to_value(&self.config).expect("ClipVitConfig serialises")
     }
 
+    /// transformers' `CLIPVisionModelWithProjection`, so that it reads the vision tower.
+    fn hf_config(&self) -> serde_json::Value {
+        let mut config = self.config();
+        let obj = config
+            .as_object_mut()
+            .expect("a struct serialises to an object");
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["CLIPVisionModelWithProjection"]),
+        );
+        obj.insert("model_type".into(), "clip_vision_model".into());
+        config
+    }
+
     fn layout(&self) -> &ParamLayout {
         &self.layout
     }

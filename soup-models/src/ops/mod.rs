@@ -26,6 +26,14 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     reference::quick_gelu(x)
 }
 
+/// The exact GELU x·Φ(x) (DINOv2's activation; PyTorch's `nn.GELU()`).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if kernels::supported(x) {
+        return kernels::gelu(x);
+    }
+    reference::gelu(x)
+}
+
 /// x Wᵀ + b for x of any rank ≥ 2 (flattened to a 2-D product).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     if !kernels::supported(x) {
@@ -101,6 +109,12 @@ pub mod reference {
     /// CLIP's activation: x · σ(1.702 x).
     pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
         x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+    }
+
+    /// The exact GELU ½x(1 + erf(x/√2)) from `erf`, whose backward is exact (candle's
+    /// `gelu_erf` backward uses 1/√(2π) ≈ 0.398942: relative errors up to 1e-6).
+    pub fn gelu(x: &Tensor) -> Result<Tensor> {
+        ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?.mul(x)? * 0.5
     }
 
     /// x Wᵀ + b for x of any rank ≥ 2 (flattened to a 2-D product, the fast path of the matmul).

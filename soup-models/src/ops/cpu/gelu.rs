@@ -1,4 +1,5 @@
-//! quick-GELU: y = x·σ(1.702 x), y' = σ + 1.702·x·σ·(1 − σ).
+//! quick-GELU: y = x·σ(1.702 x), y' = σ + 1.702·x·σ·(1 − σ) (CLIP), and the exact GELU:
+//! y = x·Φ(x) = ½x(1 + erf(x/√2)), y' = Φ(x) + x·φ(x) (DINOv2; PyTorch's `nn.GELU()`).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -93,5 +94,90 @@ impl CustomOp2 for QuickGeluBwd {
             "quick_gelu backward",
             quick_gelu_bwd((s1, l1), (s2, l2))
         )
+    }
+}
+
+/// The exact GELU x·Φ(x), element-wise (Φ the standard normal CDF, through erf in f64).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+struct Gelu;
+
+/// Φ(x) = ½(1 + erf(x/√2)).
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
+}
+
+/// φ(x) = e^(−x²/2)/√(2π).
+fn normal_pdf(x: f64) -> f64 {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    INV_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
+fn gelu_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let x = data::<T>(s, l, "gelu")?;
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536))
+        .for_each(|(yc, xc)| {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                let v = x.to_f64();
+                *y = T::from_f64(v * normal_cdf(v));
+            }
+        });
+    Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "soup-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s, "gelu", gelu_fwd(s, l))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)?))
+    }
+}
+
+/// (x, dy) → dy·(Φ(x) + x·φ(x)).
+struct GeluBwd;
+
+fn gelu_bwd<T: Real>(
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let (x, dy) = (data::<T>(s1, l1, "gelu")?, data::<T>(s2, l2, "gelu")?);
+    if x.len() != dy.len() {
+        bail!("gelu backward: the gradient has shape {:?}", l2.dims());
+    }
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
+        .for_each(|(dc, (xc, gc))| {
+            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                let v = x.to_f64();
+                *d = T::from_f64(g.to_f64() * (normal_cdf(v) + v * normal_pdf(v)));
+            }
+        });
+    Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
+}
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "soup-gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(s1, "gelu backward", gelu_bwd((s1, l1), (s2, l2)))
     }
 }

@@ -1,5 +1,5 @@
 //! Fused CPU kernels with hand-written backward passes, as candle custom ops: linear (x Wᵀ + b),
-//! LayerNorm, quick-GELU and multi-head attention over a packed q|k|v tensor.
+//! LayerNorm, quick-GELU, exact GELU and multi-head attention over a packed q|k|v tensor.
 //!
 //! Why: candle's autograd builds every gradient as `zeros + add` per graph node, runs most
 //! element-wise ops on one thread, and the weight gradient of `x.matmul(&w.t())` arrives
@@ -91,7 +91,7 @@ mod layer_norm;
 mod linear;
 
 pub use attention::attention;
-pub use gelu::quick_gelu;
+pub use gelu::{gelu, quick_gelu};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 
