@@ -1,6 +1,7 @@
 //! Remote sources against a Hub stand-in on 127.0.0.1 (the real Hub is unreachable): downloads
 //! into the standard cache, offline use, pinned revisions, missing files, servers that hang or
-//! cut bodies short, sharded repos, header-only inspection and URL sources with a sha256.
+//! cut bodies short, sharded repos, header-only inspection, URL sources with a sha256, and HTTPS
+//! through a certificate authority only the configured bundle knows.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use soup_core::{ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_safetensors;
-use soup_models::remote::hub::{Hub, HubConfig};
+use soup_models::remote::hub::{read_pem_bundle, Hub, HubConfig};
 use soup_models::testkit::fixtures::{
     bits, random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir,
 };
@@ -21,8 +22,12 @@ const C1: &str = "1111111111111111111111111111111111111111";
 const C2: &str = "2222222222222222222222222222222222222222";
 
 fn config(server: &HubServer, dir: &Path) -> HubConfig {
+    config_at(&server.url, dir)
+}
+
+fn config_at(endpoint: &str, dir: &Path) -> HubConfig {
     HubConfig {
-        endpoint: server.url.clone(),
+        endpoint: endpoint.to_string(),
         cache: dir.join("hub"),
         url_cache: dir.join("urls"),
         token: None,
@@ -31,6 +36,7 @@ fn config(server: &HubServer, dir: &Path) -> HubConfig {
         metadata_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_secs(2),
         retries: 1,
+        extra_roots: Vec::new(),
         progress: None,
     }
 }
@@ -426,4 +432,100 @@ fn downloads_report_their_progress_to_the_caller() {
         seen.iter().all(|e| e.3),
         "every download ends whole: {seen:?}"
     );
+}
+
+/// The test certificate authority's directory (made once by `golden/tls/make_tls.sh`).
+fn tls_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tls")
+}
+
+/// An HTTPS server on 127.0.0.1 whose certificate the test authority signed, as a TLS-inspecting
+/// proxy's is: it answers every request with `body`. Returns its address and a count of the
+/// connections it accepted.
+fn https_server(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let chain = vec![CertificateDer::from_pem_file(tls_dir().join("server.pem")).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(tls_dir().join("server.key")).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(
+            rustls::crypto::ring::default_provider().into(),
+        )
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, stream);
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            // A failed handshake (an untrusting client) ends this connection only.
+            while !request.ends_with(b"\r\n\r\n") {
+                match tls.read(&mut byte) {
+                    Ok(1) => request.push(byte[0]),
+                    _ => break,
+                }
+            }
+            if request.ends_with(b"\r\n\r\n") {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(head.as_bytes());
+                let _ = tls.write_all(&body);
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        }
+    });
+    (url, accepted)
+}
+
+#[test]
+fn https_works_through_a_configured_authority_and_an_untrusted_one_is_named_at_once() {
+    use std::sync::atomic::Ordering;
+    let dir = ScratchDir::new("hub-tls");
+    let body = b"bytes behind a TLS-inspecting proxy".to_vec();
+    let (base, accepted) = https_server(body.clone());
+    let url = format!("{base}/releases/model.safetensors");
+
+    // Mozilla's roots alone do not know the authority: a clear error after one connection
+    // (a certificate error is not retried) that says what to do.
+    let mut cfg = config_at(&base, dir.path());
+    cfg.retries = 3;
+    let e = Hub::new(cfg).fetch(&source(&url)).unwrap_err().to_string();
+    assert!(
+        e.contains("UnknownIssuer") && e.contains("SSL_CERT_FILE"),
+        "{e}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // With the authority's bundle (as SSL_CERT_FILE or the system bundle gives it), it works.
+    let mut cfg = config_at(&base, dir.path());
+    cfg.extra_roots = read_pem_bundle(&tls_dir().join("ca.pem")).unwrap();
+    assert_eq!(cfg.extra_roots.len(), 1);
+    let got = Hub::new(cfg)
+        .fetch(&source(&url).with_sha256(Some(sha256(&body))).unwrap())
+        .unwrap();
+    assert_eq!(std::fs::read(&got.path).unwrap(), body);
+
+    // A bundle that holds no certificate is refused, not silently empty.
+    let e = read_pem_bundle(&tls_dir().join("make_tls.sh")).unwrap_err();
+    assert!(e.contains("no PEM certificate"), "{e}");
+    assert!(read_pem_bundle(&dir.path().join("missing.pem")).is_err());
 }

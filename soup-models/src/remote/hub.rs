@@ -14,7 +14,8 @@
 //! `HF_HUB_OFFLINE=1` (cache only; a miss is an error), `HF_HUB_ETAG_TIMEOUT` (seconds for a
 //! metadata request, default 10), `HF_HUB_DOWNLOAD_TIMEOUT` (seconds without a byte before a
 //! download fails, default 10), `SOUP_HUB_RETRIES` (default 3), `SOUP_CACHE` (URL downloads,
-//! default `~/.cache/soup`).
+//! default `~/.cache/soup`), `SSL_CERT_FILE` (a PEM bundle of trust anchors; see
+//! [`HubConfig::extra_roots`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -23,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hf_hub::{Cache, Repo, RepoType};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 
 use crate::checkpoint::{ignored, Checkpoint};
 use crate::error::{ModelError, Result};
@@ -32,6 +35,13 @@ use crate::remote::{Download, OnDownload};
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The largest safetensors header read remotely (the format's own limit).
 const MAX_HEADER: u64 = 100_000_000;
+/// Where Linux distributions and macOS keep the system's trust anchors as one PEM bundle.
+const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
 
 /// Settings of the remote fetcher; [`HubConfig::from_env`] reads them as `huggingface_hub` does.
 #[derive(Clone, Debug)]
@@ -50,6 +60,10 @@ pub struct HubConfig {
     pub read_timeout: Duration,
     /// Retries after a failed request (network errors, 5xx, 429, truncated bodies).
     pub retries: u32,
+    /// Trust anchors for HTTPS besides Mozilla's (`webpki-roots`): the PEM bundle `SSL_CERT_FILE`
+    /// names, else the system's bundle where there is one, so that a TLS-inspecting proxy whose
+    /// certificate authority the system trusts works as it does for curl and pip.
+    pub extra_roots: Vec<CertificateDer<'static>>,
     /// Receives download progress ([`Download`]); none by default: the library never prints,
     /// the `soup` binary draws bars from these reports unless `--quiet`.
     pub progress: Option<OnDownload>,
@@ -117,9 +131,48 @@ impl HubConfig {
             metadata_timeout: env_seconds("HF_HUB_ETAG_TIMEOUT", 10.0)?,
             read_timeout: env_seconds("HF_HUB_DOWNLOAD_TIMEOUT", 10.0)?,
             retries,
+            extra_roots: match env("SSL_CERT_FILE") {
+                Some(file) => read_pem_bundle(Path::new(&file))
+                    .map_err(|e| ModelError::source("SSL_CERT_FILE", e))?,
+                None => SYSTEM_BUNDLES
+                    .iter()
+                    .map(Path::new)
+                    .find(|p| p.is_file())
+                    .and_then(|p| read_pem_bundle(p).ok())
+                    .unwrap_or_default(),
+            },
             progress: None,
         })
     }
+}
+
+/// The certificates of a PEM bundle; an error when it cannot be read or holds none.
+pub fn read_pem_bundle(path: &Path) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| fail(&e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| fail(&e))?;
+    if certs.is_empty() {
+        return Err(fail(&"no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+/// TLS settings: Mozilla's roots plus `extra` (the ones rustls cannot parse are skipped).
+fn tls_config(extra: &[CertificateDer<'static>]) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    roots.add_parsable_certificates(extra.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+    .expect("ring's default provider supports TLS 1.2 and 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    std::sync::Arc::new(config)
 }
 
 /// Why a request failed. `Network` failures fall back to the cache when it has the file.
@@ -238,6 +291,7 @@ impl Hub {
             .timeout_read(config.read_timeout)
             .timeout_write(config.read_timeout)
             .redirects(0)
+            .tls_config(tls_config(&config.extra_roots))
             .try_proxy_from_env(true)
             .user_agent(concat!("soup/", env!("CARGO_PKG_VERSION")))
             .build();
@@ -387,7 +441,14 @@ impl Hub {
                             )
                         })
                         || t.to_string().contains("timed out");
-                    if timed_out {
+                    let untrusted = t.to_string().contains("certificate");
+                    if untrusted {
+                        // Not transient: no retries (a cached copy may still serve).
+                        return Err(RequestError::Network(format!(
+                            "{t}; if a proxy inspects TLS here, point SSL_CERT_FILE at a PEM bundle \
+                             holding its certificate authority"
+                        )));
+                    } else if timed_out {
                         let limit = deadline.unwrap_or(self.config.read_timeout);
                         RequestError::Network(format!(
                             "{url}: no answer within {:.1} s (timed out)",
