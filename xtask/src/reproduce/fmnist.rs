@@ -621,8 +621,18 @@ fn run(p: &Preset) -> Result<(), String> {
             p.sensitivity_epochs.iter().map(|&e| e as f64).collect(),
         ),
     ];
-    for (knob, flag, values) in &knobs {
+    // The preset's own setting of a knob is Table 1's MEHL+ run of the first seed: not repeated.
+    let defaults = [p.b as f64, p.lr, p.inner_epochs as f64];
+    let mehl_first_seed = table1
+        .iter()
+        .find(|(n, _)| n == "mehl+")
+        .map(|(_, r)| r[0].test);
+    for ((knob, flag, values), default) in knobs.iter().zip(defaults) {
         for &v in values {
+            if let (true, Some(test)) = (v == default, mehl_first_seed) {
+                fig3.push((*knob, v, test));
+                continue;
+            }
             let out = runs.join(format!("mehl+{}{v}", flag.trim_start_matches("--")));
             let r = mix(
                 p,
