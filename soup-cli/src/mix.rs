@@ -21,7 +21,7 @@ use soup_models::{Architecture, Checkpoint, Classification, FileStore, ModelErro
 use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs, Progress};
 use crate::error::{io, CliError, Result};
 use crate::output::{Output, Partial, PROGRESS};
-use crate::recipe::Recipe;
+use crate::recipe::{DirectionDtypeName, Recipe};
 use crate::svg;
 
 #[derive(clap::Args, Debug)]
@@ -497,7 +497,12 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         .unwrap_or(Method::mehl_defaults().model_batch)
         .min(n)
         .div_ceil(world);
-    let estimate = method.tensor_bytes(n, d, per_rank_batch) + data_bytes;
+    let direction_elem_bytes = match recipe.direction_dtype {
+        Some(DirectionDtypeName::Bf16 | DirectionDtypeName::F16) => 2,
+        _ => 4,
+    };
+    let estimate =
+        method.tensor_bytes_with(n, d, per_rank_batch, direction_elem_bytes) + data_bytes;
     let heldout_len = heldout.len();
     let mut objective = Classification {
         eval_batch_size: 256,

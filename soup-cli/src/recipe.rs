@@ -44,6 +44,33 @@ pub enum AcceptName {
     NotWorse,
 }
 
+/// The dtype MEHL stores its directions in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirectionDtypeName {
+    /// The models' own dtype.
+    Model,
+    /// bfloat16: half the memory of f32 directions, 8 significant bits.
+    Bf16,
+    /// IEEE half: half the memory, 11 significant bits, range ±65504 (directions have unit
+    /// norm, so their elements are within it).
+    F16,
+    F32,
+}
+
+impl DirectionDtypeName {
+    /// The dtype, `None` for the models' own.
+    pub fn dtype(self) -> Option<candle_core::DType> {
+        use candle_core::DType;
+        match self {
+            DirectionDtypeName::Model => None,
+            DirectionDtypeName::Bf16 => Some(DType::BF16),
+            DirectionDtypeName::F16 => Some(DType::F16),
+            DirectionDtypeName::F32 => Some(DType::F32),
+        }
+    }
+}
+
 /// Every knob of `soup mix`. In a file or on the command line, any may be left out.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +133,10 @@ pub struct Recipe {
     /// bias, which softmax cancels) instead of letting the optimizer amplify rounding noise.
     #[arg(long)]
     pub freeze_zero_gradient: Option<bool>,
+    /// MEHL: the dtype the directions are stored in (bf16/f16: half the memory of f32; the
+    /// soup is then recomputed from the models and α at the end).
+    #[arg(long, value_enum)]
+    pub direction_dtype: Option<DirectionDtypeName>,
 }
 
 impl Recipe {
@@ -133,7 +164,8 @@ impl Recipe {
             batch_size,
             label_smoothing,
             greedy_accept,
-            freeze_zero_gradient
+            freeze_zero_gradient,
+            direction_dtype
         )
     }
 
@@ -181,6 +213,7 @@ impl Recipe {
             label_smoothing: self.label_smoothing.or(Some(0.0)),
             greedy_accept: self.greedy_accept.or(Some(AcceptName::Improves)),
             freeze_zero_gradient: self.freeze_zero_gradient.or(Some(true)),
+            direction_dtype: self.direction_dtype.or(Some(DirectionDtypeName::Model)),
         };
         // Parse everything now, so a bad value fails before any work.
         r.cut()?;
@@ -284,6 +317,7 @@ impl Recipe {
             frozen_tensors: self.frozen(zero_gradient),
             seed: self.seed.unwrap_or(d.seed),
             evaluate_each_model_batch: true,
+            direction_dtype: self.direction_dtype.and_then(DirectionDtypeName::dtype),
         })
     }
 

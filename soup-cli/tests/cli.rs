@@ -287,6 +287,35 @@ fn every_method_writes_a_soup_that_eval_reproduces() {
 }
 
 #[test]
+fn bf16_directions_halve_their_memory_and_keep_the_soup() {
+    let zoo = zoo();
+    let mut reports = Vec::new();
+    for dtype in ["model", "bf16"] {
+        let out = format!("directions-{dtype}");
+        let mut args = mix(zoo, "mehl+", &out, "3");
+        args.extend(["--direction-dtype".to_string(), dtype.to_string()]);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let recipe = std::fs::read_to_string(zoo.path(&format!("{out}/recipe.toml"))).unwrap();
+        assert!(
+            recipe.contains(&format!("direction_dtype = \"{dtype}\"")),
+            "{recipe}"
+        );
+        reports.push(json(zoo.path(&format!("{out}/report.json"))));
+    }
+    let directions =
+        |r: &serde_json::Value| r["memory_account_bytes"]["directions"].as_u64().unwrap();
+    assert_eq!(2 * directions(&reports[1]), directions(&reports[0]));
+    // The same soup up to the rounding of the directions: test accuracy within 1 point.
+    let test = |r: &serde_json::Value| r["test"]["accuracy"].as_f64().unwrap();
+    assert!((test(&reports[0]) - test(&reports[1])).abs() <= 0.01);
+    // The soup is recomputed from the models at the end: a timed phase of its own.
+    assert!(reports[1]["timings_s"]["soup.recompute soup"]
+        .as_f64()
+        .is_some());
+    assert!(reports[0]["timings_s"]["soup.recompute soup"].is_null());
+}
+
+#[test]
 fn a_killed_run_resumes_to_the_same_soup() {
     let zoo = zoo();
     let full = mix(zoo, "mehl+", "resume-full", "1");

@@ -43,13 +43,18 @@ impl Hyperplane {
         load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
         let b = members.len();
-        Self::new_share(layout, blocks, center, gamma, members, b, load)
+        Self::new_share(layout, blocks, center, gamma, members, b, None, load)
     }
 
     /// The share of a hyperplane of `batch_len` models that one process of a run over several
     /// holds (spec §3.7; `mehl::share` picks the members): the rows of `members` only (possibly
     /// none). The zero-norm guard uses
     /// `batch_len`, so every process guards exactly as one process holding the whole batch.
+    ///
+    /// `direction_dtype` stores the directions in another dtype than the center's (bf16 or f16
+    /// beside an f32 center: half the memory and bandwidth); each d_i is normalised in the
+    /// center's dtype, then rounded. `None`: the center's dtype.
+    #[allow(clippy::too_many_arguments)]
     pub fn new_share(
         layout: ParamLayout,
         blocks: Vec<Block>,
@@ -57,6 +62,7 @@ impl Hyperplane {
         gamma: Vec<Vec<f64>>,
         members: Vec<usize>,
         batch_len: usize,
+        direction_dtype: Option<DType>,
         mut load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
         let b = members.len();
@@ -64,7 +70,13 @@ impl Hyperplane {
         let directions = blocks
             .iter()
             .zip(&center)
-            .map(|(blk, c)| Tensor::zeros((b, blk.numel), c.dtype(), c.device()))
+            .map(|(blk, c)| {
+                Tensor::zeros(
+                    (b, blk.numel),
+                    direction_dtype.unwrap_or(c.dtype()),
+                    c.device(),
+                )
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut norms = vec![0.0; b * num_blocks];
         // A difference within rounding of the center (a block that is the same in every model of
@@ -96,6 +108,7 @@ impl Hyperplane {
                 // Zero-norm guard (spec §3.4): θ_i^l = c^l leaves a zero direction, never NaN.
                 if norm > floor[l] {
                     let d = diff.affine(1.0 / norm, 0.0)?;
+                    let d = d.to_dtype(directions[l].dtype())?;
                     directions[l].slice_set(&d.unsqueeze(0)?, 0, i)?;
                     norms[i * num_blocks + l] = norm;
                 }
@@ -138,7 +151,7 @@ impl Hyperplane {
         &self.center
     }
 
-    /// The (b × D_l) direction matrix of block l.
+    /// The (b × D_l) direction matrix of block l, in the dtype it is stored in.
     pub fn directions(&self, l: usize) -> &Tensor {
         &self.directions[l]
     }
@@ -188,7 +201,8 @@ impl Hyperplane {
                 }
                 active[l] = 1.0;
                 let xs = Tensor::from_vec(col, (1, b), c.device())?.to_dtype(c.dtype())?;
-                Ok(xs.matmul(&self.directions[l])?.squeeze(0)?)
+                let d = self.directions[l].to_dtype(c.dtype())?;
+                Ok(xs.matmul(&d)?.squeeze(0)?)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((deltas, active))
@@ -289,7 +303,14 @@ impl Hyperplane {
         let cols = g
             .iter()
             .zip(&self.directions)
-            .map(|(g, d)| d.matmul(&g.to_dtype(d.dtype())?.unsqueeze(1)?))
+            .map(|(g, d)| {
+                // Half-precision directions are widened to the gradient's dtype.
+                let d = match d.dtype() {
+                    DType::BF16 | DType::F16 => d.to_dtype(g.dtype())?,
+                    _ => d.clone(),
+                };
+                d.matmul(&g.to_dtype(d.dtype())?.unsqueeze(1)?)
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let gx = Tensor::cat(&cols, 1)?.to_dtype(DType::F64)?;
         Ok(gx.flatten_all()?.to_vec1::<f64>()?)

@@ -1,14 +1,53 @@
 //! Memory-bound CPU kernels of the MEHL step (spec §3.3): the b dot products ⟨g, d_i⟩ of one
 //! block, θ = c + Σ X d, and sums of squares. Each reads its operands once, runs on rayon in
 //! fixed chunks (results do not depend on the thread count: partial sums are added in chunk
-//! order), and takes contiguous f32/f64 CPU tensors; callers fall back to candle ops otherwise
-//! (`None`). Tested against those candle ops in the tests below and in `verify`.
+//! order), and takes contiguous f32/f64 CPU tensors; the directions may also be bf16 or f16
+//! beside an f32 center and gradient (`--direction-dtype`): each element is widened to f32, which
+//! is exact, so the result is bit for bit the f32 kernel's on the widened directions. Callers fall
+//! back to candle ops otherwise (`None`). Tested against those candle ops in the tests below and
+//! in `verify`.
 
 use candle_core::{DType, Storage, Tensor, WithDType};
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 16;
+
+/// An element of a direction matrix: the compute type `T` itself, or a half-precision type
+/// widened (exactly) to f32.
+trait Widen<T>: WithDType {
+    fn widen(self) -> T;
+}
+
+impl Widen<f32> for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen<f64> for f64 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+}
+
+impl Widen<f32> for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        // bf16 is the upper half of an f32.
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+impl Widen<f32> for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
 
 /// Runs `f` on the contiguous CPU data of `t` as `[T]`; `None` if `t` is not such a tensor.
 fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Option<R> {
@@ -23,33 +62,34 @@ fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Option<
     }
 }
 
-/// Runs `f` on the contiguous CPU data of two tensors of dtype `T`; `None` otherwise.
-fn with_slices<T: WithDType, R>(
+/// Runs `f` on the contiguous CPU data of a tensor of dtype `A` and one of dtype `B`; `None`
+/// otherwise.
+fn with_slices<A: WithDType, B: WithDType, R>(
     a: &Tensor,
     b: &Tensor,
-    f: impl FnOnce(&[T], &[T]) -> R,
+    f: impl FnOnce(&[A], &[B]) -> R,
 ) -> Option<R> {
-    with_slice::<T, _>(a, |a| with_slice::<T, _>(b, |b| f(a, b)))?
+    with_slice::<A, _>(a, |a| with_slice::<B, _>(b, |b| f(a, b)))?
 }
 
 /// Σ a_j b_j with eight independent accumulators (vectorisable), then in f64.
-fn dot<T: WithDType>(a: &[T], b: &[T]) -> f64 {
+fn dot<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
     let mut acc = [T::zero(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
-            acc[k] += x[k] * y[k];
+            acc[k] += x[k].widen() * y[k];
         }
     }
     let mut sum: f64 = acc.iter().map(|v| v.to_f64()).sum();
     for (x, y) in ra.iter().zip(rb) {
-        sum += (*x * *y).to_f64();
+        sum += (x.widen() * *y).to_f64();
     }
     sum
 }
 
-fn dots_slices<T: WithDType>(d: &[T], g: &[T]) -> Vec<f64> {
+fn dots_slices<T: WithDType, D: Widen<T>>(d: &[D], g: &[T]) -> Vec<f64> {
     let len = g.len();
     let rows = d.len().checked_div(len).unwrap_or(0);
     let partials: Vec<Vec<f64>> = (0..len.div_ceil(CHUNK))
@@ -70,21 +110,24 @@ fn dots_slices<T: WithDType>(d: &[T], g: &[T]) -> Vec<f64> {
     out
 }
 
-/// ⟨d_i, g⟩ for every row i of `d` (b × D) and `g` (D elements), in f64.
+/// ⟨d_i, g⟩ for every row i of `d` (b × D) and `g` (D elements), in f64. `d` and `g` are both
+/// f32 or both f64, or `d` is bf16/f16 and `g` f32.
 pub fn dots(d: &Tensor, g: &Tensor) -> Option<Vec<f64>> {
     if d.elem_count() != d.dims().first().copied().unwrap_or(0) * g.elem_count() {
         return None;
     }
-    match d.dtype() {
-        DType::F32 => with_slices::<f32, _>(d, g, dots_slices),
-        DType::F64 => with_slices::<f64, _>(d, g, dots_slices),
+    match (d.dtype(), g.dtype()) {
+        (DType::F32, DType::F32) => with_slices::<f32, f32, _>(d, g, dots_slices),
+        (DType::F64, DType::F64) => with_slices::<f64, f64, _>(d, g, dots_slices),
+        (DType::BF16, DType::F32) => with_slices::<bf16, f32, _>(d, g, dots_slices),
+        (DType::F16, DType::F32) => with_slices::<f16, f32, _>(d, g, dots_slices),
         _ => None,
     }
 }
 
-fn combine_slices<T: WithDType>(
+fn combine_slices<T: WithDType, D: Widen<T>>(
     c: &[T],
-    d: &[T],
+    d: &[D],
     x: &[f64],
     range: std::ops::Range<usize>,
 ) -> Vec<T> {
@@ -93,10 +136,10 @@ fn combine_slices<T: WithDType>(
     out
 }
 
-fn combine_into_slice<T: WithDType>(
+fn combine_into_slice<T: WithDType, D: Widen<T>>(
     out: &mut [T],
     c: &[T],
-    d: &[T],
+    d: &[D],
     x: &[f64],
     range: std::ops::Range<usize>,
 ) {
@@ -109,16 +152,28 @@ fn combine_into_slice<T: WithDType>(
             if xi != T::zero() {
                 let di = &d[i * len + j0..i * len + j0 + o.len()];
                 for (v, &dv) in o.iter_mut().zip(di) {
-                    *v += xi * dv;
+                    *v += xi * dv.widen();
                 }
             }
         }
     });
 }
 
+/// Runs `f` on the data of an f32 center `c` and directions `d` of dtype f32, bf16 or f16.
+macro_rules! with_f32_center {
+    ($c:expr, $d:expr, |$cs:ident, $ds:ident| $body:expr) => {
+        match $d.dtype() {
+            DType::F32 => with_slices::<f32, f32, _>($c, $d, |$cs, $ds| $body),
+            DType::BF16 => with_slices::<f32, bf16, _>($c, $d, |$cs, $ds| $body),
+            DType::F16 => with_slices::<f32, f16, _>($c, $d, |$cs, $ds| $body),
+            _ => None,
+        }
+    };
+}
+
 /// c + Σ_i x_i d_i over the elements `range` of a block: `c` (D), `d` (b × D), `x` (b), as a
-/// new variable of `shape` (`range.len()` elements): autograd can take its gradient without the
-/// copy that `Var::from_tensor` makes of a plain tensor.
+/// new variable of `shape` (`range.len()` elements) and of the dtype of `c`: autograd can take
+/// its gradient without the copy that `Var::from_tensor` makes of a plain tensor.
 pub fn combine(
     c: &Tensor,
     d: &Tensor,
@@ -133,12 +188,12 @@ pub fn combine(
     let var = |v: candle_core::Result<candle_core::Var>| v.ok().map(candle_core::Var::into_inner);
     match c.dtype() {
         DType::F32 => var(candle_core::Var::from_vec(
-            with_slices::<f32, _>(c, d, |cs, ds| combine_slices(cs, ds, x, range))?,
+            with_f32_center!(c, d, |cs, ds| combine_slices(cs, ds, x, range))?,
             shape,
             &dev,
         )),
         DType::F64 => var(candle_core::Var::from_vec(
-            with_slices::<f64, _>(c, d, |cs, ds| combine_slices(cs, ds, x, range))?,
+            with_slices::<f64, f64, _>(c, d, |cs, ds| combine_slices(cs, ds, x, range))?,
             shape,
             &dev,
         )),
@@ -160,7 +215,6 @@ pub fn combine_into(
         || range.end > c.elem_count()
         || dst.elem_count() != range.len()
         || dst.dtype() != c.dtype()
-        || d.dtype() != c.dtype()
         || !dst.is_contiguous()
         || !dst.device().is_cpu()
     {
@@ -191,27 +245,54 @@ impl candle_core::InplaceOp1 for CombineInto<'_> {
         let (a, b) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("combine_into: not contiguous".into()))?;
+        let (x, range) = (self.x, self.range.clone());
         let done = match storage {
-            CpuStorage::F32(out) => with_slices::<f32, _>(self.c, self.d, |c, d| {
-                combine_into_slice(&mut out[a..b], c, d, self.x, self.range.clone())
+            CpuStorage::F32(out) => with_f32_center!(self.c, self.d, |c, d| {
+                combine_into_slice(&mut out[a..b], c, d, x, range)
             }),
-            CpuStorage::F64(out) => with_slices::<f64, _>(self.c, self.d, |c, d| {
-                combine_into_slice(&mut out[a..b], c, d, self.x, self.range.clone())
+            CpuStorage::F64(out) => with_slices::<f64, f64, _>(self.c, self.d, |c, d| {
+                combine_into_slice(&mut out[a..b], c, d, x, range)
             }),
             _ => None,
         };
         match done {
             Some(()) => Ok(()),
             _ => Err(candle_core::Error::Msg(
-                "combine_into: c and d must be contiguous CPU tensors".into(),
+                "combine_into: c and d must be contiguous CPU tensors of a supported pair of \
+                 dtypes"
+                    .into(),
             )),
         }
     }
 }
 
+/// acc += w · t, elementwise, in f64: `t` a contiguous CPU tensor of `acc.len()` elements of
+/// dtype f32, f64, bf16 or f16. `None` (nothing added) otherwise.
+pub fn add_scaled(acc: &mut [f64], w: f64, t: &Tensor) -> Option<()> {
+    fn go<T: WithDType>(acc: &mut [f64], w: f64, s: &[T]) {
+        acc.par_chunks_mut(CHUNK)
+            .zip(s.par_chunks(CHUNK))
+            .for_each(|(a, s)| {
+                for (a, v) in a.iter_mut().zip(s) {
+                    *a += w * v.to_f64();
+                }
+            });
+    }
+    if t.elem_count() != acc.len() {
+        return None;
+    }
+    match t.dtype() {
+        DType::F32 => with_slice::<f32, _>(t, |s| go(acc, w, s)),
+        DType::F64 => with_slice::<f64, _>(t, |s| go(acc, w, s)),
+        DType::BF16 => with_slice::<bf16, _>(t, |s| go(acc, w, s)),
+        DType::F16 => with_slice::<f16, _>(t, |s| go(acc, w, s)),
+        _ => None,
+    }
+}
+
 /// Σ t_j² in f64.
 pub fn sum_squares(t: &Tensor) -> Option<f64> {
-    fn go<T: WithDType>(s: &[T]) -> f64 {
+    fn go<T: WithDType + Widen<T>>(s: &[T]) -> f64 {
         let partials: Vec<f64> = s.par_chunks(CHUNK).map(|c| dot(c, c)).collect();
         partials.into_iter().sum()
     }
@@ -326,5 +407,32 @@ mod tests {
         assert!(sum_squares(&t.to_dtype(DType::BF16).unwrap()).is_none());
         let g = random(1, &[4], DType::F32);
         assert!(dots(&random(2, &[2, 5], DType::F32), &g).is_none());
+    }
+
+    #[test]
+    fn half_directions_give_the_f32_kernels_results_on_the_widened_directions() {
+        for dtype in [DType::BF16, DType::F16] {
+            for (len, rows) in [(13, 2), (CHUNK + 5, 3)] {
+                let c = random(5, &[len], DType::F32);
+                let g = random(6, &[len], DType::F32);
+                let d = random(7, &[rows, len], DType::F32).to_dtype(dtype).unwrap();
+                let wide = d.to_dtype(DType::F32).unwrap();
+                let x: Vec<f64> = (0..rows).map(|i| 0.25 - i as f64).collect();
+                // Widening is exact, so the arithmetic is the same, bit for bit.
+                assert_eq!(dots(&d, &g).unwrap(), dots(&wide, &g).unwrap());
+                let half = combine(&c, &d, &x, 1..len, &[len - 1]).unwrap();
+                let full = combine(&c, &wide, &x, 1..len, &[len - 1]).unwrap();
+                let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+                assert_eq!(bits(&half), bits(&full));
+                let dst = Tensor::zeros(len - 1, DType::F32, &Device::Cpu).unwrap();
+                combine_into(&dst, &c, &d, &x, 1..len).unwrap();
+                assert_eq!(bits(&dst), bits(&full));
+                // The result is in the center's dtype; f64 centers take f64 directions only.
+                assert_eq!(half.dtype(), DType::F32);
+                let c64 = c.to_dtype(DType::F64).unwrap();
+                assert!(combine(&c64, &d, &x, 0..len, &[len]).is_none());
+                assert!(dots(&d, &g.to_dtype(DType::F64).unwrap()).is_none());
+            }
+        }
     }
 }

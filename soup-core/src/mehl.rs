@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::error::{Result, SoupError};
 use crate::hyperplane::Hyperplane;
@@ -41,6 +41,12 @@ pub struct MehlConfig {
     pub seed: u64,
     /// Evaluate the soup on the held-out data after every model batch.
     pub evaluate_each_model_batch: bool,
+    /// The dtype the directions are stored in (`None`: the models'). bf16 or f16 beside f32
+    /// models halves the memory and bandwidth of the directions; the kernels widen them to f32.
+    /// The hyperplane then holds θ = c + Σ X d̃ with rounded directions d̃, so the soup returned
+    /// at the end is recomputed from the models and α (one more pass over the zoo), not taken
+    /// from that θ (`docs/MEHL-SOUP.md` §3.8).
+    pub direction_dtype: Option<DType>,
 }
 
 impl MehlConfig {
@@ -60,6 +66,7 @@ impl MehlConfig {
             frozen_tensors: Vec::new(),
             seed: 1,
             evaluate_each_model_batch: true,
+            direction_dtype: None,
         }
     }
 
@@ -103,6 +110,15 @@ impl MehlConfig {
                     "clip_grad_norm",
                     clip,
                     "must be a positive number",
+                ));
+            }
+        }
+        if let Some(dtype) = self.direction_dtype {
+            if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32 | DType::F64) {
+                return Err(SoupError::config(
+                    "direction_dtype",
+                    dtype.as_str(),
+                    "must be bf16, f16, f32 or f64",
                 ));
             }
         }
@@ -425,6 +441,7 @@ impl<'a> Run<'a> {
             gamma,
             mine.to_vec(),
             members.len(),
+            self.config.direction_dtype,
             |j| self.zoo.load(j),
         )?;
         self.timings.add("load", started);
@@ -574,8 +591,30 @@ impl<'a> Run<'a> {
         Ok((progress, metrics))
     }
 
-    /// The result of the run, the soup given as block vectors with its α.
-    fn finish(self, soup_blocks: Vec<Tensor>, alpha: Vec<Vec<f64>>) -> Result<SoupResult> {
+    /// The result of the run, the soup given as block vectors with its α. With directions in
+    /// another dtype than the soup's, the soup is recomputed as Σ_j α_j θ_j from the models.
+    fn finish(mut self, soup_blocks: Vec<Tensor>, alpha: Vec<Vec<f64>>) -> Result<SoupResult> {
+        let dtype = soup_blocks.first().map_or(DType::F32, Tensor::dtype);
+        let soup_blocks = match self.config.direction_dtype {
+            Some(d) if d != dtype => {
+                let started = Instant::now();
+                let all: Vec<usize> = (0..self.zoo.len()).collect();
+                let mine = share(&all, self.comm.rank(), self.comm.world_size());
+                let soup = self
+                    .zoo
+                    .combination(&alpha, &self.blocks, mine, dtype, self.comm)?;
+                self.timings.add("recompute soup", started);
+                // One model loaded beside the f64 sums (twice an f32 model).
+                let model_bytes = bytes_of(&soup);
+                self.memory = self.memory.peak(MemoryAccount {
+                    models: model_bytes,
+                    theta: 8 * model_bytes / dtype.size_in_bytes(),
+                    ..Default::default()
+                });
+                soup
+            }
+            _ => soup_blocks,
+        };
         Ok(SoupResult {
             method: if self.config.block_cut == BlockCut::WHOLE {
                 "mehl"

@@ -88,12 +88,20 @@ impl Method {
     /// uniform a running sum and a model, greedy also the best soup, Learned all N models plus
     /// the soup and its gradient, MEHL b directions plus center, θ, ∇θ and one loaded model.
     pub fn tensor_bytes(self, n: usize, d: usize, b: usize) -> u64 {
+        self.tensor_bytes_with(n, d, b, 4)
+    }
+
+    /// [`Self::tensor_bytes`] with MEHL's directions stored in `direction_elem_bytes` bytes per
+    /// element (2 for bf16/f16).
+    pub fn tensor_bytes_with(self, n: usize, d: usize, b: usize, direction_elem_bytes: u64) -> u64 {
         let model = 4 * d as u64;
         match self {
             Method::Uniform => 2 * model,
             Method::Greedy => 3 * model,
             Method::Learned | Method::LearnedPlus => (n as u64 + 2) * model,
-            Method::Mehl | Method::MehlPlus => (b.min(n) as u64 + 4) * model,
+            Method::Mehl | Method::MehlPlus => {
+                b.min(n) as u64 * direction_elem_bytes * d as u64 + 4 * model
+            }
         }
     }
 }

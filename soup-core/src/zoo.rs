@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Result, SoupError};
-use crate::layout::ParamLayout;
+use crate::kernels;
+use crate::layout::{Block, ParamLayout};
 use crate::traits::{Collective, ModelStore};
 
 pub struct Zoo<'a> {
@@ -107,6 +108,54 @@ impl<'a> Zoo<'a> {
                 .collect::<candle_core::Result<Vec<_>>>()?,
         };
         comm.all_reduce_sum_each(&part)
+    }
+
+    /// Σ_j α[l][j] θ_j^l for every block l, summed in f64 over the models `mine` of every
+    /// process of `comm` (each process passes its share, possibly none), as block vectors of
+    /// `dtype`: the soup of coefficients α, exactly as far as `dtype` allows, holding one model
+    /// besides the f64 sums.
+    pub fn combination(
+        &self,
+        alpha: &[Vec<f64>],
+        blocks: &[Block],
+        mine: &[usize],
+        dtype: DType,
+        comm: &dyn Collective,
+    ) -> Result<Vec<Tensor>> {
+        let mut sums: Vec<Vec<f64>> = blocks.iter().map(|b| vec![0.0; b.numel]).collect();
+        for &j in mine {
+            let (_, model) = self.load(j)?;
+            for (l, blk) in blocks.iter().enumerate() {
+                let w = alpha[l][j];
+                if w == 0.0 {
+                    continue;
+                }
+                let mut offset = 0;
+                for t in &model[blk.tensors.clone()] {
+                    let n = t.elem_count();
+                    let acc = &mut sums[l][offset..offset + n];
+                    if kernels::add_scaled(acc, w, t).is_none() {
+                        let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                        acc.iter_mut().zip(v).for_each(|(a, v)| *a += w * v);
+                    }
+                    offset += n;
+                }
+            }
+        }
+        let mut out = sums
+            .into_iter()
+            .map(|v| {
+                let n = v.len();
+                Tensor::from_vec(v, n, &Device::Cpu)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if comm.world_size() > 1 {
+            out = comm.all_reduce_sum_each(&out)?;
+        }
+        Ok(out
+            .iter()
+            .map(|t| t.to_dtype(dtype))
+            .collect::<candle_core::Result<_>>()?)
     }
 
     /// The uniform mean of `members`, streamed as in [`Self::sum`].

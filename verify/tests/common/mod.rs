@@ -51,5 +51,6 @@ pub fn config(b: usize, cut: BlockCut, outer_passes: usize, seed: u64) -> MehlCo
         frozen_tensors: Vec::new(),
         seed,
         evaluate_each_model_batch: false,
+        direction_dtype: None,
     }
 }
