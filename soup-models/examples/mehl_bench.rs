@@ -1,7 +1,8 @@
 //! One MEHL-Soup+ coefficient step against one plain training step of the same model, side by
 //! side in one process (used by `cargo xtask bench`).
 //!
-//! `mehl_bench [--arch clip-vit-b32] [--b 8] [--batch 8] [--steps 4] [--rounds 3] [--classes 10]`
+//! `mehl_bench [--arch clip-vit-b32] [--b 8] [--batch 8] [--steps 4] [--rounds 3] [--classes 10]
+//! [--direction-dtype f32|bf16|f16]`
 //!
 //! A zoo of b models (one random start plus uniform noise, in memory) and `batch × steps` random
 //! held-out images. Each round runs `steps` plain steps (forward, backward, θ ← θ − η∇θ in place)
@@ -51,6 +52,7 @@ fn median(v: &[f64]) -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut arch_name = "clip-vit-b32".to_string();
     let (mut b, mut batch, mut steps, mut rounds, mut classes) = (8, 8, 4, 3, 10);
+    let mut direction_dtype = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -61,6 +63,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--steps" => steps = value()?.parse()?,
             "--rounds" => rounds = value()?.parse()?,
             "--classes" => classes = value()?.parse()?,
+            "--direction-dtype" => {
+                direction_dtype = match value()?.as_str() {
+                    "f32" => None,
+                    "bf16" => Some(candle_core::DType::BF16),
+                    "f16" => Some(candle_core::DType::F16),
+                    other => {
+                        return Err(format!("--direction-dtype {other}: f32, bf16 or f16").into())
+                    }
+                }
+            }
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -88,6 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model_batch: b,
         inner_epochs: 1,
         evaluate_each_model_batch: false,
+        direction_dtype,
         ..MehlConfig::mehl_plus()
     };
 
@@ -149,12 +162,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let blocks = config.block_cut.blocks(&zoo.layout)?;
     let members: Vec<usize> = (0..b).collect();
     let mean = soup_core::zoo::Zoo::open(&zoo)?.mean(&members)?;
-    let mut hp = soup_core::Hyperplane::new(
+    let mut hp = soup_core::Hyperplane::new_share(
         zoo.layout.clone(),
         blocks.clone(),
         soup_core::to_blocks(&mean, &blocks)?,
         vec![vec![1.0 / b as f64; b]; blocks.len()],
         members,
+        b,
+        direction_dtype,
         |j| Ok((zoo.name(j), zoo.load(j)?)),
     )?;
     hp.x.iter_mut()

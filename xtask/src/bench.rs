@@ -6,7 +6,7 @@
 //!   the same architecture and shapes), `--repeats` processes each, `--rounds` timed rounds per
 //!   process; medians over all rounds and the ratio ours / PyTorch.
 //! - `mehl`: one MEHL-Soup+ coefficient step (b = 8) against one plain training step of the same
-//!   model (`mehl_bench.rs`), with the memory-bound parts alone.
+//!   model (`mehl_bench.rs`), with the memory-bound parts alone, for f32 and bf16 directions.
 //! - `authors` (needs `--torch`): `soup mix --method mehl+` against a PyTorch port of the
 //!   authors' loop (`bench/mehl_authors.py`) on one tiny CLIP zoo and the same Fashion-MNIST
 //!   examples and knobs: wall time and peak RSS of each process (GNU time).
@@ -284,34 +284,44 @@ fn mehl(o: &Options) -> Result<(Value, String), String> {
     let mut rows = Vec::new();
     let mut table = String::from(
         "### MEHL-Soup+ coefficient step (b = 8) against a plain training step, CLIP ViT-B/32 (10 classes), CPU\n\n\
-         | batch | plain step (s) | MEHL+ step (s) | MEHL+ / plain | of which norm + projection (s) | θ = c + Σ X d (s) | first step of a model batch (s) |\n\
-         |---|---|---|---|---|---|---|\n",
+         | batch | directions | plain step (s) | MEHL+ step (s) | MEHL+ / plain | of which norm + projection (s) | θ = c + Σ X d (s) | first step of a model batch (s) |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for &batch in &o.batches {
-        eprintln!("xtask: mehl, batch {batch}");
-        let lines = json_lines(Command::new(&exe).args([
-            "--b",
-            "8",
-            "--batch",
-            &batch.to_string(),
-            "--steps",
-            "4",
-            "--rounds",
-            &o.repeats.to_string(),
-        ]))?;
-        let m = |kind: &str| median(&seconds(&lines, "kind", kind));
-        let (plain, step) = (m("plain"), m("mehl+"));
-        table.push_str(&format!(
-            "| {batch} | {plain:.3} | {step:.3} | {:.2} | {:.3} | {:.3} | {:.3} |\n",
-            step / plain,
-            m("mehl+ norm and projection"),
-            m("mehl+ materialise"),
-            m("mehl+ first step")
-        ));
-        rows.push(json!({ "batch": batch, "lines": lines, "ratio": step / plain }));
+        // f32 and bf16 directions in alternating processes.
+        let mut runs: [(&str, Vec<Value>); 2] = [("f32", Vec::new()), ("bf16", Vec::new())];
+        for _ in 0..o.repeats {
+            for (dtype, lines) in runs.iter_mut() {
+                eprintln!("xtask: mehl, batch {batch}, {dtype} directions");
+                lines.extend(json_lines(Command::new(&exe).args([
+                    "--b",
+                    "8",
+                    "--batch",
+                    &batch.to_string(),
+                    "--steps",
+                    "4",
+                    "--rounds",
+                    "1",
+                    "--direction-dtype",
+                    dtype,
+                ]))?);
+            }
+        }
+        for (dtype, lines) in &runs {
+            let m = |kind: &str| median(&seconds(lines, "kind", kind));
+            let (plain, step) = (m("plain"), m("mehl+"));
+            table.push_str(&format!(
+                "| {batch} | {dtype} | {plain:.3} | {step:.3} | {:.2} | {:.3} | {:.3} | {:.3} |\n",
+                step / plain,
+                m("mehl+ norm and projection"),
+                m("mehl+ materialise"),
+                m("mehl+ first step")
+            ));
+            rows.push(json!({ "batch": batch, "directions": dtype, "lines": lines, "ratio": step / plain }));
+        }
     }
     table.push_str(&format!(
-        "\n{} rounds of 4 plain steps then 4 MEHL+ steps in one process (after a warm-up round); medians over all steps, the first MEHL+ step of each model batch apart.\n",
+        "\n{} processes per direction dtype, alternating, each one round of 4 plain steps then 4 MEHL+ steps (after a warm-up round); medians over all steps, the first MEHL+ step of each model batch apart.\n",
         o.repeats
     ));
     Ok((json!(rows), table))
