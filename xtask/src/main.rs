@@ -403,6 +403,15 @@ fn check_quick_reproduction() -> Result<(), String> {
             }
         }
     }
+    let bf16 = results["mehl+_bf16_directions"].as_array();
+    if !bf16.is_some_and(|runs| {
+        !runs.is_empty()
+            && runs
+                .iter()
+                .all(|r| r["test"].as_f64().is_some_and(|t| (0.0..=1.0).contains(&t)))
+    }) {
+        return Err("results.json: no MEHL+ runs with bf16 directions".into());
+    }
     for name in [
         "results.md",
         "fig1-mehl+.svg",
@@ -414,7 +423,9 @@ fn check_quick_reproduction() -> Result<(), String> {
         let ok = if name.ends_with(".svg") {
             text.starts_with("<svg") && text.trim_end().ends_with("</svg>")
         } else {
-            text.contains("## Table 1") && text.contains("Soup regime: ")
+            text.contains("## Table 1")
+                && text.contains("Soup regime: ")
+                && text.contains("## MEHL+ with bf16 directions")
         };
         if !ok {
             return Err(format!("{name} is not well-formed"));

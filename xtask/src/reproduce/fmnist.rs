@@ -264,6 +264,7 @@ fn mix(
     let record = out.with_file_name(format!("{name}.run.json"));
     if let Some(run) = cached_run(&record, &key) {
         eprintln!("xtask: cached ({})", record.display());
+        READ_BACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Ok(run);
     }
     p.soup.run(&args)?;
@@ -275,6 +276,9 @@ fn mix(
     )?;
     Ok(run)
 }
+
+/// Soup runs of this invocation read back from records instead of run.
+static READ_BACK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The run recorded in `record` under `key`, if there is one.
 fn cached_run(record: &Path, key: &str) -> Option<Run> {
@@ -831,9 +835,18 @@ fn write_results(
     }
     let _ = writeln!(md);
     let total = started.elapsed().as_secs_f64();
+    let read_back = READ_BACK.load(std::sync::atomic::Ordering::Relaxed);
     let _ = writeln!(
         md,
-        "Wall time {total:.0} s; phases: {}.",
+        "Wall time {total:.0} s{}; phases: {}.",
+        if read_back > 0 {
+            format!(
+                " ({read_back} soup runs read back from an earlier invocation's records, not \
+                 rerun; the tables' times are those runs' own)"
+            )
+        } else {
+            String::new()
+        },
         phases
             .iter()
             .map(|(k, v)| format!("{k} {v:.0} s"))
