@@ -148,5 +148,11 @@ mod tests {
         assert_eq!(Method::Learned.tensor_bytes(72, d, 8), 74 * 4000);
         assert_eq!(Method::MehlPlus.tensor_bytes(72, d, 8), 12 * 4000);
         assert_eq!(Method::MehlPlus.tensor_bytes(3, d, 8), 7 * 4000);
+        // bf16 directions: 8 directions of 2 bytes per parameter, 4 f32 models.
+        assert_eq!(
+            Method::MehlPlus.tensor_bytes_with(72, d, 8, 2),
+            8 * 2000 + 4 * 4000
+        );
+        assert_eq!(Method::Learned.tensor_bytes_with(72, d, 8, 2), 74 * 4000);
     }
 }
