@@ -394,7 +394,20 @@ fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String>
     std::fs::write(&config, ARCH_CONFIG).map_err(|e| e.to_string())?;
     std::fs::write(&search, p.search).map_err(|e| e.to_string())?;
     let base = cache.join("base");
+    // The start point is kept apart from the zoo: a fine-tuning interrupted after it continues
+    // from it instead of training it again (20 min for `fmnist`).
+    let base_stamp = cache.join("base-settings.txt");
+    let base_key = format!(
+        "version {CACHE_VERSION}\nstart {:?}\ntrain_examples {:?}",
+        p.start, p.train_examples
+    );
+    let base_cached = std::fs::read_to_string(&base_stamp).ok().as_deref() == Some(&base_key)
+        && base.join("model.safetensors").exists();
+    if base_cached {
+        eprintln!("xtask: start point cached in {}", base.display());
+    }
     match p.start {
+        _ if base_cached => {}
         Start::Scratch { epochs } => {
             eprintln!("xtask: training the start point ({epochs} epochs)");
             let mut args = strings(&["train", "--arch", "clip-vit", "--config"]);
@@ -445,6 +458,9 @@ fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String>
             args.push(base.display().to_string());
             eprint!("{}", p.soup.run_watched(&args)?);
         }
+    }
+    if !base_cached {
+        std::fs::write(&base_stamp, &base_key).map_err(|e| e.to_string())?;
     }
     eprintln!("xtask: fine-tuning {} models", p.n);
     let mut args = strings(&["finetune", "--base"]);
