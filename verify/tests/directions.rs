@@ -15,6 +15,15 @@ fn run(store: &MemoryStore, cfg: &MehlConfig, seed: u64) -> SoupResult {
     run_mehl(store, &mut obj, cfg, MehlOptions::new(&mut |_| {})).unwrap()
 }
 
+/// The bits of an f32 soup, in layout order.
+fn bits(r: &SoupResult) -> Vec<u32> {
+    r.soup
+        .iter()
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(f32::to_bits)
+        .collect()
+}
+
 fn with_directions(cfg: MehlConfig, dtype: DType) -> MehlConfig {
     MehlConfig {
         direction_dtype: Some(dtype),
@@ -121,13 +130,6 @@ fn theta_of_every_step_is_its_alpha_soup_within_bf16_rounding() {
 #[test]
 fn half_directions_are_deterministic_and_shard_over_processes() {
     let cfg = with_directions(config(4, BlockCut::PER_TENSOR, 2, 5), DType::BF16);
-    let bits = |r: &SoupResult| -> Vec<u32> {
-        r.soup
-            .iter()
-            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .map(f32::to_bits)
-            .collect()
-    };
     let store = zoo(7, 5, DType::F32);
     let single = run(&store, &cfg, 5);
     assert_eq!(bits(&single), bits(&run(&store, &cfg, 5)));
@@ -191,13 +193,6 @@ fn a_resumed_half_direction_run_equals_the_uninterrupted_one() {
         MehlOptions::new(&mut |_| {}).resume(Some(saved[2].clone())),
     )
     .unwrap();
-    let bits = |r: &SoupResult| -> Vec<u32> {
-        r.soup
-            .iter()
-            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .map(f32::to_bits)
-            .collect()
-    };
     assert_eq!(bits(&full), bits(&resumed));
     assert_eq!(full.alpha, resumed.alpha);
 }
