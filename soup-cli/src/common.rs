@@ -9,7 +9,7 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use soup_models::data::{prepare, DataSpec, Heldout, Preprocess, RawImages, Split};
 use soup_models::remote::{Download, OnDownload};
-use soup_models::{Architecture, Dataset};
+use soup_models::{Architecture, Dataset, DeviceSpec};
 
 use crate::error::{CliError, Result};
 
@@ -37,6 +37,23 @@ pub struct DataArgs {
     /// CLIPImageProcessorPil: the crop offset of an odd margin rounds down).
     #[arg(long, default_value = "clip", value_parser = preprocess_parser())]
     pub preprocess: Preprocess,
+}
+
+/// `--device`: where the model is computed.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct DeviceArgs {
+    /// Device the model is computed on: cpu, cuda (GPU 0, or the local rank's GPU under MPI),
+    /// cuda:N, or auto (a GPU when this build and machine have one, else the CPU). CUDA needs a
+    /// soup built with `--features cuda`. Data sets stay in host memory.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+impl DeviceArgs {
+    /// The device, the local rank's GPU when `cuda` names none.
+    pub fn open(&self) -> Result<Device> {
+        Ok(self.device.open(soup_models::device::local_rank())?)
+    }
 }
 
 /// `--arch-config`: configuration values that replace what a checkpoint states or what soup

@@ -38,6 +38,8 @@ pub struct EvalArgs {
     pub save_logits: Option<PathBuf>,
     #[command(flatten)]
     pub arch: ArchOverride,
+    #[command(flatten)]
+    pub device: crate::common::DeviceArgs,
 }
 
 pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
@@ -46,7 +48,7 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
         soup_models::fetch_str(&args.model, crate::common::downloads(quiet))?.path,
     )?;
     let arch = args.arch.architecture(&ckpt)?;
-    let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
+    let params = ckpt.load_params(arch.as_ref(), &args.device.open()?)?;
     // Shifts apply to stored pixels, so a shifted split is read whole; otherwise an image folder
     // streams.
     if let Some(path) = &args.save_logits {
@@ -100,9 +102,11 @@ fn save_logits(
     for start in (0..n).step_by(256) {
         let rows: Vec<u32> = (start..n.min(start + 256)).map(|r| r as u32).collect();
         let (images, _) = data.select(&rows)?;
-        logits.push(arch.forward(params, &images)?);
+        let device = params.first().map_or(&Device::Cpu, Tensor::device);
+        let images = images.to_device(device)?;
+        logits.push(arch.forward(params, &images)?.to_device(&Device::Cpu)?);
         if let Some(f) = arch.features(params, &images)? {
-            features.push(f);
+            features.push(f.to_device(&Device::Cpu)?);
         }
     }
     let mut tensors = HashMap::from([

@@ -55,6 +55,8 @@ pub struct MixArgs {
     /// Overrides the zoo.toml's [arch_config] key by key.
     #[command(flatten)]
     pub arch: crate::common::ArchOverride,
+    #[command(flatten)]
+    pub device: crate::common::DeviceArgs,
 }
 
 /// α per block, as `coefficients.json` stores it.
@@ -142,6 +144,9 @@ impl ModelStore for Counted<'_> {
         let params = self.inner.load(i);
         self.progress.inc(1);
         params
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
     }
 }
 
@@ -461,7 +466,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         .first()
         .ok_or_else(|| CliError::new("the zoo is empty"))?;
     let arch = Checkpoint::open(first)?.architecture_with(&overrides)?;
-    let files = FileStore::with_arch(paths, arch, Device::Cpu);
+    let files = FileStore::with_arch(paths, arch, args.device.open()?);
     let n = files.len();
     // Greedy loads every model twice: to rank them, then to try each in the soup.
     let (what, loads) = match method {
@@ -592,6 +597,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
         started,
         estimate,
         ranks: &ranks,
+        device: soup_models::device::name(&files.device),
     }
     .write_outputs(&partial)?;
     output.finish()?;
@@ -673,6 +679,8 @@ struct Finished<'a> {
     /// The memory estimate checked against `--max-memory`.
     estimate: u64,
     ranks: &'a [RankStats],
+    /// Where the models were computed (`cpu`, `cuda:N`).
+    device: String,
 }
 
 impl Finished<'_> {
@@ -758,6 +766,7 @@ impl Finished<'_> {
             started,
             estimate,
             ranks,
+            ref device,
         } = *self;
         let write = |name: &str, text: &str| -> Result<()> {
             let path = dir.join(name);
@@ -811,6 +820,7 @@ impl Finished<'_> {
             "peak_rss_bytes": peak_rss_bytes(),
             "estimated_bytes": estimate,
             "world_size": ranks.len(),
+            "device": device,
             "ranks": ranks.iter().enumerate().map(|(r, s)| serde_json::json!({
                 "rank": r, "models_loaded": s.models_loaded,
                 "max_models_per_batch": s.max_models_per_batch,

@@ -88,6 +88,8 @@ pub struct TrainArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub training: TrainingArgs,
+    #[command(flatten)]
+    pub device: crate::common::DeviceArgs,
     /// Train only the tensors whose names start with this prefix (repeatable); the others stay
     /// frozen, e.g. `--train-only classifier` fits a linear probe on a frozen backbone.
     #[arg(long)]
@@ -98,13 +100,14 @@ pub struct TrainArgs {
 }
 
 pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
+    let device = args.device.open()?;
     let (arch, params) = match &args.init {
         Some(init) => {
             let ckpt = Checkpoint::open(
                 soup_models::fetch_str(init, crate::common::downloads(quiet))?.path,
             )?;
             let arch = ckpt.architecture()?;
-            let params = ckpt.load_params(arch.as_ref(), &Device::Cpu)?;
+            let params = ckpt.load_params(arch.as_ref(), &device)?;
             (arch, params)
         }
         None => {
@@ -122,7 +125,12 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
                 }
             }
             let arch = build(args.arch.as_deref().expect("clap requires --arch"), &config)?;
-            let params = arch.init(args.training.seed, &Device::Cpu)?;
+            // Drawn on the CPU whatever the device: the same seed, the same start.
+            let params = arch
+                .init(args.training.seed, &Device::Cpu)?
+                .iter()
+                .map(|t| t.to_device(&device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
             (arch, params)
         }
     };
@@ -337,6 +345,8 @@ pub struct FinetuneArgs {
     pub base: String,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub device: crate::common::DeviceArgs,
     /// Number of fine-tunes.
     #[arg(long)]
     pub count: usize,
@@ -519,7 +529,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     let base_source = soup_models::fetch_str(&args.base, crate::common::downloads(quiet))?;
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
-    let params = base.load_params(arch.as_ref(), &Device::Cpu)?;
+    let params = base.load_params(arch.as_ref(), &args.device.open()?)?;
     let all = vec![true; params.len()];
     let train = args.data.load_train(&arch)?;
     let heldout = args.data.load(Split::Heldout, &arch)?;

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::error::{Result, SoupError};
 use crate::layout::{frozen_blocks, Block, BlockCut, ParamLayout};
@@ -13,6 +13,7 @@ use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, 
 use crate::rng::derive_seed;
 use crate::schedule::StepSchedule;
 use crate::traits::{Batch, Collective, ModelStore, Objective, SingleProcess};
+use crate::transfer;
 use crate::zoo::{scale, Zoo};
 
 /// Uniform-Soup: θ = (1/N) Σ θ_i, streamed (one model resident besides the running sum).
@@ -401,15 +402,20 @@ pub fn learned_loss_and_grad(
     let n = stacks.first().ok_or(SoupError::EmptyLayout)?.dim(0)?;
     let (dtype, device) = (stacks[0].dtype(), stacks[0].device().clone());
     let alpha = softmax_host(&coef[..num_blocks * n], n);
-    let alpha_t = Tensor::from_slice(&alpha, (num_blocks, n), &device)?.to_dtype(dtype)?;
+    let alpha_t = transfer::upload(&alpha, (num_blocks, n), dtype, &device)?;
     let theta = mix(&alpha_t, stacks, blocks, layout)?
         .iter()
         .map(Var::from_tensor)
         .collect::<candle_core::Result<Vec<_>>>()?;
     let inputs: Vec<Tensor> = theta.iter().map(|v| v.as_tensor().clone()).collect();
-    let t = Var::from_tensor(&Tensor::new(coef[num_blocks * n], &device)?.to_dtype(dtype)?)?;
+    let t = Var::from_tensor(&transfer::upload(
+        &coef[num_blocks * n..],
+        (),
+        dtype,
+        &device,
+    )?)?;
     let loss = objective.loss(&inputs, Some(t.as_tensor()), batch)?;
-    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let value = transfer::scalar(&loss)?;
     if !value.is_finite() {
         return Ok((value, vec![f64::NAN; coef.len()]));
     }
@@ -421,11 +427,7 @@ pub fn learned_loss_and_grad(
                 continue;
             };
             let col = g.flatten_all()?.to_dtype(dtype)?.unsqueeze(1)?;
-            let dots = stacks[ti]
-                .matmul(&col)?
-                .to_dtype(DType::F64)?
-                .flatten_all()?
-                .to_vec1::<f64>()?;
+            let dots = transfer::to_vec(&stacks[ti].matmul(&col)?)?;
             for (acc, d) in g_alpha[l * n..(l + 1) * n].iter_mut().zip(dots) {
                 *acc += d;
             }
@@ -437,7 +439,7 @@ pub fn learned_loss_and_grad(
         g.extend(ga.iter().zip(p).map(|(x, y)| y * (x - inner)));
     }
     g.push(match grads.get(t.as_tensor()) {
-        Some(g) => g.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        Some(g) => transfer::scalar(g)?,
         None => 0.0,
     });
     Ok((value, g))
@@ -503,7 +505,11 @@ fn current_soup(
     layout: &ParamLayout,
 ) -> Result<Vec<Tensor>> {
     let alpha = softmax_host(&coef[..num_blocks * n], n);
-    let a = Tensor::from_slice(&alpha, (num_blocks, n), stacks[0].device())?
-        .to_dtype(stacks[0].dtype())?;
+    let a = transfer::upload(
+        &alpha,
+        (num_blocks, n),
+        stacks[0].dtype(),
+        stacks[0].device(),
+    )?;
     mix(&a, stacks, blocks, layout)
 }

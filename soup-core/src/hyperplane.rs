@@ -10,6 +10,7 @@ use crate::error::{Result, SoupError};
 use crate::kernels;
 use crate::layout::{from_blocks, to_blocks, Block, ParamLayout};
 use crate::result::bytes_of;
+use crate::transfer;
 
 /// The affine subspace of one model batch and the free coefficients X on it.
 #[derive(Clone, Debug)]
@@ -28,6 +29,9 @@ pub struct Hyperplane {
     gamma: Vec<Vec<f64>>,
     /// X, b × L row-major (X_{i,l} at i·L + l). Zero when the hyperplane is built.
     pub x: Vec<f64>,
+    /// Compute θ and the projection with candle ops (the path of every device but the CPU)
+    /// even where the fused CPU kernels apply: [`Self::portable`].
+    portable: bool,
 }
 
 impl Hyperplane {
@@ -123,7 +127,16 @@ impl Hyperplane {
             norms,
             gamma,
             x: vec![0.0; b * num_blocks],
+            portable: false,
         })
+    }
+
+    /// This hyperplane computing θ and ⟨∇θ, d_i⟩ with candle ops, as on a GPU, even on the CPU
+    /// (`yes`), so that the device path is tested where no GPU is: same results up to the
+    /// order of floating-point sums.
+    pub fn portable(mut self, yes: bool) -> Self {
+        self.portable = yes;
+        self
     }
 
     /// b, the number of models of this batch.
@@ -161,6 +174,9 @@ impl Hyperplane {
         // The arithmetic of `theta_step` (bit for bit) where the kernel applies.
         let fused: Option<Vec<Tensor>> = (0..self.blocks.len())
             .map(|l| {
+                if self.portable {
+                    return None;
+                }
                 let len = self.blocks[l].numel;
                 let x = self.column(l);
                 kernels::combine(&self.center[l], &self.directions[l], &x, 0..len, &[len])
@@ -187,20 +203,29 @@ impl Hyperplane {
 
     /// Σ_i X_{i,l} d_{i,l} over this hyperplane's rows, per block, and whether any X of the
     /// block is non-zero (1.0) or not (0.0, and the block's sum is zeros): the share of θ − c
-    /// of one process of a run over several.
+    /// of one process of a run over several. X reaches the tensors' device in one transfer
+    /// (b × L); each block's sum is one (1 × b)·(b × D_l) product there.
     pub(crate) fn delta_blocks(&self) -> Result<(Vec<Tensor>, Vec<f64>)> {
-        let b = self.batch_len();
-        let num_blocks = self.blocks.len();
-        let mut active = vec![0.0; num_blocks];
+        let (b, num_blocks) = (self.batch_len(), self.blocks.len());
+        let active: Vec<f64> = (0..num_blocks)
+            .map(|l| f64::from(u8::from(self.column(l).iter().any(|&v| v != 0.0))))
+            .collect();
+        let x = match self.center.first() {
+            Some(c) if active.iter().any(|&a| a > 0.0) => Some(transfer::upload(
+                &self.x,
+                (b, num_blocks),
+                c.dtype(),
+                c.device(),
+            )?),
+            _ => None,
+        };
         let deltas = (0..num_blocks)
             .map(|l| {
                 let c = &self.center[l];
-                let col = self.column(l);
-                if col.iter().all(|&v| v == 0.0) {
+                let Some(x) = x.as_ref().filter(|_| active[l] > 0.0) else {
                     return Ok(c.zeros_like()?);
-                }
-                active[l] = 1.0;
-                let xs = Tensor::from_vec(col, (1, b), c.device())?.to_dtype(c.dtype())?;
+                };
+                let xs = x.narrow(1, l, 1)?.t()?.contiguous()?;
                 let d = self.directions[l].to_dtype(c.dtype())?;
                 Ok(xs.matmul(&d)?.squeeze(0)?)
             })
@@ -221,6 +246,9 @@ impl Hyperplane {
     pub fn theta_step(&self, previous: Option<Vec<Tensor>>) -> Result<Vec<Tensor>> {
         let pieces = self.tensor_pieces();
         let columns: Vec<Vec<f64>> = (0..self.blocks.len()).map(|l| self.column(l)).collect();
+        if self.portable {
+            return self.theta();
+        }
         if let Some(previous) = previous {
             let fits = previous.len() == pieces.len()
                 && previous.iter().zip(&pieces).all(|(t, (_, _, shape))| {
@@ -289,7 +317,7 @@ impl Hyperplane {
         let fused: Option<Vec<Vec<f64>>> = g
             .iter()
             .zip(&self.directions)
-            .map(|(g, d)| kernels::dots(d, g))
+            .map(|(g, d)| kernels::dots(d, g).filter(|_| !self.portable))
             .collect();
         if let Some(cols) = fused {
             let mut out = vec![0.0; b * num_blocks];
@@ -312,8 +340,8 @@ impl Hyperplane {
                 d.matmul(&g.to_dtype(d.dtype())?.unsqueeze(1)?)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let gx = Tensor::cat(&cols, 1)?.to_dtype(DType::F64)?;
-        Ok(gx.flatten_all()?.to_vec1::<f64>()?)
+        // b × L, back to the host in one transfer.
+        transfer::to_vec(&Tensor::cat(&cols, 1)?)
     }
 
     /// α[l][j] for all N models, per block (spec §3.2).
@@ -380,9 +408,5 @@ impl Hyperplane {
 
 /// ‖t‖₂, accumulated in f64.
 fn l2_norm(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .sqrt())
+    Ok(transfer::scalar(&t.sqr()?.sum_all()?)?.sqrt())
 }

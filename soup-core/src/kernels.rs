@@ -7,6 +7,8 @@
 //! back to candle ops otherwise (`None`). Tested against those candle ops in the tests below and
 //! in `verify`.
 
+#![allow(clippy::disallowed_methods)] // CPU only: tensors of data already on the host.
+
 use candle_core::{DType, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;

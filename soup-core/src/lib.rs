@@ -18,6 +18,7 @@ pub mod result;
 pub mod rng;
 pub mod schedule;
 pub mod traits;
+pub mod transfer;
 pub mod zoo;
 
 pub use baselines::{
@@ -29,7 +30,7 @@ pub use hyperplane::Hyperplane;
 pub use layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
 pub use mehl::{epoch_seed, run_mehl, share, Event, MehlConfig, MehlOptions, MehlProgress};
 pub use method::Method;
-pub use optim::{clip_global_norm, global_norm, Optimizer, OptimizerKind};
+pub use optim::{clip_global_norm, global_norm, global_norm_portable, Optimizer, OptimizerKind};
 pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 pub use schedule::StepSchedule;
 pub use traits::{Batch, Collective, Metrics, ModelStore, Objective, SingleProcess};

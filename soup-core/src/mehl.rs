@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Result, SoupError};
 use crate::hyperplane::Hyperplane;
 use crate::layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout};
-use crate::optim::{clip_coefficient, global_norm, Optimizer, OptimizerKind};
+use crate::optim::{clip_coefficient, global_norm, global_norm_portable, Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::{derive_seed, permutation};
 use crate::schedule::StepSchedule;
@@ -231,6 +231,9 @@ pub struct MehlOptions<'a> {
     pub comm: &'a dyn Collective,
     /// Sees every [`Event`] (progress display, saving progress, tests of the invariants).
     pub observer: &'a mut dyn FnMut(&Event),
+    /// θ, the projection and ∇θ's norm by candle ops on the tensors' device (the path every
+    /// device but the CPU takes) even on the CPU: for tests of that path. Off by default.
+    pub portable: bool,
 }
 
 impl<'a> MehlOptions<'a> {
@@ -240,7 +243,14 @@ impl<'a> MehlOptions<'a> {
             progress: None,
             comm: &SingleProcess,
             observer,
+            portable: false,
         }
+    }
+
+    /// The run on the device-portable path ([`Self::portable`]) when `yes`.
+    pub fn portable(mut self, yes: bool) -> Self {
+        self.portable = yes;
+        self
     }
 
     /// The run continued from `progress`, when given.
@@ -286,6 +296,7 @@ pub fn run_mehl(
         progress,
         comm,
         observer,
+        portable,
     } = options;
     let (rank, world) = (comm.rank(), comm.world_size());
     if world > 1 {
@@ -293,6 +304,7 @@ pub fn run_mehl(
     }
     let zoo = Zoo::open(store)?;
     let mut run = Run::new(config, comm, &zoo, objective.num_batches())?;
+    run.portable = portable;
     let n = zoo.len();
     // The current soup as block vectors and its α; None before the first model batch.
     let mut soup: Option<(Vec<Tensor>, Vec<Vec<f64>>)> = None;
@@ -365,6 +377,8 @@ struct Run<'a> {
     evaluations: Vec<BatchEval>,
     timings: Timings,
     memory: MemoryAccount,
+    /// [`MehlOptions::portable`].
+    portable: bool,
 }
 
 impl<'a> Run<'a> {
@@ -398,6 +412,7 @@ impl<'a> Run<'a> {
             history: Vec::with_capacity(total_steps),
             evaluations: Vec::new(),
             timings: Timings::default(),
+            portable: false,
             memory: MemoryAccount::default(),
         })
     }
@@ -443,7 +458,8 @@ impl<'a> Run<'a> {
             members.len(),
             self.config.direction_dtype,
             |j| self.zoo.load(j),
-        )?;
+        )?
+        .portable(self.portable);
         self.timings.add("load", started);
         let model_bytes = hp.center_bytes();
         self.memory = self
@@ -513,7 +529,11 @@ impl<'a> Run<'a> {
                 if !loss.is_finite() {
                     return Err(non_finite("loss"));
                 }
-                let grad_norm = global_norm(&grad)?;
+                let grad_norm = if self.portable {
+                    global_norm_portable(&grad)?
+                } else {
+                    global_norm(&grad)?
+                };
                 if !grad_norm.is_finite() {
                     return Err(non_finite("gradient"));
                 }

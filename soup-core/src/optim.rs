@@ -6,6 +6,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::transfer;
 
 /// Which optimizer updates the coefficients.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -98,20 +99,27 @@ impl Optimizer {
     }
 }
 
-/// The global L2 norm of `grads`, accumulated in f64.
+/// The global L2 norm of `grads`, accumulated in f64: by the fused CPU kernel where every
+/// tensor allows it, else [`global_norm_portable`].
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for g in grads {
-        sum += match crate::kernels::sum_squares(g) {
-            Some(s) => s,
-            None => g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?,
-        };
+    let fused: Option<Vec<f64>> = grads.iter().map(crate::kernels::sum_squares).collect();
+    match fused {
+        Some(sums) => Ok(sums.iter().fold(0.0, |a, s| a + s).sqrt()),
+        None => global_norm_portable(grads),
     }
-    Ok(sum.sqrt())
+}
+
+/// The global L2 norm of `grads` with candle ops on their device: each tensor's sum of squares
+/// in its dtype, their total in f64, one transfer to the host.
+pub fn global_norm_portable(grads: &[Tensor]) -> Result<f64> {
+    if grads.is_empty() {
+        return Ok(0.0);
+    }
+    let sums = grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(transfer::scalar(&Tensor::stack(&sums, 0)?.sum_all()?)?.sqrt())
 }
 
 /// The factor `torch.nn.utils.clip_grad_norm_` scales gradients of global norm `norm` by:

@@ -1,6 +1,6 @@
 //! Where the outside plugs in: model stores, objectives, collectives.
 
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 
 use crate::error::{Result, SoupError};
 use crate::layout::ParamLayout;
@@ -23,6 +23,11 @@ pub trait ModelStore {
 
     /// The tensors of model `i`, in the order of its layout.
     fn load(&self, i: usize) -> Result<Vec<Tensor>>;
+
+    /// The device [`Self::load`] puts tensors on (where sums over the models are made).
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
 }
 
 /// One mini-batch of the held-out data: batch `index` of the epoch whose order is drawn from
@@ -77,7 +82,7 @@ pub trait Objective {
         let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let loss = self.loss(&inputs, None, batch)?;
         let grads = loss.backward()?;
-        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let value = crate::transfer::scalar(&loss)?;
         let g = inputs
             .iter()
             .map(|t| match grads.get(t) {
@@ -144,8 +149,8 @@ pub trait Collective {
         if self.world_size() == 1 {
             return Ok(v.to_vec());
         }
-        let t = Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?;
-        Ok(self.all_reduce_sum(&t)?.to_vec1::<f64>()?)
+        let t = crate::transfer::upload(v, v.len(), candle_core::DType::F64, &Device::Cpu)?;
+        crate::transfer::to_vec(&self.all_reduce_sum(&t)?)
     }
 }
 

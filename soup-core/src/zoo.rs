@@ -1,12 +1,13 @@
 //! Checked access to a [`ModelStore`]: every model is checked against the first model's layout
 //! when it is loaded, and whole-model sums are streamed one model at a time.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::{Result, SoupError};
 use crate::kernels;
 use crate::layout::{Block, ParamLayout};
 use crate::traits::{Collective, ModelStore};
+use crate::transfer;
 
 pub struct Zoo<'a> {
     pub store: &'a dyn ModelStore,
@@ -95,6 +96,7 @@ impl<'a> Zoo<'a> {
             .rev()
             .find(|(_, &n)| n > 0.0)
             .map_or(DType::F32, |(&d, _)| d);
+        let device = self.store.device();
         let part = match part {
             Some(p) => p
                 .iter()
@@ -104,7 +106,7 @@ impl<'a> Zoo<'a> {
                 .layout
                 .tensors
                 .iter()
-                .map(|t| Tensor::zeros(t.shape.as_slice(), dtype, &Device::Cpu))
+                .map(|t| Tensor::zeros(t.shape.as_slice(), dtype, &device))
                 .collect::<candle_core::Result<Vec<_>>>()?,
         };
         comm.all_reduce_sum_each(&part)
@@ -135,20 +137,21 @@ impl<'a> Zoo<'a> {
                     let n = t.elem_count();
                     let acc = &mut sums[l][offset..offset + n];
                     if kernels::add_scaled(acc, w, t).is_none() {
-                        let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                        let v = transfer::to_vec(t)?;
                         acc.iter_mut().zip(v).for_each(|(a, v)| *a += w * v);
                     }
                     offset += n;
                 }
             }
         }
+        let device = self.store.device();
         let mut out = sums
             .into_iter()
             .map(|v| {
                 let n = v.len();
-                Tensor::from_vec(v, n, &Device::Cpu)
+                transfer::upload_vec(v, n, &device)
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()?;
         if comm.world_size() > 1 {
             out = comm.all_reduce_sum_each(&out)?;
         }

@@ -30,6 +30,9 @@ pub enum ModelError {
     UnknownArchitecture { name: String, known: String },
     #[error("architecture {arch}: {detail}")]
     Config { arch: String, detail: String },
+    /// A device that cannot be used (a GPU this build or machine does not have).
+    #[error("device {0}")]
+    Device(String),
     /// A model source that cannot be parsed or fetched (Hub, URL, cache).
     #[error("{source_name}: {detail}")]
     Source { source_name: String, detail: String },

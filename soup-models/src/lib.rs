@@ -9,6 +9,7 @@
 //! - `remote`: model sources (path, Hub, URL) and the one `fetch`;
 //! - `train`: the classification objective and fine-tuning;
 //! - `data`: labelled image data sets and their preprocessing;
+//! - `device`: `--device cpu|cuda[:N]|auto` (CUDA with the cargo feature `cuda`);
 //! - `alloc` (huge-page allocator of soup's binaries) and `crash` (crash points for tests);
 //! - `testkit` (feature `testkit`, tests only): fixtures and the Hub stand-in.
 
@@ -17,6 +18,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod crash;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod ops;
 pub mod remote;
@@ -27,6 +29,7 @@ pub mod train;
 pub use arch::{build, Architecture, InputSpec, REGISTRY};
 pub use checkpoint::store::FileStore;
 pub use checkpoint::Checkpoint;
+pub use device::DeviceSpec;
 pub use error::{ModelError, Result};
 pub use remote::{fetch, fetch_str, ModelSource, Resolved};
 pub use train::{Classification, Dataset, Images};

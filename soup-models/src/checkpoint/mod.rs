@@ -793,9 +793,10 @@ pub fn write_safetensors(
     }
     let mut meta = metadata.clone();
     meta.insert("format".into(), "pt".into());
+    // Tensors on a GPU are copied to the host first (a no-op for CPU tensors).
     let tensors: Vec<Tensor> = tensors
         .iter()
-        .map(|t| Ok(t.contiguous()?))
+        .map(|t| Ok(t.to_device(&candle_core::Device::Cpu)?.contiguous()?))
         .collect::<Result<_>>()?;
     let header = safetensors_header(&layout.tensors, &tensors, &meta)
         .map_err(|e| ModelError::format(path, e))?;

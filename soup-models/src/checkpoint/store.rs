@@ -67,6 +67,10 @@ impl ModelStore for FileStore {
         }
         Ok(params)
     }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
 }
 
 /// Whether every value of `t` is finite (the sum of squares in f64 of finite f32 values is).
