@@ -315,6 +315,75 @@ fn bf16_directions_halve_their_memory_and_keep_the_soup() {
     assert!(reports[0]["timings_s"]["soup.recompute soup"].is_null());
 }
 
+/// `--device cpu` is the default, bit for bit; a GPU this build lacks is refused with a message
+/// that says how to get one, before anything is written; `auto` falls back to the CPU.
+#[test]
+fn the_device_flag_defaults_to_the_cpu_and_refuses_cuda_without_the_feature() {
+    let zoo = zoo();
+    let mut default = mix(zoo, "mehl+", "device-default", "3");
+    let mut cpu = mix(zoo, "mehl+", "device-cpu", "3");
+    cpu.extend(["--device".to_string(), "cpu".to_string()]);
+    let mut auto = mix(zoo, "mehl+", "device-auto", "3");
+    auto.extend(["--device".to_string(), "auto".to_string()]);
+    for args in [&mut default, &mut cpu, &mut auto] {
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    let soup = soup_bits(&zoo.path("device-default/model.safetensors"));
+    assert_eq!(soup, soup_bits(&zoo.path("device-cpu/model.safetensors")));
+    assert_eq!(soup, soup_bits(&zoo.path("device-auto/model.safetensors")));
+    let report = json(zoo.path("device-cpu/report.json"));
+    assert_eq!(report["device"], "cpu");
+    for (device, what) in [
+        (
+            "cuda",
+            "built without CUDA (build it with `--features cuda`)",
+        ),
+        ("cuda:1", "device cuda:1: this soup was built without CUDA"),
+        (
+            "tpu",
+            "unknown device \"tpu\": expected cpu, cuda, cuda:N or auto",
+        ),
+    ] {
+        let mut args = mix(zoo, "mehl+", "device-refused", "3");
+        args.extend(["--device".to_string(), device.to_string()]);
+        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), what);
+        assert!(!Path::new(&zoo.path("device-refused")).exists());
+        assert!(!Path::new(&zoo.path("device-refused.partial")).exists());
+    }
+    let model = zoo.path("device-cpu/model.safetensors");
+    for command in [
+        vec![
+            "eval", "--model", &model, "--data", DATA, "--device", "cuda",
+        ],
+        vec![
+            "finetune",
+            "--base",
+            &model,
+            "--data",
+            DATA,
+            "--count",
+            "1",
+            "--out",
+            &zoo.path("device-refused"),
+            "--device",
+            "cuda",
+        ],
+        vec![
+            "train",
+            "--init",
+            &model,
+            "--data",
+            DATA,
+            "--out",
+            &zoo.path("device-refused.safetensors"),
+            "--device",
+            "cuda",
+        ],
+    ] {
+        fails(&command, "built without CUDA");
+    }
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_same_soup() {
     let zoo = zoo();

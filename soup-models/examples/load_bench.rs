@@ -18,8 +18,12 @@ use soup_core::ModelStore;
 use soup_models::checkpoint::write_model_dir;
 use soup_models::FileStore;
 
+#[path = "common/bench_alloc.rs"]
+mod bench_alloc;
+
+/// soup's allocator, or the system's with `SOUP_BENCH_ALLOC=system` (`bench_alloc`).
 #[global_allocator]
-static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
+static ALLOC: bench_alloc::BenchAlloc = bench_alloc::BenchAlloc;
 
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();

@@ -20,8 +20,12 @@ use soup_core::{run_mehl, Batch, Event, MehlConfig, ModelStore, Objective, Param
 use soup_models::ops::cpu as kernels;
 use soup_models::{Classification, Dataset};
 
+#[path = "common/bench_alloc.rs"]
+mod bench_alloc;
+
+/// soup's allocator, or the system's with `SOUP_BENCH_ALLOC=system` (`bench_alloc`).
 #[global_allocator]
-static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
+static ALLOC: bench_alloc::BenchAlloc = bench_alloc::BenchAlloc;
 
 struct Zoo {
     layout: ParamLayout,

@@ -10,8 +10,12 @@ use candle_core::{Device, Tensor, Var};
 use soup_core::rng::SplitMix64;
 use soup_models::ops::cross_entropy;
 
+#[path = "common/bench_alloc.rs"]
+mod bench_alloc;
+
+/// soup's allocator, or the system's with `SOUP_BENCH_ALLOC=system` (`bench_alloc`).
 #[global_allocator]
-static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
+static ALLOC: bench_alloc::BenchAlloc = bench_alloc::BenchAlloc;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);

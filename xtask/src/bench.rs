@@ -11,6 +11,10 @@
 //!   authors' loop (`bench/mehl_authors.py`) on one tiny CLIP zoo and the same Fashion-MNIST
 //!   examples and knobs: wall time and peak RSS of each process (GNU time).
 //! - `load`: checkpoint loading throughput against the copy bandwidth (`load_bench.rs`).
+//! - `alloc`: the training step and checkpoint loading under each allocator: soup's huge-page
+//!   allocator, glibc's malloc (plain, and with its transparent-huge-page tunable), mimalloc and
+//!   jemalloc (Debian's, through `LD_PRELOAD`, with their huge-page settings), in alternating
+//!   processes of the same binaries (`examples/common/bench_alloc.rs`).
 //!
 //! `--torch` makes a Python virtual environment in `target/bench/torch-venv` with
 //! `pip install torch safetensors numpy` when it has none (a few GB; never in CI).
@@ -31,7 +35,7 @@ struct Options {
     only: Vec<String>,
 }
 
-const SECTIONS: &[&str] = &["step", "mehl", "authors", "load"];
+const SECTIONS: &[&str] = &["step", "mehl", "authors", "load", "alloc"];
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -173,6 +177,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             "mehl" => mehl(&o)?,
             "authors" => authors(&o, python.as_deref().expect("--torch"))?,
             "load" => load(&o)?,
+            "alloc" => alloc(&o)?,
             _ => unreachable!("sections are checked"),
         };
         println!("{table}");
@@ -512,4 +517,106 @@ fn load(o: &Options) -> Result<(Value, String), String> {
         load / copy
     );
     Ok((json!({ "lines": lines, "ratio": load / copy }), table))
+}
+
+/// The allocators `alloc` compares: a name, and the environment a process gets.
+const ALLOCATORS: &[(&str, &[(&str, &str)])] = &[
+    ("soup HugePages (2 MiB mappings, MADV_HUGEPAGE)", &[]),
+    ("glibc malloc", &[("SOUP_BENCH_ALLOC", "system")]),
+    (
+        "glibc malloc, glibc.malloc.hugetlb=1",
+        &[
+            ("SOUP_BENCH_ALLOC", "system"),
+            ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+        ],
+    ),
+    (
+        "mimalloc 2.0 (LD_PRELOAD), large OS pages",
+        &[
+            ("SOUP_BENCH_ALLOC", "system"),
+            ("LD_PRELOAD", MIMALLOC),
+            ("MIMALLOC_ALLOW_LARGE_OS_PAGES", "1"),
+        ],
+    ),
+    (
+        "jemalloc 5 (LD_PRELOAD), thp:always",
+        &[
+            ("SOUP_BENCH_ALLOC", "system"),
+            ("LD_PRELOAD", JEMALLOC),
+            ("MALLOC_CONF", "thp:always,metadata_thp:always"),
+        ],
+    ),
+];
+const MIMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libmimalloc.so.2";
+const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+
+/// The training step (ViT-B/32, the first batch size) and checkpoint loading per allocator.
+fn alloc(o: &Options) -> Result<(Value, String), String> {
+    ensure_packages(&[("libmimalloc2.0", MIMALLOC), ("libjemalloc2", JEMALLOC)])?;
+    let (step_exe, load_exe) = (
+        release_example("step_bench")?,
+        release_example("load_bench")?,
+    );
+    let batch = o.batches.first().copied().unwrap_or(8).to_string();
+    let zoo = root().join("target/bench/load-zoo");
+    let mut runs: Vec<(Vec<Value>, Vec<Value>)> = vec![(Vec::new(), Vec::new()); ALLOCATORS.len()];
+    for rep in 0..o.repeats {
+        for ((name, env), (steps, loads)) in ALLOCATORS.iter().zip(runs.iter_mut()) {
+            eprintln!("xtask: alloc, {name}, repeat {}", rep + 1);
+            let envs = env.iter().copied();
+            steps.extend(json_lines(
+                Command::new(&step_exe)
+                    .args(["--batch", &batch, "--rounds", &o.rounds.to_string()])
+                    .envs(envs.clone()),
+            )?);
+            loads.extend(json_lines(
+                Command::new(&load_exe)
+                    .args(["--models", "4", "--rounds", &o.rounds.to_string()])
+                    .arg("--dir")
+                    .arg(&zoo)
+                    .envs(envs),
+            )?);
+        }
+    }
+    let mut table = format!(
+        "### Allocators: ViT-B/32 training step (batch {batch}) and checkpoint loading (4 models)\n\n\
+         | allocator | step (s) | step / soup's | step peak RSS (GB) | loading (GB/s) | loading / soup's |\n\
+         |---|---|---|---|---|---|\n"
+    );
+    let mut rows = Vec::new();
+    let (mut base_step, mut base_load) = (f64::NAN, f64::NAN);
+    for (i, ((name, _), (steps, loads))) in ALLOCATORS.iter().zip(&runs).enumerate() {
+        let step = median(&seconds(steps, "phase", "step"));
+        let load = median(
+            &loads
+                .iter()
+                .filter(|l| l["kind"] == "load")
+                .flat_map(|l| l["gb_per_s"].as_array().cloned().unwrap_or_default())
+                .filter_map(|v| v.as_f64())
+                .collect::<Vec<_>>(),
+        );
+        let rss = median(
+            &steps
+                .iter()
+                .filter_map(|l| l["peak_rss_bytes"].as_f64())
+                .collect::<Vec<_>>(),
+        ) / 1e9;
+        if i == 0 {
+            (base_step, base_load) = (step, load);
+        }
+        table.push_str(&format!(
+            "| {name} | {step:.3} | {:.2} | {rss:.2} | {load:.2} | {:.2} |\n",
+            step / base_step,
+            load / base_load
+        ));
+        rows.push(
+            json!({ "allocator": name, "step_median_s": step, "load_median_gb_per_s": load,
+                          "step_peak_rss_bytes": rss * 1e9, "steps": steps, "loads": loads }),
+        );
+    }
+    table.push_str(&format!(
+        "\n{} processes per allocator, alternating, each {} timed step rounds and {} loading rounds after a warm-up; medians over all rounds.\n",
+        o.repeats, o.rounds, o.rounds
+    ));
+    Ok((json!(rows), table))
 }

