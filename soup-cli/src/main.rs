@@ -19,10 +19,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use soup_core::{Collective, SingleProcess};
 
-/// Large blocks on transparent huge pages (fewer page faults: `soup_models::alloc`).
-#[global_allocator]
-static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
-
 /// Learned model soups on one machine: MEHL-Soup (ECCV 2024) and its baselines.
 #[derive(Parser, Debug)]
 #[command(name = "soup", version, about, long_about = None)]
@@ -77,6 +73,8 @@ fn usage_error(e: clap::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Freed buffers are reused instead of faulted in again (`soup_models::alloc`).
+    soup_models::alloc::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),

@@ -510,7 +510,9 @@ impl<'a> Run<'a> {
             coefficients: hp.coefficient_bytes() + optimizer.state_bytes(),
             ..Default::default()
         });
-        let mut theta = from_blocks(hp.center(), &self.blocks, &self.layout)?;
+        // θ = c (X = 0), as the variables every later step writes in place: autograd takes them
+        // without a copy, and the second step allocates nothing.
+        let mut theta = theta_params(hp, comm, None)?;
         for epoch in 0..config.inner_epochs {
             let seed = epoch_seed(config.seed, outer_pass, model_batch, epoch);
             for index in 0..self.num_batches {
@@ -553,7 +555,7 @@ impl<'a> Run<'a> {
                     }
                 }
                 optimizer.step(&mut hp.x, &grad_x, lr, config.weight_decay);
-                theta = theta_params(hp, comm, theta)?;
+                theta = theta_params(hp, comm, Some(theta))?;
                 let record = StepRecord {
                     outer_pass,
                     model_batch,
@@ -699,10 +701,10 @@ fn theta_of(hp: &Hyperplane, comm: &dyn Collective) -> Result<Vec<Tensor>> {
 fn theta_params(
     hp: &Hyperplane,
     comm: &dyn Collective,
-    previous: Vec<Tensor>,
+    previous: Option<Vec<Tensor>>,
 ) -> Result<Vec<Tensor>> {
     if comm.world_size() == 1 {
-        return hp.theta_step(Some(previous));
+        return hp.theta_step(previous);
     }
     from_blocks(&theta_of(hp, comm)?, &hp.blocks, &hp.layout)
 }

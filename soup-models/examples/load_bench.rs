@@ -21,10 +21,6 @@ use soup_models::FileStore;
 #[path = "common/bench_alloc.rs"]
 mod bench_alloc;
 
-/// soup's allocator, or the system's with `SOUP_BENCH_ALLOC=system` (`bench_alloc`).
-#[global_allocator]
-static ALLOC: bench_alloc::BenchAlloc = bench_alloc::BenchAlloc;
-
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -32,6 +28,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bench_alloc::init();
     let mut arch_name = "clip-vit-b32".to_string();
     let (mut models, mut rounds) = (4usize, 5usize);
     let mut dir = std::path::PathBuf::from("target/bench/load-zoo");

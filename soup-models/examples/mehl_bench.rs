@@ -23,10 +23,6 @@ use soup_models::{Classification, Dataset};
 #[path = "common/bench_alloc.rs"]
 mod bench_alloc;
 
-/// soup's allocator, or the system's with `SOUP_BENCH_ALLOC=system` (`bench_alloc`).
-#[global_allocator]
-static ALLOC: bench_alloc::BenchAlloc = bench_alloc::BenchAlloc;
-
 struct Zoo {
     layout: ParamLayout,
     models: Vec<Vec<Tensor>>,
@@ -54,6 +50,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bench_alloc::init();
     let mut arch_name = "clip-vit-b32".to_string();
     let (mut b, mut batch, mut steps, mut rounds, mut classes) = (8, 8, 4, 3, 10);
     let mut direction_dtype = None;

@@ -12,10 +12,8 @@ use candle_core::{Device, Tensor};
 use soup_core::rng::{derive_seed, SplitMix64};
 use soup_models::checkpoint::write_model_dir;
 
-#[global_allocator]
-static ALLOC: soup_models::alloc::HugePages = soup_models::alloc::HugePages;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    soup_models::alloc::keep_freed_memory();
     let mut arch_name = "clip-vit-b32".to_string();
     let (mut classes, mut count, mut seed) = (10usize, 4usize, 1u64);
     let mut sigma = 0.01f64;

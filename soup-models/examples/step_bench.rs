@@ -13,10 +13,6 @@ use soup_models::ops::cross_entropy;
 #[path = "common/bench_alloc.rs"]
 mod bench_alloc;
 
-/// soup's allocator, or the system's with `SOUP_BENCH_ALLOC=system` (`bench_alloc`).
-#[global_allocator]
-static ALLOC: bench_alloc::BenchAlloc = bench_alloc::BenchAlloc;
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -31,6 +27,7 @@ fn peak_rss() -> Option<u64> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bench_alloc::init();
     let mut arch_name = "clip-vit-b32".to_string();
     let (mut batch, mut rounds, mut classes) = (8usize, 5usize, 1000usize);
     let mut args = std::env::args().skip(1);

@@ -11,10 +11,11 @@
 //!   authors' loop (`bench/mehl_authors.py`) on one tiny CLIP zoo and the same Fashion-MNIST
 //!   examples and knobs: wall time and peak RSS of each process (GNU time).
 //! - `load`: checkpoint loading throughput against the copy bandwidth (`load_bench.rs`).
-//! - `alloc`: the training step and checkpoint loading under each allocator: soup's huge-page
-//!   allocator, glibc's malloc (plain, and with its transparent-huge-page tunable), mimalloc and
-//!   jemalloc (Debian's, through `LD_PRELOAD`, with their huge-page settings), in alternating
-//!   processes of the same binaries (`examples/common/bench_alloc.rs`).
+//! - `alloc`: the training step and checkpoint loading under each allocator: soup's settings of
+//!   glibc's malloc (`soup_models::alloc`), glibc's defaults (plain, and with its
+//!   transparent-huge-page tunable), mimalloc and jemalloc (Debian's, through `LD_PRELOAD`, with
+//!   their huge-page settings), in alternating processes of the same binaries
+//!   (`examples/common/bench_alloc.rs`).
 //!
 //! `--torch` makes a Python virtual environment in `target/bench/torch-venv` with
 //! `pip install torch safetensors numpy` when it has none (a few GB; never in CI).
@@ -521,8 +522,8 @@ fn load(o: &Options) -> Result<(Value, String), String> {
 
 /// The allocators `alloc` compares: a name, and the environment a process gets.
 const ALLOCATORS: &[(&str, &[(&str, &str)])] = &[
-    ("soup HugePages (2 MiB mappings, MADV_HUGEPAGE)", &[]),
-    ("glibc malloc", &[("SOUP_BENCH_ALLOC", "system")]),
+    ("soup: glibc malloc, freed memory kept (mallopt)", &[]),
+    ("glibc malloc, defaults", &[("SOUP_BENCH_ALLOC", "system")]),
     (
         "glibc malloc, glibc.malloc.hugetlb=1",
         &[

@@ -71,7 +71,7 @@ tasks:
                authors  soup mix --method mehl+ against the authors' loop ported to
                         PyTorch, time and peak RSS (needs --torch)
                load     checkpoint loading against the copy bandwidth
-               alloc    step and loading under soup's allocator, glibc, mimalloc, jemalloc
+               alloc    step and loading: soup's malloc settings, glibc's, mimalloc, jemalloc
              --torch: make target/bench/torch-venv (pip install torch) when missing
              --batch 8,32 (data batch sizes), --rounds 3 (timed rounds per process),
              --repeats 3 (processes per contender, alternating)";
