@@ -11,6 +11,9 @@
 //!   authors' loop (`bench/mehl_authors.py`) on one tiny CLIP zoo and the same Fashion-MNIST
 //!   examples and knobs: wall time and peak RSS of each process (GNU time).
 //! - `load`: checkpoint loading throughput against the copy bandwidth (`load_bench.rs`).
+//! - `gemm`: the matrix products of a ViT-B/32 and a DINOv2-S step on their exact shapes
+//!   (`gemm_bench.rs`): the `gemm` crate against BLIS and OpenBLAS (Debian's, loaded at run time;
+//!   `OPENBLAS_CORETYPE` as the machine sets it).
 //! - `alloc`: the training step and checkpoint loading under each allocator: soup's settings of
 //!   glibc's malloc (`soup_models::alloc`), glibc's defaults (plain, and with its
 //!   transparent-huge-page tunable), mimalloc and jemalloc (Debian's, through `LD_PRELOAD`, with
@@ -36,7 +39,7 @@ struct Options {
     only: Vec<String>,
 }
 
-const SECTIONS: &[&str] = &["step", "mehl", "authors", "load", "alloc"];
+const SECTIONS: &[&str] = &["step", "mehl", "authors", "load", "alloc", "gemm"];
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -179,6 +182,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             "authors" => authors(&o, python.as_deref().expect("--torch"))?,
             "load" => load(&o)?,
             "alloc" => alloc(&o)?,
+            "gemm" => gemm(&o)?,
             _ => unreachable!("sections are checked"),
         };
         println!("{table}");
@@ -620,4 +624,109 @@ fn alloc(o: &Options) -> Result<(Value, String), String> {
         o.repeats, o.rounds, o.rounds
     ));
     Ok((json!(rows), table))
+}
+
+/// The BLAS libraries `gemm` compares with the `gemm` crate: a name, Debian's package, its
+/// library.
+const BLAS: &[(&str, &str, &str)] = &[
+    (
+        "BLIS",
+        "libblis4-pthread",
+        "/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4",
+    ),
+    (
+        "OpenBLAS",
+        "libopenblas0-pthread",
+        "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    ),
+];
+
+/// The products of a training step per model and batch: the `gemm` crate against BLAS.
+fn gemm(o: &Options) -> Result<(Value, String), String> {
+    let packages: Vec<(&str, &str)> = BLAS.iter().map(|(_, p, l)| (*p, *l)).collect();
+    ensure_packages(&packages)?;
+    let exe = release_example("gemm_bench")?;
+    let mut lines = Vec::new();
+    for rep in 0..o.repeats {
+        eprintln!("xtask: gemm, repeat {}", rep + 1);
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--reps", &o.rounds.to_string()]);
+        for (name, _, lib) in BLAS {
+            cmd.args(["--lib", &format!("{name}={lib}")]);
+        }
+        lines.extend(json_lines(
+            cmd.env("OPENBLAS_NUM_THREADS", threads().to_string())
+                .env("BLIS_NUM_THREADS", threads().to_string()),
+        )?);
+    }
+    let names: Vec<&str> = std::iter::once("gemm")
+        .chain(BLAS.iter().map(|(n, _, _)| *n))
+        .collect();
+    let mut table = format!(
+        "### Matrix products of a training step (the 4 linear layers of a block, summed), CPU, {} threads\n\n\
+         | model | batch | product | {} | {} |\n|---|---|---|{}{}\n",
+        threads(),
+        names.iter().map(|n| format!("{n} (ms)")).collect::<Vec<_>>().join(" | "),
+        names[1..].iter().map(|n| format!("{n} / gemm")).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(names.len()),
+        "---|".repeat(names.len() - 1),
+    );
+    let mut seen: Vec<(String, u64)> = Vec::new();
+    for l in &lines {
+        let key = (
+            l["model"].as_str().unwrap_or("").to_string(),
+            l["batch"].as_u64().unwrap_or(0),
+        );
+        if !seen.contains(&key) {
+            seen.push(key);
+        }
+    }
+    let mut rows = Vec::new();
+    for (model, batch) in &seen {
+        for product in ["forward", "grad_input", "grad_weight", "all"] {
+            // Per implementation: the sum over layers of the median over all repetitions.
+            let ms: Vec<f64> = names
+                .iter()
+                .map(|name| {
+                    let mut per_layer: std::collections::BTreeMap<String, Vec<f64>> =
+                        Default::default();
+                    for l in lines.iter().filter(|l| {
+                        l["model"] == model.as_str()
+                            && l["batch"] == *batch
+                            && l["impl"] == *name
+                            && (product == "all" || l["product"] == product)
+                    }) {
+                        let key = format!("{}/{}", l["layer"], l["product"]);
+                        per_layer.entry(key).or_default().extend(
+                            l["seconds"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(Value::as_f64),
+                        );
+                    }
+                    per_layer.values().map(|v| median(v)).sum::<f64>() * 1e3
+                })
+                .collect();
+            table.push_str(&format!(
+                "| {model} | {batch} | {product} | {} | {} |\n",
+                ms.iter()
+                    .map(|v| format!("{v:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                ms[1..]
+                    .iter()
+                    .map(|v| format!("{:.2}", v / ms[0]))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            ));
+            rows.push(json!({ "model": model, "batch": batch, "product": product,
+                              "implementations": names, "ms": ms }));
+        }
+    }
+    table.push_str(&format!(
+        "\n{} processes, each {} timed repetitions of every product after a warm-up that is checked against the gemm crate's result; medians per product over all repetitions, summed over the layers.\n",
+        o.repeats, o.rounds
+    ));
+    Ok((json!({ "rows": rows, "lines": lines }), table))
 }

