@@ -14,6 +14,9 @@
 //! - `gemm`: the matrix products of a ViT-B/32 and a DINOv2-S step on their exact shapes
 //!   (`gemm_bench.rs`): the `gemm` crate against BLIS and OpenBLAS (Debian's, loaded at run time;
 //!   `OPENBLAS_CORETYPE` as the machine sets it).
+//! - `blas`: the ViT-B/32 training step with the `gemm` crate (the default) against the same
+//!   step with soup-models' feature `openblas` (installs Debian's libopenblas-dev), two release
+//!   binaries of the same source in alternating processes.
 //! - `alloc`: the training step and checkpoint loading under each allocator: soup's settings of
 //!   glibc's malloc (`soup_models::alloc`), glibc's defaults (plain, and with its
 //!   transparent-huge-page tunable), mimalloc and jemalloc (Debian's, through `LD_PRELOAD`, with
@@ -39,7 +42,7 @@ struct Options {
     only: Vec<String>,
 }
 
-const SECTIONS: &[&str] = &["step", "mehl", "authors", "load", "alloc", "gemm"];
+const SECTIONS: &[&str] = &["step", "mehl", "authors", "load", "alloc", "gemm", "blas"];
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -183,6 +186,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             "load" => load(&o)?,
             "alloc" => alloc(&o)?,
             "gemm" => gemm(&o)?,
+            "blas" => blas_step(&o)?,
             _ => unreachable!("sections are checked"),
         };
         println!("{table}");
@@ -729,4 +733,65 @@ fn gemm(o: &Options) -> Result<(Value, String), String> {
         o.repeats, o.rounds
     ));
     Ok((json!({ "rows": rows, "lines": lines }), table))
+}
+
+/// The training step with the gemm crate against the step with OpenBLAS (feature `openblas`).
+fn blas_step(o: &Options) -> Result<(Value, String), String> {
+    ensure_packages(crate::OPENBLAS_PACKAGES)?;
+    let dir = root().join("target/bench");
+    let mut exes = Vec::new();
+    for (name, features) in [("gemm", None), ("openblas", Some("openblas"))] {
+        let mut args = vec![
+            "build",
+            "--release",
+            "-p",
+            "soup-models",
+            "--example",
+            "step_bench",
+        ];
+        if let Some(f) = features {
+            args.extend(["--features", f]);
+        }
+        crate::cargo(&args)?;
+        let exe = dir.join(format!("step_bench-{name}"));
+        std::fs::copy(root().join("target/release/examples/step_bench"), &exe)
+            .map_err(|e| format!("{}: {e}", exe.display()))?;
+        exes.push((name, exe));
+    }
+    let mut table = String::from(
+        "### ViT-B/32 training step: the gemm crate against OpenBLAS (feature `openblas`), CPU\n\n\
+         | batch | phase | gemm (s) | OpenBLAS (s) | OpenBLAS / gemm |\n|---|---|---|---|---|\n",
+    );
+    let mut rows = Vec::new();
+    for &batch in &o.batches {
+        let mut lines: Vec<Vec<Value>> = vec![Vec::new(); exes.len()];
+        for rep in 0..o.repeats {
+            for ((name, exe), lines) in exes.iter().zip(lines.iter_mut()) {
+                eprintln!("xtask: blas, batch {batch}, {name}, repeat {}", rep + 1);
+                lines.extend(json_lines(Command::new(exe).args([
+                    "--batch",
+                    &batch.to_string(),
+                    "--rounds",
+                    &o.rounds.to_string(),
+                ]))?);
+            }
+        }
+        for phase in ["forward", "backward", "step"] {
+            let (a, b) = (
+                median(&seconds(&lines[0], "phase", phase)),
+                median(&seconds(&lines[1], "phase", phase)),
+            );
+            table.push_str(&format!(
+                "| {batch} | {phase} | {a:.3} | {b:.3} | {:.3} |\n",
+                b / a
+            ));
+            rows.push(json!({ "batch": batch, "phase": phase, "gemm_median_s": a,
+                              "openblas_median_s": b, "ratio": b / a }));
+        }
+    }
+    table.push_str(&format!(
+        "\n{} processes per binary and batch, alternating, {} timed rounds each after a warm-up; medians over all rounds.\n",
+        o.repeats, o.rounds
+    ));
+    Ok((json!(rows), table))
 }
