@@ -74,7 +74,52 @@ fn with_slices<A: WithDType, B: WithDType, R>(
     with_slice::<A, _>(a, |a| with_slice::<B, _>(b, |b| f(a, b)))?
 }
 
+/// The instruction sets the hot loops are compiled for, chosen once at run time from what the
+/// CPU has. The arithmetic is the same in each (the eight lanes of `dot` are explicit, and Rust
+/// neither reassociates nor fuses floating-point operations), so results are bit for bit equal
+/// whichever runs; only the width of the vectors differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// The target's baseline (SSE2 on x86-64).
+    Baseline,
+    /// AVX2 and FMA (x86-64).
+    Avx2,
+    /// AVX-512 F/BW/VL (x86-64).
+    Avx512,
+}
+
+impl Isa {
+    /// The widest set this CPU has.
+    pub fn detected() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                {
+                    return Isa::Avx512;
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Baseline
+        })
+    }
+
+    /// Every set this CPU can run, narrowest first (for tests).
+    pub fn available() -> Vec<Isa> {
+        [Isa::Baseline, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| i == Isa::Baseline || i as u8 <= Isa::detected() as u8)
+            .collect()
+    }
+}
+
 /// Σ a_j b_j with eight independent accumulators (vectorisable), then in f64.
+#[inline(always)]
 fn dot<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
     let mut acc = [T::zero(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -91,7 +136,71 @@ fn dot<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
     sum
 }
 
+/// o_j += x · d_j (d widened).
+#[inline(always)]
+fn axpy<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
+    for (v, &dv) in o.iter_mut().zip(d) {
+        *v += x * dv.widen();
+    }
+}
+
+// The same loops compiled for wider vectors. SAFETY (callers): the CPU has the features named
+// (`Isa::detected` checked them).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
+    dot(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn dot_avx512<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
+    dot(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
+    axpy(o, x, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn axpy_avx512<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
+    axpy(o, x, d)
+}
+
+/// [`dot`] compiled for `isa`, which the CPU must have (`Isa::available`).
+fn dot_on<T: WithDType, D: Widen<T>>(isa: Isa, a: &[D], b: &[T]) -> f64 {
+    match isa {
+        // SAFETY: `isa` is one the CPU has (callers pass `Isa::detected()` or an available one).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { dot_avx512(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { dot_avx2(a, b) },
+        _ => dot(a, b),
+    }
+}
+
+/// [`axpy`] compiled for `isa`, which the CPU must have.
+fn axpy_on<T: WithDType, D: Widen<T>>(isa: Isa, o: &mut [T], x: T, d: &[D]) {
+    match isa {
+        // SAFETY: `isa` is one the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { axpy_avx512(o, x, d) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { axpy_avx2(o, x, d) },
+        _ => axpy(o, x, d),
+    }
+}
+
 fn dots_slices<T: WithDType, D: Widen<T>>(d: &[D], g: &[T]) -> Vec<f64> {
+    dots_slices_on(Isa::detected(), d, g)
+}
+
+fn dots_slices_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], g: &[T]) -> Vec<f64> {
     let len = g.len();
     let rows = d.len().checked_div(len).unwrap_or(0);
     let partials: Vec<Vec<f64>> = (0..len.div_ceil(CHUNK))
@@ -99,7 +208,7 @@ fn dots_slices<T: WithDType, D: Widen<T>>(d: &[D], g: &[T]) -> Vec<f64> {
         .map(|c| {
             let r = c * CHUNK..((c + 1) * CHUNK).min(len);
             (0..rows)
-                .map(|i| dot(&d[i * len..(i + 1) * len][r.clone()], &g[r.clone()]))
+                .map(|i| dot_on(isa, &d[i * len..(i + 1) * len][r.clone()], &g[r.clone()]))
                 .collect()
         })
         .collect();
@@ -145,6 +254,17 @@ fn combine_into_slice<T: WithDType, D: Widen<T>>(
     x: &[f64],
     range: std::ops::Range<usize>,
 ) {
+    combine_into_slice_on(Isa::detected(), out, c, d, x, range)
+}
+
+fn combine_into_slice_on<T: WithDType, D: Widen<T>>(
+    isa: Isa,
+    out: &mut [T],
+    c: &[T],
+    d: &[D],
+    x: &[f64],
+    range: std::ops::Range<usize>,
+) {
     let len = c.len();
     let x: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, o)| {
@@ -152,10 +272,7 @@ fn combine_into_slice<T: WithDType, D: Widen<T>>(
         o.copy_from_slice(&c[j0..j0 + o.len()]);
         for (i, &xi) in x.iter().enumerate() {
             if xi != T::zero() {
-                let di = &d[i * len + j0..i * len + j0 + o.len()];
-                for (v, &dv) in o.iter_mut().zip(di) {
-                    *v += xi * dv.widen();
-                }
+                axpy_on(isa, o, xi, &d[i * len + j0..i * len + j0 + o.len()]);
             }
         }
     });
@@ -295,7 +412,8 @@ pub fn add_scaled(acc: &mut [f64], w: f64, t: &Tensor) -> Option<()> {
 /// Σ t_j² in f64.
 pub fn sum_squares(t: &Tensor) -> Option<f64> {
     fn go<T: WithDType + Widen<T>>(s: &[T]) -> f64 {
-        let partials: Vec<f64> = s.par_chunks(CHUNK).map(|c| dot(c, c)).collect();
+        let isa = Isa::detected();
+        let partials: Vec<f64> = s.par_chunks(CHUNK).map(|c| dot_on(isa, c, c)).collect();
         partials.into_iter().sum()
     }
     match t.dtype() {
@@ -317,6 +435,58 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
+    }
+
+    /// The vectorised builds of the loops give the baseline's bits (the CPUs that run CI have
+    /// AVX2 or AVX-512; this test says which it compared).
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let isas = Isa::available();
+        eprintln!("instruction sets compared: {isas:?}");
+        let v = |seed: u64, n: usize| crate::rng::SplitMix64::new(seed).normals(n);
+        for len in [1usize, 7, 8, 9, 1000, CHUNK + 13] {
+            let rows = 3;
+            let (d64, g64, c64) = (v(1, rows * len), v(2, len), v(3, len));
+            let x = [0.25, -1.5, 0.0];
+            let d32: Vec<f32> = d64.iter().map(|&a| a as f32).collect();
+            let (g32, c32): (Vec<f32>, Vec<f32>) = (
+                g64.iter().map(|&a| a as f32).collect(),
+                c64.iter().map(|&a| a as f32).collect(),
+            );
+            let dbf: Vec<bf16> = d32.iter().map(|&a| bf16::from_f32(a)).collect();
+            let dh: Vec<f16> = d32.iter().map(|&a| f16::from_f32(a)).collect();
+            let bits64 = |v: Vec<f64>| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            let bits32 = |v: Vec<f32>| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            let run = |isa: Isa| {
+                let combine32 = |d: &dyn Fn(&mut [f32])| {
+                    let mut out = vec![0.0f32; len];
+                    d(&mut out);
+                    bits32(out)
+                };
+                (
+                    bits64(dots_slices_on(isa, &d64, &g64)),
+                    bits64(dots_slices_on(isa, &d32, &g32)),
+                    bits64(dots_slices_on(isa, &dbf, &g32)),
+                    bits64(dots_slices_on(isa, &dh, &g32)),
+                    combine32(&|o| combine_into_slice_on(isa, o, &c32, &d32, &x, 0..len)),
+                    combine32(&|o| combine_into_slice_on(isa, o, &c32, &dbf, &x, 0..len)),
+                    combine32(&|o| combine_into_slice_on(isa, o, &c32, &dh, &x, 0..len)),
+                    {
+                        let mut out = vec![0.0f64; len];
+                        combine_into_slice_on(isa, &mut out, &c64, &d64, &x, 0..len);
+                        bits64(out)
+                    },
+                    dot_on(isa, &g32, &g32).to_bits(),
+                )
+            };
+            let base = run(Isa::Baseline);
+            for &isa in &isas[1..] {
+                assert!(
+                    run(isa) == base,
+                    "{isa:?} differs from the baseline at length {len}"
+                );
+            }
+        }
     }
 
     #[test]
