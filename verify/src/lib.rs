@@ -342,6 +342,24 @@ impl ThreadCollective {
             })
             .collect()
     }
+
+    /// `f` run by every rank of a world of `world` threads, each on its own thread with its own
+    /// collective; the results in rank order.
+    pub fn run<R: Send>(world: usize, f: impl Fn(&ThreadCollective) -> R + Sync) -> Vec<R> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ThreadCollective::world(world)
+                .into_iter()
+                .map(|comm| {
+                    let f = &f;
+                    s.spawn(move || f(&comm))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a rank panicked"))
+                .collect()
+        })
+    }
 }
 
 impl soup_core::Collective for ThreadCollective {

@@ -125,21 +125,12 @@ fn a_step_makes_four_transfers_whatever_the_number_of_tensors() {
 fn the_portable_path_shards_over_processes() {
     let cfg = config(4, BlockCut::PER_TENSOR, 2, 9);
     let single = run(&zoo(6, 9, DType::F64), &cfg, 9, DType::F64, false);
-    let results: Vec<SoupResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = verify::ThreadCollective::world(2)
-            .into_iter()
-            .map(|comm| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let store = zoo(6, 9, DType::F64);
-                    let mut obj = objective(24, 8, 9, DType::F64);
-                    let mut quiet = |_: &Event| {};
-                    let options = MehlOptions::new(&mut quiet).on(&comm).portable(true);
-                    run_mehl(&store, &mut obj, cfg, options).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = verify::ThreadCollective::run(2, |comm| {
+        let store = zoo(6, 9, DType::F64);
+        let mut obj = objective(24, 8, 9, DType::F64);
+        let mut quiet = |_: &Event| {};
+        let options = MehlOptions::new(&mut quiet).on(comm).portable(true);
+        run_mehl(&store, &mut obj, &cfg, options).unwrap()
     });
     for r in &results {
         assert!(rel_err(&flat(r), &flat(&single)) <= 1e-9);

@@ -133,25 +133,16 @@ fn half_directions_are_deterministic_and_shard_over_processes() {
     let store = zoo(7, 5, DType::F32);
     let single = run(&store, &cfg, 5);
     assert_eq!(bits(&single), bits(&run(&store, &cfg, 5)));
-    let results: Vec<SoupResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = verify::ThreadCollective::world(2)
-            .into_iter()
-            .map(|comm| {
-                let cfg = &cfg;
-                s.spawn(move || {
-                    let store = zoo(7, 5, DType::F32);
-                    let mut obj = objective(32, 8, 5, DType::F32);
-                    run_mehl(
-                        &store,
-                        &mut obj,
-                        cfg,
-                        MehlOptions::new(&mut |_| {}).on(&comm),
-                    )
-                    .unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results = verify::ThreadCollective::run(2, |comm| {
+        let store = zoo(7, 5, DType::F32);
+        let mut obj = objective(32, 8, 5, DType::F32);
+        run_mehl(
+            &store,
+            &mut obj,
+            &cfg,
+            MehlOptions::new(&mut |_| {}).on(comm),
+        )
+        .unwrap()
     });
     let flat = |r: &SoupResult| {
         host_blocks(&to_blocks(&r.soup, &r.blocks).unwrap())
