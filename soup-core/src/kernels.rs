@@ -152,18 +152,21 @@ unsafe fn dot_avx2<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
     dot(a, b)
 }
 
+// SAFETY (callers): the CPU has the features named.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn dot_avx512<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
     dot(a, b)
 }
 
+// SAFETY (callers): the CPU has the features named.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn axpy_avx2<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
     axpy(o, x, d)
 }
 
+// SAFETY (callers): the CPU has the features named.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn axpy_avx512<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
