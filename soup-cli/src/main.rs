@@ -9,6 +9,7 @@ mod manifest;
 mod mix;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod multitask;
 mod output;
 mod recipe;
 mod svg;

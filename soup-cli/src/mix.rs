@@ -26,9 +26,14 @@ use crate::svg;
 
 #[derive(clap::Args, Debug)]
 pub struct MixArgs {
-    /// The zoo: a directory of checkpoints or a zoo.toml.
+    /// The zoo: a directory of checkpoints or a zoo.toml. For the multi-task methods
+    /// (adamerging, adamerging+, task-arithmetic, ties): the task models, each fine-tuned from
+    /// `--base` on its own task, with `--data` listing their data sets in the same order.
     #[arg(long)]
     pub zoo: PathBuf,
+    /// Multi-task methods: the pre-trained model θ_0 every task model was fine-tuned from.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     /// Output directory.
@@ -264,6 +269,7 @@ fn dry_run(
                     + model_batches as f64 * heldout_eval,
             )
         }
+        _ => unreachable!("multi-task methods run in crate::multitask"),
     };
     let total = seconds + final_eval;
     println!(
@@ -412,6 +418,16 @@ fn inputs(args: &MixArgs) -> Vec<PathBuf> {
 /// loads its share of the models, and rank 0 alone evaluates and writes OUT. Everything is
 /// checked before any work; a run that fails leaves no `OUT.partial/` unless it saved progress.
 pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
+    let recipe = resolve_recipe(args)?;
+    if recipe.method().is_multitask() {
+        return mix_multitask(args, recipe, quiet, comm);
+    }
+    if args.base.is_some() {
+        return Err(CliError::new(format!(
+            "--base is for the multi-task methods (adamerging, adamerging+, task-arithmetic, ties), not {}",
+            recipe.method().name()
+        )));
+    }
     let inputs = inputs(args);
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     let mut output = Output::check(&args.out, "mix", OUTPUTS, &inputs, args.force, args.resume)?;
@@ -429,6 +445,25 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
     }
     let result = run(args, quiet, comm, &mut output);
     if result.is_err() && comm.rank() == 0 {
+        output.abandon();
+    }
+    result
+}
+
+/// `soup mix` with a multi-task method, in one process.
+fn mix_multitask(args: &MixArgs, recipe: Recipe, quiet: bool, comm: &dyn Collective) -> Result<()> {
+    if comm.world_size() > 1 {
+        return Err(CliError::new(format!(
+            "{} runs in one process; over several processes soup mixes uniform, mehl and mehl+",
+            recipe.method().name()
+        )));
+    }
+    let inputs = crate::multitask::inputs(args);
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    let outputs = crate::multitask::OUTPUTS;
+    let mut output = Output::check(&args.out, "mix", outputs, &inputs, args.force, false)?;
+    let result = crate::multitask::run(args, recipe, quiet, &mut output);
+    if result.is_err() {
         output.abandon();
     }
     result
@@ -560,6 +595,7 @@ fn run(args: &MixArgs, quiet: bool, comm: &dyn Collective, output: &mut Output) 
             max_rows = rows;
             result
         }
+        _ => unreachable!("multi-task methods run in crate::multitask"),
     };
     let soup_s = t_soup.elapsed().as_secs_f64();
     store.progress.finish();

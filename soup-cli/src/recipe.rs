@@ -34,6 +34,16 @@ pub enum ScheduleName {
     ConvergenceRate,
 }
 
+/// The loss a multi-task merge learns its coefficients on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskLossName {
+    /// AdaMerging's: the entropy of the predictions on each task's unlabelled test inputs.
+    Entropy,
+    /// Labelled cross-entropy on each task's held-out split.
+    CrossEntropy,
+}
+
 /// When Greedy keeps a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -137,6 +147,18 @@ pub struct Recipe {
     /// soup is then recomputed from the models and α at the end).
     #[arg(long, value_enum)]
     pub direction_dtype: Option<DirectionDtypeName>,
+    /// AdaMerging: the first λ of every task model (the soup θ_0 + prior · Σ τ_k).
+    #[arg(long)]
+    pub prior: Option<f64>,
+    /// AdaMerging: clamp λ into [0, 1] in the forward pass, as AdaMerging does.
+    #[arg(long)]
+    pub clamp: Option<bool>,
+    /// AdaMerging: the loss λ is learned on.
+    #[arg(long, value_enum)]
+    pub task_loss: Option<TaskLossName>,
+    /// TIES: the fraction of each task vector's entries kept (by magnitude).
+    #[arg(long)]
+    pub density: Option<f64>,
 }
 
 impl Recipe {
@@ -165,7 +187,11 @@ impl Recipe {
             label_smoothing,
             greedy_accept,
             freeze_zero_gradient,
-            direction_dtype
+            direction_dtype,
+            prior,
+            clamp,
+            task_loss,
+            density
         )
     }
 
@@ -173,8 +199,14 @@ impl Recipe {
     /// for Learned), so the written recipe says exactly what ran.
     pub fn resolved(self) -> Result<Recipe> {
         let method = self.method.ok_or_else(|| {
-            CliError::new("--method is required (uniform, greedy, learned, learned+, mehl, mehl+)")
+            CliError::new(format!(
+                "--method is required ({})",
+                Method::NAMES.join(", ")
+            ))
         })?;
+        if method.is_multitask() {
+            return self.resolved_multitask(method);
+        }
         let learned = method.is_learned();
         let mehl = Method::mehl_defaults();
         let lc = Method::learned_defaults();
@@ -214,7 +246,20 @@ impl Recipe {
             greedy_accept: self.greedy_accept.or(Some(AcceptName::Improves)),
             freeze_zero_gradient: self.freeze_zero_gradient.or(Some(true)),
             direction_dtype: self.direction_dtype.or(Some(DirectionDtypeName::Model)),
+            prior: None,
+            clamp: None,
+            task_loss: None,
+            density: None,
         };
+        if self.prior.is_some() || self.clamp.is_some() || self.task_loss.is_some() {
+            return Err(CliError::new(format!(
+                "--prior, --clamp and --task-loss are settings of adamerging and adamerging+, not {}",
+                method.name()
+            )));
+        }
+        if self.density.is_some() {
+            return Err(CliError::new("--density is a setting of ties"));
+        }
         // Parse everything now, so a bad value fails before any work.
         r.cut()?;
         if method.is_mehl() {
@@ -236,6 +281,87 @@ impl Recipe {
             )));
         }
         Ok(r)
+    }
+
+    /// The defaults of the multi-task merges: AdaMerging's (Adam at a constant 1e-3, no
+    /// clipping, prior 0.3, λ clamped into [0, 1], entropy, batches of 16 per task, one epoch);
+    /// the model batch stays unset until the number of tasks is known (all of them by default).
+    fn resolved_multitask(self, method: Method) -> Result<Recipe> {
+        let ada = method.is_adamerging();
+        let r = Recipe {
+            method: Some(method),
+            model_batch: self.model_batch.filter(|_| ada),
+            outer_passes: self.outer_passes.or(Some(1)).filter(|_| ada),
+            inner_epochs: self.inner_epochs.or(Some(1)).filter(|_| ada),
+            lr: self.lr.or(Some(1e-3)).filter(|_| ada),
+            weight_decay: self.weight_decay.or(Some(0.0)).filter(|_| ada),
+            optimizer: self
+                .optimizer
+                .or(Some(OptimizerName::Adamw))
+                .filter(|_| ada),
+            momentum: self.momentum.or(Some(0.9)).filter(|_| ada),
+            schedule: self
+                .schedule
+                .or(Some(ScheduleName::Constant))
+                .filter(|_| ada),
+            warmup_fraction: self.warmup_fraction.or(Some(0.2)).filter(|_| ada),
+            smoothness: self.smoothness.filter(|_| ada),
+            rate_scale: self.rate_scale.or(Some(1.0)).filter(|_| ada),
+            clip_grad_norm: self.clip_grad_norm.or(Some(0.0)).filter(|_| ada),
+            block_cut: self
+                .block_cut
+                .or(Some(
+                    if method.default_block_cut() == BlockCut::WHOLE {
+                        "whole"
+                    } else {
+                        "tensor"
+                    }
+                    .into(),
+                ))
+                .filter(|_| ada),
+            seed: self.seed.or(Some(1)),
+            batch_size: self.batch_size.or(Some(16)),
+            label_smoothing: self.label_smoothing.or(Some(0.0)),
+            greedy_accept: None,
+            freeze_zero_gradient: self.freeze_zero_gradient.or(Some(true)).filter(|_| ada),
+            direction_dtype: self
+                .direction_dtype
+                .or(Some(DirectionDtypeName::Model))
+                .filter(|_| ada),
+            prior: self.prior.or(Some(0.3)).filter(|_| ada),
+            clamp: self.clamp.or(Some(true)).filter(|_| ada),
+            task_loss: self
+                .task_loss
+                .or(Some(TaskLossName::Entropy))
+                .filter(|_| ada),
+            density: self
+                .density
+                .or(Some(0.2))
+                .filter(|_| method == Method::Ties),
+        };
+        if r.batch_size == Some(0) {
+            return Err(CliError::new("--batch-size must be at least 1"));
+        }
+        if let Some(d) = r.density.filter(|d| !(*d > 0.0 && *d <= 1.0)) {
+            return Err(CliError::new(format!("--density {d}: must be in (0, 1]")));
+        }
+        if ada {
+            r.cut()?;
+            r.adamerging_config(&[], 0)?.validate()?;
+        }
+        Ok(r)
+    }
+
+    /// AdaMerging's settings with the base at zoo index `base`.
+    pub fn adamerging_config(&self, zero_gradient: &[String], base: usize) -> Result<MehlConfig> {
+        let mut c = self.mehl_config(zero_gradient)?;
+        c.model_batch = self.model_batch.unwrap_or(usize::MAX);
+        c.task_vectors = Some(soup_core::TaskVectors {
+            base,
+            prior: self.prior.unwrap_or(0.3),
+            clamp: self.clamp.unwrap_or(true).then_some((0.0, 1.0)),
+        });
+        Ok(c)
     }
 
     pub fn method(&self) -> Method {
@@ -318,6 +444,7 @@ impl Recipe {
             seed: self.seed.unwrap_or(d.seed),
             evaluate_each_model_batch: true,
             direction_dtype: self.direction_dtype.and_then(DirectionDtypeName::dtype),
+            task_vectors: None,
         })
     }
 

@@ -3,6 +3,14 @@
 //! θ^l = c^l + Σ_i X_{i,l} d_{i,l}, with d_{i,l} = (θ_i^l − c^l)/‖θ_i^l − c^l‖ for the models i of
 //! one model batch. If c = Σ_j γ_j θ_j with Σ_j γ_j = 1 (per block), then θ = Σ_j α_j θ_j with
 //! α_j = γ_j (1 − s) + [j ∈ B] X_j/‖θ_j − c‖ and s = Σ_{k∈B} X_k/‖θ_k − c‖, so Σ_j α_j = 1.
+//!
+//! Through a base model θ_0 (task vectors, spec §3.9: AdaMerging through MEHL) the directions are
+//! the task vectors τ_i = θ_i − θ_0, not normalised, so X_i is the change of task i's λ:
+//! θ = c + Σ_i X_i τ_i, α_i = γ_i + X_i, α_0 = γ_0 − Σ_i X_i (still Σ_j α_j = 1). λ may be clamped
+//! into a range in the forward pass, as AdaMerging does: the step then uses
+//! X'_i = clamp(γ_i + X_i) − γ_i, and ∂F/∂X_i is zero where γ_i + X_i is outside the range.
+
+use std::borrow::Cow;
 
 use candle_core::{DType, Tensor};
 
@@ -32,6 +40,17 @@ pub struct Hyperplane {
     /// Compute θ and the projection with candle ops (the path of every device but the CPU)
     /// even where the fused CPU kernels apply: [`Self::portable`].
     portable: bool,
+    /// Directions from a base model (task vectors) instead of from the center.
+    base: Option<Base>,
+}
+
+/// The base model of a hyperplane of task vectors ([`Hyperplane::new_task_share`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Base {
+    /// θ_0's index in the zoo.
+    pub index: usize,
+    /// The range λ = γ + X is clamped into in the forward pass (AdaMerging: [0, 1]).
+    pub clamp: Option<(f64, f64)>,
 }
 
 impl Hyperplane {
@@ -67,8 +86,69 @@ impl Hyperplane {
         members: Vec<usize>,
         batch_len: usize,
         direction_dtype: Option<DType>,
+        load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
+    ) -> Result<Self> {
+        let origin = Origin { center, base: None };
+        Self::build(
+            layout,
+            blocks,
+            origin,
+            gamma,
+            members,
+            batch_len,
+            direction_dtype,
+            load,
+        )
+    }
+
+    /// The share of a hyperplane of task vectors (spec §3.9): through `center` (affine
+    /// coefficients `gamma`, which include the base's), spanned by τ_i = θ_i − θ_0 for the
+    /// models `members`, with `base_blocks` θ_0 as block vectors and `base` its index and clamp.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_task_share(
+        layout: ParamLayout,
+        blocks: Vec<Block>,
+        center: Vec<Tensor>,
+        gamma: Vec<Vec<f64>>,
+        members: Vec<usize>,
+        batch_len: usize,
+        direction_dtype: Option<DType>,
+        base: Base,
+        base_blocks: Vec<Tensor>,
+        load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
+    ) -> Result<Self> {
+        let origin = Origin {
+            center,
+            base: Some((base, base_blocks)),
+        };
+        Self::build(
+            layout,
+            blocks,
+            origin,
+            gamma,
+            members,
+            batch_len,
+            direction_dtype,
+            load,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        layout: ParamLayout,
+        blocks: Vec<Block>,
+        origin: Origin,
+        gamma: Vec<Vec<f64>>,
+        members: Vec<usize>,
+        batch_len: usize,
+        direction_dtype: Option<DType>,
         mut load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
+        let Origin { center, base } = origin;
+        let (base, base_blocks) = match base {
+            Some((b, blocks)) => (Some(b), Some(blocks)),
+            None => (None, None),
+        };
         let b = members.len();
         let num_blocks = blocks.len();
         let directions = blocks
@@ -101,7 +181,9 @@ impl Hyperplane {
             let (name, params) = load(j)?;
             let model = to_blocks(&params, &blocks)?;
             for (l, (m, c)) in model.iter().zip(&center).enumerate() {
-                let diff = (m.to_dtype(c.dtype())? - c)?;
+                // From the base for task vectors, else from the center.
+                let from = base_blocks.as_ref().map_or(c, |bb| &bb[l]);
+                let diff = (m.to_dtype(c.dtype())? - from.to_dtype(c.dtype())?)?;
                 let norm = l2_norm(&diff)?;
                 if !norm.is_finite() {
                     return Err(SoupError::NonFiniteModel {
@@ -111,7 +193,8 @@ impl Hyperplane {
                 }
                 // Zero-norm guard (spec §3.4): θ_i^l = c^l leaves a zero direction, never NaN.
                 if norm > floor[l] {
-                    let d = diff.affine(1.0 / norm, 0.0)?;
+                    let scale = if base.is_some() { 1.0 } else { 1.0 / norm };
+                    let d = diff.affine(scale, 0.0)?;
                     let d = d.to_dtype(directions[l].dtype())?;
                     directions[l].slice_set(&d.unsqueeze(0)?, 0, i)?;
                     norms[i * num_blocks + l] = norm;
@@ -128,7 +211,56 @@ impl Hyperplane {
             gamma,
             x: vec![0.0; b * num_blocks],
             portable: false,
+            base,
         })
+    }
+
+    /// The base model when the directions are task vectors.
+    pub fn base(&self) -> Option<Base> {
+        self.base
+    }
+
+    /// The X a step uses: X itself, or with clamped task coefficients X'_{i,l} =
+    /// clamp(γ_{i,l} + X_{i,l}) − γ_{i,l}.
+    pub fn effective_x(&self) -> Cow<'_, [f64]> {
+        let Some(Base {
+            clamp: Some((lo, hi)),
+            ..
+        }) = self.base
+        else {
+            return Cow::Borrowed(&self.x);
+        };
+        let num_blocks = self.blocks.len();
+        let mut out = self.x.clone();
+        for (i, &j) in self.members.iter().enumerate() {
+            for l in 0..num_blocks {
+                let g = self.gamma[l][j];
+                let v = &mut out[i * num_blocks + l];
+                *v = (g + *v).clamp(lo, hi) - g;
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// Zeroes the entries of ∂F/∂X (b × L) whose clamped λ is outside its range (torch's clamp
+    /// passes the gradient on the closed range).
+    fn mask_clamped(&self, grad_x: &mut [f64]) {
+        let Some(Base {
+            clamp: Some((lo, hi)),
+            ..
+        }) = self.base
+        else {
+            return;
+        };
+        let num_blocks = self.blocks.len();
+        for (i, &j) in self.members.iter().enumerate() {
+            for l in 0..num_blocks {
+                let lambda = self.gamma[l][j] + self.x[i * num_blocks + l];
+                if !(lo..=hi).contains(&lambda) {
+                    grad_x[i * num_blocks + l] = 0.0;
+                }
+            }
+        }
     }
 
     /// This hyperplane computing θ and ⟨∇θ, d_i⟩ with candle ops, as on a GPU, even on the CPU
@@ -207,12 +339,13 @@ impl Hyperplane {
     /// (b × L); each block's sum is one (1 × b)·(b × D_l) product there.
     pub(crate) fn delta_blocks(&self) -> Result<(Vec<Tensor>, Vec<f64>)> {
         let (b, num_blocks) = (self.batch_len(), self.blocks.len());
+        let effective = self.effective_x();
         let active: Vec<f64> = (0..num_blocks)
             .map(|l| f64::from(u8::from(self.column(l).iter().any(|&v| v != 0.0))))
             .collect();
         let x = match self.center.first() {
             Some(c) if active.iter().any(|&a| a > 0.0) => Some(transfer::upload(
-                &self.x,
+                &effective,
                 (b, num_blocks),
                 c.dtype(),
                 c.device(),
@@ -281,11 +414,12 @@ impl Hyperplane {
         }
     }
 
-    /// Column l of X: X_{i,l} for every row i.
+    /// Column l of the X a step uses ([`Self::effective_x`]) for every row i.
     fn column(&self, l: usize) -> Vec<f64> {
         let num_blocks = self.blocks.len();
+        let x = self.effective_x();
         (0..self.batch_len())
-            .map(|i| self.x[i * num_blocks + l])
+            .map(|i| x[i * num_blocks + l])
             .collect()
     }
 
@@ -326,6 +460,7 @@ impl Hyperplane {
                     out[i * num_blocks + l] = *v;
                 }
             }
+            self.mask_clamped(&mut out);
             return Ok(out);
         }
         let cols = g
@@ -341,7 +476,9 @@ impl Hyperplane {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         // b × L, back to the host in one transfer.
-        transfer::to_vec(&Tensor::cat(&cols, 1)?)
+        let mut out = transfer::to_vec(&Tensor::cat(&cols, 1)?)?;
+        self.mask_clamped(&mut out);
+        Ok(out)
     }
 
     /// α[l][j] for all N models, per block (spec §3.2).
@@ -351,20 +488,22 @@ impl Hyperplane {
     }
 
     /// The terms of α that this hyperplane's rows contribute: s_l = Σ_i X_{i,l}/‖θ_i^l − c^l‖
-    /// and own[l][j] = X_{j,l}/‖θ_j^l − c^l‖ for its members j (0 elsewhere). Over several
-    /// processes, the sums of both over the processes give α by [`Self::alpha_from_terms`].
+    /// and own[l][j] = X_{j,l}/‖θ_j^l − c^l‖ for its members j (0 elsewhere); for task vectors
+    /// the step's X'_{j,l} itself. Over several processes, the sums of both over the processes
+    /// give α by [`Self::alpha_from_terms`].
     pub fn alpha_terms(&self) -> (Vec<f64>, Vec<Vec<f64>>) {
         let num_blocks = self.blocks.len();
         let n = self.gamma.first().map_or(0, Vec::len);
+        let x = self.effective_x();
         let mut s = vec![0.0; num_blocks];
         let mut own = vec![vec![0.0; n]; num_blocks];
         for l in 0..num_blocks {
             for (i, &j) in self.members.iter().enumerate() {
                 let norm = self.norms[i * num_blocks + l];
-                let v = if norm > 0.0 {
-                    self.x[i * num_blocks + l] / norm
-                } else {
-                    0.0
+                let v = match (norm > 0.0, self.base) {
+                    (false, _) => 0.0,
+                    (true, Some(_)) => x[i * num_blocks + l],
+                    (true, None) => x[i * num_blocks + l] / norm,
                 };
                 s[l] += v;
                 own[l][j] += v;
@@ -373,7 +512,8 @@ impl Hyperplane {
         (s, own)
     }
 
-    /// α[l][j] = γ[l][j](1 − s_l) + own[l][j].
+    /// α[l][j] = γ[l][j](1 − s_l) + own[l][j]; for task vectors α[l][j] = γ[l][j] + own[l][j]
+    /// − [j = base] s_l.
     pub fn alpha_from_terms(&self, s: &[f64], own: &[Vec<f64>]) -> Vec<Vec<f64>> {
         self.gamma
             .iter()
@@ -383,7 +523,12 @@ impl Hyperplane {
                 gamma
                     .iter()
                     .zip(own)
-                    .map(|(g, o)| g * (1.0 - s) + o)
+                    .enumerate()
+                    .map(|(j, (g, o))| match self.base {
+                        Some(b) if b.index == j => g + o - s,
+                        Some(_) => g + o,
+                        None => g * (1.0 - s) + o,
+                    })
                     .collect()
             })
             .collect()
@@ -404,6 +549,13 @@ impl Hyperplane {
         let n = self.gamma.first().map_or(0, Vec::len);
         (self.x.len() + self.norms.len() + self.gamma.len() * n) * std::mem::size_of::<f64>()
     }
+}
+
+/// Where a hyperplane's directions start: the center, or a base model (its index and clamp,
+/// and its block vectors).
+struct Origin {
+    center: Vec<Tensor>,
+    base: Option<(Base, Vec<Tensor>)>,
 }
 
 /// ‖t‖₂, accumulated in f64.

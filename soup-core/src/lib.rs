@@ -12,6 +12,7 @@ pub mod hyperplane;
 pub mod kernels;
 pub mod layout;
 pub mod mehl;
+pub mod merging;
 pub mod method;
 pub mod optim;
 pub mod result;
@@ -26,9 +27,12 @@ pub use baselines::{
     uniform_soup, uniform_soup_on, GreedyAccept, LearnedConfig,
 };
 pub use error::{Result, SoupError};
-pub use hyperplane::Hyperplane;
+pub use hyperplane::{Base, Hyperplane};
 pub use layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
-pub use mehl::{epoch_seed, run_mehl, share, Event, MehlConfig, MehlOptions, MehlProgress};
+pub use mehl::{
+    epoch_seed, run_mehl, share, Event, MehlConfig, MehlOptions, MehlProgress, TaskVectors,
+};
+pub use merging::{scaled_merge, task_arithmetic, ties_merging, MergedTaskVector};
 pub use method::Method;
 pub use optim::{clip_global_norm, global_norm, global_norm_portable, Optimizer, OptimizerKind};
 pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};

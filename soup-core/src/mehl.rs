@@ -5,7 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Result, SoupError};
-use crate::hyperplane::Hyperplane;
+use crate::hyperplane::{Base, Hyperplane};
 use crate::layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout};
 use crate::optim::{clip_coefficient, global_norm, global_norm_portable, Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
@@ -47,6 +47,34 @@ pub struct MehlConfig {
     /// at the end is recomputed from the models and α (one more pass over the zoo), not taken
     /// from that θ (`docs/MEHL-SOUP.md` §3.8).
     pub direction_dtype: Option<DType>,
+    /// Merge models fine-tuned from one base model on different tasks (spec §3.9, AdaMerging
+    /// through MEHL): the directions are task vectors from the base, which no model batch holds.
+    /// `None`: a model soup.
+    pub task_vectors: Option<TaskVectors>,
+}
+
+/// AdaMerging's parameterisation θ = θ_0 + Σ_k λ_k (θ_k − θ_0) (per block for layer-wise
+/// AdaMerging+), learned by MEHL's block coordinate descent over batches of task models
+/// (spec §3.9). θ_0's coefficient is 1 − Σ λ_k.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskVectors {
+    /// θ_0's index in the zoo.
+    pub base: usize,
+    /// λ of every task model in the first soup θ_0 + prior · Σ_k τ_k (AdaMerging: 0.3).
+    pub prior: f64,
+    /// The range λ is clamped into in the forward pass (AdaMerging: [0, 1]); `None`: unclamped.
+    pub clamp: Option<(f64, f64)>,
+}
+
+impl TaskVectors {
+    /// AdaMerging's choices: prior 0.3, λ clamped into [0, 1].
+    pub fn adamerging(base: usize) -> Self {
+        Self {
+            base,
+            prior: 0.3,
+            clamp: Some((0.0, 1.0)),
+        }
+    }
 }
 
 impl MehlConfig {
@@ -67,6 +95,30 @@ impl MehlConfig {
             seed: 1,
             evaluate_each_model_batch: true,
             direction_dtype: None,
+            task_vectors: None,
+        }
+    }
+
+    /// AdaMerging+ (layer-wise: one λ per task model and tensor) through MEHL with AdaMerging's
+    /// optimisation: Adam at a constant lr 1e-3, no clipping, no weight decay, one pass; base θ_0
+    /// at zoo index `base`. The caller sets the model batch and steps (E_in epochs of its data).
+    pub fn adamerging_plus(base: usize) -> Self {
+        Self {
+            model_batch: usize::MAX,
+            inner_epochs: 1,
+            lr: 1e-3,
+            schedule: StepSchedule::Constant,
+            clip_grad_norm: None,
+            task_vectors: Some(TaskVectors::adamerging(base)),
+            ..Self::mehl_plus()
+        }
+    }
+
+    /// AdaMerging (task-wise: one λ per task model).
+    pub fn adamerging(base: usize) -> Self {
+        Self {
+            block_cut: BlockCut::WHOLE,
+            ..Self::adamerging_plus(base)
         }
     }
 
@@ -120,6 +172,20 @@ impl MehlConfig {
                     dtype.as_str(),
                     "must be bf16, f16, f32 or f64",
                 ));
+            }
+        }
+        if let Some(tv) = &self.task_vectors {
+            if !tv.prior.is_finite() {
+                return Err(SoupError::config("prior", tv.prior, "must be a number"));
+            }
+            if let Some((lo, hi)) = tv.clamp {
+                if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+                    return Err(SoupError::config(
+                        "clamp",
+                        format!("[{lo}, {hi}]"),
+                        "must be a finite range with low < high",
+                    ));
+                }
             }
         }
         validate_optimizer(&self.optimizer)?;
@@ -318,10 +384,18 @@ pub fn run_mehl(
         soup = Some((p.soup_blocks, p.alpha));
     }
 
-    let b = config.model_batch.min(n);
+    // The models the batches are drawn from: all, or all but the base.
+    let pool = run.pool.clone();
+    let b = config.model_batch.min(pool.len());
     let mut model_batch = 0;
     for outer_pass in 0..config.outer_passes {
-        let order = permutation(n, derive_seed(config.seed, &[0, outer_pass as u64]));
+        let order: Vec<usize> = permutation(
+            pool.len(),
+            derive_seed(config.seed, &[0, outer_pass as u64]),
+        )
+        .into_iter()
+        .map(|i| pool[i])
+        .collect();
         for members in order.chunks(b) {
             if model_batch < done {
                 model_batch += 1;
@@ -379,6 +453,8 @@ struct Run<'a> {
     memory: MemoryAccount,
     /// [`MehlOptions::portable`].
     portable: bool,
+    /// The zoo indices model batches are drawn from (all but the base of task vectors).
+    pool: Vec<usize>,
 }
 
 impl<'a> Run<'a> {
@@ -395,9 +471,29 @@ impl<'a> Run<'a> {
         let layout = zoo.layout.clone();
         let blocks = config.block_cut.blocks(&layout)?;
         let frozen = frozen_blocks(&blocks, &layout, &config.frozen_tensors);
-        let b = config.model_batch.min(n);
+        let pool: Vec<usize> = match &config.task_vectors {
+            None => (0..n).collect(),
+            Some(tv) => {
+                if tv.base >= n {
+                    return Err(SoupError::config(
+                        "base",
+                        tv.base,
+                        "is not the index of a model of the zoo",
+                    ));
+                }
+                if n < 2 {
+                    return Err(SoupError::config(
+                        "base",
+                        tv.base,
+                        "task vectors need a base and at least one task model",
+                    ));
+                }
+                (0..n).filter(|&j| j != tv.base).collect()
+            }
+        };
+        let b = config.model_batch.min(pool.len());
         let steps = config.inner_epochs * num_batches;
-        let total_steps = config.outer_passes * n.div_ceil(b) * steps;
+        let total_steps = config.outer_passes * pool.len().div_ceil(b) * steps;
         Ok(Self {
             config,
             comm,
@@ -414,7 +510,41 @@ impl<'a> Run<'a> {
             timings: Timings::default(),
             portable: false,
             memory: MemoryAccount::default(),
+            pool,
         })
+    }
+
+    /// The first soup of task vectors: θ_0 + prior · Σ_k τ_k, i.e. α_k = prior for every task
+    /// model and α_0 = 1 − K · prior, per block; streamed over the zoo (one model and the f64
+    /// sums resident).
+    fn task_vector_start(&mut self, tv: &TaskVectors) -> Result<(Vec<Tensor>, Vec<Vec<f64>>)> {
+        let n = self.zoo.len();
+        let tasks = self.pool.len() as f64;
+        let row: Vec<f64> = (0..n)
+            .map(|j| {
+                if j == tv.base {
+                    1.0 - tasks * tv.prior
+                } else {
+                    tv.prior
+                }
+            })
+            .collect();
+        let gamma = vec![row; self.blocks.len()];
+        let all: Vec<usize> = (0..n).collect();
+        let mine = share(&all, self.comm.rank(), self.comm.world_size());
+        let (_, first) = self.zoo.load(0)?;
+        let dtype = first.first().ok_or(SoupError::EmptyLayout)?.dtype();
+        let model_bytes = bytes_of(&first);
+        drop(first);
+        let soup = self
+            .zoo
+            .combination(&gamma, &self.blocks, mine, dtype, self.comm)?;
+        self.memory = self.memory.peak(MemoryAccount {
+            models: model_bytes,
+            theta: 8 * model_bytes / dtype.size_in_bytes(),
+            ..Default::default()
+        });
+        Ok((soup, gamma))
     }
 
     /// The hyperplane of model batch `members` through the current soup (or, for the first
@@ -429,6 +559,10 @@ impl<'a> Run<'a> {
         let mine = share(members, comm.rank(), comm.world_size());
         let (center, gamma) = match soup {
             Some(s) => s,
+            None if self.config.task_vectors.is_some() => {
+                let tv = self.config.task_vectors.clone().expect("checked");
+                self.task_vector_start(&tv)?
+            }
             None => {
                 // The first model batch starts at the uniform soup of its models.
                 let mean = if comm.world_size() == 1 {
@@ -449,19 +583,52 @@ impl<'a> Run<'a> {
                 (to_blocks(&mean, &self.blocks)?, gamma)
             }
         };
-        let hp = Hyperplane::new_share(
-            self.layout.clone(),
-            self.blocks.clone(),
-            center,
-            gamma,
-            mine.to_vec(),
-            members.len(),
-            self.config.direction_dtype,
-            |j| self.zoo.load(j),
-        )?
+        let hp = match &self.config.task_vectors {
+            None => Hyperplane::new_share(
+                self.layout.clone(),
+                self.blocks.clone(),
+                center,
+                gamma,
+                mine.to_vec(),
+                members.len(),
+                self.config.direction_dtype,
+                |j| self.zoo.load(j),
+            )?,
+            Some(tv) => {
+                // θ_0 is resident while the task vectors are made, beside one loaded model.
+                let (_, base) = self.zoo.load(tv.base)?;
+                let base_blocks = to_blocks(&base, &self.blocks)?;
+                drop(base);
+                let base = Base {
+                    index: tv.base,
+                    clamp: tv.clamp,
+                };
+                Hyperplane::new_task_share(
+                    self.layout.clone(),
+                    self.blocks.clone(),
+                    center,
+                    gamma,
+                    mine.to_vec(),
+                    members.len(),
+                    self.config.direction_dtype,
+                    base,
+                    base_blocks,
+                    |j| self.zoo.load(j),
+                )?
+            }
+        }
         .portable(self.portable);
         self.timings.add("load", started);
         let model_bytes = hp.center_bytes();
+        if self.config.task_vectors.is_some() {
+            // While the task vectors were made: θ_0 and one loaded model beside them.
+            self.memory = self.memory.peak(MemoryAccount {
+                models: 2 * model_bytes,
+                directions: hp.direction_bytes(),
+                center: model_bytes,
+                ..Default::default()
+            });
+        }
         self.memory = self
             .memory
             .peak(MemoryAccount {
@@ -637,13 +804,15 @@ impl<'a> Run<'a> {
             }
             _ => soup_blocks,
         };
+        let whole = self.config.block_cut == BlockCut::WHOLE;
+        let method = match (self.config.task_vectors.is_some(), whole) {
+            (false, true) => "mehl",
+            (false, false) => "mehl+",
+            (true, true) => "adamerging",
+            (true, false) => "adamerging+",
+        };
         Ok(SoupResult {
-            method: if self.config.block_cut == BlockCut::WHOLE {
-                "mehl"
-            } else {
-                "mehl+"
-            }
-            .to_string(),
+            method: method.to_string(),
             model_names: self.zoo.names.clone(),
             soup: from_blocks(&soup_blocks, &self.blocks, &self.layout)?,
             layout: self.layout,

@@ -27,22 +27,51 @@ pub enum Method {
     /// MEHL-Soup+: MEHL-Soup with one coefficient per model and block.
     #[cfg_attr(feature = "serde", serde(rename = "mehl+"))]
     MehlPlus,
+    /// Multi-task merging (spec §3.9): θ_0 + Σ_k λ_k τ_k with one λ per task model, learned by
+    /// entropy minimisation on unlabelled inputs (AdaMerging, Yang et al., ICLR 2024), through
+    /// MEHL's model batches.
+    #[cfg_attr(feature = "serde", serde(rename = "adamerging"))]
+    AdaMerging,
+    /// Layer-wise AdaMerging: one λ per task model and tensor.
+    #[cfg_attr(feature = "serde", serde(rename = "adamerging+"))]
+    AdaMergingPlus,
+    /// θ_0 + λ Σ_k τ_k, λ chosen on held-out data (Ilharco et al., ICLR 2023).
+    #[cfg_attr(feature = "serde", serde(rename = "task-arithmetic"))]
+    TaskArithmetic,
+    /// TIES-Merging (Yadav et al., NeurIPS 2023): trim, elect sign, disjoint mean; λ chosen on
+    /// held-out data.
+    #[cfg_attr(feature = "serde", serde(rename = "ties"))]
+    Ties,
 }
 
 impl Method {
     /// Every method, in the order of the paper's tables.
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 10] = [
         Method::Uniform,
         Method::Greedy,
         Method::Learned,
         Method::LearnedPlus,
         Method::Mehl,
         Method::MehlPlus,
+        Method::AdaMerging,
+        Method::AdaMergingPlus,
+        Method::TaskArithmetic,
+        Method::Ties,
     ];
 
     /// The names the methods go by on the command line and in recipes, in [`Method::ALL`] order.
-    pub const NAMES: [&'static str; 6] =
-        ["uniform", "greedy", "learned", "learned+", "mehl", "mehl+"];
+    pub const NAMES: [&'static str; 10] = [
+        "uniform",
+        "greedy",
+        "learned",
+        "learned+",
+        "mehl",
+        "mehl+",
+        "adamerging",
+        "adamerging+",
+        "task-arithmetic",
+        "ties",
+    ];
 
     pub fn name(self) -> &'static str {
         Self::NAMES[Self::ALL.iter().position(|&m| m == self).unwrap_or(0)]
@@ -58,6 +87,20 @@ impl Method {
         matches!(self, Method::Mehl | Method::MehlPlus)
     }
 
+    /// AdaMerging or AdaMerging+ (MEHL's driver on task vectors).
+    pub fn is_adamerging(self) -> bool {
+        matches!(self, Method::AdaMerging | Method::AdaMergingPlus)
+    }
+
+    /// A multi-task merge of models fine-tuned from one base on different tasks (spec §3.9):
+    /// the zoo has a base, and each task model keeps its own head.
+    pub fn is_multitask(self) -> bool {
+        matches!(
+            self,
+            Method::AdaMerging | Method::AdaMergingPlus | Method::TaskArithmetic | Method::Ties
+        )
+    }
+
     /// Whether the method runs over several processes (the others hold or search every model
     /// in one).
     pub fn runs_distributed(self) -> bool {
@@ -68,7 +111,8 @@ impl Method {
     /// model and tensor for their + variants.
     pub fn default_block_cut(self) -> BlockCut {
         match self {
-            Method::Mehl | Method::Learned => BlockCut::WHOLE,
+            Method::Mehl | Method::Learned | Method::AdaMerging => BlockCut::WHOLE,
+            Method::TaskArithmetic | Method::Ties => BlockCut::WHOLE,
             _ => BlockCut::PER_TENSOR,
         }
     }
@@ -86,7 +130,10 @@ impl Method {
     /// The tensor memory the method holds for N models of `d` f32 parameters with model batch
     /// `b` (the byte account of `MemoryAccount`, before the model's activations and the data):
     /// uniform a running sum and a model, greedy also the best soup, Learned all N models plus
-    /// the soup and its gradient, MEHL b directions plus center, θ, ∇θ and one loaded model.
+    /// the soup and its gradient, MEHL b directions plus center, θ, ∇θ and one loaded model
+    /// (AdaMerging the same: θ_0 is resident only while a batch's task vectors are made, in
+    /// place of θ and ∇θ), task arithmetic θ_0, one model, the sum and τ, TIES those in f64 on
+    /// the host plus the elected signs and counts (11 f32 models).
     pub fn tensor_bytes(self, n: usize, d: usize, b: usize) -> u64 {
         self.tensor_bytes_with(n, d, b, 4)
     }
@@ -102,6 +149,11 @@ impl Method {
             Method::Mehl | Method::MehlPlus => {
                 b.min(n) as u64 * direction_elem_bytes * d as u64 + 4 * model
             }
+            Method::AdaMerging | Method::AdaMergingPlus => {
+                b.min(n.saturating_sub(1)) as u64 * direction_elem_bytes * d as u64 + 4 * model
+            }
+            Method::TaskArithmetic => 4 * model,
+            Method::Ties => 11 * model,
         }
     }
 }

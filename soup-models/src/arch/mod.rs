@@ -54,6 +54,15 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     fn zero_gradient_tensors(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The classification head's tensors: what a multi-task merge keeps per task instead of
+    /// merging (spec §3.9). By default the two tensors of the layout's last layer.
+    fn head_tensors(&self) -> Vec<String> {
+        let t = &self.layout().tensors;
+        t[t.len().saturating_sub(2)..]
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
+    }
     /// A seeded random initialisation (f32), for training from scratch.
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
 }

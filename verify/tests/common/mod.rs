@@ -52,5 +52,6 @@ pub fn config(b: usize, cut: BlockCut, outer_passes: usize, seed: u64) -> MehlCo
         seed,
         evaluate_each_model_batch: false,
         direction_dtype: None,
+        task_vectors: None,
     }
 }

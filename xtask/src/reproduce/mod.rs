@@ -1,11 +1,13 @@
 //! `cargo xtask reproduce`: the paper's experiments (spec §6) on what is available offline, one
 //! file per preset: `fmnist` (the default: a tiny CLIP ViT on Fashion-MNIST, every table and
 //! figure) and `dinov2` (the same on fine-tunes of the real DINOv2-S/14), both in `fmnist.rs`;
-//! `scale` (memory and time of Learned+ vs MEHL+ on ViT-B/32-size zoos) and
+//! `multitask` (AdaMerging through MEHL and its baselines on DINOv2-S/14 fine-tuned on four
+//! tasks, `multitask.rs`); `scale` (memory and time of Learned+ vs MEHL+ on ViT-B/32-size zoos) and
 //! `paper-vit-b32` (the 72 model-soups checkpoints on ImageNet). Every soup runs through the
 //! `soup` binary ([`Soup`]), each in its own process so its peak RSS and time are its own.
 
 mod fmnist;
+mod multitask;
 pub(crate) mod paper;
 pub(crate) mod scale;
 
@@ -244,9 +246,9 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         scaling.batch_size.is_some(),
         "paper-vit-b32",
     )?;
-    if !["fmnist", "dinov2", "scale", "paper-vit-b32"].contains(&preset.as_str()) {
+    if !["fmnist", "dinov2", "multitask", "scale", "paper-vit-b32"].contains(&preset.as_str()) {
         return Err(format!(
-            "unknown preset {preset:?} (available: fmnist, dinov2, scale, paper-vit-b32)"
+            "unknown preset {preset:?} (available: fmnist, dinov2, multitask, scale, paper-vit-b32)"
         ));
     }
     let paper_args = if preset == "paper-vit-b32" {
@@ -264,6 +266,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         ("scale", _) => scale::scale(&soup, models.as_deref().unwrap_or(scale::DEFAULT_MODELS)),
         (_, Some(a)) => paper::paper(&soup, &a),
         ("dinov2", _) => fmnist::dinov2(&soup, quick),
+        ("multitask", _) => multitask::multitask(&soup),
         _ => fmnist::fmnist(&soup, quick),
     }
 }

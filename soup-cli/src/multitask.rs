@@ -1,0 +1,517 @@
+//! `soup mix` for models fine-tuned from one base on different tasks (spec §3.9): AdaMerging and
+//! AdaMerging+ through MEHL's model batches, task arithmetic and TIES.
+//!
+//! The zoo lists the task models, `--base` names θ_0, and `--data` lists the tasks' data sets in
+//! zoo order, comma-separated. Each task keeps the head of its own fine-tune; only the encoder
+//! is merged. OUT holds the merged encoder, the heads, and per-task tables.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use soup_core::{run_mehl, Event, MehlOptions, Method, ModelStore, Objective, SoupResult};
+use soup_models::checkpoint::{atomic_write, write_safetensors};
+use soup_models::data::Split;
+use soup_models::train::multitask::{EncoderStore, MultiTask, Task, TaskLoss};
+use soup_models::{Architecture, Checkpoint, Classification, ModelError};
+
+use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs, Progress};
+use crate::error::{CliError, Result};
+use crate::mix::{MixArgs, Scores};
+use crate::output::Output;
+use crate::recipe::{Recipe, TaskLossName};
+use crate::svg;
+
+/// The files a multi-task `soup mix` writes into OUT.
+pub const OUTPUTS: &[&str] = &[
+    "encoder.safetensors",
+    "heads.safetensors",
+    "tasks.json",
+    "coefficients.json",
+    "report.json",
+    "report.md",
+    "coefficients.svg",
+    "curve.svg",
+    "recipe.toml",
+];
+
+/// The λ grid task arithmetic and TIES choose from on the held-out splits.
+pub const LAMBDAS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+
+/// The tasks' data arguments: `--data` split at commas, one per task model.
+fn task_data(args: &MixArgs, tasks: usize) -> Result<Vec<DataArgs>> {
+    let names: Vec<&str> = args.data.data.split(',').map(str::trim).collect();
+    if names.len() != tasks {
+        return Err(CliError::new(format!(
+            "--data lists {} data set(s) for {tasks} task model(s): give one per model of the zoo, in its order, comma-separated",
+            names.len()
+        )));
+    }
+    Ok(names
+        .iter()
+        .map(|d| DataArgs {
+            data: d.to_string(),
+            ..args.data.clone()
+        })
+        .collect())
+}
+
+/// The paths a multi-task run reads (which OUT must not hold).
+pub fn inputs(args: &MixArgs) -> Vec<PathBuf> {
+    let mut v = vec![args.zoo.clone()];
+    v.extend(args.base.clone());
+    v.extend(args.recipe.clone());
+    v.extend(
+        args.data
+            .data
+            .split(',')
+            .map(|d| DataArgs {
+                data: d.trim().to_string(),
+                ..args.data.clone()
+            })
+            .map(|d| d.spec().root),
+    );
+    v
+}
+
+/// A task's name: its data set's last path component.
+fn task_name(data: &str) -> String {
+    Path::new(data)
+        .file_name()
+        .map_or(data.to_string(), |f| f.to_string_lossy().into_owned())
+}
+
+/// One task's scores on both splits.
+#[derive(Clone, serde::Serialize)]
+struct TaskScores {
+    name: String,
+    model: String,
+    data: String,
+    classes: usize,
+    heldout: Scores,
+    test: Scores,
+}
+
+/// The multi-task `soup mix`, once OUT is checked.
+pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> Result<()> {
+    let started = Instant::now();
+    let method = recipe.method();
+    if args.resume || args.dry_run {
+        return Err(CliError::new(format!(
+            "{} does not take --resume or --dry-run",
+            method.name()
+        )));
+    }
+    let base = args.base.clone().ok_or_else(|| {
+        CliError::new(format!(
+            "{} merges task models fine-tuned from one base: --base names it (θ_0)",
+            method.name()
+        ))
+    })?;
+    let t_load = Instant::now();
+    let zoo = crate::manifest::resolve(&args.zoo, quiet)?;
+    let k = zoo.len();
+    if k == 0 {
+        return Err(CliError::new("the zoo is empty"));
+    }
+    let data = task_data(args, k)?;
+    let mut overrides = crate::manifest::arch_config(&args.zoo)?;
+    overrides.extend(args.arch.map()?);
+    let mut models: Vec<(PathBuf, Arc<dyn Architecture>)> = Vec::with_capacity(k + 1);
+    for path in std::iter::once(&base).chain(zoo.iter().map(|r| &r.path)) {
+        let arch = Checkpoint::open(path)?.architecture_with(&overrides)?;
+        models.push((path.clone(), arch));
+    }
+    let device = args.device.open()?;
+    let store = EncoderStore::new(models, &device)?;
+    let d = store.encoder.numel();
+    phase(
+        quiet,
+        &format!("base and {k} task models, encoder of {d} parameters; loading each task's data"),
+    );
+    let batch_size = recipe.batch_size.unwrap_or(16);
+    let mut heldout_tasks = Vec::with_capacity(k);
+    let mut test_tasks = Vec::with_capacity(k);
+    for (i, d) in data.iter().enumerate() {
+        let arch = store.models[i + 1].arch.clone();
+        let head = store.head(i + 1)?;
+        for (split, list) in [
+            (Split::Heldout, &mut heldout_tasks),
+            (Split::Test, &mut test_tasks),
+        ] {
+            let classification = Classification {
+                eval_batch_size: 256,
+                label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
+                ..Classification::new(arch.clone(), d.load(split, &arch)?, batch_size)
+            };
+            list.push(Task {
+                name: task_name(&d.data),
+                classification,
+                head: head.clone(),
+            });
+        }
+    }
+    let objective = |tasks: &Vec<Task>, loss| MultiTask {
+        encoder: store.encoder.clone(),
+        tasks: tasks.clone(),
+        loss,
+    };
+    let mut heldout = objective(&heldout_tasks, TaskLoss::CrossEntropy);
+    let mut test = objective(&test_tasks, TaskLoss::CrossEntropy);
+    let load_s = t_load.elapsed().as_secs_f64();
+    output.begin(false)?;
+
+    let t_soup = Instant::now();
+    let mut recipe = recipe;
+    let (result, grid) = match method {
+        Method::AdaMerging | Method::AdaMergingPlus => {
+            recipe.model_batch = Some(recipe.model_batch.unwrap_or(k).min(k));
+            let config =
+                recipe.adamerging_config(&store.models[0].arch.zero_gradient_tensors(), 0)?;
+            // AdaMerging learns on the test inputs, labels unused; cross-entropy on the
+            // labelled held-out split.
+            let mut train = match recipe.task_loss.unwrap_or(TaskLossName::Entropy) {
+                TaskLossName::Entropy => objective(&test_tasks, TaskLoss::Entropy),
+                TaskLossName::CrossEntropy => objective(&heldout_tasks, TaskLoss::CrossEntropy),
+            };
+            let b = config.model_batch.min(k);
+            let steps =
+                config.outer_passes * k.div_ceil(b) * config.inner_epochs * train.num_batches();
+            let bar = Progress::new(quiet, steps, &format!("{} steps", method.name()));
+            let result = run_mehl(
+                &store,
+                &mut train,
+                &config,
+                MehlOptions::new(&mut |e| {
+                    if let Event::Step { record, .. } = e {
+                        bar.inc(1);
+                        bar.set_prefix(format!("loss {:.4}", record.loss));
+                    }
+                }),
+            )?;
+            bar.finish();
+            (result, Vec::new())
+        }
+        Method::TaskArithmetic | Method::Ties => {
+            let merged = if method == Method::Ties {
+                soup_core::ties_merging(&store, 0, recipe.density.unwrap_or(0.2))?
+            } else {
+                soup_core::task_arithmetic(&store, 0)?
+            };
+            let bar = Progress::new(quiet, LAMBDAS.len(), "λ tried on the held-out splits");
+            let mut grid = Vec::with_capacity(LAMBDAS.len());
+            for lambda in LAMBDAS {
+                let m = heldout.evaluate(&merged.at(lambda)?)?;
+                grid.push((lambda, m.accuracy.unwrap_or(f64::NAN)));
+                bar.inc(1);
+            }
+            bar.finish();
+            // The first λ of the best held-out average accuracy.
+            let best = grid
+                .iter()
+                .copied()
+                .fold((LAMBDAS[0], f64::NEG_INFINITY), |a, b| {
+                    if b.1 > a.1 {
+                        b
+                    } else {
+                        a
+                    }
+                });
+            let soup = merged.at(best.0)?;
+            (merged_result(method, &store, soup, best.0, k)?, grid)
+        }
+        _ => unreachable!("a multi-task method"),
+    };
+    let soup_s = t_soup.elapsed().as_secs_f64();
+
+    phase(
+        quiet,
+        "evaluating every task on its held-out and test splits",
+    );
+    let t_eval = Instant::now();
+    let h = heldout.evaluate_tasks(&result.soup)?;
+    let t = test.evaluate_tasks(&result.soup)?;
+    let eval_s = t_eval.elapsed().as_secs_f64();
+    let scores: Vec<TaskScores> = (0..k)
+        .map(|i| TaskScores {
+            name: heldout_tasks[i].name.clone(),
+            model: zoo[i].source.clone(),
+            data: data[i].data.clone(),
+            classes: heldout_tasks[i].classification.arch.num_classes(),
+            heldout: h[i].into(),
+            test: t[i].into(),
+        })
+        .collect();
+    let written = Written {
+        args,
+        recipe: &recipe,
+        store: &store,
+        heads: &heldout_tasks,
+        result: &result,
+        scores: &scores,
+        grid: &grid,
+        phases: [("load", load_s), ("soup", soup_s), ("evaluate", eval_s)],
+        started,
+        device: soup_models::device::name(&device),
+    };
+    written.write(&output.partial)?;
+    output.finish()?;
+    let mean = |f: fn(&TaskScores) -> f64| scores.iter().map(f).sum::<f64>() / k as f64;
+    println!(
+        "{}: base + {k} task models -> mean held-out accuracy {:.4}, mean test accuracy {:.4}, {:.1} s -> {}",
+        method.name(),
+        mean(|s| s.heldout.accuracy),
+        mean(|s| s.test.accuracy),
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// A [`SoupResult`] for a data-free merge θ_0 + λ τ: α_0 = 1 − K λ and α_k = λ for task
+/// arithmetic; TIES's coordinates do not follow one α, so its α records λ alone (α_0 = 1 − λ,
+/// the task models λ/K each, the weights of the merged task vector).
+fn merged_result(
+    method: Method,
+    store: &EncoderStore,
+    soup: Vec<candle_core::Tensor>,
+    lambda: f64,
+    k: usize,
+) -> Result<SoupResult> {
+    let kf = k as f64;
+    let row: Vec<f64> = (0..=k)
+        .map(|j| match (j, method) {
+            (0, Method::Ties) => 1.0 - lambda,
+            (0, _) => 1.0 - kf * lambda,
+            (_, Method::Ties) => lambda / kf,
+            _ => lambda,
+        })
+        .collect();
+    let layout = store.layout(0)?;
+    let blocks = soup_core::BlockCut::WHOLE.blocks(&layout)?;
+    let model = 4 * layout.numel();
+    Ok(SoupResult {
+        method: method.name().to_string(),
+        model_names: (0..store.len()).map(|i| store.name(i)).collect(),
+        soup,
+        layout,
+        blocks,
+        alpha: vec![row],
+        history: Vec::new(),
+        evaluations: Vec::new(),
+        timings: Default::default(),
+        memory: soup_core::MemoryAccount {
+            models: if method == Method::Ties {
+                11 * model
+            } else {
+                4 * model
+            },
+            ..Default::default()
+        },
+    })
+}
+
+/// What a finished multi-task run writes.
+struct Written<'a> {
+    args: &'a MixArgs,
+    recipe: &'a Recipe,
+    store: &'a EncoderStore,
+    heads: &'a [Task],
+    result: &'a SoupResult,
+    scores: &'a [TaskScores],
+    /// (λ, mean held-out accuracy) of task arithmetic and TIES.
+    grid: &'a [(f64, f64)],
+    phases: [(&'static str, f64); 3],
+    started: Instant,
+    device: String,
+}
+
+impl Written<'_> {
+    fn write(&self, dir: &Path) -> Result<()> {
+        let write = |name: &str, text: &str| -> Result<()> {
+            let path = dir.join(name);
+            atomic_write(&path, |tmp| {
+                std::fs::write(tmp, text).map_err(|e| ModelError::io(tmp, e))
+            })?;
+            Ok(())
+        };
+        let (recipe, result, store) = (self.recipe, self.result, self.store);
+        let method = recipe.method().name();
+        let names: Vec<String> = std::iter::once(store.name(0))
+            .chain(self.scores.iter().map(|s| s.model.clone()))
+            .collect();
+        let meta = BTreeMap::from([
+            ("soup.method".to_string(), method.to_string()),
+            ("soup.models".to_string(), serde_json::to_string(&names)?),
+            ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
+        ]);
+        write_safetensors(
+            &dir.join("encoder.safetensors"),
+            &store.encoder,
+            &result.soup,
+            &meta,
+        )?;
+        // Every task's head, named task.<k>.<tensor>.
+        let mut specs = Vec::new();
+        let mut tensors = Vec::new();
+        for (i, task) in self.heads.iter().enumerate() {
+            let arch = &task.classification.arch;
+            for (name, t) in arch.head_tensors().iter().zip(&task.head) {
+                specs.push(soup_core::TensorSpec {
+                    name: format!("task.{i}.{name}"),
+                    shape: t.dims().to_vec(),
+                });
+                tensors.push(t.clone());
+            }
+        }
+        write_safetensors(
+            &dir.join("heads.safetensors"),
+            &soup_core::ParamLayout::new(specs),
+            &tensors,
+            &meta,
+        )?;
+        let tasks: Vec<serde_json::Value> = self
+            .heads
+            .iter()
+            .zip(self.scores)
+            .enumerate()
+            .map(|(i, (task, s))| {
+                let arch = &task.classification.arch;
+                serde_json::json!({
+                    "task": i, "name": s.name, "model": s.model, "data": s.data,
+                    "architecture": arch.family(), "config": arch.config(),
+                    "head_tensors": arch.head_tensors(),
+                })
+            })
+            .collect();
+        write("tasks.json", &serde_json::to_string_pretty(&tasks)?)?;
+        let coefficients = crate::mix::Coefficients {
+            models: names.clone(),
+            blocks: result.blocks.iter().map(|b| b.name.clone()).collect(),
+            alpha: result.alpha.clone(),
+        };
+        write(
+            "coefficients.json",
+            &serde_json::to_string_pretty(&coefficients)?,
+        )?;
+        let k = self.scores.len() as f64;
+        let mean = |f: &dyn Fn(&TaskScores) -> f64| self.scores.iter().map(f).sum::<f64>() / k;
+        let mut timings: BTreeMap<String, f64> = self
+            .phases
+            .iter()
+            .map(|(p, s)| (p.to_string(), *s))
+            .collect();
+        for (p, s) in &result.timings.phases {
+            timings.insert(format!("soup.{p}"), *s);
+        }
+        let m = &result.memory;
+        let report = serde_json::json!({
+            "method": method,
+            "base": names[0],
+            "tasks": self.scores,
+            "mean_heldout_accuracy": mean(&|s| s.heldout.accuracy),
+            "mean_test_accuracy": mean(&|s| s.test.accuracy),
+            "lambda_grid": self.grid.iter().map(|(l, a)| serde_json::json!({"lambda": l, "mean_heldout_accuracy": a})).collect::<Vec<_>>(),
+            "model_batch": recipe.model_batch,
+            "parameters": store.encoder.numel(),
+            "blocks": result.blocks.len(),
+            "time_s": self.started.elapsed().as_secs_f64(),
+            "timings_s": timings,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "device": self.device,
+            "memory_account_bytes": {
+                "models": m.models, "directions": m.directions, "center": m.center,
+                "theta": m.theta, "gradient": m.gradient, "coefficients": m.coefficients,
+                "total": m.total(),
+            },
+            "steps": result.history.len(),
+            "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
+                "model_batch": e.model_batch, "global_step": e.global_step,
+                "loss": e.metrics.loss, "mean_accuracy": e.metrics.accuracy,
+            })).collect::<Vec<_>>(),
+            "data": self.args.data.data,
+        });
+        write("report.json", &serde_json::to_string_pretty(&report)?)?;
+        write(
+            "report.md",
+            &self.markdown(mean(&|s| s.heldout.accuracy), mean(&|s| s.test.accuracy)),
+        )?;
+        let short: Vec<String> = names
+            .iter()
+            .map(|m| {
+                Path::new(m)
+                    .file_name()
+                    .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
+            })
+            .collect();
+        write(
+            "coefficients.svg",
+            &svg::coefficients(
+                &result.alpha,
+                &short,
+                &format!(
+                    "α of {method} ({} blocks × base + {} task models)",
+                    result.blocks.len(),
+                    self.scores.len()
+                ),
+            ),
+        )?;
+        let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
+        let accuracy: Vec<(usize, f64)> = result
+            .evaluations
+            .iter()
+            .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
+            .collect();
+        write(
+            "curve.svg",
+            &svg::curve(
+                &losses,
+                &accuracy,
+                &format!("{method}: loss per step, mean accuracy after each model batch"),
+            ),
+        )?;
+        write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
+        Ok(())
+    }
+
+    /// The per-task table, in the style of FusionBench's: one row per split, one column per
+    /// task, the mean last.
+    fn markdown(&self, heldout: f64, test: f64) -> String {
+        let method = self.recipe.method().name();
+        let mut header = vec!["split".to_string()];
+        header.extend(self.scores.iter().map(|s| s.name.clone()));
+        header.push("mean".into());
+        let row = |split: &str, f: &dyn Fn(&TaskScores) -> f64, mean: f64| {
+            let mut r = vec![split.to_string()];
+            r.extend(self.scores.iter().map(|s| format!("{:.2}", 100.0 * f(s))));
+            r.push(format!("{:.2}", 100.0 * mean));
+            r
+        };
+        let rows = vec![
+            row("held-out", &|s| s.heldout.accuracy, heldout),
+            row("test", &|s| s.test.accuracy, test),
+        ];
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        let mut out = format!(
+            "# {method}: base + {} task models\n\nAccuracy (%) of the merged encoder with each task's own head.\n\n{}",
+            self.scores.len(),
+            crate::card::table(&header, &rows)
+        );
+        if !self.grid.is_empty() {
+            out.push_str("\nλ chosen on the mean held-out accuracy:\n\n");
+            let rows: Vec<Vec<String>> = self
+                .grid
+                .iter()
+                .map(|(l, a)| vec![format!("{l:.1}"), format!("{:.2}", 100.0 * a)])
+                .collect();
+            out.push_str(&crate::card::table(&["λ", "mean held-out accuracy"], &rows));
+        }
+        out.push_str(&format!(
+            "\nPeak RSS {}; {:.1} s.\n",
+            human_bytes(peak_rss_bytes()),
+            self.started.elapsed().as_secs_f64()
+        ));
+        out
+    }
+}
