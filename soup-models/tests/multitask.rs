@@ -76,7 +76,7 @@ fn every_family_names_its_classification_head() {
     )
     .unwrap();
     assert_eq!(full.head_tensors(), ["classifier.weight", "classifier.bias"]);
-    assert_eq!(encoder_layout(full.as_ref()).len(), 222);
+    assert_eq!(encoder_layout(&full).len(), 222);
 }
 
 /// Two MLP checkpoints with heads of 3 and 5 classes over one encoder, and a base.
