@@ -75,7 +75,10 @@ fn every_family_names_its_classification_head() {
         soup_models::arch::dinov2::Dinov2Config::small(56, 3),
     )
     .unwrap();
-    assert_eq!(full.head_tensors(), ["classifier.weight", "classifier.bias"]);
+    assert_eq!(
+        full.head_tensors(),
+        ["classifier.weight", "classifier.bias"]
+    );
     assert_eq!(encoder_layout(&full).len(), 222);
 }
 
@@ -171,7 +174,10 @@ fn the_multitask_loss_is_the_sum_of_each_tasks_loss_with_its_own_head() {
                 };
                 want += l.to_scalar::<f32>().unwrap();
             }
-            assert!((got - want).abs() <= 1e-6 * want.abs(), "{loss:?}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs(),
+                "{loss:?}: {got} vs {want}"
+            );
         }
         // Per-task evaluation is each task's own classification of its full model.
         let per_task = mt.evaluate_tasks(&encoder).unwrap();
