@@ -879,14 +879,7 @@ impl Finished<'_> {
         // with its model card as README.md.
         let card = self.card();
         write_model_dir(dir, arch, &result.soup, &meta, &card)?;
-        let short: Vec<String> = models
-            .iter()
-            .map(|m| {
-                Path::new(m)
-                    .file_name()
-                    .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
-            })
-            .collect();
+        let short = short_names(models);
         write(
             "coefficients.svg",
             &svg::coefficients(
@@ -916,4 +909,16 @@ impl Finished<'_> {
         write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
         Ok(())
     }
+}
+
+/// The models' last path components, for the labels of the figures.
+pub(crate) fn short_names(models: &[String]) -> Vec<String> {
+    models
+        .iter()
+        .map(|m| {
+            Path::new(m)
+                .file_name()
+                .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
+        })
+        .collect()
 }

@@ -437,14 +437,7 @@ impl Written<'_> {
             "report.md",
             &self.markdown(mean(&|s| s.heldout.accuracy), mean(&|s| s.test.accuracy)),
         )?;
-        let short: Vec<String> = names
-            .iter()
-            .map(|m| {
-                Path::new(m)
-                    .file_name()
-                    .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
-            })
-            .collect();
+        let short = crate::mix::short_names(&names);
         write(
             "coefficients.svg",
             &svg::coefficients(

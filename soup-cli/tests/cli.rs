@@ -15,33 +15,7 @@ const DATA: &str = "/usr/share/datasets/fashion-mnist";
 const LIMIT: &str = "600";
 
 mod common;
-use common::json;
-
-fn soup(args: &[&str]) -> Output {
-    common::run(None, args, &[])
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = soup(args);
-    assert!(
-        out.status.success(),
-        "soup {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Exit code 2 and a one-line message containing `what`.
-fn fails(args: &[&str], what: &str) {
-    let out = soup(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "soup {args:?}: {err}");
-    assert!(
-        err.contains(what),
-        "soup {args:?}: expected {what:?} in {err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-}
+use common::{fails, json, ok};
 
 struct Zoo {
     _dir: ScratchDir,

@@ -4,7 +4,6 @@
 //! keep each task's head.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::OnceLock;
 
 use candle_core::Device;
@@ -14,35 +13,10 @@ use soup_models::testkit::fixtures::{bits, ScratchDir};
 use soup_models::Checkpoint;
 
 mod common;
-use common::json;
+use common::{fails, json, ok};
 
 const DATA: &str = "/usr/share/datasets/fashion-mnist";
 const LIMIT: &str = "400";
-
-fn soup(args: &[&str]) -> Output {
-    common::run(None, args, &[])
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = soup(args);
-    assert!(
-        out.status.success(),
-        "soup {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(args: &[&str], what: &str) {
-    let out = soup(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "soup {args:?}: {err}");
-    assert!(
-        err.contains(what),
-        "soup {args:?}: expected {what:?} in {err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-}
 
 struct Tasks {
     _dir: ScratchDir,

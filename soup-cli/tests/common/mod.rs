@@ -28,6 +28,30 @@ pub fn run(dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run soup")
 }
 
+/// Runs `soup args` and returns its stdout; fails the test unless it succeeded.
+pub fn ok(args: &[&str]) -> String {
+    let out = run(None, args, &[]);
+    assert!(
+        out.status.success(),
+        "soup {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `soup args` and fails the test unless it exits with code 2 and a message containing
+/// `what`, without a panic.
+pub fn fails(args: &[&str], what: &str) {
+    let out = run(None, args, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "soup {args:?}: {err}");
+    assert!(
+        err.contains(what),
+        "soup {args:?}: expected {what:?} in {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// A JSON file, parsed.
 pub fn json(path: impl AsRef<Path>) -> serde_json::Value {
     let path = path.as_ref();
