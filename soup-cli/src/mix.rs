@@ -904,6 +904,7 @@ impl Finished<'_> {
                 &losses,
                 &accuracy,
                 &format!("{method}: loss per step, held-out accuracy"),
+                ("held-out loss (mini-batch)", "held-out accuracy"),
             ),
         )?;
         write("recipe.toml", &toml::to_string_pretty(recipe)?)?;

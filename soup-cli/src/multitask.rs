@@ -462,6 +462,16 @@ impl Written<'_> {
                 &losses,
                 &accuracy,
                 &format!("{method}: loss per step, mean accuracy after each model batch"),
+                match recipe.task_loss {
+                    Some(TaskLossName::CrossEntropy) => (
+                        "held-out cross-entropy, summed over tasks",
+                        "mean held-out accuracy",
+                    ),
+                    _ => (
+                        "entropy on the test inputs, summed over tasks",
+                        "mean test accuracy",
+                    ),
+                },
             ),
         )?;
         write("recipe.toml", &toml::to_string_pretty(recipe)?)?;

@@ -240,8 +240,14 @@ pub fn line_chart(
     s
 }
 
-/// Loss per step (left axis) and held-out accuracy after each evaluation (right axis, dots).
-pub fn curve(losses: &[f64], accuracy: &[(usize, f64)], title: &str) -> String {
+/// Loss per step (left axis, labelled `loss_axis`) and accuracy after each evaluation (right
+/// axis, dots, labelled `accuracy_axis`).
+pub fn curve(
+    losses: &[f64],
+    accuracy: &[(usize, f64)],
+    title: &str,
+    (loss_axis, accuracy_axis): (&str, &str),
+) -> String {
     let (w, h) = (720.0, 380.0);
     let steps = losses
         .len()
@@ -265,7 +271,7 @@ pub fn curve(losses: &[f64], accuracy: &[(usize, f64)], title: &str) -> String {
     }
     .snapped();
     let mut s = open(w, h, title);
-    axes.draw(&mut s, "step", "held-out loss (mini-batch)");
+    axes.draw(&mut s, "step", loss_axis);
     // Right axis: accuracy in [0, 1].
     let (right, (t, hgt)) = (axes.left + axes.width, (axes.top, axes.height));
     let ay = |a: f64| t + hgt * (1.0 - a);
@@ -283,7 +289,7 @@ pub fn curve(losses: &[f64], accuracy: &[(usize, f64)], title: &str) -> String {
     let (rx, ry) = (right + 40.0, t + hgt / 2.0);
     let _ = write!(
         s,
-        r##"<text x="{rx:.1}" y="{ry:.1}" text-anchor="middle" fill="#1f77b4" transform="rotate(90 {rx:.1} {ry:.1})">held-out accuracy</text>"##
+        r##"<text x="{rx:.1}" y="{ry:.1}" text-anchor="middle" fill="#1f77b4" transform="rotate(90 {rx:.1} {ry:.1})">{accuracy_axis}</text>"##
     );
     if !losses.is_empty() {
         let points: Vec<String> = losses
@@ -510,8 +516,16 @@ mod tests {
             svg.contains(">greedy</text>") && svg.contains(">16</text>"),
             "{svg}"
         );
-        let svg = curve(&[2.0, 1.5, 1.0], &[(3, 0.5)], "c");
+        let svg = curve(
+            &[2.0, 1.5, 1.0],
+            &[(3, 0.5)],
+            "c",
+            ("entropy per step", "mean test accuracy"),
+        );
         assert!(svg.contains(">accuracy</text>") && svg.contains(">loss per step</text>"));
+        assert!(
+            svg.contains(">entropy per step</text>") && svg.contains(">mean test accuracy</text>")
+        );
         assert!(svg.contains(">0.5</text>"), "accuracy ticks");
     }
 }
