@@ -141,6 +141,37 @@ fn full_graph_adamerging(
     (losses, lambdas)
 }
 
+/// The run's loss and λ at every step against the reference's, within 1e-9.
+fn same_trajectory(
+    result: &soup_core::SoupResult,
+    lambdas: &[Vec<Vec<f64>>],
+    ref_losses: &[f64],
+    ref_lambdas: &[Vec<Vec<f64>>],
+) -> Result<(), TestCaseError> {
+    let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
+    prop_assert_eq!(losses.len(), ref_losses.len());
+    for (s, (a, r)) in losses.iter().zip(ref_losses).enumerate() {
+        prop_assert!(
+            (a - r).abs() <= 1e-9 * r.abs().max(1.0),
+            "loss at step {}: {} vs {}",
+            s,
+            a,
+            r
+        );
+    }
+    prop_assert_eq!(lambdas.len(), ref_lambdas.len());
+    for (s, (a, r)) in lambdas.iter().zip(ref_lambdas).enumerate() {
+        prop_assert!(
+            rel_err(&a.concat(), &r.concat()) <= 1e-9,
+            "λ at step {}: {:?} vs {:?}",
+            s,
+            a,
+            r
+        );
+    }
+    Ok(())
+}
+
 /// AdaMerging's run on the test zoo: SGD, a constant rate, `b` task models per batch.
 fn adamerging_config(
     b: usize,
@@ -202,15 +233,7 @@ proptest! {
         let every: Vec<usize> = (0..n).filter(|&j| j != base).collect();
         let (ref_losses, ref_lambdas) =
             full_graph_adamerging(&store, base, &mut obj, &cfg, layer_wise, &[(0, 0, every)]);
-        let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
-        prop_assert_eq!(losses.len(), ref_losses.len());
-        for (s, (a, r)) in losses.iter().zip(&ref_losses).enumerate() {
-            prop_assert!((a - r).abs() <= 1e-9 * r.abs().max(1.0), "loss at step {}: {} vs {}", s, a, r);
-        }
-        prop_assert_eq!(lambdas.len(), ref_lambdas.len());
-        for (s, (a, r)) in lambdas.iter().zip(&ref_lambdas).enumerate() {
-            prop_assert!(rel_err(&a.concat(), &r.concat()) <= 1e-9, "λ at step {}: {:?} vs {:?}", s, a, r);
-        }
+        same_trajectory(&result, &lambdas, &ref_losses, &ref_lambdas)?;
         // The soup is θ_0 + Σ λ τ of the final λ, and α reconstructs it.
         let naive = soup_from_alpha(&store, &result.blocks, &result.alpha).unwrap();
         let got = host_blocks(&to_blocks(&result.soup, &result.blocks).unwrap()).unwrap();
@@ -263,15 +286,7 @@ proptest! {
         prop_assert_eq!(batches.len(), passes * k.div_ceil(b));
         let (ref_losses, ref_lambdas) =
             full_graph_adamerging(&store, base, &mut obj, &cfg, layer_wise, &batches);
-        let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
-        prop_assert_eq!(losses.len(), ref_losses.len());
-        for (s, (a, r)) in losses.iter().zip(&ref_losses).enumerate() {
-            prop_assert!((a - r).abs() <= 1e-9 * r.abs().max(1.0), "loss at step {}: {} vs {}", s, a, r);
-        }
-        prop_assert_eq!(lambdas.len(), ref_lambdas.len());
-        for (s, (a, r)) in lambdas.iter().zip(&ref_lambdas).enumerate() {
-            prop_assert!(rel_err(&a.concat(), &r.concat()) <= 1e-9, "λ at step {}: {:?} vs {:?}", s, a, r);
-        }
+        same_trajectory(&result, &lambdas, &ref_losses, &ref_lambdas)?;
     }
 }
 
