@@ -72,25 +72,11 @@ pub trait Objective {
         batch: Batch,
     ) -> Result<Tensor>;
 
-    /// The loss and ∇θ at `params` on `batch`, by backpropagation through [`Self::loss`].
+    /// The loss and ∇θ at `params` on `batch`, by backpropagation through [`Self::loss`]
+    /// ([`autograd_loss_and_grad`]); an objective with a faster way to the same numbers overrides it.
     /// A parameter the loss does not depend on gets a zero gradient.
     fn loss_and_grad(&mut self, params: &[Tensor], batch: Batch) -> Result<(f64, Vec<Tensor>)> {
-        let vars: Vec<Var> = params
-            .iter()
-            .map(Var::from_tensor)
-            .collect::<candle_core::Result<_>>()?;
-        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = self.loss(&inputs, None, batch)?;
-        let grads = loss.backward()?;
-        let value = crate::transfer::scalar(&loss)?;
-        let g = inputs
-            .iter()
-            .map(|t| match grads.get(t) {
-                Some(g) => Ok(g.clone()),
-                None => t.zeros_like(),
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok((value, g))
+        autograd_loss_and_grad(self, params, batch)
     }
 
     /// Loss and metrics of `params` over the whole held-out data (this shard's part of it after
@@ -113,6 +99,32 @@ pub trait Objective {
             ))
         }
     }
+}
+
+/// The loss and ∇θ at `params` on `batch` by candle's autograd through [`Objective::loss`] (the
+/// default of [`Objective::loss_and_grad`]). A parameter the loss does not depend on gets a zero
+/// gradient.
+pub fn autograd_loss_and_grad<O: Objective + ?Sized>(
+    objective: &mut O,
+    params: &[Tensor],
+    batch: Batch,
+) -> Result<(f64, Vec<Tensor>)> {
+    let vars: Vec<Var> = params
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<_>>()?;
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let loss = objective.loss(&inputs, None, batch)?;
+    let grads = loss.backward()?;
+    let value = crate::transfer::scalar(&loss)?;
+    let g = inputs
+        .iter()
+        .map(|t| match grads.get(t) {
+            Some(g) => Ok(g.clone()),
+            None => t.zeros_like(),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    Ok((value, g))
 }
 
 /// Communication between the processes of one run (spec §3.7). Every rank makes the same calls

@@ -5,16 +5,19 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_transformers::models::clip::text_model::Activation;
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
 use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{ParamLayout, TensorSpec};
 
+use super::tape::{self, Tape};
 use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params};
 use crate::error::{ModelError, Result};
 use crate::ops::{attention, layer_norm, linear, quick_gelu};
+
+mod backward;
 
 /// CLIP's pixel normalisation (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -408,6 +411,16 @@ impl Architecture for ClipClassifier {
 
     fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.image_features(params, images)?))
+    }
+
+    fn tape(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Box<dyn Tape>>> {
+        if !tape::supported(params) {
+            return Ok(None);
+        }
+        Ok(Some(match params[0].dtype() {
+            DType::F64 => Box::new(backward::ClipTape::<f64>::forward(self, params, images)?),
+            _ => Box::new(backward::ClipTape::<f32>::forward(self, params, images)?),
+        }))
     }
 
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {

@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod dinov2;
 pub mod mlp;
+pub mod tape;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +66,13 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     }
     /// A seeded random initialisation (f32), for training from scratch.
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
+
+    /// The logits of `images` by a forward pass kept for this family's hand-written backward
+    /// (`arch/tape.rs`), or `None` where there is none for these tensors (another family, a GPU,
+    /// another dtype): then autograd through [`Self::forward`] is the way.
+    fn tape(&self, _params: &[Tensor], _images: &Tensor) -> Result<Option<Box<dyn tape::Tape>>> {
+        Ok(None)
+    }
 }
 
 type Constructor = fn(&serde_json::Value) -> Result<Arc<dyn Architecture>>;

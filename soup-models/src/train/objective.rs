@@ -144,6 +144,29 @@ impl Classification {
         order[start..end].iter().map(|&i| i as u32).collect()
     }
 
+    /// This process's rows of mini-batch `batch` and their share of the whole batch (1 without a
+    /// shard); starts decoding the next batch of a streamed data set.
+    fn shard_rows(&mut self, batch: Batch) -> (Vec<u32>, f64) {
+        let rows = self.batch_rows(batch);
+        let (rank, world) = self.shard;
+        // Streamed images: the next batch decodes while this one computes (its rows cost a
+        // permutation, so in-memory data skip this).
+        if matches!(self.data.images, Images::Stream(_)) && batch.index + 1 < self.num_batches() {
+            let next = self.batch_rows(Batch {
+                index: batch.index + 1,
+                ..batch
+            });
+            self.data
+                .prefetch(next[part(next.len(), rank, world)].to_vec());
+        }
+        if world == 1 {
+            return (rows, 1.0);
+        }
+        let mine = rows[part(rows.len(), rank, world)].to_vec();
+        let weight = mine.len() as f64 / rows.len() as f64;
+        (mine, weight)
+    }
+
     /// Logits of the examples `rows` under `params`.
     pub fn logits(&self, params: &[Tensor], rows: &[u32]) -> soup_core::Result<(Tensor, Vec<u32>)> {
         let (images, labels) = self.data.select(rows)?;
@@ -167,37 +190,54 @@ impl Objective for Classification {
         logit_scale: Option<&Tensor>,
         batch: Batch,
     ) -> soup_core::Result<Tensor> {
-        let rows = self.batch_rows(batch);
-        let (rank, world) = self.shard;
-        // Streamed images: the next batch decodes while this one computes (its rows cost a
-        // permutation, so in-memory data skip this).
-        if matches!(self.data.images, Images::Stream(_)) && batch.index + 1 < self.num_batches() {
-            let next = self.batch_rows(Batch {
-                index: batch.index + 1,
-                ..batch
-            });
-            self.data
-                .prefetch(next[part(next.len(), rank, world)].to_vec());
-        }
-        if world == 1 {
-            let (mut logits, labels) = self.logits(params, &rows)?;
-            if let Some(s) = logit_scale {
-                logits = logits.broadcast_mul(s)?;
-            }
-            return Ok(cross_entropy(&logits, &labels, self.label_smoothing)?);
-        }
-        // This shard's examples: their mean loss weighted by their share of the batch.
-        let mine = &rows[part(rows.len(), rank, world)];
+        let (mine, weight) = self.shard_rows(batch);
         if mine.is_empty() {
             let p = params.first().ok_or(soup_core::SoupError::EmptyLayout)?;
             return Ok(p.flatten_all()?.sum_all()?.affine(0.0, 0.0)?);
         }
-        let (mut logits, labels) = self.logits(params, mine)?;
+        let (mut logits, labels) = self.logits(params, &mine)?;
         if let Some(s) = logit_scale {
             logits = logits.broadcast_mul(s)?;
         }
         let mean = cross_entropy(&logits, &labels, self.label_smoothing)?;
-        Ok(mean.affine(mine.len() as f64 / rows.len() as f64, 0.0)?)
+        Ok(if weight == 1.0 {
+            mean
+        } else {
+            mean.affine(weight, 0.0)?
+        })
+    }
+
+    /// Through the architecture's hand-written backward where it has one for these tensors
+    /// (`arch/tape.rs`: the same loss and gradients as autograd, without its graph), else by
+    /// autograd through [`Self::loss`].
+    fn loss_and_grad(
+        &mut self,
+        params: &[Tensor],
+        batch: Batch,
+    ) -> soup_core::Result<(f64, Vec<Tensor>)> {
+        if !crate::arch::tape::supported(params) {
+            return soup_core::autograd_loss_and_grad(self, params, batch);
+        }
+        let (mine, weight) = self.shard_rows(batch);
+        if mine.is_empty() {
+            let zeros = params.iter().map(Tensor::zeros_like);
+            return Ok((0.0, zeros.collect::<candle_core::Result<_>>()?));
+        }
+        let (images, labels) = self.data.select(&mine)?;
+        let Some(tape) = self.arch.tape(params, &images.to_device(device_of(params))?)? else {
+            return soup_core::autograd_loss_and_grad(self, params, batch);
+        };
+        let logits = tape.logits();
+        let k = logits.dim(1)?;
+        let values = logits.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let (loss, mut dlogits) =
+            crate::arch::tape::cross_entropy_and_grad(&values, k, &labels, self.label_smoothing);
+        for v in &mut dlogits {
+            *v *= weight;
+        }
+        let dlogits = Tensor::from_vec(dlogits, (labels.len(), k), logits.device())?
+            .to_dtype(logits.dtype())?;
+        Ok((loss * weight, tape.backward(&dlogits)?))
     }
 
     fn set_shard(&mut self, rank: usize, world: usize) -> soup_core::Result<()> {

@@ -79,11 +79,10 @@ impl Attention {
         }
     }
 
-    fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(l)?;
+    /// softmax(scale · Q_h K_hᵀ) V_h of every image and head into `out` (n × t × e).
+    fn forward_into<T: Real>(&self, qkv: &[T], d: AttnDims, out: &mut [T]) {
         let AttnDims { n, t, e, hd } = d;
-        let qkv = data::<T>(s, l, "attention")?;
-        let mut out = vec![T::zero(); n * t * e];
+        assert!(qkv.len() == n * t * 3 * e && out.len() == n * t * e && hd * self.heads == e);
         let dst = SharedMut(out.as_mut_ptr());
         (0..n * self.heads).into_par_iter().for_each_init(
             || vec![T::zero(); t * t],
@@ -107,23 +106,14 @@ impl Attention {
                 }
             },
         );
-        Ok((T::to_cpu_storage_owned(out), Shape::from((n, t, e))))
     }
 
-    fn bwd_kernel<T: Real>(
-        &self,
-        (s1, l1): (&CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(l1)?;
+    /// The gradient of q|k|v for dO = `dout` (n × t × e), written into `g` (n × t × 3e).
+    fn backward_into<T: Real>(&self, qkv: &[T], dout: &[T], d: AttnDims, g: &mut [T]) {
         let AttnDims { n, t, e, hd } = d;
-        let qkv = data::<T>(s1, l1, "attention")?;
-        let dout = data::<T>(s2, l2, "attention")?;
-        if dout.len() != n * t * e {
-            bail!("attention backward: the gradient has shape {:?}", l2.dims());
-        }
+        assert!(qkv.len() == n * t * 3 * e && g.len() == qkv.len() && hd * self.heads == e);
+        assert_eq!(dout.len(), n * t * e);
         let scale = T::from_f64(self.scale);
-        let mut g = vec![T::zero(); n * t * 3 * e];
         let dst = SharedMut(g.as_mut_ptr());
         (0..n * self.heads).into_par_iter().for_each_init(
             || (vec![T::zero(); t * t], vec![T::zero(); t * t]),
@@ -202,6 +192,31 @@ impl Attention {
                 }
             },
         );
+    }
+
+    fn fwd<T: Real>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l)?;
+        let AttnDims { n, t, e, .. } = d;
+        let qkv = data::<T>(s, l, "attention")?;
+        let mut out = vec![T::zero(); n * t * e];
+        self.forward_into(qkv, d, &mut out);
+        Ok((T::to_cpu_storage_owned(out), Shape::from((n, t, e))))
+    }
+
+    fn bwd_kernel<T: Real>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1)?;
+        let AttnDims { n, t, e, .. } = d;
+        let qkv = data::<T>(s1, l1, "attention")?;
+        let dout = data::<T>(s2, l2, "attention")?;
+        if dout.len() != n * t * e {
+            bail!("attention backward: the gradient has shape {:?}", l2.dims());
+        }
+        let mut g = vec![T::zero(); n * t * 3 * e];
+        self.backward_into(qkv, dout, d, &mut g);
         Ok((T::to_cpu_storage_owned(g), l1.shape().clone()))
     }
 }
@@ -260,4 +275,29 @@ impl CustomOp2 for AttentionBwd {
             attention_bwd(&self.0, (s1, l1), (s2, l2))
         )
     }
+}
+
+/// Multi-head self-attention on slices: `qkv` (n × t × 3e, q | k | v) → `out` (n × t × e).
+pub(crate) fn attention_into<T: Real>(
+    qkv: &[T],
+    (n, t, e): (usize, usize, usize),
+    heads: usize,
+    scale: f64,
+    out: &mut [T],
+) {
+    let d = AttnDims { n, t, e, hd: e / heads };
+    Attention { heads, scale }.forward_into(qkv, d, out)
+}
+
+/// The backward of [`attention_into`]: d qkv (n × t × 3e) for dO (n × t × e), written into `g`.
+pub(crate) fn attention_backward_into<T: Real>(
+    qkv: &[T],
+    dout: &[T],
+    (n, t, e): (usize, usize, usize),
+    heads: usize,
+    scale: f64,
+    g: &mut [T],
+) {
+    let d = AttnDims { n, t, e, hd: e / heads };
+    Attention { heads, scale }.backward_into(qkv, dout, d, g)
 }

@@ -21,15 +21,8 @@ fn sigmoid<T: Real>(v: T) -> T {
 
 fn quick_gelu_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let x = data::<T>(s, l, "quick_gelu")?;
-    let k = T::from_f64(GELU_K);
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(65_536)
-        .zip(x.par_chunks(65_536))
-        .for_each(|(yc, xc)| {
-            for (y, &x) in yc.iter_mut().zip(xc) {
-                *y = x * sigmoid(k * x);
-            }
-        });
+    quick_gelu_into(x, &mut y);
     Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
 }
 
@@ -64,16 +57,8 @@ fn quick_gelu_bwd<T: Real>(
             l2.dims()
         );
     }
-    let k = T::from_f64(GELU_K);
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(65_536)
-        .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
-        .for_each(|(dc, (xc, gc))| {
-            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let s = sigmoid(k * x);
-                *d = g * (s + k * x * s * (T::one() - s));
-            }
-        });
+    quick_gelu_backward_into(x, dy, &mut dx);
     Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
 }
 
@@ -118,14 +103,7 @@ fn normal_pdf(x: f64) -> f64 {
 fn gelu_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
     let x = data::<T>(s, l, "gelu")?;
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(65_536)
-        .zip(x.par_chunks(65_536))
-        .for_each(|(yc, xc)| {
-            for (y, &x) in yc.iter_mut().zip(xc) {
-                let v = x.to_f64();
-                *y = T::from_f64(v * normal_cdf(v));
-            }
-        });
+    gelu_into(x, &mut y);
     Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
 }
 
@@ -155,14 +133,7 @@ fn gelu_bwd<T: Real>(
         bail!("gelu backward: the gradient has shape {:?}", l2.dims());
     }
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(65_536)
-        .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
-        .for_each(|(dc, (xc, gc))| {
-            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let v = x.to_f64();
-                *d = T::from_f64(g.to_f64() * (normal_cdf(v) + v * normal_pdf(v)));
-            }
-        });
+    gelu_backward_into(x, dy, &mut dx);
     Ok((T::to_cpu_storage_owned(dx), l1.shape().clone()))
 }
 
@@ -180,4 +151,57 @@ impl CustomOp2 for GeluBwd {
     ) -> Result<(CpuStorage, Shape)> {
         dispatch!(s1, "gelu backward", gelu_bwd((s1, l1), (s2, l2)))
     }
+}
+
+/// y = x·σ(1.702 x), element-wise.
+pub(crate) fn quick_gelu_into<T: Real>(x: &[T], y: &mut [T]) {
+    assert_eq!(x.len(), y.len());
+    let k = T::from_f64(GELU_K);
+    y.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536))
+        .for_each(|(yc, xc)| {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                *y = x * sigmoid(k * x);
+            }
+        });
+}
+
+/// dx = dy·(σ + 1.702·x·σ·(1 − σ)), element-wise.
+pub(crate) fn quick_gelu_backward_into<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
+    assert!(x.len() == dy.len() && x.len() == dx.len());
+    let k = T::from_f64(GELU_K);
+    dx.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
+        .for_each(|(dc, (xc, gc))| {
+            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                let s = sigmoid(k * x);
+                *d = g * (s + k * x * s * (T::one() - s));
+            }
+        });
+}
+
+/// y = x·Φ(x), element-wise.
+pub(crate) fn gelu_into<T: Real>(x: &[T], y: &mut [T]) {
+    assert_eq!(x.len(), y.len());
+    y.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536))
+        .for_each(|(yc, xc)| {
+            for (y, &x) in yc.iter_mut().zip(xc) {
+                let v = x.to_f64();
+                *y = T::from_f64(v * normal_cdf(v));
+            }
+        });
+}
+
+/// dx = dy·(Φ(x) + x·φ(x)), element-wise.
+pub(crate) fn gelu_backward_into<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
+    assert!(x.len() == dy.len() && x.len() == dx.len());
+    dx.par_chunks_mut(65_536)
+        .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
+        .for_each(|(dc, (xc, gc))| {
+            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                let v = x.to_f64();
+                *d = T::from_f64(g.to_f64() * (normal_cdf(v) + v * normal_pdf(v)));
+            }
+        });
 }

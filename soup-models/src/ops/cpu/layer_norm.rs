@@ -52,17 +52,7 @@ fn layer_norm_fwd<T: Real>(
         data::<T>(s3, l3, "layer_norm")?,
     );
     let mut y = vec![T::zero(); x.len()];
-    let chunk = rows_per_task(d) * d;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let (mean, rstd) = moments(xr, eps);
-                for j in 0..d {
-                    yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
-                }
-            }
-        });
+    layer_norm_into(x, w, b, eps, &mut y);
     Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
 }
 
@@ -132,6 +122,65 @@ fn layer_norm_bwd<T: Real>(
     let n = x.len();
     let mut g = vec![T::zero(); n + 2 * d];
     let (dx, dwb) = g.split_at_mut(n);
+    let (dw, db) = dwb.split_at_mut(d);
+    layer_norm_backward_into(x, w, dy, eps, (dx, false), dw, db);
+    Ok((T::to_cpu_storage_owned(g), Shape::from(n + 2 * d)))
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "soup-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        dispatch!(
+            s1,
+            "layer_norm backward",
+            layer_norm_bwd(self.eps, (s1, l1), (s2, l2), (s3, l3))
+        )
+    }
+}
+
+/// y = LayerNorm(x) over rows of w.len() elements, with weight w and bias b.
+pub(crate) fn layer_norm_into<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64, y: &mut [T]) {
+    let d = w.len();
+    assert!(d > 0 && b.len() == d && x.len() == y.len() && x.len().is_multiple_of(d));
+    let chunk = rows_per_task(d) * d;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let (mean, rstd) = moments(xr, eps);
+                for j in 0..d {
+                    yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+                }
+            }
+        });
+}
+
+/// The backward of [`layer_norm_into`] for dy: with x̂ = (x − μ)·r and g = dy·w,
+/// dx = r·(g − mean(g) − x̂·mean(g·x̂)) written into dx (added to it when its flag is true),
+/// dw = Σ_rows dy·x̂ and db = Σ_rows dy written into dw and db.
+pub(crate) fn layer_norm_backward_into<T: Real>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    eps: f64,
+    (dx, accumulate): (&mut [T], bool),
+    dw: &mut [T],
+    db: &mut [T],
+) {
+    let d = w.len();
+    assert!(d > 0 && dw.len() == d && db.len() == d && x.len().is_multiple_of(d));
+    assert!(dy.len() == x.len() && dx.len() == x.len());
     let chunk = rows_per_task(d) * d;
     let inv_d = T::from_f64(1.0 / d as f64);
     // Each task returns its partial [dw | db]; the partials are summed in task order.
@@ -160,38 +209,22 @@ fn layer_norm_bwd<T: Real>(
                 mg *= inv_d;
                 mgx *= inv_d;
                 for j in 0..d {
-                    dxr[j] = rstd * (dyr[j] * w[j] - mg - xhat[j] * mgx);
+                    let v = rstd * (dyr[j] * w[j] - mg - xhat[j] * mgx);
+                    dxr[j] = if accumulate { dxr[j] + v } else { v };
                 }
             }
             part
         })
         .collect();
+    dw.fill(T::zero());
+    db.fill(T::zero());
     for part in partials {
-        for (a, v) in dwb.iter_mut().zip(part) {
-            *a += v;
+        let (pw, pb) = part.split_at(d);
+        for (a, v) in dw.iter_mut().zip(pw) {
+            *a += *v;
         }
-    }
-    Ok((T::to_cpu_storage_owned(g), Shape::from(n + 2 * d)))
-}
-
-impl CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "soup-layer-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        dispatch!(
-            s1,
-            "layer_norm backward",
-            layer_norm_bwd(self.eps, (s1, l1), (s2, l2), (s3, l3))
-        )
+        for (a, v) in db.iter_mut().zip(pb) {
+            *a += *v;
+        }
     }
 }

@@ -40,23 +40,8 @@ fn linear_fwd<T: Real>(
         data::<T>(s2, l2, "linear")?,
         data::<T>(s3, l3, "linear")?,
     );
-    let mut y: Vec<T> = Vec::with_capacity(rows * out);
-    for _ in 0..rows {
-        y.extend_from_slice(b);
-    }
-    // SAFETY: y holds rows × out (filled above), x rows × in and w out × in (their lengths come
-    // from the shapes checked by `data`); y is a fresh buffer.
-    unsafe {
-        matmul(
-            (rows, out, inp),
-            (y.as_mut_ptr(), out, 1),
-            (x.as_ptr(), inp, 1),
-            (w.as_ptr(), 1, inp),
-            true,
-            (T::one(), T::one()),
-            parallelism(),
-        );
-    }
+    let mut y = vec![T::zero(); rows * out];
+    linear_into(x, w, Some(b), false, (rows, inp, out), (&mut y, out));
     Ok((T::to_cpu_storage_owned(y), Shape::from((rows, out))))
 }
 
@@ -135,37 +120,8 @@ fn linear_bwd<T: Real>(
     let mut g: Vec<T> = vec![T::zero(); total];
     let (dx, rest) = g.split_at_mut(rows * inp);
     let (dw, db) = rest.split_at_mut(out * inp);
-    // SAFETY: dx (rows × in) and dw (out × in) are disjoint slices of g of exactly those sizes;
-    // dy is rows × out, x rows × in and w out × in, as `data` checked against the shapes.
-    unsafe {
-        // dx (rows × in) = dy (rows × out) · W (out × in)
-        if with_dx {
-            matmul(
-                (rows, inp, out),
-                (dx.as_mut_ptr(), inp, 1),
-                (dy.as_ptr(), out, 1),
-                (w.as_ptr(), inp, 1),
-                false,
-                (T::zero(), T::one()),
-                parallelism(),
-            );
-        }
-        // dW (out × in) = dyᵀ (out × rows) · x (rows × in)
-        matmul(
-            (out, inp, rows),
-            (dw.as_mut_ptr(), inp, 1),
-            (dy.as_ptr(), 1, out),
-            (x.as_ptr(), inp, 1),
-            false,
-            (T::zero(), T::one()),
-            parallelism(),
-        );
-    }
-    for row in dy.chunks_exact(out) {
-        for (d, &v) in db.iter_mut().zip(row) {
-            *d += v;
-        }
-    }
+    let dx = with_dx.then_some((dx, false));
+    linear_backward_into(x, w, (dy, out), (rows, inp, out), dx, dw, Some(db));
     Ok((T::to_cpu_storage_owned(g), Shape::from(total)))
 }
 
@@ -188,5 +144,109 @@ impl CustomOp3 for LinearBwd {
             "linear backward",
             linear_bwd(self.with_dx, (s1, l1), (s2, l2), (s3, l3))
         )
+    }
+}
+
+/// y (rows × out, row stride `y_rs`) = x (rows × in) Wᵀ + b, W (out × in); without a bias x Wᵀ;
+/// with `accumulate`, y + x Wᵀ + b (a residual stream). y may be a column range of a wider
+/// matrix (q, k and v side by side): only its first `out` columns of each row are written.
+pub(crate) fn linear_into<T: Real>(
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    accumulate: bool,
+    (rows, inp, out): (usize, usize, usize),
+    (y, y_rs): (&mut [T], usize),
+) {
+    if rows == 0 || out == 0 {
+        return;
+    }
+    assert!(x.len() >= rows * inp && w.len() == out * inp && y_rs >= out);
+    assert!(y.len() >= (rows - 1) * y_rs + out);
+    if let Some(b) = b {
+        assert_eq!(b.len(), out);
+        for r in 0..rows {
+            let row = &mut y[r * y_rs..r * y_rs + out];
+            if accumulate {
+                for (v, &bj) in row.iter_mut().zip(b) {
+                    *v += bj;
+                }
+            } else {
+                row.copy_from_slice(b);
+            }
+        }
+    }
+    // SAFETY: y addresses rows × out elements with row stride y_rs, x rows × in and w out × in
+    // (lengths asserted above); y is a &mut slice, so it overlaps neither x nor w.
+    unsafe {
+        matmul(
+            (rows, out, inp),
+            (y.as_mut_ptr(), y_rs, 1),
+            (x.as_ptr(), inp, 1),
+            (w.as_ptr(), 1, inp),
+            accumulate || b.is_some(),
+            (T::one(), T::one()),
+            parallelism(),
+        );
+    }
+}
+
+/// The backward of [`linear_into`] for dy (rows × out, row stride `dy_rs`): dW = dyᵀ x into `dw`
+/// (out × in), db = Σ_rows dy into `db`, and, when `dx` is given, dx = dy W (rows × in) written,
+/// or added to what dx holds when its flag is true.
+pub(crate) fn linear_backward_into<T: Real>(
+    x: &[T],
+    w: &[T],
+    (dy, dy_rs): (&[T], usize),
+    (rows, inp, out): (usize, usize, usize),
+    dx: Option<(&mut [T], bool)>,
+    dw: &mut [T],
+    db: Option<&mut [T]>,
+) {
+    assert!(x.len() >= rows * inp && w.len() == out * inp && dw.len() == out * inp);
+    assert!(dy_rs >= out && (rows == 0 || dy.len() >= (rows - 1) * dy_rs + out));
+    if rows == 0 || out == 0 {
+        dw.fill(T::zero());
+        if let Some(db) = db {
+            db.fill(T::zero());
+        }
+        return;
+    }
+    // SAFETY: dx (rows × in) and dw (out × in) are &mut slices of at least those sizes
+    // (asserted), so they overlap nothing else; dy addresses rows × out elements with row stride
+    // dy_rs, x rows × in and w out × in, as asserted above.
+    unsafe {
+        if let Some((dx, accumulate)) = dx {
+            assert!(dx.len() >= rows * inp);
+            // dx (rows × in) (+)= dy (rows × out) · W (out × in)
+            matmul(
+                (rows, inp, out),
+                (dx.as_mut_ptr(), inp, 1),
+                (dy.as_ptr(), dy_rs, 1),
+                (w.as_ptr(), inp, 1),
+                accumulate,
+                (T::one(), T::one()),
+                parallelism(),
+            );
+        }
+        // dW (out × in) = dyᵀ (out × rows) · x (rows × in)
+        matmul(
+            (out, inp, rows),
+            (dw.as_mut_ptr(), inp, 1),
+            (dy.as_ptr(), 1, dy_rs),
+            (x.as_ptr(), inp, 1),
+            false,
+            (T::zero(), T::one()),
+            parallelism(),
+        );
+    }
+    if let Some(db) = db {
+        assert_eq!(db.len(), out);
+        db.fill(T::zero());
+        for r in 0..rows {
+            for (d, &v) in db.iter_mut().zip(&dy[r * dy_rs..r * dy_rs + out]) {
+                *d += v;
+            }
+        }
     }
 }

@@ -97,6 +97,15 @@ pub use gelu::{gelu, quick_gelu};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 
+/// The kernels on plain slices (what the tensor ops above run), for the hand-written
+/// whole-model backward passes of `arch` (`arch/tape.rs`).
+pub(crate) mod slices {
+    pub(crate) use super::attention::{attention_backward_into, attention_into};
+    pub(crate) use super::gelu::{quick_gelu_backward_into, quick_gelu_into};
+    pub(crate) use super::layer_norm::{layer_norm_backward_into, layer_norm_into};
+    pub(crate) use super::linear::{linear_backward_into, linear_into};
+}
+
 /// Threads for the large matrix products: candle's own setting (RAYON_NUM_THREADS or the cores).
 fn parallelism() -> Parallelism {
     match candle_core::utils::get_num_threads() {

@@ -1,0 +1,128 @@
+//! Hand-written whole-model backward passes (issue [perf-2], item 2): a forward pass on plain
+//! slices that keeps what its backward needs, and a backward that writes every parameter's
+//! gradient once, into one buffer of the whole layout, with no autograd graph and no per-node
+//! gradient store. candle's autograd through [`super::Architecture::forward`] stays the reference
+//! they are tested against (`tests/tape.rs`, f64, every tensor).
+
+use candle_core::{DType, Storage, Tensor, WithDType};
+use soup_core::ParamLayout;
+
+use crate::error::Result;
+use crate::ops::cpu::Real;
+
+/// A forward pass kept for its backward.
+pub trait Tape {
+    /// The logits (n × classes), not part of any autograd graph.
+    fn logits(&self) -> &Tensor;
+
+    /// The gradients of ⟨dlogits, logits⟩ with respect to every parameter, in layout order, with
+    /// the parameters' shapes and dtype (views into one buffer of the whole layout).
+    fn backward(self: Box<Self>, dlogits: &Tensor) -> Result<Vec<Tensor>>;
+}
+
+/// Whether every tensor suits the hand-written passes: on the CPU, contiguous, all f32 or all f64.
+pub(crate) fn supported(params: &[Tensor]) -> bool {
+    let dtype = match params.first() {
+        Some(p) => p.dtype(),
+        None => return false,
+    };
+    matches!(dtype, DType::F32 | DType::F64)
+        && params
+            .iter()
+            .all(|p| p.device().is_cpu() && p.dtype() == dtype && p.is_contiguous())
+}
+
+/// Calls `f` with the contiguous CPU data of each tensor (read locks held meanwhile).
+pub(crate) fn with_slices<T: WithDType, R>(
+    tensors: &[Tensor],
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(Tensor::storage_and_layout).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            return Err(candle_core::Error::Msg("the hand-written backward runs on the CPU only".into()).into());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg("the hand-written backward needs contiguous tensors".into()).into());
+        };
+        slices.push(&cpu.as_slice::<T>()?[start..end]);
+    }
+    Ok(f(&slices))
+}
+
+/// The contiguous data of one tensor, copied.
+pub(crate) fn to_vec<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    Ok(t.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?)
+}
+
+/// The gradient buffer of a whole layout: one zeroed vector, handed out as one mutable slice
+/// per tensor (each taken once by the backward that writes it).
+pub(crate) struct Gradients<T> {
+    flat: Vec<T>,
+}
+
+impl<T: Real> Gradients<T> {
+    pub fn new(layout: &ParamLayout) -> Self {
+        Self {
+            flat: vec![T::zero(); layout.numel()],
+        }
+    }
+
+    /// One mutable slice per tensor of the layout, in layout order.
+    pub fn slices<'a>(&'a mut self, layout: &ParamLayout) -> Vec<&'a mut [T]> {
+        let mut rest: &mut [T] = &mut self.flat;
+        let mut out = Vec::with_capacity(layout.len());
+        for spec in &layout.tensors {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(spec.numel());
+            out.push(head);
+            rest = tail;
+        }
+        out
+    }
+
+    /// The gradients as tensors of the layout's shapes: views into one tensor of the buffer.
+    pub fn into_tensors(self, layout: &ParamLayout) -> Result<Vec<Tensor>> {
+        let numel = self.flat.len();
+        let all = Tensor::from_vec(self.flat, numel, &candle_core::Device::Cpu)?;
+        let mut offset = 0;
+        layout
+            .tensors
+            .iter()
+            .map(|spec| {
+                let t = all
+                    .narrow(0, offset, spec.numel())?
+                    .reshape(spec.shape.as_slice())?;
+                offset += spec.numel();
+                Ok(t)
+            })
+            .collect()
+    }
+}
+
+/// Mean cross-entropy of `logits` (n × k) against `labels` with label smoothing ε (PyTorch's:
+/// target (1 − ε)·onehot + ε/k), computed in f64, and its gradient with respect to the logits,
+/// (softmax − target)/n.
+pub fn cross_entropy_and_grad(
+    logits: &[f64],
+    k: usize,
+    labels: &[u32],
+    label_smoothing: f64,
+) -> (f64, Vec<f64>) {
+    let n = labels.len();
+    assert_eq!(logits.len(), n * k);
+    let off = label_smoothing / k as f64;
+    let mut grad = vec![0.0; n * k];
+    let mut loss = 0.0;
+    for (i, (row, g)) in logits.chunks_exact(k).zip(grad.chunks_exact_mut(k)).enumerate() {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
+        let log_sum = sum.ln() + max;
+        for (j, (&v, g)) in row.iter().zip(g.iter_mut()).enumerate() {
+            let target = off + if j == labels[i] as usize { 1.0 - label_smoothing } else { 0.0 };
+            loss -= target * (v - log_sum);
+            *g = ((v - log_sum).exp() - target) / n as f64;
+        }
+    }
+    (loss / n.max(1) as f64, grad)
+}

@@ -1,0 +1,225 @@
+//! The hand-written whole-model backward passes (`arch/tape.rs`) against candle's autograd through
+//! the same architecture's `forward`: logits and the gradient of every tensor, in f64, to 1e-10
+//! relative; and the `Classification` objective's loss and gradients through them against
+//! `soup_core::autograd_loss_and_grad` (label smoothing, shards).
+
+use candle_core::{DType, Device, Tensor, Var};
+use soup_core::rng::SplitMix64;
+use soup_core::{Batch, Objective};
+use soup_models::arch::clip::{ClipClassifier, ClipVitConfig};
+use soup_models::testkit::fixtures::tiny_clip_config;
+use soup_models::{Architecture, Classification, Dataset, Images};
+
+/// Parameters from `init`, perturbed so that no tensor is constant (LayerNorm weights of 1,
+/// zero biases), in `dtype`.
+fn params(arch: &dyn Architecture, seed: u64, dtype: DType) -> Vec<Tensor> {
+    let mut rng = SplitMix64::new(seed ^ 77);
+    arch.init(seed, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            let noise = rng.normals(t.elem_count());
+            let noise = Tensor::from_vec(noise, t.shape(), &Device::Cpu).unwrap();
+            (t.to_dtype(DType::F64).unwrap() + (noise * 0.1).unwrap())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        })
+        .collect()
+}
+
+fn normals(n: usize, shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let v = SplitMix64::new(seed).normals(n);
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn images(arch: &dyn Architecture, n: usize, seed: u64, dtype: DType) -> Tensor {
+    let i = arch.input();
+    let shape = [n, i.channels, i.height, i.width];
+    normals(shape.iter().product(), &shape, seed, dtype)
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (values(a), values(b));
+    a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// max |a − b| / max |b| (at least 1e-6).
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let scale = values(b).iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-6);
+    max_abs_diff(a, b) / scale
+}
+
+/// The tape's logits and gradients of ⟨R, logits⟩ (R random) against autograd's through
+/// `forward`, tensor by tensor; returns the worst relative error of the gradients.
+fn tape_against_autograd(arch: &dyn Architecture, n: usize, seed: u64, dtype: DType) -> f64 {
+    let p = params(arch, seed, dtype);
+    let x = images(arch, n, seed + 1, DType::F32);
+    let vars: Vec<Var> = p.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let logits = arch.forward(&inputs, &x).unwrap();
+    let r = normals(logits.elem_count(), logits.dims(), seed + 2, dtype);
+    let grads = (&logits * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let tape = arch.tape(&p, &x).unwrap().expect("a tape for CPU tensors");
+    let logit_error = relative_error(tape.logits(), &logits);
+    assert!(logit_error <= 1e-12, "logits differ by {logit_error:e}");
+    let got = tape.backward(&r).unwrap();
+    assert_eq!(got.len(), p.len());
+    let want: Vec<&Tensor> = inputs
+        .iter()
+        .map(|t| grads.get(t).expect("autograd reaches every tensor"))
+        .collect();
+    // Gradients that are zero up to rounding (the key biases) are compared to the largest.
+    let zero = arch.zero_gradient_tensors();
+    let largest = want.iter().fold(0.0f64, |m, w| {
+        values(w).iter().fold(m, |m, v| m.max(v.abs()))
+    });
+    let mut worst = 0.0f64;
+    for ((spec, g), want) in arch.layout().tensors.iter().zip(&got).zip(want) {
+        assert_eq!(g.dims(), spec.shape.as_slice(), "{}", spec.name);
+        assert_eq!(g.dtype(), dtype, "{}", spec.name);
+        let err = match zero.contains(&spec.name) {
+            true => max_abs_diff(g, want) / largest,
+            false => relative_error(g, want),
+        };
+        assert!(err <= 1e-10, "{}: {err:e}", spec.name);
+        worst = worst.max(err);
+    }
+    worst
+}
+
+fn clip(config: ClipVitConfig) -> ClipClassifier {
+    ClipClassifier::new(config).unwrap()
+}
+
+#[test]
+fn clip_tape_gradients_equal_autograd_in_f64() {
+    let configs = [
+        (tiny_clip_config(3, 5), 3),
+        (tiny_clip_config(1, 2), 1),
+        (
+            ClipVitConfig {
+                num_attention_heads: 1,
+                num_hidden_layers: 3,
+                image_size: 8,
+                ..tiny_clip_config(3, 4)
+            },
+            2,
+        ),
+    ];
+    for (seed, (config, n)) in configs.into_iter().enumerate() {
+        let worst = tape_against_autograd(&clip(config), n, seed as u64, DType::F64);
+        eprintln!("clip, config {seed}: worst relative error {worst:e}");
+    }
+}
+
+#[test]
+fn clip_tape_in_f32_agrees_with_autograd_to_rounding() {
+    let arch = clip(tiny_clip_config(3, 5));
+    let p = params(&arch, 4, DType::F32);
+    let x = images(&arch, 2, 5, DType::F32);
+    let tape = arch.tape(&p, &x).unwrap().unwrap();
+    let logits = arch.forward(&p, &x).unwrap();
+    assert!(relative_error(tape.logits(), &logits) <= 1e-5);
+    let vars: Vec<Var> = p.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let logits = arch.forward(&inputs, &x).unwrap();
+    let r = normals(logits.elem_count(), logits.dims(), 6, DType::F32);
+    let grads = (&logits * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for ((spec, g), t) in arch.layout().tensors.iter().zip(tape.backward(&r).unwrap()).zip(&inputs) {
+        let want = grads.get(t).unwrap();
+        // The key biases' gradients are rounding noise in f32: compared absolutely.
+        let err = if spec.name.ends_with("k_proj.bias") {
+            max_abs_diff(&g, want)
+        } else {
+            relative_error(&g, want)
+        };
+        assert!(err <= 1e-4, "{}: {err:e}", spec.name);
+    }
+}
+
+#[test]
+fn tensors_the_tape_does_not_take_fall_back_to_autograd() {
+    let arch = clip(tiny_clip_config(3, 5));
+    let x = images(&arch, 1, 1, DType::F32);
+    // Mixed dtypes, and a non-contiguous tensor.
+    let mut mixed = params(&arch, 1, DType::F32);
+    mixed[0] = mixed[0].to_dtype(DType::F64).unwrap();
+    assert!(arch.tape(&mixed, &x).unwrap().is_none());
+    let mut strided = params(&arch, 1, DType::F32);
+    let head = arch
+        .layout()
+        .tensors
+        .iter()
+        .position(|t| t.name == "classification_head.weight")
+        .unwrap();
+    strided[head] = strided[head].t().unwrap().contiguous().unwrap().t().unwrap();
+    assert!(!strided[head].is_contiguous());
+    assert!(arch.tape(&strided, &x).unwrap().is_none());
+    // Families without a hand-written backward.
+    let mlp = soup_models::build(
+        "mlp",
+        &serde_json::json!({"input": [1, 3, 4], "hidden": [4], "num_classes": 3}),
+    )
+    .unwrap();
+    let p = params(mlp.as_ref(), 1, DType::F32);
+    let x = images(mlp.as_ref(), 1, 1, DType::F32);
+    assert!(mlp.tape(&p, &x).unwrap().is_none());
+}
+
+/// A Classification objective over `n` random labelled images for `arch`.
+fn objective(arch: ClipClassifier, n: usize, smoothing: f64) -> Classification {
+    let x = images(&arch, n, 9, DType::F32);
+    let k = arch.config.num_classes as u32;
+    let labels = (0..n as u32).map(|i| (i * 7 + 3) % k).collect();
+    let data = Dataset {
+        images: Images::Memory(x),
+        labels,
+    };
+    let mut obj = Classification::new(std::sync::Arc::new(arch), data, 4);
+    obj.label_smoothing = smoothing;
+    obj
+}
+
+#[test]
+fn classification_loss_and_grad_through_the_tape_equals_autograd() {
+    for (smoothing, shard) in [(0.0, None), (0.1, None), (0.1, Some((1, 3))), (0.0, Some((0, 2)))] {
+        let arch = clip(tiny_clip_config(3, 5));
+        let p = params(&arch, 3, DType::F64);
+        let mut obj = objective(arch, 10, smoothing);
+        if let Some((rank, world)) = shard {
+            obj.set_shard(rank, world).unwrap();
+        }
+        for index in [0, 2] {
+            let batch = Batch {
+                epoch_seed: 5,
+                index,
+            };
+            let (loss, grads) = obj.loss_and_grad(&p, batch).unwrap();
+            let (want_loss, want) = soup_core::autograd_loss_and_grad(&mut obj, &p, batch).unwrap();
+            let case = format!("smoothing {smoothing}, shard {shard:?}, batch {index}");
+            assert!(
+                (loss - want_loss).abs() <= 1e-12 * want_loss.abs().max(1.0),
+                "{case}: loss {loss} against {want_loss}"
+            );
+            for ((spec, g), w) in obj.arch.layout().tensors.iter().zip(&grads).zip(&want) {
+                let err = relative_error(g, w);
+                assert!(err <= 1e-10, "{case}, {}: {err:e}", spec.name);
+            }
+        }
+    }
+}
