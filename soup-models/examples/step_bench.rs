@@ -1,13 +1,16 @@
 //! Forward + backward step time of a CLIP classifier on this machine (used by `cargo xtask bench`).
 //!
-//! `step_bench [--arch clip-vit-b32] [--batch 8] [--rounds 5] [--classes 1000]` prints one JSON
-//! line per phase with every round's seconds and the median, then the process's peak RSS.
-//! "step" = forward + backward + an in-place SGD update of every parameter.
+//! `step_bench [--arch clip-vit-b32] [--batch 8] [--rounds 5] [--classes 1000]
+//! [--backward tape|autograd]` prints one JSON line per phase with every round's seconds and the
+//! median, then the process's peak RSS. "step" = forward + backward + an in-place SGD update of
+//! every parameter. The backward is the architecture's hand-written one (`tape`, what soup's
+//! objectives run; autograd where the family has none) or candle's autograd (`autograd`).
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use soup_core::rng::SplitMix64;
+use soup_models::arch::tape::cross_entropy_and_grad;
 use soup_models::ops::cross_entropy;
 
 #[path = "common/bench_alloc.rs"]
@@ -30,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     bench_alloc::init();
     let mut arch_name = "clip-vit-b32".to_string();
     let (mut batch, mut rounds, mut classes) = (8usize, 5usize, 1000usize);
+    let mut backward = "tape".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -38,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--batch" => batch = value()?.parse()?,
             "--rounds" => rounds = value()?.parse()?,
             "--classes" => classes = value()?.parse()?,
+            "--backward" => backward = value()?,
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -61,7 +66,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let numel: usize = arch.layout().numel();
 
     let (mut fwd, mut bwd, mut step) = (Vec::new(), Vec::new(), Vec::new());
+    let use_tape = match backward.as_str() {
+        "tape" => arch.tape(&params, &images)?.is_some(),
+        "autograd" => false,
+        other => return Err(format!("--backward {other}: tape or autograd").into()),
+    };
+    let backward = if use_tape { "tape" } else { "autograd" };
     for round in 0..=rounds {
+        if use_tape {
+            let t0 = Instant::now();
+            let tape = arch.tape(&params, &images)?.expect("checked above");
+            let logits = tape.logits().to_vec2::<f32>()?.concat();
+            let logits: Vec<f64> = logits.into_iter().map(f64::from).collect();
+            let (_, dlogits) = cross_entropy_and_grad(&logits, classes, &labels, 0.0);
+            let dlogits = Tensor::from_vec(dlogits, (batch, classes), &Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?;
+            let t1 = Instant::now();
+            let grads = tape.backward(&dlogits)?;
+            let t2 = Instant::now();
+            for (p, g) in params.iter().zip(&grads) {
+                soup_models::ops::cpu::axpy_inplace(p, -1e-6, g)?;
+            }
+            let t3 = Instant::now();
+            if round > 0 {
+                fwd.push((t1 - t0).as_secs_f64());
+                bwd.push((t2 - t1).as_secs_f64());
+                step.push((t3 - t0).as_secs_f64());
+            }
+            continue;
+        }
         let t0 = Instant::now();
         let loss = cross_entropy(&arch.forward(&inputs, &images)?, &labels, 0.0)?;
         loss.to_scalar::<f32>()?;
@@ -90,7 +123,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         let rounds: Vec<String> = v.iter().map(|s| format!("{s:.4}")).collect();
         println!(
-            "{{\"bench\":\"clip-step\",\"arch\":\"{arch_name}\",\"params\":{numel},\"batch\":{batch},\"threads\":{threads},\"phase\":\"{phase}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
+            "{{\"bench\":\"clip-step\",\"arch\":\"{arch_name}\",\"params\":{numel},\"batch\":{batch},\"threads\":{threads},\"backward\":\"{backward}\",\"phase\":\"{phase}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
             rounds.join(","),
             median(v)
         );
