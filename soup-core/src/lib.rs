@@ -37,4 +37,6 @@ pub use method::Method;
 pub use optim::{clip_global_norm, global_norm, global_norm_portable, Optimizer, OptimizerKind};
 pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 pub use schedule::StepSchedule;
-pub use traits::{autograd_loss_and_grad, Batch, Collective, Metrics, ModelStore, Objective, SingleProcess};
+pub use traits::{
+    autograd_loss_and_grad, Batch, Collective, Metrics, ModelStore, Objective, SingleProcess,
+};

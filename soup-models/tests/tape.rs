@@ -53,13 +53,18 @@ fn values(t: &Tensor) -> Vec<f64> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (values(a), values(b));
-    a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+    a.iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// max |a − b| / max |b| (at least 1e-6).
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    let scale = values(b).iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-6);
+    let scale = values(b)
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-6);
     max_abs_diff(a, b) / scale
 }
 
@@ -72,7 +77,12 @@ fn tape_against_autograd(arch: &dyn Architecture, n: usize, seed: u64, dtype: DT
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let logits = arch.forward(&inputs, &x).unwrap();
     let r = normals(logits.elem_count(), logits.dims(), seed + 2, dtype);
-    let grads = (&logits * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (&logits * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
 
     let tape = arch.tape(&p, &x).unwrap().expect("a tape for CPU tensors");
     let logit_error = relative_error(tape.logits(), &logits);
@@ -139,8 +149,19 @@ fn clip_tape_in_f32_agrees_with_autograd_to_rounding() {
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let logits = arch.forward(&inputs, &x).unwrap();
     let r = normals(logits.elem_count(), logits.dims(), 6, DType::F32);
-    let grads = (&logits * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for ((spec, g), t) in arch.layout().tensors.iter().zip(tape.backward(&r).unwrap()).zip(&inputs) {
+    let grads = (&logits * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for ((spec, g), t) in arch
+        .layout()
+        .tensors
+        .iter()
+        .zip(tape.backward(&r).unwrap())
+        .zip(&inputs)
+    {
         let want = grads.get(t).unwrap();
         // The key biases' gradients are rounding noise in f32: compared absolutely.
         let err = if spec.name.ends_with("k_proj.bias") {
@@ -167,7 +188,13 @@ fn tensors_the_tape_does_not_take_fall_back_to_autograd() {
         .iter()
         .position(|t| t.name == "classification_head.weight")
         .unwrap();
-    strided[head] = strided[head].t().unwrap().contiguous().unwrap().t().unwrap();
+    strided[head] = strided[head]
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .t()
+        .unwrap();
     assert!(!strided[head].is_contiguous());
     assert!(arch.tape(&strided, &x).unwrap().is_none());
     // Families without a hand-written backward.
@@ -197,7 +224,12 @@ fn objective(arch: ClipClassifier, n: usize, smoothing: f64) -> Classification {
 
 #[test]
 fn classification_loss_and_grad_through_the_tape_equals_autograd() {
-    for (smoothing, shard) in [(0.0, None), (0.1, None), (0.1, Some((1, 3))), (0.0, Some((0, 2)))] {
+    for (smoothing, shard) in [
+        (0.0, None),
+        (0.1, None),
+        (0.1, Some((1, 3))),
+        (0.0, Some((0, 2))),
+    ] {
         let arch = clip(tiny_clip_config(3, 5));
         let p = params(&arch, 3, DType::F64);
         let mut obj = objective(arch, 10, smoothing);
@@ -222,4 +254,78 @@ fn classification_loss_and_grad_through_the_tape_equals_autograd() {
             }
         }
     }
+}
+
+/// An architecture as it was before the hand-written backward: every method delegated, no tape.
+#[derive(Debug)]
+struct NoTape(std::sync::Arc<dyn Architecture>);
+
+impl Architecture for NoTape {
+    fn family(&self) -> &'static str {
+        self.0.family()
+    }
+    fn config(&self) -> serde_json::Value {
+        self.0.config()
+    }
+    fn layout(&self) -> &soup_core::ParamLayout {
+        self.0.layout()
+    }
+    fn input(&self) -> soup_models::InputSpec {
+        self.0.input()
+    }
+    fn num_classes(&self) -> usize {
+        self.0.num_classes()
+    }
+    fn forward(&self, params: &[Tensor], images: &Tensor) -> soup_models::Result<Tensor> {
+        self.0.forward(params, images)
+    }
+    fn init(&self, seed: u64, device: &Device) -> soup_models::Result<Vec<Tensor>> {
+        self.0.init(seed, device)
+    }
+}
+
+#[test]
+fn fine_tuning_through_the_tape_follows_the_autograd_trajectory() {
+    use soup_models::train::finetune::{finetune, Augment, FinetuneConfig};
+    let arch: std::sync::Arc<dyn Architecture> = std::sync::Arc::new(clip(tiny_clip_config(3, 5)));
+    let p = params(arch.as_ref(), 8, DType::F64);
+    let data = objective(clip(tiny_clip_config(3, 5)), 12, 0.0).data;
+    let config = FinetuneConfig {
+        epochs: 2,
+        batch_size: 5,
+        lr: 1e-2,
+        weight_decay: 0.1,
+        warmup_fraction: 0.0,
+        label_smoothing: 0.1,
+        augment: Augment {
+            crop_padding: 1,
+            horizontal_flip: true,
+            noise_std: 0.1,
+        },
+        clip_grad_norm: Some(1.0),
+        seed: 3,
+    };
+    let (tuned, steps) = finetune(arch.as_ref(), &p, &data, &config, &mut |_| {}).unwrap();
+    let reference = NoTape(arch.clone());
+    let (want, want_steps) = finetune(&reference, &p, &data, &config, &mut |_| {}).unwrap();
+    assert_eq!(steps.len(), 6);
+    for (a, b) in steps.iter().zip(&want_steps) {
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-10 * b.loss.abs(),
+            "step {}: {} against {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    for ((spec, a), b) in arch.layout().tensors.iter().zip(&tuned).zip(&want) {
+        let err = relative_error(a, b);
+        assert!(err <= 1e-9, "{}: {err:e}", spec.name);
+        // The tensors moved: the comparison is not of two copies of the start.
+    }
+    let moved = relative_error(&tuned[0], &p[0]);
+    assert!(
+        moved > 1e-4,
+        "fine-tuning moved the first tensor by {moved:e} only"
+    );
 }

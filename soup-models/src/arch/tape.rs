@@ -41,10 +41,16 @@ pub(crate) fn with_slices<T: WithDType, R>(
     let mut slices = Vec::with_capacity(guards.len());
     for (storage, layout) in &guards {
         let Storage::Cpu(cpu) = &**storage else {
-            return Err(candle_core::Error::Msg("the hand-written backward runs on the CPU only".into()).into());
+            return Err(candle_core::Error::Msg(
+                "the hand-written backward runs on the CPU only".into(),
+            )
+            .into());
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg("the hand-written backward needs contiguous tensors".into()).into());
+            return Err(candle_core::Error::Msg(
+                "the hand-written backward needs contiguous tensors".into(),
+            )
+            .into());
         };
         slices.push(&cpu.as_slice::<T>()?[start..end]);
     }
@@ -114,15 +120,47 @@ pub fn cross_entropy_and_grad(
     let off = label_smoothing / k as f64;
     let mut grad = vec![0.0; n * k];
     let mut loss = 0.0;
-    for (i, (row, g)) in logits.chunks_exact(k).zip(grad.chunks_exact_mut(k)).enumerate() {
+    for (i, (row, g)) in logits
+        .chunks_exact(k)
+        .zip(grad.chunks_exact_mut(k))
+        .enumerate()
+    {
         let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
         let log_sum = sum.ln() + max;
         for (j, (&v, g)) in row.iter().zip(g.iter_mut()).enumerate() {
-            let target = off + if j == labels[i] as usize { 1.0 - label_smoothing } else { 0.0 };
+            let target = off
+                + if j == labels[i] as usize {
+                    1.0 - label_smoothing
+                } else {
+                    0.0
+                };
             loss -= target * (v - log_sum);
             *g = ((v - log_sum).exp() - target) / n as f64;
         }
     }
     (loss / n.max(1) as f64, grad)
+}
+
+/// The mean cross-entropy of a tape's logits against `labels` (label smoothing ε) times
+/// `weight`, and the gradients of that with respect to every parameter, by the tape's backward.
+pub fn cross_entropy_backward(
+    tape: Box<dyn Tape>,
+    labels: &[u32],
+    label_smoothing: f64,
+    weight: f64,
+) -> Result<(f64, Vec<Tensor>)> {
+    let logits = tape.logits();
+    let k = logits.dim(1)?;
+    let values = logits
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let (loss, mut dlogits) = cross_entropy_and_grad(&values, k, labels, label_smoothing);
+    for v in &mut dlogits {
+        *v *= weight;
+    }
+    let dlogits =
+        Tensor::from_vec(dlogits, (labels.len(), k), logits.device())?.to_dtype(logits.dtype())?;
+    Ok((loss * weight, tape.backward(&dlogits)?))
 }

@@ -4,12 +4,14 @@
 
 use std::collections::BTreeMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 use soup_core::rng::{derive_seed, permutation, SplitMix64};
 use soup_core::StepSchedule;
 
+use crate::arch::tape::cross_entropy_backward;
 use crate::arch::Architecture;
 use crate::error::{ModelError, Result};
 use crate::ops::cross_entropy;
@@ -146,6 +148,7 @@ pub fn finetune_some(
                 .map_or_else(|| t.clone(), |v| v.as_tensor().clone())
         })
         .collect();
+    let all_trainable = !trainable.contains(&false);
     let mut optimizer = AdamW::new(
         vars.clone(),
         ParamsAdamW {
@@ -175,16 +178,36 @@ pub fn finetune_some(
             }
             let mut rng = SplitMix64::new(derive_seed(config.seed, &[4, step as u64]));
             let images = augment(&images, &config.augment, &mut rng)?;
-            let logits = arch.forward(&tensors, &images.to_device(tensors[0].device())?)?;
-            let loss = cross_entropy(&logits, &labels, config.label_smoothing)?;
-            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let images = images.to_device(tensors[0].device())?;
+            // The hand-written backward where the family has one and every tensor trains (a
+            // linear probe's autograd stops at the head).
+            let tape = match all_trainable {
+                true => arch.tape(&tensors, &images)?,
+                false => None,
+            };
+            let (value, mut grads) = match tape {
+                Some(tape) => {
+                    let (value, g) =
+                        cross_entropy_backward(tape, &labels, config.label_smoothing, 1.0)?;
+                    let mut store = GradStore::default();
+                    for (t, g) in tensors.iter().zip(g) {
+                        store.insert(t, g);
+                    }
+                    (value, store)
+                }
+                None => {
+                    let logits = arch.forward(&tensors, &images)?;
+                    let loss = cross_entropy(&logits, &labels, config.label_smoothing)?;
+                    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                    (value, loss.backward()?)
+                }
+            };
             if !value.is_finite() {
                 return Err(ModelError::config(
                     "finetune",
                     format!("non-finite loss at step {step}: lower the learning rate"),
                 ));
             }
-            let mut grads = loss.backward()?;
             if let Some(max) = config.clip_grad_norm {
                 let g: Vec<Tensor> = tensors
                     .iter()

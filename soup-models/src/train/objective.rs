@@ -224,20 +224,18 @@ impl Objective for Classification {
             return Ok((0.0, zeros.collect::<candle_core::Result<_>>()?));
         }
         let (images, labels) = self.data.select(&mine)?;
-        let Some(tape) = self.arch.tape(params, &images.to_device(device_of(params))?)? else {
+        let Some(tape) = self
+            .arch
+            .tape(params, &images.to_device(device_of(params))?)?
+        else {
             return soup_core::autograd_loss_and_grad(self, params, batch);
         };
-        let logits = tape.logits();
-        let k = logits.dim(1)?;
-        let values = logits.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let (loss, mut dlogits) =
-            crate::arch::tape::cross_entropy_and_grad(&values, k, &labels, self.label_smoothing);
-        for v in &mut dlogits {
-            *v *= weight;
-        }
-        let dlogits = Tensor::from_vec(dlogits, (labels.len(), k), logits.device())?
-            .to_dtype(logits.dtype())?;
-        Ok((loss * weight, tape.backward(&dlogits)?))
+        Ok(crate::arch::tape::cross_entropy_backward(
+            tape,
+            &labels,
+            self.label_smoothing,
+            weight,
+        )?)
     }
 
     fn set_shard(&mut self, rank: usize, world: usize) -> soup_core::Result<()> {

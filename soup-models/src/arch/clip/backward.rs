@@ -214,10 +214,27 @@ type Forward<T> = (
 );
 
 fn forward_pass<T: Real>(p: &[&[T]], ix: &Index, d: Dims, patches: Vec<T>) -> Forward<T> {
-    let Dims { n, np, t, e, f, cp, pd, k, .. } = d;
+    let Dims {
+        n,
+        np,
+        t,
+        e,
+        f,
+        cp,
+        pd,
+        k,
+        ..
+    } = d;
     let rows = d.rows();
     let mut embeds = vec![T::zero(); n * np * e];
-    linear_into(&patches, p[ix.patch], None, false, (n * np, cp, e), (&mut embeds, e));
+    linear_into(
+        &patches,
+        p[ix.patch],
+        None,
+        false,
+        (n * np, cp, e),
+        (&mut embeds, e),
+    );
     // [class | patches] + positions.
     let (class, position) = (p[ix.class], p[ix.position]);
     let mut hidden0 = vec![T::zero(); rows * e];
@@ -255,7 +272,14 @@ fn forward_pass<T: Real>(p: &[&[T]], ix: &Index, d: Dims, patches: Vec<T>) -> Fo
         });
         let c = ln(&h1, l.ln2);
         let mut u = vec![T::zero(); rows * f];
-        linear_into(&c, p[l.fc1.0], Some(p[l.fc1.1]), false, (rows, e, f), (&mut u, f));
+        linear_into(
+            &c,
+            p[l.fc1.0],
+            Some(p[l.fc1.1]),
+            false,
+            (rows, e, f),
+            (&mut u, f),
+        );
         let mut v = vec![T::zero(); rows * f];
         quick_gelu_into(&u, &mut v);
         let h2 = plus(&h1, |y| {
@@ -277,7 +301,14 @@ fn forward_pass<T: Real>(p: &[&[T]], ix: &Index, d: Dims, patches: Vec<T>) -> Fo
         .collect();
     let pooled = ln(&pooled_in, ix.post);
     let mut features = vec![T::zero(); n * pd];
-    linear_into(&pooled, p[ix.projection], None, false, (n, e, pd), (&mut features, pd));
+    linear_into(
+        &pooled,
+        p[ix.projection],
+        None,
+        false,
+        (n, e, pd),
+        (&mut features, pd),
+    );
     let norms: Vec<T> = features
         .chunks_exact(pd)
         .map(|r| r.iter().fold(T::zero(), |s, &v| s + v * v).sqrt())
@@ -290,7 +321,9 @@ fn forward_pass<T: Real>(p: &[&[T]], ix: &Index, d: Dims, patches: Vec<T>) -> Fo
     let mut logits = vec![T::zero(); n * k];
     let (hw, hb) = ix.head;
     linear_into(&z, p[hw], Some(p[hb]), false, (n, pd, k), (&mut logits, k));
-    (hidden0, layers, pooled_in, pooled, norms, z, logits, patches)
+    (
+        hidden0, layers, pooled_in, pooled, norms, z, logits, patches,
+    )
 }
 
 impl<T: Real> Tape for ClipTape<T> {
@@ -319,7 +352,17 @@ impl<T: Real> Tape for ClipTape<T> {
 impl<T: Real> ClipTape<T> {
     /// Writes the gradient of every parameter into `g` (each slice taken once).
     fn backward_pass(&self, p: &[&[T]], g: &mut [&mut [T]], dlogits: &[T]) {
-        let Dims { n, np, t, e, f, cp, pd, k, .. } = self.d;
+        let Dims {
+            n,
+            np,
+            t,
+            e,
+            f,
+            cp,
+            pd,
+            k,
+            ..
+        } = self.d;
         let (d, ix) = (self.d, &self.index);
         let rows = d.rows();
         let mut take = |i: usize| std::mem::take(&mut g[i]);
@@ -327,7 +370,15 @@ impl<T: Real> ClipTape<T> {
         let mut dz = vec![T::zero(); n * pd];
         let (hw, hb) = ix.head;
         let (dhw, dhb) = (take(hw), take(hb));
-        linear_backward_into(&self.z, p[hw], (dlogits, k), (n, pd, k), Some((&mut dz, false)), dhw, Some(dhb));
+        linear_backward_into(
+            &self.z,
+            p[hw],
+            (dlogits, k),
+            (n, pd, k),
+            Some((&mut dz, false)),
+            dhw,
+            Some(dhb),
+        );
         // z = features / ‖features‖: d features = (dz − z·⟨z, dz⟩) / ‖features‖
         let mut dfeatures = vec![T::zero(); n * pd];
         for i in 0..n {
@@ -340,11 +391,27 @@ impl<T: Real> ClipTape<T> {
         }
         let mut dpooled = vec![T::zero(); n * e];
         let dproj = take(ix.projection);
-        linear_backward_into(&self.pooled, p[ix.projection], (&dfeatures, pd), (n, e, pd), Some((&mut dpooled, false)), dproj, None);
+        linear_backward_into(
+            &self.pooled,
+            p[ix.projection],
+            (&dfeatures, pd),
+            (n, e, pd),
+            Some((&mut dpooled, false)),
+            dproj,
+            None,
+        );
         let mut dpooled_in = vec![T::zero(); n * e];
         let (pw, pb) = ix.post;
         let (dpw, dpb) = (take(pw), take(pb));
-        layer_norm_backward_into(&self.pooled_in, p[pw], &dpooled, d.eps, (&mut dpooled_in, false), dpw, dpb);
+        layer_norm_backward_into(
+            &self.pooled_in,
+            p[pw],
+            &dpooled,
+            d.eps,
+            (&mut dpooled_in, false),
+            dpw,
+            dpb,
+        );
         // The gradient of the residual stream: only the class tokens reach the head.
         let mut dh = vec![T::zero(); rows * e];
         for i in 0..n {
@@ -358,21 +425,53 @@ impl<T: Real> ClipTape<T> {
         for (l, acts) in ix.layers.iter().zip(&self.layers).rev() {
             // h2 = h1 + v W2ᵀ + b2: dh1 = dh2 + (the MLP's input gradient through LN2).
             let (dw, db) = (take(l.fc2.0), take(l.fc2.1));
-            linear_backward_into(&acts.v, p[l.fc2.0], (&dh, e), (rows, f, e), Some((&mut dv, false)), dw, Some(db));
+            linear_backward_into(
+                &acts.v,
+                p[l.fc2.0],
+                (&dh, e),
+                (rows, f, e),
+                Some((&mut dv, false)),
+                dw,
+                Some(db),
+            );
             quick_gelu_backward_into(&acts.u, &dv, &mut du);
             let (dw, db) = (take(l.fc1.0), take(l.fc1.1));
-            linear_backward_into(&acts.c, p[l.fc1.0], (&du, f), (rows, e, f), Some((&mut dc, false)), dw, Some(db));
+            linear_backward_into(
+                &acts.c,
+                p[l.fc1.0],
+                (&du, f),
+                (rows, e, f),
+                Some((&mut dc, false)),
+                dw,
+                Some(db),
+            );
             let (dw, db) = (take(l.ln2.0), take(l.ln2.1));
             layer_norm_backward_into(&acts.h1, p[l.ln2.0], &dc, d.eps, (&mut dh, true), dw, db);
             // h1 = h + o Woᵀ + bo: dh = dh1 + (the attention's input gradient through LN1).
             let (dw, db) = (take(l.out.0), take(l.out.1));
-            linear_backward_into(&acts.o, p[l.out.0], (&dh, e), (rows, e, e), Some((&mut dout, false)), dw, Some(db));
+            linear_backward_into(
+                &acts.o,
+                p[l.out.0],
+                (&dh, e),
+                (rows, e, e),
+                Some((&mut dout, false)),
+                dw,
+                Some(db),
+            );
             attention_backward_into(&acts.qkv, &dout, (n, t, e), d.heads, d.scale, &mut dqkv);
             let da = &mut dc;
             for (part, (wi, bi)) in [l.q, l.k, l.v].into_iter().enumerate() {
                 let (dw, db) = (take(wi), take(bi));
                 let dy = (&dqkv[part * e..], 3 * e);
-                linear_backward_into(&acts.a, p[wi], dy, (rows, e, e), Some((&mut da[..], part > 0)), dw, Some(db));
+                linear_backward_into(
+                    &acts.a,
+                    p[wi],
+                    dy,
+                    (rows, e, e),
+                    Some((&mut da[..], part > 0)),
+                    dw,
+                    Some(db),
+                );
             }
             let (dw, db) = (take(l.ln1.0), take(l.ln1.1));
             layer_norm_backward_into(&acts.h, p[l.ln1.0], da, d.eps, (&mut dh, true), dw, db);
@@ -381,7 +480,15 @@ impl<T: Real> ClipTape<T> {
         let mut dhidden0 = vec![T::zero(); rows * e];
         let (prw, prb) = ix.pre;
         let (dw, db) = (take(prw), take(prb));
-        layer_norm_backward_into(&self.hidden0, p[prw], &dh, d.eps, (&mut dhidden0, false), dw, db);
+        layer_norm_backward_into(
+            &self.hidden0,
+            p[prw],
+            &dh,
+            d.eps,
+            (&mut dhidden0, false),
+            dw,
+            db,
+        );
         let (dclass, dposition) = (take(ix.class), take(ix.position));
         let mut dembeds = vec![T::zero(); n * np * e];
         for i in 0..n {
@@ -400,6 +507,14 @@ impl<T: Real> ClipTape<T> {
             }
         }
         let dkernel = take(ix.patch);
-        linear_backward_into(&self.patches, p[ix.patch], (&dembeds, e), (n * np, cp, e), None, dkernel, None);
+        linear_backward_into(
+            &self.patches,
+            p[ix.patch],
+            (&dembeds, e),
+            (n * np, cp, e),
+            None,
+            dkernel,
+            None,
+        );
     }
 }

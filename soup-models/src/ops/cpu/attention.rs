@@ -285,7 +285,12 @@ pub(crate) fn attention_into<T: Real>(
     scale: f64,
     out: &mut [T],
 ) {
-    let d = AttnDims { n, t, e, hd: e / heads };
+    let d = AttnDims {
+        n,
+        t,
+        e,
+        hd: e / heads,
+    };
     Attention { heads, scale }.forward_into(qkv, d, out)
 }
 
@@ -298,6 +303,11 @@ pub(crate) fn attention_backward_into<T: Real>(
     scale: f64,
     g: &mut [T],
 ) {
-    let d = AttnDims { n, t, e, hd: e / heads };
+    let d = AttnDims {
+        n,
+        t,
+        e,
+        hd: e / heads,
+    };
     Attention { heads, scale }.backward_into(qkv, dout, d, g)
 }
