@@ -444,15 +444,19 @@ impl Hyperplane {
         if self.members.is_empty() {
             return Ok(Vec::new());
         }
-        let g = to_blocks(grad, &self.blocks)?;
         let b = self.batch_len();
         let num_blocks = self.blocks.len();
-        // The fused kernel: one pass over each block's directions.
-        let fused: Option<Vec<Vec<f64>>> = g
-            .iter()
-            .zip(&self.directions)
-            .map(|(g, d)| kernels::dots(d, g).filter(|_| !self.portable))
-            .collect();
+        // The fused kernel: one pass over each block's directions, reading the block's gradient
+        // tensors where they are.
+        let fused: Option<Vec<Vec<f64>>> = match self.portable {
+            true => None,
+            false => self
+                .blocks
+                .iter()
+                .zip(&self.directions)
+                .map(|(block, d)| kernels::dots_pieces(d, &grad[block.tensors.clone()]))
+                .collect(),
+        };
         if let Some(cols) = fused {
             let mut out = vec![0.0; b * num_blocks];
             for (l, col) in cols.iter().enumerate() {
@@ -463,6 +467,7 @@ impl Hyperplane {
             self.mask_clamped(&mut out);
             return Ok(out);
         }
+        let g = to_blocks(grad, &self.blocks)?;
         let cols = g
             .iter()
             .zip(&self.directions)

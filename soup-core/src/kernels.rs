@@ -199,19 +199,82 @@ fn axpy_on<T: WithDType, D: Widen<T>>(isa: Isa, o: &mut [T], x: T, d: &[D]) {
     }
 }
 
-fn dots_slices<T: WithDType, D: Widen<T>>(d: &[D], g: &[T]) -> Vec<f64> {
-    dots_slices_on(Isa::detected(), d, g)
+fn dots_slices_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], g: &[T]) -> Vec<f64> {
+    dots_pieces_on(isa, d, &[g])
 }
 
-fn dots_slices_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], g: &[T]) -> Vec<f64> {
-    let len = g.len();
+/// ⟨d_i, g⟩ for every row i of `d` (b × D) and `g` (D elements), in f64. `d` and `g` are both
+/// f32 or both f64, or `d` is bf16/f16 and `g` f32.
+pub fn dots(d: &Tensor, g: &Tensor) -> Option<Vec<f64>> {
+    dots_pieces(d, std::slice::from_ref(g))
+}
+
+/// ⟨d_i, g⟩ for every row i of `d` (b × D) and the gradient g given as the concatenation of
+/// `pieces` (D elements in all; a block's tensors, read where they are, without the copy a
+/// concatenation would make), in f64. The dtypes as for [`dots`].
+pub fn dots_pieces(d: &Tensor, pieces: &[Tensor]) -> Option<Vec<f64>> {
+    let len: usize = pieces.iter().map(Tensor::elem_count).sum();
+    let g_dtype = pieces.first()?.dtype();
+    if d.elem_count() != d.dims().first().copied().unwrap_or(0) * len
+        || pieces.iter().any(|p| p.dtype() != g_dtype)
+    {
+        return None;
+    }
+    fn run<T: WithDType, D: Widen<T>>(d: &Tensor, pieces: &[Tensor]) -> Option<Vec<f64>> {
+        with_slice::<D, _>(d, |d| {
+            with_many::<T, _>(pieces, |g| dots_pieces_on(Isa::detected(), d, g))
+        })?
+    }
+    match (d.dtype(), g_dtype) {
+        (DType::F32, DType::F32) => run::<f32, f32>(d, pieces),
+        (DType::F64, DType::F64) => run::<f64, f64>(d, pieces),
+        (DType::BF16, DType::F32) => run::<f32, bf16>(d, pieces),
+        (DType::F16, DType::F32) => run::<f32, f16>(d, pieces),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of every tensor of `ts` as `[T]`; `None` if one is not
+/// such a tensor.
+fn with_many<T: WithDType, R>(ts: &[Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Option<R> {
+    let guards: Vec<_> = ts.iter().map(Tensor::storage_and_layout).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for ((storage, layout), t) in guards.iter().zip(ts) {
+        if t.dtype() != T::DTYPE {
+            return None;
+        }
+        let (a, b) = layout.contiguous_offsets()?;
+        match &**storage {
+            Storage::Cpu(cpu) => slices.push(&cpu.as_slice::<T>().ok()?[a..b]),
+            _ => return None,
+        }
+    }
+    Some(f(&slices))
+}
+
+/// ⟨d_i, g⟩ for g in pieces: the tasks are the CHUNK-long parts of each piece, their
+/// partial dot products summed in order (the same result whatever the number of threads).
+fn dots_pieces_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], pieces: &[&[T]]) -> Vec<f64> {
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
     let rows = d.len().checked_div(len).unwrap_or(0);
-    let partials: Vec<Vec<f64>> = (0..len.div_ceil(CHUNK))
+    // (piece, its offset in g, the range within the piece) of every task.
+    let mut tasks = Vec::new();
+    let mut offset = 0;
+    for (k, p) in pieces.iter().enumerate() {
+        for c in 0..p.len().div_ceil(CHUNK) {
+            tasks.push((k, offset, c * CHUNK..((c + 1) * CHUNK).min(p.len())));
+        }
+        offset += p.len();
+    }
+    let partials: Vec<Vec<f64>> = tasks
         .into_par_iter()
-        .map(|c| {
-            let r = c * CHUNK..((c + 1) * CHUNK).min(len);
+        .map(|(k, offset, r)| {
+            let g = &pieces[k][r.clone()];
             (0..rows)
-                .map(|i| dot_on(isa, &d[i * len..(i + 1) * len][r.clone()], &g[r.clone()]))
+                .map(|i| {
+                    let start = i * len + offset + r.start;
+                    dot_on(isa, &d[start..start + g.len()], g)
+                })
                 .collect()
         })
         .collect();
@@ -222,21 +285,6 @@ fn dots_slices_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], g: &[T]) -> Vec<
         }
     }
     out
-}
-
-/// ⟨d_i, g⟩ for every row i of `d` (b × D) and `g` (D elements), in f64. `d` and `g` are both
-/// f32 or both f64, or `d` is bf16/f16 and `g` f32.
-pub fn dots(d: &Tensor, g: &Tensor) -> Option<Vec<f64>> {
-    if d.elem_count() != d.dims().first().copied().unwrap_or(0) * g.elem_count() {
-        return None;
-    }
-    match (d.dtype(), g.dtype()) {
-        (DType::F32, DType::F32) => with_slices::<f32, f32, _>(d, g, dots_slices),
-        (DType::F64, DType::F64) => with_slices::<f64, f64, _>(d, g, dots_slices),
-        (DType::BF16, DType::F32) => with_slices::<bf16, f32, _>(d, g, dots_slices),
-        (DType::F16, DType::F32) => with_slices::<f16, f32, _>(d, g, dots_slices),
-        _ => None,
-    }
 }
 
 fn combine_slices<T: WithDType, D: Widen<T>>(
@@ -515,6 +563,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn dots_over_pieces_match_the_product_with_their_concatenation() {
+        for lens in [
+            vec![3],
+            vec![1, 7, 2],
+            vec![CHUNK + 9, 5, CHUNK - 1],
+            vec![2 * CHUNK, CHUNK],
+        ] {
+            let len: usize = lens.iter().sum();
+            for dtype in [DType::F32, DType::F64] {
+                let d = random(len as u64, &[3, len], dtype);
+                let pieces: Vec<Tensor> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &n)| random(10 + k as u64, &[n], dtype))
+                    .collect();
+                let g = Tensor::cat(&pieces, 0).unwrap();
+                let want: Vec<f64> = d
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .matmul(&g.to_dtype(DType::F64).unwrap().unsqueeze(1).unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let got = dots_pieces(&d, &pieces).unwrap();
+                let tol = if dtype == DType::F32 { 1e-4 } else { 1e-10 };
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= tol * (len as f64).sqrt(),
+                        "{lens:?}: {a} vs {b}"
+                    );
+                }
+                // One piece is `dots`, bit for bit.
+                assert_eq!(dots_pieces(&d, &[g.clone()]), dots(&d, &g));
+            }
+        }
+        // Pieces that do not add up to the directions' length, or of two dtypes.
+        let d = random(1, &[2, 6], DType::F32);
+        let a = random(2, &[4], DType::F32);
+        assert!(dots_pieces(&d, &[a.clone()]).is_none());
+        let b = random(3, &[2], DType::F64);
+        assert!(dots_pieces(&d, &[a.clone(), b]).is_none());
+        assert!(dots_pieces(&d, &[a, random(4, &[2], DType::F32)]).is_some());
     }
 
     #[test]
