@@ -5,7 +5,8 @@
 //! [--direction-dtype f32|bf16|f16]`
 //!
 //! A zoo of b models (one random start plus uniform noise, in memory) and `batch × steps` random
-//! held-out images. Each round runs `steps` plain steps (forward, backward, θ ← θ − η∇θ in place)
+//! held-out images. Each round runs `steps` plain steps (the loss and ∇θ as MEHL gets them from
+//! the objective, then θ ← θ − η∇θ in place)
 //! and then MEHL-Soup+ over the b models for `steps` coefficient steps (one model batch, one inner
 //! epoch, the real `soup_core::run_mehl` loop: materialise θ, forward, backward, clip, project,
 //! AdamW on X). Prints one JSON line per kind with every step's seconds and the median: the first
@@ -120,11 +121,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 epoch_seed: 7,
                 index,
             };
-            let loss = objective.loss(&theta, None, batch)?;
-            let grads = loss.backward()?;
-            loss.to_scalar::<f32>()?;
-            for t in &theta {
-                let g = grads.get(t).ok_or("a parameter got no gradient")?;
+            // The loss and ∇θ as MEHL gets them (the hand-written backward where there is one).
+            let (_, grads) = objective.loss_and_grad(&theta, batch)?;
+            for (t, g) in theta.iter().zip(&grads) {
                 kernels::axpy_inplace(t, -1e-6, g)?;
             }
             times.push(t0.elapsed().as_secs_f64());
