@@ -199,6 +199,7 @@ fn axpy_on<T: WithDType, D: Widen<T>>(isa: Isa, o: &mut [T], x: T, d: &[D]) {
     }
 }
 
+#[cfg(test)]
 fn dots_slices_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], g: &[T]) -> Vec<f64> {
     dots_pieces_on(isa, d, &[g])
 }

@@ -101,7 +101,9 @@ pub use linear::linear;
 /// whole-model backward passes of `arch` (`arch/tape.rs`).
 pub(crate) mod slices {
     pub(crate) use super::attention::{attention_backward_into, attention_into};
-    pub(crate) use super::gelu::{quick_gelu_backward_into, quick_gelu_into};
+    pub(crate) use super::gelu::{
+        gelu_backward_into, gelu_into, quick_gelu_backward_into, quick_gelu_into,
+    };
     pub(crate) use super::layer_norm::{layer_norm_backward_into, layer_norm_into};
     pub(crate) use super::linear::{linear_backward_into, linear_into};
 }

@@ -10,6 +10,8 @@ use soup_core::ParamLayout;
 use crate::error::Result;
 use crate::ops::cpu::Real;
 
+pub(crate) mod encoder;
+
 /// A forward pass kept for its backward.
 pub trait Tape {
     /// The logits (n × classes), not part of any autograd graph.
@@ -55,6 +57,11 @@ pub(crate) fn with_slices<T: WithDType, R>(
         slices.push(&cpu.as_slice::<T>()?[start..end]);
     }
     Ok(f(&slices))
+}
+
+/// Tensor `i`'s gradient slice, taken out of `g` (a backward writes each tensor's once).
+pub(crate) fn take<'a, T>(g: &mut [&'a mut [T]], i: usize) -> &'a mut [T] {
+    std::mem::take(&mut g[i])
 }
 
 /// The contiguous data of one tensor, copied.
