@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use soup_core::rng::SplitMix64;
 use soup_core::{Batch, Objective};
 use soup_models::arch::clip::{ClipClassifier, ClipVitConfig};
+use soup_models::arch::dinov2::{Dinov2Classifier, Dinov2Config};
 use soup_models::testkit::fixtures::tiny_clip_config;
 use soup_models::{Architecture, Classification, Dataset, Images};
 
@@ -134,6 +135,44 @@ fn clip_tape_gradients_equal_autograd_in_f64() {
     for (seed, (config, n)) in configs.into_iter().enumerate() {
         let worst = tape_against_autograd(&clip(config), n, seed as u64, DType::F64);
         eprintln!("clip, config {seed}: worst relative error {worst:e}");
+    }
+}
+
+#[test]
+fn dinov2_tape_gradients_equal_autograd_in_f64() {
+    let configs = [
+        (
+            Dinov2Config {
+                hidden_size: 16,
+                num_hidden_layers: 2,
+                num_attention_heads: 2,
+                mlp_ratio: 2,
+                image_size: 12,
+                patch_size: 4,
+                num_classes: 4,
+                ..Dinov2Config::small(14, 3)
+            },
+            3,
+        ),
+        (
+            Dinov2Config {
+                hidden_size: 8,
+                num_hidden_layers: 1,
+                num_attention_heads: 1,
+                mlp_ratio: 4,
+                image_size: 8,
+                patch_size: 4,
+                num_classes: 2,
+                num_channels: 1,
+                ..Dinov2Config::small(14, 3)
+            },
+            1,
+        ),
+    ];
+    for (seed, (config, n)) in configs.into_iter().enumerate() {
+        let arch = Dinov2Classifier::new(config).unwrap();
+        let worst = tape_against_autograd(&arch, n, 10 + seed as u64, DType::F64);
+        eprintln!("dinov2, config {seed}: worst relative error {worst:e}");
     }
 }
 

@@ -13,14 +13,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{ParamLayout, TensorSpec};
 
+use super::tape::{self, Tape};
 use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params};
 use crate::error::{ModelError, Result};
 use crate::ops::{attention, gelu, layer_norm, linear};
+
+mod backward;
 
 /// ImageNet's per-channel mean and standard deviation (DINOv2's preprocessing).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -380,6 +383,16 @@ impl Architecture for Dinov2Classifier {
 
     fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.head_input(params, images)?))
+    }
+
+    fn tape(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Box<dyn Tape>>> {
+        if !tape::supported(params) {
+            return Ok(None);
+        }
+        Ok(Some(match params[0].dtype() {
+            DType::F64 => Box::new(backward::Dinov2Tape::<f64>::forward(self, params, images)?),
+            _ => Box::new(backward::Dinov2Tape::<f32>::forward(self, params, images)?),
+        }))
     }
 
     /// The key biases: q·(k + b) = q·k + q·b adds the same q·b to every score of a query, which
