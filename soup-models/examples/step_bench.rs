@@ -1,6 +1,6 @@
 //! Forward + backward step time of a CLIP classifier on this machine (used by `cargo xtask bench`).
 //!
-//! `step_bench [--arch clip-vit-b32] [--batch 8] [--rounds 5] [--classes 1000]
+//! `step_bench [--arch clip-vit-b32|dinov2-vit-s14|…] [--batch 8] [--rounds 5] [--classes 1000]
 //! [--backward tape|autograd]` prints one JSON line per phase with every round's seconds and the
 //! median, then the process's peak RSS. "step" = forward + backward + an in-place SGD update of
 //! every parameter. The backward is the architecture's hand-written one (`tape`, what soup's
@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use soup_core::rng::SplitMix64;
+use soup_models::arch::dinov2::{Dinov2Classifier, Dinov2Config};
 use soup_models::arch::tape::cross_entropy_backward;
 use soup_models::ops::cross_entropy;
 
@@ -46,7 +47,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
-    let arch = soup_models::build(&arch_name, &serde_json::json!({ "num_classes": classes }))?;
+    // DINOv2-S/14 at 224 px (257 tokens), or a registry name with `num_classes` only.
+    let arch: std::sync::Arc<dyn soup_models::Architecture> = match arch_name.as_str() {
+        "dinov2-vit-s14" => std::sync::Arc::new(Dinov2Classifier::new(Dinov2Config::small(
+            224, classes,
+        ))?),
+        name => soup_models::build(name, &serde_json::json!({ "num_classes": classes }))?,
+    };
     let params = arch.init(1, &Device::Cpu)?;
     let vars: Vec<Var> = params
         .iter()
