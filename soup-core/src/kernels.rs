@@ -601,13 +601,13 @@ mod tests {
                     );
                 }
                 // One piece is `dots`, bit for bit.
-                assert_eq!(dots_pieces(&d, &[g.clone()]), dots(&d, &g));
+                assert_eq!(dots_pieces(&d, std::slice::from_ref(&g)), dots(&d, &g));
             }
         }
         // Pieces that do not add up to the directions' length, or of two dtypes.
         let d = random(1, &[2, 6], DType::F32);
         let a = random(2, &[4], DType::F32);
-        assert!(dots_pieces(&d, &[a.clone()]).is_none());
+        assert!(dots_pieces(&d, std::slice::from_ref(&a)).is_none());
         let b = random(3, &[2], DType::F64);
         assert!(dots_pieces(&d, &[a.clone(), b]).is_none());
         assert!(dots_pieces(&d, &[a, random(4, &[2], DType::F32)]).is_some());

@@ -49,9 +49,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // DINOv2-S/14 at 224 px (257 tokens), or a registry name with `num_classes` only.
     let arch: std::sync::Arc<dyn soup_models::Architecture> = match arch_name.as_str() {
-        "dinov2-vit-s14" => std::sync::Arc::new(Dinov2Classifier::new(Dinov2Config::small(
-            224, classes,
-        ))?),
+        "dinov2-vit-s14" => {
+            std::sync::Arc::new(Dinov2Classifier::new(Dinov2Config::small(224, classes))?)
+        }
         name => soup_models::build(name, &serde_json::json!({ "num_classes": classes }))?,
     };
     let params = arch.init(1, &Device::Cpu)?;
