@@ -8,8 +8,10 @@ use super::ClipClassifier;
 use crate::arch::tape::encoder::{
     layer_backward, layer_forward, layer_norm, Activation, LayerActs, LayerIndex, LayerShape,
 };
-use crate::arch::tape::{take, to_vec, with_slices, Gradients, Tape};
-use crate::error::{ModelError, Result};
+use crate::arch::tape::{
+    backward_with, patch_rows, take, tokens, tokens_backward, with_slices, Tape,
+};
+use crate::error::Result;
 use crate::ops::cpu::slices::{layer_norm_backward_into, linear_backward_into, linear_into};
 use crate::ops::cpu::Real;
 
@@ -108,27 +110,13 @@ impl<T: Real> ClipTape<T> {
         images: &Tensor,
     ) -> Result<Self> {
         let c = &arch.config;
-        let (n, ch, h, w) = images.dims4()?;
-        if ch != c.num_channels || h != c.image_size || w != c.image_size {
-            return Err(ModelError::config(
-                "clip-vit",
-                format!(
-                    "images are {ch}×{h}×{w}, the model takes {}×{}×{}",
-                    c.num_channels, c.image_size, c.image_size
-                ),
-            ));
-        }
-        if params.len() != arch.layout.len() {
-            return Err(ModelError::config(
-                "clip-vit",
-                format!(
-                    "forward got {} tensors, the layout has {}",
-                    params.len(),
-                    arch.layout.len()
-                ),
-            ));
-        }
-        let (ps, g) = (c.patch_size, c.image_size / c.patch_size);
+        let (n, patches) = patch_rows::<T>(
+            "clip-vit",
+            images,
+            (c.num_channels, c.image_size, c.patch_size),
+            (params.len(), arch.layout.len()),
+        )?;
+        let (ps, g, ch) = (c.patch_size, c.image_size / c.patch_size, c.num_channels);
         let e = c.hidden_size;
         let d = Dims {
             layer: LayerShape {
@@ -146,14 +134,6 @@ impl<T: Real> ClipTape<T> {
             pd: c.projection_dim,
             k: c.num_classes,
         };
-        // Patches as rows (n·np × ch·p·p), in the order of the convolution kernel's elements.
-        let patches = to_vec::<T>(
-            &images
-                .to_dtype(T::DTYPE)?
-                .reshape((n, ch, g, ps, g, ps))?
-                .permute((0, 2, 4, 1, 3, 5))?
-                .contiguous()?,
-        )?;
         let index = Index::new(arch);
         let mut tape = with_slices::<T, _>(params, |p| forward_pass(p, &index, d, patches))??;
         tape.layout = arch.layout.clone();
@@ -166,7 +146,6 @@ impl<T: Real> ClipTape<T> {
 fn forward_pass<T: Real>(p: &[&[T]], ix: &Index, d: Dims, patches: Vec<T>) -> Result<ClipTape<T>> {
     let Dims { np, cp, pd, k, .. } = d;
     let LayerShape { n, t, e, .. } = d.layer;
-    let rows = d.layer.rows();
     let mut embeds = vec![T::zero(); n * np * e];
     linear_into(
         &patches,
@@ -177,20 +156,7 @@ fn forward_pass<T: Real>(p: &[&[T]], ix: &Index, d: Dims, patches: Vec<T>) -> Re
         (&mut embeds, e),
     );
     // [class | patches] + positions.
-    let (class, position) = (p[ix.class], p[ix.position]);
-    let mut hidden0 = vec![T::zero(); rows * e];
-    for i in 0..n {
-        for j in 0..t {
-            let src = match j {
-                0 => class,
-                _ => &embeds[(i * np + j - 1) * e..(i * np + j) * e],
-            };
-            let row = &mut hidden0[(i * t + j) * e..(i * t + j + 1) * e];
-            for ((r, &s), &q) in row.iter_mut().zip(src).zip(&position[j * e..(j + 1) * e]) {
-                *r = s + q;
-            }
-        }
-    }
+    let hidden0 = tokens(p[ix.class], &embeds, p[ix.position], np);
     let eps = d.layer.eps;
     let mut h = layer_norm(&hidden0, p[ix.pre.0], p[ix.pre.1], eps);
     let mut layers = Vec::with_capacity(ix.layers.len());
@@ -246,20 +212,15 @@ impl<T: Real> Tape for ClipTape<T> {
     }
 
     fn backward(self: Box<Self>, dlogits: &Tensor) -> Result<Vec<Tensor>> {
-        let (n, k) = (self.d.layer.n, self.d.k);
-        if dlogits.dims() != [n, k] {
-            return Err(ModelError::config(
-                "clip-vit",
-                format!("the logits' gradient has shape {:?}", dlogits.dims()),
-            ));
-        }
-        let dlogits = to_vec::<T>(dlogits)?;
-        let mut grads = Gradients::<T>::new(&self.layout);
-        with_slices::<T, _>(&self.params, |p| {
-            let mut g = grads.slices(&self.layout);
-            self.backward_pass(p, &mut g, &dlogits);
-        })?;
-        grads.into_tensors(&self.layout)
+        let dims = (self.d.layer.n, self.d.k);
+        backward_with(
+            "clip-vit",
+            &self.layout,
+            &self.params,
+            dims,
+            dlogits,
+            |p, g, dl| self.backward_pass(p, g, dl),
+        )
     }
 }
 
@@ -338,22 +299,7 @@ impl<T: Real> ClipTape<T> {
             db,
         );
         let (dclass, dposition) = (take(g, ix.class), take(g, ix.position));
-        let mut dembeds = vec![T::zero(); n * np * e];
-        for i in 0..n {
-            for j in 0..t {
-                let src = &dhidden0[(i * t + j) * e..(i * t + j + 1) * e];
-                for (a, &v) in dposition[j * e..(j + 1) * e].iter_mut().zip(src) {
-                    *a += v;
-                }
-                if j == 0 {
-                    for (a, &v) in dclass.iter_mut().zip(src) {
-                        *a += v;
-                    }
-                } else {
-                    dembeds[(i * np + j - 1) * e..(i * np + j) * e].copy_from_slice(src);
-                }
-            }
-        }
+        let dembeds = tokens_backward(&dhidden0, dclass, dposition, np);
         let dkernel = take(g, ix.patch);
         linear_backward_into(
             &self.patches,

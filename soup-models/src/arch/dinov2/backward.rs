@@ -7,8 +7,10 @@ use super::{Dinov2Classifier, FAMILY};
 use crate::arch::tape::encoder::{
     layer_backward, layer_forward, layer_norm, Activation, LayerActs, LayerIndex, LayerShape,
 };
-use crate::arch::tape::{take, to_vec, with_slices, Gradients, Tape};
-use crate::error::{ModelError, Result};
+use crate::arch::tape::{
+    backward_with, patch_rows, take, tokens, tokens_backward, with_slices, Tape,
+};
+use crate::error::Result;
 use crate::ops::cpu::slices::{layer_norm_backward_into, linear_backward_into, linear_into};
 use crate::ops::cpu::Real;
 
@@ -89,27 +91,13 @@ impl<T: Real> Dinov2Tape<T> {
         images: &Tensor,
     ) -> Result<Self> {
         let c = &arch.config;
-        let (n, ch, h, w) = images.dims4()?;
-        if ch != c.num_channels || h != c.image_size || w != c.image_size {
-            return Err(ModelError::config(
-                FAMILY,
-                format!(
-                    "images are {ch}×{h}×{w}, the model takes {}×{}×{}",
-                    c.num_channels, c.image_size, c.image_size
-                ),
-            ));
-        }
-        if params.len() != arch.layout.len() {
-            return Err(ModelError::config(
-                FAMILY,
-                format!(
-                    "forward got {} tensors, the layout has {}",
-                    params.len(),
-                    arch.layout.len()
-                ),
-            ));
-        }
-        let (ps, g) = (c.patch_size, c.image_size / c.patch_size);
+        let (n, patches) = patch_rows::<T>(
+            FAMILY,
+            images,
+            (c.num_channels, c.image_size, c.patch_size),
+            (params.len(), arch.layout.len()),
+        )?;
+        let (ps, g, ch) = (c.patch_size, c.image_size / c.patch_size, c.num_channels);
         let e = c.hidden_size;
         let d = Dims {
             layer: LayerShape {
@@ -126,13 +114,6 @@ impl<T: Real> Dinov2Tape<T> {
             cp: ch * ps * ps,
             k: c.num_classes,
         };
-        let patches = to_vec::<T>(
-            &images
-                .to_dtype(T::DTYPE)?
-                .reshape((n, ch, g, ps, g, ps))?
-                .permute((0, 2, 4, 1, 3, 5))?
-                .contiguous()?,
-        )?;
         let index = Index::new(arch);
         let mut tape = with_slices::<T, _>(params, |p| forward_pass(p, &index, d, patches))??;
         tape.layout = arch.layout.clone();
@@ -150,7 +131,6 @@ fn forward_pass<T: Real>(
 ) -> Result<Dinov2Tape<T>> {
     let Dims { np, cp, k, .. } = d;
     let LayerShape { n, t, e, eps, .. } = d.layer;
-    let rows = d.layer.rows();
     let mut embeds = vec![T::zero(); n * np * e];
     let (kw, kb) = ix.patch;
     linear_into(
@@ -162,20 +142,7 @@ fn forward_pass<T: Real>(
         (&mut embeds, e),
     );
     // [CLS | patches] + positions.
-    let (cls, position) = (p[ix.cls], p[ix.position]);
-    let mut h = vec![T::zero(); rows * e];
-    for i in 0..n {
-        for j in 0..t {
-            let src = match j {
-                0 => cls,
-                _ => &embeds[(i * np + j - 1) * e..(i * np + j) * e],
-            };
-            let row = &mut h[(i * t + j) * e..(i * t + j + 1) * e];
-            for ((r, &s), &q) in row.iter_mut().zip(src).zip(&position[j * e..(j + 1) * e]) {
-                *r = s + q;
-            }
-        }
-    }
+    let mut h = tokens(p[ix.cls], &embeds, p[ix.position], np);
     let mut layers = Vec::with_capacity(ix.layers.len());
     for l in &ix.layers {
         let (acts, out) = layer_forward(p, l, d.layer, h);
@@ -230,20 +197,15 @@ impl<T: Real> Tape for Dinov2Tape<T> {
     }
 
     fn backward(self: Box<Self>, dlogits: &Tensor) -> Result<Vec<Tensor>> {
-        let (n, k) = (self.d.layer.n, self.d.k);
-        if dlogits.dims() != [n, k] {
-            return Err(ModelError::config(
-                FAMILY,
-                format!("the logits' gradient has shape {:?}", dlogits.dims()),
-            ));
-        }
-        let dlogits = to_vec::<T>(dlogits)?;
-        let mut grads = Gradients::<T>::new(&self.layout);
-        with_slices::<T, _>(&self.params, |p| {
-            let mut g = grads.slices(&self.layout);
-            self.backward_pass(p, &mut g, &dlogits);
-        })?;
-        grads.into_tensors(&self.layout)
+        let dims = (self.d.layer.n, self.d.k);
+        backward_with(
+            FAMILY,
+            &self.layout,
+            &self.params,
+            dims,
+            dlogits,
+            |p, g, dl| self.backward_pass(p, g, dl),
+        )
     }
 }
 
@@ -291,22 +253,7 @@ impl<T: Real> Dinov2Tape<T> {
         }
         // h = [CLS | patches Kᵀ + b] + positions.
         let (dcls, dposition) = (take(g, ix.cls), take(g, ix.position));
-        let mut dembeds = vec![T::zero(); n * np * e];
-        for i in 0..n {
-            for j in 0..t {
-                let src = &dh[(i * t + j) * e..(i * t + j + 1) * e];
-                for (a, &v) in dposition[j * e..(j + 1) * e].iter_mut().zip(src) {
-                    *a += v;
-                }
-                if j == 0 {
-                    for (a, &v) in dcls.iter_mut().zip(src) {
-                        *a += v;
-                    }
-                } else {
-                    dembeds[(i * np + j - 1) * e..(i * np + j) * e].copy_from_slice(src);
-                }
-            }
-        }
+        let dembeds = tokens_backward(&dh, dcls, dposition, np);
         let (kw, kb) = ix.patch;
         let (dkw, dkb) = (take(g, kw), take(g, kb));
         linear_backward_into(

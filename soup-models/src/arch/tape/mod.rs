@@ -171,3 +171,110 @@ pub fn cross_entropy_backward(
         Tensor::from_vec(dlogits, (labels.len(), k), logits.device())?.to_dtype(logits.dtype())?;
     Ok((loss * weight, tape.backward(&dlogits)?))
 }
+
+/// Checks a ViT's input (n × channels × size × size images, one tensor per layout entry) and
+/// returns n and the images' patches as rows (n·g² × channels·patch², g = size / patch), in the
+/// order of the patch convolution kernel's elements.
+pub(crate) fn patch_rows<T: Real>(
+    family: &str,
+    images: &Tensor,
+    (channels, size, patch): (usize, usize, usize),
+    (tensors, layout_len): (usize, usize),
+) -> Result<(usize, Vec<T>)> {
+    let (n, ch, h, w) = images.dims4()?;
+    if ch != channels || h != size || w != size {
+        return Err(crate::ModelError::config(
+            family,
+            format!("images are {ch}×{h}×{w}, the model takes {channels}×{size}×{size}"),
+        ));
+    }
+    if tensors != layout_len {
+        return Err(crate::ModelError::config(
+            family,
+            format!("forward got {tensors} tensors, the layout has {layout_len}"),
+        ));
+    }
+    let g = size / patch;
+    let rows = images
+        .to_dtype(T::DTYPE)?
+        .reshape((n, ch, g, patch, g, patch))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?;
+    Ok((n, to_vec::<T>(&rows)?))
+}
+
+/// The token rows (n·t × e, t = np + 1) of a ViT: per image the `first` token (class or CLS)
+/// then its np patch embeddings (`embeds`, n·np × e), plus the positions (t × e).
+pub(crate) fn tokens<T: Real>(first: &[T], embeds: &[T], position: &[T], np: usize) -> Vec<T> {
+    let e = first.len();
+    let (n, t) = (embeds.len() / (np * e), np + 1);
+    let mut h = vec![T::zero(); n * t * e];
+    for i in 0..n {
+        for j in 0..t {
+            let src = match j {
+                0 => first,
+                _ => &embeds[(i * np + j - 1) * e..(i * np + j) * e],
+            };
+            let row = &mut h[(i * t + j) * e..(i * t + j + 1) * e];
+            for ((r, &s), &q) in row.iter_mut().zip(src).zip(&position[j * e..(j + 1) * e]) {
+                *r = s + q;
+            }
+        }
+    }
+    h
+}
+
+/// The backward of [`tokens`] for the rows' gradient `dh`: the first token's and the positions'
+/// gradients added into `dfirst` and `dposition`; returns the patch embeddings' (n·np × e).
+pub(crate) fn tokens_backward<T: Real>(
+    dh: &[T],
+    dfirst: &mut [T],
+    dposition: &mut [T],
+    np: usize,
+) -> Vec<T> {
+    let e = dfirst.len();
+    let t = np + 1;
+    let n = dh.len() / (t * e);
+    let mut dembeds = vec![T::zero(); n * np * e];
+    for i in 0..n {
+        for j in 0..t {
+            let src = &dh[(i * t + j) * e..(i * t + j + 1) * e];
+            for (a, &v) in dposition[j * e..(j + 1) * e].iter_mut().zip(src) {
+                *a += v;
+            }
+            if j == 0 {
+                for (a, &v) in dfirst.iter_mut().zip(src) {
+                    *a += v;
+                }
+            } else {
+                dembeds[(i * np + j - 1) * e..(i * np + j) * e].copy_from_slice(src);
+            }
+        }
+    }
+    dembeds
+}
+
+/// What every tape's `backward` does around its own pass: checks dlogits (n × k), runs `pass` on
+/// the parameters' data, the tensors' gradient slices and dlogits, and returns the gradients.
+pub(crate) fn backward_with<T: Real>(
+    family: &str,
+    layout: &ParamLayout,
+    params: &[Tensor],
+    (n, k): (usize, usize),
+    dlogits: &Tensor,
+    pass: impl FnOnce(&[&[T]], &mut [&mut [T]], &[T]),
+) -> Result<Vec<Tensor>> {
+    if dlogits.dims() != [n, k] {
+        return Err(crate::ModelError::config(
+            family,
+            format!("the logits' gradient has shape {:?}", dlogits.dims()),
+        ));
+    }
+    let dlogits = to_vec::<T>(dlogits)?;
+    let mut grads = Gradients::<T>::new(layout);
+    with_slices::<T, _>(params, |p| {
+        let mut g = grads.slices(layout);
+        pass(p, &mut g, &dlogits);
+    })?;
+    grads.into_tensors(layout)
+}
