@@ -1,7 +1,9 @@
 //! The hand-written whole-model backward passes (`arch/tape.rs`) against candle's autograd through
 //! the same architecture's `forward`: logits and the gradient of every tensor, in f64, to 1e-10
-//! relative; and the `Classification` objective's loss and gradients through them against
-//! `soup_core::autograd_loss_and_grad` (label smoothing, shards).
+//! relative; against PyTorch's autograd (golden gradients of a tiny CLIP and of transformers'
+//! DINOv2, `tests/golden/make_backward.py`); and the `Classification` objective's loss and
+//! gradients through them against `soup_core::autograd_loss_and_grad` (label smoothing, shards),
+//! and fine-tuning through them against fine-tuning by autograd.
 
 use candle_core::{DType, Device, Tensor, Var};
 use soup_core::rng::SplitMix64;
@@ -367,4 +369,82 @@ fn fine_tuning_through_the_tape_follows_the_autograd_trajectory() {
         moved > 1e-4,
         "fine-tuning moved the first tensor by {moved:e} only"
     );
+}
+
+/// The golden losses and gradients of PyTorch's autograd (`tests/golden/make_backward.py`).
+fn torch_golden() -> std::collections::HashMap<String, Tensor> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/backward/expected.safetensors");
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// The tape's cross-entropy (label smoothing 0.1) and gradients against PyTorch's `prefix.loss`
+/// and `prefix.grad.<name>`, in f64.
+fn against_torch(arch: &dyn Architecture, p: &[Tensor], images: &Tensor, prefix: &str) {
+    let golden = torch_golden();
+    let labels: Vec<u32> = golden[&format!("{prefix}.labels")]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect();
+    let tape = arch.tape(p, images).unwrap().unwrap();
+    let (loss, grads) =
+        soup_models::arch::tape::cross_entropy_backward(tape, &labels, 0.1, 1.0).unwrap();
+    let want_loss = golden[&format!("{prefix}.loss")].to_vec1::<f64>().unwrap()[0];
+    assert!(
+        (loss - want_loss).abs() <= 1e-12 * want_loss,
+        "{prefix}: loss {loss} against PyTorch's {want_loss}"
+    );
+    let zero = arch.zero_gradient_tensors();
+    let want: Vec<&Tensor> = arch
+        .layout()
+        .tensors
+        .iter()
+        .map(|t| &golden[&format!("{prefix}.grad.{}", t.name)])
+        .collect();
+    let largest = want.iter().fold(0.0f64, |m, w| {
+        values(w).iter().fold(m, |m, v| m.max(v.abs()))
+    });
+    for ((spec, g), w) in arch.layout().tensors.iter().zip(&grads).zip(want) {
+        let err = match zero.contains(&spec.name) {
+            true => max_abs_diff(g, w) / largest,
+            false => relative_error(g, w),
+        };
+        assert!(
+            err <= 1e-10,
+            "{prefix} {}: {err:e} from PyTorch's gradient",
+            spec.name
+        );
+    }
+}
+
+#[test]
+fn clip_tape_gradients_equal_pytorch_autograd() {
+    let golden = torch_golden();
+    let arch = clip(tiny_clip_config(3, 5));
+    let p: Vec<Tensor> = arch
+        .layout()
+        .tensors
+        .iter()
+        .map(|t| golden[&format!("clip.{}", t.name)].clone())
+        .collect();
+    against_torch(&arch, &p, &golden["clip.images"], "clip");
+}
+
+#[test]
+fn dinov2_tape_gradients_equal_transformers_autograd() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/dinov2");
+    let ckpt = soup_models::Checkpoint::open(dir.join("hf-dinov2")).unwrap();
+    let arch = ckpt.architecture().unwrap();
+    let p: Vec<Tensor> = ckpt
+        .load_params(arch.as_ref(), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.to_dtype(DType::F64).unwrap())
+        .collect();
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let x = expected["tiny.pixel_values"].to_dtype(DType::F64).unwrap();
+    against_torch(arch.as_ref(), &p, &x, "dinov2");
 }
