@@ -208,7 +208,7 @@ impl Objective for Classification {
     }
 
     /// Through the architecture's hand-written backward where it has one for these tensors
-    /// (`arch/tape.rs`: the same loss and gradients as autograd, without its graph), else by
+    /// (`arch/tape`: the same loss and gradients as autograd, without its graph), else by
     /// autograd through [`Self::loss`].
     fn loss_and_grad(
         &mut self,

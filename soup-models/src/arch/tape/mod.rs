@@ -2,7 +2,8 @@
 //! slices that keeps what its backward needs, and a backward that writes every parameter's
 //! gradient once, into one buffer of the whole layout, with no autograd graph and no per-node
 //! gradient store. candle's autograd through [`super::Architecture::forward`] stays the reference
-//! they are tested against (`tests/tape.rs`, f64, every tensor).
+//! they are tested against, with golden gradients of PyTorch's autograd (`tests/tape.rs`, f64,
+//! every tensor).
 
 use candle_core::{DType, Storage, Tensor, WithDType};
 use soup_core::ParamLayout;
