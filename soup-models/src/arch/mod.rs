@@ -68,7 +68,7 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
 
     /// The logits of `images` by a forward pass kept for this family's hand-written backward
-    /// (`arch/tape.rs`), or `None` where there is none for these tensors (another family, a GPU,
+    /// (`arch/tape`), or `None` where there is none for these tensors (another family, a GPU,
     /// another dtype): then autograd through [`Self::forward`] is the way.
     fn tape(&self, _params: &[Tensor], _images: &Tensor) -> Result<Option<Box<dyn tape::Tape>>> {
         Ok(None)

@@ -1,6 +1,6 @@
 //! The hand-written forward and backward pass of the CLIP classifier (what
 //! [`ClipClassifier::image_features`] and `forward` compute), on slices, through the fused kernels'
-//! slice functions. See `arch/tape.rs`.
+//! slice functions. See `arch/tape`.
 
 use candle_core::Tensor;
 

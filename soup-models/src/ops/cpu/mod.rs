@@ -98,7 +98,7 @@ pub use layer_norm::layer_norm;
 pub use linear::linear;
 
 /// The kernels on plain slices (what the tensor ops above run), for the hand-written
-/// whole-model backward passes of `arch` (`arch/tape.rs`).
+/// whole-model backward passes of `arch` (`arch/tape`).
 pub(crate) mod slices {
     pub(crate) use super::attention::{attention_backward_into, attention_into};
     pub(crate) use super::gelu::{
