@@ -119,16 +119,12 @@ impl<T: Real> ClipTape<T> {
         let (ps, g, ch) = (c.patch_size, c.image_size / c.patch_size, c.num_channels);
         let e = c.hidden_size;
         let d = Dims {
-            layer: LayerShape {
-                n,
-                t: g * g + 1,
-                e,
-                f: c.intermediate_size,
-                heads: c.num_attention_heads,
-                scale: ((e / c.num_attention_heads) as f64).powf(-0.5),
-                eps: c.layer_norm_eps,
-                activation: Activation::QuickGelu,
-            },
+            layer: LayerShape::vit(
+                (n, g * g + 1),
+                (e, c.intermediate_size, c.num_attention_heads),
+                c.layer_norm_eps,
+                Activation::QuickGelu,
+            ),
             np: g * g,
             cp: ch * ps * ps,
             pd: c.projection_dim,

@@ -100,16 +100,12 @@ impl<T: Real> Dinov2Tape<T> {
         let (ps, g, ch) = (c.patch_size, c.image_size / c.patch_size, c.num_channels);
         let e = c.hidden_size;
         let d = Dims {
-            layer: LayerShape {
-                n,
-                t: g * g + 1,
-                e,
-                f: e * c.mlp_ratio,
-                heads: c.num_attention_heads,
-                scale: ((e / c.num_attention_heads) as f64).powf(-0.5),
-                eps: c.layer_norm_eps,
-                activation: Activation::Gelu,
-            },
+            layer: LayerShape::vit(
+                (n, g * g + 1),
+                (e, e * c.mlp_ratio, c.num_attention_heads),
+                c.layer_norm_eps,
+                Activation::Gelu,
+            ),
             np: g * g,
             cp: ch * ps * ps,
             k: c.num_classes,

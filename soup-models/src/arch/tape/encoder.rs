@@ -49,6 +49,27 @@ pub(crate) struct LayerShape {
 }
 
 impl LayerShape {
+    /// The shape of a ViT's layers for n images of t tokens, with the attention scale
+    /// 1/√(e / heads).
+    pub fn vit(
+        (n, t): (usize, usize),
+        (e, f, heads): (usize, usize, usize),
+        eps: f64,
+        activation: Activation,
+    ) -> Self {
+        let scale = ((e / heads) as f64).powf(-0.5);
+        Self {
+            n,
+            t,
+            e,
+            f,
+            heads,
+            scale,
+            eps,
+            activation,
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.n * self.t
     }
