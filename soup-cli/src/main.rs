@@ -102,6 +102,10 @@ fn main() -> ExitCode {
     let comm: &dyn Collective = &SingleProcess;
     let (rank, world) = (comm.rank(), comm.world_size());
     let result = match &cli.command {
+        // The matrix-product kernels' override is checked before anything runs.
+        _ if soup_models::ops::cpu::GemmKernels::check_env().is_err() => Err(error::CliError::new(
+            soup_models::ops::cpu::GemmKernels::check_env().unwrap_err(),
+        )),
         Command::Mix(a) => mix::mix(a, cli.quiet || rank > 0, comm),
         _ if world > 1 => Err(error::CliError::new(
             "only `soup mix` runs over several processes",

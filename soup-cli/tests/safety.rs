@@ -356,6 +356,17 @@ fn bad_flags_and_configs_get_one_line_and_exit_code_two() {
         &mix_args("soup-of-the-day", "zoo", "o3"),
         "invalid value 'soup-of-the-day'",
     );
+    // An unknown matrix-product kernel set is refused before anything is written.
+    let out = run_in(
+        d,
+        &mix_args("mehl+", "zoo", "o4"),
+        &[("SOUP_GEMM_KERNELS", "avx1024")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("SOUP_GEMM_KERNELS=\"avx1024\""), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
+    assert!(!d.join("o4").exists());
     let train = |extra: &[&'static str]| -> Vec<&'static str> {
         let mut v = vec![
             "train",

@@ -32,6 +32,7 @@ fn peak_rss() -> Option<u64> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     bench_alloc::init();
+    soup_models::ops::cpu::GemmKernels::check_env()?;
     let mut arch_name = "clip-vit-b32".to_string();
     let (mut batch, mut rounds, mut classes) = (8usize, 5usize, 1000usize);
     let mut backward = "tape".to_string();
@@ -126,7 +127,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         let rounds: Vec<String> = v.iter().map(|s| format!("{s:.4}")).collect();
         println!(
-            "{{\"bench\":\"clip-step\",\"arch\":\"{arch_name}\",\"params\":{numel},\"batch\":{batch},\"threads\":{threads},\"backward\":\"{backward}\",\"phase\":\"{phase}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
+            "{{\"bench\":\"clip-step\",\"arch\":\"{arch_name}\",\"params\":{numel},\"batch\":{batch},\"threads\":{threads},\"gemm_kernels\":\"{}\",\"backward\":\"{backward}\",\"phase\":\"{phase}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
+            soup_models::ops::cpu::GemmKernels::current().name(),
             rounds.join(","),
             median(v)
         );

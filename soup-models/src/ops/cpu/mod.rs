@@ -91,11 +91,13 @@ mod blas;
 mod gelu;
 mod layer_norm;
 mod linear;
+mod sgemm;
 
 pub use attention::attention;
 pub use gelu::{gelu, quick_gelu};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
+pub use sgemm::GemmKernels;
 
 /// The kernels on plain slices (what the tensor ops above run), for the hand-written
 /// whole-model backward passes of `arch` (`arch/tape`).
@@ -183,6 +185,27 @@ unsafe fn matmul<T: 'static>(
         if done {
             return;
         }
+    }
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let f = |v: &T| -> f32 {
+            // SAFETY: T is f32 (checked above): the same type, read by value.
+            unsafe { std::mem::transmute_copy(v) }
+        };
+        // SAFETY: T is f32, so the pointers address f32 elements; the contract is forwarded, and
+        // `GemmKernels::current` only names kernels this CPU runs.
+        unsafe {
+            sgemm::sgemm(
+                sgemm::GemmKernels::current(),
+                (m, n, k),
+                (dst.0.cast(), dst.2 as isize, dst.1 as isize),
+                read_dst,
+                (lhs.0.cast(), lhs.2 as isize, lhs.1 as isize),
+                (rhs.0.cast(), rhs.2 as isize, rhs.1 as isize),
+                (f(&alpha), f(&beta)),
+                parallelism,
+            )
+        };
+        return;
     }
     gemm::gemm(
         m,
