@@ -71,6 +71,35 @@ fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     max_abs_diff(a, b) / scale
 }
 
+/// The error of each gradient in `got` against `want`, in layout order: relative to the tensor's
+/// largest magnitude, except for the tensors whose exact gradient is zero (the key biases), whose
+/// values are rounding noise: those relative to the largest gradient of the whole model.
+fn gradient_errors<G: std::borrow::Borrow<Tensor>, W: std::borrow::Borrow<Tensor>>(
+    arch: &dyn Architecture,
+    got: &[G],
+    want: &[W],
+) -> Vec<(String, f64)> {
+    let zero = arch.zero_gradient_tensors();
+    let largest = want.iter().fold(0.0f64, |m, w| {
+        values(w.borrow()).iter().fold(m, |m, v| m.max(v.abs()))
+    });
+    let tensors = &arch.layout().tensors;
+    assert_eq!((got.len(), want.len()), (tensors.len(), tensors.len()));
+    tensors
+        .iter()
+        .zip(got)
+        .zip(want)
+        .map(|((spec, g), w)| {
+            let (g, w) = (g.borrow(), w.borrow());
+            let err = match zero.contains(&spec.name) {
+                true => max_abs_diff(g, w) / largest,
+                false => relative_error(g, w),
+            };
+            (spec.name.clone(), err)
+        })
+        .collect()
+}
+
 /// The tape's logits and gradients of ⟨R, logits⟩ (R random) against autograd's through
 /// `forward`, tensor by tensor; returns the worst relative error of the gradients.
 fn tape_against_autograd(arch: &dyn Architecture, n: usize, seed: u64, dtype: DType) -> f64 {
@@ -97,19 +126,13 @@ fn tape_against_autograd(arch: &dyn Architecture, n: usize, seed: u64, dtype: DT
         .map(|t| grads.get(t).expect("autograd reaches every tensor"))
         .collect();
     // Gradients that are zero up to rounding (the key biases) are compared to the largest.
-    let zero = arch.zero_gradient_tensors();
-    let largest = want.iter().fold(0.0f64, |m, w| {
-        values(w).iter().fold(m, |m, v| m.max(v.abs()))
-    });
-    let mut worst = 0.0f64;
-    for ((spec, g), want) in arch.layout().tensors.iter().zip(&got).zip(want) {
+    for (spec, g) in arch.layout().tensors.iter().zip(&got) {
         assert_eq!(g.dims(), spec.shape.as_slice(), "{}", spec.name);
         assert_eq!(g.dtype(), dtype, "{}", spec.name);
-        let err = match zero.contains(&spec.name) {
-            true => max_abs_diff(g, want) / largest,
-            false => relative_error(g, want),
-        };
-        assert!(err <= 1e-10, "{}: {err:e}", spec.name);
+    }
+    let mut worst = 0.0f64;
+    for (name, err) in gradient_errors(arch, &got, &want) {
+        assert!(err <= 1e-10, "{name}: {err:e}");
         worst = worst.max(err);
     }
     worst
@@ -289,9 +312,8 @@ fn classification_loss_and_grad_through_the_tape_equals_autograd() {
                 (loss - want_loss).abs() <= 1e-12 * want_loss.abs().max(1.0),
                 "{case}: loss {loss} against {want_loss}"
             );
-            for ((spec, g), w) in obj.arch.layout().tensors.iter().zip(&grads).zip(&want) {
-                let err = relative_error(g, w);
-                assert!(err <= 1e-10, "{case}, {}: {err:e}", spec.name);
+            for (name, err) in gradient_errors(obj.arch.as_ref(), &grads, &want) {
+                assert!(err <= 1e-10, "{case}, {name}: {err:e}");
             }
         }
     }
@@ -396,25 +418,16 @@ fn against_torch(arch: &dyn Architecture, p: &[Tensor], images: &Tensor, prefix:
         (loss - want_loss).abs() <= 1e-12 * want_loss,
         "{prefix}: loss {loss} against PyTorch's {want_loss}"
     );
-    let zero = arch.zero_gradient_tensors();
     let want: Vec<&Tensor> = arch
         .layout()
         .tensors
         .iter()
         .map(|t| &golden[&format!("{prefix}.grad.{}", t.name)])
         .collect();
-    let largest = want.iter().fold(0.0f64, |m, w| {
-        values(w).iter().fold(m, |m, v| m.max(v.abs()))
-    });
-    for ((spec, g), w) in arch.layout().tensors.iter().zip(&grads).zip(want) {
-        let err = match zero.contains(&spec.name) {
-            true => max_abs_diff(g, w) / largest,
-            false => relative_error(g, w),
-        };
+    for (name, err) in gradient_errors(arch, &grads, &want) {
         assert!(
             err <= 1e-10,
-            "{prefix} {}: {err:e} from PyTorch's gradient",
-            spec.name
+            "{prefix} {name}: {err:e} from PyTorch's gradient"
         );
     }
 }
