@@ -2,12 +2,18 @@
 //!
 //! Model-sized buffers (weights, gradients, activations, checkpoint loads) are allocated and freed
 //! all the time. By default glibc's malloc serves blocks above a (dynamic) threshold by fresh
-//! mappings and gives the top of its heap back to the system when it is freed, so the next buffer
-//! pays a page fault per 4 KiB it touches. With the mmap threshold at its maximum (32 MiB) and
-//! trimming off, freed memory is reused without faults. Measured side by side (BENCHMARKS.md,
-//! "Allocators"): against the hand-written huge-page allocator this replaces, 0.88× the training
-//! step time and 1.40× the checkpoint loading throughput; mimalloc and jemalloc did not do better.
-//! The peak RSS is the same or lower; memory freed after the peak stays with the process.
+//! mappings, unmaps them when they are freed, and gives the top of its heap back to the system,
+//! so the next buffer pays a page fault, and the kernel's zeroing of the page, per 4 KiB it
+//! touches. soup's binaries serve every block of the main thread from the heap (no mappings of
+//! their own, whatever their size) and turn trimming off, so freed memory is reused without
+//! faults. Measured side by side (BENCHMARKS.md, "Allocators"): with the mmap threshold at its
+//! maximum (32 MiB) and trimming off, against the hand-written huge-page allocator this replaces,
+//! 0.88× the training step time and 1.40× the checkpoint loading throughput (mimalloc and
+//! jemalloc did not do better); then with no mappings at all, which reaches the gradient buffer
+//! (one model's size, above any threshold) and θ, the MEHL+ step at ViT-B/32 went from 1.40× to
+//! 1.13× the plain step and its first step of a model batch from 2.75 to 1.46 s, at the same
+//! peak RSS (BENCHMARKS.md, "The first step of a model batch"). Memory freed after the peak stays
+//! with the process.
 //!
 //! Use: `soup_models::alloc::keep_freed_memory()` first thing in `main`.
 
@@ -15,16 +21,21 @@
 /// this size come from the heap.
 pub const MMAP_THRESHOLD: usize = 32 << 20;
 
-/// Sets glibc's malloc to keep freed memory (mmap threshold [`MMAP_THRESHOLD`], no trimming).
-/// Returns whether it applied: false with another C library.
+/// Sets glibc's malloc to keep freed memory: the main thread's blocks all come from the heap (no
+/// mappings of their own; the mmap threshold at [`MMAP_THRESHOLD`] for the other threads' arenas,
+/// which map larger blocks whatever the settings), no trimming. Returns whether it applied: false
+/// with another C library.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only changes malloc's parameters; both are documented values (a
-        // threshold within glibc's limit, and -1: "disables trimming completely", mallopt(3)).
+        // SAFETY: mallopt only changes malloc's parameters; all are documented values (a
+        // threshold within glibc's limit, -1: "disables trimming completely", and 0 mappings:
+        // "disables the use of mmap", with the heap's own fallback to mmap when it cannot grow,
+        // mallopt(3)).
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, -1) == 1
+                && libc::mallopt(libc::M_MMAP_MAX, 0) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
