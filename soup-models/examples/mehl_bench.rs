@@ -4,7 +4,8 @@
 //! `mehl_bench [--arch clip-vit-b32] [--b 8] [--batch 8] [--steps 4] [--rounds 3] [--classes 10]
 //! [--direction-dtype f32|bf16|f16]`
 //!
-//! A zoo of b models (one random start plus uniform noise, in memory) and `batch × steps` random
+//! A zoo of b models (one random start plus uniform noise, made when MEHL loads a model, as a
+//! file-backed zoo reads one: only the start stays in memory) and `batch × steps` random
 //! held-out images. Each round runs `steps` plain steps (the loss and ∇θ as MEHL gets them from
 //! the objective, then θ ← θ − η∇θ in place)
 //! and then MEHL-Soup+ over the b models for `steps` coefficient steps (one model batch, one inner
@@ -24,14 +25,17 @@ use soup_models::{Classification, Dataset};
 #[path = "common/bench_alloc.rs"]
 mod bench_alloc;
 
+/// Model i = the start + uniform noise in [−0.01, 0.01) from seed i: the same tensors at every
+/// load, made on demand.
 struct Zoo {
     layout: ParamLayout,
-    models: Vec<Vec<Tensor>>,
+    start: Vec<Tensor>,
+    len: usize,
 }
 
 impl ModelStore for Zoo {
     fn len(&self) -> usize {
-        self.models.len()
+        self.len
     }
     fn name(&self, i: usize) -> String {
         format!("model {i}")
@@ -40,7 +44,18 @@ impl ModelStore for Zoo {
         Ok(self.layout.clone())
     }
     fn load(&self, i: usize) -> soup_core::Result<Vec<Tensor>> {
-        Ok(self.models[i].clone())
+        let mut rng = soup_core::rng::SplitMix64::new(1000 + i as u64);
+        let mut noisy = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let noise: Vec<f32> = (0..t.elem_count())
+                .map(|_| (rng.next_f64() * 0.02 - 0.01) as f32)
+                .collect();
+            t + Tensor::from_vec(noise, t.shape(), t.device())?
+        };
+        Ok(self
+            .start
+            .iter()
+            .map(&mut noisy)
+            .collect::<candle_core::Result<_>>()?)
     }
 }
 
@@ -81,16 +96,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::Cpu;
     let arch = soup_models::build(&arch_name, &serde_json::json!({ "num_classes": classes }))?;
     let base = arch.init(1, &dev)?;
-    let models = (0..b)
-        .map(|_| {
-            base.iter()
-                .map(|t| t + t.rand_like(-0.01, 0.01)?)
-                .collect::<candle_core::Result<Vec<_>>>()
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
     let zoo = Zoo {
         layout: arch.layout().clone(),
-        models,
+        start: base.clone(),
+        len: b,
     };
     let spec = arch.input();
     let n = batch * steps;
@@ -175,7 +184,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     hp.x.iter_mut()
         .enumerate()
         .for_each(|(i, x)| *x = 1e-3 * (i % 7) as f64);
-    let grad = &zoo.models[0];
+    let grad = &zoo.load(0)?;
     let (mut project, mut materialise) = (Vec::new(), Vec::new());
     let mut theta = hp.theta_step(None)?;
     for round in 0..=rounds * steps {
