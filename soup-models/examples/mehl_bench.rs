@@ -11,7 +11,8 @@
 //! and then MEHL-Soup+ over the b models for `steps` coefficient steps (one model batch, one inner
 //! epoch, the real `soup_core::run_mehl` loop: materialise θ, forward, backward, clip, project,
 //! AdamW on X). Prints one JSON line per kind with every step's seconds and the median: the first
-//! MEHL+ step of each model batch apart from the others, and the memory-bound parts alone.
+//! MEHL+ step of each model batch apart from the others, and the memory-bound parts alone; then
+//! the process's peak RSS.
 
 use std::cell::Cell;
 use std::time::Instant;
@@ -57,6 +58,14 @@ impl ModelStore for Zoo {
             .map(&mut noisy)
             .collect::<candle_core::Result<_>>()?)
     }
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -215,5 +224,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             median(v)
         );
     }
+    println!(
+        "{{\"bench\":\"mehl-step\",\"arch\":\"{arch_name}\",\"b\":{b},\"batch\":{batch},\"peak_rss_bytes\":{}}}",
+        peak_rss().unwrap_or(0)
+    );
     Ok(())
 }

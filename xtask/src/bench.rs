@@ -218,68 +218,83 @@ fn cpu_name() -> String {
 }
 
 /// Forward + backward step, ours against PyTorch.
+/// The models of the step section: ViT-B/32 (1000 classes) and DINOv2-S/14 at 224 px.
+const STEP_ARCHS: &[&str] = &["clip-vit-b32", "dinov2-vit-s14"];
+
 fn step(o: &Options, python: Option<&Path>) -> Result<(Value, String), String> {
     let exe = release_example("step_bench")?;
     let script = root().join("bench/clip_torch.py");
     let mut rows = Vec::new();
+    let mut kernels = Vec::new();
     let mut table = String::from(
-        "### Forward + backward step, CLIP ViT-B/32 classifier (1000 classes), CPU\n\n\
-         | batch | phase | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (GB) | PyTorch peak RSS (GB) |\n\
-         |---|---|---|---|---|---|---|\n",
+        "### Forward + backward step, ViT-B/32 and DINOv2-S/14 classifiers (1000 classes), CPU\n\n\
+         | model | batch | phase | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (GB) | PyTorch peak RSS (GB) |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
-    for &batch in &o.batches {
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-        for rep in 0..o.repeats {
-            eprintln!("xtask: step, batch {batch}, repeat {}", rep + 1);
-            let b = batch.to_string();
-            let r = o.rounds.to_string();
-            ours.extend(json_lines(
-                Command::new(&exe).args(["--batch", &b, "--rounds", &r]),
-            )?);
-            if let Some(py) = python {
-                theirs.extend(json_lines(Command::new(py).arg(&script).args([
-                    "--batch",
-                    &b,
-                    "--rounds",
-                    &r,
-                    "--threads",
-                    &threads().to_string(),
-                ]))?);
+    for &arch in STEP_ARCHS {
+        for &batch in &o.batches {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for rep in 0..o.repeats {
+                eprintln!("xtask: step, {arch}, batch {batch}, repeat {}", rep + 1);
+                let b = batch.to_string();
+                let r = o.rounds.to_string();
+                ours.extend(json_lines(
+                    Command::new(&exe).args(["--arch", arch, "--batch", &b, "--rounds", &r]),
+                )?);
+                if let Some(py) = python {
+                    theirs.extend(json_lines(Command::new(py).arg(&script).args([
+                        "--arch",
+                        arch,
+                        "--batch",
+                        &b,
+                        "--rounds",
+                        &r,
+                        "--threads",
+                        &threads().to_string(),
+                    ]))?);
+                }
             }
+            for l in &ours {
+                if let Some(k) = l["gemm_kernels"].as_str() {
+                    if !kernels.contains(&k.to_string()) {
+                        kernels.push(k.to_string());
+                    }
+                }
+            }
+            let rss = |lines: &[Value]| {
+                median(
+                    &lines
+                        .iter()
+                        .filter_map(|l| l["peak_rss_bytes"].as_f64())
+                        .collect::<Vec<_>>(),
+                ) / 1e9
+            };
+            let mut phases = serde_json::Map::new();
+            for phase in ["forward", "backward", "step"] {
+                let a = seconds(&ours, "phase", phase);
+                let b = seconds(&theirs, "phase", phase);
+                let (ma, mb) = (median(&a), median(&b));
+                table.push_str(&format!(
+                    "| {arch} | {batch} | {phase} | {ma:.3} | {} | {} | {:.2} | {} |\n",
+                    fmt(mb, 3),
+                    fmt(ma / mb, 2),
+                    rss(&ours),
+                    fmt(rss(&theirs), 2)
+                ));
+                phases.insert(
+                    phase.into(),
+                    json!({ "ours_s": a, "pytorch_s": b, "ours_median_s": ma,
+                            "pytorch_median_s": mb, "ratio": ma / mb }),
+                );
+            }
+            rows.push(json!({ "arch": arch, "batch": batch, "phases": phases,
+                              "ours_peak_rss_bytes": rss(&ours) * 1e9,
+                              "pytorch_peak_rss_bytes": rss(&theirs) * 1e9 }));
         }
-        let rss = |lines: &[Value]| {
-            median(
-                &lines
-                    .iter()
-                    .filter_map(|l| l["peak_rss_bytes"].as_f64())
-                    .collect::<Vec<_>>(),
-            ) / 1e9
-        };
-        let mut phases = serde_json::Map::new();
-        for phase in ["forward", "backward", "step"] {
-            let a = seconds(&ours, "phase", phase);
-            let b = seconds(&theirs, "phase", phase);
-            let (ma, mb) = (median(&a), median(&b));
-            table.push_str(&format!(
-                "| {batch} | {phase} | {ma:.3} | {} | {} | {:.2} | {} |\n",
-                fmt(mb, 3),
-                fmt(ma / mb, 2),
-                rss(&ours),
-                fmt(rss(&theirs), 2)
-            ));
-            phases.insert(
-                phase.into(),
-                json!({ "ours_s": a, "pytorch_s": b, "ours_median_s": ma,
-                        "pytorch_median_s": mb, "ratio": ma / mb }),
-            );
-        }
-        rows.push(json!({ "batch": batch, "phases": phases,
-                          "ours_peak_rss_bytes": rss(&ours) * 1e9,
-                          "pytorch_peak_rss_bytes": rss(&theirs) * 1e9 }));
     }
     table.push_str(&format!(
-        "\n{} processes per contender and batch, alternating, {} timed rounds each after a warm-up round; medians over all rounds.\n",
-        o.repeats, o.rounds
+        "\n{} processes per contender, model and batch, alternating, {} timed rounds each after a warm-up round; medians over all rounds. Ours ran the gemm crate's {} kernels (`SOUP_GEMM_KERNELS`).\n",
+        o.repeats, o.rounds, kernels.join(", ")
     ));
     Ok((json!(rows), table))
 }
@@ -298,8 +313,8 @@ fn mehl(o: &Options) -> Result<(Value, String), String> {
     let mut rows = Vec::new();
     let mut table = String::from(
         "### MEHL-Soup+ coefficient step (b = 8) against a plain training step, CLIP ViT-B/32 (10 classes), CPU\n\n\
-         | batch | directions | plain step (s) | MEHL+ step (s) | MEHL+ / plain | of which norm + projection (s) | θ = c + Σ X d (s) | first step of a model batch (s) |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | batch | directions | plain step (s) | MEHL+ step (s) | MEHL+ / plain | of which norm + projection (s) | θ = c + Σ X d (s) | first step of a model batch (s) | peak RSS (GB) |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for &batch in &o.batches {
         // f32 and bf16 directions in alternating processes.
@@ -324,8 +339,14 @@ fn mehl(o: &Options) -> Result<(Value, String), String> {
         for (dtype, lines) in &runs {
             let m = |kind: &str| median(&seconds(lines, "kind", kind));
             let (plain, step) = (m("plain"), m("mehl+"));
+            let rss = median(
+                &lines
+                    .iter()
+                    .filter_map(|l| l["peak_rss_bytes"].as_f64())
+                    .collect::<Vec<_>>(),
+            ) / 1e9;
             table.push_str(&format!(
-                "| {batch} | {dtype} | {plain:.3} | {step:.3} | {:.2} | {:.3} | {:.3} | {:.3} |\n",
+                "| {batch} | {dtype} | {plain:.3} | {step:.3} | {:.2} | {:.3} | {:.3} | {:.3} | {rss:.2} |\n",
                 step / plain,
                 m("mehl+ norm and projection"),
                 m("mehl+ materialise"),
@@ -335,7 +356,7 @@ fn mehl(o: &Options) -> Result<(Value, String), String> {
         }
     }
     table.push_str(&format!(
-        "\n{} processes per direction dtype, alternating, each one round of 4 plain steps then 4 MEHL+ steps (after a warm-up round); medians over all steps, the first MEHL+ step of each model batch apart.\n",
+        "\n{} processes per direction dtype, alternating, each one round of 4 plain steps then 4 MEHL+ steps (after a warm-up round); medians over all steps, the first MEHL+ step of each model batch apart. The zoo's 8 models are made when MEHL loads them (as files are read); the peak RSS is the process's, plain steps included.\n",
         o.repeats
     ));
     Ok((json!(rows), table))
