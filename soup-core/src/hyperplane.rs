@@ -444,27 +444,7 @@ impl Hyperplane {
         if self.members.is_empty() {
             return Ok(Vec::new());
         }
-        let b = self.batch_len();
-        let num_blocks = self.blocks.len();
-        // The fused kernel: one pass over each block's directions, reading the block's gradient
-        // tensors where they are.
-        let fused: Option<Vec<Vec<f64>>> = match self.portable {
-            true => None,
-            false => self
-                .blocks
-                .iter()
-                .zip(&self.directions)
-                .map(|(block, d)| kernels::dots_pieces(d, &grad[block.tensors.clone()]))
-                .collect(),
-        };
-        if let Some(cols) = fused {
-            let mut out = vec![0.0; b * num_blocks];
-            for (l, col) in cols.iter().enumerate() {
-                for (i, v) in col.iter().enumerate() {
-                    out[i * num_blocks + l] = *v;
-                }
-            }
-            self.mask_clamped(&mut out);
+        if let Some((out, _)) = self.project_fused(grad) {
             return Ok(out);
         }
         let g = to_blocks(grad, &self.blocks)?;
@@ -484,6 +464,57 @@ impl Hyperplane {
         let mut out = transfer::to_vec(&Tensor::cat(&cols, 1)?)?;
         self.mask_clamped(&mut out);
         Ok(out)
+    }
+
+    /// [`Self::project`] and the global norm ‖∇θ‖ of `grad` (every tensor), on the CPU from one
+    /// pass over ∇θ: each chunk's Σ g² is taken while the chunk is in cache for the projection,
+    /// in `optim::global_norm`'s order, so the norm has its exact bits. Elsewhere, or when the
+    /// blocks do not cover the layout's tensors in order, the two are computed apart.
+    pub fn project_and_norm(&self, grad: &[Tensor]) -> Result<(Vec<f64>, f64)> {
+        let covers = self
+            .blocks
+            .iter()
+            .map(|b| b.tensors.clone())
+            .try_fold(0, |next, r| (r.start == next).then_some(r.end))
+            == Some(grad.len());
+        if covers && !self.members.is_empty() {
+            if let Some((out, squares)) = self.project_fused(grad) {
+                let norm = squares.iter().fold(0.0, |a, s| a + s).sqrt();
+                return Ok((out, norm));
+            }
+        }
+        let norm = match self.portable {
+            true => crate::optim::global_norm_portable(grad)?,
+            false => crate::optim::global_norm(grad)?,
+        };
+        Ok((self.project(grad)?, norm))
+    }
+
+    /// The fused CPU projection: one pass over each block's directions, reading the block's
+    /// gradient tensors where they are; with each tensor's Σ g² in layout order (blocks in
+    /// order). `None` when portable or off the CPU.
+    fn project_fused(&self, grad: &[Tensor]) -> Option<(Vec<f64>, Vec<f64>)> {
+        if self.portable {
+            return None;
+        }
+        let b = self.batch_len();
+        let num_blocks = self.blocks.len();
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = self
+            .blocks
+            .iter()
+            .zip(&self.directions)
+            .map(|(block, d)| kernels::dots_pieces_and_squares(d, &grad[block.tensors.clone()]))
+            .collect::<Option<_>>()?;
+        let mut out = vec![0.0; b * num_blocks];
+        let mut squares = Vec::with_capacity(grad.len());
+        for (l, (col, sq)) in parts.into_iter().enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * num_blocks + l] = *v;
+            }
+            squares.extend(sq);
+        }
+        self.mask_clamped(&mut out);
+        Some((out, squares))
     }
 
     /// α[l][j] for all N models, per block (spec §3.2).

@@ -207,8 +207,8 @@ fn axpy_on<T: WithDType, D: Widen<T>>(isa: Isa, o: &mut [T], x: T, d: &[D]) {
 }
 
 #[cfg(test)]
-fn dots_slices_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], g: &[T]) -> Vec<f64> {
-    dots_pieces_on(isa, d, &[g])
+fn dots_slices_on<T: WithDType + Widen<T>, D: Widen<T>>(isa: Isa, d: &[D], g: &[T]) -> Vec<f64> {
+    dots_pieces_on(isa, d, &[g]).0
 }
 
 /// ⟨d_i, g⟩ for every row i of `d` (b × D) and `g` (D elements), in f64. `d` and `g` are both
@@ -221,6 +221,13 @@ pub fn dots(d: &Tensor, g: &Tensor) -> Option<Vec<f64>> {
 /// `pieces` (D elements in all; a block's tensors, read where they are, without the copy a
 /// concatenation would make), in f64. The dtypes as for [`dots`].
 pub fn dots_pieces(d: &Tensor, pieces: &[Tensor]) -> Option<Vec<f64>> {
+    dots_pieces_and_squares(d, pieces).map(|(dots, _)| dots)
+}
+
+/// [`dots_pieces`] and, from the same pass over the gradient, each piece's Σ g_j² in f64: the
+/// bits [`sum_squares`] gives for that piece alone (the same chunks, summed in the same order),
+/// so a global norm made from them equals `optim::global_norm` exactly.
+pub fn dots_pieces_and_squares(d: &Tensor, pieces: &[Tensor]) -> Option<(Vec<f64>, Vec<f64>)> {
     let len: usize = pieces.iter().map(Tensor::elem_count).sum();
     let g_dtype = pieces.first()?.dtype();
     if d.elem_count() != d.dims().first().copied().unwrap_or(0) * len
@@ -228,7 +235,10 @@ pub fn dots_pieces(d: &Tensor, pieces: &[Tensor]) -> Option<Vec<f64>> {
     {
         return None;
     }
-    fn run<T: WithDType, D: Widen<T>>(d: &Tensor, pieces: &[Tensor]) -> Option<Vec<f64>> {
+    fn run<T: WithDType + Widen<T>, D: Widen<T>>(
+        d: &Tensor,
+        pieces: &[Tensor],
+    ) -> Option<(Vec<f64>, Vec<f64>)> {
         with_slice::<D, _>(d, |d| {
             with_many::<T, _>(pieces, |g| dots_pieces_on(Isa::detected(), d, g))
         })?
@@ -260,9 +270,14 @@ fn with_many<T: WithDType, R>(ts: &[Tensor], f: impl FnOnce(&[&[T]]) -> R) -> Op
     Some(f(&slices))
 }
 
-/// ⟨d_i, g⟩ for g in pieces: the tasks are the CHUNK-long parts of each piece, their
-/// partial dot products summed in order (the same result whatever the number of threads).
-fn dots_pieces_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], pieces: &[&[T]]) -> Vec<f64> {
+/// ⟨d_i, g⟩ for g in pieces, and each piece's Σ g_j²: the tasks are the CHUNK-long parts of
+/// each piece, their partial dot products summed in order (the same result whatever the number
+/// of threads).
+fn dots_pieces_on<T: WithDType + Widen<T>, D: Widen<T>>(
+    isa: Isa,
+    d: &[D],
+    pieces: &[&[T]],
+) -> (Vec<f64>, Vec<f64>) {
     let len: usize = pieces.iter().map(|p| p.len()).sum();
     let rows = d.len().checked_div(len).unwrap_or(0);
     // (piece, its offset in g, the range within the piece) of every task.
@@ -274,25 +289,34 @@ fn dots_pieces_on<T: WithDType, D: Widen<T>>(isa: Isa, d: &[D], pieces: &[&[T]])
         }
         offset += p.len();
     }
-    let partials: Vec<Vec<f64>> = tasks
+    // Per task: its piece, the b partial dot products, and the chunk's Σ g² (read while the
+    // chunk is in cache for the dot products).
+    let partials: Vec<(usize, Vec<f64>, f64)> = tasks
         .into_par_iter()
         .map(|(k, offset, r)| {
             let g = &pieces[k][r.clone()];
-            (0..rows)
+            let dots = (0..rows)
                 .map(|i| {
                     let start = i * len + offset + r.start;
                     dot_on(isa, &d[start..start + g.len()], g)
                 })
-                .collect()
+                .collect();
+            (k, dots, dot_on(isa, g, g))
         })
         .collect();
     let mut out = vec![0.0; rows];
-    for p in partials {
+    // Each piece's chunk sums in chunk order, as `sum_squares` adds them (a sum from −0.0).
+    let mut squares: Vec<Vec<f64>> = vec![Vec::new(); pieces.len()];
+    for (k, p, sq) in partials {
         for (o, v) in out.iter_mut().zip(p) {
             *o += v;
         }
+        squares[k].push(sq);
     }
-    out
+    (
+        out,
+        squares.into_iter().map(|s| s.into_iter().sum()).collect(),
+    )
 }
 
 fn combine_slices<T: WithDType, D: Widen<T>>(
@@ -609,6 +633,15 @@ mod tests {
                 }
                 // One piece is `dots`, bit for bit.
                 assert_eq!(dots_pieces(&d, std::slice::from_ref(&g)), dots(&d, &g));
+                // Each piece's Σ g² from the same pass: `sum_squares`'s bits, piece by piece.
+                let (dots_too, squares) = dots_pieces_and_squares(&d, &pieces).unwrap();
+                assert_eq!(dots_too, got);
+                let want: Vec<u64> = pieces
+                    .iter()
+                    .map(|p| sum_squares(p).unwrap().to_bits())
+                    .collect();
+                let squares: Vec<u64> = squares.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(squares, want, "{lens:?} {dtype:?}");
             }
         }
         // Pieces that do not add up to the directions' length, or of two dtypes.

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Result, SoupError};
 use crate::hyperplane::{Base, Hyperplane};
 use crate::layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout};
-use crate::optim::{clip_coefficient, global_norm, global_norm_portable, Optimizer, OptimizerKind};
+use crate::optim::{clip_coefficient, Optimizer, OptimizerKind};
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::{derive_seed, permutation};
 use crate::schedule::StepSchedule;
@@ -698,15 +698,11 @@ impl<'a> Run<'a> {
                 if !loss.is_finite() {
                     return Err(non_finite("loss"));
                 }
-                let grad_norm = if self.portable {
-                    global_norm_portable(&grad)?
-                } else {
-                    global_norm(&grad)?
-                };
+                // ‖∇θ‖ from the projection's own pass over ∇θ (the same bits as a pass of its own).
+                let (mut grad_x, grad_norm) = hp.project_and_norm(&grad)?;
                 if !grad_norm.is_finite() {
                     return Err(non_finite("gradient"));
                 }
-                let mut grad_x = hp.project(&grad)?;
                 let num_blocks = self.blocks.len();
                 for (i, g) in grad_x.iter_mut().enumerate() {
                     if self.frozen[i % num_blocks] {

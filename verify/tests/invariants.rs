@@ -172,6 +172,11 @@ proptest! {
         let batch = Batch { epoch_seed: seed, index: 0 };
         let (_, grad) = obj.loss_and_grad(&hp.theta().unwrap(), batch).unwrap();
         let projected = hp.project(&grad).unwrap();
+        // The projection with ‖∇θ‖ from the same pass (what a MEHL step runs): the same
+        // projection and the bits of a norm computed on its own.
+        let (projected_too, norm) = hp.project_and_norm(&grad).unwrap();
+        prop_assert_eq!(&projected_too, &projected);
+        prop_assert_eq!(norm.to_bits(), soup_core::global_norm(&grad).unwrap().to_bits());
 
         // Autograd with X as a variable.
         let (b, l) = (hp.batch_len(), hp.num_blocks());
