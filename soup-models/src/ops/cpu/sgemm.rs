@@ -155,20 +155,21 @@ pub(crate) unsafe fn sgemm(
                 )
             };
         use gemm_common::simd::MixedSimd;
-        match kernels {
-            GemmKernels::Avx512 => {
-                use gemm_f32::microkernel::avx512f::f32 as ukr;
-                let simd = <gemm_common::simd::V4 as MixedSimd<f32, f32, f32, f32>>::try_new()
-                    .expect("the caller checked that the CPU has AVX-512");
+        // The gemm crate's own instantiation for a kernel set (gemm-common's `__inject_mod`):
+        // its SIMD type, its micro-kernel module and N, the f32 lanes of one register.
+        macro_rules! product {
+            ($simd:ty, $ukr:ident, $lanes:literal, $cpu:literal) => {{
+                use gemm_f32::microkernel::$ukr::f32 as ukr;
+                let simd = <$simd as MixedSimd<f32, f32, f32, f32>>::try_new()
+                    .expect(concat!("the caller checked that the CPU has ", $cpu));
                 // SAFETY: the caller's contract is gemm's; the kernels run on this CPU (checked
-                // by `try_new` above). The constants are those the gemm crate instantiates its
-                // own AVX-512 f32 product with (gemm-common's `__inject_mod`, N = 8·2 lanes).
+                // by `try_new` above); the constants are the crate's own for this set.
                 return unsafe {
                     gemm_basic_generic::<
                         _,
                         f32,
-                        16,
-                        { ukr::MR_DIV_N * 16 },
+                        $lanes,
+                        { ukr::MR_DIV_N * $lanes },
                         { ukr::NR },
                         { ukr::MR_DIV_N },
                         { ukr::H_M },
@@ -200,50 +201,11 @@ pub(crate) unsafe fn sgemm(
                         parallelism,
                     )
                 };
-            }
-            GemmKernels::Avx2 => {
-                use gemm_f32::microkernel::fma::f32 as ukr;
-                let simd = <gemm_common::simd::V3 as MixedSimd<f32, f32, f32, f32>>::try_new()
-                    .expect("the caller checked that the CPU has AVX2 and FMA");
-                // SAFETY: as above, with the crate's AVX2/FMA instantiation (N = 4·2 lanes).
-                return unsafe {
-                    gemm_basic_generic::<
-                        _,
-                        f32,
-                        8,
-                        { ukr::MR_DIV_N * 8 },
-                        { ukr::NR },
-                        { ukr::MR_DIV_N },
-                        { ukr::H_M },
-                        { ukr::H_N },
-                    >(
-                        simd,
-                        m,
-                        n,
-                        k,
-                        dst,
-                        dst_cs,
-                        dst_rs,
-                        read_dst,
-                        lhs,
-                        lhs_cs,
-                        lhs_rs,
-                        rhs,
-                        rhs_cs,
-                        rhs_rs,
-                        alpha,
-                        beta,
-                        false,
-                        false,
-                        false,
-                        |a, b, c| a * b + c,
-                        &ukr::UKR,
-                        &ukr::H_UKR,
-                        false,
-                        parallelism,
-                    )
-                };
-            }
+            }};
+        }
+        match kernels {
+            GemmKernels::Avx512 => product!(gemm_common::simd::V4, avx512f, 16, "AVX-512"),
+            GemmKernels::Avx2 => product!(gemm_common::simd::V3, fma, 8, "AVX2 and FMA"),
             GemmKernels::Crate => {}
         }
     }
