@@ -63,19 +63,7 @@ impl Attention {
             );
         }
         for row in p.chunks_exact_mut(t) {
-            let max = row
-                .iter()
-                .copied()
-                .fold(row[0], |m, v| if v > m { v } else { m });
-            let mut sum = T::zero();
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = T::one() / sum;
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
+            softmax_row(row);
         }
     }
 
@@ -158,10 +146,7 @@ impl Attention {
                 }
                 // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
                 for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                    let mut dot = T::zero();
-                    for (&a, &b) in dpr.iter().zip(pr) {
-                        dot += a * b;
-                    }
+                    let dot = lanes_dot(dpr, pr);
                     for (a, &b) in dpr.iter_mut().zip(pr) {
                         *a = scale * b * (*a - dot);
                     }
@@ -310,4 +295,118 @@ pub(crate) fn attention_backward_into<T: Real>(
         hd: e / heads,
     };
     Attention { heads, scale }.backward_into(qkv, dout, d, g)
+}
+
+/// The independent lanes of the row reductions below: sequential sums and maxima do not
+/// vectorise (floating-point addition is not reassociated), 16 accumulators over fixed-size
+/// chunks do (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+/// Σ a_j b_j over 16 lanes, then the lanes and the remainder in order.
+fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        let x: &[T; LANES] = x.try_into().expect("chunks_exact");
+        let y: &[T; LANES] = y.try_into().expect("chunks_exact");
+        for k in 0..LANES {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut sum = acc.iter().fold(T::zero(), |s, &v| s + v);
+    for (&x, &y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// row ← softmax(row) in place: the maximum subtracted, e^x, divided by the sum; the maximum
+/// and the sum over 16 lanes. Comparisons skip NaN as the sequential maximum did; a NaN in the
+/// row makes the row NaN.
+fn softmax_row<T: Real>(row: &mut [T]) {
+    let Some(&first) = row.first() else {
+        return;
+    };
+    let mut lanes = [first; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let c: &[T; LANES] = c.try_into().expect("chunks_exact");
+        for k in 0..LANES {
+            if c[k] > lanes[k] {
+                lanes[k] = c[k];
+            }
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(rest)
+        .fold(first, |m, &v| if v > m { v } else { m });
+    let mut acc = [T::zero(); LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        let c: &mut [T; LANES] = c.try_into().expect("chunks_exact");
+        for k in 0..LANES {
+            c[k] = (c[k] - max).exp();
+            acc[k] += c[k];
+        }
+    }
+    let mut sum = acc.iter().fold(T::zero(), |s, &v| s + v);
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = T::one() / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::*;
+
+    fn values(n: usize, salt: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + salt * 104_729) % 1000) as f32 / 50.0 - 10.0)
+            .collect()
+    }
+
+    /// The 16-lane softmax and dot product against sequential f64 ones, on lengths below, at
+    /// and past the lanes (257: DINOv2's tokens).
+    #[test]
+    fn lane_reductions_match_sequential_ones() {
+        for n in [1, 2, 15, 16, 17, 50, 257] {
+            let (a, b) = (values(n, 1), values(n, 2));
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let got = lanes_dot(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "dot {n}: {got} {want}"
+            );
+
+            // Spread over ±100: e^x overflows f32 unless the row's maximum is subtracted.
+            let mut a: Vec<f32> = a.iter().map(|v| 10.0 * v).collect();
+            a[0] = -100.0;
+            let mut row = a.clone();
+            softmax_row(&mut row);
+            let max = a.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+            let exps: Vec<f64> = a.iter().map(|&v| (v as f64 - max).exp()).collect();
+            let total: f64 = exps.iter().sum();
+            for (j, (&got, e)) in row.iter().zip(&exps).enumerate() {
+                let want = e / total;
+                assert!(
+                    (got as f64 - want).abs() <= 1e-6,
+                    "softmax {n} [{j}]: {got} {want}"
+                );
+            }
+        }
+        let mut empty: [f32; 0] = [];
+        softmax_row(&mut empty);
+        let mut with_nan = values(40, 3);
+        with_nan[20] = f32::NAN;
+        softmax_row(&mut with_nan);
+        assert!(with_nan.iter().all(|v| v.is_nan()));
+    }
 }
