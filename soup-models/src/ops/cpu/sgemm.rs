@@ -4,9 +4,9 @@
 //! The `gemm` crate (built with its `x86-v4` feature) picks its AVX-512 kernels whenever the CPU
 //! has `avx512f`. Measured side by side (BENCHMARKS.md, "The `gemm` crate's AVX-512 kernels" and
 //! "Issue [perf-2] on an Intel Xeon"), the ViT-B/32 training step took 0.72–0.89× the AVX2
-//! kernels' time on two Intel Xeons and 1.23× on an AMD EPYC with AVX-512 (a Zen 4 by its flags,
-//! which splits 512-bit operations into 256-bit halves; Zen 5, with full-width units, was not
-//! measured: `SOUP_GEMM_KERNELS=avx512` tries it). So soup calls the kernels itself:
+//! kernels' time on two Intel Xeons and 1.23× on an AMD EPYC with AVX-512 (its generation was not
+//! recorded; Zen 4 splits 512-bit operations into 256-bit halves, Zen 5 has full-width units and
+//! may differ: `SOUP_GEMM_KERNELS=avx512` tries it). So soup calls the kernels itself:
 //!
 //! - AVX-512 kernels where the CPU has `avx512f` and is not an AMD CPU;
 //! - the AVX2/FMA kernels on other x86-64 CPUs with `fma`;
