@@ -101,11 +101,10 @@ fn main() -> ExitCode {
     #[cfg(not(feature = "mpi"))]
     let comm: &dyn Collective = &SingleProcess;
     let (rank, world) = (comm.rank(), comm.world_size());
+    // The matrix-product kernels' override is checked before anything runs.
+    let kernels = soup_models::ops::cpu::GemmKernels::check_env();
     let result = match &cli.command {
-        // The matrix-product kernels' override is checked before anything runs.
-        _ if soup_models::ops::cpu::GemmKernels::check_env().is_err() => Err(error::CliError::new(
-            soup_models::ops::cpu::GemmKernels::check_env().unwrap_err(),
-        )),
+        _ if kernels.is_err() => Err(error::CliError::new(kernels.unwrap_err())),
         Command::Mix(a) => mix::mix(a, cli.quiet || rank > 0, comm),
         _ if world > 1 => Err(error::CliError::new(
             "only `soup mix` runs over several processes",

@@ -161,36 +161,31 @@ unsafe fn matmul<T: 'static>(
     (alpha, beta): (T, T),
     parallelism: Parallelism,
 ) {
-    // The products that run on every thread go to OpenBLAS where it is built in; those of one
-    // task among many (attention's per-head products) stay on the gemm crate, single-threaded.
-    #[cfg(feature = "openblas")]
-    if !matches!(parallelism, Parallelism::None)
-        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-    {
-        let f = |v: &T| -> f32 {
-            // SAFETY: T is f32 (checked above): the same type, read by value.
-            unsafe { std::mem::transmute_copy(v) }
-        };
-        // SAFETY: T is f32, so the pointers address f32 elements; the contract is forwarded.
-        let done = unsafe {
-            blas::sgemm(
-                (m, n, k),
-                (dst.0.cast(), dst.1, dst.2),
-                (lhs.0.cast(), lhs.1, lhs.2),
-                (rhs.0.cast(), rhs.1, rhs.2),
-                read_dst,
-                (f(&alpha), f(&beta)),
-            )
-        };
-        if done {
-            return;
-        }
-    }
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
         let f = |v: &T| -> f32 {
             // SAFETY: T is f32 (checked above): the same type, read by value.
             unsafe { std::mem::transmute_copy(v) }
         };
+        // The products that run on every thread go to OpenBLAS where it is built in; those of
+        // one task among many (attention's per-head products) stay on the gemm crate,
+        // single-threaded.
+        #[cfg(feature = "openblas")]
+        if !matches!(parallelism, Parallelism::None) {
+            // SAFETY: T is f32, so the pointers address f32 elements; the contract is forwarded.
+            let done = unsafe {
+                blas::sgemm(
+                    (m, n, k),
+                    (dst.0.cast(), dst.1, dst.2),
+                    (lhs.0.cast(), lhs.1, lhs.2),
+                    (rhs.0.cast(), rhs.1, rhs.2),
+                    read_dst,
+                    (f(&alpha), f(&beta)),
+                )
+            };
+            if done {
+                return;
+            }
+        }
         // SAFETY: T is f32, so the pointers address f32 elements; the contract is forwarded, and
         // `GemmKernels::current` only names kernels this CPU runs.
         unsafe {

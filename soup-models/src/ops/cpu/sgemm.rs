@@ -129,6 +129,8 @@ fn amd() -> bool {
 /// (dst), m × k (lhs) and k × n (rhs) matrix for the whole call; dst overlaps neither operand and
 /// no other thread touches dst meanwhile; no stride is negative. `kernels` must run on this CPU
 /// ([`GemmKernels::runs_here`]; [`GemmKernels::current`] always does).
+// SAFETY: an unsafe fn whose contract is the "# Safety" section above; it forwards the pointers
+// to gemm's product, whose requirements are that same contract.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm(
     kernels: GemmKernels,
