@@ -18,6 +18,7 @@ use std::ffi::{c_int, c_void, CString};
 use std::time::Instant;
 
 use gemm::Parallelism;
+use soup_models::ops::cpu::{sgemm, GemmKernels};
 
 #[path = "common/bench_alloc.rs"]
 mod bench_alloc;
@@ -77,6 +78,17 @@ fn load_sgemm(path: &str) -> Result<Sgemm, String> {
     Ok(unsafe { std::mem::transmute::<*mut c_void, Sgemm>(symbol) })
 }
 
+/// Who computes a product.
+#[derive(Clone, Copy)]
+enum Impl {
+    /// `gemm::gemm`, the crate's own choice of kernels.
+    Crate,
+    /// soup's `ops::cpu::sgemm` with one kernel set.
+    Soup(GemmKernels),
+    /// A BLAS library's `cblas_sgemm`.
+    Blas(Sgemm),
+}
+
 /// One product C (m × n) = op(A) op(B) with row-major operands: `a_t`/`b_t` say whether A is
 /// stored k × m / B n × k (read transposed).
 struct Product {
@@ -85,6 +97,28 @@ struct Product {
     k: usize,
     a_t: bool,
     b_t: bool,
+}
+
+/// The product through soup's `ops::cpu::sgemm` with one kernel set (what the fused kernels run).
+fn run_soup(kernels: GemmKernels, p: &Product, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let (a_rs, a_cs) = if p.a_t { (1, p.m) } else { (p.k, 1) };
+    let (b_rs, b_cs) = if p.b_t { (1, p.k) } else { (p.n, 1) };
+    // SAFETY: as in `run_gemm`; `kernels` is a set this CPU runs (the caller filters them).
+    unsafe {
+        sgemm(
+            kernels,
+            (p.m, p.n, p.k),
+            (c.as_mut_ptr(), 1, p.n as isize),
+            false,
+            (a.as_ptr(), a_cs as isize, a_rs as isize),
+            (b.as_ptr(), b_cs as isize, b_rs as isize),
+            (0.0, 1.0),
+            match candle_core::utils::get_num_threads() {
+                0 | 1 => Parallelism::None,
+                n => Parallelism::Rayon(n),
+            },
+        )
+    }
 }
 
 fn run_gemm(p: &Product, a: &[f32], b: &[f32], c: &mut [f32]) {
@@ -185,6 +219,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         },
                     ),
                     (
+                        // The forward with W stored transposed (I × O), as soup's linear
+                        // forward computes it.
+                        "forward_wt",
+                        Product {
+                            m: r,
+                            n: o,
+                            k: i,
+                            a_t: false,
+                            b_t: false,
+                        },
+                    ),
+                    (
                         "grad_input",
                         Product {
                             m: r,
@@ -210,13 +256,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let b: Vec<f32> = rng.normals(p.k * p.n).iter().map(|&v| v as f32).collect();
                     let mut reference = vec![0.0f32; p.m * p.n];
                     run_gemm(p, &a, &b, &mut reference);
-                    let mut impls: Vec<(&str, Option<Sgemm>)> = vec![("gemm", None)];
-                    impls.extend(libs.iter().map(|(n, f)| (n.as_str(), Some(*f))));
+                    let mut impls: Vec<(String, Impl)> = vec![("gemm".into(), Impl::Crate)];
+                    impls.extend(
+                        [GemmKernels::Avx512, GemmKernels::Avx2]
+                            .into_iter()
+                            .filter(|k| k.runs_here())
+                            .map(|k| (format!("soup-{}", k.name()), Impl::Soup(k))),
+                    );
+                    impls.extend(libs.iter().map(|(n, f)| (n.clone(), Impl::Blas(*f))));
                     for (name, lib) in impls {
                         let mut c = vec![0.0f32; p.m * p.n];
                         let call = |c: &mut [f32]| match lib {
-                            None => run_gemm(p, &a, &b, c),
-                            Some(f) => run_blas(f, p, &a, &b, c),
+                            Impl::Crate => run_gemm(p, &a, &b, c),
+                            Impl::Soup(k) => run_soup(k, p, &a, &b, c),
+                            Impl::Blas(f) => run_blas(f, p, &a, &b, c),
                         };
                         call(&mut c); // warm-up, and the check
                         let scale = reference.iter().fold(0.0f32, |m, v| m.max(v.abs()));

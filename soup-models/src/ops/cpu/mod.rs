@@ -97,7 +97,7 @@ pub use attention::attention;
 pub use gelu::{gelu, quick_gelu};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
-pub use sgemm::GemmKernels;
+pub use sgemm::{sgemm, GemmKernels};
 
 /// The kernels on plain slices (what the tensor ops above run), for the hand-written
 /// whole-model backward passes of `arch` (`arch/tape`).

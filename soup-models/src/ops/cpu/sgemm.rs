@@ -2,13 +2,16 @@
 //! once per process from the CPU.
 //!
 //! The `gemm` crate (built with its `x86-v4` feature) picks its AVX-512 kernels whenever the CPU
-//! has `avx512f`. Measured side by side (BENCHMARKS.md, "The `gemm` crate's AVX-512 kernels" and
-//! "Issue [perf-2] on an Intel Xeon"), the ViT-B/32 training step took 0.72–0.89× the AVX2
-//! kernels' time on two Intel Xeons and 1.23× on an AMD EPYC with AVX-512 (its generation was not
-//! recorded; Zen 4 splits 512-bit operations into 256-bit halves, Zen 5 has full-width units and
-//! may differ: `SOUP_GEMM_KERNELS=avx512` tries it). So soup calls the kernels itself:
+//! has `avx512f`. Measured side by side (BENCHMARKS.md, "The `gemm` crate's AVX-512 kernels",
+//! "Issue [perf-2] on an Intel Xeon" and "… on an AMD EPYC Zen 4"), the ViT-B/32 training step
+//! took 0.72–0.89× the AVX2 kernels' time on two Intel Xeons, 1.23× on an AMD EPYC with AVX-512
+//! whose generation was not recorded, and on an EPYC Zen 4 (family 25, model 17) 0.99× at
+//! batch 8 and 0.96× at batch 32 once a row-major lhs is copied first (`transpose_lhs_first`;
+//! before that, its forward products lost up to half their speed). So soup calls the kernels
+//! itself:
 //!
-//! - AVX-512 kernels where the CPU has `avx512f` and is not an AMD CPU;
+//! - AVX-512 kernels where the CPU has `avx512f` and is not an AMD CPU (on the Zen 4 the two
+//!   sets are within the rounds' spread at batch 8, so the rule stays as first measured);
 //! - the AVX2/FMA kernels on other x86-64 CPUs with `fma`;
 //! - the `gemm` crate's own choice elsewhere (other architectures, f64).
 //!
@@ -121,6 +124,81 @@ fn amd() -> bool {
     }
 }
 
+/// Whether [`sgemm`] copies its lhs (m × k, after the transposition to a column-major dst) into
+/// column-major order before the product: with the AVX-512 kernels, when the lhs is row-major
+/// (`lhs_cs` = 1, as W in the linear forward Y = X Wᵀ) with rows at least
+/// [`TRANSPOSE_MIN_ROW_STRIDE`] apart, and the product is large. Those kernels pack 64 such rows
+/// per panel, and rows 8 KiB or more apart (a multiple of 4 KiB: the same L1 sets) evict one
+/// another: on an AMD EPYC Zen 4, the ViT-B/32 MLP's second layer (k = 3072) ran at 79–98
+/// GFLOP/s against 187–210 with W stored transposed, and at 150–180 with this copy (the copy costs
+/// a pass over W). At k = 768 the copy costs more than it saves, and the AVX2 kernels (16-row
+/// panels) lose nothing (BENCHMARKS.md, "Issue [perf-2] on an AMD EPYC Zen 4").
+fn transpose_lhs_first(
+    kernels: GemmKernels,
+    (m, n, k): (usize, usize, usize),
+    lhs_cs: isize,
+    lhs_rs: isize,
+) -> bool {
+    kernels == GemmKernels::Avx512
+        && lhs_cs == 1
+        && lhs_rs.unsigned_abs() >= TRANSPOSE_MIN_ROW_STRIDE
+        && m * k >= TRANSPOSE_MIN_ELEMENTS
+        && n >= TRANSPOSE_MIN_N
+}
+
+/// The row stride (elements) from which a row-major lhs is copied first: 8 KiB of f32.
+const TRANSPOSE_MIN_ROW_STRIDE: usize = 2048;
+/// The smallest lhs copied: 2^18 elements (1 MiB).
+const TRANSPOSE_MIN_ELEMENTS: usize = 1 << 18;
+/// The narrowest product it is copied for: the copy costs m·k moves, the product m·n·k FMAs.
+const TRANSPOSE_MIN_N: usize = 64;
+
+thread_local! {
+    /// The buffer [`lhs_column_major`] copies into, kept between products (no allocation and
+    /// no zeroing in the step's loop).
+    static LHS_COPY: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The m × k matrix at `lhs` (row-major, row stride `lhs_rs` ≥ k) copied into the first m·k
+/// elements of `out` in column-major order (element (i, j) at i + j·m), in 32 × 32 tiles on
+/// rayon's threads.
+///
+/// # Safety
+/// `lhs + i·lhs_rs + j` must be a valid f32 for every i < m, j < k during the call.
+unsafe fn lhs_column_major(out: &mut Vec<f32>, m: usize, k: usize, lhs: *const f32, lhs_rs: isize) {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    if out.len() < m * k {
+        out.resize(m * k, 0.0);
+    }
+    let src = super::SharedMut(lhs as *mut f32);
+    // Each task writes TILE whole columns of the result from a TILE-wide stripe of lhs.
+    out[..m * k]
+        .par_chunks_mut(TILE * m)
+        .enumerate()
+        .for_each(|(stripe, cols)| {
+            let j0 = stripe * TILE;
+            let width = cols.len() / m;
+            for i0 in (0..m).step_by(TILE) {
+                let rows = TILE.min(m - i0);
+                // SAFETY: i0 + t < m and j0 + width ≤ k: within the matrix the caller vouches
+                // for; only read.
+                let row = |t: usize| unsafe {
+                    std::slice::from_raw_parts(
+                        src.at(0).offset((i0 + t) as isize * lhs_rs).add(j0),
+                        width,
+                    )
+                };
+                let tile: [&[f32]; TILE] = std::array::from_fn(|t| row(t.min(rows - 1)));
+                for (dj, col) in cols.chunks_exact_mut(m).enumerate() {
+                    for (t, c) in col[i0..i0 + rows].iter_mut().enumerate() {
+                        *c = tile[t][dj];
+                    }
+                }
+            }
+        });
+}
+
 /// dst (m × n) = alpha·dst + beta·lhs·rhs in f32 with `kernels`, the arguments as `gemm::gemm`
 /// takes them (column stride before row stride).
 ///
@@ -132,7 +210,7 @@ fn amd() -> bool {
 // SAFETY: an unsafe fn whose contract is the "# Safety" section above; it forwards the pointers
 // to gemm's product, whose requirements are that same contract.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn sgemm(
+pub unsafe fn sgemm(
     kernels: GemmKernels,
     (m, n, k): (usize, usize, usize),
     (dst, dst_cs, dst_rs): (*mut f32, isize, isize),
@@ -157,6 +235,16 @@ pub(crate) unsafe fn sgemm(
                     m, n, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
                 )
             };
+        // A row-major lhs is copied column-major first (`transpose_lhs_first`).
+        let mut copy = Vec::new();
+        let (lhs, lhs_cs, lhs_rs) = if transpose_lhs_first(kernels, (m, n, k), lhs_cs, lhs_rs) {
+            copy = LHS_COPY.take();
+            // SAFETY: the caller's contract: lhs with these strides addresses an m × k matrix.
+            unsafe { lhs_column_major(&mut copy, m, k, lhs, lhs_rs) };
+            (copy.as_ptr(), m as isize, 1)
+        } else {
+            (lhs, lhs_cs, lhs_rs)
+        };
         use gemm_common::simd::MixedSimd;
         // The gemm crate's own instantiation for a kernel set (gemm-common's `__inject_mod`):
         // its SIMD type, its micro-kernel module and N, the f32 lanes of one register.
@@ -167,7 +255,7 @@ pub(crate) unsafe fn sgemm(
                     .expect(concat!("the caller checked that the CPU has ", $cpu));
                 // SAFETY: the caller's contract is gemm's; the kernels run on this CPU (checked
                 // by `try_new` above); the constants are the crate's own for this set.
-                return unsafe {
+                unsafe {
                     gemm_basic_generic::<
                         _,
                         f32,
@@ -209,8 +297,12 @@ pub(crate) unsafe fn sgemm(
         match kernels {
             GemmKernels::Avx512 => product!(gemm_common::simd::V4, avx512f, 16, "AVX-512"),
             GemmKernels::Avx2 => product!(gemm_common::simd::V3, fma, 8, "AVX2 and FMA"),
-            GemmKernels::Crate => {}
+            GemmKernels::Crate => unreachable!("excluded above"),
         }
+        if copy.capacity() > 0 {
+            LHS_COPY.set(copy);
+        }
+        return;
     }
     let _ = kernels;
     // SAFETY: the caller's contract is gemm::gemm's.
@@ -243,6 +335,38 @@ pub(crate) unsafe fn sgemm(
 mod tests {
     use super::*;
 
+    /// The copy of a row-major lhs puts element (i, j) at i + j·m, for sizes off the tiles and a
+    /// row stride past the row length; a buffer longer than needed keeps its tail.
+    #[test]
+    fn the_lhs_copy_is_the_transpose() {
+        for &(m, k, stride) in &[(1, 1, 1), (37, 70, 75), (64, 32, 32), (33, 65, 2048)] {
+            let src: Vec<f32> = (0..m * stride).map(|i| i as f32).collect();
+            let mut out = vec![-1.0; m * k + 3];
+            // SAFETY: src holds m rows of `stride` ≥ k elements.
+            unsafe { lhs_column_major(&mut out, m, k, src.as_ptr(), stride as isize) };
+            for i in 0..m {
+                for j in 0..k {
+                    assert_eq!(out[i + j * m], src[i * stride + j], "({m}, {k}) [{i}, {j}]");
+                }
+            }
+            assert_eq!(&out[m * k..], &[-1.0; 3]);
+        }
+    }
+
+    /// The copy is made for the AVX-512 kernels only, for a row-major lhs with rows 2048 or
+    /// more apart, of at least 2^18 elements, in a product at least 64 wide.
+    #[test]
+    fn which_products_copy_their_lhs() {
+        let (avx512, avx2) = (GemmKernels::Avx512, GemmKernels::Avx2);
+        assert!(transpose_lhs_first(avx512, (768, 400, 3072), 1, 3072));
+        assert!(transpose_lhs_first(avx512, (128, 128, 2048), 1, 2048));
+        assert!(!transpose_lhs_first(avx2, (768, 400, 3072), 1, 3072));
+        assert!(!transpose_lhs_first(avx512, (768, 400, 3072), 3072, 1));
+        assert!(!transpose_lhs_first(avx512, (2304, 400, 768), 1, 768));
+        assert!(!transpose_lhs_first(avx512, (127, 400, 2048), 1, 2048));
+        assert!(!transpose_lhs_first(avx512, (768, 63, 3072), 1, 3072));
+    }
+
     /// Every kernel set this CPU runs against a naive f64 product, on row- and column-major
     /// operands and destinations, sizes below, at and past the register tiles, with and without
     /// reading dst.
@@ -260,10 +384,22 @@ mod tests {
             (65, 7, 33),
             (130, 97, 520),
             (400, 96, 64),
+            // Large enough, with rows 2048 apart, for the AVX-512 kernels' copy of a row-major
+            // lhs (`transpose_lhs_first`) on either side of the transposition to a column-major
+            // dst.
+            (128, 128, 2048),
         ] {
             let lhs: Vec<f32> = (0..m * k).map(|i| value(i, 1)).collect();
             let rhs: Vec<f32> = (0..k * n).map(|i| value(i, 2)).collect();
             let old: Vec<f32> = (0..m * n).map(|i| value(i, 3)).collect();
+            let dots: Vec<f64> = (0..m * n)
+                .map(|ij| {
+                    let (i, j) = (ij / n, ij % n);
+                    (0..k)
+                        .map(|p| lhs[i * k + p] as f64 * rhs[p * n + j] as f64)
+                        .sum()
+                })
+                .collect();
             for kernels in &sets {
                 for (dst_col, lhs_col, rhs_col, read_dst) in [
                     (false, false, false, false),
@@ -313,9 +449,7 @@ mod tests {
                     };
                     for i in 0..m {
                         for j in 0..n {
-                            let dot: f64 = (0..k)
-                                .map(|p| lhs[i * k + p] as f64 * rhs[p * n + j] as f64)
-                                .sum();
+                            let dot = dots[i * n + j];
                             let keep = if read_dst {
                                 alpha as f64 * old[i * n + j] as f64
                             } else {
