@@ -179,10 +179,36 @@ impl Hyperplane {
             .collect::<Result<_>>()?;
         for (i, &j) in members.iter().enumerate() {
             let (name, params) = load(j)?;
-            let model = to_blocks(&params, &blocks)?;
-            for (l, (m, c)) in model.iter().zip(&center).enumerate() {
+            for (l, c) in center.iter().enumerate() {
                 // From the base for task vectors, else from the center.
                 let from = base_blocks.as_ref().map_or(c, |bb| &bb[l]);
+                let keep = |norm: f64| norm.is_finite() && norm > floor[l];
+                let unit = base.is_none();
+                // The CPU kernel writes the row straight from the model's tensors.
+                let fused = (c.dtype() == from.dtype())
+                    .then(|| {
+                        kernels::direction_row(
+                            &directions[l],
+                            i,
+                            &params[blocks[l].tensors.clone()],
+                            from,
+                            |norm| keep(norm).then_some(if unit { 1.0 / norm } else { 1.0 }),
+                        )
+                    })
+                    .flatten();
+                if let Some(norm) = fused {
+                    if !norm.is_finite() {
+                        return Err(SoupError::NonFiniteModel {
+                            model: name,
+                            block: blocks[l].name.clone(),
+                        });
+                    }
+                    if keep(norm) {
+                        norms[i * num_blocks + l] = norm;
+                    }
+                    continue;
+                }
+                let m = &to_blocks(&params, &blocks[l..=l])?[0];
                 let diff = (m.to_dtype(c.dtype())? - from.to_dtype(c.dtype())?)?;
                 let norm = l2_norm(&diff)?;
                 if !norm.is_finite() {

@@ -1,5 +1,6 @@
 //! Memory-bound CPU kernels of the MEHL step (spec §3.3): the b dot products ⟨g, d_i⟩ of one
-//! block, θ = c + Σ X d, and sums of squares. Each reads its operands once, runs on rayon in
+//! block, θ = c + Σ X d, and sums of squares; and of building a hyperplane (spec §3.2): each
+//! direction written from a loaded model's tensors. Each reads its operands once, runs on rayon in
 //! fixed chunks (results do not depend on the thread count: partial sums are added in chunk
 //! order), and takes contiguous f32/f64 CPU tensors; the directions may also be bf16 or f16
 //! beside an f32 center and gradient (`--direction-dtype`): each element is widened to f32, which
@@ -468,6 +469,210 @@ impl candle_core::InplaceOp1 for CombineInto<'_> {
     }
 }
 
+/// One direction of a hyperplane written straight into row `row` of `directions` (b × D; f32,
+/// bf16 or f16) from one model's block, given as its tensors `pieces` in layout order (D
+/// elements in all, read where they are: no concatenated copy), and the origin `from` (the center
+/// or the base; D elements): two passes over the model, no temporary of the block's size.
+///
+/// The first pass makes ‖m − from‖ (the differences in f32, their squares summed in f32 lanes per
+/// chunk and the chunks in f64, in a fixed order). `scale` maps that norm to the factor the row
+/// gets, or to `None` to leave the row as it is (a zero-norm or non-finite block). The second pass
+/// writes (m − from) · scale, in f32 and then rounded (to nearest even) to the directions' dtype.
+/// Returns the norm; `None` (nothing written) unless `from` and the pieces are contiguous f32 CPU
+/// tensors of matching sizes and `directions` a contiguous CPU matrix of a supported dtype.
+pub fn direction_row(
+    directions: &Tensor,
+    row: usize,
+    pieces: &[Tensor],
+    from: &Tensor,
+    scale: impl FnOnce(f64) -> Option<f64>,
+) -> Option<f64> {
+    let len = from.elem_count();
+    if pieces.iter().map(Tensor::elem_count).sum::<usize>() != len
+        || directions.dims().len() != 2
+        || directions.dims()[1] != len
+        || row >= directions.dims()[0]
+        || !directions.is_contiguous()
+        || !directions.device().is_cpu()
+        || !matches!(directions.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    {
+        return None;
+    }
+    let (norm, factor) = with_slice::<f32, _>(from, |c| {
+        with_many::<f32, _>(pieces, |m| {
+            let norm = difference_squares(Isa::detected(), m, c).sqrt();
+            (norm, scale(norm))
+        })
+    })??;
+    if let Some(factor) = factor {
+        let op = DirectionRow {
+            row,
+            pieces,
+            from,
+            factor: factor as f32,
+        };
+        directions.inplace_op1(&op).ok()?;
+    }
+    Some(norm)
+}
+
+/// Σ (m_j − c_j)² over m given as the concatenation of `pieces`: per CHUNK-long part of each
+/// piece in f32 lanes, the parts summed in f64 in order.
+fn difference_squares(isa: Isa, pieces: &[&[f32]], c: &[f32]) -> f64 {
+    let mut tasks = Vec::new();
+    let mut offset = 0;
+    for (k, p) in pieces.iter().enumerate() {
+        for start in (0..p.len()).step_by(CHUNK) {
+            tasks.push((k, offset + start, start..(start + CHUNK).min(p.len())));
+        }
+        offset += p.len();
+    }
+    let partials: Vec<f64> = tasks
+        .into_par_iter()
+        .map(|(k, at, r)| {
+            let m = &pieces[k][r.clone()];
+            squared_distance_on(isa, m, &c[at..at + m.len()])
+        })
+        .collect();
+    partials.into_iter().sum()
+}
+
+/// Σ (a_j − b_j)² with [`DOT_LANES`] f32 accumulators, then in f64.
+#[inline(always)]
+fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f32; DOT_LANES];
+    let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        let x: &[f32; DOT_LANES] = x.try_into().expect("chunks_exact");
+        let y: &[f32; DOT_LANES] = y.try_into().expect("chunks_exact");
+        for k in 0..DOT_LANES {
+            let d = x[k] - y[k];
+            acc[k] += d * d;
+        }
+    }
+    let mut sum: f64 = acc.iter().map(|&v| f64::from(v)).sum();
+    for (x, y) in ra.iter().zip(rb) {
+        let d = x - y;
+        sum += f64::from(d * d);
+    }
+    sum
+}
+
+// SAFETY (callers): the CPU has the features named.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn squared_distance_avx2(a: &[f32], b: &[f32]) -> f64 {
+    squared_distance(a, b)
+}
+
+// SAFETY (callers): the CPU has the features named.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn squared_distance_avx512(a: &[f32], b: &[f32]) -> f64 {
+    squared_distance(a, b)
+}
+
+/// [`squared_distance`] compiled for `isa`, which the CPU must have.
+fn squared_distance_on(isa: Isa, a: &[f32], b: &[f32]) -> f64 {
+    match isa {
+        // SAFETY: `isa` is one the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { squared_distance_avx512(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { squared_distance_avx2(a, b) },
+        _ => squared_distance(a, b),
+    }
+}
+
+/// A direction element from an f32 value: rounded to nearest even.
+trait Narrow: WithDType {
+    fn narrow(v: f32) -> Self;
+}
+
+impl Narrow for f32 {
+    #[inline(always)]
+    fn narrow(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Narrow for bf16 {
+    #[inline(always)]
+    fn narrow(v: f32) -> bf16 {
+        bf16::from_f32(v)
+    }
+}
+
+impl Narrow for f16 {
+    #[inline(always)]
+    fn narrow(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
+}
+
+/// out_j = narrow((m_j − c_j) · factor) for m the concatenation of `pieces`, in CHUNK-long tasks.
+fn write_direction<D: Narrow>(out: &mut [D], pieces: &[&[f32]], c: &[f32], factor: f32) {
+    let mut offset = 0;
+    for p in pieces {
+        let (o, c) = (
+            &mut out[offset..offset + p.len()],
+            &c[offset..offset + p.len()],
+        );
+        o.par_chunks_mut(CHUNK)
+            .zip(p.par_chunks(CHUNK))
+            .zip(c.par_chunks(CHUNK))
+            .for_each(|((o, m), c)| {
+                for ((o, &m), &c) in o.iter_mut().zip(m).zip(c) {
+                    *o = D::narrow((m - c) * factor);
+                }
+            });
+        offset += p.len();
+    }
+}
+
+struct DirectionRow<'a> {
+    row: usize,
+    pieces: &'a [Tensor],
+    from: &'a Tensor,
+    factor: f32,
+}
+
+impl candle_core::InplaceOp1 for DirectionRow<'_> {
+    fn name(&self) -> &'static str {
+        "soup-direction-row"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let len = self.from.elem_count();
+        let (a, _) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("direction_row: not contiguous".into()))?;
+        let at = a + self.row * len..a + (self.row + 1) * len;
+        let factor = self.factor;
+        let done = with_slice::<f32, _>(self.from, |c| {
+            with_many::<f32, _>(self.pieces, |m| match storage {
+                CpuStorage::F32(out) => write_direction(&mut out[at], m, c, factor),
+                CpuStorage::BF16(out) => write_direction(&mut out[at], m, c, factor),
+                CpuStorage::F16(out) => write_direction(&mut out[at], m, c, factor),
+                _ => unreachable!("direction_row checked the dtype"),
+            })
+        })
+        .flatten();
+        done.ok_or_else(|| {
+            candle_core::Error::Msg(
+                "direction_row: operands are not contiguous f32 on the CPU".into(),
+            )
+        })
+    }
+}
+
 /// acc += w · t, elementwise, in f64: `t` a contiguous CPU tensor of `acc.len()` elements of
 /// dtype f32, f64, bf16 or f16. `None` (nothing added) otherwise.
 pub fn add_scaled(acc: &mut [f64], w: f64, t: &Tensor) -> Option<()> {
@@ -743,6 +948,102 @@ mod tests {
                 let c64 = c.to_dtype(DType::F64).unwrap();
                 assert!(combine(&c64, &d, &x, 0..len, &[len]).is_none());
                 assert!(dots(&d, &g.to_dtype(DType::F64).unwrap()).is_none());
+            }
+        }
+    }
+
+    /// A direction row written from a model's pieces is (m − c)·scale of the concatenation,
+    /// rounded to the directions' dtype, as candle's ops make it; the norm is ‖m − c‖ to f32
+    /// rounding; the other rows are untouched; a declined scale writes nothing.
+    #[test]
+    fn direction_rows_match_candle_ops() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for sizes in [vec![13usize], vec![CHUNK + 5, 7, 2 * CHUNK]] {
+                let len: usize = sizes.iter().sum();
+                let pieces: Vec<Tensor> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &n)| random(20 + k as u64, &[n], DType::F32))
+                    .collect();
+                let c = random(9, &[len], DType::F32);
+                let d = random(10, &[3, len], DType::F32).to_dtype(dtype).unwrap();
+                let before = d.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                let m = Tensor::cat(&pieces, 0).unwrap();
+                let diff = (&m - &c).unwrap();
+                let want_norm = diff
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    .sqrt();
+                let mut seen = None;
+                let norm = direction_row(&d, 1, &pieces, &c, |n| {
+                    seen = Some(n);
+                    Some(1.0 / n)
+                })
+                .unwrap();
+                assert_eq!(seen, Some(norm));
+                assert!(
+                    (norm - want_norm).abs() <= 1e-6 * want_norm,
+                    "{norm} {want_norm}"
+                );
+                let want = diff
+                    .affine(1.0 / norm, 0.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let after = d.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(after[1], want, "{dtype:?} {sizes:?}");
+                assert_eq!((&after[0], &after[2]), (&before[0], &before[2]));
+                // Declined: the row keeps its values.
+                let norm2 = direction_row(&d, 0, &pieces, &c, |_| None).unwrap();
+                assert_eq!(norm2, norm);
+                assert_eq!(
+                    d.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()[0],
+                    before[0]
+                );
+            }
+        }
+        // Unsupported: f64 models, a row past the end, sizes that do not add up.
+        let c = random(1, &[8], DType::F32);
+        let d = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
+        let p = [random(2, &[8], DType::F32)];
+        let p64 = [p[0].to_dtype(DType::F64).unwrap()];
+        assert!(direction_row(&d, 0, &p64, &c, |_| Some(1.0)).is_none());
+        assert!(direction_row(&d, 2, &p, &c, |_| Some(1.0)).is_none());
+        assert!(direction_row(&d, 0, &p[..0], &c, |_| Some(1.0)).is_none());
+        assert_eq!(d.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    /// The squared distance of every instruction set gives the baseline's bits.
+    #[test]
+    fn squared_distances_agree_across_instruction_sets() {
+        let v = |seed: u64, n: usize| -> Vec<f32> {
+            crate::rng::SplitMix64::new(seed)
+                .normals(n)
+                .iter()
+                .map(|&a| a as f32)
+                .collect()
+        };
+        for len in [1usize, 31, 32, 33, 1000] {
+            let (a, b) = (v(1, len), v(2, len));
+            let naive: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from((x - y) * (x - y)))
+                .sum();
+            for isa in Isa::available() {
+                let got = squared_distance_on(isa, &a, &b);
+                assert_eq!(got.to_bits(), squared_distance(&a, &b).to_bits(), "{isa:?}");
+                assert!((got - naive).abs() <= 1e-5 * naive, "{got} {naive}");
             }
         }
     }

@@ -11,7 +11,8 @@
 //! and then MEHL-Soup+ over the b models for `steps` coefficient steps (one model batch, one inner
 //! epoch, the real `soup_core::run_mehl` loop: materialise θ, forward, backward, clip, project,
 //! AdamW on X). Prints one JSON line per kind with every step's seconds and the median: the first
-//! MEHL+ step of each model batch apart from the others, and the memory-bound parts alone; then
+//! MEHL+ step of each model batch apart from the others, the memory-bound parts alone and the
+//! making of the b directions from loaded models (twice; the first warms the allocator); then
 //! the process's peak RSS.
 
 use std::cell::Cell;
@@ -180,16 +181,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let blocks = config.block_cut.blocks(&zoo.layout)?;
     let members: Vec<usize> = (0..b).collect();
     let mean = soup_core::zoo::Zoo::open(&zoo)?.mean(&members)?;
-    let mut hp = soup_core::Hyperplane::new_share(
-        zoo.layout.clone(),
-        blocks.clone(),
-        soup_core::to_blocks(&mean, &blocks)?,
-        vec![vec![1.0 / b as f64; b]; blocks.len()],
-        members,
-        b,
-        direction_dtype,
-        |j| Ok((zoo.name(j), zoo.load(j)?)),
-    )?;
+    // The hyperplane's directions from the b models, without the time the zoo takes to make
+    // them (a file-backed zoo reads them instead: `--only load`).
+    let center = soup_core::to_blocks(&mean, &blocks)?;
+    let mut directions = Vec::new();
+    let mut build =
+        |center: Vec<Tensor>| -> Result<soup_core::Hyperplane, Box<dyn std::error::Error>> {
+            let loading = Cell::new(0.0);
+            let t0 = Instant::now();
+            let hp = soup_core::Hyperplane::new_share(
+                zoo.layout.clone(),
+                blocks.clone(),
+                center,
+                vec![vec![1.0 / b as f64; b]; blocks.len()],
+                members.clone(),
+                b,
+                direction_dtype,
+                |j| {
+                    let t = Instant::now();
+                    let model = zoo.load(j)?;
+                    loading.set(loading.get() + t.elapsed().as_secs_f64());
+                    Ok((zoo.name(j), model))
+                },
+            )?;
+            directions.push(t0.elapsed().as_secs_f64() - loading.get());
+            Ok(hp)
+        };
+    build(center.clone())?;
+    let mut hp = build(center)?;
+    directions.remove(0);
     hp.x.iter_mut()
         .enumerate()
         .for_each(|(i, x)| *x = 1e-3 * (i % 7) as f64);
@@ -216,6 +236,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("mehl+ first step", &first),
         ("mehl+ norm and projection", &project),
         ("mehl+ materialise", &materialise),
+        ("mehl+ directions from b loaded models", &directions),
     ] {
         let s: Vec<String> = v.iter().map(|s| format!("{s:.4}")).collect();
         println!(

@@ -163,19 +163,23 @@ fn non_finite_loss_names_step_and_model_batch() {
     );
 }
 
+/// f64 models take candle's ops to their directions, f32 ones the fused CPU kernel
+/// (`kernels::direction_row`): both name the model and the block.
 #[test]
 fn non_finite_model_is_named() {
-    let mut store = zoo(3, 1, DType::F64);
-    store.models[1][0] = (store.models[1][0].clone() * f64::INFINITY).unwrap();
-    let mut obj = objective(8, 8, 1, DType::F64);
-    let cfg = MehlConfig {
-        model_batch: 1,
-        ..config(1, BlockCut::PER_TENSOR, 1, 1)
-    };
-    let err = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        msg.contains("model-1") && msg.contains("layers.0.weight"),
-        "{msg}"
-    );
+    for dtype in [DType::F64, DType::F32] {
+        let mut store = zoo(3, 1, dtype);
+        store.models[1][0] = store.models[1][0].affine(f64::INFINITY, 0.0).unwrap();
+        let mut obj = objective(8, 8, 1, dtype);
+        let cfg = MehlConfig {
+            model_batch: 1,
+            ..config(1, BlockCut::PER_TENSOR, 1, 1)
+        };
+        let err = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("model-1") && msg.contains("layers.0.weight"),
+            "{dtype:?}: {msg}"
+        );
+    }
 }
