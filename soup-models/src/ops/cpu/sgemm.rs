@@ -2,16 +2,17 @@
 //! once per process from the CPU.
 //!
 //! The `gemm` crate (built with its `x86-v4` feature) picks its AVX-512 kernels whenever the CPU
-//! has `avx512f`. Measured side by side (BENCHMARKS.md, "The `gemm` crate's AVX-512 kernels",
-//! "Issue [perf-2] on an Intel Xeon" and "… on an AMD EPYC Zen 4"), the ViT-B/32 training step
-//! took 0.72–0.89× the AVX2 kernels' time on two Intel Xeons, 1.23× on an AMD EPYC with AVX-512
-//! whose generation was not recorded, and on an EPYC Zen 4 (family 25, model 17) 0.99× at
-//! batch 8 and 0.96× at batch 32 once a row-major lhs is copied first (`transpose_lhs_first`;
-//! before that, its forward products lost up to half their speed). So soup calls the kernels
-//! itself:
+//! has `avx512f`, and so does soup, measured side by side (BENCHMARKS.md, "The `gemm` crate's
+//! AVX-512 kernels", "Issue [perf-2] on an Intel Xeon" and "… on an AMD EPYC Zen 4"): the ViT-B/32
+//! training step took 0.72–0.89× the AVX2 kernels' time on two Intel Xeons; on an AMD EPYC Zen 4
+//! (family 25, model 17) 0.99× at batch 8 and 0.96× at batch 32, and DINOv2-S/14's 0.97× and
+//! 0.90×, once a large row-major lhs is copied column-major first ([`transpose_lhs_first`]: the
+//! crate's AVX-512 packing of such an lhs halved the speed of the forward product of a ViT-B/32's
+//! second MLP layer). Before that copy the AVX-512 step measured 1.23× the AVX2 one on an AMD EPYC
+//! (12-01, generation not recorded). soup calls the kernels itself, for that copy and for the
+//! override:
 //!
-//! - AVX-512 kernels where the CPU has `avx512f` and is not an AMD CPU (on the Zen 4 the two
-//!   sets are within the rounds' spread at batch 8, so the rule stays as first measured);
+//! - AVX-512 kernels where the CPU has `avx512f`;
 //! - the AVX2/FMA kernels on other x86-64 CPUs with `fma`;
 //! - the `gemm` crate's own choice elsewhere (other architectures, f64).
 //!
@@ -60,7 +61,7 @@ impl GemmKernels {
 
     /// The rule of the module docs, without the environment: what this CPU gets by default.
     pub fn for_this_cpu() -> GemmKernels {
-        if GemmKernels::Avx512.runs_here() && !amd() {
+        if GemmKernels::Avx512.runs_here() {
             GemmKernels::Avx512
         } else if GemmKernels::Avx2.runs_here() {
             GemmKernels::Avx2
@@ -102,25 +103,6 @@ impl GemmKernels {
     /// `SOUP_GEMM_KERNELS`'s value checked: an error message for an unknown one.
     pub fn check_env() -> Result<(), String> {
         GemmKernels::resolve(std::env::var("SOUP_GEMM_KERNELS").ok().as_deref()).map(|_| ())
-    }
-}
-
-/// Whether the CPU's vendor string is AMD's.
-fn amd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU and only reads identification registers.
-        #[allow(unused_unsafe)]
-        let id = unsafe { std::arch::x86_64::__cpuid(0) };
-        let mut vendor = [0u8; 12];
-        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
-        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
-        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
-        &vendor == b"AuthenticAMD"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
@@ -472,26 +454,22 @@ mod tests {
     /// The rule read independently from the kernel's view of the CPU (/proc/cpuinfo).
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[test]
-    fn the_default_follows_the_vendor_and_flags_of_proc_cpuinfo() {
+    fn the_default_follows_the_flags_of_proc_cpuinfo() {
         let info = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
-        let field = |name: &str| -> String {
-            let line = info
-                .lines()
-                .find(|l| l.split(':').next().map(str::trim) == Some(name))
-                .unwrap_or_else(|| panic!("no {name} in /proc/cpuinfo"));
-            line.split_once(':').unwrap().1.trim().to_string()
-        };
-        let flags = field("flags");
+        let flags = info
+            .lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some("flags"))
+            .expect("no flags in /proc/cpuinfo");
+        let flags = flags.split_once(':').unwrap().1;
         let has = |f: &str| flags.split_whitespace().any(|x| x == f);
-        let amd = field("vendor_id") == "AuthenticAMD";
-        let want = if has("avx512f") && !amd {
+        let want = if has("avx512f") {
             GemmKernels::Avx512
         } else if has("fma") && has("avx2") {
             GemmKernels::Avx2
         } else {
             GemmKernels::Crate
         };
-        assert_eq!(GemmKernels::for_this_cpu(), want, "vendor AMD: {amd}");
+        assert_eq!(GemmKernels::for_this_cpu(), want);
     }
 
     #[test]
