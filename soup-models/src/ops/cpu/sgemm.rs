@@ -115,6 +115,7 @@ impl GemmKernels {
 /// GFLOP/s against 187–210 with W stored transposed, and at 150–180 with this copy (the copy costs
 /// a pass over W). At k = 768 the copy costs more than it saves, and the AVX2 kernels (16-row
 /// panels) lose nothing (BENCHMARKS.md, "Issue [perf-2] on an AMD EPYC Zen 4").
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn transpose_lhs_first(
     kernels: GemmKernels,
     (m, n, k): (usize, usize, usize),
@@ -129,12 +130,16 @@ fn transpose_lhs_first(
 }
 
 /// The row stride (elements) from which a row-major lhs is copied first: 8 KiB of f32.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const TRANSPOSE_MIN_ROW_STRIDE: usize = 2048;
 /// The smallest lhs copied: 2^18 elements (1 MiB).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const TRANSPOSE_MIN_ELEMENTS: usize = 1 << 18;
 /// The narrowest product it is copied for: the copy costs m·k moves, the product m·n·k FMAs.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const TRANSPOSE_MIN_N: usize = 64;
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// The buffer [`lhs_column_major`] copies into, kept between products (no allocation and
     /// no zeroing in the step's loop).
@@ -147,6 +152,7 @@ thread_local! {
 ///
 /// # Safety
 /// `lhs + i·lhs_rs + j` must be a valid f32 for every i < m, j < k during the call.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 unsafe fn lhs_column_major(out: &mut Vec<f32>, m: usize, k: usize, lhs: *const f32, lhs_rs: isize) {
     use rayon::prelude::*;
     const TILE: usize = 32;
