@@ -124,25 +124,32 @@ impl Isa {
 /// 16-lane (AVX-512) or four 8-lane (AVX2) vector additions with no dependency between them.
 const DOT_LANES: usize = 32;
 
-/// Σ a_j b_j with [`DOT_LANES`] independent accumulators (vectorisable), then in f64.
+/// Σ f(a_j, b_j) with [`DOT_LANES`] independent accumulators of type `T` (vectorisable), then
+/// in f64.
 #[inline(always)]
-fn dot<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
+fn lanes_sum<A: Copy, B: Copy, T: WithDType>(a: &[A], b: &[B], f: impl Fn(A, B) -> T) -> f64 {
     let mut acc = [T::zero(); DOT_LANES];
     let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         // Fixed-size arrays: no bounds checks in the loop below, which LLVM then vectorises.
-        let x: &[D; DOT_LANES] = x.try_into().expect("chunks_exact");
-        let y: &[T; DOT_LANES] = y.try_into().expect("chunks_exact");
+        let x: &[A; DOT_LANES] = x.try_into().expect("chunks_exact");
+        let y: &[B; DOT_LANES] = y.try_into().expect("chunks_exact");
         for k in 0..DOT_LANES {
-            acc[k] += x[k].widen() * y[k];
+            acc[k] += f(x[k], y[k]);
         }
     }
     let mut sum: f64 = acc.iter().map(|v| v.to_f64()).sum();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += (x.widen() * *y).to_f64();
+    for (&x, &y) in ra.iter().zip(rb) {
+        sum += f(x, y).to_f64();
     }
     sum
+}
+
+/// Σ a_j b_j ([`lanes_sum`]).
+#[inline(always)]
+fn dot<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
+    lanes_sum(a, b, |x, y| x.widen() * y)
 }
 
 /// o_j += x · d_j (d widened).
@@ -538,26 +545,10 @@ fn difference_squares(isa: Isa, pieces: &[&[f32]], c: &[f32]) -> f64 {
     partials.into_iter().sum()
 }
 
-/// Σ (a_j − b_j)² with [`DOT_LANES`] f32 accumulators, then in f64.
+/// Σ (a_j − b_j)² in f32 lanes ([`lanes_sum`]).
 #[inline(always)]
 fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f32; DOT_LANES];
-    let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        let x: &[f32; DOT_LANES] = x.try_into().expect("chunks_exact");
-        let y: &[f32; DOT_LANES] = y.try_into().expect("chunks_exact");
-        for k in 0..DOT_LANES {
-            let d = x[k] - y[k];
-            acc[k] += d * d;
-        }
-    }
-    let mut sum: f64 = acc.iter().map(|&v| f64::from(v)).sum();
-    for (x, y) in ra.iter().zip(rb) {
-        let d = x - y;
-        sum += f64::from(d * d);
-    }
-    sum
+    lanes_sum(a, b, |x, y| (x - y) * (x - y))
 }
 
 // SAFETY (callers): the CPU has the features named.
