@@ -120,7 +120,7 @@ impl Isa {
     }
 }
 
-/// The independent accumulators of [`dot`]: 32 lanes, so that one step of the loop is two
+/// The independent accumulators of [`lanes_sums`]: 32 lanes, so that one step of the loop is two
 /// 16-lane (AVX-512) or four 8-lane (AVX2) vector additions with no dependency between them.
 const DOT_LANES: usize = 32;
 
@@ -128,35 +128,84 @@ const DOT_LANES: usize = 32;
 /// in f64.
 #[inline(always)]
 fn lanes_sum<A: Copy, B: Copy, T: WithDType>(a: &[A], b: &[B], f: impl Fn(A, B) -> T) -> f64 {
-    let mut acc = [T::zero(); DOT_LANES];
-    let (ca, cb) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
+    lanes_sums([a], b, f)[0]
+}
+
+/// [`lanes_sum`] of each of the `R` rows `a` against the same `b`, in one pass over `b`: each row
+/// has its own accumulators and sees the same operations in the same order as alone (the same
+/// bits), and the `R` rows are read side by side, `R` streams from memory at once.
+#[inline(always)]
+fn lanes_sums<A: Copy, B: Copy, T: WithDType, const R: usize>(
+    a: [&[A]; R],
+    b: &[B],
+    f: impl Fn(A, B) -> T,
+) -> [f64; R] {
+    let n = b.len();
+    let a = a.map(|a| &a[..n]);
+    let mut acc = [[T::zero(); DOT_LANES]; R];
+    let whole = n - n % DOT_LANES;
+    for (c, y) in b[..whole].chunks_exact(DOT_LANES).enumerate() {
         // Fixed-size arrays: no bounds checks in the loop below, which LLVM then vectorises.
-        let x: &[A; DOT_LANES] = x.try_into().expect("chunks_exact");
         let y: &[B; DOT_LANES] = y.try_into().expect("chunks_exact");
-        for k in 0..DOT_LANES {
-            acc[k] += f(x[k], y[k]);
+        let j = c * DOT_LANES;
+        for (acc, a) in acc.iter_mut().zip(&a) {
+            let x: &[A; DOT_LANES] = a[j..j + DOT_LANES].try_into().expect("in range");
+            for k in 0..DOT_LANES {
+                acc[k] += f(x[k], y[k]);
+            }
         }
     }
-    let mut sum: f64 = acc.iter().map(|v| v.to_f64()).sum();
-    for (&x, &y) in ra.iter().zip(rb) {
-        sum += f(x, y).to_f64();
+    let mut sums = [0.0; R];
+    for ((sum, acc), a) in sums.iter_mut().zip(&acc).zip(&a) {
+        *sum = acc.iter().map(|v| v.to_f64()).sum();
+        for (&x, &y) in a[whole..].iter().zip(&b[whole..]) {
+            *sum += f(x, y).to_f64();
+        }
     }
-    sum
+    sums
 }
 
-/// Σ a_j b_j ([`lanes_sum`]).
+/// ⟨a_r, b⟩ for each of the `R` rows `a` ([`lanes_sums`]).
 #[inline(always)]
-fn dot<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
-    lanes_sum(a, b, |x, y| x.widen() * y)
+fn dots_rows<T: WithDType, D: Widen<T>, const R: usize>(a: [&[D]; R], b: &[T]) -> [f64; R] {
+    lanes_sums(a, b, |x, y| x.widen() * y)
 }
 
-/// o_j += x · d_j (d widened).
+/// o_j = s_j + Σ_r x_r · d_r,j (d widened), the terms added one row after the other in row
+/// order, as `R` separate passes of o_j += x_r · d_r,j would add them (the same bits): `s` is `c`
+/// where given, o itself otherwise. The `R` rows are read side by side.
 #[inline(always)]
-fn axpy<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
-    for (v, &dv) in o.iter_mut().zip(d) {
-        *v += x * dv.widen();
+fn axpys<T: WithDType, D: Widen<T>, const R: usize>(
+    o: &mut [T],
+    c: Option<&[T]>,
+    x: [T; R],
+    d: [&[D]; R],
+) {
+    let n = o.len();
+    let d = d.map(|d| &d[..n]);
+    let c = c.map(|c| &c[..n]);
+    let whole = n - n % DOT_LANES;
+    for (k, o) in o[..whole].chunks_exact_mut(DOT_LANES).enumerate() {
+        let j = k * DOT_LANES;
+        let o: &mut [T; DOT_LANES] = o.try_into().expect("chunks_exact");
+        let mut v = match c {
+            Some(c) => c[j..j + DOT_LANES].try_into().expect("in range"),
+            None => *o,
+        };
+        for (&x, d) in x.iter().zip(&d) {
+            let d: &[D; DOT_LANES] = d[j..j + DOT_LANES].try_into().expect("in range");
+            for k in 0..DOT_LANES {
+                v[k] += x * d[k].widen();
+            }
+        }
+        *o = v;
+    }
+    for j in whole..n {
+        let mut v = c.map_or(o[j], |c| c[j]);
+        for (&x, d) in x.iter().zip(&d) {
+            v += x * d[j].widen();
+        }
+        o[j] = v;
     }
 }
 
@@ -164,54 +213,158 @@ fn axpy<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
 // (`Isa::detected` checked them).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
-    dot(a, b)
+unsafe fn dots_rows_avx2<T: WithDType, D: Widen<T>, const R: usize>(
+    a: [&[D]; R],
+    b: &[T],
+) -> [f64; R] {
+    dots_rows(a, b)
 }
 
 // SAFETY (callers): the CPU has the features named.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn dot_avx512<T: WithDType, D: Widen<T>>(a: &[D], b: &[T]) -> f64 {
-    dot(a, b)
+unsafe fn dots_rows_avx512<T: WithDType, D: Widen<T>, const R: usize>(
+    a: [&[D]; R],
+    b: &[T],
+) -> [f64; R] {
+    dots_rows(a, b)
 }
 
 // SAFETY (callers): the CPU has the features named.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
-    axpy(o, x, d)
+unsafe fn axpys_avx2<T: WithDType, D: Widen<T>, const R: usize>(
+    o: &mut [T],
+    c: Option<&[T]>,
+    x: [T; R],
+    d: [&[D]; R],
+) {
+    axpys(o, c, x, d)
 }
 
 // SAFETY (callers): the CPU has the features named.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn axpy_avx512<T: WithDType, D: Widen<T>>(o: &mut [T], x: T, d: &[D]) {
-    axpy(o, x, d)
+unsafe fn axpys_avx512<T: WithDType, D: Widen<T>, const R: usize>(
+    o: &mut [T],
+    c: Option<&[T]>,
+    x: [T; R],
+    d: [&[D]; R],
+) {
+    axpys(o, c, x, d)
 }
 
-/// [`dot`] compiled for `isa`, which the CPU must have (`Isa::available`).
-fn dot_on<T: WithDType, D: Widen<T>>(isa: Isa, a: &[D], b: &[T]) -> f64 {
+/// [`dots_rows`] compiled for `isa`, which the CPU must have (`Isa::available`).
+fn dots_rows_on<T: WithDType, D: Widen<T>, const R: usize>(
+    isa: Isa,
+    a: [&[D]; R],
+    b: &[T],
+) -> [f64; R] {
     match isa {
         // SAFETY: `isa` is one the CPU has (callers pass `Isa::detected()` or an available one).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { dot_avx512(a, b) },
+        Isa::Avx512 => unsafe { dots_rows_avx512(a, b) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { dot_avx2(a, b) },
-        _ => dot(a, b),
+        Isa::Avx2 => unsafe { dots_rows_avx2(a, b) },
+        _ => dots_rows(a, b),
     }
 }
 
-/// [`axpy`] compiled for `isa`, which the CPU must have.
-fn axpy_on<T: WithDType, D: Widen<T>>(isa: Isa, o: &mut [T], x: T, d: &[D]) {
+/// ⟨a, b⟩ compiled for `isa`, which the CPU must have.
+fn dot_on<T: WithDType, D: Widen<T>>(isa: Isa, a: &[D], b: &[T]) -> f64 {
+    dots_rows_on(isa, [a], b)[0]
+}
+
+/// [`axpys`] compiled for `isa`, which the CPU must have.
+fn axpys_on<T: WithDType, D: Widen<T>, const R: usize>(
+    isa: Isa,
+    o: &mut [T],
+    c: Option<&[T]>,
+    x: [T; R],
+    d: [&[D]; R],
+) {
     match isa {
         // SAFETY: `isa` is one the CPU has.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { axpy_avx512(o, x, d) },
+        Isa::Avx512 => unsafe { axpys_avx512(o, c, x, d) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { axpy_avx2(o, x, d) },
-        _ => axpy(o, x, d),
+        Isa::Avx2 => unsafe { axpys_avx2(o, c, x, d) },
+        _ => axpys(o, c, x, d),
+    }
+}
+
+/// How many rows of the directions one pass reads side by side: several streams from memory at
+/// once (one stream leaves a core's memory bandwidth unused), as many as keep each row's
+/// [`DOT_LANES`] f32 accumulators in registers (32 vector registers with AVX-512, 16 otherwise).
+const fn dot_group(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 4,
+        _ => 2,
+    }
+}
+
+/// Rows side by side in [`axpys`] (no accumulators: only the vector of o stays in registers).
+const AXPY_GROUP: usize = 4;
+
+/// The largest group of rows (the arms of the dispatch below).
+const MAX_GROUP: usize = 4;
+const _: () = assert!(
+    dot_group(Isa::Baseline) <= MAX_GROUP
+        && dot_group(Isa::Avx2) <= MAX_GROUP
+        && dot_group(Isa::Avx512) <= MAX_GROUP
+        && AXPY_GROUP <= MAX_GROUP
+);
+
+/// ⟨r, g⟩ for each row r of `rows`, appended to `out`: [`dots_rows_on`] over groups of rows.
+fn dots_grouped_on<T: WithDType, D: Widen<T>>(
+    isa: Isa,
+    rows: &[&[D]],
+    g: &[T],
+    out: &mut Vec<f64>,
+) {
+    for group in rows.chunks(dot_group(isa)) {
+        macro_rules! arms {
+            ($($r:literal),*) => {
+                match group.len() {
+                    $($r => out.extend(dots_rows_on::<T, D, $r>(
+                        isa,
+                        group.try_into().expect("length checked"),
+                        g,
+                    )),)*
+                    _ => unreachable!("groups of at most {} rows", MAX_GROUP),
+                }
+            };
+        }
+        arms!(1, 2, 3, 4);
+    }
+}
+
+/// o = c + Σ_r x_r d_r over the rows `(x_r, d_r)` in order ([`axpys_on`] over groups of rows).
+fn axpys_grouped_on<T: WithDType, D: Widen<T>>(isa: Isa, o: &mut [T], c: &[T], rows: &[(T, &[D])]) {
+    if rows.is_empty() {
+        o.copy_from_slice(c);
+    }
+    for (k, group) in rows.chunks(AXPY_GROUP).enumerate() {
+        let c = (k == 0).then_some(c);
+        let x: Vec<T> = group.iter().map(|&(x, _)| x).collect();
+        let d: Vec<&[D]> = group.iter().map(|&(_, d)| d).collect();
+        macro_rules! arms {
+            ($($r:literal),*) => {
+                match group.len() {
+                    $($r => axpys_on::<T, D, $r>(
+                        isa,
+                        o,
+                        c,
+                        x[..].try_into().expect("length checked"),
+                        d[..].try_into().expect("length checked"),
+                    ),)*
+                    _ => unreachable!("groups of at most {} rows", MAX_GROUP),
+                }
+            };
+        }
+        arms!(1, 2, 3, 4);
     }
 }
 
@@ -304,12 +457,14 @@ fn dots_pieces_on<T: WithDType + Widen<T>, D: Widen<T>>(
         .into_par_iter()
         .map(|(k, offset, r)| {
             let g = &pieces[k][r.clone()];
-            let dots = (0..rows)
+            let d_rows: Vec<&[D]> = (0..rows)
                 .map(|i| {
                     let start = i * len + offset + r.start;
-                    dot_on(isa, &d[start..start + g.len()], g)
+                    &d[start..start + g.len()]
                 })
                 .collect();
+            let mut dots = Vec::with_capacity(rows);
+            dots_grouped_on(isa, &d_rows, g, &mut dots);
             (k, dots, dot_on(isa, g, g))
         })
         .collect();
@@ -361,12 +516,14 @@ fn combine_into_slice_on<T: WithDType, D: Widen<T>>(
     let x: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, o)| {
         let j0 = range.start + k * CHUNK;
-        o.copy_from_slice(&c[j0..j0 + o.len()]);
-        for (i, &xi) in x.iter().enumerate() {
-            if xi != T::zero() {
-                axpy_on(isa, o, xi, &d[i * len + j0..i * len + j0 + o.len()]);
-            }
-        }
+        // The rows with x_i ≠ 0 (a zero term is not added: c_j = −0.0 stays −0.0).
+        let rows: Vec<(T, &[D])> = x
+            .iter()
+            .enumerate()
+            .filter(|&(_, &xi)| xi != T::zero())
+            .map(|(i, &xi)| (xi, &d[i * len + j0..i * len + j0 + o.len()]))
+            .collect();
+        axpys_grouped_on(isa, o, &c[j0..j0 + o.len()], &rows);
     });
 }
 
@@ -715,6 +872,107 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
+    }
+
+    /// The 32-lane sum of `dot` written out one element at a time: lane j mod 32 of the whole
+    /// lanes, the lanes added in f64 in order, then the rest.
+    fn lane_by_lane_dot(a: &[f32], b: &[f32]) -> f64 {
+        let whole = a.len() - a.len() % DOT_LANES;
+        let mut acc = [0.0f32; DOT_LANES];
+        for j in 0..whole {
+            acc[j % DOT_LANES] += a[j] * b[j];
+        }
+        let mut sum: f64 = acc.iter().map(|&v| f64::from(v)).sum();
+        for j in whole..a.len() {
+            sum += f64::from(a[j] * b[j]);
+        }
+        sum
+    }
+
+    /// Rows read side by side, in groups, give each row the bits it gets alone: the dot products
+    /// those of the lane-by-lane sum, θ those of adding the rows one after the other (rows with
+    /// x = 0 not added: a −0.0 of c stays −0.0, an infinite element adds no NaN).
+    #[test]
+    fn grouped_rows_give_each_rows_own_bits() {
+        let v = |seed: u64, n: usize| -> Vec<f32> {
+            crate::rng::SplitMix64::new(seed)
+                .normals(n)
+                .into_iter()
+                .map(|a| a as f32)
+                .collect()
+        };
+        for isa in Isa::available() {
+            for rows in 1..=2 * MAX_GROUP + 1 {
+                for len in [1usize, 31, 32, 33, 100] {
+                    let mut d32 = v(rows as u64, rows * len);
+                    // Rows 0, 3, 6, … have x = 0 and an infinite first element: added, they
+                    // would make NaNs.
+                    for i in (0..rows).step_by(3) {
+                        d32[i * len] = f32::INFINITY;
+                    }
+                    let dbf: Vec<bf16> = d32.iter().map(|&a| bf16::from_f32(a)).collect();
+                    let wide: Vec<f32> = dbf.iter().map(|&a| a.to_f32()).collect();
+                    let g = v(100 + len as u64, len);
+                    let mut c = v(200, len);
+                    c[0] = -0.0;
+                    let x: Vec<f32> = (0..rows)
+                        .map(|i| if i % 3 == 0 { 0.0 } else { 0.5 + i as f32 })
+                        .collect();
+                    for (d, reference) in [(&d32, &d32), (&wide, &wide)] {
+                        let row = |i: usize| &d[i * len..(i + 1) * len];
+                        let all: Vec<&[f32]> = (0..rows).map(row).collect();
+                        let mut got = Vec::new();
+                        dots_grouped_on(isa, &all, &g, &mut got);
+                        let want: Vec<f64> = (0..rows)
+                            .map(|i| lane_by_lane_dot(&reference[i * len..(i + 1) * len], &g))
+                            .collect();
+                        assert_eq!(
+                            got.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?}, {rows} rows of {len}"
+                        );
+                        let active: Vec<(f32, &[f32])> = (0..rows)
+                            .filter(|&i| x[i] != 0.0)
+                            .map(|i| (x[i], row(i)))
+                            .collect();
+                        let mut got = vec![f32::NAN; len];
+                        axpys_grouped_on(isa, &mut got, &c, &active);
+                        let want: Vec<f32> = (0..len)
+                            .map(|j| {
+                                let mut o = c[j];
+                                for (xi, di) in &active {
+                                    o += xi * di[j];
+                                }
+                                o
+                            })
+                            .collect();
+                        assert_eq!(
+                            got.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?}, {rows} rows of {len}"
+                        );
+                        // The whole kernel leaves out the rows with x = 0 itself.
+                        let x64: Vec<f64> = x.iter().map(|&a| f64::from(a)).collect();
+                        let mut got = vec![f32::NAN; len];
+                        combine_into_slice_on(isa, &mut got, &c, d, &x64, 0..len);
+                        assert_eq!(
+                            got.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                            "{isa:?}, {rows} rows of {len}, combine"
+                        );
+                    }
+                    // Half-precision rows widen to the f32 rows' results.
+                    let rows_bf: Vec<&[bf16]> =
+                        (0..rows).map(|i| &dbf[i * len..(i + 1) * len]).collect();
+                    let mut got = Vec::new();
+                    dots_grouped_on(isa, &rows_bf, &g, &mut got);
+                    let want: Vec<f64> = (0..rows)
+                        .map(|i| lane_by_lane_dot(&wide[i * len..(i + 1) * len], &g))
+                        .collect();
+                    assert_eq!(got, want, "{isa:?}, bf16, {rows} rows of {len}");
+                }
+            }
+        }
     }
 
     /// The vectorised builds of the loops give the baseline's bits (the CPUs that run CI have

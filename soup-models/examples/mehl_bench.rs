@@ -177,7 +177,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     // The memory-bound parts of a MEHL step alone, on the same hyperplane (b directions):
-    // ∇θ's global norm and its projection on the directions, and θ = c + Σ X d.
+    // ∇θ's projection on the directions with its global norm (one pass, as a step makes them), and
+    // θ = c + Σ X d.
     let blocks = config.block_cut.blocks(&zoo.layout)?;
     let members: Vec<usize> = (0..b).collect();
     let mean = soup_core::zoo::Zoo::open(&zoo)?.mean(&members)?;
@@ -218,8 +219,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut theta = hp.theta_step(None)?;
     for round in 0..=rounds * steps {
         let t0 = Instant::now();
-        let norm = soup_core::global_norm(grad)?;
-        let gx = hp.project(grad)?;
+        let (gx, norm) = hp.project_and_norm(grad)?;
         let t1 = Instant::now();
         theta = hp.theta_step(Some(theta))?;
         let t2 = Instant::now();
