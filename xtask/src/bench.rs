@@ -313,16 +313,20 @@ fn mehl(o: &Options) -> Result<(Value, String), String> {
     let mut rows = Vec::new();
     let mut table = String::from(
         "### MEHL-Soup+ coefficient step (b = 8) against a plain training step, CLIP ViT-B/32 (10 classes), CPU\n\n\
-         | batch | directions | plain step (s) | MEHL+ step (s) | MEHL+ / plain | of which norm + projection (s) | θ = c + Σ X d (s) | first step of a model batch (s) | peak RSS (GB) |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | batch | directions | plain step (s) | MEHL+ step (s) | MEHL+ / plain | the same within a process | of which norm + projection (s) | θ = c + Σ X d (s) | first step of a model batch (s) | peak RSS (GB) |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for &batch in &o.batches {
         // f32 and bf16 directions in alternating processes.
-        let mut runs: [(&str, Vec<Value>); 2] = [("f32", Vec::new()), ("bf16", Vec::new())];
+        // Per dtype: every process's lines, and each process's own MEHL+ / plain (its medians).
+        let mut runs: [(&str, Vec<Value>, Vec<f64>); 2] = [
+            ("f32", Vec::new(), Vec::new()),
+            ("bf16", Vec::new(), Vec::new()),
+        ];
         for _ in 0..o.repeats {
-            for (dtype, lines) in runs.iter_mut() {
+            for (dtype, lines, ratios) in runs.iter_mut() {
                 eprintln!("xtask: mehl, batch {batch}, {dtype} directions");
-                lines.extend(json_lines(Command::new(&exe).args([
+                let process = json_lines(Command::new(&exe).args([
                     "--b",
                     "8",
                     "--batch",
@@ -333,10 +337,13 @@ fn mehl(o: &Options) -> Result<(Value, String), String> {
                     "1",
                     "--direction-dtype",
                     dtype,
-                ]))?);
+                ]))?;
+                let m = |kind: &str| median(&seconds(&process, "kind", kind));
+                ratios.push(m("mehl+") / m("plain"));
+                lines.extend(process);
             }
         }
-        for (dtype, lines) in &runs {
+        for (dtype, lines, ratios) in &runs {
             let m = |kind: &str| median(&seconds(lines, "kind", kind));
             let (plain, step) = (m("plain"), m("mehl+"));
             let rss = median(
@@ -346,17 +353,24 @@ fn mehl(o: &Options) -> Result<(Value, String), String> {
                     .collect::<Vec<_>>(),
             ) / 1e9;
             table.push_str(&format!(
-                "| {batch} | {dtype} | {plain:.3} | {step:.3} | {:.2} | {:.3} | {:.3} | {:.3} | {rss:.2} |\n",
+                "| {batch} | {dtype} | {plain:.3} | {step:.3} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {rss:.2} |\n",
                 step / plain,
+                median(ratios),
                 m("mehl+ norm and projection"),
                 m("mehl+ materialise"),
                 m("mehl+ first step")
             ));
-            rows.push(json!({ "batch": batch, "directions": dtype, "lines": lines, "ratio": step / plain }));
+            rows.push(json!({
+                "batch": batch,
+                "directions": dtype,
+                "lines": lines,
+                "ratio": step / plain,
+                "process_ratios": ratios,
+            }));
         }
     }
     table.push_str(&format!(
-        "\n{} processes per direction dtype, alternating, each one round of 4 plain steps then 4 MEHL+ steps (after a warm-up round); medians over all steps, the first MEHL+ step of each model batch apart. The zoo's 8 models are made when MEHL loads them (as files are read); the peak RSS is the process's, plain steps included.\n",
+        "\n{} processes per direction dtype, alternating, each one round of 4 plain steps then 4 MEHL+ steps (after a warm-up round); medians over all steps, the first MEHL+ step of each model batch apart; \"within a process\": the median over processes of each one's MEHL+ median over its plain median (processes differ by up to 15 % on a shared machine). The zoo's 8 models are made when MEHL loads them (as files are read); the peak RSS is the process's, plain steps included.\n",
         o.repeats
     ));
     Ok((json!(rows), table))
