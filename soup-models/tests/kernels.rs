@@ -265,3 +265,48 @@ fn exp_f32_is_accurate_over_the_whole_range() {
     assert!(kernels::exp_f32(f32::NAN).is_nan());
     assert_eq!(kernels::exp_f32(0.0), 1.0);
 }
+
+/// Φ in f32 (the exact GELU's f32 kernels) against erf in f64: relative error over a fine grid
+/// of [−10, 10] (Φ(−10) ≈ 7.6e−24: the lower tail keeps its relative accuracy), and the f32
+/// GELU and its derivative against the f64 kernel on the same grid, to an absolute error scaled
+/// by max(1, |x|).
+#[test]
+fn normal_cdf_f32_is_accurate() {
+    // Φ(x) = ½ erfc(−x/√2): no cancellation in the lower tail.
+    let phi = |x: f64| 0.5 * candle_core::cpu::erf::erfc_f64(-x / std::f64::consts::SQRT_2);
+    let (mut worst_cdf, mut worst_gelu, mut worst_derivative) = (0.0f64, 0.0f64, 0.0f64);
+    let xs: Vec<f32> = (0..=200_000).map(|i| -10.0 + i as f32 * 1e-4).collect();
+    for &x in &xs {
+        let want = phi(x as f64);
+        let got = kernels::normal_cdf_f32(x) as f64;
+        worst_cdf = worst_cdf.max((got - want).abs() / want);
+    }
+    let x32 = Tensor::new(&xs[..], &Device::Cpu).unwrap();
+    let x64 = x32.to_dtype(DType::F64).unwrap();
+    let (v32, v64) = (
+        Var::from_tensor(&x32).unwrap(),
+        Var::from_tensor(&x64).unwrap(),
+    );
+    let run = |v: &Var| {
+        let y = kernels::gelu(v.as_tensor()).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dy = g.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+        (
+            y.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+            dy.to_vec1::<f64>().unwrap(),
+        )
+    };
+    let ((y32, d32), (y64, d64)) = (run(&v32), run(&v64));
+    for (i, &x) in xs.iter().enumerate() {
+        let scale = (x.abs() as f64).max(1.0);
+        worst_gelu = worst_gelu.max((y32[i] - y64[i]).abs() / scale);
+        worst_derivative = worst_derivative.max((d32[i] - d64[i]).abs() / scale);
+    }
+    eprintln!("Φ {worst_cdf:e}, gelu {worst_gelu:e}, gelu' {worst_derivative:e}");
+    assert!(worst_cdf < 1e-5, "Φ: relative error {worst_cdf:e}");
+    assert!(worst_gelu < 3e-7, "gelu: error {worst_gelu:e}");
+    assert!(worst_derivative < 3e-7, "gelu': error {worst_derivative:e}");
+    assert!(kernels::normal_cdf_f32(f32::NAN).is_nan());
+    assert_eq!(kernels::normal_cdf_f32(f32::INFINITY), 1.0);
+    assert_eq!(kernels::normal_cdf_f32(f32::NEG_INFINITY), 0.0);
+}

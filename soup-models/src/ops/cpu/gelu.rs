@@ -82,22 +82,16 @@ impl CustomOp2 for QuickGeluBwd {
     }
 }
 
-/// The exact GELU x·Φ(x), element-wise (Φ the standard normal CDF, through erf in f64).
+/// The exact GELU x·Φ(x), element-wise (Φ the standard normal CDF: [`Real::gelu`]).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
 struct Gelu;
 
-/// Φ(x) = ½(1 + erf(x/√2)).
-fn normal_cdf(x: f64) -> f64 {
+/// Φ(x) = ½(1 + erf(x/√2)), in f64.
+pub(super) fn normal_cdf(x: f64) -> f64 {
     0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))
-}
-
-/// φ(x) = e^(−x²/2)/√(2π).
-fn normal_pdf(x: f64) -> f64 {
-    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-    INV_SQRT_2PI * (-0.5 * x * x).exp()
 }
 
 fn gelu_fwd<T: Real>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -187,8 +181,7 @@ pub(crate) fn gelu_into<T: Real>(x: &[T], y: &mut [T]) {
         .zip(x.par_chunks(65_536))
         .for_each(|(yc, xc)| {
             for (y, &x) in yc.iter_mut().zip(xc) {
-                let v = x.to_f64();
-                *y = T::from_f64(v * normal_cdf(v));
+                *y = x.gelu();
             }
         });
 }
@@ -200,8 +193,7 @@ pub(crate) fn gelu_backward_into<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
         .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
         .for_each(|(dc, (xc, gc))| {
             for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let v = x.to_f64();
-                *d = T::from_f64(g.to_f64() * (normal_cdf(v) + v * normal_pdf(v)));
+                *d = g * x.gelu_derivative();
             }
         });
 }

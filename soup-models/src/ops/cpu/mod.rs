@@ -24,6 +24,10 @@ pub trait Real: WithDType + std::ops::Neg<Output = Self> {
     /// e^x: for f32 [`exp_f32`] (vectorisable, relative error below 3e-7), for f64 the libm one.
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
+    /// The exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x): for f32 from [`normal_cdf_f32`]
+    /// (vectorisable), for f64 through erf in f64 (`gelu::normal_cdf`).
+    fn gelu(self) -> Self;
+    fn gelu_derivative(self) -> Self;
 }
 
 /// e^x in f32 without a libm call, so that loops over it vectorise (Cephes' expf: x = n·ln 2 + r,
@@ -46,12 +50,52 @@ pub fn exp_f32(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// Φ(x), the standard normal CDF, in f32 without a libm call, so that loops over it vectorise:
+/// Φ(x) = ½ erfc(|x|/√2) for x < 0 and 1 − ½ erfc(x/√2) otherwise (no cancellation in the lower
+/// tail), erfc(z) = t·e^(−z² + P(t)) with t = 1/(1 + z/2) and P the degree-9 Chebyshev fit of
+/// Numerical Recipes' `erfcc` (fractional error below 1.2e-7 in exact arithmetic), e^ by
+/// [`exp_f32`]. Relative error below 1e-5 on [−10, 10], growing with x² through e^(−z²) (tested
+/// against erfc in f64).
+#[inline(always)]
+pub fn normal_cdf_f32(x: f32) -> f32 {
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let mut p = 0.170_872_77_f32;
+    p = p * t - 0.822_152_23;
+    p = p * t + 1.488_515_9;
+    p = p * t - 1.135_204;
+    p = p * t + 0.278_868_07;
+    p = p * t - 0.186_288_06;
+    p = p * t + 0.096_784_18;
+    p = p * t + 0.374_091_96;
+    p = p * t + 1.000_023_7;
+    p = p * t - 1.265_512_2;
+    let half_erfc = 0.5 * t * exp_f32(p - z * z);
+    if x < 0.0 {
+        half_erfc
+    } else {
+        1.0 - half_erfc
+    }
+}
+
+/// 1/√(2π).
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
 impl Real for f32 {
     fn exp(self) -> Self {
         exp_f32(self)
     }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn gelu(self) -> Self {
+        self * normal_cdf_f32(self)
+    }
+    #[inline(always)]
+    fn gelu_derivative(self) -> Self {
+        let pdf = INV_SQRT_2PI as f32 * exp_f32(-0.5 * self * self);
+        normal_cdf_f32(self) + self * pdf
     }
 }
 
@@ -61,6 +105,12 @@ impl Real for f64 {
     }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
+    }
+    fn gelu(self) -> Self {
+        self * gelu::normal_cdf(self)
+    }
+    fn gelu_derivative(self) -> Self {
+        gelu::normal_cdf(self) + self * (INV_SQRT_2PI * (-0.5 * self * self).exp())
     }
 }
 
