@@ -303,7 +303,14 @@ pub(crate) fn attention_backward_into<T: Real>(
 const LANES: usize = 16;
 
 /// Σ a_j b_j over 16 lanes, then the lanes and the remainder in order.
-fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
+pub(super) fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    lanes_fold(a, b, |x, y| x * y)
+}
+
+/// Σ f(a_j, b_j) over [`LANES`] independent accumulators (vectorisable), then the lanes and the
+/// remainder in order.
+#[inline(always)]
+pub(super) fn lanes_fold<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     let mut acc = [T::zero(); LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -311,12 +318,12 @@ fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
         let x: &[T; LANES] = x.try_into().expect("chunks_exact");
         let y: &[T; LANES] = y.try_into().expect("chunks_exact");
         for k in 0..LANES {
-            acc[k] += x[k] * y[k];
+            acc[k] += f(x[k], y[k]);
         }
     }
     let mut sum = acc.iter().fold(T::zero(), |s, &v| s + v);
     for (&x, &y) in ra.iter().zip(rb) {
-        sum += x * y;
+        sum += f(x, y);
     }
     sum
 }
