@@ -4,7 +4,9 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{data, Real};
+use soup_core::kernels::Isa;
+
+use super::{data, on_isa, Real};
 
 const GELU_K: f64 = 1.702;
 
@@ -149,51 +151,125 @@ impl CustomOp2 for GeluBwd {
 
 /// y = x·σ(1.702 x), element-wise.
 pub(crate) fn quick_gelu_into<T: Real>(x: &[T], y: &mut [T]) {
+    quick_gelu_on(Isa::detected(), x, y)
+}
+
+/// [`quick_gelu_into`] compiled for `isa`.
+fn quick_gelu_on<T: Real>(isa: Isa, x: &[T], y: &mut [T]) {
     assert_eq!(x.len(), y.len());
     let k = T::from_f64(GELU_K);
     y.par_chunks_mut(65_536)
         .zip(x.par_chunks(65_536))
         .for_each(|(yc, xc)| {
-            for (y, &x) in yc.iter_mut().zip(xc) {
-                *y = x * sigmoid(k * x);
-            }
+            on_isa(
+                isa,
+                #[inline(always)]
+                || {
+                    for (y, &x) in yc.iter_mut().zip(xc) {
+                        *y = x * sigmoid(k * x);
+                    }
+                },
+            )
         });
 }
 
 /// dx = dy·(σ + 1.702·x·σ·(1 − σ)), element-wise.
 pub(crate) fn quick_gelu_backward_into<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
+    quick_gelu_backward_on(Isa::detected(), x, dy, dx)
+}
+
+/// [`quick_gelu_backward_into`] compiled for `isa`.
+fn quick_gelu_backward_on<T: Real>(isa: Isa, x: &[T], dy: &[T], dx: &mut [T]) {
     assert!(x.len() == dy.len() && x.len() == dx.len());
     let k = T::from_f64(GELU_K);
     dx.par_chunks_mut(65_536)
         .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
         .for_each(|(dc, (xc, gc))| {
-            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let s = sigmoid(k * x);
-                *d = g * (s + k * x * s * (T::one() - s));
-            }
+            on_isa(
+                isa,
+                #[inline(always)]
+                || {
+                    for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        let s = sigmoid(k * x);
+                        *d = g * (s + k * x * s * (T::one() - s));
+                    }
+                },
+            )
         });
 }
 
 /// y = x·Φ(x), element-wise.
 pub(crate) fn gelu_into<T: Real>(x: &[T], y: &mut [T]) {
+    gelu_on(Isa::detected(), x, y)
+}
+
+/// [`gelu_into`] compiled for `isa`.
+fn gelu_on<T: Real>(isa: Isa, x: &[T], y: &mut [T]) {
     assert_eq!(x.len(), y.len());
     y.par_chunks_mut(65_536)
         .zip(x.par_chunks(65_536))
         .for_each(|(yc, xc)| {
-            for (y, &x) in yc.iter_mut().zip(xc) {
-                *y = x.gelu();
-            }
+            on_isa(
+                isa,
+                #[inline(always)]
+                || {
+                    for (y, &x) in yc.iter_mut().zip(xc) {
+                        *y = x.gelu();
+                    }
+                },
+            )
         });
 }
 
 /// dx = dy·(Φ(x) + x·φ(x)), element-wise.
 pub(crate) fn gelu_backward_into<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
+    gelu_backward_on(Isa::detected(), x, dy, dx)
+}
+
+/// [`gelu_backward_into`] compiled for `isa`.
+fn gelu_backward_on<T: Real>(isa: Isa, x: &[T], dy: &[T], dx: &mut [T]) {
     assert!(x.len() == dy.len() && x.len() == dx.len());
     dx.par_chunks_mut(65_536)
         .zip(x.par_chunks(65_536).zip(dy.par_chunks(65_536)))
         .for_each(|(dc, (xc, gc))| {
-            for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                *d = g * x.gelu_derivative();
-            }
+            on_isa(
+                isa,
+                #[inline(always)]
+                || {
+                    for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        *d = g * x.gelu_derivative();
+                    }
+                },
+            )
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loops built for each instruction set this CPU has give the baseline's bits.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let x: Vec<f32> = soup_core::rng::SplitMix64::new(3)
+            .normals(70_001)
+            .into_iter()
+            .map(|v| (4.0 * v) as f32)
+            .collect();
+        let dy: Vec<f32> = x.iter().map(|v| 0.5 - v).collect();
+        let run = |isa: Isa| {
+            let mut out = vec![vec![0.0f32; x.len()]; 4];
+            quick_gelu_on(isa, &x, &mut out[0]);
+            quick_gelu_backward_on(isa, &x, &dy, &mut out[1]);
+            gelu_on(isa, &x, &mut out[2]);
+            gelu_backward_on(isa, &x, &dy, &mut out[3]);
+            out.concat().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let isas = Isa::available();
+        eprintln!("instruction sets compared: {isas:?}");
+        let base = run(Isa::Baseline);
+        for &isa in &isas[1..] {
+            assert!(run(isa) == base, "{isa:?} differs from the baseline");
+        }
+    }
 }

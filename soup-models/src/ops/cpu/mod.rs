@@ -11,6 +11,7 @@
 //! gradients) in `tests/kernels.rs`.
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
+use soup_core::kernels::Isa;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -84,6 +85,37 @@ pub fn normal_cdf_f32(x: f32) -> f32 {
     } else {
         1.0 - half_erfc
     }
+}
+
+/// Runs `f` compiled for instruction set `isa` (which the CPU must have: `Isa::detected()` or one
+/// of `Isa::available()`): `f`, marked `#[inline(always)]`, is inlined into a function built for
+/// those features, so its loops vectorise to their width. The arithmetic is the same in each (Rust
+/// neither reassociates nor fuses floating-point operations), so the results are the same bits.
+#[inline(always)]
+pub(crate) fn on_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    match isa {
+        // SAFETY: the CPU has AVX-512 F/BW/VL (callers pass a detected or available set).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { on_avx512(f) },
+        // SAFETY: the CPU has AVX2 and FMA, as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { on_avx2(f) },
+        _ => f(),
+    }
+}
+
+// SAFETY (callers): the CPU has the features named.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+// SAFETY (callers): the CPU has the features named.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// 1/√(2π).
