@@ -6,7 +6,9 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape,
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{data, matmul, Real, SharedMut};
+use soup_core::kernels::Isa;
+
+use super::{data, matmul, on_isa, Real, SharedMut};
 
 /// softmax(scale · Q Kᵀ) V per head, for `qkv` (n, t, 3e) holding q, k, v along the last
 /// dimension; returns (n, t, e) with head h in columns h·e/heads...
@@ -62,9 +64,15 @@ impl Attention {
                 Parallelism::None,
             );
         }
-        for row in p.chunks_exact_mut(t) {
-            softmax_row(row);
-        }
+        on_isa(
+            Isa::detected(),
+            #[inline(always)]
+            || {
+                for row in p.chunks_exact_mut(t) {
+                    softmax_row(row);
+                }
+            },
+        );
     }
 
     /// softmax(scale · Q_h K_hᵀ) V_h of every image and head into `out` (n × t × e).
@@ -145,12 +153,18 @@ impl Attention {
                     );
                 }
                 // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
-                for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                    let dot = lanes_dot(dpr, pr);
-                    for (a, &b) in dpr.iter_mut().zip(pr) {
-                        *a = scale * b * (*a - dot);
-                    }
-                }
+                on_isa(
+                    Isa::detected(),
+                    #[inline(always)]
+                    || {
+                        for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                            let dot = lanes_dot(dpr, pr);
+                            for (a, &b) in dpr.iter_mut().zip(pr) {
+                                *a = scale * b * (*a - dot);
+                            }
+                        }
+                    },
+                );
                 // SAFETY: dQ and dK are head h's columns of image i's rows of g, this task's
                 // alone; dp is its t × t buffer; K and Q lie inside qkv as shown above.
                 unsafe {
@@ -303,6 +317,7 @@ pub(crate) fn attention_backward_into<T: Real>(
 const LANES: usize = 16;
 
 /// Σ a_j b_j over 16 lanes, then the lanes and the remainder in order.
+#[inline(always)]
 pub(super) fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
     lanes_fold(a, b, |x, y| x * y)
 }
@@ -331,6 +346,7 @@ pub(super) fn lanes_fold<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T 
 /// row ← softmax(row) in place: the maximum subtracted, e^x, divided by the sum; the maximum
 /// and the sum over 16 lanes. Comparisons skip NaN as the sequential maximum did; a NaN in the
 /// row makes the row NaN.
+#[inline(always)]
 fn softmax_row<T: Real>(row: &mut [T]) {
     let Some(&first) = row.first() else {
         return;

@@ -4,7 +4,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{lanes_dot, lanes_fold};
-use super::{data, rows_per_task, Real};
+use super::{data, on_isa, rows_per_task, Real};
+use soup_core::kernels::Isa;
 
 /// LayerNorm of x over its last dimension, with weight and bias of that length.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -18,6 +19,7 @@ struct LayerNorm {
 
 /// μ and 1/√(σ² + ε) of one row (two passes, as the composed reference; each sum over 16 lanes,
 /// which vectorise where a sequential sum does not).
+#[inline(always)]
 fn moments<T: Real>(row: &[T], eps: f64) -> (T, T) {
     let d = T::from_f64(row.len() as f64);
     let mean = lanes_fold(row, row, |v, _| v) / d;
@@ -151,12 +153,18 @@ pub(crate) fn layer_norm_into<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64, y: &
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let (mean, rstd) = moments(xr, eps);
-                for j in 0..d {
-                    yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
-                }
-            }
+            on_isa(
+                Isa::detected(),
+                #[inline(always)]
+                || {
+                    for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                        let (mean, rstd) = moments(xr, eps);
+                        for j in 0..d {
+                            yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+                        }
+                    }
+                },
+            )
         });
 }
 
@@ -185,31 +193,37 @@ pub(crate) fn layer_norm_backward_into<T: Real>(
             let mut part = vec![T::zero(); 2 * d];
             let (pw, pb) = part.split_at_mut(d);
             let (mut xhat, mut g) = (vec![T::zero(); d], vec![T::zero(); d]);
-            for ((dxr, xr), dyr) in dxc
-                .chunks_exact_mut(d)
-                .zip(xc.chunks_exact(d))
-                .zip(dyc.chunks_exact(d))
-            {
-                let (mean, rstd) = moments(xr, eps);
-                for j in 0..d {
-                    xhat[j] = (xr[j] - mean) * rstd;
-                    g[j] = dyr[j] * w[j];
-                    pw[j] += dyr[j] * xhat[j];
-                    pb[j] += dyr[j];
-                }
-                // mean(g) and mean(g·x̂) over 16 lanes.
-                let mg = lanes_fold(&g, &g, |v, _| v) * inv_d;
-                let mgx = lanes_dot(&g, &xhat) * inv_d;
-                if accumulate {
-                    for j in 0..d {
-                        dxr[j] += rstd * (g[j] - mg - xhat[j] * mgx);
+            on_isa(
+                Isa::detected(),
+                #[inline(always)]
+                || {
+                    for ((dxr, xr), dyr) in dxc
+                        .chunks_exact_mut(d)
+                        .zip(xc.chunks_exact(d))
+                        .zip(dyc.chunks_exact(d))
+                    {
+                        let (mean, rstd) = moments(xr, eps);
+                        for j in 0..d {
+                            xhat[j] = (xr[j] - mean) * rstd;
+                            g[j] = dyr[j] * w[j];
+                            pw[j] += dyr[j] * xhat[j];
+                            pb[j] += dyr[j];
+                        }
+                        // mean(g) and mean(g·x̂) over 16 lanes.
+                        let mg = lanes_fold(&g, &g, |v, _| v) * inv_d;
+                        let mgx = lanes_dot(&g, &xhat) * inv_d;
+                        if accumulate {
+                            for j in 0..d {
+                                dxr[j] += rstd * (g[j] - mg - xhat[j] * mgx);
+                            }
+                        } else {
+                            for j in 0..d {
+                                dxr[j] = rstd * (g[j] - mg - xhat[j] * mgx);
+                            }
+                        }
                     }
-                } else {
-                    for j in 0..d {
-                        dxr[j] = rstd * (g[j] - mg - xhat[j] * mgx);
-                    }
-                }
-            }
+                },
+            );
             part
         })
         .collect();

@@ -11,9 +11,9 @@
 //! gradients) in `tests/kernels.rs`.
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
-use soup_core::kernels::Isa;
 use gemm::Parallelism;
 use rayon::prelude::*;
+use soup_core::kernels::Isa;
 
 /// Whether the fused kernels handle `t` (CPU, f32 or f64).
 pub fn supported(t: &Tensor) -> bool {
