@@ -184,7 +184,9 @@ fn dots_rows<T: WithDType, D: Widen<T>, const R: usize>(a: [&[D]; R], b: &[T]) -
 
 /// o_j = s_j + Σ_r x_r · d_r,j (d widened), the terms added one row after the other in row
 /// order, as `R` separate passes of o_j += x_r · d_r,j would add them (the same bits): `s` is `c`
-/// where given, o itself otherwise. The `R` rows are read side by side.
+/// where given, o itself otherwise. The rows take turns over blocks of [`ROW_BLOCK`] elements of
+/// o (in L1 meanwhile), so that the `R` rows are read side by side; each turn is the one-row loop,
+/// which LLVM vectorises (one loop over the rows inside it was not, for some f32 row counts).
 #[inline(always)]
 fn axpys<T: WithDType, D: Widen<T>, const R: usize>(
     o: &mut [T],
@@ -194,29 +196,16 @@ fn axpys<T: WithDType, D: Widen<T>, const R: usize>(
 ) {
     let n = o.len();
     let d = d.map(|d| &d[..n]);
-    let c = c.map(|c| &c[..n]);
-    let whole = n - n % DOT_LANES;
-    for (k, o) in o[..whole].chunks_exact_mut(DOT_LANES).enumerate() {
-        let j = k * DOT_LANES;
-        let o: &mut [T; DOT_LANES] = o.try_into().expect("chunks_exact");
-        let mut v = match c {
-            Some(c) => c[j..j + DOT_LANES].try_into().expect("in range"),
-            None => *o,
-        };
+    for (k, o) in o.chunks_mut(ROW_BLOCK).enumerate() {
+        let range = k * ROW_BLOCK..k * ROW_BLOCK + o.len();
+        if let Some(c) = c {
+            o.copy_from_slice(&c[range.clone()]);
+        }
         for (&x, d) in x.iter().zip(&d) {
-            let d: &[D; DOT_LANES] = d[j..j + DOT_LANES].try_into().expect("in range");
-            for k in 0..DOT_LANES {
-                v[k] += x * d[k].widen();
+            for (v, &dv) in o.iter_mut().zip(&d[range.clone()]) {
+                *v += x * dv.widen();
             }
         }
-        *o = v;
-    }
-    for j in whole..n {
-        let mut v = c.map_or(o[j], |c| c[j]);
-        for (&x, d) in x.iter().zip(&d) {
-            v += x * d[j].widen();
-        }
-        o[j] = v;
     }
 }
 
