@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use soup_core::kernels::Isa;
 
-use super::{data, matmul, on_isa, Real, SharedMut};
+use super::{data, lanes_dot, matmul, on_isa, Real, SharedMut, LANES};
 
 /// softmax(scale · Q Kᵀ) V per head, for `qkv` (n, t, 3e) holding q, k, v along the last
 /// dimension; returns (n, t, e) with head h in columns h·e/heads...
@@ -309,38 +309,6 @@ pub(crate) fn attention_backward_into<T: Real>(
         hd: e / heads,
     };
     Attention { heads, scale }.backward_into(qkv, dout, d, g)
-}
-
-/// The independent lanes of the row reductions below: sequential sums and maxima do not
-/// vectorise (floating-point addition is not reassociated), 16 accumulators over fixed-size
-/// chunks do (one AVX-512 register of f32).
-const LANES: usize = 16;
-
-/// Σ a_j b_j over 16 lanes, then the lanes and the remainder in order.
-#[inline(always)]
-pub(super) fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
-    lanes_fold(a, b, |x, y| x * y)
-}
-
-/// Σ f(a_j, b_j) over [`LANES`] independent accumulators (vectorisable), then the lanes and the
-/// remainder in order.
-#[inline(always)]
-pub(super) fn lanes_fold<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
-    let mut acc = [T::zero(); LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        let x: &[T; LANES] = x.try_into().expect("chunks_exact");
-        let y: &[T; LANES] = y.try_into().expect("chunks_exact");
-        for k in 0..LANES {
-            acc[k] += f(x[k], y[k]);
-        }
-    }
-    let mut sum = acc.iter().fold(T::zero(), |s, &v| s + v);
-    for (&x, &y) in ra.iter().zip(rb) {
-        sum += f(x, y);
-    }
-    sum
 }
 
 /// row ← softmax(row) in place: the maximum subtracted, e^x, divided by the sum; the maximum

@@ -3,8 +3,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::attention::{lanes_dot, lanes_fold};
-use super::{data, on_isa, rows_per_task, Real};
+use super::{data, lanes_dot, lanes_fold, on_isa, rows_per_task, Real};
 use soup_core::kernels::Isa;
 
 /// LayerNorm of x over its last dimension, with weight and bias of that length.

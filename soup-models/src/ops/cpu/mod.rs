@@ -118,6 +118,38 @@ unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The independent lanes of the kernels' row reductions (attention's softmax and dS, LayerNorm): sequential sums and maxima do not
+/// vectorise (floating-point addition is not reassociated), 16 accumulators over fixed-size
+/// chunks do (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+/// Σ a_j b_j over 16 lanes, then the lanes and the remainder in order.
+#[inline(always)]
+fn lanes_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    lanes_fold(a, b, |x, y| x * y)
+}
+
+/// Σ f(a_j, b_j) over [`LANES`] independent accumulators (vectorisable), then the lanes and the
+/// remainder in order.
+#[inline(always)]
+fn lanes_fold<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        let x: &[T; LANES] = x.try_into().expect("chunks_exact");
+        let y: &[T; LANES] = y.try_into().expect("chunks_exact");
+        for k in 0..LANES {
+            acc[k] += f(x[k], y[k]);
+        }
+    }
+    let mut sum = acc.iter().fold(T::zero(), |s, &v| s + v);
+    for (&x, &y) in ra.iter().zip(rb) {
+        sum += f(x, y);
+    }
+    sum
+}
+
 /// 1/√(2π).
 const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
