@@ -279,6 +279,7 @@ fn test_executables(features: &str, package: &str, names: &[&str]) -> Result<Vec
     ];
     let shown = format!("cargo {}", args.join(" "));
     eprintln!("xtask: $ {shown}");
+    let started = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let out = Command::new(cargo)
         .args(args)
@@ -286,6 +287,10 @@ fn test_executables(features: &str, package: &str, names: &[&str]) -> Result<Vec
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+    eprintln!(
+        "xtask: `{shown}` finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     if !out.status.success() {
         return Err(format!("`{shown}` failed ({})", out.status));
     }

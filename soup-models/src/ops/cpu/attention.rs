@@ -64,15 +64,7 @@ impl Attention {
                 Parallelism::None,
             );
         }
-        on_isa(
-            Isa::detected(),
-            #[inline(always)]
-            || {
-                for row in p.chunks_exact_mut(t) {
-                    softmax_row(row);
-                }
-            },
-        );
+        softmax_rows_on(Isa::detected(), p, t);
     }
 
     /// softmax(scale · Q_h K_hᵀ) V_h of every image and head into `out` (n × t × e).
@@ -152,19 +144,7 @@ impl Attention {
                         Parallelism::None,
                     );
                 }
-                // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)), in place of dP.
-                on_isa(
-                    Isa::detected(),
-                    #[inline(always)]
-                    || {
-                        for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
-                            let dot = lanes_dot(dpr, pr);
-                            for (a, &b) in dpr.iter_mut().zip(pr) {
-                                *a = scale * b * (*a - dot);
-                            }
-                        }
-                    },
-                );
+                softmax_backward_rows_on(Isa::detected(), dp, p, t, scale);
                 // SAFETY: dQ and dK are head h's columns of image i's rows of g, this task's
                 // alone; dp is its t × t buffer; K and Q lie inside qkv as shown above.
                 unsafe {
@@ -311,6 +291,36 @@ pub(crate) fn attention_backward_into<T: Real>(
     Attention { heads, scale }.backward_into(qkv, dout, d, g)
 }
 
+/// Each row of `p` (rows of t) ← its softmax ([`softmax_row`]), the loops built for `isa`.
+fn softmax_rows_on<T: Real>(isa: Isa, p: &mut [T], t: usize) {
+    on_isa(
+        isa,
+        #[inline(always)]
+        || {
+            for row in p.chunks_exact_mut(t) {
+                softmax_row(row);
+            }
+        },
+    );
+}
+
+/// dS = scale · P ⊙ (dP − rowsum(dP ⊙ P)) in place of dP, for rows of t, the loops built for
+/// `isa` (the row sums over 16 lanes).
+fn softmax_backward_rows_on<T: Real>(isa: Isa, dp: &mut [T], p: &[T], t: usize, scale: T) {
+    on_isa(
+        isa,
+        #[inline(always)]
+        || {
+            for (dpr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                let dot = lanes_dot(dpr, pr);
+                for (a, &b) in dpr.iter_mut().zip(pr) {
+                    *a = scale * b * (*a - dot);
+                }
+            }
+        },
+    );
+}
+
 /// row ← softmax(row) in place: the maximum subtracted, e^x, divided by the sum; the maximum
 /// and the sum over 16 lanes. Comparisons skip NaN as the sequential maximum did; a NaN in the
 /// row makes the row NaN.
@@ -399,5 +409,39 @@ mod lane_tests {
         with_nan[20] = f32::NAN;
         softmax_row(&mut with_nan);
         assert!(with_nan.iter().all(|v| v.is_nan()));
+    }
+
+    /// The softmax rows and their backward built for each instruction set this CPU has give the
+    /// baseline's bits, in f32 and f64, on row lengths below, at and past the lanes (257:
+    /// DINOv2's tokens).
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        fn run<T: Real>(isa: Isa, t: usize) -> Vec<f64> {
+            let rows = 5;
+            let p0: Vec<T> = values(rows * t, 4)
+                .iter()
+                .map(|&v| T::from_f64(3.0 * v as f64))
+                .collect();
+            let mut p = p0.clone();
+            softmax_rows_on(isa, &mut p, t);
+            let mut dp: Vec<T> = values(rows * t, 5)
+                .iter()
+                .map(|&v| T::from_f64(v as f64))
+                .collect();
+            softmax_backward_rows_on(isa, &mut dp, &p, t, T::from_f64(0.125));
+            p.iter().chain(&dp).map(|v| v.to_f64()).collect()
+        }
+        let isas = Isa::available();
+        eprintln!("instruction sets compared: {isas:?}");
+        for t in [1, 15, 16, 17, 50, 257] {
+            let (base32, base64) = (run::<f32>(Isa::Baseline, t), run::<f64>(Isa::Baseline, t));
+            for &isa in &isas[1..] {
+                let same = |a: &[f64], b: &[f64]| {
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                };
+                assert!(same(&run::<f32>(isa, t), &base32), "f32 {isa:?}, t = {t}");
+                assert!(same(&run::<f64>(isa, t), &base64), "f64 {isa:?}, t = {t}");
+            }
+        }
     }
 }
