@@ -2,7 +2,7 @@
 //! format (YAML front matter, then Markdown), saying what the model is, how it was made and how
 //! to load it.
 
-use soup_models::Architecture;
+use soup_models::{Architecture, InputSpec};
 
 /// A model card: front matter with `tags`, the `title`, the `body` (Markdown sections the
 /// command writes) and a "Use" section for the model's architecture.
@@ -24,16 +24,25 @@ pub fn card(tags: &[&str], title: &str, body: &str, arch: &dyn Architecture) -> 
 /// How to load a model directory of `arch`, in soup and (for CLIP) in transformers.
 fn usage(arch: &dyn Architecture) -> String {
     let layout = arch.layout();
+    let inputs = match arch.input() {
+        InputSpec::Images(i) => format!(
+            "{} classes); inputs {}×{}×{}",
+            arch.num_classes(),
+            i.channels,
+            i.height,
+            i.width
+        ),
+        InputSpec::Tokens(t) => format!(
+            "vocabulary {}); sequences of up to {} tokens",
+            t.vocab_size, t.max_positions
+        ),
+    };
     let mut text = format!(
-        "## Use\n\nArchitecture `{}` ({} tensors, {} parameters, {} classes); inputs {}×{}×{}.\n\n\
+        "## Use\n\nArchitecture `{}` ({} tensors, {} parameters, {inputs}.\n\n\
          ```sh\nsoup eval --model THIS_DIRECTORY --data DATA\n```\n",
         arch.family(),
         layout.len(),
         layout.numel(),
-        arch.num_classes(),
-        arch.input().channels,
-        arch.input().height,
-        arch.input().width,
     );
     if arch.family() == "clip-vit" {
         text.push_str(

@@ -126,7 +126,7 @@ impl DataArgs {
         if !spec.is_image_folder()? {
             return self.prepare(&self.load_raw(split)?, arch);
         }
-        let data = spec.stream(split, &arch.input(), self.max_examples)?;
+        let data = spec.stream(split, &arch.image_input()?, self.max_examples)?;
         self.check_labels(&data.labels, arch)?;
         Ok(data)
     }
@@ -147,7 +147,7 @@ impl DataArgs {
     /// `raw` prepared for `arch`, after checking that every label has a class in its head.
     pub fn prepare(&self, raw: &RawImages, arch: &Arc<dyn Architecture>) -> Result<Dataset> {
         self.check_labels(&raw.labels, arch)?;
-        Ok(prepare(raw, &arch.input(), &Device::Cpu)?)
+        Ok(prepare(raw, &arch.image_input()?, &Device::Cpu)?)
     }
 
     /// Every label must have a class in the model's head.

@@ -12,7 +12,6 @@ use soup_models::{Architecture, Checkpoint, Classification, Dataset, ModelError,
 use crate::common::{human_bytes, ArchOverride, DataArgs};
 use crate::error::{CliError, Result};
 use crate::mix::Scores;
-use soup_core::Method;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -190,21 +189,17 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
         println!(
             "  memory each method holds (f32 weights and soup state, before activations and data):"
         );
-        for m in [
-            Method::Uniform,
-            Method::Greedy,
-            Method::LearnedPlus,
-            Method::MehlPlus,
-        ] {
-            let note = if m == Method::MehlPlus {
-                format!(" (b = {})", args.model_batch.min(n))
-            } else {
-                String::new()
+        let b = args.model_batch.min(n);
+        for m in &soup_core::REGISTRY {
+            let batch = match m.holds.starts_with("b ") {
+                true => format!(", b = {b}"),
+                false => String::new(),
             };
             println!(
-                "  {:<10} {}{note}",
-                m.name(),
-                human_bytes(m.tensor_bytes(n, d, args.model_batch))
+                "  {:<16} {:>10}  ({}{batch})",
+                m.name,
+                human_bytes(m.method.tensor_bytes(n, d, b)),
+                m.holds,
             );
         }
     }

@@ -9,10 +9,8 @@ mod manifest;
 mod mix;
 #[cfg(feature = "mpi")]
 mod mpi;
-mod multitask;
 mod output;
 mod recipe;
-mod svg;
 mod train;
 
 use std::process::ExitCode;
@@ -40,7 +38,7 @@ enum Command {
     Train(train::TrainArgs),
     /// Fine-tune a start point N times with a random hyper-parameter search: a zoo.
     Finetune(train::FinetuneArgs),
-    /// Make a soup of a zoo: uniform, greedy, learned, learned+, mehl or mehl+.
+    /// Make a soup of a zoo, or merge task models fine-tuned from one base (`--method`).
     Mix(Box<mix::MixArgs>),
     /// Accuracy and loss of a model on a split.
     Eval(inspect::EvalArgs),

@@ -4,14 +4,19 @@
 use serde::{Deserialize, Serialize};
 use soup_core::{
     BlockCut, GreedyAccept, LearnedConfig, MehlConfig, Method, OptimizerKind, StepSchedule,
+    REGISTRY,
 };
 
 use crate::error::{CliError, Result};
 
-/// The values `--method` takes: the method names of soup-core, listed in errors and help.
+/// The values `--method` takes: soup-core's method registry, listed with a line each in errors
+/// and help.
 fn method_parser() -> impl clap::builder::TypedValueParser<Value = Method> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(Method::NAMES)
+    use clap::builder::{PossibleValue, TypedValueParser};
+    let values = REGISTRY
+        .iter()
+        .map(|m| PossibleValue::new(m.name).help(m.summary));
+    clap::builder::PossibleValuesParser::new(values)
         .map(|name| name.parse::<Method>().expect("a listed method name"))
 }
 
@@ -201,7 +206,7 @@ impl Recipe {
         let method = self.method.ok_or_else(|| {
             CliError::new(format!(
                 "--method is required ({})",
-                Method::NAMES.join(", ")
+                Method::names().join(", ")
             ))
         })?;
         if method.is_multitask() {

@@ -404,47 +404,15 @@ fn write_manifest(path: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// `soup finetune`. The zoo is durable model by model: each fine-tune is written to
-/// `.model-NN.partial/`, renamed to `model-NN/`, then added to `zoo.toml` (written atomically,
-/// with the planned count, so that `soup mix` refuses an unfinished zoo and `--resume` continues
-/// it to the same models an uninterrupted run makes).
-pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
-    if args.count == 0 {
-        return Err(CliError::new("--count must be at least 1"));
-    }
-    let search: Search = match &args.search {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-            toml::from_str(&text)
-                .map_err(|e| CliError::new(format!("{}: {}", path.display(), e.message())))?
-        }
-        None => Search::default(),
-    };
-    search.check()?;
-    let run = FinetuneRun {
-        count: args.count,
-        base: args.base.clone(),
-        seed: args.seed,
-        data: args.data.data.clone(),
-        heldout: match &args.data.heldout_index {
-            Some(p) => format!("index {}", p.display()),
-            None => format!(
-                "fraction {} seed {}",
-                args.data.heldout_fraction, args.data.heldout_seed
-            ),
-        },
-        max_examples: args.data.max_examples,
-        search: toml::Value::try_from(&search)?,
-    };
-    if args.out.exists() && !args.out.is_dir() {
-        return Err(CliError::new(format!(
-            "{}: exists and is not a directory",
-            args.out.display()
-        )));
-    }
-    let manifest_path = args.out.join("zoo.toml");
+/// The zoo.toml a `soup finetune` starts from (the existing one with `--resume`, else a new one)
+/// and the model directories of an old zoo that `--force` replaces (checked to be soup's own).
+fn plan_manifest(
+    args: &FinetuneArgs,
+    run: &FinetuneRun,
+    manifest_path: &Path,
+) -> Result<(Manifest, Vec<PathBuf>)> {
     let existing = if manifest_path.exists() {
-        let text = std::fs::read_to_string(&manifest_path).map_err(|e| io(&manifest_path, e))?;
+        let text = std::fs::read_to_string(manifest_path).map_err(|e| io(manifest_path, e))?;
         let m: Manifest = toml::from_str(&text)
             .map_err(|e| CliError::new(format!("{}: {}", manifest_path.display(), e.message())))?;
         Some(m)
@@ -453,7 +421,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     };
     // The directories of a zoo `--force` replaces (checked to be soup's own).
     let mut replaced: Vec<PathBuf> = Vec::new();
-    let mut manifest = match (existing, args.resume, args.force) {
+    let manifest = match (existing, args.resume, args.force) {
         (None, true, _) => {
             return Err(CliError::new(format!(
                 "--resume: no zoo to continue in {} (no zoo.toml)",
@@ -462,7 +430,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         }
         (Some(m), true, _) => {
             match &m.finetune {
-                Some(r) if *r == run => {}
+                Some(r) if r == run => {}
                 Some(_) => {
                     return Err(CliError::new(format!(
                         "--resume: {} was made by `soup finetune` with other settings (base, count, seed, data or search)",
@@ -514,6 +482,49 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         }
         (None, false, _) => Manifest::default(),
     };
+    Ok((manifest, replaced))
+}
+
+/// `soup finetune`. The zoo is durable model by model: each fine-tune is written to
+/// `.model-NN.partial/`, renamed to `model-NN/`, then added to `zoo.toml` (written atomically,
+/// with the planned count, so that `soup mix` refuses an unfinished zoo and `--resume` continues
+/// it to the same models an uninterrupted run makes).
+pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
+    if args.count == 0 {
+        return Err(CliError::new("--count must be at least 1"));
+    }
+    let search: Search = match &args.search {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+            toml::from_str(&text)
+                .map_err(|e| CliError::new(format!("{}: {}", path.display(), e.message())))?
+        }
+        None => Search::default(),
+    };
+    search.check()?;
+    let run = FinetuneRun {
+        count: args.count,
+        base: args.base.clone(),
+        seed: args.seed,
+        data: args.data.data.clone(),
+        heldout: match &args.data.heldout_index {
+            Some(p) => format!("index {}", p.display()),
+            None => format!(
+                "fraction {} seed {}",
+                args.data.heldout_fraction, args.data.heldout_seed
+            ),
+        },
+        max_examples: args.data.max_examples,
+        search: toml::Value::try_from(&search)?,
+    };
+    if args.out.exists() && !args.out.is_dir() {
+        return Err(CliError::new(format!(
+            "{}: exists and is not a directory",
+            args.out.display()
+        )));
+    }
+    let manifest_path = args.out.join("zoo.toml");
+    let (mut manifest, replaced) = plan_manifest(args, &run, &manifest_path)?;
     if manifest.finetune.is_none() {
         // A fresh zoo: model-NN directories of someone else's must not be mixed into it.
         for i in 0..args.count {
@@ -530,23 +541,71 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &args.device.open()?)?;
-    let all = vec![true; params.len()];
-    let train = args.data.load_train(&arch)?;
-    let heldout = args.data.load(Split::Heldout, &arch)?;
-
+    let start = Start {
+        train: args.data.load_train(&arch)?,
+        heldout: args.data.load(Split::Heldout, &arch)?,
+        arch,
+        params,
+        source: base_source,
+    };
+    let created = !args.out.exists();
     std::fs::create_dir_all(&args.out).map_err(|e| io(&args.out, e))?;
+    let result = fill_zoo(args, &start, &search, run, &replaced, &mut manifest, quiet);
+    if result.is_err() && created && manifest.models.is_empty() {
+        // Nothing of this run's zoo is complete: leave no directory behind (it holds only what
+        // this run wrote).
+        let _ = std::fs::remove_dir_all(&args.out);
+    }
+    result?;
+    println!(
+        "{} fine-tunes of {} -> {}",
+        args.count,
+        args.base,
+        manifest_path.display()
+    );
+    Ok(())
+}
+
+/// What every fine-tune of a zoo starts from: the base and the data.
+struct Start {
+    source: soup_models::Resolved,
+    arch: Arc<dyn Architecture>,
+    params: Vec<Tensor>,
+    train: Dataset,
+    heldout: Dataset,
+}
+
+/// Fine-tunes the models `manifest` does not list yet, each written and listed in turn.
+fn fill_zoo(
+    args: &FinetuneArgs,
+    start: &Start,
+    search: &Search,
+    run: FinetuneRun,
+    replaced: &[PathBuf],
+    manifest: &mut Manifest,
+    quiet: bool,
+) -> Result<()> {
+    let manifest_path = args.out.join("zoo.toml");
+    let Start {
+        source: base_source,
+        arch,
+        params,
+        train,
+        heldout,
+    } = start;
+    let all = vec![true; params.len()];
     if manifest.finetune.is_none() {
         if args.force && manifest_path.exists() {
             // Checked above: every directory the old zoo.toml lists is soup's own.
             std::fs::remove_file(&manifest_path).map_err(|e| io(&manifest_path, e))?;
-            for dir in &replaced {
+            for dir in replaced {
                 if dir.exists() {
                     remove_model_dir(dir)?;
                 }
             }
         }
         manifest.finetune = Some(run);
-        write_manifest(&manifest_path, &manifest)?;
+        write_manifest(&manifest_path, manifest)?;
     }
     // Temporary files of a crashed write of zoo.toml.
     crate::output::remove_temporaries(&args.out)?;
@@ -567,9 +626,8 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
                 remove_model_dir(leftover)?;
             }
         }
-        let (trained, metrics) = run_training(
-            &arch, &params, &all, &train, &heldout, &config, quiet, &name,
-        )?;
+        let (trained, metrics) =
+            run_training(arch, params, &all, train, heldout, &config, quiet, &name)?;
         let accuracy = metrics.accuracy.unwrap_or(0.0);
         let mut meta = config.metadata();
         meta.insert("soup.heldout_accuracy".into(), format!("{accuracy}"));
@@ -599,13 +657,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             heldout_accuracy: Some(accuracy),
             hyperparameters: Some(toml::Value::try_from(&config)?),
         });
-        write_manifest(&manifest_path, &manifest)?;
+        write_manifest(&manifest_path, manifest)?;
     }
-    println!(
-        "{} fine-tunes of {} -> {}",
-        args.count,
-        args.base,
-        manifest_path.display()
-    );
     Ok(())
 }

@@ -83,7 +83,7 @@ fn a_written_model_directory_carries_what_transformers_reads() {
     }
     assert_eq!(ours["architectures"][0], "CLIPVisionModelWithProjection");
     let pre: serde_json::Value = serde_json::from_str(
-        &soup_models::checkpoint::hf_preprocessor_text(arch.as_ref()),
+        &soup_models::checkpoint::hf_preprocessor_text(arch.as_ref()).expect("an image model"),
     )
     .unwrap();
     assert_eq!(pre["image_processor_type"], "CLIPImageProcessor");

@@ -339,6 +339,62 @@ fn failed_runs_leave_nothing_behind_and_bad_members_are_named() {
     assert!(left.is_empty(), "failed runs left {left:?}");
 }
 
+/// A member that only a later model batch loads is found bad after earlier batches were saved:
+/// the error says that `OUT.partial/` keeps them and how to continue, and replacing the member
+/// and rerunning with `--resume` finishes the soup.
+#[test]
+fn a_bad_member_found_in_a_later_model_batch_says_how_to_resume() {
+    let dir = ScratchDir::new("safety-later");
+    let d = dir.path();
+    let mut found = false;
+    for k in 0..3 {
+        let name = format!("later-{k}");
+        let z = zoo_copy(d, &name);
+        let member = z.join(format!("model-{k:02}/model.safetensors"));
+        let good = std::fs::read(&member).unwrap();
+        poison(&member, "layers.0.weight", f32::NAN);
+        let out = format!("out-later-{k}");
+        let run = run_in(d, &mix_args("mehl+", &name, &out), &[]);
+        let err = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert_eq!(run.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("model-{k:02}")), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        if !d
+            .join(format!("{out}.partial/progress.safetensors"))
+            .exists()
+        {
+            continue;
+        }
+        found = true;
+        assert!(err.contains(&format!("{out}.partial keeps the")), "{err}");
+        assert!(err.contains("--resume"), "{err}");
+        std::fs::write(&member, good).unwrap();
+        let mut resume = mix_args("mehl+", &name, &out);
+        resume.push("--resume");
+        ok_in(d, &resume);
+        assert!(d.join(&out).join("model.safetensors").exists());
+    }
+    assert!(
+        found,
+        "no member was first found bad in a later model batch"
+    );
+}
+
+/// `soup finetune` that fails on a full disk before its first model is complete leaves no zoo
+/// directory behind.
+#[test]
+fn finetune_on_a_full_disk_leaves_no_zoo_behind() {
+    let dir = ScratchDir::new("safety-full");
+    let d = dir.path();
+    finetune_scratch(&zoo().root, d);
+    let out = run_in(d, &finetune_args("zoo-full", 2), &[("SOUP_DISK_FULL", "1")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!d.join("zoo-full").exists(), "{:?}", listing(d));
+}
+
 #[test]
 fn bad_flags_and_configs_get_one_line_and_exit_code_two() {
     let zoo = zoo();

@@ -7,23 +7,22 @@ use candle_core::{Tensor, Var};
 
 use crate::error::{Result, SoupError};
 use crate::layout::{frozen_blocks, Block, BlockCut, ParamLayout};
+use crate::mehl::Event;
 use crate::mehl::{validate_optimizer, validate_schedule};
 use crate::optim::{Optimizer, OptimizerKind};
+use crate::options::RunOptions;
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::derive_seed;
 use crate::schedule::StepSchedule;
-use crate::traits::{Batch, Collective, ModelStore, Objective, SingleProcess};
+use crate::traits::{Batch, ModelStore, Objective};
 use crate::transfer;
 use crate::zoo::{scale, Zoo};
 
-/// Uniform-Soup: θ = (1/N) Σ θ_i, streamed (one model resident besides the running sum).
-pub fn uniform_soup(store: &dyn ModelStore) -> Result<SoupResult> {
-    uniform_soup_on(store, &SingleProcess)
-}
-
-/// [`uniform_soup`] as one of `comm.world_size()` processes: each sums its [`crate::share`] of
-/// the models, and the sums are summed over the processes.
-pub fn uniform_soup_on(store: &dyn ModelStore, comm: &dyn Collective) -> Result<SoupResult> {
+/// Uniform-Soup: θ = (1/N) Σ θ_i, streamed (one model resident besides the running sum). Over
+/// `options.comm`'s processes each sums its [`crate::share`] of the models, and the sums are
+/// summed over the processes.
+pub fn uniform_soup(store: &dyn ModelStore, options: RunOptions) -> Result<SoupResult> {
+    let comm = options.comm;
     let started = Instant::now();
     let zoo = Zoo::open(store)?;
     let n = zoo.len();
@@ -50,6 +49,14 @@ pub fn uniform_soup_on(store: &dyn ModelStore, comm: &dyn Collective) -> Result<
     ))
 }
 
+/// Refuses a run over several processes of a method that holds what it needs in one (`why`).
+fn one_process(options: &RunOptions, why: &'static str) -> Result<()> {
+    match options.comm.world_size() {
+        1 => Ok(()),
+        w => Err(SoupError::config("world_size", w, why)),
+    }
+}
+
 /// When Greedy-Soup keeps a candidate (spec §2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GreedyAccept {
@@ -67,7 +74,9 @@ pub fn greedy_soup(
     store: &dyn ModelStore,
     objective: &mut dyn Objective,
     accept: GreedyAccept,
+    options: RunOptions,
 ) -> Result<SoupResult> {
+    one_process(&options, "greedy runs in one process")?;
     let zoo = Zoo::open(store)?;
     let n = zoo.len();
     let mut timings = Timings::default();
@@ -172,12 +181,17 @@ fn finish(
 /// runs through all N models, which are all resident. The faithful, memory-hungry reference.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LearnedConfig {
+    /// Passes over the held-out data.
     pub epochs: usize,
+    /// The learning rate of the coefficients.
     pub lr: f64,
+    /// Weight decay on the coefficients.
     pub weight_decay: f64,
+    /// The optimizer of the coefficients.
     pub optimizer: OptimizerKind,
     /// Over all epochs × batches (`ConvergenceRate` applies to MEHL only).
     pub schedule: StepSchedule,
+    /// One coefficient per model (`WHOLE`: Learned-Soup) or per model and block (Learned-Soup+).
     pub block_cut: BlockCut,
     /// Tensors whose loss gradient is identically zero: a block made only of them keeps its
     /// logits at 0, α uniform ([`crate::MehlConfig::frozen_tensors`]).
@@ -215,6 +229,7 @@ impl LearnedConfig {
         }
     }
 
+    /// An error naming the first setting out of range.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
             return Err(SoupError::config("epochs", 0, "must be at least 1"));
@@ -252,22 +267,15 @@ impl LearnedConfig {
     }
 }
 
-/// Runs Learned-Soup or Learned-Soup+ (by `config.block_cut`).
+/// Runs Learned-Soup or Learned-Soup+ (by `config.block_cut`), telling `options`' observer of
+/// every coefficient step ([`Event::LearnedStep`]).
 pub fn learned_soup(
     store: &dyn ModelStore,
     objective: &mut dyn Objective,
     config: &LearnedConfig,
+    mut options: RunOptions,
 ) -> Result<SoupResult> {
-    learned_soup_observed(store, objective, config, &mut |_| {})
-}
-
-/// [`learned_soup`], calling `on_step` after every coefficient step (for progress reports).
-pub fn learned_soup_observed(
-    store: &dyn ModelStore,
-    objective: &mut dyn Objective,
-    config: &LearnedConfig,
-    on_step: &mut dyn FnMut(&StepRecord),
-) -> Result<SoupResult> {
+    one_process(&options, "learned runs in one process")?;
     config.validate()?;
     let zoo = Zoo::open(store)?;
     let n = zoo.len();
@@ -337,7 +345,8 @@ pub fn learned_soup_observed(
                 lr,
                 grad_norm,
             });
-            on_step(history.last().expect("just pushed"));
+            let record = history.last().expect("just pushed");
+            options.notify(&Event::LearnedStep { record });
         }
         if config.evaluate_each_epoch {
             let soup = current_soup(&coef, num_blocks, n, &stacks, &blocks, &layout)?;

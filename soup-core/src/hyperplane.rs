@@ -23,7 +23,9 @@ use crate::transfer;
 /// The affine subspace of one model batch and the free coefficients X on it.
 #[derive(Clone, Debug)]
 pub struct Hyperplane {
+    /// The layout of the models' tensors.
     pub layout: ParamLayout,
+    /// The blocks the coefficients are learned per.
     pub blocks: Vec<Block>,
     /// Indices (in the zoo) of the models of this batch, in batch order: row i of X is `members[i]`.
     pub members: Vec<usize>,

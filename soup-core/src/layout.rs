@@ -12,11 +12,14 @@ use crate::error::{Result, SoupError};
 /// One named tensor of a model: its name and shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// The tensor's name in the model's state dict.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<usize>,
 }
 
 impl TensorSpec {
+    /// The number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -25,10 +28,12 @@ impl TensorSpec {
 /// The ordered named tensors of a model. Every model of a zoo has the same layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamLayout {
+    /// The tensors, in the model's order.
     pub tensors: Vec<TensorSpec>,
 }
 
 impl ParamLayout {
+    /// The layout of `tensors`, in that order.
     pub fn new(tensors: Vec<TensorSpec>) -> Self {
         Self { tensors }
     }
@@ -52,6 +57,7 @@ impl ParamLayout {
         self.tensors.len()
     }
 
+    /// Whether the layout has no tensor.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
@@ -130,8 +136,11 @@ fn mismatch(model: &str, tensor: &str, detail: impl ToString) -> SoupError {
 /// A block: the contiguous tensors `tensors` of the layout, `numel` parameters in all.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Block {
+    /// The block's name: its first tensor's, or the layer's.
     pub name: String,
+    /// The tensors of the layout it holds, contiguous.
     pub tensors: Range<usize>,
+    /// Their elements, in all.
     pub numel: usize,
 }
 
@@ -162,7 +171,10 @@ pub enum BlockCut {
     /// One block per layer: tensors whose names contain `marker` followed by the same layer index
     /// (e.g. marker `layers.` groups `encoder.layers.3.*`) share a block; every other tensor is a
     /// block of its own.
-    PerLayer { marker: String },
+    PerLayer {
+        /// What precedes the layer index in a tensor's name.
+        marker: String,
+    },
 }
 
 impl BlockCut {

@@ -6,6 +6,8 @@
 //! [`Collective`]. Tensors are `candle_core::Tensor` on any device. Section numbers (§) refer to
 //! `docs/MEHL-SOUP.md`.
 
+#![warn(missing_docs)]
+
 pub mod baselines;
 pub mod error;
 pub mod hyperplane;
@@ -15,6 +17,7 @@ pub mod mehl;
 pub mod merging;
 pub mod method;
 pub mod optim;
+pub mod options;
 pub mod result;
 pub mod rng;
 pub mod schedule;
@@ -23,20 +26,24 @@ pub mod transfer;
 pub mod zoo;
 
 pub use baselines::{
-    greedy_soup, learned_loss_and_grad, learned_soup, learned_soup_observed, stack_models,
-    uniform_soup, uniform_soup_on, GreedyAccept, LearnedConfig,
+    greedy_soup, learned_loss_and_grad, learned_soup, stack_models, uniform_soup, GreedyAccept,
+    LearnedConfig,
 };
 pub use error::{Result, SoupError};
 pub use hyperplane::{Base, Hyperplane};
 pub use layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
-pub use mehl::{
-    epoch_seed, run_mehl, share, Event, MehlConfig, MehlOptions, MehlProgress, TaskVectors,
-};
+pub use mehl::{epoch_seed, run_mehl, share, Event, MehlConfig, MehlProgress, TaskVectors};
 pub use merging::{scaled_merge, task_arithmetic, ties_merging, MergedTaskVector};
-pub use method::Method;
+pub use method::{DataUse, Kind, MergeMethod, Method, MethodInfo, SoupMethod, REGISTRY};
 pub use optim::{clip_global_norm, global_norm, global_norm_portable, Optimizer, OptimizerKind};
+pub use options::RunOptions;
 pub use result::{BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 pub use schedule::StepSchedule;
+/// The README's library example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub use traits::{
     autograd_loss_and_grad, Batch, Collective, Metrics, ModelStore, Objective, SingleProcess,
 };

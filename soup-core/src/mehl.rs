@@ -8,10 +8,11 @@ use crate::error::{Result, SoupError};
 use crate::hyperplane::{Base, Hyperplane};
 use crate::layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout};
 use crate::optim::{clip_coefficient, Optimizer, OptimizerKind};
+use crate::options::RunOptions;
 use crate::result::{bytes_of, BatchEval, MemoryAccount, SoupResult, StepRecord, Timings};
 use crate::rng::{derive_seed, permutation};
 use crate::schedule::StepSchedule;
-use crate::traits::{Batch, Collective, Metrics, ModelStore, Objective, SingleProcess};
+use crate::traits::{Batch, Collective, Metrics, ModelStore, Objective};
 use crate::zoo::{scale, Zoo};
 
 /// Every knob of the authors' MEHL-Soup code. MEHL-Soup and MEHL-Soup+ differ only in `block_cut`.
@@ -27,10 +28,13 @@ pub struct MehlConfig {
     pub lr: f64,
     /// λ, weight decay on X.
     pub weight_decay: f64,
+    /// The optimizer of X.
     pub optimizer: OptimizerKind,
+    /// The step schedule of every model batch.
     pub schedule: StepSchedule,
     /// Clip ∇θ to this global L2 norm before projecting it (the authors clip ViTs at 1.0).
     pub clip_grad_norm: Option<f64>,
+    /// The blocks with a coefficient each: one per model (`WHOLE`, MEHL-Soup) or per tensor (MEHL-Soup+).
     pub block_cut: BlockCut,
     /// Tensors whose loss gradient is identically zero (e.g. a CLIP key bias: softmax cancels
     /// it). A block made only of such tensors is frozen: its x stays 0, so its α stays the
@@ -242,21 +246,35 @@ pub(crate) fn validate_schedule(schedule: &StepSchedule) -> Result<()> {
 pub enum Event<'a> {
     /// A model batch starts: its hyperplane is built and X = 0.
     BatchStart {
+        /// Which pass over all models.
         outer_pass: usize,
+        /// Which model batch of the run.
         model_batch: usize,
+        /// Its hyperplane, at X = 0.
         hyperplane: &'a Hyperplane,
     },
     /// A coefficient step was taken; `hyperplane.x` holds the updated X.
     Step {
+        /// The step's loss, norm and learning rate.
         record: &'a StepRecord,
+        /// The hyperplane after the step.
         hyperplane: &'a Hyperplane,
     },
+    /// A step of Learned-Soup's coefficients (every model in memory: no hyperplane).
+    LearnedStep {
+        /// The step's loss, norm and learning rate.
+        record: &'a StepRecord,
+    },
     /// A model batch ended; `metrics` when the held-out data was evaluated. `progress` is the
-    /// state from which [`run_mehl`] continues the run after this batch ([`MehlOptions::resume`]).
+    /// state from which [`run_mehl`] continues the run after this batch ([`RunOptions::resume`]).
     BatchEnd {
+        /// Which model batch of the run.
         model_batch: usize,
+        /// Its hyperplane at the batch's last X.
         hyperplane: &'a Hyperplane,
+        /// The held-out metrics of the soup, when evaluated.
         metrics: Option<Metrics>,
+        /// The state a resumed run continues from.
         progress: &'a MehlProgress,
     },
 }
@@ -279,58 +297,15 @@ pub struct MehlProgress {
     pub soup_blocks: Vec<Tensor>,
     /// α[l][j] of that soup.
     pub alpha: Vec<Vec<f64>>,
+    /// Every step taken so far.
     pub history: Vec<StepRecord>,
+    /// The held-out evaluations so far.
     pub evaluations: Vec<BatchEval>,
 }
 
 /// Step of the secant that estimates the smoothness β along the gradient, in parameter-norm
 /// units (directions have unit norm, so X moves θ by this distance).
 pub const SECANT_STEP: f64 = 1e-2;
-
-/// How a MEHL run is driven beyond its configuration: where it starts, over which processes,
-/// and who watches it.
-pub struct MehlOptions<'a> {
-    /// Continue from this state: the `progress` of a [`Event::BatchEnd`] of an earlier run with
-    /// the same store, objective and configuration. `None` starts afresh.
-    pub progress: Option<MehlProgress>,
-    /// The processes the run is shared over (spec §3.7): [`SingleProcess`] by default.
-    pub comm: &'a dyn Collective,
-    /// Sees every [`Event`] (progress display, saving progress, tests of the invariants).
-    pub observer: &'a mut dyn FnMut(&Event),
-    /// θ, the projection and ∇θ's norm by candle ops on the tensors' device (the path every
-    /// device but the CPU takes) even on the CPU: for tests of that path. Off by default.
-    pub portable: bool,
-}
-
-impl<'a> MehlOptions<'a> {
-    /// A fresh run in one process, reporting to `observer`.
-    pub fn new(observer: &'a mut dyn FnMut(&Event)) -> Self {
-        Self {
-            progress: None,
-            comm: &SingleProcess,
-            observer,
-            portable: false,
-        }
-    }
-
-    /// The run on the device-portable path ([`Self::portable`]) when `yes`.
-    pub fn portable(mut self, yes: bool) -> Self {
-        self.portable = yes;
-        self
-    }
-
-    /// The run continued from `progress`, when given.
-    pub fn resume(mut self, progress: Option<MehlProgress>) -> Self {
-        self.progress = progress;
-        self
-    }
-
-    /// The run as one of `comm.world_size()` processes.
-    pub fn on(mut self, comm: &'a dyn Collective) -> Self {
-        self.comm = comm;
-        self
-    }
-}
 
 /// The models of a model batch that rank `rank` of `world` holds: a contiguous share of
 /// ⌈b/W⌉ (the last ranks may hold fewer, or none).
@@ -355,15 +330,20 @@ pub fn run_mehl(
     store: &dyn ModelStore,
     objective: &mut dyn Objective,
     config: &MehlConfig,
-    options: MehlOptions,
+    options: RunOptions,
 ) -> Result<SoupResult> {
     config.validate()?;
-    let MehlOptions {
+    let RunOptions {
         progress,
         comm,
         observer,
         portable,
     } = options;
+    let mut ignore = |_: &Event| {};
+    let observer: &mut dyn FnMut(&Event) = match observer {
+        Some(observer) => observer,
+        None => &mut ignore,
+    };
     let (rank, world) = (comm.rank(), comm.world_size());
     if world > 1 {
         objective.set_shard(rank, world)?;
@@ -451,7 +431,7 @@ struct Run<'a> {
     evaluations: Vec<BatchEval>,
     timings: Timings,
     memory: MemoryAccount,
-    /// [`MehlOptions::portable`].
+    /// [`RunOptions::portable`].
     portable: bool,
     /// The zoo indices model batches are drawn from (all but the base of task vectors).
     pool: Vec<usize>,

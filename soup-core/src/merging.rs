@@ -15,7 +15,9 @@ use crate::zoo::Zoo;
 /// θ_0 and a merged task vector τ of a zoo, as named tensors in layout order.
 #[derive(Clone, Debug)]
 pub struct MergedTaskVector {
+    /// θ_0, the base.
     pub base: Vec<Tensor>,
+    /// τ, the merged task vector.
     pub tau: Vec<Tensor>,
 }
 

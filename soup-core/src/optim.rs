@@ -12,9 +12,19 @@ use crate::transfer;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OptimizerKind {
     /// `torch.optim.SGD` (dampening 0, no Nesterov): weight decay is added to the gradient.
-    Sgd { momentum: f64 },
+    Sgd {
+        /// The momentum (0: plain SGD).
+        momentum: f64,
+    },
     /// `torch.optim.AdamW` (no AMSGrad): decoupled weight decay x ← x (1 − lr λ).
-    AdamW { beta1: f64, beta2: f64, eps: f64 },
+    AdamW {
+        /// The decay of the first moment.
+        beta1: f64,
+        /// The decay of the second moment.
+        beta2: f64,
+        /// Added to the second moment's square root.
+        eps: f64,
+    },
 }
 
 impl OptimizerKind {
@@ -31,6 +41,7 @@ impl OptimizerKind {
 /// An optimizer and its state for a vector of `n` coefficients.
 #[derive(Clone, Debug)]
 pub struct Optimizer {
+    /// Which optimizer.
     pub kind: OptimizerKind,
     step: u64,
     first: Vec<f64>,
@@ -38,6 +49,7 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// An optimizer of `n` coefficients, its state at zero.
     pub fn new(kind: OptimizerKind, n: usize) -> Self {
         let (first, second) = match kind {
             OptimizerKind::Sgd { momentum: 0.0 } => (vec![], vec![]),

@@ -21,6 +21,7 @@ pub struct StepRecord {
     pub global_step: usize,
     /// Loss on the step's data mini-batch, before the update.
     pub loss: f64,
+    /// The learning rate of the step.
     pub lr: f64,
     /// Global L2 norm of ∇θ before clipping.
     pub grad_norm: f64,
@@ -30,14 +31,18 @@ pub struct StepRecord {
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct BatchEval {
+    /// The model batch evaluated after.
     pub model_batch: usize,
+    /// Steps taken until then.
     pub global_step: usize,
+    /// The soup's held-out metrics.
     pub metrics: Metrics,
 }
 
 /// Wall-clock seconds per phase of a method, accumulated.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Timings {
+    /// Seconds per named phase, in the order first seen.
     pub phases: Vec<(&'static str, f64)>,
 }
 
@@ -51,6 +56,7 @@ impl Timings {
         }
     }
 
+    /// Seconds of every phase.
     pub fn total(&self) -> f64 {
         self.phases.iter().map(|(_, s)| s).sum()
     }
@@ -82,6 +88,7 @@ impl MemoryAccount {
         self.models + self.directions + self.center + self.theta + self.gradient
     }
 
+    /// Bytes of every part.
     pub fn total(&self) -> usize {
         self.tensor_bytes() + self.coefficients
     }
@@ -114,7 +121,9 @@ pub fn bytes_of(tensors: &[Tensor]) -> usize {
 pub struct SoupResult {
     /// `uniform`, `greedy`, `learned`, `learned+`, `mehl` or `mehl+` (or a custom label).
     pub method: String,
+    /// The models, by the store's names.
     pub model_names: Vec<String>,
+    /// The layout of the soup's tensors.
     pub layout: ParamLayout,
     /// The blocks the coefficients are given for.
     pub blocks: Vec<Block>,
@@ -122,9 +131,12 @@ pub struct SoupResult {
     pub soup: Vec<Tensor>,
     /// α[l][j]: coefficient of model j in block l. Each row sums to 1.
     pub alpha: Vec<Vec<f64>>,
+    /// Every coefficient step.
     pub history: Vec<StepRecord>,
     /// Held-out metrics along the way (after each model batch for MEHL, each epoch for Learned).
     pub evaluations: Vec<BatchEval>,
+    /// Seconds per phase.
     pub timings: Timings,
+    /// The tensor memory the method held at its peak.
     pub memory: MemoryAccount,
 }

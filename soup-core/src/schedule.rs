@@ -8,14 +8,22 @@ pub enum StepSchedule {
     /// The authors' schedule, restarted for every model batch: linear warm-up over
     /// W = floor(warmup_fraction · S) steps, lr_s = η (s+1)/W, then cosine decay
     /// lr_s = η · ½ (1 + cos(π (s−W)/(S−W))).
-    WarmupCosine { warmup_fraction: f64 },
+    WarmupCosine {
+        /// The fraction of the steps that warm up.
+        warmup_fraction: f64,
+    },
     /// The step size of the convergence theorem (spec §3.6), for plain SGD: the constant
     /// η = min(1/β, scale/√T), with T the number of inner steps of the whole run (every outer pass
     /// and model batch: the theorem counts the iterations of the whole block coordinate method).
     /// β is the smoothness constant of F; when `smoothness` is `None` it is estimated at the start
     /// of every model batch by a secant along the gradient (see [`crate::mehl`]). The configured
     /// learning rate is not used.
-    ConvergenceRate { smoothness: Option<f64>, scale: f64 },
+    ConvergenceRate {
+        /// β, or `None` to estimate it.
+        smoothness: Option<f64>,
+        /// c of c/√T.
+        scale: f64,
+    },
 }
 
 impl Default for StepSchedule {

@@ -11,6 +11,7 @@ pub trait ModelStore {
     /// Number of models, N.
     fn len(&self) -> usize;
 
+    /// Whether the store holds no model.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -34,7 +35,9 @@ pub trait ModelStore {
 /// `epoch_seed`. The objective maps the pair to examples; equal pairs mean equal examples.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batch {
+    /// The seed the epoch's example order is drawn from.
     pub epoch_seed: u64,
+    /// The mini-batch's position in the epoch.
     pub index: usize,
 }
 
@@ -130,7 +133,9 @@ pub fn autograd_loss_and_grad<O: Objective + ?Sized>(
 /// Communication between the processes of one run (spec §3.7). Every rank makes the same calls
 /// in the same order; the sums are identical on every rank.
 pub trait Collective {
+    /// This process's rank, 0 to W − 1.
     fn rank(&self) -> usize;
+    /// W, the number of processes.
     fn world_size(&self) -> usize;
     /// The element-wise sum of `t` over all ranks, returned on every rank.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;

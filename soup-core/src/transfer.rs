@@ -4,7 +4,7 @@
 //! projection ⟨∇θ, d_i⟩ and the global norm of ∇θ come back as one small vector each, X goes out
 //! as one b × L matrix (spec §3.3), whatever the number of tensors. On the CPU they are copies
 //! into host vectors; either way their number per step must not grow with the number of tensors,
-//! which `verify` checks with [`count`] on the device-portable path ([`crate::MehlOptions::portable`]).
+//! which `verify` checks with [`count`] on the device-portable path ([`crate::RunOptions::portable`]).
 //! The crate's clippy configuration forbids the candle calls these wrap anywhere else.
 #![allow(clippy::disallowed_methods)]
 

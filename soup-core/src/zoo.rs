@@ -9,14 +9,18 @@ use crate::layout::{Block, ParamLayout};
 use crate::traits::{Collective, ModelStore};
 use crate::transfer;
 
+/// A model store whose every model is checked against the first's layout as it is loaded, with sums and combinations over the zoo streamed one model at a time.
 pub struct Zoo<'a> {
+    /// Where the models come from.
     pub store: &'a dyn ModelStore,
     /// The layout of model 0, which every other model must have.
     pub layout: ParamLayout,
+    /// The models' names.
     pub names: Vec<String>,
 }
 
 impl<'a> Zoo<'a> {
+    /// The zoo of `store`: reads the first model's layout; errors when the store is empty.
     pub fn open(store: &'a dyn ModelStore) -> Result<Self> {
         if store.is_empty() {
             return Err(SoupError::EmptyZoo);
@@ -38,6 +42,7 @@ impl<'a> Zoo<'a> {
         self.names.len()
     }
 
+    /// Whether the zoo holds no model.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }

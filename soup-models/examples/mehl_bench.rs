@@ -19,7 +19,7 @@ use std::cell::Cell;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use soup_core::MehlOptions;
+use soup_core::RunOptions;
 use soup_core::{run_mehl, Batch, Event, MehlConfig, ModelStore, Objective, ParamLayout};
 use soup_models::ops::cpu as kernels;
 use soup_models::{Classification, Dataset};
@@ -111,7 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         start: base.clone(),
         len: b,
     };
-    let spec = arch.input();
+    let spec = arch.image_input()?;
     let n = batch * steps;
     let images = Tensor::randn(0f32, 1.0, (n, spec.channels, spec.height, spec.width), &dev)?;
     let labels: Vec<u32> = (0..n).map(|i| (i % classes) as u32).collect();
@@ -155,7 +155,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &zoo,
             &mut objective,
             &config,
-            MehlOptions::new(&mut |e| match e {
+            RunOptions::new(&mut |e| match e {
                 Event::BatchStart { .. } => last.set(Some(Instant::now())),
                 Event::Step { .. } => {
                     let now = Instant::now();

@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use soup_core::rng::SplitMix64;
 use soup_models::arch::dinov2::{Dinov2Classifier, Dinov2Config};
-use soup_models::arch::tape::cross_entropy_backward;
+use soup_models::arch::tape::Target;
 use soup_models::ops::cross_entropy;
 
 #[path = "common/bench_alloc.rs"]
@@ -61,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(Var::from_tensor)
         .collect::<Result<_, _>>()?;
     let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let spec = arch.input();
+    let spec = arch.image_input()?;
     let mut rng = SplitMix64::new(2);
     let n = batch * spec.channels * spec.height * spec.width;
     let pixels: Vec<f32> = rng.normals(n).into_iter().map(|v| v as f32).collect();
@@ -86,7 +86,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let tape = arch.tape(&params, &images)?.expect("checked above");
             // The loss and its gradient with respect to the logits are part of the backward.
             let t1 = Instant::now();
-            let (_, grads) = cross_entropy_backward(tape, &labels, 0.0, 1.0)?;
+            let target = Target::Classes {
+                labels: &labels,
+                label_smoothing: 0.0,
+            };
+            let (_, grads) = tape.loss_backward(&target, 1.0)?;
             let t2 = Instant::now();
             for (p, g) in params.iter().zip(&grads) {
                 soup_models::ops::cpu::axpy_inplace(p, -1e-6, g)?;

@@ -6,14 +6,9 @@
 //! so the next buffer pays a page fault, and the kernel's zeroing of the page, per 4 KiB it
 //! touches. soup's binaries serve every block of the main thread from the heap (no mappings of
 //! their own, whatever their size) and turn trimming off, so freed memory is reused without
-//! faults. Measured side by side (BENCHMARKS.md, "Allocators"): with the mmap threshold at its
-//! maximum (32 MiB) and trimming off, against the hand-written huge-page allocator this replaces,
-//! 0.88× the training step time and 1.40× the checkpoint loading throughput (mimalloc and
-//! jemalloc did not do better); then with no mappings at all, which reaches the gradient buffer
-//! (one model's size, above any threshold) and θ, the MEHL+ step at ViT-B/32 went from 1.40× to
-//! 1.13× the plain step and its first step of a model batch from 2.75 to 1.46 s, at the same
-//! peak RSS (BENCHMARKS.md, "The first step of a model batch"). Memory freed after the peak stays
-//! with the process.
+//! faults: the gradient buffer and θ are each one model's size, above any mmap threshold, and are
+//! freed and allocated again at every step (BENCHMARKS.md, "Allocators" and "The first step of a
+//! model batch"). Memory freed after the peak stays with the process.
 //!
 //! Use: `soup_models::alloc::keep_freed_memory()` first thing in `main`.
 

@@ -5,7 +5,10 @@
 //! - `SOUP_CRASH_AT=N` ends the process at the N-th durable step as `kill -9` would: no
 //!   destructors, no clean-up, exit status 137.
 //!
-//! Neither variable is set in normal use; a durable step then costs two environment lookups.
+//! - `SOUP_DISK_FULL=1` makes every atomic write fail as on a full disk (ENOSPC) once it has
+//!   written its temporary file ([`disk_full`]).
+//!
+//! None is set in normal use; a durable step then costs two environment lookups.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +17,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const CRASH_EXIT: i32 = 137;
 
 static REACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// The error of a write to a full disk where `SOUP_DISK_FULL` is set, for the tests of what a
+/// failed write leaves behind.
+pub fn disk_full() -> std::io::Result<()> {
+    match std::env::var_os("SOUP_DISK_FULL") {
+        Some(_) => Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+        None => Ok(()),
+    }
+}
 
 /// Marks a durable step: what is on disk now is a state a crash can leave behind.
 pub fn point(name: &str) {

@@ -1,7 +1,8 @@
 //! soup-models: the model zoo side of soup, implementing soup-core's `ModelStore` and
 //! `Objective` traits. One folder per job:
 //!
-//! - `arch`: architectures registered by name (trainable CLIP ViT classifiers, MLPs);
+//! - `arch`: architectures registered by name (trainable CLIP and DINOv2 ViT classifiers, MLPs),
+//!   and the transformer layers they share (`arch::tape`);
 //! - `ops`: the operations models are built of (composed reference ops; `ops::cpu`, the fused
 //!   CPU kernels with hand-written backward passes);
 //! - `checkpoint`: reading and writing safetensors, sharded and Hugging Face directories,
@@ -10,7 +11,8 @@
 //! - `train`: the classification objective and fine-tuning;
 //! - `data`: labelled image data sets and their preprocessing;
 //! - `device`: `--device cpu|cuda[:N]|auto` (CUDA with the cargo feature `cuda`);
-//! - `alloc` (huge-page allocator of soup's binaries) and `crash` (crash points for tests);
+//! - `alloc` (how soup's binaries set malloc to keep freed memory) and `crash` (crash points
+//!   for tests);
 //! - `testkit` (feature `testkit`, tests only): fixtures and the Hub stand-in.
 
 pub mod alloc;
@@ -26,7 +28,7 @@ pub mod remote;
 pub mod testkit;
 pub mod train;
 
-pub use arch::{build, Architecture, InputSpec, REGISTRY};
+pub use arch::{build, Architecture, ImageSpec, InputSpec, TokenSpec, REGISTRY};
 pub use checkpoint::store::FileStore;
 pub use checkpoint::Checkpoint;
 pub use device::DeviceSpec;

@@ -234,7 +234,9 @@ fn zoo_members_that_do_not_match_are_named() {
     paths.push(odd);
     let store = FileStore::open(paths, Device::Cpu).unwrap();
     assert_eq!(store.len(), 3);
-    let msg = soup_core::uniform_soup(&store).unwrap_err().to_string();
+    let msg = soup_core::uniform_soup(&store, soup_core::RunOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(
         msg.contains("odd") && msg.contains("classification_head.weight"),
         "{msg}"

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use candle_core::Device;
-use soup_models::arch::InputSpec;
+use soup_models::arch::ImageSpec;
 use soup_models::data::{prepare, DataSpec, Heldout, Split};
 use soup_models::testkit::fixtures::ScratchDir;
 
@@ -223,7 +223,7 @@ fn preparation_matches_channels_size_and_normalisation() {
         .load(Split::Test)
         .unwrap();
     // Same size, grey → RGB with per-channel statistics.
-    let spec = InputSpec {
+    let spec = ImageSpec {
         channels: 3,
         height: 28,
         width: 28,
@@ -247,7 +247,7 @@ fn preparation_matches_channels_size_and_normalisation() {
     // Resized to 14: a constant image stays constant.
     let mut flat = raw.clone();
     flat.pixels.iter_mut().for_each(|p| *p = 51);
-    let spec = InputSpec {
+    let spec = ImageSpec {
         channels: 1,
         height: 14,
         width: 14,
@@ -334,7 +334,7 @@ fn a_streamed_image_folder_equals_the_decoded_one() {
     noisy_folder(dir.path(), 5);
     let spec = DataSpec::new(dir.path().to_str().unwrap());
     // The in-memory path decodes to 224 px squares: at a 224 px model both paths resize once.
-    let input = InputSpec {
+    let input = ImageSpec {
         channels: 3,
         height: 224,
         width: 224,
@@ -404,7 +404,7 @@ fn fine_tuning_on_streamed_images_equals_fine_tuning_in_memory() {
         ..soup_models::testkit::fixtures::tiny_clip_config(3, 3)
     })
     .unwrap();
-    let input = arch.input();
+    let input = arch.image_input().unwrap();
     let memory = prepare(&spec.load(Split::Train).unwrap(), &input, &Device::Cpu).unwrap();
     let stream = spec.stream(Split::Train, &input, None).unwrap();
     let config = FinetuneConfig {

@@ -176,7 +176,7 @@ fn prepared_inputs_equal_transformers_pixel_values() {
     };
     let ckpt = Checkpoint::open(golden("hf-vision")).unwrap();
     let arch = ckpt.architecture().unwrap();
-    let data = prepare(&raw, &arch.input(), &Device::Cpu).unwrap();
+    let data = prepare(&raw, &arch.image_input().unwrap(), &Device::Cpu).unwrap();
     let rows: Vec<u32> = (0..data.len() as u32).collect();
     let d = rel_diff(&data.select(&rows).unwrap().0, &e["hf_pixel_values"]);
     assert!(d < 1e-6, "pixel values differ from transformers' by {d}");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use soup_core::rng::SplitMix64;
-use soup_core::MehlOptions;
+use soup_core::RunOptions;
 use soup_core::{run_mehl, BlockCut, MehlConfig, Objective};
 use soup_models::arch::clip::ClipClassifier;
 use soup_models::checkpoint::write_model_dir;
@@ -350,7 +350,7 @@ fn mehl_soup_of_finetuned_checkpoints_on_disk() {
         frozen_tensors: Vec::new(),
         ..MehlConfig::mehl_plus()
     };
-    let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap();
+    let result = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap();
     assert_eq!(result.alpha.len(), arch.layout().len());
     for row in &result.alpha {
         assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5);
@@ -434,7 +434,7 @@ fn zero_gradient_blocks_are_frozen_and_the_soups_outputs_do_not_change() {
             ..MehlConfig::mehl_plus()
         };
         let mut obj = objective(&arch, quadrants(32, 4));
-        run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap()
+        run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap()
     };
     let (with, without) = (run(frozen.clone()), run(Vec::new()));
     for name in &frozen {
@@ -473,6 +473,7 @@ fn zero_gradient_blocks_are_frozen_and_the_soups_outputs_do_not_change() {
             frozen_tensors: frozen.clone(),
             ..soup_core::LearnedConfig::learned_plus()
         },
+        RunOptions::default(),
     )
     .unwrap();
     for name in &frozen {

@@ -356,7 +356,7 @@ fn exercise_data(root: &Path) {
     for split in [Split::Train, Split::Heldout, Split::Test] {
         if let Ok(raw) = spec.load(split) {
             let arch = ClipClassifier::new(tiny_clip_config(3, 4)).unwrap();
-            let _ = soup_models::data::prepare(&raw, &arch.input(), &Device::Cpu);
+            let _ = soup_models::data::prepare(&raw, &arch.image_input().unwrap(), &Device::Cpu);
         }
     }
 }
@@ -557,6 +557,27 @@ fn an_openai_pt_with_a_scalar_conv1_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("conv1.weight"), "{err}");
+    // The error names the file that lies.
+    assert!(err.starts_with(&format!("{}: ", path.display())), "{err}");
+}
+
+#[test]
+fn a_config_json_that_cannot_be_built_is_named_in_the_error() {
+    let (arch, params) = tiny();
+    let dir = ScratchDir::new("hostile-config");
+    soup_models::testkit::fixtures::write_hf_clip_dir(dir.path(), &arch, &params).unwrap();
+    let config = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["vision_config"]["num_attention_heads"] = 5.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let err = Checkpoint::open(dir.path())
+        .unwrap()
+        .architecture()
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with(&format!("{}: ", config.display())), "{err}");
+    assert!(err.contains("num_attention_heads"), "{err}");
 }
 
 #[test]

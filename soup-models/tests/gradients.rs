@@ -45,7 +45,7 @@ fn params(arch: &dyn Architecture, seed: u64, dtype: DType) -> Vec<Tensor> {
 }
 
 fn images(arch: &dyn Architecture, n: usize, seed: u64, dtype: DType) -> Tensor {
-    let i = arch.input();
+    let i = arch.image_input().unwrap();
     let mut rng = SplitMix64::new(seed);
     let v = rng.normals(n * i.channels * i.height * i.width);
     Tensor::from_vec(v, (n, i.channels, i.height, i.width), &Device::Cpu)

@@ -40,7 +40,7 @@ fn normals(n: usize, shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 }
 
 fn images(arch: &dyn Architecture, n: usize, seed: u64, dtype: DType) -> Tensor {
-    let i = arch.input();
+    let i = arch.image_input().unwrap();
     let shape = [n, i.channels, i.height, i.width];
     normals(shape.iter().product(), &shape, seed, dtype)
 }
@@ -411,8 +411,15 @@ fn against_torch(arch: &dyn Architecture, p: &[Tensor], images: &Tensor, prefix:
         .map(|v| v as u32)
         .collect();
     let tape = arch.tape(p, images).unwrap().unwrap();
-    let (loss, grads) =
-        soup_models::arch::tape::cross_entropy_backward(tape, &labels, 0.1, 1.0).unwrap();
+    let (loss, grads) = tape
+        .loss_backward(
+            &soup_models::arch::tape::Target::Classes {
+                labels: &labels,
+                label_smoothing: 0.1,
+            },
+            1.0,
+        )
+        .unwrap();
     let want_loss = golden[&format!("{prefix}.loss")].to_vec1::<f64>().unwrap()[0];
     assert!(
         (loss - want_loss).abs() <= 1e-12 * want_loss,

@@ -7,6 +7,7 @@ use common::{objective, zoo};
 use proptest::prelude::*;
 use soup_core::{
     greedy_soup, learned_soup, uniform_soup, BlockCut, GreedyAccept, LearnedConfig, Objective,
+    RunOptions,
 };
 use verify::{host_blocks, rel_err, soup_from_alpha, MemoryStore};
 
@@ -43,7 +44,7 @@ proptest! {
     #[test]
     fn uniform_soup_is_the_mean(n in 1usize..9, seed in any::<u64>()) {
         let store = zoo(n, seed, DType::F64);
-        let result = uniform_soup(&store).unwrap();
+        let result = uniform_soup(&store, RunOptions::default()).unwrap();
         let all: Vec<usize> = (0..n).collect();
         prop_assert!(rel_err(&flat(&result.soup), &flat(&mean_of(&store, &all))) <= 1e-12);
         prop_assert_eq!(&result.alpha, &vec![vec![1.0 / n as f64; n]]);
@@ -57,7 +58,7 @@ proptest! {
         let store = zoo(n, seed, DType::F64);
         let mut obj = objective(30, 30, seed, DType::F64);
         let accept = if strict { GreedyAccept::Improves } else { GreedyAccept::NotWorse };
-        let result = greedy_soup(&store, &mut obj, accept).unwrap();
+        let result = greedy_soup(&store, &mut obj, accept, RunOptions::default()).unwrap();
 
         let acc = |obj: &mut verify::MlpObjective, p: &[Tensor]| obj.evaluate(p).unwrap().accuracy.unwrap();
         let scores: Vec<f64> = (0..n).map(|i| acc(&mut obj, &store.models[i])).collect();
@@ -91,14 +92,14 @@ fn learned_soup_trains_coefficients_on_the_simplex() {
     let store = zoo(6, 21, DType::F64);
     let mut obj = objective(60, 20, 21, DType::F64);
     let uniform_loss = obj
-        .evaluate(&uniform_soup(&store).unwrap().soup)
+        .evaluate(&uniform_soup(&store, RunOptions::default()).unwrap().soup)
         .unwrap()
         .loss;
     for (config, blocks) in [
         (LearnedConfig::learned(), 1),
         (LearnedConfig::learned_plus(), 4),
     ] {
-        let result = learned_soup(&store, &mut obj, &config).unwrap();
+        let result = learned_soup(&store, &mut obj, &config, RunOptions::default()).unwrap();
         assert_eq!(result.alpha.len(), blocks);
         for row in &result.alpha {
             assert!(row.iter().all(|&a| a >= 0.0));

@@ -1,4 +1,4 @@
-//! The device-portable path of MEHL (`MehlOptions::portable`): θ = c + Σ X d, the projection
+//! The device-portable path of MEHL (`RunOptions::portable`): θ = c + Σ X d, the projection
 //! ⟨∇θ, d_i⟩ and ‖∇θ‖ as candle ops on the tensors' device, which is what runs on a GPU. Run here
 //! on the CPU, it must give the fused kernels' results up to the order of floating-point sums,
 //! and each coefficient step must copy a fixed, small number of things between the host and the
@@ -9,7 +9,7 @@ mod common;
 use candle_core::DType;
 use common::{config, cut, objective, zoo};
 use proptest::prelude::*;
-use soup_core::{run_mehl, to_blocks, BlockCut, Event, MehlConfig, MehlOptions, SoupResult};
+use soup_core::{run_mehl, to_blocks, BlockCut, Event, MehlConfig, RunOptions, SoupResult};
 use verify::{host_blocks, rel_err, MemoryStore};
 
 fn run(
@@ -24,7 +24,7 @@ fn run(
         store,
         &mut obj,
         cfg,
-        MehlOptions::new(&mut |_| {}).portable(portable),
+        RunOptions::default().portable(portable),
     )
     .unwrap()
 }
@@ -95,9 +95,9 @@ fn transfers_per_step(cut: BlockCut, portable: bool) -> (Vec<u64>, usize) {
             }
             last = Some(now);
         }
-        Event::BatchEnd { .. } => {}
+        Event::BatchEnd { .. } | Event::LearnedStep { .. } => {}
     };
-    let options = MehlOptions::new(&mut observer).portable(portable);
+    let options = RunOptions::new(&mut observer).portable(portable);
     run_mehl(&store, &mut obj, &cfg, options).unwrap();
     (per_step, blocks)
 }
@@ -129,7 +129,7 @@ fn the_portable_path_shards_over_processes() {
         let store = zoo(6, 9, DType::F64);
         let mut obj = objective(24, 8, 9, DType::F64);
         let mut quiet = |_: &Event| {};
-        let options = MehlOptions::new(&mut quiet).on(comm).portable(true);
+        let options = RunOptions::new(&mut quiet).on(comm).portable(true);
         run_mehl(&store, &mut obj, &cfg, options).unwrap()
     });
     for r in &results {

@@ -7,12 +7,12 @@ mod common;
 use candle_core::DType;
 use common::{config, objective, zoo, ARCH};
 use proptest::prelude::*;
-use soup_core::{run_mehl, to_blocks, BlockCut, Event, MehlConfig, MehlOptions, SoupResult};
+use soup_core::{run_mehl, to_blocks, BlockCut, Event, MehlConfig, RunOptions, SoupResult};
 use verify::{host_blocks, rel_err, soup_from_alpha, MemoryStore};
 
 fn run(store: &MemoryStore, cfg: &MehlConfig, seed: u64) -> SoupResult {
     let mut obj = objective(32, 8, seed, DType::F32);
-    run_mehl(store, &mut obj, cfg, MehlOptions::new(&mut |_| {})).unwrap()
+    run_mehl(store, &mut obj, cfg, RunOptions::default()).unwrap()
 }
 
 /// The bits of an f32 soup, in layout order.
@@ -108,7 +108,7 @@ fn theta_of_every_step_is_its_alpha_soup_within_bf16_rounding() {
         &store,
         &mut obj,
         &cfg,
-        MehlOptions::new(&mut |e| {
+        RunOptions::new(&mut |e| {
             if let Event::Step { hyperplane: hp, .. } = e {
                 let theta = host_blocks(&hp.theta_blocks().unwrap()).unwrap();
                 let naive = soup_from_alpha(&store, &hp.blocks, &hp.alpha()).unwrap();
@@ -136,13 +136,7 @@ fn half_directions_are_deterministic_and_shard_over_processes() {
     let results = verify::ThreadCollective::run(2, |comm| {
         let store = zoo(7, 5, DType::F32);
         let mut obj = objective(32, 8, 5, DType::F32);
-        run_mehl(
-            &store,
-            &mut obj,
-            &cfg,
-            MehlOptions::new(&mut |_| {}).on(comm),
-        )
-        .unwrap()
+        run_mehl(&store, &mut obj, &cfg, RunOptions::default().on(comm)).unwrap()
     });
     let flat = |r: &SoupResult| {
         host_blocks(&to_blocks(&r.soup, &r.blocks).unwrap())
@@ -169,7 +163,7 @@ fn a_resumed_half_direction_run_equals_the_uninterrupted_one() {
         &store,
         &mut obj,
         &cfg,
-        MehlOptions::new(&mut |e| {
+        RunOptions::new(&mut |e| {
             if let Event::BatchEnd { progress, .. } = e {
                 saved.push((*progress).clone());
             }
@@ -181,7 +175,7 @@ fn a_resumed_half_direction_run_equals_the_uninterrupted_one() {
         &store,
         &mut obj,
         &cfg,
-        MehlOptions::new(&mut |_| {}).resume(Some(saved[2].clone())),
+        RunOptions::default().resume(Some(saved[2].clone())),
     )
     .unwrap();
     assert_eq!(bits(&full), bits(&resumed));

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{config, objective, zoo, ARCH};
-use soup_core::MehlOptions;
+use soup_core::RunOptions;
 use soup_core::{
     greedy_soup, learned_soup, run_mehl, uniform_soup, BlockCut, GreedyAccept, LearnedConfig,
     MehlConfig, SoupError, StepSchedule,
@@ -17,16 +17,29 @@ fn empty_zoo() {
     let mut obj = objective(8, 8, 1, DType::F64);
     let cfg = config(2, BlockCut::WHOLE, 1, 1);
     assert!(matches!(
-        run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})),
-        Err(SoupError::EmptyZoo)
-    ));
-    assert!(matches!(uniform_soup(&store), Err(SoupError::EmptyZoo)));
-    assert!(matches!(
-        greedy_soup(&store, &mut obj, GreedyAccept::Improves),
+        run_mehl(&store, &mut obj, &cfg, RunOptions::default()),
         Err(SoupError::EmptyZoo)
     ));
     assert!(matches!(
-        learned_soup(&store, &mut obj, &LearnedConfig::learned()),
+        uniform_soup(&store, RunOptions::default()),
+        Err(SoupError::EmptyZoo)
+    ));
+    assert!(matches!(
+        greedy_soup(
+            &store,
+            &mut obj,
+            GreedyAccept::Improves,
+            RunOptions::default()
+        ),
+        Err(SoupError::EmptyZoo)
+    ));
+    assert!(matches!(
+        learned_soup(
+            &store,
+            &mut obj,
+            &LearnedConfig::learned(),
+            RunOptions::default()
+        ),
         Err(SoupError::EmptyZoo)
     ));
 }
@@ -89,7 +102,7 @@ fn bad_knobs_are_named() {
         ),
     ];
     for (cfg, name) in bad {
-        let err = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err();
+        let err = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap_err();
         assert!(
             matches!(err, SoupError::InvalidConfig { name: n, .. } if n == name),
             "{err}"
@@ -100,10 +113,12 @@ fn bad_knobs_are_named() {
         epochs: 0,
         ..LearnedConfig::learned()
     };
-    assert!(learned_soup(&store, &mut obj, &learned)
-        .unwrap_err()
-        .to_string()
-        .contains("epochs"));
+    assert!(
+        learned_soup(&store, &mut obj, &learned, RunOptions::default())
+            .unwrap_err()
+            .to_string()
+            .contains("epochs")
+    );
 }
 
 #[test]
@@ -115,8 +130,8 @@ fn mismatched_models_name_model_and_tensor() {
     let mut obj = objective(8, 8, 1, DType::F64);
     let cfg = config(3, BlockCut::WHOLE, 1, 1);
     for err in [
-        run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err(),
-        uniform_soup(&store).unwrap_err(),
+        run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap_err(),
+        uniform_soup(&store, RunOptions::default()).unwrap_err(),
     ] {
         let msg = err.to_string();
         assert!(
@@ -127,7 +142,9 @@ fn mismatched_models_name_model_and_tensor() {
     // A store whose tensors disagree with the layout it announced is caught too.
     let mut store = zoo(2, 1, DType::F64);
     store.models[1].pop();
-    let msg = uniform_soup(&store).unwrap_err().to_string();
+    let msg = uniform_soup(&store, RunOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(
         msg.contains("model-1") && msg.contains("head.bias"),
         "{msg}"
@@ -143,7 +160,7 @@ fn non_finite_loss_names_step_and_model_batch() {
         &store,
         &mut obj,
         &config(2, BlockCut::WHOLE, 1, 1),
-        MehlOptions::new(&mut |_| {}),
+        RunOptions::default(),
     )
     .unwrap_err();
     assert!(
@@ -175,7 +192,7 @@ fn non_finite_model_is_named() {
             model_batch: 1,
             ..config(1, BlockCut::PER_TENSOR, 1, 1)
         };
-        let err = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err();
+        let err = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("model-1") && msg.contains("layers.0.weight"),

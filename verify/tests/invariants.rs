@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, Var};
 use common::{config, cut, objective, zoo, ARCH};
 use proptest::prelude::*;
 use soup_core::rng::SplitMix64;
-use soup_core::MehlOptions;
+use soup_core::RunOptions;
 use soup_core::{
     clip_global_norm, epoch_seed, from_blocks, global_norm, run_mehl, to_blocks, Batch, BlockCut,
     Event, Hyperplane, MehlConfig, Objective, OptimizerKind, StepSchedule,
@@ -45,9 +45,9 @@ proptest! {
             }
             checked += 1;
         };
-        let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |e| match e {
+        let result = run_mehl(&store, &mut obj, &cfg, RunOptions::new(&mut |e| match e {
             Event::Step { hyperplane, .. } | Event::BatchEnd { hyperplane, .. } => check(hyperplane),
-            Event::BatchStart { .. } => {}
+            Event::BatchStart { .. } | Event::LearnedStep { .. } => {}
         })).unwrap();
         prop_assert!(checked > 0);
         // The returned soup is the one its α describe.
@@ -68,7 +68,7 @@ fn alpha_sums_to_one_in_f32() {
         &store,
         &mut obj,
         &config(4, BlockCut::PER_TENSOR, 2, 3),
-        MehlOptions::new(&mut |_| {}),
+        RunOptions::default(),
     )
     .unwrap();
     for row in &result.alpha {
@@ -93,7 +93,7 @@ proptest! {
         let mut obj = objective(16, 8, seed, DType::F64);
         let mut previous: Option<Vec<Vec<f64>>> = None;
         let mut starts = 0;
-        run_mehl(&store, &mut obj, &config(b, cut(k), 2, seed), MehlOptions::new(&mut |e| match e {
+        run_mehl(&store, &mut obj, &config(b, cut(k), 2, seed), RunOptions::new(&mut |e| match e {
             Event::BatchStart { hyperplane: hp, .. } => {
                 assert!(hp.x.iter().all(|&x| x == 0.0));
                 let theta = host_blocks(&hp.theta_blocks().unwrap()).unwrap();
@@ -117,7 +117,7 @@ proptest! {
             Event::BatchEnd { hyperplane, .. } => {
                 previous = Some(host_blocks(&hyperplane.theta_blocks().unwrap()).unwrap());
             }
-            Event::Step { .. } => {}
+            Event::Step { .. } | Event::LearnedStep { .. } => {}
         })).unwrap();
         prop_assert_eq!(starts, 2 * n.div_ceil(b.min(n)));
     }
@@ -328,7 +328,7 @@ proptest! {
             ..config(n, BlockCut::WHOLE, 1, seed)
         };
         let mut alphas = Vec::new();
-        let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |e| {
+        let result = run_mehl(&store, &mut obj, &cfg, RunOptions::new(&mut |e| {
             if let Event::Step { hyperplane, .. } = e {
                 alphas.push(hyperplane.alpha()[0].clone());
             }
@@ -360,7 +360,7 @@ proptest! {
         let store = MemoryStore::mlp_zoo(ARCH, n, seed, dtype, &[1]).unwrap();
         let mut obj = objective(16, 8, seed, dtype);
         let mut zero_rows = 0;
-        let result = run_mehl(&store, &mut obj, &config(b, cut(k), 1, seed), MehlOptions::new(&mut |e| {
+        let result = run_mehl(&store, &mut obj, &config(b, cut(k), 1, seed), RunOptions::new(&mut |e| {
             if let Event::BatchStart { hyperplane: hp, .. } = e {
                 for l in 0..hp.num_blocks() {
                     let rows = hp.directions(l).to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
@@ -407,7 +407,7 @@ fn memory_is_independent_of_the_number_of_models() {
             &store,
             &mut obj,
             &config(b, BlockCut::PER_TENSOR, 1, 11),
-            MehlOptions::new(&mut |_| {}),
+            RunOptions::default(),
         )
         .unwrap();
         let l = result.blocks.len();
@@ -422,6 +422,7 @@ fn memory_is_independent_of_the_number_of_models() {
                 epochs: 1,
                 ..soup_core::LearnedConfig::learned_plus()
             },
+            RunOptions::default(),
         )
         .unwrap();
         accounts.push((result.memory, learned.memory));
@@ -491,7 +492,7 @@ proptest! {
         let mut obj = objective(8, 8, seed, DType::F64);
         let mut passes: Vec<Vec<usize>> = vec![Vec::new(); outer];
         let mut loads_ok = true;
-        run_mehl(&store, &mut obj, &config(b, BlockCut::WHOLE, outer, seed), MehlOptions::new(&mut |e| {
+        run_mehl(&store, &mut obj, &config(b, BlockCut::WHOLE, outer, seed), RunOptions::new(&mut |e| {
             if let Event::BatchStart { outer_pass, model_batch, hyperplane } = e {
                 assert!(hyperplane.batch_len() <= b);
                 passes[*outer_pass].extend(&hyperplane.members);
@@ -539,7 +540,7 @@ fn driver_follows_the_schedule_in_every_model_batch() {
     let store = zoo(5, 2, DType::F64);
     let mut obj = objective(40, 8, 2, DType::F64); // 5 batches × 2 epochs = S = 10 steps
     let cfg = config(2, BlockCut::PER_TENSOR, 1, 2);
-    let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap();
+    let result = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap();
     assert_eq!(result.history.len(), 3 * 10);
     for r in &result.history {
         assert_eq!(r.lr, cfg.schedule.lr(cfg.lr, r.step, 10));
@@ -567,20 +568,20 @@ fn convergence_rate_schedule_is_min_of_inverse_smoothness_and_scale_over_root_t(
         smoothness: Some(4.0),
         scale: 1.0,
     });
-    let result = run_mehl(&store, &mut obj, &given, MehlOptions::new(&mut |_| {})).unwrap();
+    let result = run_mehl(&store, &mut obj, &given, RunOptions::default()).unwrap();
     assert!(result.history.iter().all(|r| r.lr == 0.25));
     let given = plain_sgd(StepSchedule::ConvergenceRate {
         smoothness: Some(0.1),
         scale: 2.0,
     });
-    let result = run_mehl(&store, &mut obj, &given, MehlOptions::new(&mut |_| {})).unwrap();
+    let result = run_mehl(&store, &mut obj, &given, RunOptions::default()).unwrap();
     assert!(result.history.iter().all(|r| r.lr == 2.0 / 8f64.sqrt()));
     // Estimated β: a positive finite step no larger than scale/√T.
     let estimated = plain_sgd(StepSchedule::ConvergenceRate {
         smoothness: None,
         scale: 1.0,
     });
-    let result = run_mehl(&store, &mut obj, &estimated, MehlOptions::new(&mut |_| {})).unwrap();
+    let result = run_mehl(&store, &mut obj, &estimated, RunOptions::default()).unwrap();
     for r in &result.history {
         assert!(r.lr.is_finite() && r.lr > 0.0 && r.lr <= 1.0 / 8f64.sqrt());
     }
@@ -617,8 +618,10 @@ fn recorded_gradient_norm_is_the_global_norm_before_clipping() {
         clip_grad_norm: Some(1e-3),
         ..config(3, BlockCut::WHOLE, 1, 8)
     };
-    let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap();
-    let mean = soup_core::uniform_soup(&store).unwrap().soup;
+    let result = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap();
+    let mean = soup_core::uniform_soup(&store, RunOptions::default())
+        .unwrap()
+        .soup;
     let batch = Batch {
         epoch_seed: epoch_seed(cfg.seed, 0, 0, 0),
         index: 0,
@@ -641,7 +644,7 @@ fn same_seed_gives_a_bit_identical_soup() {
             &store,
             &mut obj,
             &config(3, BlockCut::PER_TENSOR, 2, seed),
-            MehlOptions::new(&mut |_| {}),
+            RunOptions::default(),
         )
         .unwrap();
         let bits: Vec<u32> = r
@@ -669,13 +672,13 @@ proptest! {
         let mut obj = objective(16, 8, seed, DType::F64);
         let cfg = config(b, BlockCut::PER_TENSOR, outer, seed);
         let mut saved = Vec::new();
-        let full = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |e| {
+        let full = run_mehl(&store, &mut obj, &cfg, RunOptions::new(&mut |e| {
             if let Event::BatchEnd { progress, .. } = e {
                 saved.push((*progress).clone());
             }
         })).unwrap();
         let progress = saved[stop % saved.len()].clone();
-        let resumed = soup_core::run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {}).resume(Some(progress))).unwrap();
+        let resumed = soup_core::run_mehl(&store, &mut obj, &cfg, RunOptions::default().resume(Some(progress))).unwrap();
         let bits = |r: &soup_core::SoupResult| -> Vec<u64> {
             r.soup.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap()).map(f64::to_bits).collect()
         };
@@ -696,7 +699,7 @@ proptest! {
         examples in 10usize..26, seed in any::<u64>(),
     ) {
         let cfg = config(b, BlockCut::PER_TENSOR, outer, seed);
-        let single = run_mehl(&zoo(n, seed, DType::F64), &mut objective(examples, 8, seed, DType::F64), &cfg, MehlOptions::new(&mut |_| {})).unwrap();
+        let single = run_mehl(&zoo(n, seed, DType::F64), &mut objective(examples, 8, seed, DType::F64), &cfg, RunOptions::default()).unwrap();
         let ranks = verify::ThreadCollective::world(world);
         let results: Vec<(soup_core::SoupResult, Vec<usize>, usize)> = std::thread::scope(|s| {
             let handles: Vec<_> = ranks
@@ -707,7 +710,7 @@ proptest! {
                         let store = zoo(n, seed, DType::F64);
                         let mut obj = objective(examples, 8, seed, DType::F64);
                         let mut max_rows = 0;
-                        let r = soup_core::run_mehl(&store, &mut obj, cfg, MehlOptions::new(&mut |e| {
+                        let r = soup_core::run_mehl(&store, &mut obj, cfg, RunOptions::new(&mut |e| {
                             if let Event::BatchStart { hyperplane, .. } = e {
                                 max_rows = max_rows.max(hyperplane.batch_len());
                             }

@@ -8,7 +8,7 @@ use common::{config, objective, zoo, ARCH};
 use proptest::prelude::*;
 use soup_core::{
     epoch_seed, run_mehl, task_arithmetic, ties_merging, to_blocks, Batch, BlockCut, Event,
-    MehlConfig, MehlOptions, Objective, OptimizerKind, StepSchedule, TaskVectors,
+    MehlConfig, Objective, OptimizerKind, RunOptions, StepSchedule, TaskVectors,
 };
 use verify::{host_blocks, rel_err, soup_from_alpha, MemoryStore};
 
@@ -218,7 +218,7 @@ proptest! {
         let tv = TaskVectors { base, prior, clamp: clamped.then_some((0.0, 1.0)) };
         let cfg = adamerging_config(k, base, layer_wise, tv, momentum, seed);
         let mut lambdas: Vec<Vec<Vec<f64>>> = Vec::new();
-        let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |e| {
+        let result = run_mehl(&store, &mut obj, &cfg, RunOptions::new(&mut |e| {
             if let Event::Step { hyperplane, .. } = e {
                 let alpha = hyperplane.alpha();
                 // α[l][j] is task j's λ in block l.
@@ -272,7 +272,7 @@ proptest! {
         };
         let mut batches = Vec::new();
         let mut lambdas: Vec<Vec<Vec<f64>>> = Vec::new();
-        let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |e| match e {
+        let result = run_mehl(&store, &mut obj, &cfg, RunOptions::new(&mut |e| match e {
             Event::BatchStart { outer_pass, model_batch, hyperplane } => {
                 batches.push((*outer_pass, *model_batch, hyperplane.members.clone()));
             }
@@ -310,7 +310,7 @@ proptest! {
         };
         let mut members_seen = Vec::new();
         let mut checked = 0;
-        let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |e| match e {
+        let result = run_mehl(&store, &mut obj, &cfg, RunOptions::new(&mut |e| match e {
             Event::BatchStart { hyperplane, .. } => {
                 assert!(!hyperplane.members.contains(&base));
                 assert!(hyperplane.batch_len() <= b);
@@ -350,7 +350,7 @@ fn adamerging_memory_is_independent_of_the_number_of_tasks() {
         let store = zoo(k + 1, 5, DType::F64);
         let mut obj = objective(16, 8, 5, DType::F64);
         let cfg = adamerging_config(b, 0, true, TaskVectors::adamerging(0), 0.0, 5);
-        let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap();
+        let result = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap();
         assert_eq!(result.memory.directions, b * d * 8);
         assert!(result.memory.tensor_bytes() <= (b + 4) * d * 8);
         bytes.push(result.memory.tensor_bytes());
@@ -368,7 +368,7 @@ fn adamerging_starts_at_the_prior() {
         lr: 1e-300,
         ..adamerging_config(k, base, false, TaskVectors::adamerging(base), 0.0, 9)
     };
-    let result = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap();
+    let result = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap();
     let want: Vec<f64> = (0..=k)
         .map(|j| if j == base { 1.0 - 0.3 * k as f64 } else { 0.3 })
         .collect();
@@ -464,7 +464,7 @@ fn the_base_must_be_a_model_of_the_zoo() {
     let store = zoo(3, 1, DType::F64);
     let mut obj = objective(16, 8, 1, DType::F64);
     let cfg = adamerging_config(2, 3, false, TaskVectors::adamerging(3), 0.0, 1);
-    let err = run_mehl(&store, &mut obj, &cfg, MehlOptions::new(&mut |_| {})).unwrap_err();
+    let err = run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap_err();
     assert!(err.to_string().contains("base"), "{err}");
     assert!(ties_merging(&store, 3, 0.2).is_err());
     assert!(ties_merging(&store, 0, 0.0).is_err());

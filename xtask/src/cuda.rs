@@ -57,7 +57,7 @@ pub fn ensure_toolkit() -> Result<PathBuf, String> {
 /// capability to compile for (no GPU to ask: 9.0, Hopper), the CUDA version cudarc 0.19.10
 /// binds (it knows versions up to 13.4 and panics on 13.5; 13.4's API is what 13.5 keeps), and
 /// how many nvcc processes candle-kernels' build script runs at once: every core (cudaforge
-/// takes half of them by default; on 2 cores its 364 s alone became 240 s with both).
+/// takes half of them by default, which leaves one of CI's two cores idle).
 pub fn env(cu13: &std::path::Path) -> Vec<(String, String)> {
     let path = std::env::var("PATH").unwrap_or_default();
     let root = cu13.display().to_string();

@@ -2,22 +2,24 @@
 //! as model-soups builds its classifiers, with Hugging Face tensor names. Every operation is
 //! differentiable (candle's stock CLIP is inference-only: docs/STACK.md).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 use candle_transformers::models::clip::text_model::Activation;
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
 use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{ParamLayout, TensorSpec};
 
-use super::tape::{self, Tape};
-use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params};
+use super::tape::{encoder, Tape};
+use super::vit::{self, LayerNames, Vit, VitSizes};
+use super::{filled, index_of, normal, parse_config, Architecture, InputSpec};
 use crate::error::{ModelError, Result};
-use crate::ops::{attention, layer_norm, linear, quick_gelu};
+use crate::ops::{layer_norm, linear};
 
-mod backward;
+mod head;
+
+const FAMILY: &str = "clip-vit";
 
 /// CLIP's pixel normalisation (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -161,22 +163,27 @@ impl ClipVitConfig {
         }
     }
 
+    /// The encoder's sizes.
+    fn sizes(&self) -> VitSizes {
+        VitSizes {
+            channels: self.num_channels,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            width: self.hidden_size,
+            mlp_width: self.intermediate_size,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            activation: encoder::Activation::QuickGelu,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
-        let err = |d: &str| Err(ModelError::config("clip-vit", d));
+        let err = |d: &str| Err(ModelError::config(FAMILY, d));
         if self.hidden_act != "quick_gelu" {
             return err("only hidden_act = quick_gelu is supported");
         }
-        if self.patch_size == 0
-            || self.image_size == 0
-            || !self.image_size.is_multiple_of(self.patch_size)
-        {
-            return err("image_size must be a positive multiple of patch_size");
-        }
         if self.hidden_size == 0 || self.intermediate_size == 0 || self.num_hidden_layers == 0 {
             return err("hidden_size, intermediate_size and num_hidden_layers must be positive");
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return err("layer_norm_eps must be a positive number");
         }
         // Sizes a real model never reaches, which would only overflow the arithmetic below.
         if [
@@ -193,20 +200,11 @@ impl ClipVitConfig {
         {
             return err("a size is beyond 2^20: not a real model");
         }
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
-            return err("hidden_size must be a multiple of num_attention_heads");
-        }
         if self.num_classes == 0 || self.num_channels == 0 || self.projection_dim == 0 {
             return err("num_classes, num_channels and projection_dim must be positive");
         }
-        for v in [&self.image_mean, &self.image_std].into_iter().flatten() {
-            if v.len() != self.num_channels {
-                return err("image_mean and image_std need one entry per channel");
-            }
-        }
-        Ok(())
+        let given = (&self.image_mean, &self.image_std);
+        vit::validate(FAMILY, &self.sizes(), self.layer_norm_eps, given)
     }
 
     fn num_positions(&self) -> usize {
@@ -218,23 +216,42 @@ impl ClipVitConfig {
 #[derive(Debug)]
 pub struct ClipClassifier {
     pub config: ClipVitConfig,
-    layout: ParamLayout,
-    index: HashMap<String, usize>,
+    vit: Vit,
 }
 
 impl ClipClassifier {
     pub fn new(config: ClipVitConfig) -> Result<Self> {
         config.validate()?;
         let layout = clip_layout(&config);
-        Ok(Self {
+        let layer = [
+            "layer_norm1",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.out_proj",
+            "layer_norm2",
+            "mlp.fc1",
+            "mlp.fc2",
+        ];
+        let emb = "vision_model.embeddings";
+        let vit = Vit {
+            family: FAMILY,
+            sizes: config.sizes(),
+            patch: (format!("{emb}.patch_embedding.weight"), None),
+            first: format!("{emb}.class_embedding"),
+            position: format!("{emb}.position_embedding.weight"),
+            pre_norm: Some("vision_model.pre_layrnorm".into()),
+            layers: (0..config.num_hidden_layers)
+                .map(|i| LayerNames::new(&format!("vision_model.encoder.layers.{i}"), layer, None))
+                .collect(),
             index: index_of(&layout),
             layout,
-            config,
-        })
+        };
+        Ok(Self { config, vit })
     }
 
     pub fn from_config(config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
-        Ok(Arc::new(Self::new(parse_config("clip-vit", config)?)?))
+        Ok(Arc::new(Self::new(parse_config(FAMILY, config)?)?))
     }
 
     pub fn preset(preset: Preset, config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
@@ -242,7 +259,7 @@ impl ClipClassifier {
         struct Classes {
             num_classes: usize,
         }
-        let Classes { num_classes } = parse_config("clip-vit", config)?;
+        let Classes { num_classes } = parse_config(FAMILY, config)?;
         Ok(Arc::new(Self::new(ClipVitConfig::preset(
             preset,
             num_classes,
@@ -252,91 +269,13 @@ impl ClipClassifier {
     /// The pooled, projected image features before normalisation (n × projection_dim):
     /// `CLIPModel.get_image_features`.
     pub fn image_features(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
-        let p = Params::new("clip-vit", &self.layout, &self.index, params)?;
-        let c = &self.config;
-        let dtype = params[0].dtype();
-        let x = images.to_dtype(dtype)?;
-        let (n, ch, h, w) = x.dims4()?;
-        if ch != c.num_channels || h != c.image_size || w != c.image_size {
-            return Err(ModelError::config(
-                "clip-vit",
-                format!(
-                    "images are {ch}×{h}×{w}, the model takes {}×{}×{}",
-                    c.num_channels, c.image_size, c.image_size
-                ),
-            ));
-        }
-        let e = c.hidden_size;
-        let ps = c.patch_size;
-        let g = c.image_size / ps;
-        // Patch embedding as reshape + matmul (a stride-p convolution without bias).
-        let patches = x
-            .reshape((n, ch, g, ps, g, ps))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((n * g * g, ch * ps * ps))?;
-        let kernel = p
-            .get("vision_model.embeddings.patch_embedding.weight")
-            .reshape((e, ch * ps * ps))?;
-        let patch_embeds = linear(&patches, &kernel, None)?.reshape((n, g * g, e))?;
-        let class = p
-            .get("vision_model.embeddings.class_embedding")
-            .reshape((1, 1, e))?
-            .broadcast_as((n, 1, e))?;
-        let mut hidden = Tensor::cat(&[&class, &patch_embeds], 1)?
-            .broadcast_add(p.get("vision_model.embeddings.position_embedding.weight"))?;
-        let ln = |x: &Tensor, name: &str| {
-            layer_norm(
-                x,
-                p.get(&format!("{name}.weight")),
-                p.get(&format!("{name}.bias")),
-                c.layer_norm_eps,
-            )
-        };
-        let lin = |x: &Tensor, name: &str| {
-            linear(
-                x,
-                p.get(&format!("{name}.weight")),
-                Some(p.get(&format!("{name}.bias"))),
-            )
-        };
-        hidden = ln(&hidden, "vision_model.pre_layrnorm")?;
-        let heads = c.num_attention_heads;
-        let scale = ((e / heads) as f64).powf(-0.5);
-        for i in 0..c.num_hidden_layers {
-            let l = format!("vision_model.encoder.layers.{i}");
-            let residual = hidden.clone();
-            let x = ln(&hidden, &format!("{l}.layer_norm1"))?;
-            // q, k and v in one product: the three projections stacked (a 3e × e copy per layer).
-            let proj = |part: &str| format!("{l}.self_attn.{part}");
-            let w = Tensor::cat(
-                &[
-                    p.get(&proj("q_proj.weight")),
-                    p.get(&proj("k_proj.weight")),
-                    p.get(&proj("v_proj.weight")),
-                ],
-                0,
-            )?;
-            let b = Tensor::cat(
-                &[
-                    p.get(&proj("q_proj.bias")),
-                    p.get(&proj("k_proj.bias")),
-                    p.get(&proj("v_proj.bias")),
-                ],
-                0,
-            )?;
-            let out = attention(&linear(&x, &w, Some(&b))?, heads, scale)?;
-            hidden = (residual + lin(&out, &format!("{l}.self_attn.out_proj"))?)?;
-            let residual = hidden.clone();
-            let x = ln(&hidden, &format!("{l}.layer_norm2"))?;
-            let x = lin(
-                &quick_gelu(&lin(&x, &format!("{l}.mlp.fc1"))?)?,
-                &format!("{l}.mlp.fc2"),
-            )?;
-            hidden = (residual + x)?;
-        }
-        let pooled = ln(
+        let p = self.vit.params(params)?;
+        let hidden = self.vit.hidden_states(&p, images, params[0].dtype())?;
+        let pooled = layer_norm(
             &hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            "vision_model.post_layernorm",
+            p.get("vision_model.post_layernorm.weight"),
+            p.get("vision_model.post_layernorm.bias"),
+            self.config.layer_norm_eps,
         )?;
         Ok(linear(&pooled, p.get("visual_projection.weight"), None)?)
     }
@@ -344,7 +283,7 @@ impl ClipClassifier {
 
 impl Architecture for ClipClassifier {
     fn family(&self) -> &'static str {
-        "clip-vit"
+        FAMILY
     }
 
     fn config(&self) -> serde_json::Value {
@@ -366,23 +305,12 @@ impl Architecture for ClipClassifier {
     }
 
     fn layout(&self) -> &ParamLayout {
-        &self.layout
+        &self.vit.layout
     }
 
     fn input(&self) -> InputSpec {
-        let c = &self.config;
-        let pick = |given: &Option<Vec<f32>>, clip: [f32; 3], grey: f32| match given {
-            Some(v) => v.clone(),
-            None if c.num_channels == 3 => clip.to_vec(),
-            None => vec![grey; c.num_channels],
-        };
-        InputSpec {
-            channels: c.num_channels,
-            height: c.image_size,
-            width: c.image_size,
-            mean: pick(&c.image_mean, CLIP_MEAN, 0.5),
-            std: pick(&c.image_std, CLIP_STD, 0.5),
-        }
+        let given = (&self.config.image_mean, &self.config.image_std);
+        InputSpec::Images(self.vit.image_spec(given, (CLIP_MEAN, CLIP_STD)))
     }
 
     fn num_classes(&self) -> usize {
@@ -393,7 +321,7 @@ impl Architecture for ClipClassifier {
         let features = self.image_features(params, images)?;
         let norm = features.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
         let features = features.broadcast_div(&norm)?;
-        let p = Params::new("clip-vit", &self.layout, &self.index, params)?;
+        let p = self.vit.params(params)?;
         Ok(linear(
             &features,
             p.get("classification_head.weight"),
@@ -401,12 +329,8 @@ impl Architecture for ClipClassifier {
         )?)
     }
 
-    /// The key biases: q·(k + b) = q·k + q·b adds the same q·b to every score of a query, which
-    /// softmax cancels, so their gradient is zero (up to rounding).
     fn zero_gradient_tensors(&self) -> Vec<String> {
-        (0..self.config.num_hidden_layers)
-            .map(|l| format!("vision_model.encoder.layers.{l}.self_attn.k_proj.bias"))
-            .collect()
+        self.vit.key_biases()
     }
 
     fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
@@ -414,19 +338,14 @@ impl Architecture for ClipClassifier {
     }
 
     fn tape(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Box<dyn Tape>>> {
-        if !tape::supported(params) {
-            return Ok(None);
-        }
-        Ok(Some(match params[0].dtype() {
-            DType::F64 => Box::new(backward::ClipTape::<f64>::forward(self, params, images)?),
-            _ => Box::new(backward::ClipTape::<f32>::forward(self, params, images)?),
-        }))
+        vit::tape(self, params, images)
     }
 
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
         let mut rng = SplitMix64::new(seed);
         let e = self.config.hidden_size as f64;
-        self.layout
+        self.vit
+            .layout
             .tensors
             .iter()
             .map(|t| {

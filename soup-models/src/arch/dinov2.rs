@@ -10,20 +10,20 @@
 //! tokens]. The mask token of self-supervised pre-training is not part of the classifier
 //! (`use_mask_token: false` in the config soup writes; a checkpoint's `mask_token` is ignored).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{ParamLayout, TensorSpec};
 
-use super::tape::{self, Tape};
-use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params};
+use super::tape::{encoder, Tape};
+use super::vit::{self, LayerNames, Vit, VitSizes};
+use super::{filled, index_of, normal, parse_config, Architecture, InputSpec};
 use crate::error::{ModelError, Result};
-use crate::ops::{attention, gelu, layer_norm, linear};
+use crate::ops::{layer_norm, linear};
 
-mod backward;
+mod head;
 
 /// ImageNet's per-channel mean and standard deviation (DINOv2's preprocessing).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -132,16 +132,24 @@ impl Dinov2Config {
         Ok(config)
     }
 
+    /// The encoder's sizes.
+    fn sizes(&self) -> VitSizes {
+        VitSizes {
+            channels: self.num_channels,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            width: self.hidden_size,
+            mlp_width: self.hidden_size * self.mlp_ratio,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            activation: encoder::Activation::Gelu,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let err = |d: &str| Err(ModelError::config(FAMILY, d));
         if self.hidden_act != "gelu" {
             return err("only hidden_act = gelu (the exact GELU) is supported");
-        }
-        if self.patch_size == 0
-            || self.image_size == 0
-            || !self.image_size.is_multiple_of(self.patch_size)
-        {
-            return err("image_size must be a positive multiple of patch_size");
         }
         if [
             self.hidden_size,
@@ -166,20 +174,8 @@ impl Dinov2Config {
         {
             return err("a size is beyond 2^20: not a real model");
         }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return err("layer_norm_eps must be a positive number");
-        }
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
-            return err("hidden_size must be a multiple of num_attention_heads");
-        }
-        for v in [&self.image_mean, &self.image_std].into_iter().flatten() {
-            if v.len() != self.num_channels {
-                return err("image_mean and image_std need one entry per channel");
-            }
-        }
-        Ok(())
+        let given = (&self.image_mean, &self.image_std);
+        vit::validate(FAMILY, &self.sizes(), self.layer_norm_eps, given)
     }
 
     /// Tokens per image: the CLS token and one per patch.
@@ -192,19 +188,44 @@ impl Dinov2Config {
 #[derive(Debug)]
 pub struct Dinov2Classifier {
     pub config: Dinov2Config,
-    layout: ParamLayout,
-    index: HashMap<String, usize>,
+    vit: Vit,
 }
 
 impl Dinov2Classifier {
     pub fn new(config: Dinov2Config) -> Result<Self> {
         config.validate()?;
         let layout = dinov2_layout(&config);
-        Ok(Self {
+        let layer = [
+            "norm1",
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+            "norm2",
+            "mlp.fc1",
+            "mlp.fc2",
+        ];
+        let layers = (0..config.num_hidden_layers).map(|i| {
+            let l = format!("dinov2.encoder.layer.{i}");
+            let scale = |j: usize| format!("{l}.layer_scale{j}.lambda1");
+            LayerNames::new(&l, layer, Some((scale(1), scale(2))))
+        });
+        let emb = "dinov2.embeddings";
+        let vit = Vit {
+            family: FAMILY,
+            sizes: config.sizes(),
+            patch: (
+                format!("{emb}.patch_embeddings.projection.weight"),
+                Some(format!("{emb}.patch_embeddings.projection.bias")),
+            ),
+            first: format!("{emb}.cls_token"),
+            position: format!("{emb}.position_embeddings"),
+            pre_norm: None,
+            layers: layers.collect(),
             index: index_of(&layout),
             layout,
-            config,
-        })
+        };
+        Ok(Self { config, vit })
     }
 
     pub fn from_config(config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
@@ -214,86 +235,14 @@ impl Dinov2Classifier {
     /// The final hidden states after the last LayerNorm (n × tokens × width): transformers'
     /// `Dinov2Model(...).last_hidden_state`.
     pub fn last_hidden_state(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
-        let p = Params::new(FAMILY, &self.layout, &self.index, params)?;
-        let c = &self.config;
-        let x = images.to_dtype(params[0].dtype())?;
-        let (n, ch, h, w) = x.dims4()?;
-        if ch != c.num_channels || h != c.image_size || w != c.image_size {
-            return Err(ModelError::config(
-                FAMILY,
-                format!(
-                    "images are {ch}×{h}×{w}, the model takes {}×{}×{}",
-                    c.num_channels, c.image_size, c.image_size
-                ),
-            ));
-        }
-        let e = c.hidden_size;
-        let ps = c.patch_size;
-        let g = c.image_size / ps;
-        // Patch embedding as reshape + matmul (a stride-p convolution with bias).
-        let patches = x
-            .reshape((n, ch, g, ps, g, ps))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((n * g * g, ch * ps * ps))?;
-        let emb = "dinov2.embeddings";
-        let kernel = p
-            .get(&format!("{emb}.patch_embeddings.projection.weight"))
-            .reshape((e, ch * ps * ps))?;
-        let bias = p.get(&format!("{emb}.patch_embeddings.projection.bias"));
-        let patch_embeds = linear(&patches, &kernel, Some(bias))?.reshape((n, g * g, e))?;
-        let cls = p.get(&format!("{emb}.cls_token")).broadcast_as((n, 1, e))?;
-        let mut hidden = Tensor::cat(&[&cls, &patch_embeds], 1)?
-            .broadcast_add(p.get(&format!("{emb}.position_embeddings")))?;
-        let ln = |x: &Tensor, name: &str| {
-            layer_norm(
-                x,
-                p.get(&format!("{name}.weight")),
-                p.get(&format!("{name}.bias")),
-                c.layer_norm_eps,
-            )
-        };
-        let lin = |x: &Tensor, name: &str| {
-            linear(
-                x,
-                p.get(&format!("{name}.weight")),
-                Some(p.get(&format!("{name}.bias"))),
-            )
-        };
-        let heads = c.num_attention_heads;
-        let scale = ((e / heads) as f64).powf(-0.5);
-        for i in 0..c.num_hidden_layers {
-            let l = format!("dinov2.encoder.layer.{i}");
-            let x = ln(&hidden, &format!("{l}.norm1"))?;
-            // q, k and v in one product: the three projections stacked.
-            let proj =
-                |part: &str, wb: &str| p.get(&format!("{l}.attention.attention.{part}.{wb}"));
-            let w = Tensor::cat(
-                &[
-                    proj("query", "weight"),
-                    proj("key", "weight"),
-                    proj("value", "weight"),
-                ],
-                0,
-            )?;
-            let b = Tensor::cat(
-                &[
-                    proj("query", "bias"),
-                    proj("key", "bias"),
-                    proj("value", "bias"),
-                ],
-                0,
-            )?;
-            let out = attention(&linear(&x, &w, Some(&b))?, heads, scale)?;
-            let out = lin(&out, &format!("{l}.attention.output.dense"))?;
-            hidden = (hidden + out.broadcast_mul(p.get(&format!("{l}.layer_scale1.lambda1")))?)?;
-            let x = ln(&hidden, &format!("{l}.norm2"))?;
-            let x = lin(
-                &gelu(&lin(&x, &format!("{l}.mlp.fc1"))?)?,
-                &format!("{l}.mlp.fc2"),
-            )?;
-            hidden = (hidden + x.broadcast_mul(p.get(&format!("{l}.layer_scale2.lambda1")))?)?;
-        }
-        Ok(ln(&hidden, "dinov2.layernorm")?)
+        let p = self.vit.params(params)?;
+        let hidden = self.vit.hidden_states(&p, images, params[0].dtype())?;
+        Ok(layer_norm(
+            &hidden,
+            p.get("dinov2.layernorm.weight"),
+            p.get("dinov2.layernorm.bias"),
+            self.config.layer_norm_eps,
+        )?)
     }
 
     /// What the head reads (n × 2·width): [CLS ‖ mean of the patch tokens] of the last hidden
@@ -348,23 +297,12 @@ impl Architecture for Dinov2Classifier {
     }
 
     fn layout(&self) -> &ParamLayout {
-        &self.layout
+        &self.vit.layout
     }
 
     fn input(&self) -> InputSpec {
-        let c = &self.config;
-        let pick = |given: &Option<Vec<f32>>, imagenet: [f32; 3], grey: f32| match given {
-            Some(v) => v.clone(),
-            None if c.num_channels == 3 => imagenet.to_vec(),
-            None => vec![grey; c.num_channels],
-        };
-        InputSpec {
-            channels: c.num_channels,
-            height: c.image_size,
-            width: c.image_size,
-            mean: pick(&c.image_mean, IMAGENET_MEAN, 0.5),
-            std: pick(&c.image_std, IMAGENET_STD, 0.5),
-        }
+        let given = (&self.config.image_mean, &self.config.image_std);
+        InputSpec::Images(self.vit.image_spec(given, (IMAGENET_MEAN, IMAGENET_STD)))
     }
 
     fn num_classes(&self) -> usize {
@@ -373,7 +311,7 @@ impl Architecture for Dinov2Classifier {
 
     fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
         let features = self.head_input(params, images)?;
-        let p = Params::new(FAMILY, &self.layout, &self.index, params)?;
+        let p = self.vit.params(params)?;
         Ok(linear(
             &features,
             p.get("classifier.weight"),
@@ -386,28 +324,19 @@ impl Architecture for Dinov2Classifier {
     }
 
     fn tape(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Box<dyn Tape>>> {
-        if !tape::supported(params) {
-            return Ok(None);
-        }
-        Ok(Some(match params[0].dtype() {
-            DType::F64 => Box::new(backward::Dinov2Tape::<f64>::forward(self, params, images)?),
-            _ => Box::new(backward::Dinov2Tape::<f32>::forward(self, params, images)?),
-        }))
+        vit::tape(self, params, images)
     }
 
-    /// The key biases: q·(k + b) = q·k + q·b adds the same q·b to every score of a query, which
-    /// softmax cancels, so their gradient is zero (up to rounding).
     fn zero_gradient_tensors(&self) -> Vec<String> {
-        (0..self.config.num_hidden_layers)
-            .map(|l| format!("dinov2.encoder.layer.{l}.attention.attention.key.bias"))
-            .collect()
+        self.vit.key_biases()
     }
 
     /// transformers' initialisation: weights N(0, 0.02²) (it truncates at ±2σ), biases 0,
     /// LayerNorms 1 and 0, LayerScale 1.
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
         let mut rng = SplitMix64::new(seed);
-        self.layout
+        self.vit
+            .layout
             .tensors
             .iter()
             .map(|t| {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{ParamLayout, TensorSpec};
 
-use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params};
+use super::{filled, index_of, normal, parse_config, Architecture, ImageSpec, InputSpec, Params};
 use crate::error::{ModelError, Result};
 use crate::ops::linear;
 
@@ -93,13 +93,13 @@ impl Architecture for Mlp {
 
     fn input(&self) -> InputSpec {
         let [channels, height, width] = self.config.input;
-        InputSpec {
+        InputSpec::Images(ImageSpec {
             channels,
             height,
             width,
             mean: vec![0.5; channels],
             std: vec![0.5; channels],
-        }
+        })
     }
 
     fn num_classes(&self) -> usize {

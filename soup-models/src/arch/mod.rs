@@ -1,9 +1,15 @@
-//! Architecture plugins: a model family is a file in this folder plus a line in [`REGISTRY`].
+//! Architecture plugins: a model family is a file (or a folder) here plus a line in
+//! [`REGISTRY`]. A family describes its tensors ([`Architecture::layout`]), what it reads
+//! ([`InputSpec`]: images or tokens), its forward pass as candle ops, and optionally a
+//! hand-written pass on slices ([`tape`]) that computes its loss ([`tape::Target`]) and every
+//! gradient in one go. The transformer layers the families share live in [`tape`] (on slices)
+//! and `vit` (the ViT encoder of CLIP and DINOv2, both ways).
 
 pub mod clip;
 pub mod dinov2;
 pub mod mlp;
 pub mod tape;
+pub(crate) mod vit;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,9 +20,27 @@ use soup_core::ParamLayout;
 
 use crate::error::{ModelError, Result};
 
+/// What a model reads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InputSpec {
+    /// Images, n × channels × height × width (f32, normalised).
+    Images(ImageSpec),
+    /// Token ids, n × sequence (u32).
+    Tokens(TokenSpec),
+}
+
+/// How token sequences must be for a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenSpec {
+    /// Ids run from 0 to `vocab_size` − 1.
+    pub vocab_size: usize,
+    /// The longest sequence the model's positions cover.
+    pub max_positions: usize,
+}
+
 /// How images must be prepared for a model: shape and per-channel normalisation.
 #[derive(Clone, Debug, PartialEq)]
-pub struct InputSpec {
+pub struct ImageSpec {
     pub channels: usize,
     pub height: usize,
     pub width: usize,
@@ -26,7 +50,8 @@ pub struct InputSpec {
     pub std: Vec<f32>,
 }
 
-/// An image classifier whose parameters are an ordered list of named tensors.
+/// A model whose parameters are an ordered list of named tensors: an image classifier, or a
+/// model of token sequences.
 pub trait Architecture: std::fmt::Debug + Send + Sync {
     /// The registry name of the family (`clip-vit`, `mlp`).
     fn family(&self) -> &'static str;
@@ -39,11 +64,26 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     }
     /// Parameter names and shapes, in the order `forward` takes them.
     fn layout(&self) -> &ParamLayout;
+    /// What the model reads.
     fn input(&self) -> InputSpec;
+    /// How images must be prepared for the model; an error naming the family when it reads
+    /// something else.
+    fn image_input(&self) -> Result<ImageSpec> {
+        match self.input() {
+            InputSpec::Images(spec) => Ok(spec),
+            InputSpec::Tokens(_) => Err(ModelError::config(
+                self.family(),
+                "the model reads token sequences, not images",
+            )),
+        }
+    }
+    /// The logits' last dimension: the classes of a classifier, the vocabulary of a model of
+    /// token sequences.
     fn num_classes(&self) -> usize;
-    /// Logits (n × classes) of normalised images (n × channels × height × width), differentiable
-    /// with respect to every parameter.
-    fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor>;
+    /// Logits of `inputs`, differentiable with respect to every parameter: n × classes for
+    /// normalised images (n × channels × height × width); n × sequence × vocabulary for tokens
+    /// (n × sequence).
+    fn forward(&self, params: &[Tensor], inputs: &Tensor) -> Result<Tensor>;
     /// Per-example features the head reads (n × width), for export; `None` where the
     /// architecture has no such layer to offer. CLIP: the projected image features before
     /// normalisation (transformers' `image_embeds`).
@@ -67,10 +107,11 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     /// A seeded random initialisation (f32), for training from scratch.
     fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
 
-    /// The logits of `images` by a forward pass kept for this family's hand-written backward
-    /// (`arch/tape`), or `None` where there is none for these tensors (another family, a GPU,
-    /// another dtype): then autograd through [`Self::forward`] is the way.
-    fn tape(&self, _params: &[Tensor], _images: &Tensor) -> Result<Option<Box<dyn tape::Tape>>> {
+    /// A forward pass of `inputs` kept for this family's hand-written backward (`arch/tape`),
+    /// which computes the loss and every gradient ([`tape::Tape::loss_backward`]), or `None`
+    /// where there is none for these tensors (another family, a GPU, another dtype): then
+    /// autograd through [`Self::forward`] is the way.
+    fn tape(&self, _params: &[Tensor], _inputs: &Tensor) -> Result<Option<Box<dyn tape::Tape>>> {
         Ok(None)
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::{check_input, decode_image, prepare_one, square_rgb, Preprocess};
-use crate::arch::InputSpec;
+use crate::arch::ImageSpec;
 use crate::error::{ModelError, Result};
 
 /// Examples that can be prepared one at a time.
@@ -29,12 +29,12 @@ pub trait ImageSource: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct FolderSource {
     files: Vec<PathBuf>,
-    input: InputSpec,
+    input: ImageSpec,
     preprocess: Preprocess,
 }
 
 impl FolderSource {
-    pub fn new(files: Vec<PathBuf>, input: InputSpec, preprocess: Preprocess) -> Result<Self> {
+    pub fn new(files: Vec<PathBuf>, input: ImageSpec, preprocess: Preprocess) -> Result<Self> {
         check_input(&input, 3)?;
         Ok(Self {
             files,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use soup_core::rng::{derive_seed, permutation, SplitMix64};
 use soup_core::StepSchedule;
 
-use crate::arch::tape::cross_entropy_backward;
+use crate::arch::tape::Target;
 use crate::arch::Architecture;
 use crate::error::{ModelError, Result};
 use crate::ops::cross_entropy;
@@ -187,8 +187,11 @@ pub fn finetune_some(
             };
             let (value, mut grads) = match tape {
                 Some(tape) => {
-                    let (value, g) =
-                        cross_entropy_backward(tape, &labels, config.label_smoothing, 1.0)?;
+                    let target = Target::Classes {
+                        labels: &labels,
+                        label_smoothing: config.label_smoothing,
+                    };
+                    let (value, g) = tape.loss_backward(&target, 1.0)?;
                     let mut store = GradStore::default();
                     for (t, g) in tensors.iter().zip(g) {
                         store.insert(t, g);

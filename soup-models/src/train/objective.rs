@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use soup_core::rng::permutation;
 use soup_core::{Batch, Metrics, Objective};
 
+use crate::arch::tape::Target;
 use crate::arch::Architecture;
 use crate::data::stream::{ImageSource, Stream};
 use crate::ops::cross_entropy;
@@ -230,12 +231,11 @@ impl Objective for Classification {
         else {
             return soup_core::autograd_loss_and_grad(self, params, batch);
         };
-        Ok(crate::arch::tape::cross_entropy_backward(
-            tape,
-            &labels,
-            self.label_smoothing,
-            weight,
-        )?)
+        let target = Target::Classes {
+            labels: &labels,
+            label_smoothing: self.label_smoothing,
+        };
+        Ok(tape.loss_backward(&target, weight)?)
     }
 
     fn set_shard(&mut self, rank: usize, world: usize) -> soup_core::Result<()> {

@@ -160,16 +160,16 @@ impl Preset {
             lr: 0.01,
             learned_epochs: 1,
             sensitivity_b: if quick { vec![2] } else { vec![2, 4, 8] },
-            // Only b is swept at full size (its memory is the point): on 2 cores each MEHL+ run
-            // takes about 4 min, and the lr and inner-epoch sweeps would add 13 min.
+            // Only b is swept at full size (its memory is the point): the lr and inner-epoch
+            // sweeps would triple the preset's MEHL+ time on 2 cores (BENCHMARKS.md).
             sensitivity_lr: vec![0.01],
             sensitivity_epochs: vec![1],
         };
         if quick {
             common("dinov2-quick", 4, (200, 200), 1, vec![1])
         } else {
-            // Measured here: fine-tuning runs at about 23 images/s (batch 32), the frozen
-            // backbone's forward at about 160: 2,000 training images keep the zoo near 40 min.
+            // 2,000 training images keep the zoo within the preset's budget on 2 cores (the
+            // rates are in BENCHMARKS.md).
             common("dinov2", 16, (2000, 1000), 3, vec![1, 2, 3])
         }
     }
@@ -395,7 +395,7 @@ fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String>
     std::fs::write(&search, p.search).map_err(|e| e.to_string())?;
     let base = cache.join("base");
     // The start point is kept apart from the zoo: a fine-tuning interrupted after it continues
-    // from it instead of training it again (20 min for `fmnist`).
+    // from it instead of training it again.
     let base_stamp = cache.join("base-settings.txt");
     let base_key = format!(
         "version {CACHE_VERSION}\nstart {:?}\ntrain_examples {:?}",
@@ -682,9 +682,30 @@ fn run(p: &Preset) -> Result<(), String> {
     let t = Instant::now();
     let regime = regime(p, &runs, &models, &table1)?;
     phases.insert("regime", t.elapsed().as_secs_f64());
-    write_results(
-        p, &results, &runs, &table1, &table2, &fig2, &fig3, &bf16, &regime, &phases, started,
-    )
+    let tables = Tables {
+        table1: &table1,
+        table2: &table2,
+        fig2: &fig2,
+        fig3: &fig3,
+        bf16: &bf16,
+        regime: &regime,
+    };
+    write_results(p, &results, &runs, &tables, &phases, started)
+}
+
+/// What the reproduction's tables and figures are made of.
+struct Tables<'a> {
+    /// Every method's runs (one per seed).
+    table1: &'a [(String, Vec<Run>)],
+    /// (k best models removed, Greedy, MEHL+) test accuracy.
+    table2: &'a [(usize, f64, f64)],
+    /// (first k models, Greedy, MEHL+) test accuracy.
+    fig2: &'a [(usize, f64, f64)],
+    /// (knob, value, MEHL+ test accuracy).
+    fig3: &'a [(&'a str, f64, f64)],
+    /// MEHL+ with bf16 directions, one run per seed.
+    bf16: &'a [Run],
+    regime: &'a Regime,
 }
 
 /// Whether the zoo sits in the soup regime (one basin): the uniform soup's test accuracy minus the
@@ -729,15 +750,43 @@ fn write_results(
     p: &Preset,
     results: &Path,
     runs: &Path,
-    table1: &[(String, Vec<Run>)],
-    table2: &[(usize, f64, f64)],
-    fig2: &[(usize, f64, f64)],
-    fig3: &[(&str, f64, f64)],
-    bf16: &[Run],
-    regime: &Regime,
+    tables: &Tables,
     phases: &BTreeMap<&str, f64>,
     started: Instant,
 ) -> Result<(), String> {
+    let total = started.elapsed().as_secs_f64();
+    let md = results_markdown(p, tables, phases, total);
+    let write = |name: &str, text: &str| -> Result<(), String> {
+        let path = results.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write("results.md", &md)?;
+    write(
+        "results.json",
+        &serde_json::to_string_pretty(&results_json(p, tables, total))
+            .map_err(|e| e.to_string())?,
+    )?;
+    write_figures(p, results, runs, tables)?;
+    println!("{md}");
+    println!("results in {}", results.display());
+    Ok(())
+}
+
+/// `results.md`: the tables of the paper, the regime, the bf16 check and the wall time.
+fn results_markdown(
+    p: &Preset,
+    tables: &Tables,
+    phases: &BTreeMap<&str, f64>,
+    total: f64,
+) -> String {
+    let Tables {
+        table1,
+        table2,
+        fig2,
+        fig3,
+        bf16,
+        regime,
+    } = *tables;
     let mut md = String::new();
     let _ = writeln!(md, "# Reproduction: preset `{}`\n", p.name);
     let _ = writeln!(
@@ -850,7 +899,6 @@ fn write_results(
         );
     }
     let _ = writeln!(md);
-    let total = started.elapsed().as_secs_f64();
     let read_back = READ_BACK.load(std::sync::atomic::Ordering::Relaxed);
     let _ = writeln!(
         md,
@@ -870,11 +918,19 @@ fn write_results(
             .join(", ")
     );
 
-    let write = |name: &str, text: &str| -> Result<(), String> {
-        let path = results.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
-    };
-    write("results.md", &md)?;
+    md
+}
+
+/// `results.json`: every run's numbers.
+fn results_json(p: &Preset, tables: &Tables, total: f64) -> Value {
+    let Tables {
+        table1,
+        table2,
+        fig2,
+        fig3,
+        bf16,
+        regime,
+    } = *tables;
     let runs_json: Vec<Value> = table1
         .iter()
         .map(|(name, rs)| {
@@ -885,7 +941,7 @@ fn write_results(
             })).collect::<Vec<_>>()})
         })
         .collect();
-    let all = json!({
+    json!({
         "preset": p.name, "models": p.n, "seeds": p.seeds,
         "table1": runs_json,
         "regime": json!({
@@ -897,11 +953,16 @@ fn write_results(
         "figure3": fig3.iter().map(|(k, v, a)| json!({"knob": k, "value": v, "test": a})).collect::<Vec<_>>(),
         "mehl+_bf16_directions": bf16.iter().map(Run::to_json).collect::<Vec<_>>(),
         "wall_time_s": total,
-    });
-    write(
-        "results.json",
-        &serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?,
-    )?;
+    })
+}
+
+/// Figures 1–3 as SVG.
+fn write_figures(p: &Preset, results: &Path, runs: &Path, tables: &Tables) -> Result<(), String> {
+    let write = |name: &str, text: &str| -> Result<(), String> {
+        let path = results.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let (fig2, fig3) = (tables.fig2, tables.fig3);
     let series = vec![
         (
             "Greedy".to_string(),
@@ -954,8 +1015,6 @@ fn write_results(
         std::fs::copy(&from, results.join(format!("fig1-{method}.svg")))
             .map_err(|e| format!("{}: {e}", from.display()))?;
     }
-    println!("{md}");
-    println!("results in {}", results.display());
     Ok(())
 }
 

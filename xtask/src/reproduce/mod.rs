@@ -175,11 +175,7 @@ pub(crate) fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String>
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The figures, drawn by the same code as `soup`'s (one std-only file, included by path).
-#[allow(dead_code)]
-#[path = "../../../soup-cli/src/svg.rs"]
-mod svg;
-pub(crate) use svg::{line_chart, CHART_SIZE};
+pub(crate) use soup_svg::{line_chart, CHART_SIZE};
 
 pub fn reproduce(args: &[String]) -> Result<(), String> {
     let mut preset = "fmnist".to_string();

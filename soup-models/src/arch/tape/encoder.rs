@@ -26,7 +26,7 @@ pub(crate) struct LayerIndex {
 }
 
 /// The MLP's activation.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum Activation {
     /// x·σ(1.702 x) (CLIP).
     QuickGelu,
@@ -36,7 +36,7 @@ pub(crate) enum Activation {
 
 /// Shapes of one pass: images n, tokens t, width e, MLP width f, heads, the attention scale,
 /// LayerNorm's ε and the activation.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct LayerShape {
     pub n: usize,
     pub t: usize,

@@ -1,9 +1,12 @@
-//! Hand-written whole-model backward passes (issue [perf-2], item 2): a forward pass on plain
-//! slices that keeps what its backward needs, and a backward that writes every parameter's
+//! Hand-written whole-model backward passes: a forward pass on plain slices that keeps what its
+//! backward needs, the loss against a [`Target`], and a backward that writes every parameter's
 //! gradient once, into one buffer of the whole layout, with no autograd graph and no per-node
 //! gradient store. candle's autograd through [`super::Architecture::forward`] stays the reference
 //! they are tested against, with golden gradients of PyTorch's autograd (`tests/tape.rs`, f64,
 //! every tensor).
+//!
+//! The layers families share are here on slices (`encoder`: the pre-norm transformer layer);
+//! a family's tape composes them with its own embedding and head (`super::vit`).
 
 use candle_core::{DType, Storage, Tensor, WithDType};
 use soup_core::ParamLayout;
@@ -13,14 +16,61 @@ use crate::ops::cpu::Real;
 
 pub(crate) mod encoder;
 
+/// What a loss compares a model's logits with.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// One class per example (n labels against n × classes logits), cross-entropy with label
+    /// smoothing ε.
+    Classes {
+        labels: &'a [u32],
+        label_smoothing: f64,
+    },
+    /// The next token at every position of n × t token sequences (n × t × vocabulary logits):
+    /// position j predicts token j + 1, and the last position predicts nothing. `mask`, where
+    /// given (n × t), marks the real tokens: a position counts only when it and the token it
+    /// predicts are real. The loss is the mean over the positions that count.
+    NextTokens {
+        tokens: &'a [u32],
+        mask: Option<&'a [bool]>,
+    },
+}
+
 /// A forward pass kept for its backward.
 pub trait Tape {
-    /// The logits (n × classes), not part of any autograd graph.
+    /// The logits (n × classes, or n × t × vocabulary), not part of any autograd graph.
     fn logits(&self) -> &Tensor;
 
     /// The gradients of ⟨dlogits, logits⟩ with respect to every parameter, in layout order, with
     /// the parameters' shapes and dtype (views into one buffer of the whole layout).
     fn backward(self: Box<Self>, dlogits: &Tensor) -> Result<Vec<Tensor>>;
+
+    /// The loss of the logits against `target` times `weight`, and the gradients of that with
+    /// respect to every parameter. By default the cross-entropy of [`Self::logits`] computed in
+    /// f64, then [`Self::backward`]; a family whose head is best fused with its loss (a
+    /// vocabulary-sized one) overrides this.
+    fn loss_backward(self: Box<Self>, target: &Target, weight: f64) -> Result<(f64, Vec<Tensor>)> {
+        let logits = self.logits();
+        let (dims, k) = (logits.dims().to_vec(), logits.dim(candle_core::D::Minus1)?);
+        let values = logits
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let (loss, mut dlogits) = match *target {
+            Target::Classes {
+                labels,
+                label_smoothing,
+            } => cross_entropy_and_grad(&values, k, labels, label_smoothing),
+            Target::NextTokens { tokens, mask } => {
+                let t = dims.get(1).copied().unwrap_or(1);
+                next_token_and_grad(&values, (t, k), tokens, mask)
+            }
+        };
+        for v in &mut dlogits {
+            *v *= weight;
+        }
+        let dlogits = Tensor::from_vec(dlogits, dims, logits.device())?.to_dtype(logits.dtype())?;
+        Ok((loss * weight, self.backward(&dlogits)?))
+    }
 }
 
 /// Whether every tensor suits the hand-written passes: on the CPU, contiguous, all f32 or all f64.
@@ -150,27 +200,35 @@ pub fn cross_entropy_and_grad(
     (loss / n.max(1) as f64, grad)
 }
 
-/// The mean cross-entropy of a tape's logits against `labels` (label smoothing ε) times
-/// `weight`, and the gradients of that with respect to every parameter, by the tape's backward.
-pub fn cross_entropy_backward(
-    tape: Box<dyn Tape>,
-    labels: &[u32],
-    label_smoothing: f64,
-    weight: f64,
-) -> Result<(f64, Vec<Tensor>)> {
-    let logits = tape.logits();
-    let k = logits.dim(1)?;
-    let values = logits
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
-    let (loss, mut dlogits) = cross_entropy_and_grad(&values, k, labels, label_smoothing);
-    for v in &mut dlogits {
-        *v *= weight;
+/// The mean next-token cross-entropy of `logits` (n·t rows of `k`: n sequences of t positions)
+/// against the sequences `tokens` (n × t) over the positions that count ([`Target::NextTokens`]),
+/// in f64, and its gradient with respect to the logits (zero at the positions that do not count).
+pub fn next_token_and_grad(
+    logits: &[f64],
+    (t, k): (usize, usize),
+    tokens: &[u32],
+    mask: Option<&[bool]>,
+) -> (f64, Vec<f64>) {
+    assert_eq!(logits.len(), tokens.len() * k);
+    let real = |i: usize| mask.is_none_or(|m| m[i]);
+    let counted: Vec<usize> = (0..tokens.len())
+        .filter(|&i| (i + 1) % t != 0 && real(i) && real(i + 1))
+        .collect();
+    let n = counted.len().max(1) as f64;
+    let mut grad = vec![0.0; logits.len()];
+    let mut loss = 0.0;
+    for &i in &counted {
+        let row = &logits[i * k..(i + 1) * k];
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_sum = row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+        let target = tokens[i + 1] as usize;
+        loss -= row[target] - log_sum;
+        for (j, (g, &v)) in grad[i * k..(i + 1) * k].iter_mut().zip(row).enumerate() {
+            let onehot = if j == target { 1.0 } else { 0.0 };
+            *g = ((v - log_sum).exp() - onehot) / n;
+        }
     }
-    let dlogits =
-        Tensor::from_vec(dlogits, (labels.len(), k), logits.device())?.to_dtype(logits.dtype())?;
-    Ok((loss * weight, tape.backward(&dlogits)?))
+    (loss / n, grad)
 }
 
 /// Checks a ViT's input (n × channels × size × size images, one tensor per layout entry) and
@@ -278,4 +336,45 @@ pub(crate) fn backward_with<T: Real>(
         pass(p, &mut g, &dlogits);
     })?;
     grads.into_tensors(layout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The next-token loss is the classification loss of the positions that count, each labelled
+    /// with the token after it; its gradient matches central differences.
+    #[test]
+    fn the_next_token_loss_is_cross_entropy_of_the_shifted_tokens() {
+        let (n, t, k) = (2, 4, 5);
+        let mut rng = soup_core::rng::SplitMix64::new(7);
+        let logits = rng.normals(n * t * k);
+        let tokens: Vec<u32> = (0..n * t).map(|_| rng.below(k) as u32).collect();
+        // The second sequence is padded after its third token.
+        let mask: Vec<bool> = (0..n * t).map(|i| i != 7).collect();
+        let (loss, grad) = next_token_and_grad(&logits, (t, k), &tokens, Some(&mask));
+        // Positions 0, 1, 2 of the first sequence and 4, 5 of the second count.
+        let rows = [0usize, 1, 2, 4, 5];
+        let picked: Vec<f64> = rows
+            .iter()
+            .flat_map(|&i| logits[i * k..(i + 1) * k].to_vec())
+            .collect();
+        let labels: Vec<u32> = rows.iter().map(|&i| tokens[i + 1]).collect();
+        let (reference, _) = cross_entropy_and_grad(&picked, k, &labels, 0.0);
+        assert!((loss - reference).abs() < 1e-12, "{loss} {reference}");
+        for &i in &[3usize, 6, 7] {
+            assert!(grad[i * k..(i + 1) * k].iter().all(|&g| g == 0.0));
+        }
+        let h = 1e-6;
+        for j in 0..logits.len() {
+            let mut up = logits.clone();
+            up[j] += h;
+            let mut down = logits.clone();
+            down[j] -= h;
+            let fd = (next_token_and_grad(&up, (t, k), &tokens, Some(&mask)).0
+                - next_token_and_grad(&down, (t, k), &tokens, Some(&mask)).0)
+                / (2.0 * h);
+            assert!((fd - grad[j]).abs() < 1e-7, "{j}: {fd} {}", grad[j]);
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The f32 matrix products of the fused kernels through OpenBLAS's `cblas_sgemm` (cargo feature
-//! `openblas`: links the system's libopenblas; Debian `libopenblas-dev`). Measured 0.76–0.82×
-//! the `gemm` crate's time on the ViT-B/32 and DINOv2-S step shapes on an AVX-512 AMD EPYC
-//! (BENCHMARKS.md, "Matrix products"); results differ from the `gemm` crate's by rounding only.
+//! `openblas`: links the system's libopenblas; Debian `libopenblas-dev`), for CPUs where it beats
+//! the `gemm` crate (BENCHMARKS.md, "Matrix products"); results differ from the `gemm` crate's
+//! by rounding only.
 
 use std::ffi::c_int;
 

@@ -6,7 +6,7 @@
 //! transposed (a strided add). One node per layer operation, with backward passes that write
 //! contiguous results, multi-threaded with rayon, removes most of that (BENCHMARKS.md).
 //!
-//! Every op takes contiguous f32 or f64 tensors on the CPU ([`supported`]); `ops.rs` falls back to
+//! Every op takes contiguous f32 or f64 tensors on the CPU ([`supported`]); `crate::ops` falls back to
 //! the composed reference ops elsewhere. Each is tested against those references (values and
 //! gradients) in `tests/kernels.rs`.
 

@@ -2,15 +2,10 @@
 //! once per process from the CPU.
 //!
 //! The `gemm` crate (built with its `x86-v4` feature) picks its AVX-512 kernels whenever the CPU
-//! has `avx512f`, and so does soup, measured side by side (BENCHMARKS.md, "The `gemm` crate's
-//! AVX-512 kernels", "Issue [perf-2] on an Intel Xeon" and "… on an AMD EPYC Zen 4"): the ViT-B/32
-//! training step took 0.72–0.89× the AVX2 kernels' time on two Intel Xeons; on an AMD EPYC Zen 4
-//! (family 25, model 17) 0.99× at batch 8 and 0.96× at batch 32, and DINOv2-S/14's 0.97× and
-//! 0.90×, once a large row-major lhs is copied column-major first ([`transpose_lhs_first`]: the
-//! crate's AVX-512 packing of such an lhs halved the speed of the forward product of a ViT-B/32's
-//! second MLP layer). Before that copy the AVX-512 step measured 1.23× the AVX2 one on an AMD EPYC
-//! (12-01, generation not recorded). soup calls the kernels itself, for that copy and for the
-//! override:
+//! has `avx512f`, and so does soup: they were at least as fast as the AVX2 kernels on every CPU
+//! measured (BENCHMARKS.md, "The `gemm` crate's AVX-512 kernels"), once a large row-major lhs is
+//! copied column-major first ([`transpose_lhs_first`]). soup calls the kernels itself, for that
+//! copy and for the override:
 //!
 //! - AVX-512 kernels where the CPU has `avx512f`;
 //! - the AVX2/FMA kernels on other x86-64 CPUs with `fma`;
@@ -111,10 +106,8 @@ impl GemmKernels {
 /// (`lhs_cs` = 1, as W in the linear forward Y = X Wᵀ) with rows at least
 /// [`TRANSPOSE_MIN_ROW_STRIDE`] apart, and the product is large. Those kernels pack 64 such rows
 /// per panel, and rows 8 KiB or more apart (a multiple of 4 KiB: the same L1 sets) evict one
-/// another: on an AMD EPYC Zen 4, the ViT-B/32 MLP's second layer (k = 3072) ran at 79–98
-/// GFLOP/s against 187–210 with W stored transposed, and at 150–180 with this copy (the copy costs
-/// a pass over W). At k = 768 the copy costs more than it saves, and the AVX2 kernels (16-row
-/// panels) lose nothing (BENCHMARKS.md, "Issue [perf-2] on an AMD EPYC Zen 4").
+/// another, which the copy (one pass over W) avoids. For short rows the copy costs more than it
+/// saves, and the AVX2 kernels (16-row panels) do not suffer (BENCHMARKS.md, "Matrix products").
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn transpose_lhs_first(
     kernels: GemmKernels,

@@ -1,10 +1,9 @@
 //! Figures as plain SVG: the coefficients of a soup (α over blocks and models, the paper's
-//! Figure 1), its learning curve, and line charts (`cargo xtask reproduce` includes this file by
-//! path, so both draw alike). Hand-written rather than a plotting library: the viewer renders the
-//! text with its own fonts, so no font files are needed, and the figures are a few hundred lines
-//! of std. Every chart has axes with round tick values, a light grid, axis labels and a legend.
-//!
-//! std only: this file is compiled into `soup` and into `xtask`.
+//! Figure 1), its learning curve, and line charts. The `soup` binary and `cargo xtask reproduce`
+//! both draw with this crate, so their figures look alike. Hand-written rather than a plotting
+//! library: the viewer renders the text with its own fonts, so no font files are needed, and the
+//! figures are a few hundred lines of std. Every chart has axes with round tick values, a light
+//! grid, axis labels and a legend.
 
 use std::fmt::Write;
 
@@ -17,7 +16,6 @@ pub fn escape(text: &str) -> String {
 }
 
 /// Series colours (of `line_chart`, which `xtask` draws with), distinguishable in print and for the common colour-vision deficiencies.
-#[allow(dead_code)]
 const COLOURS: [&str; 6] = [
     "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
 ];
@@ -178,11 +176,9 @@ fn open(w: f64, h: f64, title: &str) -> String {
 }
 
 /// Width and height of a [`line_chart`], in px.
-#[allow(dead_code)]
 pub const CHART_SIZE: (f64, f64) = (680.0, 380.0);
 
 /// A line chart of named series of (x, y) points with a dot at every point (`xtask`'s figures).
-#[allow(dead_code)]
 pub fn line_chart(
     title: &str,
     xlabel: &str,

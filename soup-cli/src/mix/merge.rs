@@ -10,21 +10,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use soup_core::{run_mehl, Event, MehlOptions, Method, ModelStore, Objective, SoupResult};
-use soup_models::checkpoint::{atomic_write, write_safetensors};
+use soup_core::SoupResult;
+use soup_core::{run_mehl, Collective, Event, MergeMethod, ModelStore, Objective, RunOptions};
+use soup_models::checkpoint::write_safetensors;
 use soup_models::data::Split;
 use soup_models::train::multitask::{EncoderStore, MultiTask, Task, TaskLoss};
-use soup_models::{Architecture, Checkpoint, Classification, ModelError};
+use soup_models::{Architecture, Checkpoint, Classification};
 
+use super::args::MixArgs;
+use super::outputs::{memory_json, short_names, timings, write_coefficients, write_text, Scores};
 use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs, Progress};
 use crate::error::{CliError, Result};
-use crate::mix::{MixArgs, Scores};
 use crate::output::Output;
 use crate::recipe::{Recipe, TaskLossName};
-use crate::svg;
+use soup_svg as svg;
 
 /// The files a multi-task `soup mix` writes into OUT.
-pub const OUTPUTS: &[&str] = &[
+const OUTPUTS: &[&str] = &[
     "encoder.safetensors",
     "heads.safetensors",
     "tasks.json",
@@ -37,7 +39,7 @@ pub const OUTPUTS: &[&str] = &[
 ];
 
 /// The λ grid task arithmetic and TIES choose from on the held-out splits.
-pub const LAMBDAS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+const LAMBDAS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
 /// The tasks' data arguments: `--data` split at commas, one per task model.
 fn task_data(args: &MixArgs, tasks: usize) -> Result<Vec<DataArgs>> {
@@ -58,7 +60,7 @@ fn task_data(args: &MixArgs, tasks: usize) -> Result<Vec<DataArgs>> {
 }
 
 /// The paths a multi-task run reads (which OUT must not hold).
-pub fn inputs(args: &MixArgs) -> Vec<PathBuf> {
+fn inputs(args: &MixArgs) -> Vec<PathBuf> {
     let mut v = vec![args.zoo.clone()];
     v.extend(args.base.clone());
     v.extend(args.recipe.clone());
@@ -93,23 +95,40 @@ struct TaskScores {
     test: Scores,
 }
 
-/// The multi-task `soup mix`, once OUT is checked.
-pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> Result<()> {
-    let started = Instant::now();
-    let method = recipe.method();
-    if args.resume || args.dry_run {
+/// `soup mix` with a multi-task method, in one process.
+pub(super) fn mix(
+    args: &MixArgs,
+    recipe: Recipe,
+    kind: MergeMethod,
+    quiet: bool,
+    comm: &dyn Collective,
+) -> Result<()> {
+    if comm.world_size() > 1 {
         return Err(CliError::new(format!(
-            "{} does not take --resume or --dry-run",
-            method.name()
+            "{} runs in one process; over several processes soup mixes uniform, mehl and mehl+",
+            recipe.method().name()
         )));
     }
-    let base = args.base.clone().ok_or_else(|| {
-        CliError::new(format!(
-            "{} merges task models fine-tuned from one base: --base names it (θ_0)",
-            method.name()
-        ))
-    })?;
-    let t_load = Instant::now();
+    let inputs = inputs(args);
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    let mut output = Output::check(&args.out, "mix", OUTPUTS, &inputs, args.force, false)?;
+    let result = run(args, recipe, kind, quiet, &mut output);
+    if result.is_err() {
+        output.abandon();
+    }
+    result
+}
+
+/// The base, the task models as one store of encoders and heads, and their data sets.
+struct Loaded {
+    zoo: Vec<soup_models::Resolved>,
+    store: EncoderStore,
+    data: Vec<DataArgs>,
+    device: candle_core::Device,
+}
+
+/// Opens `--base` and the zoo's task models, with one data set per task.
+fn load(args: &MixArgs, base: &Path, quiet: bool) -> Result<Loaded> {
     let zoo = crate::manifest::resolve(&args.zoo, quiet)?;
     let k = zoo.len();
     if k == 0 {
@@ -119,20 +138,29 @@ pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> 
     let mut overrides = crate::manifest::arch_config(&args.zoo)?;
     overrides.extend(args.arch.map()?);
     let mut models: Vec<(PathBuf, Arc<dyn Architecture>)> = Vec::with_capacity(k + 1);
-    for path in std::iter::once(&base).chain(zoo.iter().map(|r| &r.path)) {
+    for path in std::iter::once(base).chain(zoo.iter().map(|r| r.path.as_path())) {
         let arch = Checkpoint::open(path)?.architecture_with(&overrides)?;
-        models.push((path.clone(), arch));
+        models.push((path.to_path_buf(), arch));
     }
     let device = args.device.open()?;
     let store = EncoderStore::new(models, &device)?;
-    let d = store.encoder.numel();
-    phase(
-        quiet,
-        &format!("base and {k} task models, encoder of {d} parameters; loading each task's data"),
-    );
+    Ok(Loaded {
+        zoo,
+        store,
+        data,
+        device,
+    })
+}
+
+/// Every task's held-out and test classification, with the task model's head.
+fn task_splits(
+    store: &EncoderStore,
+    data: &[DataArgs],
+    recipe: &Recipe,
+) -> Result<(Vec<Task>, Vec<Task>)> {
     let batch_size = recipe.batch_size.unwrap_or(16);
-    let mut heldout_tasks = Vec::with_capacity(k);
-    let mut test_tasks = Vec::with_capacity(k);
+    let mut heldout_tasks = Vec::with_capacity(data.len());
+    let mut test_tasks = Vec::with_capacity(data.len());
     for (i, d) in data.iter().enumerate() {
         let arch = store.models[i + 1].arch.clone();
         let head = store.head(i + 1)?;
@@ -152,6 +180,45 @@ pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> 
             });
         }
     }
+    Ok((heldout_tasks, test_tasks))
+}
+
+/// The multi-task `soup mix`, once OUT is checked.
+fn run(
+    args: &MixArgs,
+    recipe: Recipe,
+    kind: MergeMethod,
+    quiet: bool,
+    output: &mut Output,
+) -> Result<()> {
+    let started = Instant::now();
+    let method = recipe.method();
+    if args.resume || args.dry_run {
+        return Err(CliError::new(format!(
+            "{} does not take --resume or --dry-run",
+            method.name()
+        )));
+    }
+    let base = args.base.clone().ok_or_else(|| {
+        CliError::new(format!(
+            "{} merges task models fine-tuned from one base: --base names it (θ_0)",
+            method.name()
+        ))
+    })?;
+    let t_load = Instant::now();
+    let Loaded {
+        zoo,
+        store,
+        data,
+        device,
+    } = load(args, &base, quiet)?;
+    let k = zoo.len();
+    let d = store.encoder.numel();
+    phase(
+        quiet,
+        &format!("base and {k} task models, encoder of {d} parameters; loading each task's data"),
+    );
+    let (heldout_tasks, test_tasks) = task_splits(&store, &data, &recipe)?;
     let objective = |tasks: &Vec<Task>, loss| MultiTask {
         encoder: store.encoder.clone(),
         tasks: tasks.clone(),
@@ -164,8 +231,8 @@ pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> 
 
     let t_soup = Instant::now();
     let mut recipe = recipe;
-    let (result, grid) = match method {
-        Method::AdaMerging | Method::AdaMergingPlus => {
+    let (result, grid) = match kind {
+        MergeMethod::AdaMerging => {
             recipe.model_batch = Some(recipe.model_batch.unwrap_or(k).min(k));
             let config =
                 recipe.adamerging_config(&store.models[0].arch.zero_gradient_tensors(), 0)?;
@@ -183,7 +250,7 @@ pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> 
                 &store,
                 &mut train,
                 &config,
-                MehlOptions::new(&mut |e| {
+                RunOptions::new(&mut |e| {
                     if let Event::Step { record, .. } = e {
                         bar.inc(1);
                         bar.set_prefix(format!("loss {:.4}", record.loss));
@@ -193,8 +260,8 @@ pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> 
             bar.finish();
             (result, Vec::new())
         }
-        Method::TaskArithmetic | Method::Ties => {
-            let merged = if method == Method::Ties {
+        MergeMethod::TaskArithmetic | MergeMethod::Ties => {
+            let merged = if kind == MergeMethod::Ties {
                 soup_core::ties_merging(&store, 0, recipe.density.unwrap_or(0.2))?
             } else {
                 soup_core::task_arithmetic(&store, 0)?
@@ -219,9 +286,8 @@ pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> 
                     }
                 });
             let soup = merged.at(best.0)?;
-            (merged_result(method, &store, soup, best.0, k)?, grid)
+            (merged_result(kind, &recipe, &store, soup, best.0)?, grid)
         }
-        _ => unreachable!("a multi-task method"),
     };
     let soup_s = t_soup.elapsed().as_secs_f64();
 
@@ -273,26 +339,28 @@ pub fn run(args: &MixArgs, recipe: Recipe, quiet: bool, output: &mut Output) -> 
 /// arithmetic; TIES's coordinates do not follow one α, so its α records λ alone (α_0 = 1 − λ,
 /// the task models λ/K each, the weights of the merged task vector).
 fn merged_result(
-    method: Method,
+    kind: MergeMethod,
+    recipe: &Recipe,
     store: &EncoderStore,
     soup: Vec<candle_core::Tensor>,
     lambda: f64,
-    k: usize,
 ) -> Result<SoupResult> {
+    let k = store.len() - 1;
     let kf = k as f64;
+    let ties = kind == MergeMethod::Ties;
     let row: Vec<f64> = (0..=k)
-        .map(|j| match (j, method) {
-            (0, Method::Ties) => 1.0 - lambda,
-            (0, _) => 1.0 - kf * lambda,
-            (_, Method::Ties) => lambda / kf,
-            _ => lambda,
+        .map(|j| match (j, ties) {
+            (0, true) => 1.0 - lambda,
+            (0, false) => 1.0 - kf * lambda,
+            (_, true) => lambda / kf,
+            (_, false) => lambda,
         })
         .collect();
     let layout = store.layout(0)?;
     let blocks = soup_core::BlockCut::WHOLE.blocks(&layout)?;
     let model = 4 * layout.numel();
     Ok(SoupResult {
-        method: method.name().to_string(),
+        method: recipe.method().name().to_string(),
         model_names: (0..store.len()).map(|i| store.name(i)).collect(),
         soup,
         layout,
@@ -302,11 +370,7 @@ fn merged_result(
         evaluations: Vec::new(),
         timings: Default::default(),
         memory: soup_core::MemoryAccount {
-            models: if method == Method::Ties {
-                11 * model
-            } else {
-                4 * model
-            },
+            models: if ties { 11 * model } else { 4 * model },
             ..Default::default()
         },
     })
@@ -329,13 +393,7 @@ struct Written<'a> {
 
 impl Written<'_> {
     fn write(&self, dir: &Path) -> Result<()> {
-        let write = |name: &str, text: &str| -> Result<()> {
-            let path = dir.join(name);
-            atomic_write(&path, |tmp| {
-                std::fs::write(tmp, text).map_err(|e| ModelError::io(tmp, e))
-            })?;
-            Ok(())
-        };
+        let write = |name: &str, text: &str| write_text(dir, name, text);
         let (recipe, result, store) = (self.recipe, self.result, self.store);
         let method = recipe.method().name();
         let names: Vec<String> = std::iter::once(store.name(0))
@@ -386,26 +444,9 @@ impl Written<'_> {
             })
             .collect();
         write("tasks.json", &serde_json::to_string_pretty(&tasks)?)?;
-        let coefficients = crate::mix::Coefficients {
-            models: names.clone(),
-            blocks: result.blocks.iter().map(|b| b.name.clone()).collect(),
-            alpha: result.alpha.clone(),
-        };
-        write(
-            "coefficients.json",
-            &serde_json::to_string_pretty(&coefficients)?,
-        )?;
+        write_coefficients(dir, &names, result)?;
         let k = self.scores.len() as f64;
         let mean = |f: &dyn Fn(&TaskScores) -> f64| self.scores.iter().map(f).sum::<f64>() / k;
-        let mut timings: BTreeMap<String, f64> = self
-            .phases
-            .iter()
-            .map(|(p, s)| (p.to_string(), *s))
-            .collect();
-        for (p, s) in &result.timings.phases {
-            timings.insert(format!("soup.{p}"), *s);
-        }
-        let m = &result.memory;
         let report = serde_json::json!({
             "method": method,
             "base": names[0],
@@ -417,14 +458,10 @@ impl Written<'_> {
             "parameters": store.encoder.numel(),
             "blocks": result.blocks.len(),
             "time_s": self.started.elapsed().as_secs_f64(),
-            "timings_s": timings,
+            "timings_s": timings(&self.phases, result),
             "peak_rss_bytes": peak_rss_bytes(),
             "device": self.device,
-            "memory_account_bytes": {
-                "models": m.models, "directions": m.directions, "center": m.center,
-                "theta": m.theta, "gradient": m.gradient, "coefficients": m.coefficients,
-                "total": m.total(),
-            },
+            "memory_account_bytes": memory_json(&result.memory),
             "steps": result.history.len(),
             "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
                 "model_batch": e.model_batch, "global_step": e.global_step,
@@ -437,7 +474,7 @@ impl Written<'_> {
             "report.md",
             &self.markdown(mean(&|s| s.heldout.accuracy), mean(&|s| s.test.accuracy)),
         )?;
-        let short = crate::mix::short_names(&names);
+        let short = short_names(&names);
         write(
             "coefficients.svg",
             &svg::coefficients(

@@ -1,0 +1,31 @@
+//! `soup mix`: a soup of a zoo ([`soup`]: uniform, greedy, learned, MEHL), or a merge of task
+//! models fine-tuned from one base ([`merge`]: AdaMerging, task arithmetic, TIES), chosen by the
+//! method's [`Kind`] from soup-core's registry.
+//!
+//! Outputs go to `OUT.partial/` while the run lasts (MEHL saves its progress there after every
+//! model batch, which `--resume` continues from); the finished directory is renamed to OUT, so
+//! OUT is never half-written. The modules depend on one another in one direction: this one on
+//! `soup` and `merge`, those on `args` and `outputs` (and `soup` on `mehl` and `dry_run`).
+
+mod args;
+mod dry_run;
+mod mehl;
+mod merge;
+mod outputs;
+mod soup;
+
+use soup_core::{Collective, Kind};
+
+use crate::error::Result;
+
+pub use args::MixArgs;
+pub use outputs::Scores;
+
+/// `soup mix`: the recipe of `args`, then the method's run.
+pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
+    let recipe = args::resolve_recipe(args)?;
+    match recipe.method().kind() {
+        Kind::Soup(kind) => soup::mix(args, recipe, kind, quiet, comm),
+        Kind::Merge(kind) => merge::mix(args, recipe, kind, quiet, comm),
+    }
+}

@@ -1,0 +1,91 @@
+//! What every `soup mix` writes the same way: scores, coefficients, timings and the memory
+//! account, figures' labels, and text files written atomically.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use soup_core::{MemoryAccount, Metrics, SoupResult};
+use soup_models::checkpoint::atomic_write;
+use soup_models::ModelError;
+
+use crate::error::Result;
+
+/// Writes `text` to `dir/name`, atomically.
+pub(super) fn write_text(dir: &Path, name: &str, text: &str) -> Result<()> {
+    let path = dir.join(name);
+    atomic_write(&path, |tmp| {
+        std::fs::write(tmp, text).map_err(|e| ModelError::io(tmp, e))
+    })?;
+    Ok(())
+}
+
+/// Seconds per phase of the command (`phases`) and of the method (`soup.<phase>`).
+pub(super) fn timings(phases: &[(&str, f64)], result: &SoupResult) -> BTreeMap<String, f64> {
+    let mut timings: BTreeMap<String, f64> =
+        phases.iter().map(|(p, s)| (p.to_string(), *s)).collect();
+    for (p, s) in &result.timings.phases {
+        timings.insert(format!("soup.{p}"), *s);
+    }
+    timings
+}
+
+/// The method's byte account, as report.json records it.
+pub(super) fn memory_json(m: &MemoryAccount) -> serde_json::Value {
+    serde_json::json!({
+        "models": m.models, "directions": m.directions, "center": m.center,
+        "theta": m.theta, "gradient": m.gradient, "coefficients": m.coefficients,
+        "total": m.total(),
+    })
+}
+
+/// `coefficients.json` of `result` over `models`.
+pub(super) fn write_coefficients(dir: &Path, models: &[String], result: &SoupResult) -> Result<()> {
+    let coefficients = Coefficients {
+        models: models.to_vec(),
+        blocks: result.blocks.iter().map(|b| b.name.clone()).collect(),
+        alpha: result.alpha.clone(),
+    };
+    write_text(
+        dir,
+        "coefficients.json",
+        &serde_json::to_string_pretty(&coefficients)?,
+    )
+}
+
+/// α per block, as `coefficients.json` stores it.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Coefficients {
+    pub models: Vec<String>,
+    pub blocks: Vec<String>,
+    pub alpha: Vec<Vec<f64>>,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub struct Scores {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub count: usize,
+}
+
+impl From<Metrics> for Scores {
+    fn from(m: Metrics) -> Self {
+        Scores {
+            accuracy: m.accuracy.unwrap_or(f64::NAN),
+            loss: m.loss,
+            count: m.count,
+        }
+    }
+}
+
+/// The models' last path components, for the labels of the figures.
+pub(super) fn short_names(models: &[String]) -> Vec<String> {
+    models
+        .iter()
+        .map(|m| {
+            Path::new(m)
+                .file_name()
+                .map_or(m.clone(), |f| f.to_string_lossy().into_owned())
+        })
+        .collect()
+}

@@ -1,0 +1,551 @@
+//! `soup mix` with a single-task soup (uniform, greedy, learned, learned+, mehl, mehl+): one
+//! soup of a zoo's models, with its coefficients, report, figures and recipe.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use soup_core::{
+    greedy_soup, learned_soup, uniform_soup, Collective, Event, Method, ModelStore, Objective,
+    RunOptions, SoupMethod, SoupResult,
+};
+use soup_models::checkpoint::write_model_dir;
+use soup_models::data::Split;
+use soup_models::{Architecture, Checkpoint, Classification, FileStore, Resolved};
+
+use super::args::{check_memory, MixArgs};
+use super::mehl::{mix_mehl, Saved};
+use super::outputs::{memory_json, short_names, timings, write_coefficients, write_text, Scores};
+use crate::common::{peak_rss_bytes, phase, Progress};
+use crate::error::{CliError, Result};
+use crate::output::{Output, Partial};
+use crate::recipe::{DirectionDtypeName, Recipe};
+use soup_svg as svg;
+
+/// What one process of a run held and did, for the report.
+#[derive(Clone, Copy, Debug, Default)]
+struct RankStats {
+    models_loaded: f64,
+    max_models_per_batch: f64,
+    direction_bytes: f64,
+    peak_rss_bytes: f64,
+}
+
+/// A store that counts the models it loads.
+pub(super) struct Counted<'a> {
+    pub inner: &'a FileStore,
+    pub loads: std::cell::Cell<usize>,
+    /// Reports each load (uniform, greedy and learned: loading or evaluating models is their
+    /// long part; MEHL reports its steps instead).
+    pub progress: Progress,
+}
+
+impl ModelStore for Counted<'_> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn name(&self, i: usize) -> String {
+        self.inner.name(i)
+    }
+    fn layout(&self, i: usize) -> soup_core::Result<soup_core::ParamLayout> {
+        self.inner.layout(i)
+    }
+    fn load(&self, i: usize) -> soup_core::Result<Vec<Tensor>> {
+        self.loads.set(self.loads.get() + 1);
+        let params = self.inner.load(i);
+        self.progress.inc(1);
+        params
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+}
+
+/// What every rank held, gathered on every rank (each fills its own slots of a sum).
+fn gather_ranks(comm: &dyn Collective, mine: RankStats) -> Result<Vec<RankStats>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut slots = vec![0.0; 4 * world];
+    slots[4 * rank..4 * rank + 4].copy_from_slice(&[
+        mine.models_loaded,
+        mine.max_models_per_batch,
+        mine.direction_bytes,
+        mine.peak_rss_bytes,
+    ]);
+    Ok(comm
+        .all_reduce_f64(&slots)?
+        .chunks(4)
+        .map(|c| RankStats {
+            models_loaded: c[0],
+            max_models_per_batch: c[1],
+            direction_bytes: c[2],
+            peak_rss_bytes: c[3],
+        })
+        .collect())
+}
+
+/// The files `soup mix` writes into OUT.
+const OUTPUTS: &[&str] = &[
+    "model.safetensors",
+    "config.json",
+    "preprocessor_config.json",
+    "README.md",
+    "coefficients.json",
+    "report.json",
+    "coefficients.svg",
+    "curve.svg",
+    "recipe.toml",
+];
+
+/// The paths a run reads, which OUT must not hold (and `--force` must not delete).
+fn inputs(args: &MixArgs) -> Vec<PathBuf> {
+    let mut inputs = vec![args.zoo.clone(), args.data.spec().root];
+    inputs.extend(args.recipe.clone());
+    inputs.extend(args.data.heldout_index.clone());
+    inputs
+}
+
+/// `soup mix` with a single-task soup. Over several processes (`comm`), only uniform, mehl and
+/// mehl+ run; every rank loads its share of the models, and rank 0 alone evaluates and writes
+/// OUT. Everything is checked before any work; a run that fails leaves no `OUT.partial/` unless
+/// it saved progress.
+pub(super) fn mix(
+    args: &MixArgs,
+    recipe: Recipe,
+    kind: SoupMethod,
+    quiet: bool,
+    comm: &dyn Collective,
+) -> Result<()> {
+    if args.base.is_some() {
+        return Err(CliError::new(format!(
+            "--base is for the multi-task methods (adamerging, adamerging+, task-arithmetic, ties), not {}",
+            recipe.method().name()
+        )));
+    }
+    let inputs = inputs(args);
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    let mut output = Output::check(&args.out, "mix", OUTPUTS, &inputs, args.force, args.resume)?;
+    if output.state == Partial::Finished && args.resume {
+        // Killed after its outputs were complete: only the rename is left (rank 0's job).
+        if comm.rank() == 0 {
+            output.finish()?;
+            println!(
+                "completed the finished run in {} -> {}",
+                output.partial.display(),
+                args.out.display()
+            );
+        }
+        return Ok(());
+    }
+    let result = run(args, recipe, kind, quiet, comm, &mut output);
+    if result.is_err() && comm.rank() == 0 {
+        output.abandon();
+    }
+    result
+}
+
+/// The zoo of `args`, resolved, as a store of checkpoints whose headers all match the first's
+/// (checked before any weight is read).
+fn open_zoo(
+    args: &MixArgs,
+    comm: &dyn Collective,
+    quiet: bool,
+) -> Result<(Vec<Resolved>, FileStore)> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    // Over several processes rank 0 fetches remote models first; the others then find them in
+    // the cache instead of racing it for the same downloads.
+    if rank > 0 {
+        comm.all_reduce_f64(&[0.0])?;
+    }
+    let zoo = crate::manifest::resolve(&args.zoo, quiet)?;
+    if world > 1 && rank == 0 {
+        comm.all_reduce_f64(&[0.0])?;
+    }
+    let paths: Vec<PathBuf> = zoo.iter().map(|r| r.path.clone()).collect();
+    let mut overrides = crate::manifest::arch_config(&args.zoo)?;
+    overrides.extend(args.arch.map()?);
+    let first = paths
+        .first()
+        .ok_or_else(|| CliError::new("the zoo is empty"))?;
+    let arch = Checkpoint::open(first)?.architecture_with(&overrides)?;
+    let files = FileStore::with_arch(paths, arch, args.device.open()?);
+    for i in 0..files.len() {
+        files
+            .arch
+            .layout()
+            .check_same(&files.name(i), &files.layout(i)?)?;
+    }
+    Ok((zoo, files))
+}
+
+/// The tensor memory the method holds on one rank, for the zoo's N models of d parameters.
+fn tensor_estimate(recipe: &Recipe, n: usize, d: usize, world: usize) -> u64 {
+    let per_rank_batch = recipe
+        .model_batch
+        .unwrap_or(Method::mehl_defaults().model_batch)
+        .min(n)
+        .div_ceil(world);
+    let direction_elem_bytes = match recipe.direction_dtype {
+        Some(DirectionDtypeName::Bf16 | DirectionDtypeName::F16) => 2,
+        _ => 4,
+    };
+    recipe
+        .method()
+        .tensor_bytes_with(n, d, per_rank_batch, direction_elem_bytes)
+}
+
+/// Runs the method: the soup, and the most models a model batch held on this rank (MEHL).
+fn make_soup(
+    kind: SoupMethod,
+    store: &Counted,
+    objective: &mut Classification,
+    saved: Saved,
+    comm: &dyn Collective,
+    quiet: bool,
+) -> Result<(SoupResult, usize)> {
+    let recipe = saved.recipe;
+    let method = recipe.method();
+    Ok(match kind {
+        SoupMethod::Uniform => (uniform_soup(store, RunOptions::default().on(comm))?, 0),
+        SoupMethod::Greedy => (
+            greedy_soup(store, objective, recipe.accept(), RunOptions::default())?,
+            0,
+        ),
+        SoupMethod::Learned => {
+            let config = recipe.learned_config(&store.inner.arch.zero_gradient_tensors())?;
+            let steps = config.epochs * objective.num_batches();
+            let bar = Progress::new(quiet, steps, &format!("{} steps", method.name()));
+            let mut on_step = |e: &Event| {
+                if let Event::LearnedStep { record } = e {
+                    bar.inc(1);
+                    bar.set_prefix(format!("loss {:.4}", record.loss));
+                }
+            };
+            let result = learned_soup(store, objective, &config, RunOptions::new(&mut on_step))?;
+            bar.finish();
+            (result, 0)
+        }
+        SoupMethod::Mehl => mix_mehl(store, objective, saved, comm, quiet)?,
+    })
+}
+
+/// The work of `soup mix` once OUT is checked: load and check the zoo and data, make the soup,
+/// evaluate it and write OUT.
+fn run(
+    args: &MixArgs,
+    recipe: Recipe,
+    kind: SoupMethod,
+    quiet: bool,
+    comm: &dyn Collective,
+    output: &mut Output,
+) -> Result<()> {
+    let started = Instant::now();
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let method = recipe.method();
+    if world > 1 && !method.runs_distributed() {
+        return Err(CliError::new(format!(
+            "{} runs in one process; over several processes soup mixes uniform, mehl and mehl+",
+            method.name()
+        )));
+    }
+    let partial = output.partial.clone();
+
+    let t_load = Instant::now();
+    let (zoo, files) = open_zoo(args, comm, quiet)?;
+    let n = files.len();
+    // Greedy loads every model twice: to rank them, then to try each in the soup.
+    let (what, loads) = match kind {
+        SoupMethod::Greedy => ("greedy: models ranked and tried", 2 * n),
+        _ => ("models loaded", n),
+    };
+    let store = Counted {
+        inner: &files,
+        loads: std::cell::Cell::new(0),
+        progress: if kind == SoupMethod::Mehl {
+            Progress::Hidden
+        } else {
+            Progress::new(quiet || rank > 0, loads, what)
+        },
+    };
+    let arch = files.arch.clone();
+    let d = arch.layout().numel();
+    phase(
+        quiet || rank > 0,
+        &format!("{n} models of {d} parameters; loading the held-out and test data"),
+    );
+    let heldout = args.data.load(Split::Heldout, &arch)?;
+    let test = args.data.load(Split::Test, &arch)?;
+    // Evaluation reads batches of 256, the largest a run uses.
+    let data_bytes = heldout.resident_bytes(256) + test.resident_bytes(256);
+    let estimate = tensor_estimate(&recipe, n, d, world) + data_bytes;
+    let heldout_len = heldout.len();
+    let mut objective = Classification {
+        eval_batch_size: 256,
+        label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
+        ..Classification::new(arch.clone(), heldout, recipe.batch_size.unwrap_or(128))
+    };
+    if args.dry_run {
+        let test_len = test.len();
+        return super::dry_run::dry_run(args, &recipe, kind, &store, objective, test_len, estimate);
+    }
+    check_memory(args, method, estimate, n, d)?;
+    tracing::info!(
+        models = n,
+        parameters = d,
+        heldout = heldout_len,
+        test = test.len(),
+        estimated_bytes = estimate,
+        "zoo and data loaded"
+    );
+    let load_s = t_load.elapsed().as_secs_f64();
+    let resume = args.resume && output.state == Partial::Progress;
+    if rank == 0 {
+        output.begin(args.resume)?;
+    }
+
+    let names: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
+    let t_soup = Instant::now();
+    let saved = Saved {
+        dir: &partial,
+        recipe: &recipe,
+        names: &names,
+        resume: resume.then_some(&files),
+    };
+    let (result, max_rows) = make_soup(kind, &store, &mut objective, saved, comm, quiet)?;
+    let soup_s = t_soup.elapsed().as_secs_f64();
+    store.progress.finish();
+
+    let ranks = gather_ranks(
+        comm,
+        RankStats {
+            models_loaded: store.loads.get() as f64,
+            max_models_per_batch: max_rows as f64,
+            direction_bytes: result.memory.directions as f64,
+            peak_rss_bytes: peak_rss_bytes() as f64,
+        },
+    )?;
+    if rank > 0 {
+        return Ok(());
+    }
+    objective.set_shard(0, 1)?;
+
+    phase(quiet, "evaluating the soup on the held-out and test splits");
+    let t_eval = Instant::now();
+    let heldout_scores: Scores = objective.evaluate(&result.soup)?.into();
+    objective.data = test;
+    let test_scores: Scores = objective.evaluate(&result.soup)?.into();
+    let eval_s = t_eval.elapsed().as_secs_f64();
+
+    Finished {
+        args,
+        recipe: &recipe,
+        arch: arch.as_ref(),
+        zoo: &zoo,
+        result: &result,
+        heldout: heldout_scores,
+        test: test_scores,
+        phases: [("load", load_s), ("soup", soup_s), ("evaluate", eval_s)],
+        started,
+        estimate,
+        ranks: &ranks,
+        device: soup_models::device::name(&files.device),
+    }
+    .write_outputs(&partial)?;
+    output.finish()?;
+    println!(
+        "{}: {n} models -> held-out accuracy {:.4}, test accuracy {:.4}, {:.1} s -> {}",
+        method.name(),
+        heldout_scores.accuracy,
+        test_scores.accuracy,
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// A finished run of `soup mix`: what its outputs are made of.
+struct Finished<'a> {
+    args: &'a MixArgs,
+    recipe: &'a Recipe,
+    arch: &'a dyn Architecture,
+    zoo: &'a [Resolved],
+    result: &'a SoupResult,
+    heldout: Scores,
+    test: Scores,
+    /// Seconds of loading, souping and evaluating.
+    phases: [(&'static str, f64); 3],
+    started: Instant,
+    /// The memory estimate checked against `--max-memory`.
+    estimate: u64,
+    ranks: &'a [RankStats],
+    /// Where the models were computed (`cpu`, `cuda:N`).
+    device: String,
+}
+
+impl Finished<'_> {
+    /// The model card (README.md): what the soup is, its sources, α, scores and recipe.
+    fn card(&self) -> String {
+        let (recipe, result, arch) = (self.recipe, self.result, self.arch);
+        let method = recipe.method().name();
+        let n = self.zoo.len();
+        let sources: Vec<Vec<String>> = self
+            .zoo
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let alpha: Vec<f64> = result.alpha.iter().map(|a| a[i]).collect();
+                let mean = alpha.iter().sum::<f64>() / alpha.len().max(1) as f64;
+                let (lo, hi) = alpha
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &a| {
+                        (lo.min(a), hi.max(a))
+                    });
+                let pin = r
+                    .commit
+                    .as_ref()
+                    .map(|c| format!("commit `{c}`"))
+                    .or_else(|| r.sha256.as_ref().map(|h| format!("sha256 `{h}`")))
+                    .unwrap_or_else(|| "local file".into());
+                vec![
+                    i.to_string(),
+                    format!("`{}`", r.source),
+                    pin,
+                    format!("{mean:.4}"),
+                    format!("{lo:.4} … {hi:.4}"),
+                ]
+            })
+            .collect();
+        let scores = [("held-out", &self.heldout), ("test", &self.test)]
+            .iter()
+            .map(|(split, s)| {
+                vec![
+                    split.to_string(),
+                    format!("{:.4}", s.accuracy),
+                    format!("{:.4}", s.loss),
+                    s.count.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        let body = format!(
+            "A {method} soup of {n} models made by `soup mix` (MEHL-Soup, ECCV 2024, and its \
+             baselines): one model of {} parameters whose weights are, block by block ({} \
+             blocks), affine combinations Σ α_i θ_i of the models below (α of a block sums to \
+             1). Data: `{}`; the held-out split chose the soup, the test split did not.\n\n\
+             ## Scores\n\n{}\n## Sources\n\nα per model: mean over blocks, and its range \
+             (every block's α in `coefficients.json`, drawn in `coefficients.svg`).\n\n{}\n\
+             ## Run\n\nTimings and memory in `report.json`. Files: `model.safetensors`, `config.json`, \
+             `preprocessor_config.json`, `coefficients.json`, `coefficients.svg`, `curve.svg`, \
+             `recipe.toml`, `report.json`.\n\n## Recipe\n\n```toml\n{}```\n\n",
+            arch.layout().numel(),
+            result.blocks.len(),
+            self.args.data.data,
+            crate::card::table(&["split", "accuracy", "loss", "examples"], &scores),
+            crate::card::table(&["#", "source", "pinned to", "mean α", "α range"], &sources),
+            toml::to_string_pretty(recipe).unwrap_or_default(),
+        );
+        crate::card::card(
+            &["model-soup", "merge", method],
+            &format!("Soup: {method} of {n} models"),
+            &body,
+            arch,
+        )
+    }
+
+    /// Writes every output file of [`OUTPUTS`] into `dir`, each atomically.
+    fn write_outputs(&self, dir: &Path) -> Result<()> {
+        let Finished {
+            args,
+            recipe,
+            arch,
+            zoo,
+            result,
+            heldout,
+            test,
+            phases,
+            started,
+            estimate,
+            ranks,
+            ref device,
+        } = *self;
+        let write = |name: &str, text: &str| write_text(dir, name, text);
+        let method = recipe.method().name();
+        let models: Vec<String> = zoo.iter().map(|r| r.source.clone()).collect();
+        let models = models.as_slice();
+        // Provenance: each model's source with the Hub commit or download sha256 it resolved to.
+        let sources: Vec<serde_json::Value> = zoo
+            .iter()
+            .map(
+                |r| serde_json::json!({"source": r.source, "commit": r.commit, "sha256": r.sha256}),
+            )
+            .collect();
+        let meta = BTreeMap::from([
+            ("soup.method".to_string(), method.to_string()),
+            ("soup.models".to_string(), serde_json::to_string(models)?),
+            ("soup.sources".to_string(), serde_json::to_string(&sources)?),
+            ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
+        ]);
+        write_coefficients(dir, models, result)?;
+        let report = serde_json::json!({
+            "method": method,
+            "models": models.len(),
+            "zoo": zoo,
+            "parameters": arch.layout().numel(),
+            "blocks": result.blocks.len(),
+            "heldout": heldout,
+            "test": test,
+            "time_s": started.elapsed().as_secs_f64(),
+            "timings_s": timings(&phases, result),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "estimated_bytes": estimate,
+            "world_size": ranks.len(),
+            "device": device,
+            "ranks": ranks.iter().enumerate().map(|(r, s)| serde_json::json!({
+                "rank": r, "models_loaded": s.models_loaded,
+                "max_models_per_batch": s.max_models_per_batch,
+                "direction_bytes": s.direction_bytes, "peak_rss_bytes": s.peak_rss_bytes,
+            })).collect::<Vec<_>>(),
+            "memory_account_bytes": memory_json(&result.memory),
+            "steps": result.history.len(),
+            "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
+                "model_batch": e.model_batch, "global_step": e.global_step,
+                "loss": e.metrics.loss, "accuracy": e.metrics.accuracy,
+            })).collect::<Vec<_>>(),
+            "data": args.data.data,
+        });
+        write("report.json", &serde_json::to_string_pretty(&report)?)?;
+        // The soup as a model directory (model.safetensors, config.json, preprocessor_config.json)
+        // with its model card as README.md.
+        let card = self.card();
+        write_model_dir(dir, arch, &result.soup, &meta, &card)?;
+        let short = short_names(models);
+        write(
+            "coefficients.svg",
+            &svg::coefficients(
+                &result.alpha,
+                &short,
+                &format!(
+                    "α of {method} ({} blocks × {} models)",
+                    result.blocks.len(),
+                    models.len()
+                ),
+            ),
+        )?;
+        let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
+        let accuracy: Vec<(usize, f64)> = result
+            .evaluations
+            .iter()
+            .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
+            .collect();
+        write(
+            "curve.svg",
+            &svg::curve(
+                &losses,
+                &accuracy,
+                &format!("{method}: loss per step, held-out accuracy"),
+                ("held-out loss (mini-batch)", "held-out accuracy"),
+            ),
+        )?;
+        write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
+        Ok(())
+    }
+}
