@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{ParamLayout, TensorSpec};
 
-use super::tape::{encoder, Tape};
-use super::vit::{self, LayerNames, Vit, VitSizes};
-use super::{filled, index_of, normal, parse_config, Architecture, InputSpec};
+use super::tape::encoder;
+use super::vit::{self, LayerNames, Normalisation, VitClassifier, VitFamily, VitNames, VitSizes};
+use super::{filled, normal, parse_config, Architecture, Params};
 use crate::error::{ModelError, Result};
 use crate::ops::{layer_norm, linear};
 
@@ -33,7 +33,7 @@ pub struct ClipVitConfig {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default = "default_channels")]
+    #[serde(default = "vit::default_channels")]
     pub num_channels: usize,
     pub image_size: usize,
     pub patch_size: usize,
@@ -43,16 +43,11 @@ pub struct ClipVitConfig {
     #[serde(default = "default_act")]
     pub hidden_act: String,
     pub num_classes: usize,
-    /// Per-channel pixel mean and standard deviation (CLIP's by default; one entry per channel).
-    #[serde(default)]
-    pub image_mean: Option<Vec<f32>>,
-    #[serde(default)]
-    pub image_std: Option<Vec<f32>>,
+    /// CLIP's by default.
+    #[serde(flatten)]
+    pub normalisation: Normalisation,
 }
 
-fn default_channels() -> usize {
-    3
-}
 fn default_eps() -> f64 {
     1e-5
 }
@@ -100,8 +95,7 @@ impl ClipVitConfig {
             layer_norm_eps: 1e-5,
             hidden_act: default_act(),
             num_classes,
-            image_mean: None,
-            image_std: None,
+            normalisation: Normalisation::default(),
         };
         match preset {
             Preset::B32 => base,
@@ -162,98 +156,13 @@ impl ClipVitConfig {
             patch_size: self.patch_size,
         }
     }
-
-    /// The encoder's sizes.
-    fn sizes(&self) -> VitSizes {
-        VitSizes {
-            channels: self.num_channels,
-            image_size: self.image_size,
-            patch_size: self.patch_size,
-            width: self.hidden_size,
-            mlp_width: self.intermediate_size,
-            heads: self.num_attention_heads,
-            eps: self.layer_norm_eps,
-            activation: encoder::Activation::QuickGelu,
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        let err = |d: &str| Err(ModelError::config(FAMILY, d));
-        if self.hidden_act != "quick_gelu" {
-            return err("only hidden_act = quick_gelu is supported");
-        }
-        if self.hidden_size == 0 || self.intermediate_size == 0 || self.num_hidden_layers == 0 {
-            return err("hidden_size, intermediate_size and num_hidden_layers must be positive");
-        }
-        // Sizes a real model never reaches, which would only overflow the arithmetic below.
-        if [
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_hidden_layers,
-            self.image_size,
-            self.num_classes,
-            self.projection_dim,
-            self.num_channels,
-        ]
-        .iter()
-        .any(|&v| v > 1 << 20)
-        {
-            return err("a size is beyond 2^20: not a real model");
-        }
-        if self.num_classes == 0 || self.num_channels == 0 || self.projection_dim == 0 {
-            return err("num_classes, num_channels and projection_dim must be positive");
-        }
-        let given = (&self.image_mean, &self.image_std);
-        vit::validate(FAMILY, &self.sizes(), self.layer_norm_eps, given)
-    }
-
-    fn num_positions(&self) -> usize {
-        (self.image_size / self.patch_size).pow(2) + 1
-    }
 }
 
 /// A CLIP ViT image classifier.
-#[derive(Debug)]
-pub struct ClipClassifier {
-    pub config: ClipVitConfig,
-    vit: Vit,
-}
+pub type ClipClassifier = VitClassifier<ClipVitConfig>;
 
 impl ClipClassifier {
-    pub fn new(config: ClipVitConfig) -> Result<Self> {
-        config.validate()?;
-        let layout = clip_layout(&config);
-        let layer = [
-            "layer_norm1",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.out_proj",
-            "layer_norm2",
-            "mlp.fc1",
-            "mlp.fc2",
-        ];
-        let emb = "vision_model.embeddings";
-        let vit = Vit {
-            family: FAMILY,
-            sizes: config.sizes(),
-            patch: (format!("{emb}.patch_embedding.weight"), None),
-            first: format!("{emb}.class_embedding"),
-            position: format!("{emb}.position_embedding.weight"),
-            pre_norm: Some("vision_model.pre_layrnorm".into()),
-            layers: (0..config.num_hidden_layers)
-                .map(|i| LayerNames::new(&format!("vision_model.encoder.layers.{i}"), layer, None))
-                .collect(),
-            index: index_of(&layout),
-            layout,
-        };
-        Ok(Self { config, vit })
-    }
-
-    pub fn from_config(config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
-        Ok(Arc::new(Self::new(parse_config(FAMILY, config)?)?))
-    }
-
+    /// A preset of [`REGISTRY`](super::REGISTRY) with a head for `{"num_classes": K}`.
     pub fn preset(preset: Preset, config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
         #[derive(Deserialize)]
         struct Classes {
@@ -269,30 +178,65 @@ impl ClipClassifier {
     /// The pooled, projected image features before normalisation (n × projection_dim):
     /// `CLIPModel.get_image_features`.
     pub fn image_features(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
-        let p = self.vit.params(params)?;
-        let hidden = self.vit.hidden_states(&p, images, params[0].dtype())?;
-        let pooled = layer_norm(
-            &hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            p.get("vision_model.post_layernorm.weight"),
-            p.get("vision_model.post_layernorm.bias"),
-            self.config.layer_norm_eps,
-        )?;
-        Ok(linear(&pooled, p.get("visual_projection.weight"), None)?)
+        let (p, hidden) = self.encode(params, images)?;
+        self.config.head_features(&p, &hidden)
     }
 }
 
-impl Architecture for ClipClassifier {
-    fn family(&self) -> &'static str {
-        FAMILY
+/// The layers' tensors under `vision_model.encoder.layers.{i}`, in [`LayerNames::new`]'s order.
+const LAYER: [&str; 8] = [
+    "layer_norm1",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "layer_norm2",
+    "mlp.fc1",
+    "mlp.fc2",
+];
+
+impl VitFamily for ClipVitConfig {
+    const FAMILY: &'static str = FAMILY;
+
+    fn validate(&self) -> Result<()> {
+        let sizes = (&self.sizes(), self.hidden_act.as_str());
+        let named = [("projection_dim", self.projection_dim)];
+        vit::validate(FAMILY, sizes, &named, &self.normalisation)
     }
 
-    fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).expect("ClipVitConfig serialises")
+    fn sizes(&self) -> VitSizes {
+        VitSizes {
+            channels: self.num_channels,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            width: self.hidden_size,
+            mlp_width: self.intermediate_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            classes: self.num_classes,
+            eps: self.layer_norm_eps,
+            activation: encoder::Activation::QuickGelu,
+        }
+    }
+
+    fn names(&self) -> VitNames {
+        let emb = "vision_model.embeddings";
+        let layer = |i| LayerNames::new(&format!("vision_model.encoder.layers.{i}"), LAYER, None);
+        VitNames {
+            patch: (format!("{emb}.patch_embedding.weight"), None),
+            first: format!("{emb}.class_embedding"),
+            position: format!("{emb}.position_embedding.weight"),
+            pre_norm: Some("vision_model.pre_layrnorm".into()),
+            layers: (0..self.num_hidden_layers).map(layer).collect(),
+        }
+    }
+
+    fn layout(&self) -> ParamLayout {
+        clip_layout(self)
     }
 
     /// transformers' `CLIPVisionModelWithProjection`, so that it reads the vision tower.
-    fn hf_config(&self) -> serde_json::Value {
-        let mut config = self.config();
+    fn hf_config(&self, mut config: serde_json::Value) -> serde_json::Value {
         let obj = config
             .as_object_mut()
             .expect("a struct serialises to an object");
@@ -304,24 +248,25 @@ impl Architecture for ClipClassifier {
         config
     }
 
-    fn layout(&self) -> &ParamLayout {
-        &self.vit.layout
+    fn normalisation(&self) -> (&Normalisation, ([f32; 3], [f32; 3])) {
+        (&self.normalisation, (CLIP_MEAN, CLIP_STD))
     }
 
-    fn input(&self) -> InputSpec {
-        let given = (&self.config.image_mean, &self.config.image_std);
-        InputSpec::Images(self.vit.image_spec(given, (CLIP_MEAN, CLIP_STD)))
+    /// The class token after the last LayerNorm, projected: `image_embeds`.
+    fn head_features(&self, p: &Params, hidden: &Tensor) -> Result<Tensor> {
+        let pooled = layer_norm(
+            &hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            p.get("vision_model.post_layernorm.weight"),
+            p.get("vision_model.post_layernorm.bias"),
+            self.layer_norm_eps,
+        )?;
+        Ok(linear(&pooled, p.get("visual_projection.weight"), None)?)
     }
 
-    fn num_classes(&self) -> usize {
-        self.config.num_classes
-    }
-
-    fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
-        let features = self.image_features(params, images)?;
+    /// The head on the L2-normalised features.
+    fn head_logits(&self, p: &Params, features: &Tensor) -> Result<Tensor> {
         let norm = features.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
         let features = features.broadcast_div(&norm)?;
-        let p = self.vit.params(params)?;
         Ok(linear(
             &features,
             p.get("classification_head.weight"),
@@ -329,23 +274,10 @@ impl Architecture for ClipClassifier {
         )?)
     }
 
-    fn zero_gradient_tensors(&self) -> Vec<String> {
-        self.vit.key_biases()
-    }
-
-    fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.image_features(params, images)?))
-    }
-
-    fn tape(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Box<dyn Tape>>> {
-        vit::tape(self, params, images)
-    }
-
-    fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
+    fn init(&self, layout: &ParamLayout, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
         let mut rng = SplitMix64::new(seed);
-        let e = self.config.hidden_size as f64;
-        self.vit
-            .layout
+        let e = self.hidden_size as f64;
+        layout
             .tensors
             .iter()
             .map(|t| {
@@ -427,7 +359,7 @@ impl Dim {
             Dim::Mlp => c.intermediate_size,
             Dim::Channels => c.num_channels,
             Dim::Patch => c.patch_size,
-            Dim::Positions => c.num_positions(),
+            Dim::Positions => c.sizes().tokens(),
             Dim::Projection => c.projection_dim,
             Dim::Classes => c.num_classes,
         }

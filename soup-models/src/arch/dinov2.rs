@@ -10,16 +10,14 @@
 //! tokens]. The mask token of self-supervised pre-training is not part of the classifier
 //! (`use_mask_token: false` in the config soup writes; a checkpoint's `mask_token` is ignored).
 
-use std::sync::Arc;
-
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use soup_core::rng::SplitMix64;
 use soup_core::{ParamLayout, TensorSpec};
 
-use super::tape::{encoder, Tape};
-use super::vit::{self, LayerNames, Vit, VitSizes};
-use super::{filled, index_of, normal, parse_config, Architecture, InputSpec};
+use super::tape::encoder;
+use super::vit::{self, LayerNames, Normalisation, VitClassifier, VitFamily, VitNames, VitSizes};
+use super::{filled, normal, parse_config, Params};
 use crate::error::{ModelError, Result};
 use crate::ops::{layer_norm, linear};
 
@@ -39,7 +37,7 @@ pub struct Dinov2Config {
     pub num_attention_heads: usize,
     #[serde(default = "default_mlp_ratio")]
     pub mlp_ratio: usize,
-    #[serde(default = "default_channels")]
+    #[serde(default = "vit::default_channels")]
     pub num_channels: usize,
     pub image_size: usize,
     pub patch_size: usize,
@@ -48,18 +46,13 @@ pub struct Dinov2Config {
     #[serde(default = "default_act")]
     pub hidden_act: String,
     pub num_classes: usize,
-    /// Per-channel pixel mean and standard deviation (ImageNet's by default).
-    #[serde(default)]
-    pub image_mean: Option<Vec<f32>>,
-    #[serde(default)]
-    pub image_std: Option<Vec<f32>>,
+    /// ImageNet's by default.
+    #[serde(flatten)]
+    pub normalisation: Normalisation,
 }
 
 fn default_mlp_ratio() -> usize {
     4
-}
-fn default_channels() -> usize {
-    3
 }
 fn default_eps() -> f64 {
     1e-6
@@ -99,8 +92,7 @@ impl Dinov2Config {
             layer_norm_eps: 1e-6,
             hidden_act: default_act(),
             num_classes,
-            image_mean: None,
-            image_std: None,
+            normalisation: Normalisation::default(),
         }
     }
 
@@ -132,88 +124,85 @@ impl Dinov2Config {
         Ok(config)
     }
 
-    /// The encoder's sizes.
+    /// Tokens per image: the CLS token and one per patch.
+    pub fn num_positions(&self) -> usize {
+        self.sizes().tokens()
+    }
+}
+
+/// A DINOv2 ViT image classifier.
+pub type Dinov2Classifier = VitClassifier<Dinov2Config>;
+
+impl Dinov2Classifier {
+    /// The final hidden states after the last LayerNorm (n × tokens × width): transformers'
+    /// `Dinov2Model(...).last_hidden_state`.
+    pub fn last_hidden_state(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
+        let (p, hidden) = self.encode(params, images)?;
+        normed(&self.config, &p, &hidden)
+    }
+
+    /// What the head reads (n × 2·width): [CLS ‖ mean of the patch tokens] of the last hidden
+    /// state, as `Dinov2ForImageClassification` builds it.
+    pub fn head_input(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
+        let (p, hidden) = self.encode(params, images)?;
+        self.config.head_features(&p, &hidden)
+    }
+}
+
+/// The encoder's output after the last LayerNorm.
+fn normed(c: &Dinov2Config, p: &Params, hidden: &Tensor) -> Result<Tensor> {
+    Ok(layer_norm(
+        hidden,
+        p.get("dinov2.layernorm.weight"),
+        p.get("dinov2.layernorm.bias"),
+        c.layer_norm_eps,
+    )?)
+}
+
+/// The layers' tensors under `dinov2.encoder.layer.{i}`, in [`LayerNames::new`]'s order.
+const LAYER: [&str; 8] = [
+    "norm1",
+    "attention.attention.query",
+    "attention.attention.key",
+    "attention.attention.value",
+    "attention.output.dense",
+    "norm2",
+    "mlp.fc1",
+    "mlp.fc2",
+];
+
+impl VitFamily for Dinov2Config {
+    const FAMILY: &'static str = FAMILY;
+
+    fn validate(&self) -> Result<()> {
+        let named = [("mlp_ratio", self.mlp_ratio)];
+        let sizes = (&self.sizes(), self.hidden_act.as_str());
+        vit::validate(FAMILY, sizes, &named, &self.normalisation)
+    }
+
     fn sizes(&self) -> VitSizes {
         VitSizes {
             channels: self.num_channels,
             image_size: self.image_size,
             patch_size: self.patch_size,
             width: self.hidden_size,
-            mlp_width: self.hidden_size * self.mlp_ratio,
+            mlp_width: self.hidden_size.saturating_mul(self.mlp_ratio),
+            layers: self.num_hidden_layers,
             heads: self.num_attention_heads,
+            classes: self.num_classes,
             eps: self.layer_norm_eps,
             activation: encoder::Activation::Gelu,
         }
     }
 
-    fn validate(&self) -> Result<()> {
-        let err = |d: &str| Err(ModelError::config(FAMILY, d));
-        if self.hidden_act != "gelu" {
-            return err("only hidden_act = gelu (the exact GELU) is supported");
-        }
-        if [
-            self.hidden_size,
-            self.num_hidden_layers,
-            self.mlp_ratio,
-            self.num_classes,
-            self.num_channels,
-        ]
-        .contains(&0)
-        {
-            return err("hidden_size, num_hidden_layers, mlp_ratio, num_classes and num_channels must be positive");
-        }
-        if [
-            self.hidden_size * self.mlp_ratio,
-            self.num_hidden_layers,
-            self.image_size,
-            self.num_classes,
-            self.num_channels,
-        ]
-        .iter()
-        .any(|&v| v > 1 << 20)
-        {
-            return err("a size is beyond 2^20: not a real model");
-        }
-        let given = (&self.image_mean, &self.image_std);
-        vit::validate(FAMILY, &self.sizes(), self.layer_norm_eps, given)
-    }
-
-    /// Tokens per image: the CLS token and one per patch.
-    pub fn num_positions(&self) -> usize {
-        (self.image_size / self.patch_size).pow(2) + 1
-    }
-}
-
-/// A DINOv2 ViT image classifier.
-#[derive(Debug)]
-pub struct Dinov2Classifier {
-    pub config: Dinov2Config,
-    vit: Vit,
-}
-
-impl Dinov2Classifier {
-    pub fn new(config: Dinov2Config) -> Result<Self> {
-        config.validate()?;
-        let layout = dinov2_layout(&config);
-        let layer = [
-            "norm1",
-            "attention.attention.query",
-            "attention.attention.key",
-            "attention.attention.value",
-            "attention.output.dense",
-            "norm2",
-            "mlp.fc1",
-            "mlp.fc2",
-        ];
-        let layers = (0..config.num_hidden_layers).map(|i| {
+    fn names(&self) -> VitNames {
+        let emb = "dinov2.embeddings";
+        let layer = |i| {
             let l = format!("dinov2.encoder.layer.{i}");
             let scale = |j: usize| format!("{l}.layer_scale{j}.lambda1");
-            LayerNames::new(&l, layer, Some((scale(1), scale(2))))
-        });
-        let emb = "dinov2.embeddings";
-        let vit = Vit {
-            family: FAMILY,
-            sizes: config.sizes(),
+            LayerNames::new(&l, LAYER, Some((scale(1), scale(2))))
+        };
+        VitNames {
             patch: (
                 format!("{emb}.patch_embeddings.projection.weight"),
                 Some(format!("{emb}.patch_embeddings.projection.bias")),
@@ -221,60 +210,23 @@ impl Dinov2Classifier {
             first: format!("{emb}.cls_token"),
             position: format!("{emb}.position_embeddings"),
             pre_norm: None,
-            layers: layers.collect(),
-            index: index_of(&layout),
-            layout,
-        };
-        Ok(Self { config, vit })
+            layers: (0..self.num_hidden_layers).map(layer).collect(),
+        }
     }
 
-    pub fn from_config(config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
-        Ok(Arc::new(Self::new(parse_config(FAMILY, config)?)?))
-    }
-
-    /// The final hidden states after the last LayerNorm (n × tokens × width): transformers'
-    /// `Dinov2Model(...).last_hidden_state`.
-    pub fn last_hidden_state(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
-        let p = self.vit.params(params)?;
-        let hidden = self.vit.hidden_states(&p, images, params[0].dtype())?;
-        Ok(layer_norm(
-            &hidden,
-            p.get("dinov2.layernorm.weight"),
-            p.get("dinov2.layernorm.bias"),
-            self.config.layer_norm_eps,
-        )?)
-    }
-
-    /// What the head reads (n × 2·width): [CLS ‖ mean of the patch tokens] of the last hidden
-    /// state, as `Dinov2ForImageClassification` builds it.
-    pub fn head_input(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
-        let h = self.last_hidden_state(params, images)?;
-        let tokens = h.dim(1)?;
-        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
-        let patches = h.narrow(1, 1, tokens - 1)?.mean(1)?;
-        Ok(Tensor::cat(&[&cls, &patches], 1)?)
-    }
-}
-
-impl Architecture for Dinov2Classifier {
-    fn family(&self) -> &'static str {
-        FAMILY
-    }
-
-    fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).expect("Dinov2Config serialises")
+    fn layout(&self) -> ParamLayout {
+        dinov2_layout(self)
     }
 
     /// transformers' `Dinov2Config` for `Dinov2ForImageClassification`, without the mask token.
-    fn hf_config(&self) -> serde_json::Value {
-        let c = &self.config;
+    fn hf_config(&self, mut config: serde_json::Value) -> serde_json::Value {
+        let c = self;
         let labels: serde_json::Map<String, serde_json::Value> = (0..c.num_classes)
             .map(|i| (i.to_string(), format!("LABEL_{i}").into()))
             .collect();
         let ids: serde_json::Map<String, serde_json::Value> = (0..c.num_classes)
             .map(|i| (format!("LABEL_{i}"), i.into()))
             .collect();
-        let mut config = self.config();
         let obj = config
             .as_object_mut()
             .expect("a struct serialises to an object");
@@ -296,47 +248,31 @@ impl Architecture for Dinov2Classifier {
         config
     }
 
-    fn layout(&self) -> &ParamLayout {
-        &self.vit.layout
+    fn normalisation(&self) -> (&Normalisation, ([f32; 3], [f32; 3])) {
+        (&self.normalisation, (IMAGENET_MEAN, IMAGENET_STD))
     }
 
-    fn input(&self) -> InputSpec {
-        let given = (&self.config.image_mean, &self.config.image_std);
-        InputSpec::Images(self.vit.image_spec(given, (IMAGENET_MEAN, IMAGENET_STD)))
+    fn head_features(&self, p: &Params, hidden: &Tensor) -> Result<Tensor> {
+        let h = normed(self, p, hidden)?;
+        let tokens = h.dim(1)?;
+        let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+        let patches = h.narrow(1, 1, tokens - 1)?.mean(1)?;
+        Ok(Tensor::cat(&[&cls, &patches], 1)?)
     }
 
-    fn num_classes(&self) -> usize {
-        self.config.num_classes
-    }
-
-    fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
-        let features = self.head_input(params, images)?;
-        let p = self.vit.params(params)?;
+    fn head_logits(&self, p: &Params, features: &Tensor) -> Result<Tensor> {
         Ok(linear(
-            &features,
+            features,
             p.get("classifier.weight"),
             Some(p.get("classifier.bias")),
         )?)
     }
 
-    fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.head_input(params, images)?))
-    }
-
-    fn tape(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Box<dyn Tape>>> {
-        vit::tape(self, params, images)
-    }
-
-    fn zero_gradient_tensors(&self) -> Vec<String> {
-        self.vit.key_biases()
-    }
-
     /// transformers' initialisation: weights N(0, 0.02²) (it truncates at ±2σ), biases 0,
     /// LayerNorms 1 and 0, LayerScale 1.
-    fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
+    fn init(&self, layout: &ParamLayout, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
         let mut rng = SplitMix64::new(seed);
-        self.vit
-            .layout
+        layout
             .tensors
             .iter()
             .map(|t| {
@@ -405,6 +341,7 @@ fn dinov2_layout(c: &Dinov2Config) -> ParamLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::Architecture;
 
     #[test]
     fn dinov2_small_has_the_published_size() {

@@ -11,6 +11,8 @@ pub mod mlp;
 pub mod tape;
 pub(crate) mod vit;
 
+pub use vit::Normalisation;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -7,13 +7,18 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 use soup_core::ParamLayout;
 
 use super::tape::encoder::{layer_backward, layer_forward, layer_norm, Activation, LayerActs};
 use super::tape::encoder::{LayerIndex, LayerShape};
 use super::tape::{self, backward_with, patch_rows, take, tokens, tokens_backward, with_slices};
-use super::{ImageSpec, Params};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use super::{index_of, parse_config, Architecture, ImageSpec, InputSpec, Params};
 use crate::error::{ModelError, Result};
 use crate::ops::cpu::slices::{layer_norm_backward_into, linear_backward_into, linear_into};
 use crate::ops::cpu::Real;
@@ -53,7 +58,24 @@ impl LayerNames {
     }
 }
 
-/// The sizes of a ViT encoder.
+/// The per-channel mean and standard deviation a ViT classifier's pixels are normalised with
+/// (config keys `image_mean`, `image_std`); the family's defaults where absent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Normalisation {
+    /// One mean per channel, of pixels in [0, 1].
+    #[serde(default)]
+    pub image_mean: Option<Vec<f32>>,
+    /// One standard deviation per channel.
+    #[serde(default)]
+    pub image_std: Option<Vec<f32>>,
+}
+
+/// The default of a config's `num_channels`: RGB.
+pub(crate) fn default_channels() -> usize {
+    3
+}
+
+/// The sizes of a ViT classifier.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct VitSizes {
     pub channels: usize,
@@ -61,9 +83,28 @@ pub(crate) struct VitSizes {
     pub patch_size: usize,
     pub width: usize,
     pub mlp_width: usize,
+    pub layers: usize,
     pub heads: usize,
+    pub classes: usize,
     pub eps: f64,
     pub activation: Activation,
+}
+
+impl VitSizes {
+    /// Tokens per image: the first token and one per patch.
+    pub fn tokens(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2) + 1
+    }
+}
+
+/// The names of a ViT encoder's tensors (see [`Vit`]).
+#[derive(Clone, Debug)]
+pub(crate) struct VitNames {
+    pub patch: (String, Option<String>),
+    pub first: String,
+    pub position: String,
+    pub pre_norm: Option<String>,
+    pub layers: Vec<LayerNames>,
 }
 
 /// A ViT classifier's encoder by its tensors' names, and the whole classifier's layout.
@@ -85,6 +126,33 @@ pub(crate) struct Vit {
 }
 
 impl Vit {
+    /// The encoder `names` of a classifier of `layout`, indexed.
+    pub fn new(
+        family: &'static str,
+        sizes: VitSizes,
+        names: VitNames,
+        layout: ParamLayout,
+    ) -> Self {
+        let VitNames {
+            patch,
+            first,
+            position,
+            pre_norm,
+            layers,
+        } = names;
+        Self {
+            family,
+            sizes,
+            patch,
+            first,
+            position,
+            pre_norm,
+            layers,
+            index: index_of(&layout),
+            layout,
+        }
+    }
+
     /// Patches per side.
     fn grid(&self) -> usize {
         self.sizes.image_size / self.sizes.patch_size
@@ -97,11 +165,7 @@ impl Vit {
 
     /// The images' spec: `given` mean and std where the config has them, else the family's
     /// (`defaults`) for RGB and 0.5 per channel otherwise.
-    pub fn image_spec(
-        &self,
-        given: (&Option<Vec<f32>>, &Option<Vec<f32>>),
-        defaults: ([f32; 3], [f32; 3]),
-    ) -> ImageSpec {
+    pub fn image_spec(&self, given: &Normalisation, defaults: ([f32; 3], [f32; 3])) -> ImageSpec {
         let channels = self.sizes.channels;
         let pick = |given: &Option<Vec<f32>>, rgb: [f32; 3]| match given {
             Some(v) => v.clone(),
@@ -112,8 +176,8 @@ impl Vit {
             channels,
             height: self.sizes.image_size,
             width: self.sizes.image_size,
-            mean: pick(given.0, defaults.0),
-            std: pick(given.1, defaults.1),
+            mean: pick(&given.image_mean, defaults.0),
+            std: pick(&given.image_std, defaults.1),
         }
     }
 
@@ -247,24 +311,149 @@ struct EncoderIndex {
     layers: Vec<LayerIndex>,
 }
 
-/// A ViT classifier: its encoder, and a head on the encoder's last layer.
-pub(crate) trait VitClassifier: Send + Sync + 'static {
+/// A ViT family, described by its configuration: its encoder's sizes and tensors' names, and its
+/// head. [`VitClassifier`] of such a configuration is an [`Architecture`].
+pub(crate) trait VitFamily:
+    Serialize + DeserializeOwned + std::fmt::Debug + Send + Sync + VitTapeHead + 'static
+{
+    /// The registry name of the family.
+    const FAMILY: &'static str;
+
+    /// Checks the configuration: an error naming the family and the first key out of range.
+    fn validate(&self) -> Result<()>;
+
+    /// The encoder's sizes.
+    fn sizes(&self) -> VitSizes;
+
+    /// The encoder's tensors by name.
+    fn names(&self) -> VitNames;
+
+    /// Every tensor of the classifier, in the order of its state dict.
+    fn layout(&self) -> ParamLayout;
+
+    /// The `config.json` transformers reads the model with, from the family's `config`.
+    fn hf_config(&self, config: serde_json::Value) -> serde_json::Value;
+
+    /// The configured pixel normalisation, and the family's (mean, std) for RGB where absent.
+    fn normalisation(&self) -> (&Normalisation, ([f32; 3], [f32; 3]));
+
+    /// What the head reads (n × features), from the last layer's output (n × tokens × width).
+    fn head_features(&self, p: &Params, hidden: &Tensor) -> Result<Tensor>;
+
+    /// The logits (n × classes) of the head's features.
+    fn head_logits(&self, p: &Params, features: &Tensor) -> Result<Tensor>;
+
+    /// A seeded random initialisation of `layout` ([`Architecture::init`]).
+    fn init(&self, layout: &ParamLayout, seed: u64, device: &Device) -> Result<Vec<Tensor>>;
+}
+
+/// A ViT family's head on slices, for the hand-written pass ([`tape::Tape`]).
+pub(crate) trait VitTapeHead {
     /// What the head's forward pass keeps for its backward, on slices of `T`.
     type Head<T: Real>: VitHead<T>;
 
-    fn vit(&self) -> &Vit;
-
-    /// Classes of the head.
-    fn classes(&self) -> usize;
-
-    /// The head's forward pass on slices: from the last layer's output `h` (n·t × e, rows of
-    /// shape `s`) to the logits (n × classes), and what it keeps for its backward.
+    /// The head's forward pass: from the last layer's output `h` (n·t × e, rows of shape `s`)
+    /// to the logits (n × classes), and what it keeps for its backward. `index`: the layout's
+    /// positions by name.
     fn head_forward<T: Real>(
         &self,
+        index: &HashMap<String, usize>,
         p: &[&[T]],
         h: Vec<T>,
         s: LayerShape,
     ) -> (Self::Head<T>, Vec<T>);
+}
+
+/// A ViT image classifier of configuration `C`: the encoder, and the family's head on its last
+/// layer.
+#[derive(Debug)]
+pub struct VitClassifier<C> {
+    /// The family's configuration.
+    pub config: C,
+    vit: Vit,
+}
+
+#[allow(private_bounds)] // the families are this crate's; `VitFamily` is how they plug in
+impl<C: VitFamily> VitClassifier<C> {
+    /// The classifier of `config`, checked.
+    pub fn new(config: C) -> Result<Self> {
+        config.validate()?;
+        let vit = Vit::new(C::FAMILY, config.sizes(), config.names(), config.layout());
+        Ok(Self { config, vit })
+    }
+
+    /// The registry's constructor: the classifier of a JSON configuration.
+    pub fn from_config(config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
+        Ok(Arc::new(Self::new(parse_config(C::FAMILY, config)?)?))
+    }
+
+    /// The encoder's output (n × tokens × width) and named access to `params`.
+    pub(crate) fn encode<'a>(
+        &'a self,
+        params: &'a [Tensor],
+        images: &Tensor,
+    ) -> Result<(Params<'a>, Tensor)> {
+        let p = self.vit.params(params)?;
+        let hidden = self.vit.hidden_states(&p, images, params[0].dtype())?;
+        Ok((p, hidden))
+    }
+}
+
+#[allow(private_bounds)] // as above
+impl<C: VitFamily> Architecture for VitClassifier<C> {
+    fn family(&self) -> &'static str {
+        C::FAMILY
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("a configuration serialises")
+    }
+
+    fn hf_config(&self) -> serde_json::Value {
+        self.config.hf_config(self.config())
+    }
+
+    fn layout(&self) -> &ParamLayout {
+        &self.vit.layout
+    }
+
+    fn input(&self) -> InputSpec {
+        let (given, defaults) = self.config.normalisation();
+        InputSpec::Images(self.vit.image_spec(given, defaults))
+    }
+
+    fn num_classes(&self) -> usize {
+        self.vit.sizes.classes
+    }
+
+    fn forward(&self, params: &[Tensor], images: &Tensor) -> Result<Tensor> {
+        let (p, hidden) = self.encode(params, images)?;
+        let features = self.config.head_features(&p, &hidden)?;
+        self.config.head_logits(&p, &features)
+    }
+
+    fn features(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Tensor>> {
+        let (p, hidden) = self.encode(params, images)?;
+        Ok(Some(self.config.head_features(&p, &hidden)?))
+    }
+
+    fn zero_gradient_tensors(&self) -> Vec<String> {
+        self.vit.key_biases()
+    }
+
+    fn init(&self, seed: u64, device: &Device) -> Result<Vec<Tensor>> {
+        self.config.init(&self.vit.layout, seed, device)
+    }
+
+    fn tape(&self, params: &[Tensor], images: &Tensor) -> Result<Option<Box<dyn tape::Tape>>> {
+        if !tape::supported(params) {
+            return Ok(None);
+        }
+        Ok(Some(match params[0].dtype() {
+            DType::F64 => Box::new(VitTape::<f64, C::Head<f64>>::forward(self, params, images)?),
+            _ => Box::new(VitTape::<f32, C::Head<f32>>::forward(self, params, images)?),
+        }))
+    }
 }
 
 /// The head's backward on slices.
@@ -272,22 +461,6 @@ pub(crate) trait VitHead<T>: Send + Sync + 'static {
     /// Writes the head's tensors' gradients into `g` (each taken once) and returns the gradient
     /// of the last layer's output (n·t × e).
     fn backward(&self, p: &[&[T]], g: &mut [&mut [T]], s: LayerShape, dlogits: &[T]) -> Vec<T>;
-}
-
-/// A ViT classifier's hand-written pass ([`tape::Tape`]) for `params` and `images`, or `None`
-/// where the tensors do not suit it ([`tape::supported`]).
-pub(crate) fn tape<A: VitClassifier>(
-    arch: &A,
-    params: &[Tensor],
-    images: &Tensor,
-) -> Result<Option<Box<dyn tape::Tape>>> {
-    if !tape::supported(params) {
-        return Ok(None);
-    }
-    Ok(Some(match params[0].dtype() {
-        DType::F64 => Box::new(VitTape::<f64, A::Head<f64>>::forward(arch, params, images)?),
-        _ => Box::new(VitTape::<f32, A::Head<f32>>::forward(arch, params, images)?),
-    }))
 }
 
 /// The forward pass of a ViT classifier on slices, kept for its backward.
@@ -310,12 +483,12 @@ struct VitTape<T, H> {
 }
 
 impl<T: Real, H: VitHead<T>> VitTape<T, H> {
-    fn forward<A: VitClassifier<Head<T> = H>>(
-        arch: &A,
+    fn forward<C: VitFamily<Head<T> = H>>(
+        arch: &VitClassifier<C>,
         params: &[Tensor],
         images: &Tensor,
     ) -> Result<Self> {
-        let vit = arch.vit();
+        let vit = &arch.vit;
         let s = &vit.sizes;
         let (n, patches) = patch_rows::<T>(
             vit.family,
@@ -330,11 +503,7 @@ impl<T: Real, H: VitHead<T>> VitTape<T, H> {
             s.eps,
             s.activation,
         );
-        let (np, cp, k) = (
-            g * g,
-            s.channels * s.patch_size * s.patch_size,
-            arch.classes(),
-        );
+        let (np, cp, k) = (g * g, s.channels * s.patch_size * s.patch_size, s.classes);
         let index = vit.positions();
         let (hidden0, layers, head, logits) = with_slices::<T, _>(params, |p| {
             let e = s.width;
@@ -364,7 +533,7 @@ impl<T: Real, H: VitHead<T>> VitTape<T, H> {
                 layers.push(acts);
                 h = out;
             }
-            let (head, logits) = arch.head_forward(p, h, shape);
+            let (head, logits) = arch.config.head_forward(&vit.index, p, h, shape);
             (hidden0, layers, head, logits)
         })?;
         Ok(Self {
@@ -435,26 +604,52 @@ impl<T: Real, H: VitHead<T>> tape::Tape for VitTape<T, H> {
     }
 }
 
-/// Checks what every ViT configuration needs, with errors naming the family.
+/// Checks what every ViT configuration needs, with errors naming the family: `hidden_act` the
+/// activation soup implements for it, every size of `s` and of `named` (the family's own, by
+/// their config keys) positive and below 2^20 (beyond what a real model reaches, where the
+/// layout's arithmetic would overflow), the patches tiling the image, LayerNorm's ε positive, the
+/// heads dividing the width, one mean and standard deviation per channel.
 pub(crate) fn validate(
     family: &str,
-    s: &VitSizes,
-    eps: f64,
-    given: (&Option<Vec<f32>>, &Option<Vec<f32>>),
+    (s, hidden_act): (&VitSizes, &str),
+    named: &[(&str, usize)],
+    given: &Normalisation,
 ) -> Result<()> {
-    let err = |d: &str| Err(ModelError::config(family, d));
-    if s.patch_size == 0 || s.image_size == 0 || !s.image_size.is_multiple_of(s.patch_size) {
-        return err("image_size must be a positive multiple of patch_size");
+    let err = |d: String| Err(ModelError::config(family, d));
+    let act = s.activation.name();
+    if hidden_act != act {
+        return err(format!("only hidden_act = {act} is supported"));
     }
-    if !(eps.is_finite() && eps > 0.0) {
-        return err("layer_norm_eps must be a positive number");
+    let sizes = [
+        ("num_channels", s.channels),
+        ("image_size", s.image_size),
+        ("patch_size", s.patch_size),
+        ("hidden_size", s.width),
+        ("the MLP width", s.mlp_width),
+        ("num_hidden_layers", s.layers),
+        ("num_attention_heads", s.heads),
+        ("num_classes", s.classes),
+    ];
+    for &(name, v) in sizes.iter().chain(named) {
+        if v == 0 {
+            return err(format!("{name} must be positive"));
+        }
+        if v > 1 << 20 {
+            return err(format!("{name} = {v} is beyond 2^20: not a real model"));
+        }
     }
-    if s.heads == 0 || !s.width.is_multiple_of(s.heads) {
-        return err("hidden_size must be a multiple of num_attention_heads");
+    if !s.image_size.is_multiple_of(s.patch_size) {
+        return err("image_size must be a multiple of patch_size".into());
     }
-    for v in [given.0, given.1].into_iter().flatten() {
+    if !(s.eps.is_finite() && s.eps > 0.0) {
+        return err("layer_norm_eps must be a positive number".into());
+    }
+    if !s.width.is_multiple_of(s.heads) {
+        return err("hidden_size must be a multiple of num_attention_heads".into());
+    }
+    for v in [&given.image_mean, &given.image_std].into_iter().flatten() {
         if v.len() != s.channels {
-            return err("image_mean and image_std need one entry per channel");
+            return err("image_mean and image_std need one entry per channel".into());
         }
     }
     Ok(())

@@ -126,8 +126,7 @@ pub fn openai_config(
         layer_norm_eps: 1e-5,
         hidden_act: "quick_gelu".into(),
         num_classes: head[0],
-        image_mean: None,
-        image_std: None,
+        normalisation: Default::default(),
     })
 }
 

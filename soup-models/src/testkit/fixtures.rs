@@ -49,8 +49,7 @@ pub fn tiny_clip_config(channels: usize, num_classes: usize) -> ClipVitConfig {
         layer_norm_eps: 1e-5,
         hidden_act: "quick_gelu".into(),
         num_classes,
-        image_mean: None,
-        image_std: None,
+        normalisation: Default::default(),
     }
 }
 

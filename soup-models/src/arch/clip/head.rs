@@ -2,10 +2,12 @@
 //! computes after the encoder): the class token's LayerNorm, the visual projection, the features'
 //! L2 normalisation and the linear head. The encoder is the shared ViT's ([`crate::arch::vit`]).
 
-use super::ClipClassifier;
+use std::collections::HashMap;
+
+use super::ClipVitConfig;
 use crate::arch::tape::encoder::{layer_norm, LayerShape};
 use crate::arch::tape::take;
-use crate::arch::vit::{Vit, VitClassifier, VitHead};
+use crate::arch::vit::{VitHead, VitTapeHead};
 use crate::ops::cpu::slices::{layer_norm_backward_into, linear_backward_into, linear_into};
 use crate::ops::cpu::Real;
 
@@ -23,19 +25,18 @@ pub(crate) struct ClipHead<T> {
     z: Vec<T>,
 }
 
-impl VitClassifier for ClipClassifier {
+impl VitTapeHead for ClipVitConfig {
     type Head<T: Real> = ClipHead<T>;
 
-    fn vit(&self) -> &Vit {
-        &self.vit
-    }
-
-    fn classes(&self) -> usize {
-        self.config.num_classes
-    }
-
-    fn head_forward<T: Real>(&self, p: &[&[T]], h: Vec<T>, s: LayerShape) -> (ClipHead<T>, Vec<T>) {
-        let at = |name: &str| self.vit.index[name];
+    fn head_forward<T: Real>(
+        &self,
+        index: &HashMap<String, usize>,
+        p: &[&[T]],
+        h: Vec<T>,
+        s: LayerShape,
+    ) -> (ClipHead<T>, Vec<T>) {
+        let c = self;
+        let at = |name: &str| index[name];
         let post = (
             at("vision_model.post_layernorm.weight"),
             at("vision_model.post_layernorm.bias"),
@@ -45,7 +46,7 @@ impl VitClassifier for ClipClassifier {
             at("classification_head.weight"),
             at("classification_head.bias"),
         );
-        let (pd, k) = (self.config.projection_dim, self.config.num_classes);
+        let (pd, k) = (c.projection_dim, c.num_classes);
         let LayerShape { n, t, e, eps, .. } = s;
         let pooled_in: Vec<T> = (0..n)
             .flat_map(|i| h[i * t * e..(i * t + 1) * e].iter().copied())

@@ -3,10 +3,12 @@
 //! [CLS ‖ mean of the patch tokens] and the linear head. The encoder is the shared ViT's
 //! ([`crate::arch::vit`]).
 
-use super::Dinov2Classifier;
+use std::collections::HashMap;
+
+use super::Dinov2Config;
 use crate::arch::tape::encoder::{layer_norm, LayerShape};
 use crate::arch::tape::take;
-use crate::arch::vit::{Vit, VitClassifier, VitHead};
+use crate::arch::vit::{VitHead, VitTapeHead};
 use crate::ops::cpu::slices::{layer_norm_backward_into, linear_backward_into, linear_into};
 use crate::ops::cpu::Real;
 
@@ -20,27 +22,21 @@ pub(crate) struct Dinov2Head<T> {
     head_input: Vec<T>,
 }
 
-impl VitClassifier for Dinov2Classifier {
+impl VitTapeHead for Dinov2Config {
     type Head<T: Real> = Dinov2Head<T>;
-
-    fn vit(&self) -> &Vit {
-        &self.vit
-    }
-
-    fn classes(&self) -> usize {
-        self.config.num_classes
-    }
 
     fn head_forward<T: Real>(
         &self,
+        index: &HashMap<String, usize>,
         p: &[&[T]],
         h: Vec<T>,
         s: LayerShape,
     ) -> (Dinov2Head<T>, Vec<T>) {
-        let at = |name: &str| self.vit.index[name];
+        let c = self;
+        let at = |name: &str| index[name];
         let norm = (at("dinov2.layernorm.weight"), at("dinov2.layernorm.bias"));
         let head = (at("classifier.weight"), at("classifier.bias"));
-        let k = self.config.num_classes;
+        let k = c.num_classes;
         let LayerShape { n, t, e, eps, .. } = s;
         let normed = layer_norm(&h, p[norm.0], p[norm.1], eps);
         let mut head_input = vec![T::zero(); n * 2 * e];

@@ -30,8 +30,18 @@ pub(crate) struct LayerIndex {
 pub(crate) enum Activation {
     /// x·σ(1.702 x) (CLIP).
     QuickGelu,
-    /// x·Φ(x) (DINOv2).
+    /// x·Φ(x), the exact GELU (DINOv2).
     Gelu,
+}
+
+impl Activation {
+    /// Its name as a config's `hidden_act` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::QuickGelu => "quick_gelu",
+            Activation::Gelu => "gelu",
+        }
+    }
 }
 
 /// Shapes of one pass: images n, tokens t, width e, MLP width f, heads, the attention scale,
