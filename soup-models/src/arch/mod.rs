@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod dinov2;
+pub mod llama;
 pub mod mlp;
 pub mod tape;
 pub(crate) mod vit;
@@ -133,6 +134,7 @@ pub const REGISTRY: &[(&str, Constructor)] = &[
     }),
     ("clip-vit", clip::ClipClassifier::from_config),
     ("dinov2-vit", dinov2::Dinov2Classifier::from_config),
+    ("llama", llama::Llama::from_config),
     ("mlp", mlp::Mlp::from_config),
 ];
 

@@ -9,6 +9,7 @@ use super::torch::openai_config;
 use super::{Checkpoint, META_ARCH, META_CONFIG};
 use crate::arch::clip::{ClipClassifier, ClipVitConfig};
 use crate::arch::dinov2::{Dinov2Classifier, Dinov2Config};
+use crate::arch::llama::{Llama, LlamaConfig};
 use crate::arch::{build, Architecture};
 use crate::error::{ModelError, Result};
 
@@ -67,7 +68,11 @@ impl Checkpoint {
             return Ok(Arc::new(ClipClassifier::new(config)?));
         }
         if let Some(json) = &self.hf_config {
-            if json.get("model_type").and_then(|v| v.as_str()) == Some("dinov2") {
+            let model_type = json.get("model_type").and_then(|v| v.as_str());
+            if matches!(model_type, Some("llama" | "qwen2")) {
+                return Ok(Arc::new(Llama::new(LlamaConfig::from_hf_json(json)?)?));
+            }
+            if model_type == Some("dinov2") {
                 let head = self.shape("classifier.weight")?;
                 if head.len() != 2 {
                     return Err(ModelError::format(

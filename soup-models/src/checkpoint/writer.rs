@@ -91,6 +91,9 @@ pub const MODEL_DIR_FILES: &[&str] = &[
     "config.json",
     "preprocessor_config.json",
     "README.md",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
 ];
 
 /// Writes a model directory that transformers and soup both load as it is: `model.safetensors`

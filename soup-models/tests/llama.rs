@@ -1,0 +1,165 @@
+//! `llama` against what transformers computed (`tests/golden/llama/`, made once by
+//! `make_llama.py` with torch 2.15 and transformers 5.24): tiny `LlamaForCausalLM` and
+//! `Qwen2ForCausalLM` models saved by transformers load as they are and give its logits and
+//! next-token loss; the model's gradients equal central differences for every kind of tensor.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use soup_models::arch::tape::next_token_and_grad;
+use soup_models::{Architecture, Checkpoint, InputSpec};
+
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/llama")
+        .join(name)
+}
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(golden("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The largest |a − b| relative to the largest |b|.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn load(name: &str) -> (Arc<dyn Architecture>, Vec<Tensor>) {
+    let ckpt = Checkpoint::open(golden(name)).unwrap();
+    let arch = ckpt.architecture().unwrap();
+    let params = ckpt.load_params(arch.as_ref(), &Device::Cpu).unwrap();
+    (arch, params)
+}
+
+/// The mean next-token cross-entropy of `logits` (n × t × V) on `tokens`, in f64.
+fn loss_of(logits: &Tensor, tokens: &Tensor) -> f64 {
+    let (_, t, v) = logits.dims3().unwrap();
+    let values: Vec<f64> = logits
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let ids: Vec<u32> = tokens.flatten_all().unwrap().to_vec1().unwrap();
+    next_token_and_grad(&values, (t, v), &ids, None).0
+}
+
+#[test]
+fn causal_language_models_saved_by_transformers_compute_their_logits_and_loss() {
+    let e = expected();
+    for (name, vocab, tensors) in [("gqa", 61, 20), ("biases", 47, 35), ("qwen2", 53, 26)] {
+        let (arch, params) = load(name);
+        assert_eq!(arch.family(), "llama", "{name}");
+        assert_eq!(arch.layout().len(), tensors, "{name}");
+        assert!(
+            matches!(arch.input(), InputSpec::Tokens(ref t) if t.vocab_size == vocab),
+            "{name}"
+        );
+        let tokens = e[&format!("{name}.tokens")].to_dtype(DType::U32).unwrap();
+        let logits = arch.forward(&params, &tokens).unwrap();
+        let d = rel_diff(&logits, &e[&format!("{name}.logits")]);
+        assert!(
+            d < 1e-5,
+            "{name}: logits differ from transformers' by {d:e}"
+        );
+        let theirs = e[&format!("{name}.loss")].to_vec1::<f32>().unwrap()[0] as f64;
+        let ours = loss_of(&logits, &tokens);
+        assert!(
+            (ours - theirs).abs() < 1e-5 * theirs,
+            "{name}: loss {ours} against transformers' {theirs}"
+        );
+    }
+}
+
+#[test]
+fn a_token_beyond_the_vocabulary_or_the_positions_is_an_error() {
+    let (arch, params) = load("gqa");
+    let bad = Tensor::new(&[[1u32, 61]], &Device::Cpu).unwrap();
+    let err = arch.forward(&params, &bad).unwrap_err().to_string();
+    assert!(err.contains("token id 61"), "{err}");
+    let long = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).unwrap();
+    let err = arch.forward(&params, &long).unwrap_err().to_string();
+    assert!(err.contains("65 tokens"), "{err}");
+}
+
+/// ∂loss/∂θ by autograd through the forward pass equals central differences, in f64, at a few
+/// coordinates of every tensor of one layer and of the embeddings, norms and head: embeddings,
+/// q/k/v/o projections and their biases, the SwiGLU's three projections and biases, both
+/// RMSNorms, the final norm and a separate head.
+#[test]
+fn gradients_equal_central_differences_for_every_kind_of_tensor() {
+    let (arch, params) = load("biases");
+    let params: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.to_dtype(DType::F64).unwrap())
+        .collect();
+    let tokens = Tensor::new(&[[3u32, 17, 5, 40, 9], [22, 1, 46, 8, 30]], &Device::Cpu).unwrap();
+    let loss = |ps: &[Tensor]| -> Tensor {
+        let logits = arch.forward(ps, &tokens).unwrap();
+        let (n, t, v) = logits.dims3().unwrap();
+        let shifted = logits
+            .narrow(1, 0, t - 1)
+            .unwrap()
+            .reshape((n * (t - 1), v))
+            .unwrap();
+        let labels: Vec<u32> = tokens
+            .narrow(1, 1, t - 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        soup_models::ops::cross_entropy(&shifted, &labels, 0.0).unwrap()
+    };
+    let vars: Vec<Var> = params
+        .iter()
+        .map(|p| Var::from_tensor(p).unwrap())
+        .collect();
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = loss(&inputs).backward().unwrap();
+    let layout = arch.layout();
+    let mut checked = 0;
+    for (i, spec) in layout.tensors.iter().enumerate() {
+        if spec.name.contains("layers.1.") {
+            continue;
+        }
+        let g: Vec<f64> = grads
+            .get(&inputs[i])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let flat: Vec<f64> = params[i].flatten_all().unwrap().to_vec1().unwrap();
+        for j in [0, flat.len() / 2, flat.len() - 1] {
+            let at = |delta: f64| -> f64 {
+                let mut v = flat.clone();
+                v[j] += delta;
+                let mut ps = params.clone();
+                ps[i] = Tensor::from_vec(v, params[i].dims(), &Device::Cpu).unwrap();
+                loss(&ps).to_scalar::<f64>().unwrap()
+            };
+            let h = 1e-5;
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            assert!(
+                (fd - g[j]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "{}[{j}]: autograd {} against {fd}",
+                spec.name,
+                g[j]
+            );
+            checked += 1;
+        }
+    }
+    // Embeddings, 7 projections with their biases, 2 norms, the final norm and the head.
+    assert_eq!(checked, 3 * (1 + 7 * 2 + 2 + 1 + 1));
+}
