@@ -24,22 +24,29 @@ pub fn card(tags: &[&str], title: &str, body: &str, arch: &dyn Architecture) -> 
 /// How to load a model directory of `arch`, in soup and (for CLIP) in transformers.
 fn usage(arch: &dyn Architecture) -> String {
     let layout = arch.layout();
-    let inputs = match arch.input() {
-        InputSpec::Images(i) => format!(
-            "{} classes); inputs {}×{}×{}",
-            arch.num_classes(),
-            i.channels,
-            i.height,
-            i.width
+    let (inputs, how) = match arch.input() {
+        InputSpec::Images(i) => (
+            format!(
+                "{} classes); inputs {}×{}×{}",
+                arch.num_classes(),
+                i.channels,
+                i.height,
+                i.width
+            ),
+            "```sh\nsoup eval --model THIS_DIRECTORY --data DATA\n```\n",
         ),
-        InputSpec::Tokens(t) => format!(
-            "vocabulary {}); sequences of up to {} tokens",
-            t.vocab_size, t.max_positions
+        InputSpec::Tokens(t) => (
+            format!(
+                "vocabulary {}); sequences of up to {} tokens",
+                t.vocab_size, t.max_positions
+            ),
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n\
+             model = AutoModelForCausalLM.from_pretrained(\"THIS_DIRECTORY\")\n\
+             tokenizer = AutoTokenizer.from_pretrained(\"THIS_DIRECTORY\")\n```\n",
         ),
     };
     let mut text = format!(
-        "## Use\n\nArchitecture `{}` ({} tensors, {} parameters, {inputs}.\n\n\
-         ```sh\nsoup eval --model THIS_DIRECTORY --data DATA\n```\n",
+        "## Use\n\nArchitecture `{}` ({} tensors, {} parameters, {inputs}.\n\n{how}",
         arch.family(),
         layout.len(),
         layout.numel(),

