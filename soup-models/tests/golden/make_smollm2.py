@@ -20,7 +20,11 @@ What it writes (about 100 kB):
   - `texts`: texts (code, prose, non-Latin scripts, emoji, whitespace runs, digits, special
     tokens) and the ids transformers' GGUF tokenizer gives them;
   - `prompts`: a few prompts, their ids, the logits' first 32 columns at every position, the
-    argmax at every position and the largest |logit|.
+    argmax at every position and the largest |logit|;
+  - `text_eval`: the next-token loss, accuracy and count of the model on the first two windows
+    of 128 tokens of text/test/apache.txt (the first 4,000 bytes of the Apache-2.0 licence, as
+    Debian's base-files ships it), tokenised without special tokens and followed by
+    `<|im_end|>`, as `soup eval --seq-len 128 --max-examples 2` reads it.
 """
 import hashlib
 import io
@@ -141,6 +145,20 @@ def smollm2(sdist):
             "max_abs": logits.abs().max().item(),
         })
         print(prompt[:30].replace("\n", " "), "->", tok.decode(logits.argmax(-1)[-1:]))
+    with open(os.path.join(OUT, "text", "test", "apache.txt")) as f:
+        text = f.read()
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok(text, add_special_tokens=False).input_ids + [eos]
+    nll, hits, count = 0.0, 0, 0
+    for w in [ids[i * 128:(i + 1) * 128] for i in range(2)]:
+        with torch.no_grad():
+            logits = model(torch.tensor([w])).logits[0, :-1]
+        target = torch.tensor(w[1:])
+        nll -= torch.log_softmax(logits, -1).gather(1, target[:, None]).sum().item()
+        hits += (logits.argmax(-1) == target).sum().item()
+        count += len(w) - 1
+    expected["text_eval"] = {"seq_len": 128, "windows": 2, "loss": nll / count,
+                             "accuracy": hits / count, "count": count}
     with open(os.path.join(OUT, "expected.json"), "w") as f:
         json.dump(expected, f)
     os.remove(path)
