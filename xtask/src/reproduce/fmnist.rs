@@ -161,7 +161,7 @@ impl Preset {
             learned_epochs: 1,
             sensitivity_b: if quick { vec![2] } else { vec![2, 4, 8] },
             // Only b is swept at full size (its memory is the point): the lr and inner-epoch
-            // sweeps would triple the preset's MEHL+ time on 2 cores (BENCHMARKS.md).
+            // sweeps would triple the preset's MEHL+ time on 2 cores (docs/RESULTS.md).
             sensitivity_lr: vec![0.01],
             sensitivity_epochs: vec![1],
         };
@@ -169,7 +169,7 @@ impl Preset {
             common("dinov2-quick", 4, (200, 200), 1, vec![1])
         } else {
             // 2,000 training images keep the zoo within the preset's budget on 2 cores (the
-            // rates are in BENCHMARKS.md).
+            // rates are in docs/GUIDE.md, "A real pre-trained ViT").
             common("dinov2", 16, (2000, 1000), 3, vec![1, 2, 3])
         }
     }
