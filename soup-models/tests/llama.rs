@@ -4,33 +4,20 @@
 //! next-token loss; the model's gradients equal central differences for every kind of tensor.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use soup_models::arch::tape::next_token_and_grad;
+use soup_models::testkit::fixtures;
 use soup_models::{Architecture, Checkpoint, InputSpec};
 
 fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/llama")
-        .join(name)
+    fixtures::golden("llama", name)
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(golden("expected.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// The largest |a − b| relative to the largest |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    fixtures::golden_tensors("llama")
 }
 
 fn load(name: &str) -> (Arc<dyn Architecture>, Vec<Tensor>) {
@@ -67,7 +54,7 @@ fn causal_language_models_saved_by_transformers_compute_their_logits_and_loss() 
         );
         let tokens = e[&format!("{name}.tokens")].to_dtype(DType::U32).unwrap();
         let logits = arch.forward(&params, &tokens).unwrap();
-        let d = rel_diff(&logits, &e[&format!("{name}.logits")]);
+        let d = fixtures::rel_diff(&logits, &e[&format!("{name}.logits")]);
         assert!(
             d < 1e-5,
             "{name}: logits differ from transformers' by {d:e}"

