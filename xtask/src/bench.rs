@@ -23,8 +23,12 @@
 //!   their huge-page settings), in alternating processes of the same binaries
 //!   (`examples/common/bench_alloc.rs`).
 //!
+//! - `lm`: a SmolLM2-135M-shaped training step (`lm_step_bench.rs`) and, with `--torch`,
+//!   transformers' LlamaForCausalLM of the same shape (`bench/lm_torch.py`), at 4 × 256 and
+//!   1 × 1,024 tokens.
+//!
 //! `--torch` makes a Python virtual environment in `target/bench/torch-venv` with
-//! `pip install torch safetensors numpy` when it has none (a few GB; never in CI).
+//! `pip install torch safetensors numpy transformers` when it has none (a few GB; never in CI).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,7 +46,9 @@ struct Options {
     only: Vec<String>,
 }
 
-const SECTIONS: &[&str] = &["step", "mehl", "authors", "load", "alloc", "gemm", "blas"];
+const SECTIONS: &[&str] = &[
+    "step", "mehl", "authors", "load", "alloc", "gemm", "blas", "lm",
+];
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
@@ -131,7 +137,7 @@ fn torch_python() -> Result<PathBuf, String> {
     let python = venv.join("bin/python");
     let ready = |p: &Path| {
         Command::new(p)
-            .args(["-c", "import torch, safetensors, numpy"])
+            .args(["-c", "import torch, safetensors, numpy, transformers"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
@@ -153,12 +159,21 @@ fn torch_python() -> Result<PathBuf, String> {
         return Err("`python3 -m venv` failed: install python3 and python3-venv".into());
     }
     let ok = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "torch", "safetensors", "numpy"])
+        .args([
+            "install",
+            "-q",
+            "torch",
+            "safetensors",
+            "numpy",
+            "transformers",
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok || !ready(&python) {
-        return Err("pip install torch safetensors numpy failed in the bench venv".into());
+        return Err(
+            "pip install torch safetensors numpy transformers failed in the bench venv".into(),
+        );
     }
     Ok(python)
 }
@@ -181,6 +196,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
     for section in &o.only {
         let (value, table) = match section.as_str() {
             "step" => step(&o, python.as_deref())?,
+            "lm" => lm(&o, python.as_deref())?,
             "mehl" => mehl(&o)?,
             "authors" => authors(&o, python.as_deref().expect("--torch"))?,
             "load" => load(&o)?,
@@ -261,40 +277,87 @@ fn step(o: &Options, python: Option<&Path>) -> Result<(Value, String), String> {
                     }
                 }
             }
-            let rss = |lines: &[Value]| {
-                median(
-                    &lines
-                        .iter()
-                        .filter_map(|l| l["peak_rss_bytes"].as_f64())
-                        .collect::<Vec<_>>(),
-                ) / 1e9
-            };
-            let mut phases = serde_json::Map::new();
-            for phase in ["forward", "backward", "step"] {
-                let a = seconds(&ours, "phase", phase);
-                let b = seconds(&theirs, "phase", phase);
-                let (ma, mb) = (median(&a), median(&b));
-                table.push_str(&format!(
-                    "| {arch} | {batch} | {phase} | {ma:.3} | {} | {} | {:.2} | {} |\n",
-                    fmt(mb, 3),
-                    fmt(ma / mb, 2),
-                    rss(&ours),
-                    fmt(rss(&theirs), 2)
-                ));
-                phases.insert(
-                    phase.into(),
-                    json!({ "ours_s": a, "pytorch_s": b, "ours_median_s": ma,
-                            "pytorch_median_s": mb, "ratio": ma / mb }),
-                );
-            }
-            rows.push(json!({ "arch": arch, "batch": batch, "phases": phases,
-                              "ours_peak_rss_bytes": rss(&ours) * 1e9,
-                              "pytorch_peak_rss_bytes": rss(&theirs) * 1e9 }));
+            let mut row = phase_rows(&format!("{arch} | {batch}"), &ours, &theirs, &mut table);
+            row["arch"] = json!(arch);
+            row["batch"] = json!(batch);
+            rows.push(row);
         }
     }
     table.push_str(&format!(
         "\n{} processes per contender, model and batch, alternating, {} timed rounds each after a warm-up round; medians over all rounds. Ours ran the gemm crate's {} kernels (`SOUP_GEMM_KERNELS`).\n",
         o.repeats, o.rounds, kernels.join(", ")
+    ));
+    Ok((json!(rows), table))
+}
+
+/// The forward, backward and step rows of a side-by-side table (`label` in its first columns)
+/// from each contender's JSON lines, and their JSON: every round, medians, ratio, peak RSS.
+fn phase_rows(label: &str, ours: &[Value], theirs: &[Value], table: &mut String) -> Value {
+    let rss = |lines: &[Value]| {
+        median(
+            &lines
+                .iter()
+                .filter_map(|l| l["peak_rss_bytes"].as_f64())
+                .collect::<Vec<_>>(),
+        ) / 1e9
+    };
+    let mut phases = serde_json::Map::new();
+    for phase in ["forward", "backward", "step"] {
+        let a = seconds(ours, "phase", phase);
+        let b = seconds(theirs, "phase", phase);
+        let (ma, mb) = (median(&a), median(&b));
+        table.push_str(&format!(
+            "| {label} | {phase} | {ma:.3} | {} | {} | {:.2} | {} |\n",
+            fmt(mb, 3),
+            fmt(ma / mb, 2),
+            rss(ours),
+            fmt(rss(theirs), 2)
+        ));
+        phases.insert(
+            phase.into(),
+            json!({ "ours_s": a, "pytorch_s": b, "ours_median_s": ma,
+                    "pytorch_median_s": mb, "ratio": ma / mb }),
+        );
+    }
+    json!({ "phases": phases, "ours_peak_rss_bytes": rss(ours) * 1e9,
+            "pytorch_peak_rss_bytes": rss(theirs) * 1e9 })
+}
+
+/// `lm`: a SmolLM2-135M-shaped training step (`lm_step_bench`) against transformers'
+/// LlamaForCausalLM of the same shape (`bench/lm_torch.py`), at 4 × 256 and 1 × 1,024 tokens.
+fn lm(o: &Options, python: Option<&Path>) -> Result<(Value, String), String> {
+    let exe = release_example("lm_step_bench")?;
+    let script = root().join("bench/lm_torch.py");
+    let mut rows = Vec::new();
+    let mut table = String::from(
+        "### Forward + backward step, SmolLM2-135M shape (llama, random weights), CPU\n\n\
+         | batch | tokens | phase | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (GB) | PyTorch peak RSS (GB) |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for (batch, seq) in [(4usize, 256usize), (1, 1024)] {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let (b, s, r) = (batch.to_string(), seq.to_string(), o.rounds.to_string());
+        let flags = ["--batch", &b, "--seq", &s, "--rounds", &r];
+        for rep in 0..o.repeats {
+            eprintln!("xtask: lm, {batch} × {seq}, repeat {}", rep + 1);
+            ours.extend(json_lines(Command::new(&exe).args(flags))?);
+            if let Some(py) = python {
+                theirs.extend(json_lines(
+                    Command::new(py)
+                        .arg(&script)
+                        .args(flags)
+                        .args(["--threads", &threads().to_string()]),
+                )?);
+            }
+        }
+        let mut row = phase_rows(&format!("{batch} | {seq}"), &ours, &theirs, &mut table);
+        row["batch"] = json!(batch);
+        row["seq"] = json!(seq);
+        rows.push(row);
+    }
+    table.push_str(&format!(
+        "\n{} processes per contender and shape, alternating, {} timed rounds each after a warm-up round; medians over all rounds. Ours: candle's autograd through `llama` (no hand-written backward yet).\n",
+        o.repeats, o.rounds
     ));
     Ok((json!(rows), table))
 }

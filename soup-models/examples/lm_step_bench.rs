@@ -1,0 +1,104 @@
+//! Forward + backward step time of a language model on this machine (used by `cargo xtask bench
+//! --only lm`): SmolLM2-135M's shape (`llama`, 30 layers, width 576, 9 heads over 3 key/value
+//! heads, vocabulary 49,152, tied embeddings), randomly initialised.
+//!
+//! `lm_step_bench [--batch 4] [--seq 256] [--rounds 3]` prints one JSON line per phase with every
+//! round's seconds and the median, then the process's peak RSS, in `step_bench`'s format.
+//! "step" = forward (logits and the mean next-token cross-entropy) + backward (candle's autograd:
+//! `llama` has no hand-written backward yet) + an in-place SGD update of every parameter.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use soup_core::rng::SplitMix64;
+use soup_models::ops::log_softmax;
+
+#[path = "common/bench_alloc.rs"]
+mod bench_alloc;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bench_alloc::init();
+    let (mut batch, mut seq, mut rounds) = (4usize, 256usize, 3usize);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--batch" => batch = value()?.parse()?,
+            "--seq" => seq = value()?.parse()?,
+            "--rounds" => rounds = value()?.parse()?,
+            other => return Err(format!("unknown flag {other}").into()),
+        }
+    }
+    let config = serde_json::json!({"model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": true});
+    let arch = soup_models::build("llama", &config)?;
+    let params = arch.init(1, &Device::Cpu)?;
+    let vars: Vec<Var> = params
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<_, _>>()?;
+    let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let mut rng = SplitMix64::new(2);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(49152) as u32).collect();
+    let tokens = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
+    let targets = tokens.narrow(1, 1, seq - 1)?.contiguous()?;
+    let numel = arch.layout().numel();
+    let (mut fwd, mut bwd, mut step) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..=rounds {
+        let t0 = Instant::now();
+        let logits = arch.forward(&inputs, &tokens)?.narrow(1, 0, seq - 1)?;
+        let nll = log_softmax(&logits)?
+            .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+            .mean_all()?
+            .neg()?;
+        nll.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = nll.backward()?;
+        let t2 = Instant::now();
+        for v in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                soup_models::ops::cpu::axpy_inplace(v.as_tensor(), -1e-6, g)?;
+            }
+        }
+        let t3 = Instant::now();
+        if round > 0 {
+            // Round 0 warms caches and allocators.
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            step.push((t3 - t0).as_secs_f64());
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (phase, v) in [
+        ("forward", &mut fwd),
+        ("backward", &mut bwd),
+        ("step", &mut step),
+    ] {
+        let rounds: Vec<String> = v.iter().map(|s| format!("{s:.4}")).collect();
+        println!(
+            "{{\"bench\":\"lm-step\",\"params\":{numel},\"batch\":{batch},\"seq\":{seq},\"threads\":{threads},\"backward\":\"autograd\",\"phase\":\"{phase}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
+            rounds.join(","),
+            median(v)
+        );
+    }
+    println!(
+        "{{\"bench\":\"lm-step\",\"peak_rss_bytes\":{}}}",
+        peak_rss().unwrap_or(0)
+    );
+    Ok(())
+}
