@@ -141,3 +141,24 @@ fn text_that_is_not_utf8_or_too_short_is_refused_naming_the_file() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     fails(&args, "beyond the model's 8192 positions");
 }
+
+/// A language model directory without its tokenizer, or with a `tokenizer.json` that is not one:
+/// one line naming the file, exit 2.
+#[test]
+fn a_missing_or_lying_tokenizer_is_refused_naming_it() {
+    let dir = ScratchDir::new("eval-tokenizer");
+    let d = dir.path();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../soup-models/tests/golden");
+    let model = d.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden.join("llama/gqa").join(f), model.join(f)).unwrap();
+    }
+    let text = golden.join("smollm2/text").display().to_string();
+    let m = model.display().to_string();
+    let args = ["eval", "--model", &m, "--data", &text, "--seq-len", "16"];
+    let tokenizer = model.join("tokenizer.json");
+    fails(&args, &format!("{}: missing", tokenizer.display()));
+    std::fs::write(&tokenizer, "{\"not\": \"a tokenizer\"}").unwrap();
+    fails(&args, &format!("{}: not a tokenizer", tokenizer.display()));
+}
