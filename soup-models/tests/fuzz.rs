@@ -17,9 +17,13 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use soup_core::{ParamLayout, TensorSpec};
 use soup_models::arch::clip::ClipClassifier;
+use soup_models::checkpoint::gguf::Gguf;
+use soup_models::checkpoint::smollm2;
 use soup_models::checkpoint::write_safetensors;
 use soup_models::data::{DataSpec, Split};
-use soup_models::testkit::fixtures::{random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir};
+use soup_models::testkit::fixtures::{
+    self, random_zoo, tiny_clip_config, write_hf_clip_dir, ScratchDir,
+};
 use soup_models::{Architecture, Checkpoint};
 
 /// The system allocator, recording the largest single request while `WATCH` is set.
@@ -445,6 +449,28 @@ fn mutated_png_and_jpeg_image_folders_are_errors_not_panics() {
 }
 
 /// The fixtures themselves load: the mutations start from valid files.
+/// GGUF files (the small one of `tests/golden/smollm2/`, with F32, F16, Q8_0 and Q4_1 tensors
+/// and a tokenizer): opened, every tensor dequantised, the configuration and tokenizer read.
+#[test]
+fn mutated_gguf_files_are_errors_not_panics() {
+    let bytes = std::fs::read(fixtures::golden("smollm2", "tiny.gguf")).unwrap();
+    let dir = ScratchDir::new("fuzz-gguf");
+    let path = dir.path().join("m.gguf");
+    fuzz("gguf", |m| {
+        let b = m.apply(&bytes);
+        std::fs::write(&path, &b).unwrap();
+        guarded(b.len(), || {
+            if let Ok(g) = Gguf::open(&path) {
+                for name in g.names() {
+                    let _ = g.tensor(name);
+                }
+                let _ = smollm2::llama_config(&g);
+                let _ = smollm2::tokenizer_json(&g);
+            }
+        })
+    });
+}
+
 #[test]
 fn the_unmutated_fixtures_load() {
     let f = fixtures();

@@ -150,3 +150,23 @@ fn gradients_equal_central_differences_for_every_kind_of_tensor() {
     // Embeddings, 7 projections with their biases, 2 norms, the final norm and the head.
     assert_eq!(checked, 3 * (1 + 7 * 2 + 2 + 1 + 1));
 }
+
+#[test]
+fn a_config_that_cannot_be_built_is_an_error_naming_its_file() {
+    let dir = fixtures::ScratchDir::new("llama-config");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(golden("gqa").join(f), dir.path().join(f)).unwrap();
+    }
+    let config = dir.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["num_attention_heads"] = 3.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let err = Checkpoint::open(dir.path())
+        .unwrap()
+        .architecture()
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with(&format!("{}: ", config.display())), "{err}");
+    assert!(err.contains("num_attention_heads"), "{err}");
+}

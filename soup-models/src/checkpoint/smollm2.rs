@@ -179,6 +179,15 @@ fn byte_alphabet() -> [char; 256] {
     map
 }
 
+/// A token in the byte alphabet: as it is when every character is one of the alphabet's (the
+/// file's own spelling), else its UTF-8 bytes spelled in the alphabet, as transformers does.
+fn byte_level(token: &str, alphabet: &[char; 256]) -> String {
+    match token.chars().all(|c| alphabet.contains(&c)) {
+        true => token.to_string(),
+        false => token.bytes().map(|b| alphabet[b as usize]).collect(),
+    }
+}
+
 /// The `tokenizer.json` (the `tokenizers` library's format) of a GGUF file's byte-level BPE
 /// vocabulary (`tokenizer.ggml.model` = `gpt2`), as transformers builds it from the file: the
 /// vocabulary in GPT-2's byte alphabet, the merges, the control tokens as special added tokens,
@@ -195,12 +204,7 @@ pub fn tokenizer_json(g: &Gguf) -> Result<serde_json::Value> {
     let types = g.ints("tokenizer.ggml.token_type")?;
     let merges = g.strings("tokenizer.ggml.merges")?;
     let alphabet = byte_alphabet();
-    let spelled = |t: &str| -> String {
-        match t.chars().all(|c| alphabet.contains(&c)) {
-            true => t.to_string(),
-            false => t.bytes().map(|b| alphabet[b as usize]).collect(),
-        }
-    };
+    let spelled = |t: &str| byte_level(t, &alphabet);
     let mut vocab = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
         vocab.insert(spelled(t), i.into());
@@ -285,4 +289,29 @@ pub fn generation_config_json(g: &Gguf) -> serde_json::Value {
 /// Where the GGUF of `sdist` is extracted to, beside it.
 pub fn extracted_path(sdist: &Path) -> PathBuf {
     sdist.with_file_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_spelled_in_gpt2s_byte_alphabet() {
+        let a = byte_alphabet();
+        // GPT-2's map: printable bytes as themselves, space and newline moved up.
+        assert_eq!(a[b'!' as usize], '!');
+        assert_eq!(a[b' ' as usize], 'Ġ');
+        assert_eq!(a[b'\n' as usize], 'Ċ');
+        assert_eq!(a[0xE9], 'é');
+        let mut sorted = a.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 256);
+        // A token already in the alphabet stays; one with other characters is re-spelled.
+        assert_eq!(byte_level("Ġthe", &a), "Ġthe");
+        assert_eq!(byte_level(" the", &a), "Ġthe");
+        assert_eq!(byte_level("a\nb", &a), "aĊb");
+        assert_eq!(byte_level("ü", &a), "ü");
+        assert_eq!(byte_level("€", &a), "âĤ¬");
+    }
 }
