@@ -15,19 +15,9 @@ use soup_models::ops::log_softmax;
 
 #[path = "common/bench_alloc.rs"]
 mod bench_alloc;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Peak resident set size of this process (VmHWM), in bytes.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+#[path = "common/bench_report.rs"]
+mod bench_report;
+use bench_report::{peak_rss, print_phases};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     bench_alloc::init();
@@ -84,18 +74,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (phase, v) in [
-        ("forward", &mut fwd),
-        ("backward", &mut bwd),
-        ("step", &mut step),
-    ] {
-        let rounds: Vec<String> = v.iter().map(|s| format!("{s:.4}")).collect();
-        println!(
-            "{{\"bench\":\"lm-step\",\"params\":{numel},\"batch\":{batch},\"seq\":{seq},\"threads\":{threads},\"backward\":\"autograd\",\"phase\":\"{phase}\",\"seconds\":[{}],\"median_s\":{:.4}}}",
-            rounds.join(","),
-            median(v)
-        );
-    }
+    let fields = format!(
+        "\"bench\":\"lm-step\",\"params\":{numel},\"batch\":{batch},\"seq\":{seq},\"threads\":{threads},\"backward\":\"autograd\""
+    );
+    print_phases(
+        &fields,
+        [
+            ("forward", &mut fwd),
+            ("backward", &mut bwd),
+            ("step", &mut step),
+        ],
+    );
     println!(
         "{{\"bench\":\"lm-step\",\"peak_rss_bytes\":{}}}",
         peak_rss().unwrap_or(0)
