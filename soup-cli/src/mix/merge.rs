@@ -18,8 +18,8 @@ use soup_models::train::multitask::{EncoderStore, MultiTask, Task, TaskLoss};
 use soup_models::{Architecture, Checkpoint, Classification};
 
 use super::args::MixArgs;
+use super::outputs::{evaluations_json, write_text, Scores};
 use super::outputs::{memory_json, short_names, timings, write_coefficients, write_curve};
-use super::outputs::{write_text, Scores};
 use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs, Progress};
 use crate::error::{CliError, Result};
 use crate::output::Output;
@@ -464,10 +464,7 @@ impl Written<'_> {
             "device": self.device,
             "memory_account_bytes": memory_json(&result.memory),
             "steps": result.history.len(),
-            "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
-                "model_batch": e.model_batch, "global_step": e.global_step,
-                "loss": e.metrics.loss, "mean_accuracy": e.metrics.accuracy,
-            })).collect::<Vec<_>>(),
+            "evaluations": evaluations_json(result, "mean_accuracy"),
             "data": self.args.data.data,
         });
         write("report.json", &serde_json::to_string_pretty(&report)?)?;

@@ -59,6 +59,23 @@ pub(super) fn write_curve(
     )
 }
 
+/// The held-out evaluations of `result` after each model batch, as report.json records them,
+/// the accuracy under `accuracy_key`.
+pub(super) fn evaluations_json(result: &SoupResult, accuracy_key: &str) -> serde_json::Value {
+    result
+        .evaluations
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::json!({
+                "model_batch": e.model_batch, "global_step": e.global_step,
+                "loss": e.metrics.loss,
+            });
+            v[accuracy_key] = serde_json::json!(e.metrics.accuracy);
+            v
+        })
+        .collect()
+}
+
 /// `coefficients.json` of `result` over `models`.
 pub(super) fn write_coefficients(dir: &Path, models: &[String], result: &SoupResult) -> Result<()> {
     let coefficients = Coefficients {

@@ -16,8 +16,8 @@ use soup_models::{Architecture, Checkpoint, Classification, FileStore, Resolved}
 
 use super::args::{check_memory, MixArgs};
 use super::mehl::{mix_mehl, Saved};
+use super::outputs::{evaluations_json, write_text, Scores};
 use super::outputs::{memory_json, short_names, timings, write_coefficients, write_curve};
-use super::outputs::{write_text, Scores};
 use crate::common::{peak_rss_bytes, phase, Progress};
 use crate::error::{CliError, Result};
 use crate::output::{Output, Partial};
@@ -507,10 +507,7 @@ impl Finished<'_> {
             })).collect::<Vec<_>>(),
             "memory_account_bytes": memory_json(&result.memory),
             "steps": result.history.len(),
-            "evaluations": result.evaluations.iter().map(|e| serde_json::json!({
-                "model_batch": e.model_batch, "global_step": e.global_step,
-                "loss": e.metrics.loss, "accuracy": e.metrics.accuracy,
-            })).collect::<Vec<_>>(),
+            "evaluations": evaluations_json(result, "accuracy"),
             "data": args.data.data,
         });
         write("report.json", &serde_json::to_string_pretty(&report)?)?;
