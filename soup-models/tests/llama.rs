@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use soup_models::arch::tape::next_token_and_grad;
+use soup_models::arch::tape::{next_token_and_grad, Target};
 use soup_models::testkit::fixtures;
 use soup_models::{Architecture, Checkpoint, InputSpec};
 
@@ -169,4 +169,189 @@ fn a_config_that_cannot_be_built_is_an_error_naming_its_file() {
         .to_string();
     assert!(err.starts_with(&format!("{}: ", config.display())), "{err}");
     assert!(err.contains("num_attention_heads"), "{err}");
+}
+
+/// The tape's loss and every gradient: the fused head's next-token loss with `weight`.
+fn tape_loss(
+    arch: &dyn Architecture,
+    params: &[Tensor],
+    tokens: &Tensor,
+    mask: Option<&[bool]>,
+    weight: f64,
+) -> (f64, Vec<Tensor>) {
+    let ids: Vec<u32> = tokens.flatten_all().unwrap().to_vec1().unwrap();
+    let tape = arch
+        .tape(params, tokens)
+        .unwrap()
+        .expect("llama has a tape");
+    let target = Target::NextTokens { tokens: &ids, mask };
+    tape.loss_backward(&target, weight).unwrap()
+}
+
+fn to_f64(params: &[Tensor]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|p| p.to_dtype(DType::F64).unwrap())
+        .collect()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The hand-written pass (f32, as training runs it) gives transformers' logits and loss.
+#[test]
+fn the_hand_written_pass_gives_transformers_logits_and_loss() {
+    let e = expected();
+    for name in ["gqa", "biases", "qwen2"] {
+        let (arch, params) = load(name);
+        let tokens = e[&format!("{name}.tokens")].to_dtype(DType::U32).unwrap();
+        let tape = arch
+            .tape(&params, &tokens)
+            .unwrap()
+            .expect("llama has a tape");
+        let d = fixtures::rel_diff(tape.logits(), &e[&format!("{name}.logits")]);
+        assert!(
+            d < 1e-5,
+            "{name}: logits differ from transformers' by {d:e}"
+        );
+        let (ours, _) = tape_loss(arch.as_ref(), &params, &tokens, None, 1.0);
+        let theirs = e[&format!("{name}.loss")].to_vec1::<f32>().unwrap()[0] as f64;
+        assert!(
+            (ours - theirs).abs() < 1e-5 * theirs,
+            "{name}: loss {ours} against transformers' {theirs}"
+        );
+    }
+}
+
+/// In f64, the hand-written gradients of every tensor equal autograd's through the candle
+/// forward (tied and separate heads, grouped-query attention, biases in both families).
+#[test]
+fn the_hand_written_gradients_equal_autograd_for_every_tensor() {
+    let e = expected();
+    for name in ["gqa", "biases", "qwen2"] {
+        let (arch, params) = load(name);
+        let params = to_f64(&params);
+        let tokens = e[&format!("{name}.tokens")].to_dtype(DType::U32).unwrap();
+        let vars: Vec<Var> = params
+            .iter()
+            .map(|p| Var::from_tensor(p).unwrap())
+            .collect();
+        let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let logits = arch.forward(&inputs, &tokens).unwrap();
+        let (n, t, v) = logits.dims3().unwrap();
+        let shifted = logits
+            .narrow(1, 0, t - 1)
+            .unwrap()
+            .reshape((n * (t - 1), v))
+            .unwrap();
+        let labels: Vec<u32> = values(&tokens.narrow(1, 1, t - 1).unwrap())
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let loss = soup_models::ops::cross_entropy(&shifted, &labels, 0.0).unwrap();
+        let autograd = loss.backward().unwrap();
+        let (ours, grads) = tape_loss(arch.as_ref(), &params, &tokens, None, 1.0);
+        let theirs = loss.to_scalar::<f64>().unwrap();
+        assert!(
+            (ours - theirs).abs() < 1e-12,
+            "{name}: loss {ours} against {theirs}"
+        );
+        for (i, spec) in arch.layout().tensors.iter().enumerate() {
+            let want = values(autograd.get(&inputs[i]).unwrap());
+            let got = values(&grads[i]);
+            assert_eq!(
+                grads[i].dims(),
+                spec.shape.as_slice(),
+                "{name} {}",
+                spec.name
+            );
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-10 * (1.0 + scale),
+                "{name} {}: tape and autograd differ by {diff:e} (largest {scale:e})",
+                spec.name
+            );
+        }
+    }
+}
+
+/// The fused head (logits a chunk at a time, only the rows that predict a token) equals the full
+/// logits' loss and backward, with padding masked and a weight.
+#[test]
+fn the_fused_head_equals_the_full_logits_with_a_mask_and_a_weight() {
+    let (arch, params) = load("biases");
+    let params = to_f64(&params);
+    let tokens = expected()["biases.tokens"].to_dtype(DType::U32).unwrap();
+    let ids: Vec<u32> = tokens.flatten_all().unwrap().to_vec1().unwrap();
+    let (n, t) = tokens.dims2().unwrap();
+    // The second sequence padded after its fifth token, the third from its second.
+    let mask: Vec<bool> = (0..n * t)
+        .map(|i| !(i / t == 1 && i % t >= 5 || i / t == 2 && i % t >= 2))
+        .collect();
+    let (fused, fused_grads) = tape_loss(arch.as_ref(), &params, &tokens, Some(&mask), 0.5);
+    let tape = arch.tape(&params, &tokens).unwrap().unwrap();
+    let (loss, dlogits) = next_token_and_grad(&values(tape.logits()), (t, 47), &ids, Some(&mask));
+    let dlogits: Vec<f64> = dlogits.iter().map(|g| 0.5 * g).collect();
+    let dlogits = Tensor::from_vec(dlogits, (n, t, 47), &Device::Cpu).unwrap();
+    let grads = tape.backward(&dlogits).unwrap();
+    assert!(
+        (fused - 0.5 * loss).abs() < 1e-12,
+        "{fused} against {}",
+        0.5 * loss
+    );
+    for (i, (a, b)) in fused_grads.iter().zip(&grads).enumerate() {
+        let (a, b) = (values(a), values(b));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff < 1e-12, "tensor {i}: {diff:e}");
+    }
+}
+
+/// The hand-written gradients equal central differences of the hand-written loss, at three
+/// coordinates of every tensor of the first layer and of the embeddings, norm and head.
+#[test]
+fn the_hand_written_gradients_equal_central_differences() {
+    let (arch, params) = load("biases");
+    let params = to_f64(&params);
+    let tokens = Tensor::new(&[[3u32, 17, 5, 40, 9], [22, 1, 46, 8, 30]], &Device::Cpu).unwrap();
+    let (_, grads) = tape_loss(arch.as_ref(), &params, &tokens, None, 1.0);
+    let mut checked = 0;
+    for (i, spec) in arch.layout().tensors.iter().enumerate() {
+        if spec.name.contains("layers.1.") {
+            continue;
+        }
+        let g = values(&grads[i]);
+        let flat = values(&params[i]);
+        for j in [0, flat.len() / 2, flat.len() - 1] {
+            let at = |delta: f64| {
+                let mut v = flat.clone();
+                v[j] += delta;
+                let mut ps = params.clone();
+                ps[i] = Tensor::from_vec(v, params[i].dims(), &Device::Cpu).unwrap();
+                tape_loss(arch.as_ref(), &ps, &tokens, None, 1.0).0
+            };
+            let h = 1e-5;
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            assert!(
+                (fd - g[j]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "{}[{j}]: tape {} against {fd}",
+                spec.name,
+                g[j]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * (1 + 7 * 2 + 2 + 1 + 1));
 }

@@ -5,6 +5,7 @@
 //! the embeddings or of its own. The families accepted: `llama` (`attention_bias` puts a bias on
 //! q, k, v and o; `mlp_bias` on the MLP's three projections) and `qwen2` (biases on q, k and v
 //! only). A `rope_scaling` other than the default is refused by name, as are other families.
+//! Training runs the hand-written pass of `llama/tape.rs` on the CPU.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use soup_core::{ParamLayout, TensorSpec};
 use super::{filled, index_of, normal, parse_config, Architecture, InputSpec, Params, TokenSpec};
 use crate::error::{ModelError, Result};
 use crate::ops::{linear, softmax};
+
+mod tape;
 
 const FAMILY: &str = "llama";
 
@@ -452,6 +455,22 @@ impl Architecture for Llama {
             true => Vec::new(),
             false => vec!["lm_head.weight".into()],
         }
+    }
+
+    /// The hand-written pass (`llama/tape.rs`) for f32 or f64 tensors on the CPU.
+    fn tape(
+        &self,
+        params: &[Tensor],
+        tokens: &Tensor,
+    ) -> Result<Option<Box<dyn super::tape::Tape>>> {
+        if !super::tape::supported(params) {
+            return Ok(None);
+        }
+        Params::new(FAMILY, &self.layout, &self.index, params)?;
+        Ok(Some(match params[0].dtype() {
+            DType::F64 => Box::new(tape::LlamaTape::<f64>::forward(self, params, tokens)?),
+            _ => Box::new(tape::LlamaTape::<f32>::forward(self, params, tokens)?),
+        }))
     }
 
     /// transformers' initialisation: weights N(0, 0.02²), biases 0, RMSNorms 1.

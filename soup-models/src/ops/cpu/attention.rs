@@ -325,7 +325,7 @@ fn softmax_backward_rows_on<T: Real>(isa: Isa, dp: &mut [T], p: &[T], t: usize, 
 /// and the sum over 16 lanes. Comparisons skip NaN as the sequential maximum did; a NaN in the
 /// row makes the row NaN.
 #[inline(always)]
-fn softmax_row<T: Real>(row: &mut [T]) {
+pub(super) fn softmax_row<T: Real>(row: &mut [T]) {
     let Some(&first) = row.first() else {
         return;
     };

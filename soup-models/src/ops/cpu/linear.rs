@@ -203,10 +203,26 @@ pub(crate) fn linear_backward_into<T: Real>(
     dw: &mut [T],
     db: Option<&mut [T]>,
 ) {
+    linear_backward_with(x, w, (dy, dy_rs), (rows, inp, out), dx, (dw, false), db)
+}
+
+/// [`linear_backward_into`] with dW added to what `dw` holds when its flag is true (a weight
+/// used twice, or rows taken in chunks).
+pub(crate) fn linear_backward_with<T: Real>(
+    x: &[T],
+    w: &[T],
+    (dy, dy_rs): (&[T], usize),
+    (rows, inp, out): (usize, usize, usize),
+    dx: Option<(&mut [T], bool)>,
+    (dw, dw_accumulate): (&mut [T], bool),
+    db: Option<&mut [T]>,
+) {
     assert!(x.len() >= rows * inp && w.len() == out * inp && dw.len() == out * inp);
     assert!(dy_rs >= out && (rows == 0 || dy.len() >= (rows - 1) * dy_rs + out));
     if rows == 0 || out == 0 {
-        dw.fill(T::zero());
+        if !dw_accumulate {
+            dw.fill(T::zero());
+        }
         if let Some(db) = db {
             db.fill(T::zero());
         }
@@ -235,8 +251,8 @@ pub(crate) fn linear_backward_into<T: Real>(
             (dw.as_mut_ptr(), inp, 1),
             (dy.as_ptr(), 1, dy_rs),
             (x.as_ptr(), inp, 1),
-            false,
-            (T::zero(), T::one()),
+            dw_accumulate,
+            (if dw_accumulate { T::one() } else { T::zero() }, T::one()),
             parallelism(),
         );
     }

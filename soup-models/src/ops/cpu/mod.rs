@@ -1,5 +1,7 @@
 //! Fused CPU kernels with hand-written backward passes, as candle custom ops: linear (x Wᵀ + b),
-//! LayerNorm, quick-GELU, exact GELU and multi-head attention over a packed q|k|v tensor.
+//! LayerNorm, quick-GELU, exact GELU and multi-head attention over a packed q|k|v tensor; and on
+//! slices only, for a Llama decoder's hand-written pass, RMSNorm, rotary positions, SwiGLU and
+//! causal grouped-query attention (`decoder`, `causal`).
 //!
 //! Why: candle's autograd builds every gradient as `zeros + add` per graph node, runs most
 //! element-wise ops on one thread, and the weight gradient of `x.matmul(&w.t())` arrives
@@ -210,10 +212,13 @@ macro_rules! dispatch {
 mod attention;
 #[cfg(feature = "openblas")]
 mod blas;
+mod causal;
+mod decoder;
 mod gelu;
 mod layer_norm;
 mod linear;
 mod sgemm;
+mod vocab;
 
 pub use attention::attention;
 pub use gelu::{gelu, quick_gelu};
@@ -225,11 +230,18 @@ pub use sgemm::{sgemm, GemmKernels};
 /// whole-model backward passes of `arch` (`arch/tape`).
 pub(crate) mod slices {
     pub(crate) use super::attention::{attention_backward_into, attention_into};
+    pub(crate) use super::causal::{
+        causal_attention_backward_into, causal_attention_into, CausalDims, BLOCK,
+    };
+    pub(crate) use super::decoder::{
+        rms_norm_backward_into, rms_norm_into, swiglu_backward_into, swiglu_into, Rotary,
+    };
     pub(crate) use super::gelu::{
         gelu_backward_into, gelu_into, quick_gelu_backward_into, quick_gelu_into,
     };
     pub(crate) use super::layer_norm::{layer_norm_backward_into, layer_norm_into};
     pub(crate) use super::linear::{linear_backward_into, linear_into};
+    pub(crate) use super::vocab::next_token_loss_into;
 }
 
 /// Threads for the large matrix products: candle's own setting (RAYON_NUM_THREADS or the cores).
