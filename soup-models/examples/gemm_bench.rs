@@ -2,13 +2,16 @@
 //! soup's fused linear kernel and candle call) and through the `cblas_sgemm` of BLAS libraries
 //! found at run time (used by `cargo xtask bench --only gemm`).
 //!
-//! `gemm_bench [--reps 5] [--lib NAME=PATH]...` prints one JSON line per model, batch, product
+//! `gemm_bench [--reps 5] [--lm] [--lib NAME=PATH]...` prints one JSON line per model, batch, product
 //! and implementation with every repetition's seconds, the median and GFLOP/s. The products of
 //! one linear layer with R rows (batch × tokens), I inputs and O outputs, row-major as soup
 //! stores them (W is O × I):
 //! - `forward`: Y = X Wᵀ (R × O, inner I);
 //! - `grad_input`: dX = dY W (R × I, inner O);
 //! - `grad_weight`: dW = dYᵀ X (O × I, inner R).
+//!
+//! With `--lm`, the layers of SmolLM2-135M (`llama`) at 4 × 256 tokens instead, and its
+//! vocabulary head on one chunk of the fused loss (256 rows).
 //!
 //! Every implementation computes the same products of the same operands with the machine's
 //! threads (`gemm`: rayon; BLAS: its own threads, `OPENBLAS_NUM_THREADS`/`BLIS_NUM_THREADS` as
@@ -39,6 +42,18 @@ const MODELS: &[(&str, usize, usize, usize)] = &[
     ("dinov2-vit-s14 (224 px)", 257, 384, 1536),
 ];
 const BATCHES: &[usize] = &[8, 32];
+
+/// SmolLM2-135M's linear layers (name, inputs, outputs, rows): 4 × 256 tokens, and the head on
+/// one chunk of `ops::cpu::vocab`.
+const LM_LAYERS: &[(&str, usize, usize, usize)] = &[
+    ("q_proj", 576, 576, 1024),
+    ("k_proj", 576, 192, 1024),
+    ("qkv", 576, 960, 1024),
+    ("gate_proj", 576, 1536, 1024),
+    ("gate_up", 576, 3072, 1024),
+    ("down_proj", 1536, 576, 1024),
+    ("lm_head", 576, 49152, 256),
+];
 
 /// `cblas_sgemm` (row-major: Order 101; NoTrans 111, Trans 112).
 type Sgemm = unsafe extern "C" fn(
@@ -189,11 +204,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     bench_alloc::init();
     let mut reps = 5usize;
     let mut libs: Vec<(String, Sgemm)> = Vec::new();
+    let mut lm = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--reps" => reps = value()?.parse()?,
+            "--lm" => lm = true,
             "--lib" => {
                 let v = value()?;
                 let (name, path) = v.split_once('=').ok_or("--lib NAME=PATH")?;
@@ -203,10 +220,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let mut rng = soup_core::rng::SplitMix64::new(3);
-    for &(model, tokens, hidden, mlp) in MODELS {
+    let mut shapes = Vec::new();
+    for &(model, tokens, hidden, mlp) in MODELS.iter().filter(|_| !lm) {
         for &batch in BATCHES {
-            let r = batch * tokens;
             for (layer, i, o) in layers(hidden, mlp) {
+                shapes.push((model, batch, layer, i, o, batch * tokens));
+            }
+        }
+    }
+    if lm {
+        for &(layer, i, o, r) in LM_LAYERS {
+            shapes.push(("smollm2-135m", 4, layer, i, o, r));
+        }
+    }
+    {
+        {
+            for (model, batch, layer, i, o, r) in shapes {
                 let products = [
                     (
                         "forward",

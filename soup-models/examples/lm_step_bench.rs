@@ -2,15 +2,18 @@
 //! --only lm`): SmolLM2-135M's shape (`llama`, 30 layers, width 576, 9 heads over 3 key/value
 //! heads, vocabulary 49,152, tied embeddings), randomly initialised.
 //!
-//! `lm_step_bench [--batch 4] [--seq 256] [--rounds 3]` prints one JSON line per phase with every
-//! round's seconds and the median, then the process's peak RSS, in `step_bench`'s format.
-//! "step" = forward (logits and the mean next-token cross-entropy) + backward (candle's autograd:
-//! `llama` has no hand-written backward yet) + an in-place SGD update of every parameter.
+//! `lm_step_bench [--batch 4] [--seq 256] [--rounds 3] [--autograd]` prints one JSON line per
+//! phase with every round's seconds and the median, then the process's peak RSS, in `step_bench`'s
+//! format. "step" = forward + backward + an in-place SGD update of every parameter. By default the
+//! hand-written pass (`arch/llama/tape.rs`): "forward" is the decoder layers, "backward" the head
+//! fused with the mean next-token cross-entropy and every gradient. With `--autograd`, candle's
+//! autograd through `Architecture::forward`: "forward" is the logits and the loss.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use soup_core::rng::SplitMix64;
+use soup_models::arch::tape::Target;
 use soup_models::ops::log_softmax;
 
 #[path = "common/bench_alloc.rs"]
@@ -22,6 +25,7 @@ use bench_report::{peak_rss, print_phases};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     bench_alloc::init();
     let (mut batch, mut seq, mut rounds) = (4usize, 256usize, 3usize);
+    let mut autograd = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -29,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--batch" => batch = value()?.parse()?,
             "--seq" => seq = value()?.parse()?,
             "--rounds" => rounds = value()?.parse()?,
+            "--autograd" => autograd = true,
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -49,19 +54,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let targets = tokens.narrow(1, 1, seq - 1)?.contiguous()?;
     let numel = arch.layout().numel();
     let (mut fwd, mut bwd, mut step) = (Vec::new(), Vec::new(), Vec::new());
+    let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
+    let target = Target::NextTokens {
+        tokens: &ids,
+        mask: None,
+    };
     for round in 0..=rounds {
         let t0 = Instant::now();
-        let logits = arch.forward(&inputs, &tokens)?.narrow(1, 0, seq - 1)?;
-        let nll = log_softmax(&logits)?
-            .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
-            .mean_all()?
-            .neg()?;
-        nll.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let grads = nll.backward()?;
+        let (t1, grads) = if autograd {
+            let logits = arch.forward(&inputs, &tokens)?.narrow(1, 0, seq - 1)?;
+            let nll = log_softmax(&logits)?
+                .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+                .mean_all()?
+                .neg()?;
+            nll.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            let grads = nll.backward()?;
+            let grads: Vec<Option<Tensor>> = vars
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect();
+            (t1, grads)
+        } else {
+            let tape = arch.tape(&inputs, &tokens)?.ok_or("llama has a tape")?;
+            let t1 = Instant::now();
+            let (_, grads) = tape.loss_backward(&target, 1.0)?;
+            (t1, grads.into_iter().map(Some).collect())
+        };
         let t2 = Instant::now();
-        for v in &vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
+        for (v, g) in vars.iter().zip(&grads) {
+            if let Some(g) = g {
                 soup_models::ops::cpu::axpy_inplace(v.as_tensor(), -1e-6, g)?;
             }
         }
@@ -75,7 +97,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let fields = format!(
-        "\"bench\":\"lm-step\",\"params\":{numel},\"batch\":{batch},\"seq\":{seq},\"threads\":{threads},\"backward\":\"autograd\""
+        "\"bench\":\"lm-step\",\"params\":{numel},\"batch\":{batch},\"seq\":{seq},\"threads\":{threads},\"backward\":\"{}\"",
+        if autograd { "autograd" } else { "tape" }
     );
     print_phases(
         &fields,

@@ -3,12 +3,14 @@
 //! `kv_heads` key heads, then as many value heads, each `d` wide; query head h reads key/value
 //! head h / (heads / kv_heads) (transformers' `repeat_kv`). Position i sees positions 0 … i.
 //!
-//! Queries are taken in blocks of [`BLOCK`] rows: a block's scores are computed only against the
-//! keys up to its last row (about half of the t × t products), and the masked entries are never
-//! exponentiated (their probability is exactly 0). The backward recomputes the probabilities a
-//! block at a time instead of storing them. Work is split by (sequence, query head); the key and
-//! value gradients of the query heads sharing a key/value head are summed after the parallel part,
-//! in head order, so no two tasks write the same element.
+//! The work is split into tasks of (sequence, key/value head, block of [`BLOCK`] query rows):
+//! the query heads sharing the key/value head are stacked into one matrix, so each product
+//! reads K and V once for all of them; a block's scores are computed only against the keys up to
+//! its last row (about half of the t × t products), and the masked entries are never
+//! exponentiated (their probability is exactly 0). The backward recomputes the probabilities
+//! instead of storing them; each task writes its own share of dK and dV, summed per key/value
+//! head after the parallel part, in block order, so no two tasks write the same element and the
+//! result does not depend on the threads.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -40,6 +42,7 @@ impl CausalDims {
 
     /// Offsets into qkv of query head h's, and of its key and value heads', first column in
     /// sequence i's first row.
+    #[cfg(test)]
     fn offsets(&self, i: usize, h: usize) -> (usize, usize, usize) {
         let (w, d) = (self.width(), self.d);
         let g = h / (self.heads / self.kv_heads);
@@ -58,43 +61,122 @@ impl CausalDims {
     }
 }
 
-/// P of query rows r0 … r0 + m − 1 against keys 0 … r0 + m − 1 into `p` (m × (r0 + m)): row a
-/// is softmax(scale · q·kⱼ) over j ≤ r0 + a and exactly 0 beyond.
+/// One task's rows: sequence i, key/value head c, and the query block starting at row r0 with m
+/// rows (every query head of the group: `group` · m stacked rows).
+#[derive(Clone, Copy)]
+struct Task {
+    i: usize,
+    c: usize,
+    r0: usize,
+    m: usize,
+}
+
+impl CausalDims {
+    /// Query heads per key/value head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Every (sequence, key/value head, query block), in that order.
+    fn tasks(&self) -> Vec<Task> {
+        let mut tasks = Vec::new();
+        for i in 0..self.n {
+            for c in 0..self.kv_heads {
+                for r0 in (0..self.t).step_by(self.block) {
+                    let m = self.block.min(self.t - r0);
+                    tasks.push(Task { i, c, r0, m });
+                }
+            }
+        }
+        tasks
+    }
+
+    /// The first element of sequence i's row r, column `col` of qkv.
+    fn at(&self, i: usize, r: usize, col: usize) -> usize {
+        (i * self.t + r) * self.width() + col
+    }
+}
+
+/// Copies rows r0 … r0 + m − 1 of the group's query heads out of `src` (rows of `stride`, query
+/// head h at column `col0` + h·d) into `dst` (group·m × d, head by head), or back when `back`.
+fn gather<T: Copy>(
+    (src, stride, col0): (&[T], usize, usize),
+    dims: &CausalDims,
+    task: Task,
+    dst: &mut [T],
+) {
+    let (d, group) = (dims.d, dims.group());
+    for j in 0..group {
+        let h = task.c * group + j;
+        for a in 0..task.m {
+            let at = (task.i * dims.t + task.r0 + a) * stride + col0 + h * d;
+            dst[(j * task.m + a) * d..(j * task.m + a + 1) * d].copy_from_slice(&src[at..at + d]);
+        }
+    }
+}
+
+/// The inverse of [`gather`]: rows of `src` (group·m × d) into the heads' columns of `dst`.
 ///
 /// # Safety
-/// `q` and `k` point at the first rows (row stride `w`) of a query and a key head inside qkv, with
-/// at least r0 + m rows from there.
-unsafe fn probabilities<T: Real>(
-    (q, k, w): (*const T, *const T, usize),
-    (r0, m, d): (usize, usize, usize),
-    scale: T,
-    p: &mut [T],
+/// `dst` points at a buffer of n·t rows of `stride` elements; no other thread writes the rows
+/// r0 … r0 + m − 1 of the group's query heads' columns meanwhile.
+unsafe fn scatter<T: Copy>(
+    src: &[T],
+    dims: &CausalDims,
+    task: Task,
+    (dst, stride, col0): (SharedMut<T>, usize, usize),
 ) {
-    let keys = r0 + m;
-    // SAFETY: p holds m × keys elements (the callers' buffers are block × t); q + r0·w addresses
-    // m rows and k `keys` rows of d elements with row stride w, as the contract says.
+    let (d, group) = (dims.d, dims.group());
+    for j in 0..group {
+        let h = task.c * group + j;
+        for a in 0..task.m {
+            let at = (task.i * dims.t + task.r0 + a) * stride + col0 + h * d;
+            let row = &src[(j * task.m + a) * d..(j * task.m + a + 1) * d];
+            // SAFETY: `at` + d lies inside dst's n·t rows (the contract), and the caller's task
+            // owns these elements.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(at), d) };
+        }
+    }
+}
+
+/// P of the task's stacked query rows `qs` (group·m × d) against keys 0 … r0 + m − 1 into `p`
+/// (group·m × keys): row a of each head is softmax(scale · q·kⱼ) over j ≤ r0 + a and exactly 0
+/// beyond.
+fn probabilities<T: Real>(qkv: &[T], dims: &CausalDims, task: Task, qs: &[T], p: &mut [T]) {
+    let (d, w, rows) = (dims.d, dims.width(), dims.group() * task.m);
+    let keys = task.r0 + task.m;
+    let k = &qkv[dims.at(task.i, 0, (dims.heads + task.c) * d)..];
+    assert!(qs.len() >= rows * d && p.len() >= rows * keys && k.len() >= (keys - 1) * w + d);
+    // SAFETY: p holds rows × keys and qs rows × d elements (asserted); k addresses `keys` rows of
+    // d elements with row stride w inside qkv (asserted).
     unsafe {
         matmul(
-            (m, keys, d),
+            (rows, keys, d),
             (p.as_mut_ptr(), keys, 1),
-            (q.add(r0 * w), w, 1),
-            (k, 1, w),
+            (qs.as_ptr(), d, 1),
+            (k.as_ptr(), 1, w),
             false,
-            (T::zero(), scale),
+            (T::zero(), T::from_f64(dims.scale)),
             Parallelism::None,
         );
     }
-    softmax_causal_on(Isa::detected(), &mut p[..m * keys], keys, r0);
+    softmax_causal_on(
+        Isa::detected(),
+        &mut p[..rows * keys],
+        (keys, task.m),
+        task.r0,
+    );
 }
 
-/// Row a of `p` (rows of `keys`) ← the softmax of its first r0 + a + 1 entries, zeros after.
-fn softmax_causal_on<T: Real>(isa: Isa, p: &mut [T], keys: usize, r0: usize) {
+/// Row a (mod `m`) of `p` (rows of `keys`) ← the softmax of its first r0 + a + 1 entries, zeros
+/// after.
+fn softmax_causal_on<T: Real>(isa: Isa, p: &mut [T], (keys, m): (usize, usize), r0: usize) {
     on_isa(
         isa,
         #[inline(always)]
         || {
             for (a, row) in p.chunks_exact_mut(keys).enumerate() {
-                let (seen, masked) = row.split_at_mut(r0 + a + 1);
+                let (seen, masked) = row.split_at_mut(r0 + a % m + 1);
                 super::attention::softmax_row(seen);
                 masked.fill(T::zero());
             }
@@ -106,43 +188,37 @@ fn softmax_causal_on<T: Real>(isa: Isa, p: &mut [T], keys: usize, r0: usize) {
 /// (n·t × heads·d, the heads side by side).
 pub(crate) fn causal_attention_into<T: Real>(qkv: &[T], dims: CausalDims, out: &mut [T]) {
     dims.check(qkv);
-    let CausalDims {
-        n,
-        t,
-        heads,
-        d,
-        block,
-        ..
-    } = dims;
-    let (w, e) = (dims.width(), heads * d);
-    assert_eq!(out.len(), n * t * e);
-    let scale = T::from_f64(dims.scale);
+    let (d, w, e) = (dims.d, dims.width(), dims.heads * dims.d);
+    assert_eq!(out.len(), dims.n * dims.t * e);
+    let most = dims.group() * dims.block.min(dims.t);
     let dst = SharedMut(out.as_mut_ptr());
-    (0..n * heads).into_par_iter().for_each_init(
-        || vec![T::zero(); block.min(t) * t],
-        |p, task| {
-            let (i, h) = (task / heads, task % heads);
-            let (qo, ko, vo) = dims.offsets(i, h);
-            let (q, k, v) = (qkv[qo..].as_ptr(), qkv[ko..].as_ptr(), qkv[vo..].as_ptr());
-            for r0 in (0..t).step_by(block) {
-                let m = block.min(t - r0);
-                let keys = r0 + m;
-                // SAFETY: the heads' offsets leave t rows of stride w inside qkv (checked sizes);
-                // the destination is query head h's columns of rows r0 … r0 + m − 1 of sequence
-                // i in `out`, which no other task writes; p is this task's buffer.
-                unsafe {
-                    probabilities((q, k, w), (r0, m, d), scale, p);
-                    // O (m × d) = P (m × keys) · V (keys × d)
-                    matmul(
-                        (m, d, keys),
-                        (dst.at((i * t + r0) * e + h * d), e, 1),
-                        (p.as_ptr(), keys, 1),
-                        (v, w, 1),
-                        false,
-                        (T::zero(), T::one()),
-                        Parallelism::None,
-                    );
-                }
+    dims.tasks().into_par_iter().for_each_init(
+        || {
+            let z = T::zero();
+            (vec![z; most * d], vec![z; most * dims.t], vec![z; most * d])
+        },
+        |(qs, p, os), task| {
+            let rows = dims.group() * task.m;
+            let keys = task.r0 + task.m;
+            gather((qkv, w, 0), &dims, task, qs);
+            probabilities(qkv, &dims, task, qs, p);
+            let v = &qkv[dims.at(task.i, 0, (dims.heads + dims.kv_heads + task.c) * d)..];
+            assert!(v.len() >= (keys - 1) * w + d);
+            // SAFETY: os holds rows × d and p rows × keys elements; v addresses `keys` rows of d
+            // elements with stride w (asserted). The scatter writes rows r0 … r0 + m − 1 of this
+            // group's query heads in `out` (n·t × e), which only this task writes.
+            unsafe {
+                // O (rows × d) = P (rows × keys) · V (keys × d)
+                matmul(
+                    (rows, d, keys),
+                    (os.as_mut_ptr(), d, 1),
+                    (p.as_ptr(), keys, 1),
+                    (v.as_ptr(), w, 1),
+                    false,
+                    (T::zero(), T::one()),
+                    Parallelism::None,
+                );
+                scatter(&os[..rows * d], &dims, task, (dst, e, 0));
             }
         },
     );
@@ -163,103 +239,115 @@ pub(crate) fn causal_attention_backward_into<T: Real>(
         heads,
         kv_heads,
         d,
-        block,
         ..
     } = dims;
     let (w, e) = (dims.width(), heads * d);
     assert!(dout.len() == n * t * e && g.len() == qkv.len());
     let scale = T::from_f64(dims.scale);
-    // Per (sequence, query head): its share of dK and dV (t × d each), summed per key/value head
-    // below.
-    let mut parts = vec![T::zero(); n * heads * 2 * t * d];
+    let tasks = dims.tasks();
+    // Each task's dK and dV over its keys (r0 + m rows of d each), at these offsets of `parts`;
+    // summed per key/value head after the parallel part, in task order.
+    let mut offsets = Vec::with_capacity(tasks.len() + 1);
+    offsets.push(0);
+    for task in &tasks {
+        offsets.push(offsets.last().copied().unwrap_or(0) + 2 * (task.r0 + task.m) * d);
+    }
+    let mut parts = vec![T::zero(); offsets.last().copied().unwrap_or(0)];
+    let most = dims.group() * dims.block.min(t);
     let dst = SharedMut(g.as_mut_ptr());
     let part_dst = SharedMut(parts.as_mut_ptr());
-    (0..n * heads).into_par_iter().for_each_init(
+    (0..tasks.len()).into_par_iter().for_each_init(
         || {
-            let size = block.min(t) * t;
-            (vec![T::zero(); size], vec![T::zero(); size])
+            let z = T::zero();
+            let (qs, dos, dqs) = (vec![z; most * d], vec![z; most * d], vec![z; most * d]);
+            (qs, dos, dqs, vec![z; most * t], vec![z; most * t])
         },
-        |(p, dp), task| {
-            let (i, h) = (task / heads, task % heads);
-            let (qo, ko, vo) = dims.offsets(i, h);
-            let (q, k, v) = (qkv[qo..].as_ptr(), qkv[ko..].as_ptr(), qkv[vo..].as_ptr());
-            let d_o = dout[(i * t) * e + h * d..].as_ptr();
-            let (dk, dv) = (task * 2 * t * d, task * 2 * t * d + t * d);
-            for r0 in (0..t).step_by(block) {
-                let m = block.min(t - r0);
-                let keys = r0 + m;
-                // SAFETY: as in the forward, q, k, v address t rows of stride w inside qkv and
-                // dO m rows of stride e from row r0 inside dout; this task alone writes query
-                // head h's columns of sequence i's rows of g, and its own t × d parts of dK and
-                // dV (rows below `keys`); p and dp are its m × keys buffers.
-                unsafe {
-                    probabilities((q, k, w), (r0, m, d), scale, p);
-                    // dV (keys × d) += Pᵀ · dO
-                    matmul(
-                        (keys, d, m),
-                        (part_dst.at(dv), d, 1),
-                        (p.as_ptr(), 1, keys),
-                        (d_o.add(r0 * e), e, 1),
-                        true,
-                        (T::one(), T::one()),
-                        Parallelism::None,
-                    );
-                    // dP (m × keys) = dO · Vᵀ
-                    matmul(
-                        (m, keys, d),
-                        (dp.as_mut_ptr(), keys, 1),
-                        (d_o.add(r0 * e), e, 1),
-                        (v, 1, w),
-                        false,
-                        (T::zero(), T::one()),
-                        Parallelism::None,
-                    );
-                }
-                softmax_backward_on(
-                    Isa::detected(),
-                    &mut dp[..m * keys],
-                    &p[..m * keys],
-                    keys,
-                    scale,
+        |(qs, dos, dqs, p, dp), index| {
+            let task = tasks[index];
+            let rows = dims.group() * task.m;
+            let keys = task.r0 + task.m;
+            gather((qkv, w, 0), &dims, task, qs);
+            gather((dout, e, 0), &dims, task, dos);
+            probabilities(qkv, &dims, task, qs, p);
+            let kc = &qkv[dims.at(task.i, 0, (heads + task.c) * d)..];
+            let vc = &qkv[dims.at(task.i, 0, (heads + kv_heads + task.c) * d)..];
+            assert!(vc.len() >= (keys - 1) * w + d && kc.len() > vc.len());
+            let (dk, dv) = (offsets[index], offsets[index] + keys * d);
+            // SAFETY: the buffers hold rows × d, rows × keys (p, dp) elements; K and V address
+            // `keys` rows of d with stride w (asserted); this task alone writes its parts
+            // (offsets[index] … offsets[index + 1]).
+            unsafe {
+                // dV (keys × d) = Pᵀ · dO
+                matmul(
+                    (keys, d, rows),
+                    (part_dst.at(dv), d, 1),
+                    (p.as_ptr(), 1, keys),
+                    (dos.as_ptr(), d, 1),
+                    false,
+                    (T::zero(), T::one()),
+                    Parallelism::None,
                 );
-                // SAFETY: as above.
-                unsafe {
-                    // dQ (m × d) = dS · K
-                    matmul(
-                        (m, d, keys),
-                        (dst.at(qo + r0 * w), w, 1),
-                        (dp.as_ptr(), keys, 1),
-                        (k, w, 1),
-                        false,
-                        (T::zero(), T::one()),
-                        Parallelism::None,
-                    );
-                    // dK (keys × d) += dSᵀ · Q
-                    matmul(
-                        (keys, d, m),
-                        (part_dst.at(dk), d, 1),
-                        (dp.as_ptr(), 1, keys),
-                        (q.add(r0 * w), w, 1),
-                        true,
-                        (T::one(), T::one()),
-                        Parallelism::None,
-                    );
-                }
+                // dP (rows × keys) = dO · Vᵀ
+                matmul(
+                    (rows, keys, d),
+                    (dp.as_mut_ptr(), keys, 1),
+                    (dos.as_ptr(), d, 1),
+                    (vc.as_ptr(), 1, w),
+                    false,
+                    (T::zero(), T::one()),
+                    Parallelism::None,
+                );
+            }
+            softmax_backward_on(
+                Isa::detected(),
+                &mut dp[..rows * keys],
+                &p[..rows * keys],
+                keys,
+                scale,
+            );
+            // SAFETY: as above; the scatter writes rows r0 … r0 + m − 1 of this group's query
+            // heads in g, which only this task writes.
+            unsafe {
+                // dQ (rows × d) = dS · K
+                matmul(
+                    (rows, d, keys),
+                    (dqs.as_mut_ptr(), d, 1),
+                    (dp.as_ptr(), keys, 1),
+                    (kc.as_ptr(), w, 1),
+                    false,
+                    (T::zero(), T::one()),
+                    Parallelism::None,
+                );
+                scatter(&dqs[..rows * d], &dims, task, (dst, w, 0));
+                // dK (keys × d) = dSᵀ · Q
+                matmul(
+                    (keys, d, rows),
+                    (part_dst.at(dk), d, 1),
+                    (dp.as_ptr(), 1, keys),
+                    (qs.as_ptr(), d, 1),
+                    false,
+                    (T::zero(), T::one()),
+                    Parallelism::None,
+                );
             }
         },
     );
-    // dK and dV of key/value head c: the sum of its query heads' parts, in head order.
-    let group = heads / kv_heads;
+    // dK and dV of key/value head c: the sum of its blocks' parts, in block order.
     g.par_chunks_mut(t * w).enumerate().for_each(|(i, gi)| {
         for c in 0..kv_heads {
             for (which, col) in [(0, heads + c), (1, heads + kv_heads + c)] {
                 for r in 0..t {
-                    let row = &mut gi[r * w + col * d..r * w + (col + 1) * d];
-                    row.fill(T::zero());
-                    for h in c * group..(c + 1) * group {
-                        let part = ((i * heads + h) * 2 + which) * t * d;
-                        for (a, &b) in row.iter_mut().zip(&parts[part + r * d..part + (r + 1) * d])
-                        {
+                    gi[r * w + col * d..r * w + (col + 1) * d].fill(T::zero());
+                }
+                for (index, task) in tasks.iter().enumerate() {
+                    if task.i != i || task.c != c {
+                        continue;
+                    }
+                    let keys = task.r0 + task.m;
+                    let part = &parts[offsets[index] + which * keys * d..][..keys * d];
+                    for (r, src) in part.chunks_exact(d).enumerate() {
+                        let row = &mut gi[r * w + col * d..r * w + (col + 1) * d];
+                        for (a, &b) in row.iter_mut().zip(src) {
                             *a += b;
                         }
                     }
@@ -376,7 +464,7 @@ mod tests {
             .collect();
         let run = |isa: Isa| {
             let mut p = v[..m * keys].to_vec();
-            softmax_causal_on(isa, &mut p, keys, r0);
+            softmax_causal_on(isa, &mut p, (keys, m), r0);
             let mut dp = v[m * keys..].to_vec();
             softmax_backward_on(isa, &mut dp, &p, keys, 0.125);
             [p, dp]
