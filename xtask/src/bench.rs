@@ -356,7 +356,7 @@ fn lm(o: &Options, python: Option<&Path>) -> Result<(Value, String), String> {
         rows.push(row);
     }
     table.push_str(&format!(
-        "\n{} processes per contender and shape, alternating, {} timed rounds each after a warm-up round; medians over all rounds. Ours: candle's autograd through `llama` (no hand-written backward yet).\n",
+        "\n{} processes per contender and shape, alternating, {} timed rounds each after a warm-up round; medians over all rounds. Ours: the hand-written pass of `llama` (`arch/llama/tape.rs`): \"forward\" is the decoder layers, \"backward\" the vocabulary head fused with the loss, then every gradient; PyTorch's forward includes its head and loss.\n",
         o.repeats, o.rounds
     ));
     Ok((json!(rows), table))
