@@ -45,5 +45,5 @@ pub use schedule::StepSchedule;
 pub struct ReadmeDoctests;
 
 pub use traits::{
-    autograd_loss_and_grad, Batch, Collective, Metrics, ModelStore, Objective, SingleProcess,
+    autograd_loss_and_grad, Batch, Collective, Metrics, ModelStore, Objective, Rank, SingleProcess,
 };

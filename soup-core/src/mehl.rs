@@ -895,6 +895,7 @@ fn evaluate(
         loss: sums[0] / total,
         accuracy: (sums[3] > 0.0).then(|| sums[1] / total),
         count: sums[2] as usize,
+        rank: m.rank,
     })
 }
 

@@ -51,12 +51,32 @@ pub struct Metrics {
     pub accuracy: Option<f64>,
     /// Number of examples evaluated.
     pub count: usize,
+    /// What ranks models by these metrics ([`Self::score`]).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub rank: Rank,
+}
+
+/// What ranks models in selection (greedy soups, the best member).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum Rank {
+    /// Accuracy when there is one, else the loss: classifiers.
+    #[default]
+    Accuracy,
+    /// The loss, lowest first: language models, whose next-token accuracy says little next to
+    /// the loss it comes with.
+    Loss,
 }
 
 impl Metrics {
-    /// The score that ranks models: accuracy when there is one, else the negative loss.
+    /// The score that ranks models, higher first: accuracy when there is one and the metrics
+    /// rank by it, else the negative loss.
     pub fn score(&self) -> f64 {
-        self.accuracy.unwrap_or(-self.loss)
+        match self.rank {
+            Rank::Accuracy => self.accuracy.unwrap_or(-self.loss),
+            Rank::Loss => -self.loss,
+        }
     }
 }
 
@@ -184,5 +204,31 @@ impl Collective for SingleProcess {
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         Ok(t.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranked by accuracy, the more accurate model wins; ranked by loss, the lower loss wins
+    /// whatever the accuracies say.
+    #[test]
+    fn metrics_rank_by_what_they_say() {
+        let m = |loss, accuracy, rank| Metrics {
+            loss,
+            accuracy: Some(accuracy),
+            count: 10,
+            rank,
+        };
+        let (a, b) = (m(2.0, 0.6, Rank::Accuracy), m(1.0, 0.5, Rank::Accuracy));
+        assert!(a.score() > b.score());
+        let (a, b) = (m(2.0, 0.6, Rank::Loss), m(1.0, 0.5, Rank::Loss));
+        assert!(b.score() > a.score());
+        let none = Metrics {
+            accuracy: None,
+            ..m(3.0, 0.0, Rank::Accuracy)
+        };
+        assert_eq!(none.score(), -3.0);
     }
 }

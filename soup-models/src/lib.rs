@@ -34,4 +34,4 @@ pub use checkpoint::Checkpoint;
 pub use device::DeviceSpec;
 pub use error::{ModelError, Result};
 pub use remote::{fetch, fetch_str, ModelSource, Resolved};
-pub use train::{Classification, Dataset, Images};
+pub use train::{Classification, Dataset, Images, LanguageModeling};

@@ -355,3 +355,96 @@ fn the_hand_written_gradients_equal_central_differences() {
     }
     assert_eq!(checked, 3 * (1 + 7 * 2 + 2 + 1 + 1));
 }
+
+/// Twelve windows of 6 tokens drawn from the gqa model's vocabulary.
+fn windows(seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = soup_core::rng::SplitMix64::new(seed);
+    (0..12)
+        .map(|_| (0..6).map(|_| rng.below(61) as u32).collect())
+        .collect()
+}
+
+/// The language-model objective's gradients (the tape's fused head) equal autograd's through
+/// its loss, batch by batch; two shards' losses and gradients add up to the whole batch's; its
+/// metrics rank by loss.
+#[test]
+fn the_language_model_objective_is_next_token_cross_entropy_of_its_batches() {
+    use soup_core::{Batch, Objective};
+    let (arch, params) = load("gqa");
+    let params = to_f64(&params);
+    let mut objective = soup_models::LanguageModeling::new(arch.clone(), windows(3), 5).unwrap();
+    assert_eq!(objective.num_batches(), 3);
+    for index in 0..3 {
+        let batch = Batch {
+            epoch_seed: 9,
+            index,
+        };
+        let rows = objective.batch_rows(batch);
+        assert_eq!(rows.len(), if index < 2 { 5 } else { 2 });
+        let (loss, grads) = objective.loss_and_grad(&params, batch).unwrap();
+        let (reference, reference_grads) =
+            soup_core::autograd_loss_and_grad(&mut objective, &params, batch).unwrap();
+        assert!((loss - reference).abs() < 1e-12, "{loss} {reference}");
+        for (a, b) in grads.iter().zip(&reference_grads) {
+            let diff = values(a)
+                .iter()
+                .zip(values(b))
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff < 1e-10, "batch {index}: {diff:e}");
+        }
+        // The mean over the batch's windows of each window's mean next-token loss.
+        let mut each = 0.0;
+        for &r in &rows {
+            let w = Tensor::new(objective.windows[r].as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            each += loss_of(&arch.forward(&params, &w).unwrap(), &w);
+        }
+        assert!((loss - each / rows.len() as f64).abs() < 1e-12);
+        // Two shards add up to the whole batch.
+        let mut total = 0.0;
+        let mut sums: Vec<Vec<f64>> = grads.iter().map(|g| vec![0.0; g.elem_count()]).collect();
+        for rank in 0..2 {
+            objective.set_shard(rank, 2).unwrap();
+            let (l, g) = objective.loss_and_grad(&params, batch).unwrap();
+            total += l;
+            for (s, g) in sums.iter_mut().zip(&g) {
+                for (a, b) in s.iter_mut().zip(values(g)) {
+                    *a += b;
+                }
+            }
+        }
+        objective.set_shard(0, 1).unwrap();
+        assert!(
+            (total - loss).abs() < 1e-12,
+            "shards {total} against {loss}"
+        );
+        for (s, g) in sums.iter().zip(&grads) {
+            let diff = s
+                .iter()
+                .zip(values(g))
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff < 1e-12, "shards: {diff:e}");
+        }
+    }
+    let m = objective.evaluate(&params).unwrap();
+    assert_eq!(m.count, 12 * 5);
+    assert_eq!(m.rank, soup_core::Rank::Loss);
+    assert_eq!(m.score(), -m.loss);
+    assert!(m.accuracy.is_some());
+}
+
+#[test]
+fn the_language_model_objective_refuses_windows_it_cannot_read() {
+    let (arch, _) = load("gqa");
+    let new = |w: Vec<Vec<u32>>| {
+        soup_models::LanguageModeling::new(arch.clone(), w, 4)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(new(vec![vec![1, 2, 3], vec![1, 2]]).contains("one length"));
+    assert!(new(vec![vec![1]]).contains("at least 2"));
+    assert!(new(vec![vec![1, 61]]).contains("token id 61"));
+    assert!(new(vec![vec![0; 65]]).contains("65 tokens"));
+}

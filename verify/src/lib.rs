@@ -170,6 +170,7 @@ impl Objective for MlpObjective {
             .filter(|(p, y)| **p as usize == **y)
             .count();
         Ok(Metrics {
+            rank: Default::default(),
             loss,
             accuracy: Some(correct as f64 / n as f64),
             count: n,

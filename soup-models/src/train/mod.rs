@@ -6,4 +6,5 @@ pub mod language;
 pub mod multitask;
 pub mod objective;
 
+pub use language::LanguageModeling;
 pub use objective::{Classification, Dataset, Images};

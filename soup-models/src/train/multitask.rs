@@ -298,6 +298,7 @@ impl Objective for MultiTask {
             }
         };
         Ok(Metrics {
+            rank: Default::default(),
             loss,
             accuracy: Some(per_task.iter().filter_map(|m| m.accuracy).sum::<f64>() / k),
             count: per_task.iter().map(|m| m.count).sum(),

@@ -279,6 +279,7 @@ impl Objective for Classification {
                 .count();
         }
         Ok(Metrics {
+            rank: Default::default(),
             loss: loss_sum / n.max(1) as f64,
             accuracy: Some(correct as f64 / n.max(1) as f64),
             count: n,
