@@ -131,7 +131,7 @@ fn eval_text(
     let root = PathBuf::from(&args.data.data);
     let windows = text::windows(
         &root,
-        split,
+        (split, &args.data.spec().heldout),
         &tokenizer,
         eos,
         args.seq_len,

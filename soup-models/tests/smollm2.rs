@@ -290,7 +290,7 @@ fn text_documents_are_joined_by_the_end_token_and_packed_into_windows() {
     let windows = |max| {
         soup_models::data::text::windows(
             dir.path(),
-            soup_models::data::Split::Test,
+            (soup_models::data::Split::Test, &Default::default()),
             &tokenizer,
             eos,
             3,
@@ -303,4 +303,69 @@ fn text_documents_are_joined_by_the_end_token_and_packed_into_windows() {
     assert_eq!(all.concat(), stream[..whole].to_vec());
     assert!(all.iter().all(|w| w.len() == 3));
     assert_eq!(windows(Some(2)), all[..2].to_vec());
+}
+
+/// The held-out split is a part of the training documents, decided document by document: a
+/// seeded fraction (the two splits partition the documents) or the documents an index file
+/// lists; the test split reads `test/`.
+#[test]
+fn the_heldout_text_is_a_part_of_the_training_documents() {
+    use soup_models::data::{text, Heldout, Split};
+    let g = smollm2_gguf();
+    let json = serde_json::to_string(&smollm2::tokenizer_json(g).unwrap()).unwrap();
+    let tokenizer: tokenizers::Tokenizer = json.parse().unwrap();
+    let dir = ScratchDir::new("text-heldout");
+    let train = dir.path().join("train");
+    std::fs::create_dir_all(&train).unwrap();
+    let words = [
+        "the", "and", "of", "to", "in", "is", "it", "that", "for", "on", "with", "as",
+    ];
+    let eos = 2;
+    let mut docs = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        std::fs::write(train.join(format!("{i:02}.txt")), w).unwrap();
+        // One token and the end token: each document is exactly one window of 2.
+        let ids = tokenizer.encode(*w, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids.len(), 1, "{w}");
+        docs.push(vec![ids[0], eos]);
+    }
+    let read = |split, heldout: &Heldout| {
+        text::windows(dir.path(), (split, heldout), &tokenizer, eos, 2, None)
+    };
+    let fraction = Heldout::Fraction {
+        fraction: 0.5,
+        seed: 4,
+    };
+    let held = read(Split::Heldout, &fraction).unwrap();
+    let rest = read(Split::Train, &fraction).unwrap();
+    assert!(!held.is_empty() && !rest.is_empty());
+    let mut both = [held.clone(), rest].concat();
+    both.sort();
+    let mut all = docs.clone();
+    all.sort();
+    assert_eq!(both, all, "the two splits partition the documents");
+    // Another seed holds out other documents.
+    let other = Heldout::Fraction {
+        fraction: 0.5,
+        seed: 5,
+    };
+    assert_ne!(read(Split::Heldout, &other).unwrap(), held);
+    // An index file: documents 1 and 10.
+    let index = dir.path().join("heldout.txt");
+    std::fs::write(&index, "1\n10\n").unwrap();
+    let listed = Heldout::IndexFile(index.clone());
+    assert_eq!(
+        read(Split::Heldout, &listed).unwrap(),
+        vec![docs[1].clone(), docs[10].clone()]
+    );
+    assert_eq!(read(Split::Train, &listed).unwrap().len(), 10);
+    // No test/ or val/ folder: the test split names what it looked for.
+    let err = read(Split::Test, &listed).unwrap_err().to_string();
+    assert!(err.contains("no test/ or val/ folder"), "{err}");
+    std::fs::write(&index, "one\n").unwrap();
+    let err = read(Split::Heldout, &listed).unwrap_err().to_string();
+    assert!(
+        err.contains("not an index") && err.contains("heldout.txt"),
+        "{err}"
+    );
 }

@@ -1,14 +1,20 @@
-//! Text data sets for language models: a directory holding `train/`, `val/` and `test/` folders
-//! of `.txt` and `.md` files (one document each) and `.jsonl` files (one document per line, its
-//! field `text`), any UTF-8. Documents are read in the order of their sorted paths, tokenised
-//! with the model's tokenizer, joined with the end-of-sequence token and packed into windows of
-//! `seq_len` tokens. The files are streamed: what is held is one document and the windows asked
-//! for, never a whole corpus.
+//! Text data sets for language models: a directory holding `train/` and `val/` (or `test/`)
+//! folders of `.txt` and `.md` files (one document each) and `.jsonl` files (one document per
+//! line, its field `text`), any UTF-8. Documents are read in the order of their sorted paths,
+//! tokenised with the model's tokenizer, joined with the end-of-sequence token and packed into
+//! windows of `seq_len` tokens. As for images, the held-out split is taken from the training
+//! documents (a seeded fraction of them, each document decided by its index alone, or the
+//! documents an index file lists) and the test split is `test/` (else `val/`). The files are
+//! streamed: what is held is one document and the windows asked for, never a whole corpus.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use super::Split;
+use std::collections::BTreeSet;
+
+use soup_core::rng::{derive_seed, SplitMix64};
+
+use super::{Heldout, Split};
 use crate::error::{ModelError, Result};
 
 /// Whether `root` is a text data set: a split folder holding at least one text file.
@@ -36,11 +42,11 @@ fn text_kind(path: &Path) -> Option<Kind> {
     }
 }
 
-/// The folder of `split`: `val/` for the held-out split, `test/` (else `val/`) for the test split.
+/// The folder of `split`: `train/` for the training and held-out splits, `test/` (else `val/`)
+/// for the test split.
 pub fn split_dir(root: &Path, split: Split) -> Result<PathBuf> {
     let candidates: &[&str] = match split {
-        Split::Train => &["train"],
-        Split::Heldout => &["val"],
+        Split::Train | Split::Heldout => &["train"],
         Split::Test => &["test", "val"],
     };
     candidates
@@ -50,7 +56,14 @@ pub fn split_dir(root: &Path, split: Split) -> Result<PathBuf> {
         .ok_or_else(|| {
             ModelError::format(
                 root,
-                format!("no {} folder of text files", candidates.join("/ or ")),
+                format!(
+                    "no {} folder of text files",
+                    candidates
+                        .iter()
+                        .map(|c| format!("{c}/"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
             )
         })
 }
@@ -67,6 +80,53 @@ fn files(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// Which training documents are held out.
+enum Held {
+    /// Each document with probability `fraction`, drawn from the seed and its index.
+    Fraction(f64, u64),
+    /// The documents of these indices.
+    Listed(BTreeSet<usize>),
+}
+
+impl Held {
+    fn new(root: &Path, heldout: &Heldout) -> Result<Self> {
+        match heldout {
+            Heldout::Fraction { fraction, seed } => {
+                if !(*fraction > 0.0 && *fraction < 1.0) {
+                    return Err(ModelError::format(
+                        root,
+                        format!("held-out fraction {fraction} is not in (0, 1)"),
+                    ));
+                }
+                Ok(Held::Fraction(*fraction, *seed))
+            }
+            Heldout::IndexFile(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+                let mut listed = BTreeSet::new();
+                for (i, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    listed.insert(line.parse().map_err(|_| {
+                        ModelError::format(path, format!("line {}: not an index: {line:?}", i + 1))
+                    })?);
+                }
+                Ok(Held::Listed(listed))
+            }
+        }
+    }
+
+    fn contains(&self, document: usize) -> bool {
+        match self {
+            Held::Fraction(fraction, seed) => {
+                SplitMix64::new(derive_seed(*seed, &[document as u64])).next_f64() < *fraction
+            }
+            Held::Listed(listed) => listed.contains(&document),
+        }
+    }
 }
 
 /// Calls `each` with every document of `dir` in order, until it returns false.
@@ -109,10 +169,11 @@ fn documents(dir: &Path, mut each: impl FnMut(&str) -> Result<bool>) -> Result<(
 
 /// The first `max` windows (all, when `None`) of `seq_len` tokens of split `split` of the text
 /// data set `root`: its documents tokenised by `tokenizer`, each followed by `eos`, packed end to
-/// end (a window may span documents; the tokens after the last whole window are dropped).
+/// end (a window may span documents of its split; the tokens after the last whole window are
+/// dropped). `heldout` says which training documents are the held-out split.
 pub fn windows(
     root: &Path,
-    split: Split,
+    (split, heldout): (Split, &Heldout),
     tokenizer: &tokenizers::Tokenizer,
     eos: u32,
     seq_len: usize,
@@ -122,10 +183,22 @@ pub fn windows(
         return Err(ModelError::format(root, "--seq-len must be at least 2"));
     }
     let dir = split_dir(root, split)?;
+    let held = match split {
+        Split::Test => None,
+        _ => Some(Held::new(root, heldout)?),
+    };
     let mut out: Vec<Vec<u32>> = Vec::new();
     let mut pending: Vec<u32> = Vec::with_capacity(seq_len);
     let want = max.unwrap_or(usize::MAX);
+    let mut index = 0;
     documents(&dir, |text| {
+        let document = index;
+        index += 1;
+        if let Some(held) = &held {
+            if held.contains(document) != (split == Split::Heldout) {
+                return Ok(true);
+            }
+        }
         let encoding = tokenizer
             .encode(text, false)
             .map_err(|e| ModelError::format(&dir, format!("tokenizer: {e}")))?;
@@ -141,9 +214,14 @@ pub fn windows(
         Ok(true)
     })?;
     if out.is_empty() {
+        let which = match split {
+            Split::Train => "training documents",
+            Split::Heldout => "held-out documents",
+            Split::Test => "text",
+        };
         return Err(ModelError::format(
             &dir,
-            format!("not one window of {seq_len} tokens in its text"),
+            format!("not one window of {seq_len} tokens in its {which}"),
         ));
     }
     Ok(out)
