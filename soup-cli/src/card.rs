@@ -9,7 +9,7 @@ use soup_models::{Architecture, InputSpec};
 pub fn card(tags: &[&str], title: &str, body: &str, arch: &dyn Architecture) -> String {
     let mut tags: Vec<&str> = tags.to_vec();
     tags.insert(0, "soup");
-    let library = if ["clip-vit", "dinov2-vit"].contains(&arch.family()) {
+    let library = if ["clip-vit", "dinov2-vit", "llama"].contains(&arch.family()) {
         "library_name: transformers\n"
     } else {
         ""

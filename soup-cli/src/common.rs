@@ -37,6 +37,10 @@ pub struct DataArgs {
     /// CLIPImageProcessorPil: the crop offset of an odd margin rounds down).
     #[arg(long, default_value = "clip", value_parser = preprocess_parser())]
     pub preprocess: Preprocess,
+    /// Language models: tokens per window of a text data set (each window predicts its tokens
+    /// 2 … seq-len from the ones before); `--max-examples` counts windows.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
 }
 
 /// `--device`: where the model is computed.
@@ -174,6 +178,37 @@ impl DataArgs {
             )));
         }
         Ok(train)
+    }
+
+    /// The windows of `split` of a text data set, tokenised with the tokenizer of the language
+    /// model in `model_dir`: at most `--max-examples` of `--seq-len` tokens, which the model's
+    /// positions must cover.
+    pub fn load_text(
+        &self,
+        split: Split,
+        model_dir: &std::path::Path,
+        spec: &soup_models::arch::TokenSpec,
+    ) -> Result<Vec<Vec<u32>>> {
+        if self.max_examples == Some(0) {
+            return Err(CliError::new("--max-examples must be at least 1"));
+        }
+        if self.seq_len > spec.max_positions {
+            return Err(CliError::new(format!(
+                "--seq-len {}: beyond the model's {} positions",
+                self.seq_len, spec.max_positions
+            )));
+        }
+        let (tokenizer, eos) = soup_models::data::text::model_tokenizer(model_dir)?;
+        let root = PathBuf::from(&self.data);
+        let heldout = self.spec().heldout;
+        Ok(soup_models::data::text::windows(
+            &root,
+            (split, &heldout),
+            &tokenizer,
+            eos,
+            self.seq_len,
+            self.max_examples,
+        )?)
     }
 
     /// The number of classes of the training split.

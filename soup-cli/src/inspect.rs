@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use soup_core::Objective;
 use soup_models::checkpoint::atomic_write;
-use soup_models::data::text;
 use soup_models::data::{shifted, Shift, Split};
 use soup_models::{
     Architecture, Checkpoint, Classification, Dataset, InputSpec, ModelError, ModelSource,
@@ -34,10 +33,6 @@ pub struct EvalArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// Language models: tokens per window of the text (each window predicts its tokens 2 …
-    /// seq-len from the ones before); `--max-examples` counts windows.
-    #[arg(long, default_value_t = 256)]
-    pub seq_len: usize,
     /// Also write every example's logits, features and label to this .safetensors file
     /// (tensors `logits` n × classes, `features` n × width where the architecture has them,
     /// `labels` u32), in the split's order.
@@ -114,29 +109,8 @@ fn eval_text(
             "--shift and --save-logits are for image classifiers, not language models",
         ));
     }
-    if args.seq_len > spec.max_positions {
-        return Err(CliError::new(format!(
-            "--seq-len {}: beyond the model's {} positions",
-            args.seq_len, spec.max_positions
-        )));
-    }
-    let dir = match ckpt.path.is_dir() {
-        true => ckpt.path.clone(),
-        false => ckpt
-            .path
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-    };
-    let (tokenizer, eos) = text::model_tokenizer(&dir)?;
-    let root = PathBuf::from(&args.data.data);
-    let windows = text::windows(
-        &root,
-        (split, &args.data.spec().heldout),
-        &tokenizer,
-        eos,
-        args.seq_len,
-        args.data.max_examples,
-    )?;
+    let dir = model_dir(&ckpt.path);
+    let windows = args.data.load_text(split, &dir, &spec)?;
     let m = soup_models::train::language::evaluate(arch, params, &windows, 4)?;
     let perplexity = m.loss.exp();
     let accuracy = m.accuracy.unwrap_or(f64::NAN);
@@ -152,6 +126,17 @@ fn eval_text(
         );
     }
     Ok(())
+}
+
+/// The directory of a checkpoint (itself, or the folder of a file): where its tokenizer is.
+pub fn model_dir(path: &Path) -> PathBuf {
+    match path.is_dir() {
+        true => path.to_path_buf(),
+        false => path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+    }
 }
 
 /// Writes the logits (and features) of `params` on `data` to `path`, batch by batch, atomically.

@@ -162,3 +162,202 @@ fn a_missing_or_lying_tokenizer_is_refused_naming_it() {
     std::fs::write(&tokenizer, "{\"not\": \"a tokenizer\"}").unwrap();
     fails(&args, &format!("{}: not a tokenizer", tokenizer.display()));
 }
+
+/// A word-level tokenizer over `words` (ids 2 …), with `<unk>` 0 and the end token `</s>` 1, in
+/// the files a Hugging Face model directory holds.
+fn write_tokenizer(dir: &Path, words: &[&str]) {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<unk>".into(), 0.into());
+    vocab.insert("</s>".into(), 1.into());
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert((*w).into(), (i + 2).into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    let files = [
+        ("tokenizer.json", tokenizer),
+        (
+            "tokenizer_config.json",
+            serde_json::json!({"eos_token": "</s>", "unk_token": "<unk>",
+                "tokenizer_class": "PreTrainedTokenizerFast"}),
+        ),
+        (
+            "generation_config.json",
+            serde_json::json!({"eos_token_id": 1}),
+        ),
+    ];
+    for (name, value) in files {
+        std::fs::write(dir.join(name), value.to_string()).unwrap();
+    }
+}
+
+/// A zoo of four tiny llama models, a base and three perturbations of it, with their tokenizer;
+/// and a text data set of sentences over the tokenizer's words. Returns (zoo, data).
+fn language_zoo(dir: &Path) -> (String, String) {
+    let words = [
+        "the", "cat", "dog", "sat", "ran", "on", "a", "mat", "rug", "and", "then", "slept",
+    ];
+    let config = serde_json::json!({"model_type": "llama", "vocab_size": words.len() + 2,
+        "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 100000.0,
+        "max_position_embeddings": 64, "tie_word_embeddings": true});
+    let arch = soup_models::build("llama", &config).unwrap();
+    let base = arch.init(1, &candle_core::Device::Cpu).unwrap();
+    let zoo = dir.join("zoo");
+    for m in 0..4u64 {
+        let params: Vec<candle_core::Tensor> = base
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let noise = arch
+                    .init(100 + 10 * m + i as u64, &candle_core::Device::Cpu)
+                    .unwrap();
+                (p + noise[i].affine(0.5 * m as f64, 0.0).unwrap()).unwrap()
+            })
+            .collect();
+        let out = zoo.join(format!("m{m}"));
+        let meta = Default::default();
+        soup_models::checkpoint::write_model_dir(&out, arch.as_ref(), &params, &meta, "# m")
+            .unwrap();
+        write_tokenizer(&out, &words);
+    }
+    let data = dir.join("text");
+    let mut rng = soup_core::rng::SplitMix64::new(7);
+    for (split, docs) in [("train", 40), ("test", 10)] {
+        std::fs::create_dir_all(data.join(split)).unwrap();
+        for d in 0..docs {
+            let text: Vec<&str> = (0..12).map(|_| words[rng.below(words.len())]).collect();
+            std::fs::write(data.join(split).join(format!("{d:02}.txt")), text.join(" ")).unwrap();
+        }
+    }
+    (zoo.display().to_string(), data.display().to_string())
+}
+
+/// `soup mix` on a zoo of language models with each single-task method: a causal-LM directory
+/// with the zoo's tokenizer, scored by loss per token and perplexity, which `soup eval` reads
+/// back to the same loss; greedy ranks by held-out loss.
+#[test]
+fn mix_soups_language_models_into_a_causal_lm_directory() {
+    let dir = ScratchDir::new("mix-llm");
+    let (zoo, data) = language_zoo(dir.path());
+    for method in ["uniform", "greedy", "learned+", "mehl+"] {
+        let out = dir.path().join(method);
+        let out_s = out.display().to_string();
+        let said = ok(&[
+            "mix",
+            "--zoo",
+            &zoo,
+            "--data",
+            &data,
+            "--seq-len",
+            "8",
+            "--heldout-fraction",
+            "0.25",
+            "--method",
+            method,
+            "--inner-epochs",
+            "1",
+            "--outer-passes",
+            "1",
+            "--model-batch",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            &out_s,
+        ]);
+        assert!(said.contains("perplexity"), "{method}: {said}");
+        for file in [
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "README.md",
+        ] {
+            assert!(out.join(file).is_file(), "{method}: {file} missing");
+        }
+        assert!(!out.join("preprocessor_config.json").exists());
+        assert_eq!(
+            json(out.join("config.json"))["architectures"][0],
+            "LlamaForCausalLM"
+        );
+        let report = json(out.join("report.json"));
+        let test = &report["test"];
+        let (loss, perplexity) = (
+            test["loss"].as_f64().unwrap(),
+            test["perplexity"].as_f64().unwrap(),
+        );
+        assert!(
+            (perplexity - loss.exp()).abs() < 1e-9 * perplexity,
+            "{method}: {report}"
+        );
+        assert_eq!(report["objective"], "next-token cross-entropy");
+        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.contains("perplexity") && card.contains("AutoModelForCausalLM"),
+            "{card}"
+        );
+        // The soup read back by `soup eval` on the test split: the report's loss.
+        let eval = ok(&[
+            "eval",
+            "--model",
+            &out_s,
+            "--data",
+            &data,
+            "--seq-len",
+            "8",
+            "--json",
+        ]);
+        let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+        let l = eval["loss"].as_f64().unwrap();
+        assert!(
+            (l - loss).abs() < 1e-5 * loss,
+            "{method}: eval {l}, report {loss}"
+        );
+        assert_eq!(eval["count"], test["count"]);
+    }
+    // Greedy ranks by held-out loss: the member with the lowest one is in the soup, whose
+    // held-out loss is no higher than that member's.
+    let heldout_loss = |model: &str| -> f64 {
+        let said = ok(&[
+            "eval",
+            "--model",
+            model,
+            "--data",
+            &data,
+            "--seq-len",
+            "8",
+            "--split",
+            "heldout",
+            "--heldout-fraction",
+            "0.25",
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(said.trim()).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let members: Vec<f64> = (0..4)
+        .map(|m| heldout_loss(&format!("{zoo}/m{m}")))
+        .collect();
+    let best = (0..4)
+        .min_by(|&a, &b| members[a].total_cmp(&members[b]))
+        .unwrap();
+    let alpha = &json(dir.path().join("greedy/coefficients.json"))["alpha"][0];
+    assert!(alpha[best].as_f64().unwrap() > 0.0, "{members:?} {alpha}");
+    let greedy = json(dir.path().join("greedy/report.json"));
+    let soup = greedy["heldout"]["loss"].as_f64().unwrap();
+    assert!(
+        soup <= members[best] + 1e-9,
+        "greedy {soup} against the best member {members:?}"
+    );
+    assert!((heldout_loss(&dir.path().join("greedy").display().to_string()) - soup).abs() < 1e-5);
+}

@@ -4,9 +4,9 @@
 use std::time::Instant;
 
 use soup_core::{ModelStore, Objective, SoupMethod};
-use soup_models::Classification;
 
 use super::args::{check_memory, MixArgs};
+use super::evaluation::Evaluation;
 use super::soup::Counted;
 use crate::common::human_bytes;
 use crate::error::Result;
@@ -21,8 +21,7 @@ pub(super) fn dry_run(
     recipe: &Recipe,
     kind: SoupMethod,
     store: &Counted,
-    mut objective: Classification,
-    test_len: usize,
+    mut objective: Evaluation,
     estimate: u64,
 ) -> Result<()> {
     let method = recipe.method();
@@ -48,23 +47,15 @@ pub(super) fn dry_run(
         Ok(())
     })?;
     // One evaluation batch, scaled to the held-out and test splits.
-    let eval_bs = objective.eval_batch_size;
-    let first = objective.data.len().min(eval_bs);
-    let rows: Vec<u32> = (0..first as u32).collect();
-    let (images, labels) = objective.data.select(&rows)?;
-    let mut one = Classification {
-        eval_batch_size: eval_bs,
-        ..Classification::new(
-            store.inner.arch.clone(),
-            soup_models::Dataset::in_memory(images, labels),
-            eval_bs,
-        )
-    };
+    let (batch_size, eval_bs) = objective.batch_sizes();
+    let test_len = objective.test_len();
+    let mut one = objective.first_batch()?;
+    let first = one.len();
     let t_eval_batch = timed(&mut || {
         one.evaluate(&params)?;
         Ok(())
     })?;
-    let heldout_eval = t_eval_batch * objective.data.len().div_ceil(eval_bs) as f64;
+    let heldout_eval = t_eval_batch * objective.len().div_ceil(eval_bs) as f64;
     let test_eval = t_eval_batch * test_len.div_ceil(eval_bs) as f64;
     let (nf, final_eval) = (n as f64, heldout_eval + test_eval);
     let (what, seconds) = match kind {
@@ -100,11 +91,15 @@ pub(super) fn dry_run(
         }
     };
     let total = seconds + final_eval;
+    let what_examples = if objective.is_text() {
+        "windows"
+    } else {
+        "examples"
+    };
     println!(
-        "dry run of {}: {n} models of {d} parameters; held-out {} examples ({batches} batches of {}), test {test_len}",
+        "dry run of {}: {n} models of {d} parameters; held-out {} {what_examples} ({batches} batches of {batch_size}), test {test_len}",
         method.name(),
-        objective.data.len(),
-        objective.batch_size
+        objective.len(),
     );
     println!(
         "  memory   about {} (the method's tensors and the data)",

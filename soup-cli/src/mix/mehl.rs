@@ -11,7 +11,7 @@ use soup_core::{
     TensorSpec,
 };
 use soup_models::checkpoint::write_safetensors;
-use soup_models::{Checkpoint, Classification, FileStore};
+use soup_models::{Checkpoint, FileStore};
 
 use super::soup::Counted;
 use crate::common::Progress;
@@ -46,7 +46,7 @@ pub(super) struct Saved<'a> {
 /// returns the soup and the most models a model batch held on this rank.
 pub(super) fn mix_mehl(
     store: &Counted,
-    objective: &mut Classification,
+    objective: &mut dyn Objective,
     saved: Saved,
     comm: &dyn Collective,
     quiet: bool,

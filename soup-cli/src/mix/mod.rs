@@ -5,10 +5,12 @@
 //! Outputs go to `OUT.partial/` while the run lasts (MEHL saves its progress there after every
 //! model batch, which `--resume` continues from); the finished directory is renamed to OUT, so
 //! OUT is never half-written. The modules depend on one another in one direction: this one on
-//! `soup` and `merge`, those on `args` and `outputs` (and `soup` on `mehl` and `dry_run`).
+//! `soup` and `merge`, those on `args` and `outputs` (and `soup` on `evaluation`, `mehl` and
+//! `dry_run`).
 
 mod args;
 mod dry_run;
+mod evaluation;
 mod mehl;
 mod merge;
 mod outputs;

@@ -103,6 +103,9 @@ pub struct Scores {
     pub accuracy: f64,
     pub loss: f64,
     pub count: usize,
+    /// e^loss, for a language model (its loss is per token).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub perplexity: Option<f64>,
 }
 
 impl From<Metrics> for Scores {
@@ -111,6 +114,7 @@ impl From<Metrics> for Scores {
             accuracy: m.accuracy.unwrap_or(f64::NAN),
             loss: m.loss,
             count: m.count,
+            perplexity: (m.rank == soup_core::Rank::Loss).then(|| m.loss.exp()),
         }
     }
 }

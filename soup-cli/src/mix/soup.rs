@@ -11,10 +11,10 @@ use soup_core::{
     RunOptions, SoupMethod, SoupResult,
 };
 use soup_models::checkpoint::write_model_dir;
-use soup_models::data::Split;
-use soup_models::{Architecture, Checkpoint, Classification, FileStore, Resolved};
+use soup_models::{Architecture, Checkpoint, FileStore, Resolved};
 
 use super::args::{check_memory, MixArgs};
+use super::evaluation::Evaluation;
 use super::mehl::{mix_mehl, Saved};
 use super::outputs::{evaluations_json, write_text, Scores};
 use super::outputs::{memory_json, short_names, timings, write_coefficients, write_curve};
@@ -96,6 +96,11 @@ const OUTPUTS: &[&str] = &[
     "coefficients.svg",
     "curve.svg",
     "recipe.toml",
+    // A language model's tokenizer, copied from the zoo's first model.
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
 ];
 
 /// The paths a run reads, which OUT must not hold (and `--force` must not delete).
@@ -199,7 +204,7 @@ fn tensor_estimate(recipe: &Recipe, n: usize, d: usize, world: usize) -> u64 {
 fn make_soup(
     kind: SoupMethod,
     store: &Counted,
-    objective: &mut Classification,
+    objective: &mut dyn Objective,
     saved: Saved,
     comm: &dyn Collective,
     quiet: bool,
@@ -274,27 +279,19 @@ fn run(
         quiet || rank > 0,
         &format!("{n} models of {d} parameters; loading the held-out and test data"),
     );
-    let heldout = args.data.load(Split::Heldout, &arch)?;
-    let test = args.data.load(Split::Test, &arch)?;
-    // Evaluation reads batches of 256, the largest a run uses.
-    let data_bytes = heldout.resident_bytes(256) + test.resident_bytes(256);
-    let estimate = tensor_estimate(&recipe, n, d, world) + data_bytes;
-    let heldout_len = heldout.len();
-    let mut objective = Classification {
-        eval_batch_size: 256,
-        label_smoothing: recipe.label_smoothing.unwrap_or(0.0),
-        ..Classification::new(arch.clone(), heldout, recipe.batch_size.unwrap_or(128))
-    };
+    let model_dir = crate::inspect::model_dir(&files.paths[0]);
+    let mut objective = Evaluation::load(&args.data, &arch, &recipe, &model_dir)?;
+    let estimate = tensor_estimate(&recipe, n, d, world) + objective.resident_bytes();
+    let (heldout_len, test_len) = (objective.len(), objective.test_len());
     if args.dry_run {
-        let test_len = test.len();
-        return super::dry_run::dry_run(args, &recipe, kind, &store, objective, test_len, estimate);
+        return super::dry_run::dry_run(args, &recipe, kind, &store, objective, estimate);
     }
     check_memory(args, method, estimate, n, d)?;
     tracing::info!(
         models = n,
         parameters = d,
         heldout = heldout_len,
-        test = test.len(),
+        test = test_len,
         estimated_bytes = estimate,
         "zoo and data loaded"
     );
@@ -333,12 +330,13 @@ fn run(
     phase(quiet, "evaluating the soup on the held-out and test splits");
     let t_eval = Instant::now();
     let heldout_scores: Scores = objective.evaluate(&result.soup)?.into();
-    objective.data = test;
+    objective.use_test();
     let test_scores: Scores = objective.evaluate(&result.soup)?.into();
     let eval_s = t_eval.elapsed().as_secs_f64();
 
     Finished {
         args,
+        text: objective.is_text().then_some(model_dir.as_path()),
         recipe: &recipe,
         arch: arch.as_ref(),
         zoo: &zoo,
@@ -353,11 +351,15 @@ fn run(
     }
     .write_outputs(&partial)?;
     output.finish()?;
+    let said = |s: &Scores| match s.perplexity {
+        Some(p) => format!("perplexity {p:.3}"),
+        None => format!("accuracy {:.4}", s.accuracy),
+    };
     println!(
-        "{}: {n} models -> held-out accuracy {:.4}, test accuracy {:.4}, {:.1} s -> {}",
+        "{}: {n} models -> held-out {}, test {}, {:.1} s -> {}",
         method.name(),
-        heldout_scores.accuracy,
-        test_scores.accuracy,
+        said(&heldout_scores),
+        said(&test_scores),
         started.elapsed().as_secs_f64(),
         args.out.display()
     );
@@ -367,6 +369,8 @@ fn run(
 /// A finished run of `soup mix`: what its outputs are made of.
 struct Finished<'a> {
     args: &'a MixArgs,
+    /// For a language model, the directory its tokenizer is copied from.
+    text: Option<&'a Path>,
     recipe: &'a Recipe,
     arch: &'a dyn Architecture,
     zoo: &'a [Resolved],
@@ -416,17 +420,48 @@ impl Finished<'_> {
                 ]
             })
             .collect();
-        let scores = [("held-out", &self.heldout), ("test", &self.test)]
-            .iter()
-            .map(|(split, s)| {
-                vec![
-                    split.to_string(),
-                    format!("{:.4}", s.accuracy),
-                    format!("{:.4}", s.loss),
-                    s.count.to_string(),
-                ]
-            })
-            .collect::<Vec<_>>();
+        let splits = [("held-out", &self.heldout), ("test", &self.test)];
+        let scores = match self.text {
+            None => crate::card::table(
+                &["split", "accuracy", "loss", "examples"],
+                &splits
+                    .iter()
+                    .map(|(split, s)| {
+                        vec![
+                            split.to_string(),
+                            format!("{:.4}", s.accuracy),
+                            format!("{:.4}", s.loss),
+                            s.count.to_string(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Some(_) => crate::card::table(
+                &[
+                    "split",
+                    "loss per token",
+                    "perplexity",
+                    "next-token accuracy",
+                    "tokens",
+                ],
+                &splits
+                    .iter()
+                    .map(|(split, s)| {
+                        vec![
+                            split.to_string(),
+                            format!("{:.4}", s.loss),
+                            format!("{:.3}", s.perplexity.unwrap_or(f64::NAN)),
+                            format!("{:.4}", s.accuracy),
+                            s.count.to_string(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let files = match self.text {
+            None => "`preprocessor_config.json`",
+            Some(_) => "the tokenizer's files",
+        };
         let body = format!(
             "A {method} soup of {n} models made by `soup mix` (MEHL-Soup, ECCV 2024, and its \
              baselines): one model of {} parameters whose weights are, block by block ({} \
@@ -435,12 +470,12 @@ impl Finished<'_> {
              ## Scores\n\n{}\n## Sources\n\nα per model: mean over blocks, and its range \
              (every block's α in `coefficients.json`, drawn in `coefficients.svg`).\n\n{}\n\
              ## Run\n\nTimings and memory in `report.json`. Files: `model.safetensors`, `config.json`, \
-             `preprocessor_config.json`, `coefficients.json`, `coefficients.svg`, `curve.svg`, \
-             `recipe.toml`, `report.json`.\n\n## Recipe\n\n```toml\n{}```\n\n",
+             {files}, `coefficients.json`, `coefficients.svg`, `curve.svg`, `recipe.toml`, \
+             `report.json`.\n\n## Recipe\n\n```toml\n{}```\n\n",
             arch.layout().numel(),
             result.blocks.len(),
             self.args.data.data,
-            crate::card::table(&["split", "accuracy", "loss", "examples"], &scores),
+            scores,
             crate::card::table(&["#", "source", "pinned to", "mean α", "α range"], &sources),
             toml::to_string_pretty(recipe).unwrap_or_default(),
         );
@@ -456,6 +491,7 @@ impl Finished<'_> {
     fn write_outputs(&self, dir: &Path) -> Result<()> {
         let Finished {
             args,
+            text,
             recipe,
             arch,
             zoo,
@@ -508,6 +544,7 @@ impl Finished<'_> {
             "memory_account_bytes": memory_json(&result.memory),
             "steps": result.history.len(),
             "evaluations": evaluations_json(result, "accuracy"),
+            "objective": if text.is_some() { "next-token cross-entropy" } else { "classification" },
             "data": args.data.data,
         });
         write("report.json", &serde_json::to_string_pretty(&report)?)?;
@@ -515,6 +552,9 @@ impl Finished<'_> {
         // with its model card as README.md.
         let card = self.card();
         write_model_dir(dir, arch, &result.soup, &meta, &card)?;
+        if let Some(from) = text {
+            soup_models::checkpoint::copy_tokenizer(from, dir)?;
+        }
         let short = short_names(models);
         write(
             "coefficients.svg",
@@ -532,7 +572,13 @@ impl Finished<'_> {
             dir,
             result,
             &format!("{method}: loss per step, held-out accuracy"),
-            ("held-out loss (mini-batch)", "held-out accuracy"),
+            match text {
+                None => ("held-out loss (mini-batch)", "held-out accuracy"),
+                Some(_) => (
+                    "held-out loss per token (mini-batch)",
+                    "held-out next-token accuracy",
+                ),
+            },
         )?;
         write("recipe.toml", &toml::to_string_pretty(recipe)?)?;
         Ok(())

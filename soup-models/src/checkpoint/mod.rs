@@ -28,6 +28,7 @@ pub use writer::{
     arch_metadata, atomic_write, hf_config_text, hf_preprocessor_text, sync_dir, write_model_dir,
     write_safetensors, MODEL_DIR_FILES,
 };
+pub use writer::{copy_tokenizer, TOKENIZER_FILES};
 
 /// Metadata keys soup writes into safetensors headers.
 pub const META_ARCH: &str = "soup.arch";

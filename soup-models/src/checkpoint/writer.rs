@@ -130,6 +130,33 @@ pub fn write_model_dir(
     Ok(())
 }
 
+/// The files of a language model's tokenizer in a Hugging Face model directory.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// Copies the tokenizer files ([`TOKENIZER_FILES`]) that `from` holds into `to`, each atomically;
+/// returns their names.
+pub fn copy_tokenizer(from: &Path, to: &Path) -> Result<Vec<&'static str>> {
+    let mut copied = Vec::new();
+    for &name in TOKENIZER_FILES {
+        let src = from.join(name);
+        if !src.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&src).map_err(|e| ModelError::io(&src, e))?;
+        let dst = to.join(name);
+        atomic_write(&dst, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(|e| ModelError::io(&dst, e))
+        })?;
+        copied.push(name);
+    }
+    Ok(copied)
+}
+
 /// The `config.json` of a model directory of `arch` ([`Architecture::hf_config`]): for CLIP,
 /// transformers' CLIPVisionModelWithProjection; for DINOv2, Dinov2ForImageClassification.
 pub fn hf_config_text(arch: &dyn Architecture) -> String {

@@ -4,6 +4,7 @@ compares soup against them without Python (soup-models/tests/llama.rs). Run by h
     python3 -m venv venv && venv/bin/pip install torch==2.15.0 transformers==5.24.0 \
         numpy==2.4.6 safetensors==0.8.0
     venv/bin/python make_llama.py
+    venv/bin/python make_llama.py check-soup OUT TEXT...   # a language-model soup in transformers
 
 What it writes (a few hundred kB), three tiny random causal language models saved by
 `save_pretrained` (every parameter perturbed, so that no RMSNorm weight is 1 and no bias 0):
@@ -64,5 +65,26 @@ def main():
     save_file(expected, os.path.join(OUT, "expected.safetensors"))
 
 
+def check_soup(out, texts):
+    """Loads a language-model directory written by `soup mix` (or any soup command) with
+    AutoModelForCausalLM and AutoTokenizer, as a user would: no missing or unexpected keys; prints
+    the mean next-token loss of each text, to compare with `soup eval` on the same windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, bad
+    model.eval()
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        print(f"{type(model).__name__} {len(ids[0])} tokens {ids[0].tolist()}: loss {loss:.6f}")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if len(sys.argv) > 2 and sys.argv[1] == "check-soup":
+        check_soup(sys.argv[2], sys.argv[3:])
+    else:
+        main()
