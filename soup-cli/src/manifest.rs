@@ -78,6 +78,9 @@ pub struct Entry {
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heldout_accuracy: Option<f64>,
+    /// A language model's held-out loss per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_loss: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyperparameters: Option<toml::Value>,
 }

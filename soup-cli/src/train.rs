@@ -12,8 +12,11 @@ use soup_models::checkpoint::{
     arch_metadata, write_model_dir, write_safetensors, MODEL_DIR_FILES as MODEL_FILES,
 };
 use soup_models::data::Split;
+use soup_models::train::finetune::TrainData;
 use soup_models::train::finetune::{finetune_some, Augment, FinetuneConfig};
-use soup_models::{build, Architecture, Checkpoint, Classification, Dataset};
+use soup_models::{
+    build, Architecture, Checkpoint, Classification, Dataset, InputSpec, LanguageModeling,
+};
 
 use crate::common::{DataArgs, Progress};
 use crate::error::{io, CliError, Result};
@@ -101,11 +104,11 @@ pub struct TrainArgs {
 
 pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
     let device = args.device.open()?;
+    let mut init_path = PathBuf::new();
     let (arch, params) = match &args.init {
         Some(init) => {
-            let ckpt = Checkpoint::open(
-                soup_models::fetch_str(init, crate::common::downloads(quiet))?.path,
-            )?;
+            init_path = soup_models::fetch_str(init, crate::common::downloads(quiet))?.path;
+            let ckpt = Checkpoint::open(&init_path)?;
             let arch = ckpt.architecture()?;
             let params = ckpt.load_params(arch.as_ref(), &device)?;
             (arch, params)
@@ -149,60 +152,180 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
             arch.family()
         )));
     }
-    let train = args.data.load_train(&arch)?;
-    let heldout = args.data.load(Split::Heldout, &arch)?;
+    let model_dir = args
+        .init
+        .as_ref()
+        .map(|_| crate::inspect::model_dir(&init_path));
+    let sets = TrainSets::load(&args.data, &arch, model_dir.as_deref())?;
     let config = args.training.config();
-    let (trained, metrics) = run_training(
-        &arch, &params, &trainable, &train, &heldout, &config, quiet, "train",
-    )?;
+    let (trained, metrics) =
+        run_training(&arch, &params, &trainable, &sets, &config, quiet, "train")?;
     let mut meta = config.metadata();
     if !args.train_only.is_empty() {
         meta.insert("soup.train_only".into(), args.train_only.join(","));
     }
-    meta.insert(
-        "soup.heldout_accuracy".into(),
-        format!("{}", metrics.accuracy.unwrap_or(0.0)),
-    );
+    sets.record(&metrics, &mut meta);
     let title = match &args.init {
         Some(init) => format!("{} trained from `{init}`", arch.family()),
         None => format!("{} trained from scratch", arch.family()),
     };
     let body = training_card_body("soup train", &args.data.data, &meta);
-    let card = crate::card::card(&["image-classification"], &title, &body, arch.as_ref());
+    let card = crate::card::card(&[sets.tag()], &title, &body, arch.as_ref());
     write_checkpoint(&args.out, arch.as_ref(), &trained, meta, &card)?;
+    if !args.out.extension().is_some_and(|e| e == "safetensors") {
+        sets.write_tokenizer(&args.out)?;
+    }
     println!(
-        "trained {} ({} parameters) for {} epochs: held-out accuracy {:.4}, loss {:.4} -> {}",
+        "trained {} ({} parameters) for {} epochs: held-out {} -> {}",
         arch.family(),
         arch.layout().numel(),
         config.epochs,
-        metrics.accuracy.unwrap_or(0.0),
-        metrics.loss,
+        sets.said(&metrics),
         args.out.display()
     );
     Ok(())
 }
 
+/// The training and held-out data of a run: labelled images, or windows of text tokenised by
+/// the tokenizer of the model's directory.
+enum TrainSets {
+    Images {
+        train: Dataset,
+        heldout: Dataset,
+    },
+    Text {
+        train: Vec<Vec<u32>>,
+        heldout: Vec<Vec<u32>>,
+        /// Where the tokenizer was read (copied beside every model trained).
+        tokenizer: PathBuf,
+    },
+}
+
+impl TrainSets {
+    /// The splits of `data` for `arch`; a language model needs `model_dir`, its directory.
+    fn load(
+        data: &DataArgs,
+        arch: &Arc<dyn Architecture>,
+        model_dir: Option<&Path>,
+    ) -> Result<Self> {
+        match arch.input() {
+            InputSpec::Images(_) => Ok(TrainSets::Images {
+                train: data.load_train(arch)?,
+                heldout: data.load(Split::Heldout, arch)?,
+            }),
+            InputSpec::Tokens(spec) => {
+                let dir = model_dir.ok_or_else(|| {
+                    CliError::new(
+                        "a language model is trained from a model directory with its tokenizer \
+                         (--init), not from scratch",
+                    )
+                })?;
+                Ok(TrainSets::Text {
+                    train: data.load_text(Split::Train, dir, &spec)?,
+                    heldout: data.load_text(Split::Heldout, dir, &spec)?,
+                    tokenizer: dir.to_path_buf(),
+                })
+            }
+        }
+    }
+
+    fn train_len(&self) -> usize {
+        match self {
+            TrainSets::Images { train, .. } => train.len(),
+            TrainSets::Text { train, .. } => train.len(),
+        }
+    }
+
+    fn train_data(&self) -> TrainData<'_> {
+        match self {
+            TrainSets::Images { train, .. } => TrainData::Images(train),
+            TrainSets::Text { train, .. } => TrainData::Text(train),
+        }
+    }
+
+    /// The held-out metrics of `params`.
+    fn evaluate(&self, arch: &Arc<dyn Architecture>, params: &[Tensor]) -> Result<Metrics> {
+        Ok(match self {
+            TrainSets::Images { heldout, .. } => {
+                Classification::new(arch.clone(), heldout.clone(), 256).evaluate(params)?
+            }
+            TrainSets::Text { heldout, .. } => {
+                LanguageModeling::new(arch.clone(), heldout.clone(), 4)?.evaluate(params)?
+            }
+        })
+    }
+
+    fn is_text(&self) -> bool {
+        matches!(self, TrainSets::Text { .. })
+    }
+
+    /// The model card's task tag.
+    fn tag(&self) -> &'static str {
+        match self {
+            TrainSets::Images { .. } => "image-classification",
+            TrainSets::Text { .. } => "text-generation",
+        }
+    }
+
+    /// Records the held-out score in a checkpoint's metadata.
+    fn record(&self, m: &Metrics, meta: &mut BTreeMap<String, String>) {
+        match self {
+            TrainSets::Images { .. } => {
+                let accuracy = m.accuracy.unwrap_or(0.0);
+                meta.insert("soup.heldout_accuracy".into(), format!("{accuracy}"));
+            }
+            TrainSets::Text { .. } => {
+                meta.insert("soup.heldout_loss".into(), format!("{}", m.loss));
+            }
+        }
+    }
+
+    /// The held-out score in words.
+    fn said(&self, m: &Metrics) -> String {
+        match self {
+            TrainSets::Images { .. } => format!(
+                "accuracy {:.4}, loss {:.4}",
+                m.accuracy.unwrap_or(0.0),
+                m.loss
+            ),
+            TrainSets::Text { .. } => {
+                format!(
+                    "loss {:.4} per token, perplexity {:.3}",
+                    m.loss,
+                    m.loss.exp()
+                )
+            }
+        }
+    }
+
+    /// Copies a language model's tokenizer into the model directory `dir`.
+    fn write_tokenizer(&self, dir: &Path) -> Result<()> {
+        if let TrainSets::Text { tokenizer, .. } = self {
+            soup_models::checkpoint::copy_tokenizer(tokenizer, dir)?;
+        }
+        Ok(())
+    }
+}
+
 /// Fine-tunes with a progress bar, then evaluates on the held-out split.
-#[allow(clippy::too_many_arguments)]
 fn run_training(
     arch: &Arc<dyn Architecture>,
     params: &[Tensor],
     trainable: &[bool],
-    train: &Dataset,
-    heldout: &Dataset,
+    sets: &TrainSets,
     config: &FinetuneConfig,
     quiet: bool,
     what: &str,
 ) -> Result<(Vec<Tensor>, Metrics)> {
-    let steps = config.epochs * train.len().div_ceil(config.batch_size.max(1));
+    let steps = config.epochs * sets.train_len().div_ceil(config.batch_size.max(1));
     let bar = Progress::new(quiet, steps, &format!("{what} steps"));
-    let (trained, _) = finetune_some(arch.as_ref(), params, trainable, train, config, &mut |s| {
+    let data = sets.train_data();
+    let (trained, _) = finetune_some(arch.as_ref(), params, trainable, data, config, &mut |s| {
         bar.inc(1);
         bar.set_prefix(format!("loss {:.4}", s.loss));
     })?;
     bar.finish();
-    let mut objective = Classification::new(arch.clone(), heldout.clone(), 256);
-    let metrics = objective.evaluate(&trained)?;
+    let metrics = sets.evaluate(arch, &trained)?;
     Ok((trained, metrics))
 }
 
@@ -541,9 +664,9 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &args.device.open()?)?;
+    let model_dir = crate::inspect::model_dir(&base_source.path);
     let start = Start {
-        train: args.data.load_train(&arch)?,
-        heldout: args.data.load(Split::Heldout, &arch)?,
+        sets: TrainSets::load(&args.data, &arch, Some(&model_dir))?,
         arch,
         params,
         source: base_source,
@@ -571,8 +694,7 @@ struct Start {
     source: soup_models::Resolved,
     arch: Arc<dyn Architecture>,
     params: Vec<Tensor>,
-    train: Dataset,
-    heldout: Dataset,
+    sets: TrainSets,
 }
 
 /// Fine-tunes the models `manifest` does not list yet, each written and listed in turn.
@@ -590,8 +712,7 @@ fn fill_zoo(
         source: base_source,
         arch,
         params,
-        train,
-        heldout,
+        sets,
     } = start;
     let all = vec![true; params.len()];
     if manifest.finetune.is_none() {
@@ -612,7 +733,12 @@ fn fill_zoo(
     let mut rng = SplitMix64::new(args.seed);
     let done = manifest.models.len();
     for i in 0..args.count {
-        let config = search.draw(&mut rng)?;
+        let mut config = search.draw(&mut rng)?;
+        if sets.is_text() {
+            // Drawn all the same, so that the models' other settings do not depend on the data.
+            config.label_smoothing = 0.0;
+            config.augment = Default::default();
+        }
         if i < done {
             continue;
         }
@@ -626,35 +752,42 @@ fn fill_zoo(
                 remove_model_dir(leftover)?;
             }
         }
-        let (trained, metrics) =
-            run_training(arch, params, &all, train, heldout, &config, quiet, &name)?;
-        let accuracy = metrics.accuracy.unwrap_or(0.0);
+        let (trained, metrics) = run_training(arch, params, &all, sets, &config, quiet, &name)?;
         let mut meta = config.metadata();
-        meta.insert("soup.heldout_accuracy".into(), format!("{accuracy}"));
+        sets.record(&metrics, &mut meta);
         meta.insert("soup.base".into(), args.base.clone());
         if let Some(commit) = &base_source.commit {
             meta.insert("soup.base_commit".into(), commit.clone());
         }
         let title = format!("{name}: a fine-tune of `{}`", args.base);
         let body = training_card_body("soup finetune", &args.data.data, &meta);
-        let card = crate::card::card(&["image-classification"], &title, &body, arch.as_ref());
-        if let Err(e) = write_model_dir(&partial, arch.as_ref(), &trained, &meta, &card) {
+        let card = crate::card::card(&[sets.tag()], &title, &body, arch.as_ref());
+        let written = write_model_dir(&partial, arch.as_ref(), &trained, &meta, &card)
+            .map_err(CliError::from)
+            .and_then(|()| sets.write_tokenizer(&partial));
+        if let Err(e) = written {
             let _ = remove_model_dir(&partial);
-            return Err(e.into());
+            return Err(e);
         }
         std::fs::rename(&partial, &dir).map_err(|e| io(&dir, e))?;
         soup_models::checkpoint::sync_dir(&args.out);
         soup_models::crash::point("finetune: model directory in place");
         if !quiet {
             eprintln!(
-                "{name}: lr {:.2e} wd {:.2e} epochs {} smoothing {} augment {:?}: held-out accuracy {accuracy:.4}",
-                config.lr, config.weight_decay, config.epochs, config.label_smoothing, config.augment
+                "{name}: lr {:.2e} wd {:.2e} epochs {} smoothing {} augment {:?}: held-out {}",
+                config.lr,
+                config.weight_decay,
+                config.epochs,
+                config.label_smoothing,
+                config.augment,
+                sets.said(&metrics)
             );
         }
         manifest.models.push(Entry {
             path: name,
             sha256: None,
-            heldout_accuracy: Some(accuracy),
+            heldout_accuracy: metrics.accuracy.filter(|_| !sets.is_text()),
+            heldout_loss: sets.is_text().then_some(metrics.loss),
             hyperparameters: Some(toml::Value::try_from(&config)?),
         });
         write_manifest(&manifest_path, manifest)?;

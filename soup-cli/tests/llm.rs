@@ -361,3 +361,67 @@ fn mix_soups_language_models_into_a_causal_lm_directory() {
     );
     assert!((heldout_loss(&dir.path().join("greedy").display().to_string()) - soup).abs() < 1e-5);
 }
+
+/// `soup finetune` of a language model: a zoo of fine-tunes on text, each a model directory with
+/// the base's tokenizer and its held-out loss in zoo.toml, which `soup mix` soups.
+#[test]
+fn finetune_makes_a_zoo_of_language_models_that_mix_soups() {
+    let dir = ScratchDir::new("finetune-llm");
+    let (zoo, data) = language_zoo(dir.path());
+    let search = dir.path().join("search.toml");
+    std::fs::write(
+        &search,
+        "lr = [1e-3, 1e-2]\nweight_decay = [1e-4, 1e-2]\nepochs = [1, 2]\n\
+         label_smoothing = [0.0]\naugment = [\"none\"]\nbatch_size = 4\n",
+    )
+    .unwrap();
+    let out = dir.path().join("ft");
+    let out_s = out.display().to_string();
+    let base = format!("{zoo}/m0");
+    ok(&[
+        "finetune",
+        "--base",
+        &base,
+        "--data",
+        &data,
+        "--seq-len",
+        "8",
+        "--count",
+        "2",
+        "--search",
+        &search.display().to_string(),
+        "--out",
+        &out_s,
+    ]);
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(out.join("zoo.toml")).unwrap()).unwrap();
+    let models = manifest["model"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    for m in models {
+        let loss = m["heldout_loss"].as_float().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{m}");
+        assert!(m.get("heldout_accuracy").is_none(), "{m}");
+        let path = out.join(m["path"].as_str().unwrap());
+        assert!(path.join("tokenizer.json").is_file());
+        let card = std::fs::read_to_string(path.join("README.md")).unwrap();
+        assert!(card.contains("text-generation"), "{card}");
+    }
+    let soup = dir.path().join("soup");
+    let said = ok(&[
+        "mix",
+        "--zoo",
+        &out_s,
+        "--data",
+        &data,
+        "--seq-len",
+        "8",
+        "--method",
+        "uniform",
+        "--out",
+        &soup.display().to_string(),
+    ]);
+    assert!(
+        said.contains("2 models") && said.contains("perplexity"),
+        "{said}"
+    );
+}

@@ -468,3 +468,63 @@ fn dinov2_tape_gradients_equal_transformers_autograd() {
     let x = expected["tiny.pixel_values"].to_dtype(DType::F64).unwrap();
     against_torch(arch.as_ref(), &p, &x, "dinov2");
 }
+
+/// Fine-tuning a language model on windows of text through its tape (the head fused with the
+/// next-token loss) follows autograd's trajectory step by step, and lowers the loss.
+#[test]
+fn fine_tuning_a_language_model_through_the_tape_follows_the_autograd_trajectory() {
+    use soup_models::train::finetune::{finetune, Augment, FinetuneConfig, TrainData};
+    let config = serde_json::json!({"model_type": "llama", "vocab_size": 23, "hidden_size": 16,
+        "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rope_theta": 100000.0, "tie_word_embeddings": true,
+        "attention_bias": true});
+    let arch = soup_models::build("llama", &config).unwrap();
+    let p = params(arch.as_ref(), 8, DType::F64);
+    // Repeated short patterns, so that there is something to learn.
+    let windows: Vec<Vec<u32>> = (0..10)
+        .map(|i| (0..7).map(|j| ((i + 3 * j) % 23) as u32).collect())
+        .collect();
+    let config = FinetuneConfig {
+        epochs: 3,
+        batch_size: 4,
+        lr: 3e-2,
+        weight_decay: 0.1,
+        warmup_fraction: 0.0,
+        label_smoothing: 0.0,
+        augment: Augment::default(),
+        clip_grad_norm: Some(1.0),
+        seed: 3,
+    };
+    let data = TrainData::Text(&windows);
+    let (tuned, steps) = finetune(arch.as_ref(), &p, data, &config, &mut |_| {}).unwrap();
+    let reference = NoTape(arch.clone());
+    let (want, want_steps) = finetune(&reference, &p, data, &config, &mut |_| {}).unwrap();
+    assert_eq!(steps.len(), 9);
+    for (a, b) in steps.iter().zip(&want_steps) {
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-10 * b.loss.abs(),
+            "step {}: {} against {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    for ((spec, a), b) in arch.layout().tensors.iter().zip(&tuned).zip(&want) {
+        let err = relative_error(a, b);
+        assert!(err <= 1e-9, "{}: {err:e}", spec.name);
+    }
+    let (first, last) = (steps[0].loss, steps[8].loss);
+    assert!(last < first, "the loss went from {first} to {last}");
+    // Windows of different lengths are refused.
+    let ragged = vec![vec![1u32, 2, 3], vec![1, 2]];
+    let err = finetune(
+        arch.as_ref(),
+        &p,
+        TrainData::Text(&ragged),
+        &config,
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("one length"), "{err}");
+}

@@ -1,6 +1,7 @@
-//! Fine-tuning: AdamW on every parameter, linear warm-up then cosine decay, label smoothing,
-//! light augmentation (random crop, horizontal flip, Gaussian noise), seeded data order. Used by
-//! `soup train`, `soup finetune` and the reproduction to make zoos.
+//! Fine-tuning: AdamW on every parameter, linear warm-up then cosine decay, seeded data order;
+//! for images, label smoothing and light augmentation (random crop, horizontal flip, Gaussian
+//! noise); for text, next-token prediction on windows of tokens. Used by `soup train`, `soup
+//! finetune` and the reproduction to make zoos.
 
 use std::collections::BTreeMap;
 
@@ -81,6 +82,31 @@ impl FinetuneConfig {
     }
 }
 
+/// What a model is trained on.
+#[derive(Clone, Copy)]
+pub enum TrainData<'a> {
+    /// Labelled images: classification.
+    Images(&'a Dataset),
+    /// Windows of tokens of one length: next-token prediction (label smoothing and the image
+    /// augmentations do not apply).
+    Text(&'a [Vec<u32>]),
+}
+
+impl<'a> From<&'a Dataset> for TrainData<'a> {
+    fn from(data: &'a Dataset) -> Self {
+        TrainData::Images(data)
+    }
+}
+
+impl TrainData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            TrainData::Images(d) => d.len(),
+            TrainData::Text(w) => w.len(),
+        }
+    }
+}
+
 /// One training step.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TrainStep {
@@ -92,10 +118,10 @@ pub struct TrainStep {
 
 /// Trains `params` of `arch` on `data`; returns the trained parameters and the loss of every step.
 /// `on_step` sees every step (for progress display).
-pub fn finetune(
+pub fn finetune<'a>(
     arch: &dyn Architecture,
     params: &[Tensor],
-    data: &Dataset,
+    data: impl Into<TrainData<'a>>,
     config: &FinetuneConfig,
     on_step: &mut dyn FnMut(&TrainStep),
 ) -> Result<(Vec<Tensor>, Vec<TrainStep>)> {
@@ -106,25 +132,41 @@ pub fn finetune(
 /// [`finetune`] of the tensors whose `trainable` entry is true; the others stay as they are and
 /// are constants of the graph, so no gradient is computed through them (a linear probe trains
 /// the head alone at the cost of the frozen part's forward).
-pub fn finetune_some(
+pub fn finetune_some<'a>(
     arch: &dyn Architecture,
     params: &[Tensor],
     trainable: &[bool],
-    data: &Dataset,
+    data: impl Into<TrainData<'a>>,
     config: &FinetuneConfig,
     on_step: &mut dyn FnMut(&TrainStep),
 ) -> Result<(Vec<Tensor>, Vec<TrainStep>)> {
     config.validate()?;
+    let data = data.into();
     if trainable.len() != params.len() || !trainable.contains(&true) {
         return Err(ModelError::config(
             "finetune",
             "no tensor to train (the trainable set is empty)",
         ));
     }
-    if data.is_empty() {
+    if data.len() == 0 {
         return Err(ModelError::config("finetune", "the training data is empty"));
     }
-    let (_, h, w) = data.image_shape()?;
+    if let TrainData::Text(windows) = data {
+        let t = windows[0].len();
+        if t < 2 || windows.iter().any(|w| w.len() != t) {
+            return Err(ModelError::config(
+                "finetune",
+                "windows of at least 2 tokens, all of one length, are needed",
+            ));
+        }
+    }
+    let (h, w) = match data {
+        TrainData::Images(d) => {
+            let (_, h, w) = d.image_shape()?;
+            (h, w)
+        }
+        TrainData::Text(_) => (usize::MAX, usize::MAX),
+    };
     if config.augment.crop_padding > h.min(w) {
         return Err(ModelError::config(
             "finetune",
@@ -171,38 +213,16 @@ pub fn finetune_some(
             .collect();
         for (b, rows) in batches.iter().enumerate() {
             let step = epoch * per_epoch + b;
-            let (images, labels) = data.select(rows)?;
-            // A streamed data set decodes the next batch while this one trains.
-            if let Some(next) = batches.get(b + 1) {
-                data.prefetch(next.clone());
-            }
-            let mut rng = SplitMix64::new(derive_seed(config.seed, &[4, step as u64]));
-            let images = augment(&images, &config.augment, &mut rng)?;
-            let images = images.to_device(tensors[0].device())?;
-            // The hand-written backward where the family has one and every tensor trains (a
-            // linear probe's autograd stops at the head).
-            let tape = match all_trainable {
-                true => arch.tape(&tensors, &images)?,
-                false => None,
-            };
-            let (value, mut grads) = match tape {
-                Some(tape) => {
-                    let target = Target::Classes {
-                        labels: &labels,
-                        label_smoothing: config.label_smoothing,
-                    };
-                    let (value, g) = tape.loss_backward(&target, 1.0)?;
-                    let mut store = GradStore::default();
-                    for (t, g) in tensors.iter().zip(g) {
-                        store.insert(t, g);
+            let (value, mut grads) = match data {
+                TrainData::Images(data) => {
+                    // A streamed data set decodes the next batch while this one trains.
+                    if let Some(next) = batches.get(b + 1) {
+                        data.prefetch(next.clone());
                     }
-                    (value, store)
+                    image_step(arch, &tensors, all_trainable, data, rows, (config, step))?
                 }
-                None => {
-                    let logits = arch.forward(&tensors, &images)?;
-                    let loss = cross_entropy(&logits, &labels, config.label_smoothing)?;
-                    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                    (value, loss.backward()?)
+                TrainData::Text(windows) => {
+                    text_step(arch, &tensors, all_trainable, windows, rows)?
                 }
             };
             if !value.is_finite() {
@@ -245,6 +265,95 @@ pub fn finetune_some(
         .map(|(v, t)| v.map_or_else(|| t.clone(), |v| v.as_detached_tensor()))
         .collect();
     Ok((trained, history))
+}
+
+/// The loss and gradients of one batch of images (augmented, seeded by the step): by the
+/// hand-written backward where the family has one and every tensor trains (a linear probe's
+/// autograd stops at the head), else by autograd.
+fn image_step(
+    arch: &dyn Architecture,
+    tensors: &[Tensor],
+    all_trainable: bool,
+    data: &Dataset,
+    rows: &[u32],
+    (config, step): (&FinetuneConfig, usize),
+) -> Result<(f64, GradStore)> {
+    let (images, labels) = data.select(rows)?;
+    let mut rng = SplitMix64::new(derive_seed(config.seed, &[4, step as u64]));
+    let images = augment(&images, &config.augment, &mut rng)?;
+    let images = images.to_device(tensors[0].device())?;
+    let tape = match all_trainable {
+        true => arch.tape(tensors, &images)?,
+        false => None,
+    };
+    match tape {
+        Some(tape) => {
+            let target = Target::Classes {
+                labels: &labels,
+                label_smoothing: config.label_smoothing,
+            };
+            let (value, g) = tape.loss_backward(&target, 1.0)?;
+            Ok((value, grad_store(tensors, g)))
+        }
+        None => {
+            let logits = arch.forward(tensors, &images)?;
+            let loss = cross_entropy(&logits, &labels, config.label_smoothing)?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            Ok((value, loss.backward()?))
+        }
+    }
+}
+
+/// The mean next-token cross-entropy of one batch of windows and its gradients, as
+/// [`image_step`] computes them.
+fn text_step(
+    arch: &dyn Architecture,
+    tensors: &[Tensor],
+    all_trainable: bool,
+    windows: &[Vec<u32>],
+    rows: &[u32],
+) -> Result<(f64, GradStore)> {
+    let t = windows[0].len();
+    let flat: Vec<u32> = rows
+        .iter()
+        .flat_map(|&r| windows[r as usize].iter().copied())
+        .collect();
+    let tokens = Tensor::from_vec(flat.clone(), (rows.len(), t), tensors[0].device())?;
+    let tape = match all_trainable {
+        true => arch.tape(tensors, &tokens)?,
+        false => None,
+    };
+    match tape {
+        Some(tape) => {
+            let target = Target::NextTokens {
+                tokens: &flat,
+                mask: None,
+            };
+            let (value, g) = tape.loss_backward(&target, 1.0)?;
+            Ok((value, grad_store(tensors, g)))
+        }
+        None => {
+            let logits = arch.forward(tensors, &tokens)?;
+            let (n, _, v) = logits.dims3()?;
+            let shifted = logits.narrow(1, 0, t - 1)?.reshape((n * (t - 1), v))?;
+            let labels: Vec<u32> = rows
+                .iter()
+                .flat_map(|&r| windows[r as usize][1..].iter().copied())
+                .collect();
+            let loss = cross_entropy(&shifted, &labels, 0.0)?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            Ok((value, loss.backward()?))
+        }
+    }
+}
+
+/// Gradients in layout order as the optimizer's store.
+fn grad_store(tensors: &[Tensor], grads: Vec<Tensor>) -> GradStore {
+    let mut store = GradStore::default();
+    for (t, g) in tensors.iter().zip(grads) {
+        store.insert(t, g);
+    }
+    store
 }
 
 /// Applies `augment` to a batch (n × c × h × w), drawing from `rng`.
