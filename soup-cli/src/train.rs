@@ -172,7 +172,7 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
     let body = training_card_body("soup train", &args.data.data, &meta);
     let card = crate::card::card(&[sets.tag()], &title, &body, arch.as_ref());
     write_checkpoint(&args.out, arch.as_ref(), &trained, meta, &card)?;
-    if !args.out.extension().is_some_and(|e| e == "safetensors") {
+    if args.out.extension().is_none_or(|e| e != "safetensors") {
         sets.write_tokenizer(&args.out)?;
     }
     println!(
