@@ -209,31 +209,38 @@ impl DataSpec {
                 permutation(n, *seed)[..k].to_vec()
             }
             Heldout::IndexFile(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-                let mut rows = Vec::new();
-                for (i, line) in text.lines().enumerate() {
-                    let line = line.trim();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    let r: usize = line.parse().map_err(|_| {
-                        ModelError::format(path, format!("line {}: not an index: {line:?}", i + 1))
-                    })?;
-                    if r >= n {
-                        return Err(ModelError::format(
-                            path,
-                            format!("line {}: index {r} ≥ {n} training examples", i + 1),
-                        ));
-                    }
-                    rows.push(r);
+                let rows = read_index_file(path)?;
+                if let Some(&(line, r)) = rows.iter().find(|&&(_, r)| r >= n) {
+                    return Err(ModelError::format(
+                        path,
+                        format!("line {line}: index {r} ≥ {n} training examples"),
+                    ));
                 }
-                rows
+                rows.into_iter().map(|(_, r)| r).collect()
             }
         };
         rows.sort_unstable();
         rows.dedup();
         Ok(rows)
     }
+}
+
+/// The indices of a held-out index file, one per line (blank lines skipped), each with its line
+/// number.
+pub(crate) fn read_index_file(path: &Path) -> Result<Vec<(usize, usize)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let r: usize = line.parse().map_err(|_| {
+            ModelError::format(path, format!("line {}: not an index: {line:?}", i + 1))
+        })?;
+        rows.push((i + 1, r));
+    }
+    Ok(rows)
 }
 
 pub(crate) enum Format {

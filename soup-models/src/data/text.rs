@@ -103,18 +103,8 @@ impl Held {
                 Ok(Held::Fraction(*fraction, *seed))
             }
             Heldout::IndexFile(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-                let mut listed = BTreeSet::new();
-                for (i, line) in text.lines().enumerate() {
-                    let line = line.trim();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    listed.insert(line.parse().map_err(|_| {
-                        ModelError::format(path, format!("line {}: not an index: {line:?}", i + 1))
-                    })?);
-                }
-                Ok(Held::Listed(listed))
+                let listed = super::spec::read_index_file(path)?;
+                Ok(Held::Listed(listed.into_iter().map(|(_, r)| r).collect()))
             }
         }
     }

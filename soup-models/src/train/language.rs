@@ -13,6 +13,7 @@ use crate::arch::tape::Target;
 use crate::arch::{Architecture, InputSpec};
 use crate::error::{ModelError, Result};
 use crate::ops::{cross_entropy, log_softmax};
+use crate::train::objective::{device_of, part, shard, zero_gradients};
 
 /// The next-token metrics of `arch` with `params` on `windows` (each of the same length), in
 /// batches of `batch` windows; `count` is the number of predicted tokens.
@@ -157,15 +158,6 @@ impl LanguageModeling {
     }
 }
 
-/// Part `rank` of `world` of `0..len`, contiguous and balanced.
-fn part(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
-    (rank * len / world)..((rank + 1) * len / world)
-}
-
-fn device_of(params: &[Tensor]) -> Device {
-    params.first().map_or(Device::Cpu, |p| p.device().clone())
-}
-
 impl Objective for LanguageModeling {
     fn num_batches(&self) -> usize {
         self.windows.len().div_ceil(self.batch_size)
@@ -182,7 +174,7 @@ impl Objective for LanguageModeling {
             let p = params.first().ok_or(soup_core::SoupError::EmptyLayout)?;
             return Ok(p.flatten_all()?.sum_all()?.affine(0.0, 0.0)?);
         }
-        let (tokens, _) = self.tokens(&mine, &device_of(params))?;
+        let (tokens, _) = self.tokens(&mine, device_of(params))?;
         let mut logits = self.arch.forward(params, &tokens)?;
         if let Some(s) = logit_scale {
             logits = logits.broadcast_mul(s)?;
@@ -214,10 +206,9 @@ impl Objective for LanguageModeling {
         }
         let (mine, weight) = self.shard_rows(batch);
         if mine.is_empty() {
-            let zeros = params.iter().map(Tensor::zeros_like);
-            return Ok((0.0, zeros.collect::<candle_core::Result<_>>()?));
+            return zero_gradients(params);
         }
-        let (tokens, flat) = self.tokens(&mine, &device_of(params))?;
+        let (tokens, flat) = self.tokens(&mine, device_of(params))?;
         let Some(tape) = self.arch.tape(params, &tokens)? else {
             return soup_core::autograd_loss_and_grad(self, params, batch);
         };
@@ -229,14 +220,7 @@ impl Objective for LanguageModeling {
     }
 
     fn set_shard(&mut self, rank: usize, world: usize) -> soup_core::Result<()> {
-        if world == 0 || rank >= world {
-            return Err(soup_core::SoupError::config(
-                "shard",
-                format!("{rank} of {world}"),
-                "the rank must be below the world size",
-            ));
-        }
-        self.shard = (rank, world);
+        self.shard = shard(rank, world)?;
         Ok(())
     }
 

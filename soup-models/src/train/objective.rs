@@ -119,8 +119,26 @@ pub struct Classification {
 }
 
 /// Part `rank` of `world` of `0..len`, contiguous and balanced.
-fn part(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+pub(crate) fn part(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
     (rank * len / world)..((rank + 1) * len / world)
+}
+
+/// (rank, world) of [`Objective::set_shard`], checked: the rank below a positive world size.
+pub(crate) fn shard(rank: usize, world: usize) -> soup_core::Result<(usize, usize)> {
+    if world == 0 || rank >= world {
+        return Err(soup_core::SoupError::config(
+            "shard",
+            format!("{rank} of {world}"),
+            "the rank must be below the world size",
+        ));
+    }
+    Ok((rank, world))
+}
+
+/// Zero gradients of every parameter: a shard with no example of a batch.
+pub(crate) fn zero_gradients(params: &[Tensor]) -> soup_core::Result<(f64, Vec<Tensor>)> {
+    let zeros = params.iter().map(Tensor::zeros_like);
+    Ok((0.0, zeros.collect::<candle_core::Result<_>>()?))
 }
 
 impl Classification {
@@ -176,7 +194,7 @@ impl Classification {
     }
 }
 
-fn device_of(params: &[Tensor]) -> &Device {
+pub(crate) fn device_of(params: &[Tensor]) -> &Device {
     params.first().map_or(&Device::Cpu, Tensor::device)
 }
 
@@ -221,8 +239,7 @@ impl Objective for Classification {
         }
         let (mine, weight) = self.shard_rows(batch);
         if mine.is_empty() {
-            let zeros = params.iter().map(Tensor::zeros_like);
-            return Ok((0.0, zeros.collect::<candle_core::Result<_>>()?));
+            return zero_gradients(params);
         }
         let (images, labels) = self.data.select(&mine)?;
         let Some(tape) = self
@@ -239,14 +256,7 @@ impl Objective for Classification {
     }
 
     fn set_shard(&mut self, rank: usize, world: usize) -> soup_core::Result<()> {
-        if world == 0 || rank >= world {
-            return Err(soup_core::SoupError::config(
-                "shard",
-                format!("{rank} of {world}"),
-                "the rank must be below the world size",
-            ));
-        }
-        self.shard = (rank, world);
+        self.shard = shard(rank, world)?;
         Ok(())
     }
 
