@@ -17,7 +17,8 @@ use crate::error::{CliError, Result};
 #[derive(clap::Args, Clone, Debug)]
 pub struct DataArgs {
     /// Data set: `fashion-mnist` (the Debian package's files) or a directory holding idx files,
-    /// CIFAR .bin files, or train/<class>/ and val/<class>/ image folders.
+    /// CIFAR .bin files, or train/<class>/ and val/<class>/ image folders; for a language model,
+    /// a folder of text (train/ and test/), or several joined by `+` (one domain each).
     #[arg(long)]
     pub data: String,
     /// Fraction of the training split held out for choosing soups.
@@ -41,6 +42,13 @@ pub struct DataArgs {
     /// 2 … seq-len from the ones before); `--max-examples` counts windows.
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
+}
+
+/// One domain of a text data set: its name (the folder's, or the path where two folders share a
+/// name) and its windows of one split.
+pub struct Domain {
+    pub name: String,
+    pub windows: Vec<Vec<u32>>,
 }
 
 /// `--device`: where the model is computed.
@@ -180,15 +188,39 @@ impl DataArgs {
         Ok(train)
     }
 
+    /// The text data sets `--data` names: `a+b+c` is a union of text data sets, one domain each
+    /// (a path that exists as it is names one, `+` and all).
+    pub fn domains(&self) -> Vec<String> {
+        if !self.data.contains('+') || std::path::Path::new(&self.data).exists() {
+            return vec![self.data.clone()];
+        }
+        self.data
+            .split('+')
+            .map(|d| d.trim().to_string())
+            .filter(|d| !d.is_empty())
+            .collect()
+    }
+
     /// The windows of `split` of a text data set, tokenised with the tokenizer of the language
-    /// model in `model_dir`: at most `--max-examples` of `--seq-len` tokens, which the model's
-    /// positions must cover.
+    /// model in `model_dir`: at most `--max-examples` of `--seq-len` tokens (per domain, for a
+    /// union), which the model's positions must cover; the domains' windows one after another.
     pub fn load_text(
         &self,
         split: Split,
         model_dir: &std::path::Path,
         spec: &soup_models::arch::TokenSpec,
     ) -> Result<Vec<Vec<u32>>> {
+        let domains = self.load_domains(split, model_dir, spec)?;
+        Ok(domains.into_iter().flat_map(|d| d.windows).collect())
+    }
+
+    /// [`Self::load_text`] domain by domain.
+    pub fn load_domains(
+        &self,
+        split: Split,
+        model_dir: &std::path::Path,
+        spec: &soup_models::arch::TokenSpec,
+    ) -> Result<Vec<Domain>> {
         if self.max_examples == Some(0) {
             return Err(CliError::new("--max-examples must be at least 1"));
         }
@@ -199,16 +231,33 @@ impl DataArgs {
             )));
         }
         let (tokenizer, eos) = soup_models::data::text::model_tokenizer(model_dir)?;
-        let root = PathBuf::from(&self.data);
         let heldout = self.spec().heldout;
-        Ok(soup_models::data::text::windows(
-            &root,
-            (split, &heldout),
-            &tokenizer,
-            eos,
-            self.seq_len,
-            self.max_examples,
-        )?)
+        let roots = self.domains();
+        let short = |d: &str| {
+            std::path::Path::new(d)
+                .file_name()
+                .map_or(d.to_string(), |f| f.to_string_lossy().into_owned())
+        };
+        let names: Vec<String> = roots.iter().map(|d| short(d)).collect();
+        let unique = (1..names.len()).all(|i| !names[..i].contains(&names[i]));
+        roots
+            .iter()
+            .zip(&names)
+            .map(|(root, name)| {
+                let windows = soup_models::data::text::windows(
+                    std::path::Path::new(root),
+                    (split, &heldout),
+                    &tokenizer,
+                    eos,
+                    self.seq_len,
+                    self.max_examples,
+                )?;
+                Ok(Domain {
+                    name: if unique { name.clone() } else { root.clone() },
+                    windows,
+                })
+            })
+            .collect()
     }
 
     /// The number of classes of the training split.

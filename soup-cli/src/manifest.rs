@@ -81,6 +81,9 @@ pub struct Entry {
     /// A language model's held-out loss per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heldout_loss: Option<f64>,
+    /// The text domain a language model was fine-tuned on, of a union of data sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyperparameters: Option<toml::Value>,
 }

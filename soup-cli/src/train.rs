@@ -1,6 +1,7 @@
 //! `soup train` and `soup finetune`: make a start point, then a zoo of fine-tunes.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -158,8 +159,15 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
         .map(|_| crate::inspect::model_dir(&init_path));
     let sets = TrainSets::load(&args.data, &arch, model_dir.as_deref())?;
     let config = args.training.config();
-    let (trained, metrics) =
-        run_training(&arch, &params, &trainable, &sets, &config, quiet, "train")?;
+    let (trained, metrics) = run_training(
+        &arch,
+        &params,
+        &trainable,
+        (&sets, None),
+        &config,
+        quiet,
+        "train",
+    )?;
     let mut meta = config.metadata();
     if !args.train_only.is_empty() {
         meta.insert("soup.train_only".into(), args.train_only.join(","));
@@ -194,8 +202,11 @@ enum TrainSets {
         heldout: Dataset,
     },
     Text {
+        /// Every domain's windows, one domain after another.
         train: Vec<Vec<u32>>,
         heldout: Vec<Vec<u32>>,
+        /// Each domain's name and the positions of its windows in `train` and `heldout`.
+        domains: Vec<(String, Range<usize>, Range<usize>)>,
         /// Where the tokenizer was read (copied beside every model trained).
         tokenizer: PathBuf,
     },
@@ -220,37 +231,78 @@ impl TrainSets {
                          (--init), not from scratch",
                     )
                 })?;
+                let train = data.load_domains(Split::Train, dir, &spec)?;
+                let heldout = data.load_domains(Split::Heldout, dir, &spec)?;
+                let (mut a, mut b) = (0, 0);
+                let domains = train
+                    .iter()
+                    .zip(&heldout)
+                    .map(|(t, h)| {
+                        let (ta, hb) = (a, b);
+                        a += t.windows.len();
+                        b += h.windows.len();
+                        (t.name.clone(), ta..a, hb..b)
+                    })
+                    .collect();
+                let join = |split: Vec<crate::common::Domain>| -> Vec<Vec<u32>> {
+                    split.into_iter().flat_map(|d| d.windows).collect()
+                };
                 Ok(TrainSets::Text {
-                    train: data.load_text(Split::Train, dir, &spec)?,
-                    heldout: data.load_text(Split::Heldout, dir, &spec)?,
+                    train: join(train),
+                    heldout: join(heldout),
+                    domains,
                     tokenizer: dir.to_path_buf(),
                 })
             }
         }
     }
 
-    fn train_len(&self) -> usize {
+    /// The domains of a union of text data sets (none for images, one for one text data set).
+    fn domains(&self) -> usize {
         match self {
-            TrainSets::Images { train, .. } => train.len(),
-            TrainSets::Text { train, .. } => train.len(),
+            TrainSets::Images { .. } => 0,
+            TrainSets::Text { domains, .. } => domains.len(),
         }
     }
 
-    fn train_data(&self) -> TrainData<'_> {
+    /// The name of text domain `d`.
+    fn domain_name(&self, d: usize) -> Option<&str> {
+        match self {
+            TrainSets::Images { .. } => None,
+            TrainSets::Text { domains, .. } => domains.get(d).map(|(n, _, _)| n.as_str()),
+        }
+    }
+
+    /// The training data: for text, domain `d`'s windows, or every domain's.
+    fn train_data(&self, d: Option<usize>) -> TrainData<'_> {
         match self {
             TrainSets::Images { train, .. } => TrainData::Images(train),
-            TrainSets::Text { train, .. } => TrainData::Text(train),
+            TrainSets::Text { train, domains, .. } => match d {
+                Some(d) => TrainData::Text(&train[domains[d].1.clone()]),
+                None => TrainData::Text(train),
+            },
         }
     }
 
-    /// The held-out metrics of `params`.
-    fn evaluate(&self, arch: &Arc<dyn Architecture>, params: &[Tensor]) -> Result<Metrics> {
+    /// The held-out metrics of `params`: for text, on domain `d`'s windows, or every domain's.
+    fn evaluate(
+        &self,
+        arch: &Arc<dyn Architecture>,
+        params: &[Tensor],
+        d: Option<usize>,
+    ) -> Result<Metrics> {
         Ok(match self {
             TrainSets::Images { heldout, .. } => {
                 Classification::new(arch.clone(), heldout.clone(), 256).evaluate(params)?
             }
-            TrainSets::Text { heldout, .. } => {
-                LanguageModeling::new(arch.clone(), heldout.clone(), 4)?.evaluate(params)?
+            TrainSets::Text {
+                heldout, domains, ..
+            } => {
+                let windows = match d {
+                    Some(d) => heldout[domains[d].2.clone()].to_vec(),
+                    None => heldout.clone(),
+                };
+                LanguageModeling::new(arch.clone(), windows, 4)?.evaluate(params)?
             }
         })
     }
@@ -308,24 +360,29 @@ impl TrainSets {
 }
 
 /// Fine-tunes with a progress bar, then evaluates on the held-out split.
+#[allow(clippy::too_many_arguments)]
 fn run_training(
     arch: &Arc<dyn Architecture>,
     params: &[Tensor],
     trainable: &[bool],
-    sets: &TrainSets,
+    (sets, domain): (&TrainSets, Option<usize>),
     config: &FinetuneConfig,
     quiet: bool,
     what: &str,
 ) -> Result<(Vec<Tensor>, Metrics)> {
-    let steps = config.epochs * sets.train_len().div_ceil(config.batch_size.max(1));
+    let data = sets.train_data(domain);
+    let len = match data {
+        TrainData::Images(d) => d.len(),
+        TrainData::Text(w) => w.len(),
+    };
+    let steps = config.epochs * len.div_ceil(config.batch_size.max(1));
     let bar = Progress::new(quiet, steps, &format!("{what} steps"));
-    let data = sets.train_data();
     let (trained, _) = finetune_some(arch.as_ref(), params, trainable, data, config, &mut |s| {
         bar.inc(1);
         bar.set_prefix(format!("loss {:.4}", s.loss));
     })?;
     bar.finish();
-    let metrics = sets.evaluate(arch, &trained)?;
+    let metrics = sets.evaluate(arch, &trained, domain)?;
     Ok((trained, metrics))
 }
 
@@ -752,9 +809,16 @@ fn fill_zoo(
                 remove_model_dir(leftover)?;
             }
         }
-        let (trained, metrics) = run_training(arch, params, &all, sets, &config, quiet, &name)?;
+        // A union of text domains: each fine-tune learns one, in turn.
+        let domain = (sets.domains() > 1).then(|| i % sets.domains());
+        let (trained, metrics) =
+            run_training(arch, params, &all, (sets, domain), &config, quiet, &name)?;
         let mut meta = config.metadata();
         sets.record(&metrics, &mut meta);
+        let domain_name = domain.and_then(|d| sets.domain_name(d)).map(str::to_string);
+        if let Some(d) = &domain_name {
+            meta.insert("soup.domain".into(), d.clone());
+        }
         meta.insert("soup.base".into(), args.base.clone());
         if let Some(commit) = &base_source.commit {
             meta.insert("soup.base_commit".into(), commit.clone());
@@ -788,6 +852,7 @@ fn fill_zoo(
             sha256: None,
             heldout_accuracy: metrics.accuracy.filter(|_| !sets.is_text()),
             heldout_loss: sets.is_text().then_some(metrics.loss),
+            domain: domain_name,
             hyperparameters: Some(toml::Value::try_from(&config)?),
         });
         write_manifest(&manifest_path, manifest)?;

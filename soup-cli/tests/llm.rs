@@ -425,3 +425,111 @@ fn finetune_makes_a_zoo_of_language_models_that_mix_soups() {
         "{said}"
     );
 }
+
+/// Three text domains joined by `+`: each fine-tune learns one in turn (recorded in zoo.toml),
+/// and `soup mix` learns on the union's held-out split and reports every domain, the union's
+/// score being the domains' weighed by their tokens.
+#[test]
+fn a_union_of_text_domains_is_fine_tuned_domain_by_domain_and_reported_by_domain() {
+    let dir = ScratchDir::new("domains-llm");
+    let (zoo, _) = language_zoo(dir.path());
+    let vocab = [
+        ["the", "cat", "sat", "on", "a", "mat"],
+        ["the", "dog", "ran", "and", "then", "slept"],
+        ["a", "rug", "and", "a", "mat", "then"],
+    ];
+    let mut roots = Vec::new();
+    let mut rng = soup_core::rng::SplitMix64::new(11);
+    for (k, words) in vocab.iter().enumerate() {
+        let root = dir.path().join(format!("domain{k}"));
+        for (split, docs) in [("train", 24), ("test", 6)] {
+            std::fs::create_dir_all(root.join(split)).unwrap();
+            for d in 0..docs {
+                let text: Vec<&str> = (0..10).map(|_| words[rng.below(words.len())]).collect();
+                std::fs::write(root.join(split).join(format!("{d:02}.txt")), text.join(" "))
+                    .unwrap();
+            }
+        }
+        roots.push(root.display().to_string());
+    }
+    let union = roots.join("+");
+    let search = dir.path().join("search.toml");
+    std::fs::write(
+        &search,
+        "lr = [1e-2, 1e-2]\nweight_decay = [1e-4, 1e-4]\nepochs = [1, 1]\n\
+         label_smoothing = [0.0]\naugment = [\"none\"]\nbatch_size = 4\n",
+    )
+    .unwrap();
+    let ft = dir.path().join("ft");
+    let ft_s = ft.display().to_string();
+    let base = format!("{zoo}/m0");
+    let common = ["--seq-len", "8", "--heldout-fraction", "0.25"];
+    let mut args = vec![
+        "finetune", "--base", &base, "--data", &union, "--count", "4",
+    ];
+    let search_s = search.display().to_string();
+    args.extend(["--search", &search_s, "--out", &ft_s]);
+    args.extend(common);
+    ok(&args);
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(ft.join("zoo.toml")).unwrap()).unwrap();
+    let domains: Vec<&str> = manifest["model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["domain"].as_str().unwrap())
+        .collect();
+    assert_eq!(domains, ["domain0", "domain1", "domain2", "domain0"]);
+    let soup = dir.path().join("soup");
+    let soup_s = soup.display().to_string();
+    let mut args = vec![
+        "mix", "--zoo", &ft_s, "--data", &union, "--method", "uniform",
+    ];
+    args.extend(["--out", &soup_s]);
+    args.extend(common);
+    ok(&args);
+    let report = json(soup.join("report.json"));
+    let each = report["domains"].as_array().unwrap();
+    assert_eq!(each.len(), 3, "{report}");
+    for split in ["heldout", "test"] {
+        let count: f64 = each
+            .iter()
+            .map(|d| d[split]["count"].as_f64().unwrap())
+            .sum();
+        let loss: f64 = each
+            .iter()
+            .map(|d| d[split]["loss"].as_f64().unwrap() * d[split]["count"].as_f64().unwrap())
+            .sum::<f64>()
+            / count;
+        let union_loss = report[split]["loss"].as_f64().unwrap();
+        assert!(
+            (loss - union_loss).abs() < 1e-12,
+            "{split}: {loss} {union_loss}"
+        );
+        assert_eq!(report[split]["count"].as_f64().unwrap(), count);
+    }
+    // Each domain's test score is what `soup eval` gives on that domain alone.
+    for (d, root) in each.iter().zip(&roots) {
+        let said = ok(&[
+            "eval",
+            "--model",
+            &soup_s,
+            "--data",
+            root,
+            "--seq-len",
+            "8",
+            "--json",
+        ]);
+        let eval: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+        let (l, want) = (
+            eval["loss"].as_f64().unwrap(),
+            d["test"]["loss"].as_f64().unwrap(),
+        );
+        assert!((l - want).abs() < 1e-6 * want, "{}: {l} {want}", d["name"]);
+    }
+    let card = std::fs::read_to_string(soup.join("README.md")).unwrap();
+    assert!(
+        card.contains("By domain") && card.contains("domain2"),
+        "{card}"
+    );
+}

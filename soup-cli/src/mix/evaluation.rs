@@ -2,6 +2,7 @@
 //! windows of text for a language model (its tokenizer read from the zoo's first model). One
 //! [`Objective`] over the held-out split, switched to the test split for the final scores.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,7 +29,24 @@ pub(super) enum Evaluation {
     Text {
         objective: LanguageModeling,
         test: Option<Vec<Vec<u32>>>,
+        /// The domains of a union of text data sets, with their windows' positions in the
+        /// held-out and test splits.
+        domains: Vec<DomainSlices>,
     },
+}
+
+/// Where one domain's windows are in the held-out and test splits.
+pub(super) struct DomainSlices {
+    pub name: String,
+    heldout: Range<usize>,
+    test: Range<usize>,
+}
+
+/// One domain's scores on both splits.
+pub(super) struct DomainMetrics {
+    pub name: String,
+    pub heldout: Metrics,
+    pub test: Metrics,
 }
 
 impl Evaluation {
@@ -55,14 +73,37 @@ impl Evaluation {
                 }
             }
             InputSpec::Tokens(spec) => {
-                let heldout = data.load_text(Split::Heldout, model_dir, &spec)?;
-                let test = data.load_text(Split::Test, model_dir, &spec)?;
+                let heldout = data.load_domains(Split::Heldout, model_dir, &spec)?;
+                let test = data.load_domains(Split::Test, model_dir, &spec)?;
+                let ranges = |split: &[crate::common::Domain]| {
+                    let mut start = 0;
+                    split
+                        .iter()
+                        .map(|d| {
+                            start += d.windows.len();
+                            start - d.windows.len()..start
+                        })
+                        .collect::<Vec<_>>()
+                };
+                let domains = heldout
+                    .iter()
+                    .zip(ranges(&heldout).into_iter().zip(ranges(&test)))
+                    .map(|(d, (heldout, test))| DomainSlices {
+                        name: d.name.clone(),
+                        heldout,
+                        test,
+                    })
+                    .collect();
+                let join = |split: Vec<crate::common::Domain>| -> Vec<Vec<u32>> {
+                    split.into_iter().flat_map(|d| d.windows).collect()
+                };
                 let batch = recipe.batch_size.unwrap_or(TEXT_EVAL_BATCH);
-                let mut objective = LanguageModeling::new(arch.clone(), heldout, batch)?;
+                let mut objective = LanguageModeling::new(arch.clone(), join(heldout), batch)?;
                 objective.eval_batch_size = TEXT_EVAL_BATCH;
                 Evaluation::Text {
                     objective,
-                    test: Some(test),
+                    test: Some(join(test)),
+                    domains,
                 }
             }
         })
@@ -105,7 +146,9 @@ impl Evaluation {
                         .as_ref()
                         .map_or(0, |t| t.resident_bytes(IMAGE_EVAL_BATCH))
             }
-            Evaluation::Text { objective, test } => {
+            Evaluation::Text {
+                objective, test, ..
+            } => {
                 let t = objective.seq_len() as u64;
                 let windows = (objective.windows.len() + test.as_ref().map_or(0, Vec::len)) as u64;
                 let vocab = objective.arch.num_classes() as u64;
@@ -119,6 +162,59 @@ impl Evaluation {
         matches!(self, Evaluation::Text { .. })
     }
 
+    /// The final scores of `params` on the held-out and test splits, and for a union of text
+    /// data sets each domain's (the union's then weighs the domains by their tokens). Leaves the
+    /// objective on the test split.
+    pub fn final_scores(
+        &mut self,
+        params: &[Tensor],
+    ) -> Result<(Metrics, Metrics, Vec<DomainMetrics>)> {
+        let (objective, test, domains) = match self {
+            Evaluation::Text {
+                objective,
+                test,
+                domains,
+            } if domains.len() > 1 => (objective, test, domains),
+            _ => {
+                let heldout = self.evaluate(params)?;
+                self.use_test();
+                return Ok((heldout, self.evaluate(params)?, Vec::new()));
+            }
+        };
+        let test = test.take().unwrap_or_default();
+        let heldout = objective.windows.clone();
+        let arch = objective.arch.clone();
+        let score = |windows: &[Vec<u32>]| -> Result<Metrics> {
+            let mut one = LanguageModeling::new(arch.clone(), windows.to_vec(), TEXT_EVAL_BATCH)?;
+            Ok(one.evaluate(params)?)
+        };
+        let mut each = Vec::with_capacity(domains.len());
+        for d in domains.iter() {
+            each.push(DomainMetrics {
+                name: d.name.clone(),
+                heldout: score(&heldout[d.heldout.clone()])?,
+                test: score(&test[d.test.clone()])?,
+            });
+        }
+        objective.windows = Arc::new(test);
+        let union = |pick: fn(&DomainMetrics) -> &Metrics| {
+            let count: usize = each.iter().map(|d| pick(d).count).sum();
+            let mean = |f: fn(&Metrics) -> f64| {
+                each.iter()
+                    .map(|d| f(pick(d)) * pick(d).count as f64)
+                    .sum::<f64>()
+                    / count.max(1) as f64
+            };
+            Metrics {
+                loss: mean(|m| m.loss),
+                accuracy: Some(mean(|m| m.accuracy.unwrap_or(0.0))),
+                count,
+                rank: soup_core::Rank::Loss,
+            }
+        };
+        Ok((union(|d| &d.heldout), union(|d| &d.test), each))
+    }
+
     /// From now on, the test split (once).
     pub fn use_test(&mut self) {
         match self {
@@ -127,7 +223,9 @@ impl Evaluation {
                     objective.data = test;
                 }
             }
-            Evaluation::Text { objective, test } => {
+            Evaluation::Text {
+                objective, test, ..
+            } => {
                 if let Some(test) = test.take() {
                     objective.windows = Arc::new(test);
                 }
@@ -157,6 +255,7 @@ impl Evaluation {
                 Evaluation::Text {
                     objective: LanguageModeling::new(objective.arch.clone(), windows, first)?,
                     test: None,
+                    domains: Vec::new(),
                 }
             }
         })

@@ -106,6 +106,9 @@ const OUTPUTS: &[&str] = &[
 /// The paths a run reads, which OUT must not hold (and `--force` must not delete).
 fn inputs(args: &MixArgs) -> Vec<PathBuf> {
     let mut inputs = vec![args.zoo.clone(), args.data.spec().root];
+    if args.data.domains().len() > 1 {
+        inputs.extend(args.data.domains().into_iter().map(PathBuf::from));
+    }
     inputs.extend(args.recipe.clone());
     inputs.extend(args.data.heldout_index.clone());
     inputs
@@ -329,14 +332,19 @@ fn run(
 
     phase(quiet, "evaluating the soup on the held-out and test splits");
     let t_eval = Instant::now();
-    let heldout_scores: Scores = objective.evaluate(&result.soup)?.into();
-    objective.use_test();
-    let test_scores: Scores = objective.evaluate(&result.soup)?.into();
+    let (heldout_metrics, test_metrics, domains) = objective.final_scores(&result.soup)?;
+    let (heldout_scores, test_scores): (Scores, Scores) =
+        (heldout_metrics.into(), test_metrics.into());
+    let domains: Vec<(String, Scores, Scores)> = domains
+        .into_iter()
+        .map(|d| (d.name, d.heldout.into(), d.test.into()))
+        .collect();
     let eval_s = t_eval.elapsed().as_secs_f64();
 
     Finished {
         args,
         text: objective.is_text().then_some(model_dir.as_path()),
+        domains: &domains,
         recipe: &recipe,
         arch: arch.as_ref(),
         zoo: &zoo,
@@ -371,6 +379,8 @@ struct Finished<'a> {
     args: &'a MixArgs,
     /// For a language model, the directory its tokenizer is copied from.
     text: Option<&'a Path>,
+    /// Each domain's held-out and test scores, for a union of text data sets.
+    domains: &'a [(String, Scores, Scores)],
     recipe: &'a Recipe,
     arch: &'a dyn Architecture,
     zoo: &'a [Resolved],
@@ -458,6 +468,30 @@ impl Finished<'_> {
                     .collect::<Vec<_>>(),
             ),
         };
+        let scores = match self.domains {
+            [] => scores,
+            domains => {
+                let rows: Vec<Vec<String>> = domains
+                    .iter()
+                    .flat_map(|(name, h, t)| {
+                        [("held-out", h), ("test", t)].map(|(split, s)| {
+                            vec![
+                                name.clone(),
+                                split.to_string(),
+                                format!("{:.4}", s.loss),
+                                format!("{:.3}", s.perplexity.unwrap_or(f64::NAN)),
+                                s.count.to_string(),
+                            ]
+                        })
+                    })
+                    .collect();
+                let header = ["domain", "split", "loss per token", "perplexity", "tokens"];
+                format!(
+                    "{scores}\nBy domain (the rows above weigh them by their tokens):\n\n{}",
+                    crate::card::table(&header, &rows)
+                )
+            }
+        };
         let files = match self.text {
             None => "`preprocessor_config.json`",
             Some(_) => "the tokenizer's files",
@@ -492,6 +526,7 @@ impl Finished<'_> {
         let Finished {
             args,
             text,
+            domains,
             recipe,
             arch,
             zoo,
@@ -545,6 +580,9 @@ impl Finished<'_> {
             "steps": result.history.len(),
             "evaluations": evaluations_json(result, "accuracy"),
             "objective": if text.is_some() { "next-token cross-entropy" } else { "classification" },
+            "domains": domains.iter().map(|(name, h, t)| serde_json::json!({
+                "name": name, "heldout": h, "test": t,
+            })).collect::<Vec<_>>(),
             "data": args.data.data,
         });
         write("report.json", &serde_json::to_string_pretty(&report)?)?;
