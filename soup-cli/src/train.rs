@@ -178,7 +178,13 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
         None => format!("{} trained from scratch", arch.family()),
     };
     let body = training_card_body("soup train", &args.data.data, &meta);
-    let card = crate::card::card(&[sets.tag()], &title, &body, arch.as_ref());
+    let card = crate::card::card(
+        &[sets.tag()],
+        &title,
+        &body,
+        arch.as_ref(),
+        args.init.as_deref(),
+    );
     write_checkpoint(&args.out, arch.as_ref(), &trained, meta, &card)?;
     if args.out.extension().is_none_or(|e| e != "safetensors") {
         sets.write_tokenizer(&args.out)?;
@@ -825,7 +831,8 @@ fn fill_zoo(
         }
         let title = format!("{name}: a fine-tune of `{}`", args.base);
         let body = training_card_body("soup finetune", &args.data.data, &meta);
-        let card = crate::card::card(&[sets.tag()], &title, &body, arch.as_ref());
+        let base = Some(args.base.as_str());
+        let card = crate::card::card(&[sets.tag()], &title, &body, arch.as_ref(), base);
         let written = write_model_dir(&partial, arch.as_ref(), &trained, &meta, &card)
             .map_err(CliError::from)
             .and_then(|()| sets.write_tokenizer(&partial));

@@ -424,6 +424,12 @@ fn finetune_makes_a_zoo_of_language_models_that_mix_soups() {
         said.contains("2 models") && said.contains("perplexity"),
         "{said}"
     );
+    // The soup's card names the base the zoo was fine-tuned from, as each fine-tune's does.
+    let base_line = format!("base_model: {}", serde_json::Value::from(base.as_str()));
+    for card in [soup.join("README.md"), out.join("model-00/README.md")] {
+        let card = std::fs::read_to_string(card).unwrap();
+        assert!(card.contains(&base_line), "{card}");
+    }
 }
 
 /// Three text domains joined by `+`: each fine-tune learns one in turn (recorded in zoo.toml),

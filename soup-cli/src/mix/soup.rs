@@ -345,6 +345,7 @@ fn run(
         args,
         text: objective.is_text().then_some(model_dir.as_path()),
         domains: &domains,
+        base: crate::manifest::base_model(&args.zoo)?,
         recipe: &recipe,
         arch: arch.as_ref(),
         zoo: &zoo,
@@ -381,6 +382,8 @@ struct Finished<'a> {
     text: Option<&'a Path>,
     /// Each domain's held-out and test scores, for a union of text data sets.
     domains: &'a [(String, Scores, Scores)],
+    /// The model the zoo's fine-tunes start from, where its zoo.toml records it.
+    base: Option<String>,
     recipe: &'a Recipe,
     arch: &'a dyn Architecture,
     zoo: &'a [Resolved],
@@ -518,6 +521,7 @@ impl Finished<'_> {
             &format!("Soup: {method} of {n} models"),
             &body,
             arch,
+            self.base.as_deref(),
         )
     }
 
@@ -527,6 +531,7 @@ impl Finished<'_> {
             args,
             text,
             domains,
+            base: _,
             recipe,
             arch,
             zoo,
