@@ -324,6 +324,27 @@ fn mix_soups_language_models_into_a_causal_lm_directory() {
         );
         assert_eq!(eval["count"], test["count"]);
     }
+    // A dry run reads the text, times a step and an evaluation batch, writes nothing.
+    let dry = dir.path().join("dry");
+    let said = ok(&[
+        "mix",
+        "--zoo",
+        &zoo,
+        "--data",
+        &data,
+        "--seq-len",
+        "8",
+        "--method",
+        "mehl+",
+        "--dry-run",
+        "--out",
+        &dry.display().to_string(),
+    ]);
+    assert!(
+        said.contains("windows") && said.contains("nothing was written"),
+        "{said}"
+    );
+    assert!(!dry.exists());
     // Greedy ranks by held-out loss: the member with the lowest one is in the soup, whose
     // held-out loss is no higher than that member's.
     let heldout_loss = |model: &str| -> f64 {

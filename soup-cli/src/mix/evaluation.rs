@@ -135,9 +135,10 @@ impl Evaluation {
         }
     }
 
-    /// Bytes the data and one evaluation batch's activations hold: the images (or the ones a
-    /// batch streams), or the windows' ids and one evaluation batch's logits (f32) with their
-    /// log-softmax.
+    /// Bytes the data and the vocabulary-sized activations hold: the images (or the ones a batch
+    /// streams); or the windows' ids, one evaluation batch's logits (f32) with their
+    /// log-softmax, and one chunk of a training step's logits (the tape's fused head holds
+    /// `VOCAB_CHUNK_ROWS` at a time, or the whole batch's through autograd).
     pub fn resident_bytes(&self) -> u64 {
         match self {
             Evaluation::Images { objective, test } => {
@@ -152,7 +153,9 @@ impl Evaluation {
                 let t = objective.seq_len() as u64;
                 let windows = (objective.windows.len() + test.as_ref().map_or(0, Vec::len)) as u64;
                 let vocab = objective.arch.num_classes() as u64;
-                4 * t * windows + 2 * 4 * TEXT_EVAL_BATCH as u64 * t * vocab
+                let chunk = soup_models::ops::cpu::VOCAB_CHUNK_ROWS as u64;
+                let step_rows = (objective.batch_size as u64 * t).min(chunk);
+                4 * t * windows + 2 * 4 * TEXT_EVAL_BATCH as u64 * t * vocab + 4 * step_rows * vocab
             }
         }
     }

@@ -225,6 +225,8 @@ pub use gelu::{gelu, quick_gelu};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use sgemm::{sgemm, GemmKernels};
+/// Rows of vocabulary-sized logits a language model's fused head holds at once.
+pub use vocab::CHUNK as VOCAB_CHUNK_ROWS;
 
 /// The kernels on plain slices (what the tensor ops above run), for the hand-written
 /// whole-model backward passes of `arch` (`arch/tape`).

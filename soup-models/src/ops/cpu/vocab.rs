@@ -12,7 +12,7 @@ use super::linear::{linear_backward_with, linear_into};
 use super::{on_isa, Real, LANES};
 
 /// Rows of logits held at once.
-pub(crate) const CHUNK: usize = 256;
+pub const CHUNK: usize = 256;
 
 /// For each `(row, target)` of `rows`: the cross-entropy of softmax(h_row Wᵀ) against `target`,
 /// for h of rows `e` wide and W (vocabulary × e).
