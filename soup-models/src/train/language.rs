@@ -13,7 +13,7 @@ use crate::arch::tape::Target;
 use crate::arch::{Architecture, InputSpec};
 use crate::error::{ModelError, Result};
 use crate::ops::{cross_entropy, log_softmax};
-use crate::train::objective::{device_of, part, shard, zero_gradients};
+use crate::train::objective::{device_of, part, shard, weighted, zero_gradients};
 
 /// The next-token metrics of `arch` with `params` on `windows` (each of the same length), in
 /// batches of `batch` windows; `count` is the number of predicted tokens.
@@ -186,11 +186,7 @@ impl Objective for LanguageModeling {
             .flat_map(|&r| self.windows[r][1..].iter().copied())
             .collect();
         let mean = cross_entropy(&shifted, &labels, 0.0)?;
-        Ok(if weight == 1.0 {
-            mean
-        } else {
-            mean.affine(weight, 0.0)?
-        })
+        weighted(mean, weight)
     }
 
     /// Through the architecture's hand-written pass where it has one for these tensors (its head

@@ -135,6 +135,15 @@ pub(crate) fn shard(rank: usize, world: usize) -> soup_core::Result<(usize, usiz
     Ok((rank, world))
 }
 
+/// A shard's mean loss times its share of the whole batch.
+pub(crate) fn weighted(mean: Tensor, weight: f64) -> soup_core::Result<Tensor> {
+    Ok(if weight == 1.0 {
+        mean
+    } else {
+        mean.affine(weight, 0.0)?
+    })
+}
+
 /// Zero gradients of every parameter: a shard with no example of a batch.
 pub(crate) fn zero_gradients(params: &[Tensor]) -> soup_core::Result<(f64, Vec<Tensor>)> {
     let zeros = params.iter().map(Tensor::zeros_like);
@@ -219,11 +228,7 @@ impl Objective for Classification {
             logits = logits.broadcast_mul(s)?;
         }
         let mean = cross_entropy(&logits, &labels, self.label_smoothing)?;
-        Ok(if weight == 1.0 {
-            mean
-        } else {
-            mean.affine(weight, 0.0)?
-        })
+        weighted(mean, weight)
     }
 
     /// Through the architecture's hand-written backward where it has one for these tensors
