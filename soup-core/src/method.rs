@@ -49,7 +49,8 @@ pub enum Method {
 /// What a method reads besides the models.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataUse {
-    /// Labelled held-out examples: the soup is chosen or learned on them.
+    /// Held-out examples (labelled images, or text for a language model): the soup is chosen or
+    /// learned on them.
     Heldout,
     /// Each task's inputs without their labels (the entropy of the merged model's predictions),
     /// and its held-out labels to report the merge.
@@ -62,7 +63,7 @@ impl DataUse {
     /// In words, as the README's methods table says it.
     pub fn describe(self) -> &'static str {
         match self {
-            DataUse::Heldout => "labelled held-out",
+            DataUse::Heldout => "held-out: labelled, or text",
             DataUse::Unlabelled => "unlabelled task inputs",
             DataUse::Lambda => "held-out, to choose λ",
         }
