@@ -324,6 +324,20 @@ fn mix_soups_language_models_into_a_causal_lm_directory() {
         );
         assert_eq!(eval["count"], test["count"]);
     }
+    // The multi-task methods refuse a language model by name, before any work.
+    for method in ["ties", "adamerging"] {
+        let out = dir.path().join(method).display().to_string();
+        let base = format!("{zoo}/m0");
+        fails(
+            &[
+                "mix", "--method", method, "--zoo", &zoo, "--base", &base, "--data", &data,
+                "--out", &out,
+            ],
+            "a language model; the multi-task methods merge image classifiers so far",
+        );
+        assert!(!dir.path().join(method).exists());
+        assert!(!dir.path().join(format!("{method}.partial")).exists());
+    }
     // A dry run reads the text, times a step and an evaluation batch, writes nothing.
     let dry = dir.path().join("dry");
     let said = ok(&[

@@ -135,9 +135,17 @@ fn load(args: &MixArgs, base: &Path, quiet: bool) -> Result<Loaded> {
     if k == 0 {
         return Err(CliError::new("the zoo is empty"));
     }
-    let data = task_data(args, k)?;
     let mut overrides = crate::manifest::arch_config(&args.zoo)?;
     overrides.extend(args.arch.map()?);
+    let base_arch = Checkpoint::open(base)?.architecture_with(&overrides)?;
+    if let soup_models::InputSpec::Tokens(_) = base_arch.input() {
+        return Err(CliError::new(format!(
+            "{}: a language model; the multi-task methods merge image classifiers so far (a \
+             zoo of language models takes uniform, greedy, learned, learned+, mehl or mehl+)",
+            base.display()
+        )));
+    }
+    let data = task_data(args, k)?;
     let mut models: Vec<(PathBuf, Arc<dyn Architecture>)> = Vec::with_capacity(k + 1);
     for path in std::iter::once(base).chain(zoo.iter().map(|r| r.path.as_path())) {
         let arch = Checkpoint::open(path)?.architecture_with(&overrides)?;
