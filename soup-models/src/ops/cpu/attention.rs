@@ -326,9 +326,21 @@ fn softmax_backward_rows_on<T: Real>(isa: Isa, dp: &mut [T], p: &[T], t: usize, 
 /// row makes the row NaN.
 #[inline(always)]
 pub(super) fn softmax_row<T: Real>(row: &mut [T]) {
-    let Some(&first) = row.first() else {
+    if row.is_empty() {
         return;
-    };
+    }
+    let (_, sum) = exp_shifted(row);
+    let inv = T::one() / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// row ← e^(row − max) in place for a non-empty row; returns (max, Σ e^(row − max)), both over
+/// 16 lanes (comparisons skip NaN as a sequential maximum does).
+#[inline(always)]
+pub(super) fn exp_shifted<T: Real>(row: &mut [T]) -> (T, T) {
+    let first = row[0];
     let mut lanes = [first; LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -358,10 +370,7 @@ pub(super) fn softmax_row<T: Real>(row: &mut [T]) {
         *v = (*v - max).exp();
         sum += *v;
     }
-    let inv = T::one() / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
+    (max, sum)
 }
 
 #[cfg(test)]

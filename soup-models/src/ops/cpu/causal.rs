@@ -98,7 +98,7 @@ impl CausalDims {
 }
 
 /// Copies rows r0 … r0 + m − 1 of the group's query heads out of `src` (rows of `stride`, query
-/// head h at column `col0` + h·d) into `dst` (group·m × d, head by head), or back when `back`.
+/// head h at column `col0` + h·d) into `dst` (group·m × d, head by head).
 fn gather<T: Copy>(
     (src, stride, col0): (&[T], usize, usize),
     dims: &CausalDims,

@@ -8,8 +8,9 @@
 use rayon::prelude::*;
 use soup_core::kernels::Isa;
 
+use super::attention::exp_shifted;
 use super::linear::{linear_backward_with, linear_into};
-use super::{on_isa, Real, LANES};
+use super::{on_isa, Real};
 
 /// Rows of logits held at once.
 pub const CHUNK: usize = 256;
@@ -84,34 +85,8 @@ fn softmax_loss_on<T: Real>(isa: Isa, row: &mut [T], target: usize, coef: f64) -
         isa,
         #[inline(always)]
         || {
-            let chunks = row.chunks_exact(LANES);
-            let rest = chunks.remainder();
-            let mut lanes = [row[0]; LANES];
-            for c in chunks {
-                for i in 0..LANES {
-                    if c[i] > lanes[i] {
-                        lanes[i] = c[i];
-                    }
-                }
-            }
-            let max = lanes
-                .iter()
-                .chain(rest)
-                .fold(row[0], |m, &v| if v > m { v } else { m });
             let picked = row[target];
-            let mut acc = [T::zero(); LANES];
-            let mut chunks = row.chunks_exact_mut(LANES);
-            for c in &mut chunks {
-                for i in 0..LANES {
-                    c[i] = (c[i] - max).exp();
-                    acc[i] += c[i];
-                }
-            }
-            let mut sum = acc.iter().fold(T::zero(), |s, &v| s + v);
-            for v in chunks.into_remainder() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
+            let (max, sum) = exp_shifted(row);
             let scale = T::from_f64(coef) / sum;
             for v in row.iter_mut() {
                 *v *= scale;
