@@ -202,19 +202,8 @@ impl DataArgs {
     }
 
     /// The windows of `split` of a text data set, tokenised with the tokenizer of the language
-    /// model in `model_dir`: at most `--max-examples` of `--seq-len` tokens (per domain, for a
-    /// union), which the model's positions must cover; the domains' windows one after another.
-    pub fn load_text(
-        &self,
-        split: Split,
-        model_dir: &std::path::Path,
-        spec: &soup_models::arch::TokenSpec,
-    ) -> Result<Vec<Vec<u32>>> {
-        let domains = self.load_domains(split, model_dir, spec)?;
-        Ok(domains.into_iter().flat_map(|d| d.windows).collect())
-    }
-
-    /// [`Self::load_text`] domain by domain.
+    /// model in `model_dir`, domain by domain: at most `--max-examples` of `--seq-len` tokens
+    /// per domain, which the model's positions must cover.
     pub fn load_domains(
         &self,
         split: Split,

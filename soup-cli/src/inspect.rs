@@ -110,20 +110,78 @@ fn eval_text(
         ));
     }
     let dir = model_dir(&ckpt.path);
-    let windows = args.data.load_text(split, &dir, &spec)?;
-    let m = soup_models::train::language::evaluate(arch, params, &windows, 4)?;
-    let perplexity = m.loss.exp();
-    let accuracy = m.accuracy.unwrap_or(f64::NAN);
+    let domains = args.data.load_domains(split, &dir, &spec)?;
+    let score = |windows: &[Vec<u32>]| -> Result<serde_json::Value> {
+        let m = soup_models::train::language::evaluate(arch, params, windows, 4)?;
+        Ok(
+            serde_json::json!({"loss": m.loss, "perplexity": m.loss.exp(),
+            "accuracy": m.accuracy.unwrap_or(f64::NAN), "count": m.count,
+            "windows": windows.len()}),
+        )
+    };
+    // A union of data sets is scored domain by domain; the whole weighs them by their tokens,
+    // as `soup mix` reports a union.
+    let each: Vec<(String, serde_json::Value)> = domains
+        .iter()
+        .map(|d| Ok((d.name.clone(), score(&d.windows)?)))
+        .collect::<Result<_>>()?;
+    let mut scores = match each.as_slice() {
+        [(_, one)] => one.clone(),
+        _ => {
+            let count: f64 = each
+                .iter()
+                .map(|(_, s)| s["count"].as_f64().unwrap_or(0.0))
+                .sum();
+            let mean = |key: &str| {
+                each.iter()
+                    .map(|(_, s)| {
+                        s[key].as_f64().unwrap_or(f64::NAN) * s["count"].as_f64().unwrap_or(0.0)
+                    })
+                    .sum::<f64>()
+                    / count
+            };
+            let loss = mean("loss");
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "accuracy": mean("accuracy"),
+                "count": count as u64,
+                "windows": domains.iter().map(|d| d.windows.len()).sum::<usize>()})
+        }
+    };
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     if args.json {
-        let scores = serde_json::json!({"loss": m.loss, "perplexity": perplexity,
-            "accuracy": accuracy, "count": m.count, "windows": windows.len()});
+        if each.len() > 1 {
+            scores["domains"] = each
+                .iter()
+                .map(|(name, s)| {
+                    let mut s = s.clone();
+                    s["name"] = name.clone().into();
+                    s
+                })
+                .collect();
+        }
         println!("{scores}");
     } else {
+        let line = |what: &str, s: &serde_json::Value| {
+            format!(
+                "{what}: loss {:.4} per token, perplexity {:.3}, next-token accuracy {:.4}, {} tokens in {} windows",
+                f(s, "loss"),
+                f(s, "perplexity"),
+                f(s, "accuracy"),
+                s["count"],
+                s["windows"]
+            )
+        };
         println!(
-            "{} on {} {}: loss {:.4} per token, perplexity {:.3}, next-token accuracy {:.4}, {} tokens in {} windows",
-            args.model, args.data.data, args.split, m.loss, perplexity, accuracy, m.count,
-            windows.len()
+            "{}",
+            line(
+                &format!("{} on {} {}", args.model, args.data.data, args.split),
+                &scores
+            )
         );
+        if each.len() > 1 {
+            for (name, s) in &each {
+                println!("{}", line(&format!("  {name}"), s));
+            }
+        }
     }
     Ok(())
 }

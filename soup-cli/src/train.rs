@@ -77,7 +77,7 @@ impl TrainingArgs {
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Architecture from the registry (clip-vit-b32, clip-vit-b16, clip-vit-l14, clip-vit,
-    /// dinov2-vit, mlp).
+    /// dinov2-vit, llama, mlp).
     #[arg(long, required_unless_present = "init")]
     pub arch: Option<String>,
     /// The architecture's configuration as JSON (required for clip-vit and mlp; the number of
@@ -88,6 +88,10 @@ pub struct TrainArgs {
     /// hf://org/name[@revision][:file] or a URL).
     #[arg(long)]
     pub init: Option<String>,
+    /// A language model trained from scratch: the model directory whose tokenizer it reads its
+    /// text with (tokenizer.json and its configuration, copied beside the model).
+    #[arg(long, conflicts_with = "init")]
+    pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -123,7 +127,7 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
                 }
                 None => serde_json::json!({}),
             };
-            if let Some(obj) = config.as_object_mut() {
+            if let Some(obj) = config.as_object_mut().filter(|_| args.tokenizer.is_none()) {
                 if !obj.contains_key("num_classes") {
                     obj.insert("num_classes".into(), args.data.num_classes()?.into());
                 }
@@ -153,10 +157,10 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
             arch.family()
         )));
     }
-    let model_dir = args
-        .init
-        .as_ref()
-        .map(|_| crate::inspect::model_dir(&init_path));
+    let model_dir = match (&args.init, &args.tokenizer) {
+        (Some(_), _) => Some(crate::inspect::model_dir(&init_path)),
+        (None, tokenizer) => tokenizer.clone(),
+    };
     let sets = TrainSets::load(&args.data, &arch, model_dir.as_deref())?;
     let config = args.training.config();
     let (trained, metrics) = run_training(
@@ -233,8 +237,8 @@ impl TrainSets {
             InputSpec::Tokens(spec) => {
                 let dir = model_dir.ok_or_else(|| {
                     CliError::new(
-                        "a language model is trained from a model directory with its tokenizer \
-                         (--init), not from scratch",
+                        "a language model needs a tokenizer: continue from a model directory \
+                         (--init), or name one to train from scratch with (--tokenizer DIR)",
                     )
                 })?;
                 let train = data.load_domains(Split::Train, dir, &spec)?;
@@ -381,11 +385,27 @@ fn run_training(
         TrainData::Images(d) => d.len(),
         TrainData::Text(w) => w.len(),
     };
-    let steps = config.epochs * len.div_ceil(config.batch_size.max(1));
-    let bar = Progress::new(quiet, steps, &format!("{what} steps"));
+    let batch = config.batch_size.max(1);
+    let per_epoch = len.div_ceil(batch);
+    let bar = Progress::new(quiet, config.epochs * per_epoch, &format!("{what} steps"));
+    // Text reports its throughput in tokens: the windows of a step times their length.
+    let window = match data {
+        TrainData::Text(w) => w.first().map_or(0, Vec::len),
+        TrainData::Images(_) => 0,
+    };
+    let (started, mut step, mut tokens) = (std::time::Instant::now(), 0, 0);
     let (trained, _) = finetune_some(arch.as_ref(), params, trainable, data, config, &mut |s| {
+        tokens += window * batch.min(len - (step % per_epoch) * batch);
+        step += 1;
         bar.inc(1);
-        bar.set_prefix(format!("loss {:.4}", s.loss));
+        bar.set_prefix(match window {
+            0 => format!("loss {:.4}", s.loss),
+            _ => format!(
+                "loss {:.4}, {:.0} tokens/s",
+                s.loss,
+                tokens as f64 / started.elapsed().as_secs_f64()
+            ),
+        });
     })?;
     bar.finish();
     let metrics = sets.evaluate(arch, &trained, domain)?;
@@ -446,6 +466,8 @@ pub struct Search {
     /// Augmentation, one of: none, crop-flip, crop-flip-noise.
     pub augment: Vec<String>,
     pub batch_size: usize,
+    /// Fraction of the steps in linear warm-up, uniform in [min, max].
+    pub warmup: [f64; 2],
 }
 
 impl Default for Search {
@@ -457,6 +479,7 @@ impl Default for Search {
             label_smoothing: vec![0.0, 0.1],
             augment: vec!["none".into(), "crop-flip".into(), "crop-flip-noise".into()],
             batch_size: 64,
+            warmup: [0.1, 0.1],
         }
     }
 }
@@ -472,6 +495,9 @@ impl Search {
         }
         if !(self.epochs[0] >= 1 && self.epochs[0] <= self.epochs[1]) {
             return bad("epochs needs 1 ≤ min ≤ max");
+        }
+        if !(0.0 <= self.warmup[0] && self.warmup[0] <= self.warmup[1] && self.warmup[1] < 1.0) {
+            return bad("warmup needs 0 ≤ min ≤ max < 1");
         }
         if self.label_smoothing.is_empty() || self.augment.is_empty() {
             return bad("label_smoothing and augment need at least one choice");
@@ -491,16 +517,24 @@ impl Search {
         let epochs = self.epochs[0] + rng.below(self.epochs[1] - self.epochs[0] + 1);
         let label_smoothing = self.label_smoothing[rng.below(self.label_smoothing.len())];
         let augment = augment_named(&self.augment[rng.below(self.augment.len())])?;
+        let seed = rng.next_u64() >> 11;
+        // Drawn last, and only from a range: a search without one draws what it drew before.
+        let [lo, hi] = self.warmup;
+        let warmup_fraction = if lo < hi {
+            lo + rng.next_f64() * (hi - lo)
+        } else {
+            lo
+        };
         Ok(FinetuneConfig {
             epochs,
             batch_size: self.batch_size,
             lr,
             weight_decay,
-            warmup_fraction: 0.1,
+            warmup_fraction,
             label_smoothing,
             augment,
             clip_grad_norm: Some(1.0),
-            seed: rng.next_u64() >> 11,
+            seed,
         })
     }
 }
@@ -539,8 +573,8 @@ pub struct FinetuneArgs {
     /// The zoo directory: model-NN/ per fine-tune and zoo.toml.
     #[arg(long)]
     pub out: PathBuf,
-    /// The random search as TOML (keys lr, weight_decay, epochs, label_smoothing, augment,
-    /// batch_size); the built-in ranges otherwise.
+    /// The random search as TOML (keys lr, weight_decay, epochs, warmup, label_smoothing,
+    /// augment, batch_size); the built-in ranges otherwise.
     #[arg(long)]
     pub search: Option<PathBuf>,
     /// Seed of the search.
@@ -844,13 +878,21 @@ fn fill_zoo(
         soup_models::checkpoint::sync_dir(&args.out);
         soup_models::crash::point("finetune: model directory in place");
         if !quiet {
+            // Label smoothing and augmentations do not apply to text.
+            let settings = match &domain_name {
+                Some(d) => format!("domain {d}"),
+                None if sets.is_text() => String::new(),
+                None => format!(
+                    "smoothing {} augment {:?}",
+                    config.label_smoothing, config.augment
+                ),
+            };
             eprintln!(
-                "{name}: lr {:.2e} wd {:.2e} epochs {} smoothing {} augment {:?}: held-out {}",
+                "{name}: lr {:.2e} wd {:.2e} epochs {} warm-up {:.2} {settings}: held-out {}",
                 config.lr,
                 config.weight_decay,
                 config.epochs,
-                config.label_smoothing,
-                config.augment,
+                config.warmup_fraction,
                 sets.said(&metrics)
             );
         }

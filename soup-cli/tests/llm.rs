@@ -324,20 +324,7 @@ fn mix_soups_language_models_into_a_causal_lm_directory() {
         );
         assert_eq!(eval["count"], test["count"]);
     }
-    // The multi-task methods refuse a language model by name, before any work.
-    for method in ["ties", "adamerging"] {
-        let out = dir.path().join(method).display().to_string();
-        let base = format!("{zoo}/m0");
-        fails(
-            &[
-                "mix", "--method", method, "--zoo", &zoo, "--base", &base, "--data", &data,
-                "--out", &out,
-            ],
-            "a language model; the multi-task methods merge image classifiers so far",
-        );
-        assert!(!dir.path().join(method).exists());
-        assert!(!dir.path().join(format!("{method}.partial")).exists());
-    }
+    merge_language_models(dir.path(), &zoo, &data);
     // A dry run reads the text, times a step and an evaluation batch, writes nothing.
     let dry = dir.path().join("dry");
     let said = ok(&[
@@ -395,6 +382,174 @@ fn mix_soups_language_models_into_a_causal_lm_directory() {
         "greedy {soup} against the best member {members:?}"
     );
     assert!((heldout_loss(&dir.path().join("greedy").display().to_string()) - soup).abs() < 1e-5);
+}
+
+/// The tensors of a model directory's `model.safetensors`, by name.
+fn tensors(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+        .unwrap()
+}
+
+/// The multi-task merges of the fine-tunes m1 … m3 with their base m0 (`--base`): each a
+/// causal-LM directory whose every tensor is the combination Σ α_j θ_j its coefficients.json
+/// gives (α_0 the base's), λ chosen on the held-out loss, read back by `soup eval`. A comma
+/// list of data sets, `--task-loss` and `--dry-run` are refused before any work.
+fn merge_language_models(dir: &Path, zoo: &str, data: &str) {
+    let tasks = dir.join("tasks.toml");
+    let listed: String = (1..4)
+        .map(|m| format!("[[model]]\npath = \"{zoo}/m{m}\"\n\n"))
+        .collect();
+    std::fs::write(&tasks, listed).unwrap();
+    let tasks = tasks.display().to_string();
+    let base = format!("{zoo}/m0");
+    let members: Vec<_> = (0..4)
+        .map(|m| tensors(&Path::new(zoo).join(format!("m{m}"))))
+        .collect();
+    let common = |method: &str, out: &str| -> Vec<String> {
+        [
+            "mix",
+            "--method",
+            method,
+            "--zoo",
+            &tasks,
+            "--base",
+            &base,
+            "--data",
+            data,
+            "--seq-len",
+            "8",
+            "--heldout-fraction",
+            "0.25",
+            "--batch-size",
+            "4",
+            "--out",
+            out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    for method in ["task-arithmetic", "ties", "adamerging+"] {
+        let out = dir.join(format!("merge-{method}"));
+        let out_s = out.display().to_string();
+        let args = common(method, &out_s);
+        let said = ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(said.contains("perplexity"), "{method}: {said}");
+        for file in [
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "README.md",
+        ] {
+            assert!(out.join(file).is_file(), "{method}: {file} missing");
+        }
+        let report = json(out.join("report.json"));
+        assert_eq!(report["method"], method);
+        assert_eq!(report["models"], 4, "the base and three fine-tunes");
+        let heldout = report["heldout"]["loss"].as_f64().unwrap();
+        if method != "adamerging+" {
+            // The λ of the lowest held-out loss, which is the soup's.
+            let grid = report["lambda_grid"].as_array().unwrap();
+            assert_eq!(grid.len(), 10, "{report}");
+            let best = grid
+                .iter()
+                .map(|g| g["heldout_loss"].as_f64().unwrap())
+                .fold(f64::INFINITY, f64::min);
+            assert!(
+                (best - heldout).abs() < 1e-6 * heldout,
+                "{grid:?} {heldout}"
+            );
+        }
+        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        assert!(
+            card.contains("base_model:") && card.contains("θ_0"),
+            "{card}"
+        );
+        // Every tensor is Σ α_j θ_j (TIES trims and elects signs: its α records λ alone).
+        if method != "ties" {
+            let c = json(out.join("coefficients.json"));
+            let alpha = c["alpha"].as_array().unwrap();
+            let blocks = c["blocks"].as_array().unwrap();
+            let merged = tensors(&out);
+            assert!(!merged.is_empty());
+            for (name, t) in &merged {
+                let row = match alpha.len() {
+                    1 => &alpha[0],
+                    _ => {
+                        let b = blocks.iter().position(|b| b == name.as_str());
+                        &alpha[b.unwrap_or_else(|| panic!("{method}: no block {name}"))]
+                    }
+                };
+                let row: Vec<f64> = row
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_f64().unwrap())
+                    .collect();
+                assert_eq!(row.len(), 4);
+                assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{row:?}");
+                if method == "adamerging+" {
+                    assert!(row[1..].iter().all(|l| (0.0..=1.0).contains(l)), "{row:?}");
+                }
+                let mut want = members[0][name].zeros_like().unwrap();
+                for (j, m) in members.iter().enumerate() {
+                    want = (want + m[name].affine(row[j], 0.0).unwrap()).unwrap();
+                }
+                let err = (t - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(err < 1e-5, "{method}: {name} off by {err}");
+            }
+        }
+        let eval = ok(&[
+            "eval",
+            "--model",
+            &out_s,
+            "--data",
+            data,
+            "--seq-len",
+            "8",
+            "--json",
+        ]);
+        let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+        let (l, t) = (
+            eval["loss"].as_f64().unwrap(),
+            report["test"]["loss"].as_f64().unwrap(),
+        );
+        assert!((l - t).abs() < 1e-5 * t, "{method}: eval {l}, report {t}");
+    }
+    let refused = |extra: &[&str], data: &str, message: &str| {
+        let out = dir.join("merge-refused");
+        let mut args = common("ties", &out.display().to_string());
+        args[8] = data.to_string();
+        args.extend(extra.iter().map(|e| e.to_string()));
+        fails(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            message,
+        );
+        assert!(!out.exists() && !dir.join("merge-refused.partial").exists());
+    };
+    refused(
+        &[],
+        &format!("{data},{data}"),
+        "join the data sets with + (a+b+c)",
+    );
+    refused(
+        &["--task-loss", "entropy"],
+        data,
+        "--task-loss: ties of language models",
+    );
+    refused(
+        &["--dry-run"],
+        data,
+        "ties does not take --resume or --dry-run",
+    );
 }
 
 /// `soup finetune` of a language model: a zoo of fine-tunes on text, each a model directory with
@@ -498,7 +653,7 @@ fn a_union_of_text_domains_is_fine_tuned_domain_by_domain_and_reported_by_domain
     std::fs::write(
         &search,
         "lr = [1e-2, 1e-2]\nweight_decay = [1e-4, 1e-4]\nepochs = [1, 1]\n\
-         label_smoothing = [0.0]\naugment = [\"none\"]\nbatch_size = 4\n",
+         label_smoothing = [0.0]\naugment = [\"none\"]\nbatch_size = 4\nwarmup = [0.0, 0.3]\n",
     )
     .unwrap();
     let ft = dir.path().join("ft");
@@ -521,6 +676,18 @@ fn a_union_of_text_domains_is_fine_tuned_domain_by_domain_and_reported_by_domain
         .map(|m| m["domain"].as_str().unwrap())
         .collect();
     assert_eq!(domains, ["domain0", "domain1", "domain2", "domain0"]);
+    // The warm-up is drawn from the search's range, model by model.
+    let warmups: Vec<f64> = manifest["model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["hyperparameters"]["warmup_fraction"].as_float().unwrap())
+        .collect();
+    assert!(
+        warmups.iter().all(|w| (0.0..=0.3).contains(w)),
+        "{warmups:?}"
+    );
+    assert!(warmups.windows(2).any(|w| w[0] != w[1]), "{warmups:?}");
     let soup = dir.path().join("soup");
     let soup_s = soup.display().to_string();
     let mut args = vec![
@@ -568,9 +735,117 @@ fn a_union_of_text_domains_is_fine_tuned_domain_by_domain_and_reported_by_domain
         );
         assert!((l - want).abs() < 1e-6 * want, "{}: {l} {want}", d["name"]);
     }
+    // `soup eval` of the union reports the same domains, and the union as the report does.
+    for split in ["heldout", "test"] {
+        let said = ok(&[
+            "eval",
+            "--model",
+            &soup_s,
+            "--data",
+            &union,
+            "--seq-len",
+            "8",
+            "--split",
+            split,
+            "--heldout-fraction",
+            "0.25",
+            "--json",
+        ]);
+        let eval: serde_json::Value = serde_json::from_str(said.trim()).unwrap();
+        let listed = eval["domains"].as_array().unwrap();
+        assert_eq!(listed.len(), 3, "{eval}");
+        for (d, e) in each.iter().zip(listed) {
+            assert_eq!(d["name"], e["name"]);
+            assert_eq!(d[split]["count"], e["count"]);
+            let (l, want) = (
+                e["loss"].as_f64().unwrap(),
+                d[split]["loss"].as_f64().unwrap(),
+            );
+            assert!(
+                (l - want).abs() < 1e-6 * want,
+                "{split} {}: {l} {want}",
+                d["name"]
+            );
+        }
+        let (l, want) = (
+            eval["loss"].as_f64().unwrap(),
+            report[split]["loss"].as_f64().unwrap(),
+        );
+        assert!((l - want).abs() < 1e-6 * want, "{split}: {l} {want}");
+        assert_eq!(eval["count"], report[split]["count"]);
+    }
     let card = std::fs::read_to_string(soup.join("README.md")).unwrap();
     assert!(
         card.contains("By domain") && card.contains("domain2"),
         "{card}"
     );
+}
+
+/// `soup train --arch llama --tokenizer DIR`: a language model trained from scratch with the
+/// tokenizer of a model directory, which it copies; without one, the error says how to give it.
+#[test]
+fn a_language_model_is_trained_from_scratch_with_a_named_tokenizer() {
+    let dir = ScratchDir::new("scratch-llm");
+    let (zoo, data) = language_zoo(dir.path());
+    let config = dir.path().join("tiny.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type": "llama", "vocab_size": 14, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 32, "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("scratch");
+    let (config_s, out_s, tokenizer) = (
+        config.display().to_string(),
+        out.display().to_string(),
+        format!("{zoo}/m0"),
+    );
+    let args = [
+        "train",
+        "--arch",
+        "llama",
+        "--config",
+        &config_s,
+        "--data",
+        &data,
+        "--seq-len",
+        "8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--out",
+        &out_s,
+    ];
+    fails(&args, "--tokenizer DIR");
+    assert!(!out.exists());
+    let mut with = args.to_vec();
+    with.extend(["--tokenizer", &tokenizer]);
+    let said = ok(&with);
+    assert!(said.contains("perplexity"), "{said}");
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    assert_eq!(json(out.join("config.json"))["vocab_size"], 14);
+    let eval = ok(&[
+        "eval",
+        "--model",
+        &out_s,
+        "--data",
+        &data,
+        "--seq-len",
+        "8",
+        "--json",
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    // Trained, it predicts the 12-word text better than a uniform guess over 14 tokens.
+    assert!(eval["perplexity"].as_f64().unwrap() < 14.0, "{eval}");
 }

@@ -480,7 +480,7 @@ fn timed(cmd: &[String], log: &Path) -> Result<(f64, f64, String), String> {
 fn authors(o: &Options, python: &Path) -> Result<(Value, String), String> {
     ensure_packages(DATA_PACKAGES)?;
     ensure_packages(&[("time", "/usr/bin/time")])?;
-    let soup = Soup::build(false)?;
+    let soup = Soup::build(false, &[])?;
     let dir = root().join("target/bench/authors");
     let zoo = dir.join("zoo");
     let maker = release_example("perturbed_zoo")?;

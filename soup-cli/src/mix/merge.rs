@@ -40,7 +40,7 @@ const OUTPUTS: &[&str] = &[
 ];
 
 /// The λ grid task arithmetic and TIES choose from on the held-out splits.
-const LAMBDAS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+pub(super) const LAMBDAS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
 
 /// The tasks' data arguments: `--data` split at commas, one per task model.
 fn task_data(args: &MixArgs, tasks: usize) -> Result<Vec<DataArgs>> {
@@ -110,6 +110,13 @@ pub(super) fn mix(
             recipe.method().name()
         )));
     }
+    // A language model has no task heads to keep apart: its merge is one model, as a soup is.
+    if let Some(base) = &args.base {
+        let arch = Checkpoint::open(base)?.architecture_with(&args.arch.map()?)?;
+        if let soup_models::InputSpec::Tokens(_) = arch.input() {
+            return super::soup::mix(args, recipe, soup_core::Kind::Merge(kind), quiet, comm);
+        }
+    }
     let inputs = inputs(args);
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     let mut output = Output::check(&args.out, "mix", OUTPUTS, &inputs, args.force, false)?;
@@ -137,14 +144,6 @@ fn load(args: &MixArgs, base: &Path, quiet: bool) -> Result<Loaded> {
     }
     let mut overrides = crate::manifest::arch_config(&args.zoo)?;
     overrides.extend(args.arch.map()?);
-    let base_arch = Checkpoint::open(base)?.architecture_with(&overrides)?;
-    if let soup_models::InputSpec::Tokens(_) = base_arch.input() {
-        return Err(CliError::new(format!(
-            "{}: a language model; the multi-task methods merge image classifiers so far (a \
-             zoo of language models takes uniform, greedy, learned, learned+, mehl or mehl+)",
-            base.display()
-        )));
-    }
     let data = task_data(args, k)?;
     let mut models: Vec<(PathBuf, Arc<dyn Architecture>)> = Vec::with_capacity(k + 1);
     for path in std::iter::once(base).chain(zoo.iter().map(|r| r.path.as_path())) {
@@ -347,10 +346,10 @@ fn run(
 /// A [`SoupResult`] for a data-free merge θ_0 + λ τ: α_0 = 1 − K λ and α_k = λ for task
 /// arithmetic; TIES's coordinates do not follow one α, so its α records λ alone (α_0 = 1 − λ,
 /// the task models λ/K each, the weights of the merged task vector).
-fn merged_result(
+pub(super) fn merged_result(
     kind: MergeMethod,
     recipe: &Recipe,
-    store: &EncoderStore,
+    store: &dyn ModelStore,
     soup: Vec<candle_core::Tensor>,
     lambda: f64,
 ) -> Result<SoupResult> {

@@ -1,6 +1,7 @@
 //! `soup mix`: a soup of a zoo ([`soup`]: uniform, greedy, learned, MEHL), or a merge of task
 //! models fine-tuned from one base ([`merge`]: AdaMerging, task arithmetic, TIES), chosen by the
-//! method's [`Kind`] from soup-core's registry.
+//! method's [`Kind`] from soup-core's registry. A merge of language models is one model, as a
+//! soup is, so [`merge`] hands it to [`soup`].
 //!
 //! Outputs go to `OUT.partial/` while the run lasts (MEHL saves its progress there after every
 //! model batch, which `--resume` continues from); the finished directory is renamed to OUT, so
@@ -27,7 +28,7 @@ pub use outputs::Scores;
 pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
     let recipe = args::resolve_recipe(args)?;
     match recipe.method().kind() {
-        Kind::Soup(kind) => soup::mix(args, recipe, kind, quiet, comm),
+        Kind::Soup(kind) => soup::mix(args, recipe, Kind::Soup(kind), quiet, comm),
         Kind::Merge(kind) => merge::mix(args, recipe, kind, quiet, comm),
     }
 }

@@ -1,5 +1,9 @@
 //! `soup mix` with a single-task soup (uniform, greedy, learned, learned+, mehl, mehl+): one
-//! soup of a zoo's models, with its coefficients, report, figures and recipe.
+//! soup of a zoo's models, with its coefficients, report, figures and recipe. A zoo of language
+//! models also takes the multi-task merges here (AdaMerging, AdaMerging+, task arithmetic, TIES
+//! of the fine-tunes and their `--base`): a language model has no task heads to keep apart, so
+//! the merge is one causal-LM directory like a soup, and AdaMerging learns on the next-token
+//! loss of every domain's held-out text.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -7,8 +11,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use soup_core::{
-    greedy_soup, learned_soup, uniform_soup, Collective, Event, Method, ModelStore, Objective,
-    RunOptions, SoupMethod, SoupResult,
+    greedy_soup, learned_soup, run_mehl, uniform_soup, Collective, Event, Kind, MergeMethod,
+    Method, ModelStore, Objective, RunOptions, SoupMethod, SoupResult,
 };
 use soup_models::checkpoint::write_model_dir;
 use soup_models::{Architecture, Checkpoint, FileStore, Resolved};
@@ -106,6 +110,7 @@ const OUTPUTS: &[&str] = &[
 /// The paths a run reads, which OUT must not hold (and `--force` must not delete).
 fn inputs(args: &MixArgs) -> Vec<PathBuf> {
     let mut inputs = vec![args.zoo.clone(), args.data.spec().root];
+    inputs.extend(args.base.clone());
     if args.data.domains().len() > 1 {
         inputs.extend(args.data.domains().into_iter().map(PathBuf::from));
     }
@@ -121,15 +126,36 @@ fn inputs(args: &MixArgs) -> Vec<PathBuf> {
 pub(super) fn mix(
     args: &MixArgs,
     recipe: Recipe,
-    kind: SoupMethod,
+    kind: Kind,
     quiet: bool,
     comm: &dyn Collective,
 ) -> Result<()> {
-    if args.base.is_some() {
-        return Err(CliError::new(format!(
-            "--base is for the multi-task methods (adamerging, adamerging+, task-arithmetic, ties), not {}",
-            recipe.method().name()
-        )));
+    let name = recipe.method().name();
+    match kind {
+        Kind::Soup(_) if args.base.is_some() => {
+            return Err(CliError::new(format!(
+                "--base is for the multi-task methods (adamerging, adamerging+, task-arithmetic, ties), not {name}"
+            )));
+        }
+        Kind::Merge(_) if args.resume || args.dry_run => {
+            return Err(CliError::new(format!(
+                "{name} does not take --resume or --dry-run"
+            )));
+        }
+        Kind::Merge(_) if args.data.data.contains(',') => {
+            return Err(CliError::new(format!(
+                "--data {}: {name} of language models learns on the union of the domains' \
+                 held-out text: join the data sets with + (a+b+c), not commas",
+                args.data.data
+            )));
+        }
+        Kind::Merge(_) if args.knobs.task_loss.is_some() => {
+            return Err(CliError::new(format!(
+                "--task-loss: {name} of language models learns on the next-token loss of each \
+                 domain's held-out text, not on a task loss"
+            )));
+        }
+        _ => {}
     }
     let inputs = inputs(args);
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
@@ -154,11 +180,12 @@ pub(super) fn mix(
 }
 
 /// The zoo of `args`, resolved, as a store of checkpoints whose headers all match the first's
-/// (checked before any weight is read).
+/// (checked before any weight is read); a merge's `--base` first.
 fn open_zoo(
     args: &MixArgs,
     comm: &dyn Collective,
     quiet: bool,
+    kind: Kind,
 ) -> Result<(Vec<Resolved>, FileStore)> {
     let (rank, world) = (comm.rank(), comm.world_size());
     // Over several processes rank 0 fetches remote models first; the others then find them in
@@ -166,9 +193,25 @@ fn open_zoo(
     if rank > 0 {
         comm.all_reduce_f64(&[0.0])?;
     }
-    let zoo = crate::manifest::resolve(&args.zoo, quiet)?;
+    let mut zoo = crate::manifest::resolve(&args.zoo, quiet)?;
     if world > 1 && rank == 0 {
         comm.all_reduce_f64(&[0.0])?;
+    }
+    if let Kind::Merge(_) = kind {
+        let base = args.base.clone().ok_or_else(|| {
+            CliError::new(
+                "the multi-task methods merge task models fine-tuned from one base: --base names it (θ_0)",
+            )
+        })?;
+        zoo.insert(
+            0,
+            Resolved {
+                source: base.display().to_string(),
+                path: base,
+                commit: None,
+                sha256: None,
+            },
+        );
     }
     let paths: Vec<PathBuf> = zoo.iter().map(|r| r.path.clone()).collect();
     let mut overrides = crate::manifest::arch_config(&args.zoo)?;
@@ -189,9 +232,14 @@ fn open_zoo(
 
 /// The tensor memory the method holds on one rank, for the zoo's N models of d parameters.
 fn tensor_estimate(recipe: &Recipe, n: usize, d: usize, world: usize) -> u64 {
+    // AdaMerging takes every task model in one batch unless told otherwise.
+    let default_batch = match recipe.method().is_adamerging() {
+        true => n,
+        false => Method::mehl_defaults().model_batch,
+    };
     let per_rank_batch = recipe
         .model_batch
-        .unwrap_or(Method::mehl_defaults().model_batch)
+        .unwrap_or(default_batch)
         .min(n)
         .div_ceil(world);
     let direction_elem_bytes = match recipe.direction_dtype {
@@ -203,18 +251,26 @@ fn tensor_estimate(recipe: &Recipe, n: usize, d: usize, world: usize) -> u64 {
         .tensor_bytes_with(n, d, per_rank_batch, direction_elem_bytes)
 }
 
-/// Runs the method: the soup, and the most models a model batch held on this rank (MEHL).
+/// What a method made: the soup, the most models a model batch held on this rank (MEHL), and a
+/// data-free merge's (λ, held-out loss) grid.
+type Made = (SoupResult, usize, Vec<(f64, f64)>);
+
+/// Runs the method.
 fn make_soup(
-    kind: SoupMethod,
+    kind: Kind,
     store: &Counted,
     objective: &mut dyn Objective,
     saved: Saved,
     comm: &dyn Collective,
     quiet: bool,
-) -> Result<(SoupResult, usize)> {
+) -> Result<Made> {
     let recipe = saved.recipe;
     let method = recipe.method();
-    Ok(match kind {
+    let kind = match kind {
+        Kind::Soup(kind) => kind,
+        Kind::Merge(kind) => return merge(kind, store, objective, recipe, quiet),
+    };
+    let (result, rows) = match kind {
         SoupMethod::Uniform => (uniform_soup(store, RunOptions::default().on(comm))?, 0),
         SoupMethod::Greedy => (
             greedy_soup(store, objective, recipe.accept(), RunOptions::default())?,
@@ -235,7 +291,68 @@ fn make_soup(
             (result, 0)
         }
         SoupMethod::Mehl => mix_mehl(store, objective, saved, comm, quiet)?,
-    })
+    };
+    Ok((result, rows, Vec::new()))
+}
+
+/// A multi-task merge of the store's models (the base first) as one model: AdaMerging learns λ
+/// on the objective; task arithmetic and TIES take the λ of [`super::merge::LAMBDAS`] that
+/// scores best on it (the lowest held-out loss for a language model).
+fn merge(
+    kind: MergeMethod,
+    store: &Counted,
+    objective: &mut dyn Objective,
+    recipe: &Recipe,
+    quiet: bool,
+) -> Result<Made> {
+    let method = recipe.method();
+    let k = store.len() - 1;
+    match kind {
+        MergeMethod::AdaMerging => {
+            let config = recipe.adamerging_config(&store.inner.arch.zero_gradient_tensors(), 0)?;
+            let b = config.model_batch.min(k);
+            let steps =
+                config.outer_passes * k.div_ceil(b) * config.inner_epochs * objective.num_batches();
+            let bar = Progress::new(quiet, steps, &format!("{} steps", method.name()));
+            let result = run_mehl(
+                store,
+                objective,
+                &config,
+                RunOptions::new(&mut |e| {
+                    if let Event::Step { record, .. } = e {
+                        bar.inc(1);
+                        bar.set_prefix(format!("loss {:.4}", record.loss));
+                    }
+                }),
+            )?;
+            bar.finish();
+            Ok((result, b, Vec::new()))
+        }
+        MergeMethod::TaskArithmetic | MergeMethod::Ties => {
+            let merged = if kind == MergeMethod::Ties {
+                soup_core::ties_merging(store, 0, recipe.density.unwrap_or(0.2))?
+            } else {
+                soup_core::task_arithmetic(store, 0)?
+            };
+            let lambdas = super::merge::LAMBDAS;
+            let bar = Progress::new(quiet, lambdas.len(), "λ tried on the held-out split");
+            let mut grid = Vec::with_capacity(lambdas.len());
+            let mut best = (lambdas[0], f64::NEG_INFINITY);
+            for lambda in lambdas {
+                let m = objective.evaluate(&merged.at(lambda)?)?;
+                grid.push((lambda, m.loss));
+                // The first λ of the best score.
+                if m.score() > best.1 {
+                    best = (lambda, m.score());
+                }
+                bar.inc(1);
+            }
+            bar.finish();
+            let soup = merged.at(best.0)?;
+            let result = super::merge::merged_result(kind, recipe, store, soup, best.0)?;
+            Ok((result, 0, grid))
+        }
+    }
 }
 
 /// The work of `soup mix` once OUT is checked: load and check the zoo and data, make the soup,
@@ -243,7 +360,7 @@ fn make_soup(
 fn run(
     args: &MixArgs,
     recipe: Recipe,
-    kind: SoupMethod,
+    kind: Kind,
     quiet: bool,
     comm: &dyn Collective,
     output: &mut Output,
@@ -260,20 +377,19 @@ fn run(
     let partial = output.partial.clone();
 
     let t_load = Instant::now();
-    let (zoo, files) = open_zoo(args, comm, quiet)?;
+    let (zoo, files) = open_zoo(args, comm, quiet, kind)?;
     let n = files.len();
     // Greedy loads every model twice: to rank them, then to try each in the soup.
     let (what, loads) = match kind {
-        SoupMethod::Greedy => ("greedy: models ranked and tried", 2 * n),
+        Kind::Soup(SoupMethod::Greedy) => ("greedy: models ranked and tried", 2 * n),
         _ => ("models loaded", n),
     };
     let store = Counted {
         inner: &files,
         loads: std::cell::Cell::new(0),
-        progress: if kind == SoupMethod::Mehl {
-            Progress::Hidden
-        } else {
-            Progress::new(quiet || rank > 0, loads, what)
+        progress: match kind {
+            Kind::Soup(SoupMethod::Mehl) | Kind::Merge(MergeMethod::AdaMerging) => Progress::Hidden,
+            _ => Progress::new(quiet || rank > 0, loads, what),
         },
     };
     let arch = files.arch.clone();
@@ -286,7 +402,7 @@ fn run(
     let mut objective = Evaluation::load(&args.data, &arch, &recipe, &model_dir)?;
     let estimate = tensor_estimate(&recipe, n, d, world) + objective.resident_bytes();
     let (heldout_len, test_len) = (objective.len(), objective.test_len());
-    if args.dry_run {
+    if let (true, Kind::Soup(kind)) = (args.dry_run, kind) {
         return super::dry_run::dry_run(args, &recipe, kind, &store, objective, estimate);
     }
     check_memory(args, method, estimate, n, d)?;
@@ -312,7 +428,7 @@ fn run(
         names: &names,
         resume: resume.then_some(&files),
     };
-    let (result, max_rows) = make_soup(kind, &store, &mut objective, saved, comm, quiet)?;
+    let (result, max_rows, grid) = make_soup(kind, &store, &mut objective, saved, comm, quiet)?;
     let soup_s = t_soup.elapsed().as_secs_f64();
     store.progress.finish();
 
@@ -345,7 +461,12 @@ fn run(
         args,
         text: objective.is_text().then_some(model_dir.as_path()),
         domains: &domains,
-        base: crate::manifest::base_model(&args.zoo)?,
+        base: crate::manifest::base_model(&args.zoo)?
+            .or_else(|| args.base.as_ref().map(|b| b.display().to_string())),
+        merge: match kind {
+            Kind::Merge(_) => Some(&grid),
+            Kind::Soup(_) => None,
+        },
         recipe: &recipe,
         arch: arch.as_ref(),
         zoo: &zoo,
@@ -382,8 +503,12 @@ struct Finished<'a> {
     text: Option<&'a Path>,
     /// Each domain's held-out and test scores, for a union of text data sets.
     domains: &'a [(String, Scores, Scores)],
-    /// The model the zoo's fine-tunes start from, where its zoo.toml records it.
+    /// The model the zoo's fine-tunes start from, where its zoo.toml records it (else a
+    /// merge's `--base`).
     base: Option<String>,
+    /// A multi-task merge (its first model is the base), with the (λ, held-out loss) grid of a
+    /// data-free one.
+    merge: Option<&'a [(f64, f64)]>,
     recipe: &'a Recipe,
     arch: &'a dyn Architecture,
     zoo: &'a [Resolved],
@@ -499,18 +624,32 @@ impl Finished<'_> {
             None => "`preprocessor_config.json`",
             Some(_) => "the tokenizer's files",
         };
+        let what = match self.merge {
+            None => format!(
+                "A {method} soup of {n} models made by `soup mix` (MEHL-Soup, ECCV 2024, and its \
+                 baselines): one model of {} parameters whose weights are, block by block ({} \
+                 blocks), affine combinations Σ α_i θ_i of the models below (α of a block sums \
+                 to 1).",
+                arch.layout().numel(),
+                result.blocks.len(),
+            ),
+            Some(_) => format!(
+                "A {method} merge made by `soup mix` of the base θ_0 (model 0) and the {} models \
+                 fine-tuned from it: one model of {} parameters, θ_0 plus the task vectors \
+                 θ_k − θ_0 scaled by λ ({} blocks; TIES trims the task vectors and elects their \
+                 signs first). λ was chosen on the held-out text's next-token loss.",
+                n - 1,
+                arch.layout().numel(),
+                result.blocks.len(),
+            ),
+        };
         let body = format!(
-            "A {method} soup of {n} models made by `soup mix` (MEHL-Soup, ECCV 2024, and its \
-             baselines): one model of {} parameters whose weights are, block by block ({} \
-             blocks), affine combinations Σ α_i θ_i of the models below (α of a block sums to \
-             1). Data: `{}`; the held-out split chose the soup, the test split did not.\n\n\
+            "{what} Data: `{}`; the held-out split chose the soup, the test split did not.\n\n\
              ## Scores\n\n{}\n## Sources\n\nα per model: mean over blocks, and its range \
              (every block's α in `coefficients.json`, drawn in `coefficients.svg`).\n\n{}\n\
              ## Run\n\nTimings and memory in `report.json`. Files: `model.safetensors`, `config.json`, \
              {files}, `coefficients.json`, `coefficients.svg`, `curve.svg`, `recipe.toml`, \
              `report.json`.\n\n## Recipe\n\n```toml\n{}```\n\n",
-            arch.layout().numel(),
-            result.blocks.len(),
             self.args.data.data,
             scores,
             crate::card::table(&["#", "source", "pinned to", "mean α", "α range"], &sources),
@@ -532,6 +671,7 @@ impl Finished<'_> {
             text,
             domains,
             base: _,
+            merge,
             recipe,
             arch,
             zoo,
@@ -590,6 +730,13 @@ impl Finished<'_> {
             })).collect::<Vec<_>>(),
             "data": args.data.data,
         });
+        let mut report = report;
+        if let Some(grid) = merge.filter(|g| !g.is_empty()) {
+            report["lambda_grid"] = grid
+                .iter()
+                .map(|(l, loss)| serde_json::json!({"lambda": l, "heldout_loss": loss}))
+                .collect();
+        }
         write("report.json", &serde_json::to_string_pretty(&report)?)?;
         // The soup as a model directory (model.safetensors, config.json, preprocessor_config.json)
         // with its model card as README.md.

@@ -2,11 +2,13 @@
 //! file per preset: `fmnist` (the default: a tiny CLIP ViT on Fashion-MNIST, every table and
 //! figure) and `dinov2` (the same on fine-tunes of the real DINOv2-S/14), both in `fmnist.rs`;
 //! `multitask` (AdaMerging through MEHL and its baselines on DINOv2-S/14 fine-tuned on four
-//! tasks, `multitask.rs`); `scale` (memory and time of Learned+ vs MEHL+ on ViT-B/32-size zoos) and
+//! tasks, `multitask.rs`); `llm` (soups of SmolLM2-135M fine-tuned on three text domains,
+//! `llm.rs`); `scale` (memory and time of Learned+ vs MEHL+ on ViT-B/32-size zoos) and
 //! `paper-vit-b32` (the 72 model-soups checkpoints on ImageNet). Every soup runs through the
 //! `soup` binary ([`Soup`]), each in its own process so its peak RSS and time are its own.
 
 mod fmnist;
+mod llm;
 mod multitask;
 pub(crate) mod paper;
 pub(crate) mod scale;
@@ -30,12 +32,17 @@ pub(crate) struct Soup {
 impl Soup {
     /// The release `soup`, built; with `dev` the dev-profile one as it is when it exists (CI
     /// reuses the binary its tests built: a separate `cargo build` would not match their feature
-    /// set and would rebuild candle).
-    pub(crate) fn build(dev: bool) -> Result<Self, String> {
+    /// set and would rebuild candle). `features` are soup-cli's, for the release build.
+    pub(crate) fn build(dev: bool, features: &[&str]) -> Result<Self, String> {
         let profile = if dev { "debug" } else { "release" };
         let exe = root().join("target").join(profile).join("soup");
         if !dev {
-            cargo(&["build", "--release", "-p", "soup-cli"])?;
+            let features = features.join(",");
+            let mut args = vec!["build", "--release", "-p", "soup-cli"];
+            if !features.is_empty() {
+                args.extend(["--features", &features]);
+            }
+            cargo(&args)?;
         } else if !exe.exists() {
             cargo(&["build", "-p", "soup-cli"])?;
         }
@@ -211,8 +218,8 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         }
         Ok(())
     };
-    if quick && !["fmnist", "dinov2"].contains(&preset.as_str()) {
-        return Err("--quick belongs to --preset fmnist and --preset dinov2".into());
+    if quick && !["fmnist", "dinov2", "llm"].contains(&preset.as_str()) {
+        return Err("--quick belongs to --preset fmnist, dinov2 and llm".into());
     }
     // `--models` is a list of N for `scale`, the number of models to mix for `paper-vit-b32`.
     if preset == "paper-vit-b32" {
@@ -242,9 +249,18 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         scaling.batch_size.is_some(),
         "paper-vit-b32",
     )?;
-    if !["fmnist", "dinov2", "multitask", "scale", "paper-vit-b32"].contains(&preset.as_str()) {
+    const PRESETS: [&str; 6] = [
+        "fmnist",
+        "dinov2",
+        "multitask",
+        "llm",
+        "scale",
+        "paper-vit-b32",
+    ];
+    if !PRESETS.contains(&preset.as_str()) {
         return Err(format!(
-            "unknown preset {preset:?} (available: fmnist, dinov2, multitask, scale, paper-vit-b32)"
+            "unknown preset {preset:?} (available: {})",
+            PRESETS.join(", ")
         ));
     }
     let paper_args = if preset == "paper-vit-b32" {
@@ -257,12 +273,20 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
     } else {
         None
     };
-    let soup = Soup::build(dev_build)?;
+    // The language models' matrix products run faster through OpenBLAS (BENCHMARKS.md).
+    let features: &[&str] = if preset == "llm" && !dev_build {
+        crate::ensure_packages(crate::OPENBLAS_PACKAGES)?;
+        &["openblas"]
+    } else {
+        &[]
+    };
+    let soup = Soup::build(dev_build, features)?;
     match (preset.as_str(), paper_args) {
         ("scale", _) => scale::scale(&soup, models.as_deref().unwrap_or(scale::DEFAULT_MODELS)),
         (_, Some(a)) => paper::paper(&soup, &a),
         ("dinov2", _) => fmnist::dinov2(&soup, quick),
         ("multitask", _) => multitask::multitask(&soup),
+        ("llm", _) => llm::llm(&soup, quick),
         _ => fmnist::fmnist(&soup, quick),
     }
 }
