@@ -97,3 +97,13 @@ pub(super) fn check_memory(
     }
     Ok(())
 }
+
+/// Whether a multi-task merge's `--base` is a language model (without one, `merge` says that
+/// it needs it).
+pub(super) fn merges_language_models(args: &MixArgs) -> Result<bool> {
+    let Some(base) = &args.base else {
+        return Ok(false);
+    };
+    let arch = soup_models::Checkpoint::open(base)?.architecture_with(&args.arch.map()?)?;
+    Ok(matches!(arch.input(), soup_models::InputSpec::Tokens(_)))
+}

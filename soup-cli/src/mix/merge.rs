@@ -39,9 +39,6 @@ const OUTPUTS: &[&str] = &[
     "recipe.toml",
 ];
 
-/// The λ grid task arithmetic and TIES choose from on the held-out splits.
-pub(super) const LAMBDAS: [f64; 10] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
-
 /// The tasks' data arguments: `--data` split at commas, one per task model.
 fn task_data(args: &MixArgs, tasks: usize) -> Result<Vec<DataArgs>> {
     let names: Vec<&str> = args.data.data.split(',').map(str::trim).collect();
@@ -109,13 +106,6 @@ pub(super) fn mix(
             "{} runs in one process; over several processes soup mixes uniform, mehl and mehl+",
             recipe.method().name()
         )));
-    }
-    // A language model has no task heads to keep apart: its merge is one model, as a soup is.
-    if let Some(base) = &args.base {
-        let arch = Checkpoint::open(base)?.architecture_with(&args.arch.map()?)?;
-        if let soup_models::InputSpec::Tokens(_) = arch.input() {
-            return super::soup::mix(args, recipe, soup_core::Kind::Merge(kind), quiet, comm);
-        }
     }
     let inputs = inputs(args);
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
@@ -274,27 +264,34 @@ fn run(
             } else {
                 soup_core::task_arithmetic(&store, 0)?
             };
-            let bar = Progress::new(quiet, LAMBDAS.len(), "λ tried on the held-out splits");
-            let mut grid = Vec::with_capacity(LAMBDAS.len());
-            for lambda in LAMBDAS {
+            let bar = Progress::new(
+                quiet,
+                super::task_vectors::LAMBDAS.len(),
+                "λ tried on the held-out splits",
+            );
+            let mut grid = Vec::with_capacity(super::task_vectors::LAMBDAS.len());
+            for lambda in super::task_vectors::LAMBDAS {
                 let m = heldout.evaluate(&merged.at(lambda)?)?;
                 grid.push((lambda, m.accuracy.unwrap_or(f64::NAN)));
                 bar.inc(1);
             }
             bar.finish();
             // The first λ of the best held-out average accuracy.
-            let best = grid
-                .iter()
-                .copied()
-                .fold((LAMBDAS[0], f64::NEG_INFINITY), |a, b| {
+            let best = grid.iter().copied().fold(
+                (super::task_vectors::LAMBDAS[0], f64::NEG_INFINITY),
+                |a, b| {
                     if b.1 > a.1 {
                         b
                     } else {
                         a
                     }
-                });
+                },
+            );
             let soup = merged.at(best.0)?;
-            (merged_result(kind, &recipe, &store, soup, best.0)?, grid)
+            (
+                super::task_vectors::merged_result(kind, &recipe, &store, soup, best.0)?,
+                grid,
+            )
         }
     };
     let soup_s = t_soup.elapsed().as_secs_f64();
@@ -341,47 +338,6 @@ fn run(
         args.out.display()
     );
     Ok(())
-}
-
-/// A [`SoupResult`] for a data-free merge θ_0 + λ τ: α_0 = 1 − K λ and α_k = λ for task
-/// arithmetic; TIES's coordinates do not follow one α, so its α records λ alone (α_0 = 1 − λ,
-/// the task models λ/K each, the weights of the merged task vector).
-pub(super) fn merged_result(
-    kind: MergeMethod,
-    recipe: &Recipe,
-    store: &dyn ModelStore,
-    soup: Vec<candle_core::Tensor>,
-    lambda: f64,
-) -> Result<SoupResult> {
-    let k = store.len() - 1;
-    let kf = k as f64;
-    let ties = kind == MergeMethod::Ties;
-    let row: Vec<f64> = (0..=k)
-        .map(|j| match (j, ties) {
-            (0, true) => 1.0 - lambda,
-            (0, false) => 1.0 - kf * lambda,
-            (_, true) => lambda / kf,
-            (_, false) => lambda,
-        })
-        .collect();
-    let layout = store.layout(0)?;
-    let blocks = soup_core::BlockCut::WHOLE.blocks(&layout)?;
-    let model = 4 * layout.numel();
-    Ok(SoupResult {
-        method: recipe.method().name().to_string(),
-        model_names: (0..store.len()).map(|i| store.name(i)).collect(),
-        soup,
-        layout,
-        blocks,
-        alpha: vec![row],
-        history: Vec::new(),
-        evaluations: Vec::new(),
-        timings: Default::default(),
-        memory: soup_core::MemoryAccount {
-            models: if ties { 11 * model } else { 4 * model },
-            ..Default::default()
-        },
-    })
 }
 
 /// What a finished multi-task run writes.

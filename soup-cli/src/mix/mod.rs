@@ -1,7 +1,7 @@
 //! `soup mix`: a soup of a zoo ([`soup`]: uniform, greedy, learned, MEHL), or a merge of task
 //! models fine-tuned from one base ([`merge`]: AdaMerging, task arithmetic, TIES), chosen by the
 //! method's [`Kind`] from soup-core's registry. A merge of language models is one model, as a
-//! soup is, so [`merge`] hands it to [`soup`].
+//! soup is: [`soup`] makes it.
 //!
 //! Outputs go to `OUT.partial/` while the run lasts (MEHL saves its progress there after every
 //! model batch, which `--resume` continues from); the finished directory is renamed to OUT, so
@@ -16,6 +16,7 @@ mod mehl;
 mod merge;
 mod outputs;
 mod soup;
+mod task_vectors;
 
 use soup_core::{Collective, Kind};
 
@@ -29,6 +30,10 @@ pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
     let recipe = args::resolve_recipe(args)?;
     match recipe.method().kind() {
         Kind::Soup(kind) => soup::mix(args, recipe, Kind::Soup(kind), quiet, comm),
+        // A language model has no task heads to keep apart: its merge is one model, as a soup is.
+        Kind::Merge(kind) if args::merges_language_models(args)? => {
+            soup::mix(args, recipe, Kind::Merge(kind), quiet, comm)
+        }
         Kind::Merge(kind) => merge::mix(args, recipe, kind, quiet, comm),
     }
 }

@@ -296,7 +296,7 @@ fn make_soup(
 }
 
 /// A multi-task merge of the store's models (the base first) as one model: AdaMerging learns λ
-/// on the objective; task arithmetic and TIES take the λ of [`super::merge::LAMBDAS`] that
+/// on the objective; task arithmetic and TIES take the λ of [`super::task_vectors::LAMBDAS`] that
 /// scores best on it (the lowest held-out loss for a language model).
 fn merge(
     kind: MergeMethod,
@@ -334,7 +334,7 @@ fn merge(
             } else {
                 soup_core::task_arithmetic(store, 0)?
             };
-            let lambdas = super::merge::LAMBDAS;
+            let lambdas = super::task_vectors::LAMBDAS;
             let bar = Progress::new(quiet, lambdas.len(), "λ tried on the held-out split");
             let mut grid = Vec::with_capacity(lambdas.len());
             let mut best = (lambdas[0], f64::NEG_INFINITY);
@@ -349,7 +349,7 @@ fn merge(
             }
             bar.finish();
             let soup = merged.at(best.0)?;
-            let result = super::merge::merged_result(kind, recipe, store, soup, best.0)?;
+            let result = super::task_vectors::merged_result(kind, recipe, store, soup, best.0)?;
             Ok((result, 0, grid))
         }
     }
