@@ -210,25 +210,11 @@ impl DataArgs {
         model_dir: &std::path::Path,
         spec: &soup_models::arch::TokenSpec,
     ) -> Result<Vec<Domain>> {
-        if self.max_examples == Some(0) {
-            return Err(CliError::new("--max-examples must be at least 1"));
-        }
-        if self.seq_len > spec.max_positions {
-            return Err(CliError::new(format!(
-                "--seq-len {}: beyond the model's {} positions",
-                self.seq_len, spec.max_positions
-            )));
-        }
+        self.check_text(spec)?;
         let (tokenizer, eos) = soup_models::data::text::model_tokenizer(model_dir)?;
         let heldout = self.spec().heldout;
         let roots = self.domains();
-        let short = |d: &str| {
-            std::path::Path::new(d)
-                .file_name()
-                .map_or(d.to_string(), |f| f.to_string_lossy().into_owned())
-        };
-        let names: Vec<String> = roots.iter().map(|d| short(d)).collect();
-        let unique = (1..names.len()).all(|i| !names[..i].contains(&names[i]));
+        let names = self.domain_names();
         roots
             .iter()
             .zip(&names)
@@ -242,9 +228,118 @@ impl DataArgs {
                     self.max_examples,
                 )?;
                 Ok(Domain {
-                    name: if unique { name.clone() } else { root.clone() },
+                    name: name.clone(),
                     windows,
                 })
+            })
+            .collect()
+    }
+
+    /// `--max-examples` and `--seq-len` checked for a language model of `spec`.
+    fn check_text(&self, spec: &soup_models::arch::TokenSpec) -> Result<()> {
+        if self.max_examples == Some(0) {
+            return Err(CliError::new("--max-examples must be at least 1"));
+        }
+        if self.seq_len > spec.max_positions {
+            return Err(CliError::new(format!(
+                "--seq-len {}: beyond the model's {} positions",
+                self.seq_len, spec.max_positions
+            )));
+        }
+        Ok(())
+    }
+
+    /// The domains' names: their last path components, or the whole paths where those repeat.
+    fn domain_names(&self) -> Vec<String> {
+        let roots = self.domains();
+        let short = |d: &str| {
+            std::path::Path::new(d)
+                .file_name()
+                .map_or(d.to_string(), |f| f.to_string_lossy().into_owned())
+        };
+        let names: Vec<String> = roots.iter().map(|d| short(d)).collect();
+        let unique = (1..names.len()).all(|i| !names[..i].contains(&names[i]));
+        match unique {
+            true => names,
+            false => roots,
+        }
+    }
+
+    /// Calls `each(d, window)` with the windows of `split` of every domain d in turn
+    /// (`--max-examples` of each at most), streamed from the files; returns each domain's name
+    /// and windows given, an error naming a domain without one.
+    pub fn visit_domains(
+        &self,
+        split: Split,
+        model_dir: &std::path::Path,
+        spec: &soup_models::arch::TokenSpec,
+        mut each: impl FnMut(usize, Vec<u32>) -> Result<()>,
+    ) -> Result<Vec<(String, usize)>> {
+        self.check_text(spec)?;
+        let (tokenizer, eos) = soup_models::data::text::model_tokenizer(model_dir)?;
+        let heldout = self.spec().heldout;
+        let mut out = Vec::new();
+        for (d, (root, name)) in self.domains().iter().zip(self.domain_names()).enumerate() {
+            let mut failed = None;
+            let given = soup_models::data::text::visit_windows(
+                std::path::Path::new(root),
+                (split, &heldout),
+                (&tokenizer, eos),
+                self.seq_len,
+                self.max_examples,
+                |w| match each(d, w) {
+                    Ok(()) => Ok(true),
+                    Err(e) => {
+                        failed = Some(e);
+                        Ok(false)
+                    }
+                },
+            )?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if given == 0 {
+                // The split's own error, naming it.
+                soup_models::data::text::windows(
+                    std::path::Path::new(root),
+                    (split, &heldout),
+                    &tokenizer,
+                    eos,
+                    self.seq_len,
+                    Some(1),
+                )?;
+            }
+            out.push((name, given));
+        }
+        Ok(out)
+    }
+
+    /// The training windows of every domain (`--max-examples` of each at most) for a run that
+    /// reads them in random order: domain d's held in memory up to `spill(d).1` bytes, else in
+    /// the file `spill(d).0` (see [`soup_models::data::text::training_windows`]).
+    pub fn load_training_domains(
+        &self,
+        model_dir: &std::path::Path,
+        spec: &soup_models::arch::TokenSpec,
+        spill: impl Fn(usize) -> (std::path::PathBuf, usize),
+    ) -> Result<Vec<(String, soup_models::data::text::TrainWindows)>> {
+        self.check_text(spec)?;
+        let (tokenizer, eos) = soup_models::data::text::model_tokenizer(model_dir)?;
+        let heldout = self.spec().heldout;
+        self.domains()
+            .iter()
+            .zip(self.domain_names())
+            .enumerate()
+            .map(|(d, (root, name))| {
+                let (path, memory) = spill(d);
+                let windows = soup_models::data::text::training_windows(
+                    std::path::Path::new(root),
+                    (Split::Train, &heldout),
+                    (&tokenizer, eos),
+                    (self.seq_len, self.max_examples),
+                    (&path, memory),
+                )?;
+                Ok((name, windows))
             })
             .collect()
     }
@@ -489,4 +584,21 @@ pub fn downloads(quiet: bool) -> Option<OnDownload> {
             }
         }
     })))
+}
+
+/// A size in bytes as `flag` takes it: a number, with K, M or G for 10^3, 10^6 or 10^9; zero
+/// only with `zero`.
+pub fn parse_bytes(flag: &str, s: &str, zero: bool) -> Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
+        _ => (s, 1.0),
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| (v * mult) as u64)
+        .filter(|&v| v > 0 || zero)
+        .ok_or_else(|| CliError::new(format!("{flag} {s:?}: expected a size such as 8G")))
 }

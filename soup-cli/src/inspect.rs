@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use soup_core::Objective;
 use soup_models::checkpoint::atomic_write;
 use soup_models::data::{shifted, Shift, Split};
+use soup_models::train::language::{NextTokenSums, EVAL_BATCH};
 use soup_models::{
     Architecture, Checkpoint, Classification, Dataset, InputSpec, ModelError, ModelSource,
     TokenSpec,
@@ -110,20 +111,40 @@ fn eval_text(
         ));
     }
     let dir = model_dir(&ckpt.path);
-    let domains = args.data.load_domains(split, &dir, &spec)?;
-    let score = |windows: &[Vec<u32>]| -> Result<serde_json::Value> {
-        let m = soup_models::train::language::evaluate(arch, params, windows, 4)?;
+    // Streamed: a batch of windows at a time per domain, never the split.
+    let mut sums: Vec<NextTokenSums> = Vec::new();
+    let mut pending: Vec<Vec<Vec<u32>>> = Vec::new();
+    let domains = args.data.visit_domains(split, &dir, &spec, |d, window| {
+        if sums.len() <= d {
+            sums.resize(d + 1, NextTokenSums::default());
+            pending.resize(d + 1, Vec::new());
+        }
+        pending[d].push(window);
+        if pending[d].len() == EVAL_BATCH {
+            sums[d].add(arch, params, &pending[d])?;
+            pending[d].clear();
+        }
+        Ok(())
+    })?;
+    for (s, rest) in sums.iter_mut().zip(&pending) {
+        if !rest.is_empty() {
+            s.add(arch, params, rest)?;
+        }
+    }
+    let score = |d: usize| -> Result<serde_json::Value> {
+        let m = sums[d].metrics(arch)?;
         Ok(
             serde_json::json!({"loss": m.loss, "perplexity": m.loss.exp(),
             "accuracy": m.accuracy.unwrap_or(f64::NAN), "count": m.count,
-            "windows": windows.len()}),
+            "windows": domains[d].1}),
         )
     };
     // A union of data sets is scored domain by domain; the whole weighs them by their tokens,
     // as `soup mix` reports a union.
     let each: Vec<(String, serde_json::Value)> = domains
         .iter()
-        .map(|d| Ok((d.name.clone(), score(&d.windows)?)))
+        .enumerate()
+        .map(|(d, (name, _))| Ok((name.clone(), score(d)?)))
         .collect::<Result<_>>()?;
     let mut scores = match each.as_slice() {
         [(_, one)] => one.clone(),
@@ -143,7 +164,7 @@ fn eval_text(
             let loss = mean("loss");
             serde_json::json!({"loss": loss, "perplexity": loss.exp(), "accuracy": mean("accuracy"),
                 "count": count as u64,
-                "windows": domains.iter().map(|d| d.windows.len()).sum::<usize>()})
+                "windows": domains.iter().map(|d| d.1).sum::<usize>()})
         }
     };
     let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);

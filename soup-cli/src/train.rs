@@ -1,7 +1,6 @@
 //! `soup train` and `soup finetune`: make a start point, then a zoo of fine-tunes.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,6 +11,7 @@ use soup_core::{Metrics, Objective};
 use soup_models::checkpoint::{
     arch_metadata, write_model_dir, write_safetensors, MODEL_DIR_FILES as MODEL_FILES,
 };
+use soup_models::data::text::{TrainWindows, Windows};
 use soup_models::data::Split;
 use soup_models::train::finetune::TrainData;
 use soup_models::train::finetune::{finetune_some, Augment, FinetuneConfig};
@@ -98,6 +98,11 @@ pub struct TrainArgs {
     pub training: TrainingArgs,
     #[command(flatten)]
     pub device: crate::common::DeviceArgs,
+    /// Language models: the bytes of training windows held in memory (K, M, G); beyond it the
+    /// windows are written once to a file of tokens beside the output and read back a batch at
+    /// a time, so a corpus larger than memory trains (the file is removed at the end).
+    #[arg(long, default_value = "1G")]
+    pub window_memory: String,
     /// Train only the tensors whose names start with this prefix (repeatable); the others stay
     /// frozen, e.g. `--train-only classifier` fits a linear probe on a frozen backbone.
     #[arg(long)]
@@ -161,7 +166,11 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
         (Some(_), _) => Some(crate::inspect::model_dir(&init_path)),
         (None, tokenizer) => tokenizer.clone(),
     };
-    let sets = TrainSets::load(&args.data, &arch, model_dir.as_deref())?;
+    let spill = Spill {
+        out: &args.out,
+        memory: window_memory(&args.window_memory)?,
+    };
+    let sets = TrainSets::load(&args.data, &arch, model_dir.as_deref(), &spill)?;
     let config = args.training.config();
     let (trained, metrics) = run_training(
         &arch,
@@ -212,14 +221,45 @@ enum TrainSets {
         heldout: Dataset,
     },
     Text {
-        /// Every domain's windows, one domain after another.
-        train: Vec<Vec<u32>>,
-        heldout: Vec<Vec<u32>>,
-        /// Each domain's name and the positions of its windows in `train` and `heldout`.
-        domains: Vec<(String, Range<usize>, Range<usize>)>,
+        /// Each domain of a union of text data sets (one for one data set).
+        domains: Vec<TextDomain>,
         /// Where the tokenizer was read (copied beside every model trained).
         tokenizer: PathBuf,
     },
+}
+
+/// One text domain's training windows (in memory, or in a file of tokens when they take more
+/// than `--window-memory`) and held-out windows.
+struct TextDomain {
+    name: String,
+    train: TrainWindows,
+    heldout: Vec<Vec<u32>>,
+}
+
+/// Where a run writes the training windows that do not fit `--window-memory`: a file per domain
+/// beside the output, removed when the run ends.
+pub(crate) struct Spill<'a> {
+    pub out: &'a Path,
+    /// The bytes of training windows held in memory.
+    pub memory: usize,
+}
+
+impl Spill<'_> {
+    fn path(&self, domain: usize) -> PathBuf {
+        let dir = self
+            .out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = self
+            .out
+            .file_name()
+            .map_or("out".into(), |n| n.to_string_lossy().into_owned());
+        dir.join(format!(
+            ".{name}.tokens-{}-{domain}.partial",
+            std::process::id()
+        ))
+    }
 }
 
 impl TrainSets {
@@ -228,6 +268,7 @@ impl TrainSets {
         data: &DataArgs,
         arch: &Arc<dyn Architecture>,
         model_dir: Option<&Path>,
+        spill: &Spill,
     ) -> Result<Self> {
         match arch.input() {
             InputSpec::Images(_) => Ok(TrainSets::Images {
@@ -241,25 +282,19 @@ impl TrainSets {
                          (--init), or name one to train from scratch with (--tokenizer DIR)",
                     )
                 })?;
-                let train = data.load_domains(Split::Train, dir, &spec)?;
                 let heldout = data.load_domains(Split::Heldout, dir, &spec)?;
-                let (mut a, mut b) = (0, 0);
+                let train =
+                    data.load_training_domains(dir, &spec, |d| (spill.path(d), spill.memory))?;
                 let domains = train
-                    .iter()
-                    .zip(&heldout)
-                    .map(|(t, h)| {
-                        let (ta, hb) = (a, b);
-                        a += t.windows.len();
-                        b += h.windows.len();
-                        (t.name.clone(), ta..a, hb..b)
+                    .into_iter()
+                    .zip(heldout)
+                    .map(|((name, train), h)| TextDomain {
+                        name,
+                        train,
+                        heldout: h.windows,
                     })
                     .collect();
-                let join = |split: Vec<crate::common::Domain>| -> Vec<Vec<u32>> {
-                    split.into_iter().flat_map(|d| d.windows).collect()
-                };
                 Ok(TrainSets::Text {
-                    train: join(train),
-                    heldout: join(heldout),
                     domains,
                     tokenizer: dir.to_path_buf(),
                 })
@@ -279,18 +314,20 @@ impl TrainSets {
     fn domain_name(&self, d: usize) -> Option<&str> {
         match self {
             TrainSets::Images { .. } => None,
-            TrainSets::Text { domains, .. } => domains.get(d).map(|(n, _, _)| n.as_str()),
+            TrainSets::Text { domains, .. } => domains.get(d).map(|t| t.name.as_str()),
         }
     }
 
-    /// The training data: for text, domain `d`'s windows, or every domain's.
-    fn train_data(&self, d: Option<usize>) -> TrainData<'_> {
+    /// The training windows: domain `d`'s, or every domain's (none for images).
+    fn text_parts(&self, d: Option<usize>) -> Vec<&dyn Windows> {
         match self {
-            TrainSets::Images { train, .. } => TrainData::Images(train),
-            TrainSets::Text { train, domains, .. } => match d {
-                Some(d) => TrainData::Text(&train[domains[d].1.clone()]),
-                None => TrainData::Text(train),
-            },
+            TrainSets::Images { .. } => Vec::new(),
+            TrainSets::Text { domains, .. } => domains
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| d.is_none_or(|d| d == *i))
+                .map(|(_, t)| &t.train as &dyn Windows)
+                .collect(),
         }
     }
 
@@ -305,13 +342,13 @@ impl TrainSets {
             TrainSets::Images { heldout, .. } => {
                 Classification::new(arch.clone(), heldout.clone(), 256).evaluate(params)?
             }
-            TrainSets::Text {
-                heldout, domains, ..
-            } => {
-                let windows = match d {
-                    Some(d) => heldout[domains[d].2.clone()].to_vec(),
-                    None => heldout.clone(),
-                };
+            TrainSets::Text { domains, .. } => {
+                let windows: Vec<Vec<u32>> = domains
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| d.is_none_or(|d| d == *i))
+                    .flat_map(|(_, t)| t.heldout.iter().cloned())
+                    .collect();
                 LanguageModeling::new(arch.clone(), windows, 4)?.evaluate(params)?
             }
         })
@@ -369,6 +406,11 @@ impl TrainSets {
     }
 }
 
+/// `--window-memory` in bytes.
+fn window_memory(flag: &str) -> Result<usize> {
+    Ok(crate::common::parse_bytes("--window-memory", flag, true)? as usize)
+}
+
 /// Fine-tunes with a progress bar, then evaluates on the held-out split.
 #[allow(clippy::too_many_arguments)]
 fn run_training(
@@ -380,17 +422,21 @@ fn run_training(
     quiet: bool,
     what: &str,
 ) -> Result<(Vec<Tensor>, Metrics)> {
-    let data = sets.train_data(domain);
+    let parts = sets.text_parts(domain);
+    let data = match sets {
+        TrainSets::Images { train, .. } => TrainData::Images(train),
+        TrainSets::Text { .. } => TrainData::Text(&parts),
+    };
     let len = match data {
         TrainData::Images(d) => d.len(),
-        TrainData::Text(w) => w.len(),
+        TrainData::Text(w) => w.iter().map(|p| p.len()).sum(),
     };
     let batch = config.batch_size.max(1);
     let per_epoch = len.div_ceil(batch);
     let bar = Progress::new(quiet, config.epochs * per_epoch, &format!("{what} steps"));
     // Text reports its throughput in tokens: the windows of a step times their length.
     let window = match data {
-        TrainData::Text(w) => w.first().map_or(0, Vec::len),
+        TrainData::Text(w) => w.iter().find_map(|p| p.window_len()).unwrap_or(0),
         TrainData::Images(_) => 0,
     };
     let (started, mut step, mut tokens) = (std::time::Instant::now(), 0, 0);
@@ -580,6 +626,12 @@ pub struct FinetuneArgs {
     /// Seed of the search.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Language models: the bytes of training windows held in memory (K, M, G); beyond it the
+    /// windows are written once to a file of tokens beside the output and read back a batch at
+    /// a time, so a corpus larger than memory trains (the file is removed at the end).
+    #[arg(long, default_value = "1G")]
+    pub window_memory: String,
+
     /// Continue an interrupted run (the same flags) from the models its zoo.toml lists.
     #[arg(long, conflicts_with = "force")]
     pub resume: bool,
@@ -763,7 +815,15 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     let params = base.load_params(arch.as_ref(), &args.device.open()?)?;
     let model_dir = crate::inspect::model_dir(&base_source.path);
     let start = Start {
-        sets: TrainSets::load(&args.data, &arch, Some(&model_dir))?,
+        sets: TrainSets::load(
+            &args.data,
+            &arch,
+            Some(&model_dir),
+            &Spill {
+                out: &args.out,
+                memory: window_memory(&args.window_memory)?,
+            },
+        )?,
         arch,
         params,
         source: base_source,

@@ -596,6 +596,40 @@ fn finetune_makes_a_zoo_of_language_models_that_mix_soups() {
         let card = std::fs::read_to_string(path.join("README.md")).unwrap();
         assert!(card.contains("text-generation"), "{card}");
     }
+    // With no memory for training windows they are read back from a file of tokens beside the
+    // zoo, to the same models; the file is gone afterwards.
+    let spilled = dir.path().join("ft-spilled");
+    ok(&[
+        "finetune",
+        "--base",
+        &base,
+        "--data",
+        &data,
+        "--seq-len",
+        "8",
+        "--count",
+        "2",
+        "--search",
+        &search.display().to_string(),
+        "--window-memory",
+        "0",
+        "--out",
+        &spilled.display().to_string(),
+    ]);
+    for m in ["model-00", "model-01"] {
+        let read = |d: &Path| std::fs::read(d.join(m).join("model.safetensors")).unwrap();
+        assert!(
+            read(&out) == read(&spilled),
+            "{m} differs with its windows in a file"
+        );
+    }
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tokens"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     let soup = dir.path().join("soup");
     let said = ok(&[
         "mix",

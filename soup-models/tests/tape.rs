@@ -10,6 +10,7 @@ use soup_core::rng::SplitMix64;
 use soup_core::{Batch, Objective};
 use soup_models::arch::clip::{ClipClassifier, ClipVitConfig};
 use soup_models::arch::dinov2::{Dinov2Classifier, Dinov2Config};
+use soup_models::data::text::{TokenFile, Windows};
 use soup_models::testkit::fixtures::tiny_clip_config;
 use soup_models::{Architecture, Classification, Dataset, Images};
 
@@ -495,8 +496,36 @@ fn fine_tuning_a_language_model_through_the_tape_follows_the_autograd_trajectory
         clip_grad_norm: Some(1.0),
         seed: 3,
     };
-    let data = TrainData::Text(&windows);
+    let whole: [&dyn Windows; 1] = [&windows];
+    let data = TrainData::Text(&whole);
     let (tuned, steps) = finetune(arch.as_ref(), &p, data, &config, &mut |_| {}).unwrap();
+    // The same windows in two parts (two domains), and read back from a file of tokens, train
+    // to the same bits.
+    let (head, tail) = (windows[..4].to_vec(), windows[4..].to_vec());
+    let dir = soup_models::testkit::fixtures::ScratchDir::new("tape-token-file");
+    let file = TokenFile::create(&dir.path().join("windows.tokens"), &windows).unwrap();
+    for parts in [
+        vec![&head as &dyn Windows, &tail],
+        vec![&file as &dyn Windows],
+    ] {
+        let (again, _) = finetune(
+            arch.as_ref(),
+            &p,
+            TrainData::Text(&parts),
+            &config,
+            &mut |_| {},
+        )
+        .unwrap();
+        let values = |t: &[Tensor]| -> Vec<Vec<f64>> {
+            t.iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+                .collect()
+        };
+        assert_eq!(values(&again), values(&tuned));
+    }
+    let path = file.path().to_path_buf();
+    drop(file);
+    assert!(!path.exists(), "the file of tokens is removed when dropped");
     let reference = NoTape(arch.clone());
     let (want, want_steps) = finetune(&reference, &p, data, &config, &mut |_| {}).unwrap();
     assert_eq!(steps.len(), 9);
@@ -520,7 +549,7 @@ fn fine_tuning_a_language_model_through_the_tape_follows_the_autograd_trajectory
     let err = finetune(
         arch.as_ref(),
         &p,
-        TrainData::Text(&ragged),
+        TrainData::Text(&[&ragged]),
         &config,
         &mut |_| {},
     )

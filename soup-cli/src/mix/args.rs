@@ -49,20 +49,6 @@ pub struct MixArgs {
     pub device: crate::common::DeviceArgs,
 }
 
-pub(super) fn parse_bytes(s: &str) -> Result<u64> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
-        _ => (s, 1.0),
-    };
-    num.parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .map(|v| (v * mult) as u64)
-        .ok_or_else(|| CliError::new(format!("--max-memory {s:?}: expected a size such as 8G")))
-}
-
 /// The recipe of the run: `--recipe`'s file, overridden by the flags, resolved.
 pub(super) fn resolve_recipe(args: &MixArgs) -> Result<Recipe> {
     let from_file = match &args.recipe {
@@ -85,7 +71,7 @@ pub(super) fn check_memory(
     d: usize,
 ) -> Result<()> {
     if let Some(limit) = &args.max_memory {
-        let limit = parse_bytes(limit)?;
+        let limit = crate::common::parse_bytes("--max-memory", limit, false)?;
         if estimate > limit {
             return Err(CliError::new(format!(
                 "{} needs about {} for {n} models of {d} parameters plus the data, over --max-memory {}",

@@ -19,7 +19,7 @@ use crate::recipe::Recipe;
 /// Evaluation batches: the largest a run uses for images; a language model's batches of
 /// windows hold a vocabulary-sized row of logits per token, so they stay small.
 const IMAGE_EVAL_BATCH: usize = 256;
-const TEXT_EVAL_BATCH: usize = 4;
+const TEXT_EVAL_BATCH: usize = soup_models::train::language::EVAL_BATCH;
 
 pub(super) enum Evaluation {
     Images {

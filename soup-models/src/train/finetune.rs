@@ -14,6 +14,7 @@ use soup_core::StepSchedule;
 
 use crate::arch::tape::Target;
 use crate::arch::Architecture;
+use crate::data::text::Windows;
 use crate::error::{ModelError, Result};
 use crate::ops::cross_entropy;
 use crate::train::objective::Dataset;
@@ -87,9 +88,29 @@ impl FinetuneConfig {
 pub enum TrainData<'a> {
     /// Labelled images: classification.
     Images(&'a Dataset),
-    /// Windows of tokens of one length: next-token prediction (label smoothing and the image
-    /// augmentations do not apply).
-    Text(&'a [Vec<u32>]),
+    /// Windows of tokens of one length, the parts' one after another (several text domains):
+    /// next-token prediction (label smoothing and the image augmentations do not apply).
+    Text(&'a [&'a dyn Windows]),
+}
+
+/// The windows `rows` (indices into the parts one after another), one after another.
+fn read_windows(parts: &[&dyn Windows], rows: &[u32]) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for &r in rows {
+        let mut r = r as usize;
+        let part = parts
+            .iter()
+            .find(|p| {
+                let inside = r < p.len();
+                if !inside {
+                    r -= p.len();
+                }
+                inside
+            })
+            .ok_or_else(|| ModelError::config("finetune", format!("no window {r}")))?;
+        out.extend(part.read(&[r])?);
+    }
+    Ok(out)
 }
 
 impl<'a> From<&'a Dataset> for TrainData<'a> {
@@ -102,7 +123,7 @@ impl TrainData<'_> {
     fn len(&self) -> usize {
         match self {
             TrainData::Images(d) => d.len(),
-            TrainData::Text(w) => w.len(),
+            TrainData::Text(parts) => parts.iter().map(|p| p.len()).sum(),
         }
     }
 }
@@ -151,9 +172,16 @@ pub fn finetune_some<'a>(
     if data.len() == 0 {
         return Err(ModelError::config("finetune", "the training data is empty"));
     }
-    if let TrainData::Text(windows) = data {
-        let t = windows[0].len();
-        if t < 2 || windows.iter().any(|w| w.len() != t) {
+    if let TrainData::Text(parts) = data {
+        let lens: Vec<Option<usize>> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| p.window_len())
+            .collect();
+        if lens
+            .iter()
+            .any(|&t| t.is_none_or(|t| t < 2 || Some(t) != lens[0]))
+        {
             return Err(ModelError::config(
                 "finetune",
                 "windows of at least 2 tokens, all of one length, are needed",
@@ -310,14 +338,11 @@ fn text_step(
     arch: &dyn Architecture,
     tensors: &[Tensor],
     all_trainable: bool,
-    windows: &[Vec<u32>],
+    windows: &[&dyn Windows],
     rows: &[u32],
 ) -> Result<(f64, GradStore)> {
-    let t = windows[0].len();
-    let flat: Vec<u32> = rows
-        .iter()
-        .flat_map(|&r| windows[r as usize].iter().copied())
-        .collect();
+    let flat = read_windows(windows, rows)?;
+    let t = flat.len() / rows.len().max(1);
     let tokens = Tensor::from_vec(flat.clone(), (rows.len(), t), tensors[0].device())?;
     let tape = match all_trainable {
         true => arch.tape(tensors, &tokens)?,
@@ -336,9 +361,9 @@ fn text_step(
             let logits = arch.forward(tensors, &tokens)?;
             let (n, _, v) = logits.dims3()?;
             let shifted = logits.narrow(1, 0, t - 1)?.reshape((n * (t - 1), v))?;
-            let labels: Vec<u32> = rows
-                .iter()
-                .flat_map(|&r| windows[r as usize][1..].iter().copied())
+            let labels: Vec<u32> = flat
+                .chunks(t)
+                .flat_map(|w| w[1..].iter().copied())
                 .collect();
             let loss = cross_entropy(&shifted, &labels, 0.0)?;
             let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;

@@ -15,6 +15,9 @@ use crate::error::{ModelError, Result};
 use crate::ops::{cross_entropy, log_softmax};
 use crate::train::objective::{device_of, part, shard, weighted, zero_gradients};
 
+/// Windows per batch of an evaluation: the logits of a batch are vocabulary × tokens wide.
+pub const EVAL_BATCH: usize = 4;
+
 /// The next-token metrics of `arch` with `params` on `windows` (each of the same length), in
 /// batches of `batch` windows; `count` is the number of predicted tokens.
 pub fn evaluate(
@@ -23,16 +26,39 @@ pub fn evaluate(
     windows: &[Vec<u32>],
     batch: usize,
 ) -> Result<Metrics> {
-    let t = windows.first().map_or(0, Vec::len);
-    if t < 2 || windows.iter().any(|w| w.len() != t) {
-        return Err(ModelError::config(
-            arch.family(),
-            "windows of at least 2 tokens, all of one length, are needed",
-        ));
-    }
-    let device = params.first().map_or(Device::Cpu, |p| p.device().clone());
-    let (mut nll, mut correct, mut count) = (0f64, 0usize, 0usize);
+    let mut sums = NextTokenSums::default();
     for chunk in windows.chunks(batch.max(1)) {
+        sums.add(arch, params, chunk)?;
+    }
+    sums.metrics(arch)
+}
+
+/// The sums of the next-token metrics over windows added a batch at a time, so that windows
+/// streamed from a corpus are scored without holding them: added in the batches of
+/// [`evaluate`], they give its metrics to the bit.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NextTokenSums {
+    nll: f64,
+    correct: usize,
+    count: usize,
+}
+
+impl NextTokenSums {
+    /// Adds one batch of windows (each of the same length, at least 2 tokens).
+    pub fn add(
+        &mut self,
+        arch: &dyn Architecture,
+        params: &[Tensor],
+        chunk: &[Vec<u32>],
+    ) -> Result<()> {
+        let t = chunk.first().map_or(0, Vec::len);
+        if t < 2 || chunk.iter().any(|w| w.len() != t) {
+            return Err(ModelError::config(
+                arch.family(),
+                "windows of at least 2 tokens, all of one length, are needed",
+            ));
+        }
+        let device = params.first().map_or(Device::Cpu, |p| p.device().clone());
         let n = chunk.len();
         let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
         let tokens = Tensor::from_vec(flat, (n, t), &device)?;
@@ -50,17 +76,27 @@ pub fn evaluate(
             .to_dtype(DType::U32)?
             .sum_all()?
             .to_scalar::<u32>()?;
-        nll -= logp;
-        correct += hits as usize;
-        count += n * (t - 1);
+        self.nll -= logp;
+        self.correct += hits as usize;
+        self.count += n * (t - 1);
+        Ok(())
     }
-    let loss = nll / count as f64;
-    Ok(Metrics {
-        rank: Rank::Loss,
-        loss,
-        accuracy: Some(correct as f64 / count as f64),
-        count,
-    })
+
+    /// The metrics of the windows added: an error when there were none.
+    pub fn metrics(&self, arch: &dyn Architecture) -> Result<Metrics> {
+        if self.count == 0 {
+            return Err(ModelError::config(
+                arch.family(),
+                "windows of at least 2 tokens, all of one length, are needed",
+            ));
+        }
+        Ok(Metrics {
+            rank: Rank::Loss,
+            loss: self.nll / self.count as f64,
+            accuracy: Some(self.correct as f64 / self.count as f64),
+            count: self.count,
+        })
+    }
 }
 
 /// Next-token prediction on windows of tokens ([`crate::data::text::windows`]): the
