@@ -314,15 +314,16 @@ impl DataArgs {
         Ok(out)
     }
 
-    /// The training windows of every domain (`--max-examples` of each at most) for a run that
-    /// reads them in random order: domain d's held in memory up to `spill(d).1` bytes, else in
-    /// the file `spill(d).0` (see [`soup_models::data::text::training_windows`]).
-    pub fn load_training_domains(
+    /// The windows of `split` of every domain (`--max-examples` of each at most) for a run that
+    /// reads them again and again: domain d's held in memory up to `spill(d).1` bytes, else in
+    /// the file `spill(d).0` (see [`soup_models::data::text::spillable_windows`]).
+    pub fn load_spilled_domains(
         &self,
+        split: Split,
         model_dir: &std::path::Path,
         spec: &soup_models::arch::TokenSpec,
         spill: impl Fn(usize) -> (std::path::PathBuf, usize),
-    ) -> Result<Vec<(String, soup_models::data::text::TrainWindows)>> {
+    ) -> Result<Vec<(String, soup_models::data::text::SpillableWindows)>> {
         self.check_text(spec)?;
         let (tokenizer, eos) = soup_models::data::text::model_tokenizer(model_dir)?;
         let heldout = self.spec().heldout;
@@ -332,9 +333,9 @@ impl DataArgs {
             .enumerate()
             .map(|(d, (root, name))| {
                 let (path, memory) = spill(d);
-                let windows = soup_models::data::text::training_windows(
+                let windows = soup_models::data::text::spillable_windows(
                     std::path::Path::new(root),
-                    (Split::Train, &heldout),
+                    (split, &heldout),
                     (&tokenizer, eos),
                     (self.seq_len, self.max_examples),
                     (&path, memory),

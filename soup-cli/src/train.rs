@@ -11,13 +11,12 @@ use soup_core::{Metrics, Objective};
 use soup_models::checkpoint::{
     arch_metadata, write_model_dir, write_safetensors, MODEL_DIR_FILES as MODEL_FILES,
 };
-use soup_models::data::text::{TrainWindows, Windows};
+use soup_models::data::text::{SpillableWindows, Windows};
 use soup_models::data::Split;
 use soup_models::train::finetune::TrainData;
 use soup_models::train::finetune::{finetune_some, Augment, FinetuneConfig};
-use soup_models::{
-    build, Architecture, Checkpoint, Classification, Dataset, InputSpec, LanguageModeling,
-};
+use soup_models::train::language::{NextTokenSums, EVAL_BATCH};
+use soup_models::{build, Architecture, Checkpoint, Classification, Dataset, InputSpec};
 
 use crate::common::{DataArgs, Progress};
 use crate::error::{io, CliError, Result};
@@ -228,12 +227,12 @@ enum TrainSets {
     },
 }
 
-/// One text domain's training windows (in memory, or in a file of tokens when they take more
-/// than `--window-memory`) and held-out windows.
+/// One text domain's training and held-out windows, each in memory or, when they take more
+/// than `--window-memory`, in a file of tokens.
 struct TextDomain {
     name: String,
-    train: TrainWindows,
-    heldout: Vec<Vec<u32>>,
+    train: SpillableWindows,
+    heldout: SpillableWindows,
 }
 
 /// Where a run writes the training windows that do not fit `--window-memory`: a file per domain
@@ -245,7 +244,7 @@ pub(crate) struct Spill<'a> {
 }
 
 impl Spill<'_> {
-    fn path(&self, domain: usize) -> PathBuf {
+    fn path(&self, domain: usize, split: &str) -> PathBuf {
         let dir = self
             .out
             .parent()
@@ -256,7 +255,7 @@ impl Spill<'_> {
             .file_name()
             .map_or("out".into(), |n| n.to_string_lossy().into_owned());
         dir.join(format!(
-            ".{name}.tokens-{}-{domain}.partial",
+            ".{name}.{split}-tokens-{}-{domain}.partial",
             std::process::id()
         ))
     }
@@ -282,16 +281,20 @@ impl TrainSets {
                          (--init), or name one to train from scratch with (--tokenizer DIR)",
                     )
                 })?;
-                let heldout = data.load_domains(Split::Heldout, dir, &spec)?;
-                let train =
-                    data.load_training_domains(dir, &spec, |d| (spill.path(d), spill.memory))?;
+                let load = |split: Split, label: &str| {
+                    data.load_spilled_domains(split, dir, &spec, |d| {
+                        (spill.path(d, label), spill.memory)
+                    })
+                };
+                let train = load(Split::Train, "train")?;
+                let heldout = load(Split::Heldout, "heldout")?;
                 let domains = train
                     .into_iter()
                     .zip(heldout)
-                    .map(|((name, train), h)| TextDomain {
+                    .map(|((name, train), (_, heldout))| TextDomain {
                         name,
                         train,
-                        heldout: h.windows,
+                        heldout,
                     })
                     .collect();
                 Ok(TrainSets::Text {
@@ -343,13 +346,24 @@ impl TrainSets {
                 Classification::new(arch.clone(), heldout.clone(), 256).evaluate(params)?
             }
             TrainSets::Text { domains, .. } => {
-                let windows: Vec<Vec<u32>> = domains
+                // A batch of windows read at a time: the held-out split may be in a file.
+                let mut sums = NextTokenSums::default();
+                for (_, t) in domains
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| d.is_none_or(|d| d == *i))
-                    .flat_map(|(_, t)| t.heldout.iter().cloned())
-                    .collect();
-                LanguageModeling::new(arch.clone(), windows, 4)?.evaluate(params)?
+                {
+                    let n = t.heldout.len();
+                    let width = t.heldout.window_len().unwrap_or(0);
+                    for start in (0..n).step_by(EVAL_BATCH) {
+                        let rows: Vec<usize> = (start..n.min(start + EVAL_BATCH)).collect();
+                        let flat = t.heldout.read(&rows)?;
+                        let batch: Vec<Vec<u32>> =
+                            flat.chunks(width.max(1)).map(<[u32]>::to_vec).collect();
+                        sums.add(arch.as_ref(), params, &batch)?;
+                    }
+                }
+                sums.metrics(arch.as_ref())?
             }
         })
     }

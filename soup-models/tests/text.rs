@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use soup_models::data::text::{
-    training_windows, visit_windows, windows, TrainWindows, Windows, PIECE_BYTES,
+    spillable_windows, visit_windows, windows, SpillableWindows, Windows, PIECE_BYTES,
 };
 use soup_models::data::{Heldout, Split};
 use soup_models::testkit::fixtures::ScratchDir;
@@ -129,7 +129,7 @@ fn a_document_longer_than_a_piece_gives_the_windows_of_the_whole_text() {
 }
 
 #[test]
-fn training_windows_spilled_to_a_file_read_back_as_held_in_memory() {
+fn spillable_windows_spilled_to_a_file_read_back_as_held_in_memory() {
     let dir = ScratchDir::new("text-spill");
     let documents: Vec<String> = (0..30).map(|i| text(40 + i, 10 + i as u64)).collect();
     write(dir.path(), "train", &documents);
@@ -141,14 +141,15 @@ fn training_windows_spilled_to_a_file_read_back_as_held_in_memory() {
     let split = (Split::Train, &heldout);
     let want = windows(dir.path(), split, &t, 1, 12, None).unwrap();
     let spill = dir.path().join("train.tokens");
-    let held = training_windows(dir.path(), split, (&t, 1), (12, None), (&spill, 1 << 30)).unwrap();
-    assert!(matches!(held, TrainWindows::Memory(_)));
+    let held =
+        spillable_windows(dir.path(), split, (&t, 1), (12, None), (&spill, 1 << 30)).unwrap();
+    assert!(matches!(held, SpillableWindows::Memory(_)));
     assert!(!spill.exists());
     // A budget below the windows' bytes writes every window to the file.
     let budget = 4 * 12 * want.len() / 2;
     let spilled =
-        training_windows(dir.path(), split, (&t, 1), (12, None), (&spill, budget)).unwrap();
-    assert!(matches!(spilled, TrainWindows::File(_)));
+        spillable_windows(dir.path(), split, (&t, 1), (12, None), (&spill, budget)).unwrap();
+    assert!(matches!(spilled, SpillableWindows::File(_)));
     assert!(spill.is_file());
     assert_eq!(
         std::fs::metadata(&spill).unwrap().len(),
@@ -168,17 +169,17 @@ fn training_windows_spilled_to_a_file_read_back_as_held_in_memory() {
         "the file of tokens is removed when dropped"
     );
     // `max` bounds the windows, spilled or not; an existing file is not overwritten.
-    let few = training_windows(dir.path(), split, (&t, 1), (12, Some(3)), (&spill, 0)).unwrap();
+    let few = spillable_windows(dir.path(), split, (&t, 1), (12, Some(3)), (&spill, 0)).unwrap();
     assert_eq!(few.len(), 3);
     assert_eq!(few.read(&[2]).unwrap(), want[2]);
-    let err = training_windows(dir.path(), split, (&t, 1), (12, None), (&spill, 0))
+    let err = spillable_windows(dir.path(), split, (&t, 1), (12, None), (&spill, 0))
         .err()
         .expect("the file exists")
         .to_string();
     assert!(err.contains("train.tokens"), "{err}");
     drop(few);
     // No window at all: the split is named, and nothing is left behind.
-    let err = training_windows(dir.path(), split, (&t, 1), (100_000, None), (&spill, 0))
+    let err = spillable_windows(dir.path(), split, (&t, 1), (100_000, None), (&spill, 0))
         .err()
         .expect("no window")
         .to_string();

@@ -7,8 +7,9 @@
 //! documents an index file lists) and the test split is `test/` (else `val/`). The files are
 //! streamed: what is held is a piece of one document and the windows asked for, never a whole
 //! corpus. A document longer than [`PIECE_BYTES`] is read and tokenised in pieces that end at a
-//! line break; a training split larger than memory is tokenised once into a file of tokens
-//! ([`TokenFile`]) and read from it window by window ([`training_windows`]).
+//! line break; a split read again and again (training) that is larger than memory is tokenised
+//! once into a file of tokens ([`TokenFile`]) and read from it window by window
+//! ([`spillable_windows`]).
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -412,44 +413,45 @@ impl Drop for TokenFile {
     }
 }
 
-/// A training split's windows: in memory, or spilled to a file.
-pub enum TrainWindows {
+/// Windows read again and again: in memory, or spilled to a file.
+pub enum SpillableWindows {
     Memory(Vec<Vec<u32>>),
     File(TokenFile),
 }
 
-impl Windows for TrainWindows {
+impl Windows for SpillableWindows {
     fn len(&self) -> usize {
         match self {
-            TrainWindows::Memory(w) => w.len(),
-            TrainWindows::File(f) => f.len,
+            SpillableWindows::Memory(w) => w.len(),
+            SpillableWindows::File(f) => f.len,
         }
     }
     fn window_len(&self) -> Option<usize> {
         match self {
-            TrainWindows::Memory(w) => w.window_len(),
-            TrainWindows::File(f) => f.window_len(),
+            SpillableWindows::Memory(w) => w.window_len(),
+            SpillableWindows::File(f) => f.window_len(),
         }
     }
     fn read(&self, rows: &[usize]) -> Result<Vec<u32>> {
         match self {
-            TrainWindows::Memory(w) => w.read(rows),
-            TrainWindows::File(f) => f.read(rows),
+            SpillableWindows::Memory(w) => w.read(rows),
+            SpillableWindows::File(f) => f.read(rows),
         }
     }
 }
 
-/// The windows of [`visit_windows`] for training, which visits them in random order epoch
-/// after epoch: held in memory while they take at most `memory` bytes, else every window written
-/// to `spill` (a new file, removed when the result is dropped) and read back by index, so the
-/// memory held does not grow with the corpus. An error when there is not one window.
-pub fn training_windows(
+/// The windows of [`visit_windows`] for a run that reads them again and again (training, in a
+/// new order every epoch, and the held-out scoring after it): held in memory while they take at
+/// most `memory` bytes, else every window written to `spill` (a new file, removed when the
+/// result is dropped) and read back by index, so the memory held does not grow with the corpus.
+/// An error when there is not one window.
+pub fn spillable_windows(
     root: &Path,
     (split, heldout): (Split, &Heldout),
     (tokenizer, eos): (&tokenizers::Tokenizer, u32),
     (seq_len, max): (usize, Option<usize>),
     (spill, memory): (&Path, usize),
-) -> Result<TrainWindows> {
+) -> Result<SpillableWindows> {
     let mut held: Vec<Vec<u32>> = Vec::new();
     let mut writer: Option<std::io::BufWriter<std::fs::File>> = None;
     let write = |w: &mut std::io::BufWriter<std::fs::File>, window: &[u32]| -> Result<()> {
@@ -504,8 +506,8 @@ pub fn training_windows(
         return Err(no_window(root, split, seq_len));
     }
     Ok(match spilled {
-        None => TrainWindows::Memory(held),
-        Some(file) => TrainWindows::File(TokenFile {
+        None => SpillableWindows::Memory(held),
+        Some(file) => SpillableWindows::File(TokenFile {
             path: spill.to_path_buf(),
             file,
             window_len: seq_len,
