@@ -27,6 +27,9 @@
 //!   transformers' LlamaForCausalLM of the same shape (`bench/lm_torch.py`), at 4 × 256 and
 //!   1 × 1,024 tokens.
 //!
+//! - `corpus`: peak RSS of training and evaluating a tiny language model on a 2 GB corpus, its
+//!   windows in memory and spilled to a file (`corpus.rs`).
+//!
 //! `--torch` makes a Python virtual environment in `target/bench/torch-venv` with
 //! `pip install torch safetensors numpy transformers` when it has none (a few GB; never in CI).
 
@@ -47,7 +50,7 @@ struct Options {
 }
 
 const SECTIONS: &[&str] = &[
-    "step", "mehl", "authors", "load", "alloc", "gemm", "blas", "lm",
+    "step", "mehl", "authors", "load", "alloc", "gemm", "blas", "lm", "corpus",
 ];
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -203,6 +206,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             "alloc" => alloc(&o)?,
             "gemm" => gemm(&o)?,
             "blas" => blas_step(&o)?,
+            "corpus" => crate::corpus::corpus_memory()?,
             _ => unreachable!("sections are checked"),
         };
         println!("{table}");
@@ -445,7 +449,7 @@ const AUTHORS_MODELS: usize = 8;
 const AUTHORS_EXAMPLES: usize = 2000;
 
 /// Wall seconds and peak RSS (bytes) of a command, by GNU time.
-fn timed(cmd: &[String], log: &Path) -> Result<(f64, f64, String), String> {
+pub(crate) fn timed(cmd: &[String], log: &Path) -> Result<(f64, f64, String), String> {
     let out = Command::new("/usr/bin/time")
         .args(["-f", "%e %M", "-o"])
         .arg(log)

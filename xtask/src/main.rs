@@ -10,6 +10,7 @@
 //! - `cargo xtask reproduce [--quick]`: the paper's experiments on Fashion-MNIST (`reproduce.rs`).
 
 mod bench;
+mod corpus;
 mod cuda;
 mod reproduce;
 
@@ -79,6 +80,9 @@ tasks:
                gemm     the step's matrix products: the gemm crate against BLIS, OpenBLAS
                blas     the step with the gemm crate against the feature `openblas`
                alloc    step and loading: soup's malloc settings, glibc's, mimalloc, jemalloc
+               lm       a SmolLM2-135M training step: ours, and transformers' with --torch
+               corpus   peak RSS of training and scoring a tiny language model on a 2 GB
+                        corpus (4 GB of disk in target/bench/corpus)
              --torch: make target/bench/torch-venv (pip install torch) when missing
              --batch 8,32 (data batch sizes), --rounds 3 (timed rounds per process),
              --repeats 3 (processes per contender, alternating)";
