@@ -59,6 +59,8 @@ tasks:
                tiny llama trained from scratch, minutes
              --dev-build: run the dev-profile target/debug/soup as built (built if missing)
                instead of building the release one
+             --soup PATH: run this soup binary as it is (continue a long run with the
+               binary that began it: runs are recorded under the binary's hash)
              --preset scale [--models 4,8,16,24]: memory and time of Learned+ vs MEHL+ on
                ViT-B/32-size perturbed zoos
              --preset paper-vit-b32 --imagenet DIR [--zoo DIR] [--max-examples N]: the 72

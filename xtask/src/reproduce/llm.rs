@@ -1274,8 +1274,9 @@ fn markdown(p: &Preset, t: &Tables, zoo_time: Option<f64>, total: f64) -> String
     let _ = writeln!(
         s,
         "\nWall time: the zoo {zoo}; this run {total:.0} s. Command: `cargo xtask reproduce \
-         --preset llm{}`.",
-        if p.quick { " --quick" } else { "" }
+         --preset llm{}`; the soup binary's FNV-1a hash {:016x}.",
+        if p.quick { " --quick" } else { "" },
+        p.soup.fingerprint()
     );
     s
 }

@@ -53,6 +53,16 @@ impl Soup {
         })
     }
 
+    /// A `soup` binary as it is (`--soup PATH`): a long run continued with the binary that
+    /// began it, whatever the source has become since.
+    pub(crate) fn at(exe: &Path) -> Result<Self, String> {
+        let bytes = std::fs::read(exe).map_err(|e| format!("--soup {}: {e}", exe.display()))?;
+        Ok(Self {
+            exe: exe.to_path_buf(),
+            fingerprint: fnv1a(&bytes),
+        })
+    }
+
     /// Identifies this build of soup (see [`Soup::build`]).
     pub(crate) fn fingerprint(&self) -> u64 {
         self.fingerprint
@@ -188,6 +198,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
     let mut preset = "fmnist".to_string();
     let mut quick = false;
     let mut dev_build = false;
+    let mut soup_exe: Option<PathBuf> = None;
     let mut models: Option<Vec<usize>> = None;
     let (mut imagenet, mut zoo, mut max_examples) = (None, None, None);
     let mut scaling = paper::Scaling::default();
@@ -197,6 +208,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         match flag.as_str() {
             "--quick" => quick = true,
             "--dev-build" => dev_build = true,
+            "--soup" => soup_exe = Some(PathBuf::from(value()?)),
             "--preset" => preset = value()?.clone(),
             "--models" => {
                 let list = value()?;
@@ -280,7 +292,10 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
     } else {
         &[]
     };
-    let soup = Soup::build(dev_build, features)?;
+    let soup = match &soup_exe {
+        Some(exe) => Soup::at(exe)?,
+        None => Soup::build(dev_build, features)?,
+    };
     match (preset.as_str(), paper_args) {
         ("scale", _) => scale::scale(&soup, models.as_deref().unwrap_or(scale::DEFAULT_MODELS)),
         (_, Some(a)) => paper::paper(&soup, &a),
