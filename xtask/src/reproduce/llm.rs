@@ -123,6 +123,9 @@ struct Preset {
     memory_n: Vec<usize>,
     /// Pairs of fine-tunes whose midpoint measures the interpolation barrier.
     pairs: usize,
+    /// The `--max-memory` Learned+ of the whole zoo is checked against, and MEHL+ at b = 2
+    /// runs under.
+    budget: &'static str,
 }
 
 impl Preset {
@@ -148,6 +151,7 @@ impl Preset {
                 epochs: 1,
                 memory_n: vec![2, 4],
                 pairs: 2,
+                budget: "10G",
             }
         } else {
             Preset {
@@ -170,6 +174,7 @@ impl Preset {
                 epochs: 1,
                 memory_n: vec![4, 8],
                 pairs: 4,
+                budget: "4G",
             }
         }
     }
@@ -305,11 +310,14 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
     // MEHL+'s model batch, and bf16 directions (one seed each).
     let mut sweep = Vec::new();
     for &sb in &p.sweep_b {
-        let label = format!("b = {sb}, f32 directions");
+        let mut label = format!("b = {sb}, f32 directions");
+        if sb == 2 && sb != p.b {
+            label.push_str(&format!(", under --max-memory {}", p.budget));
+        }
         let run = if sb == p.b {
             first_run("mehl+")?
         } else {
-            let extra = strings(&[
+            let mut extra = strings(&[
                 "--model-batch",
                 &sb.to_string(),
                 "--lr",
@@ -317,6 +325,9 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
                 "--inner-epochs",
                 &epochs,
             ]);
+            if sb == 2 {
+                extra.extend(strings(&["--max-memory", p.budget]));
+            }
             mix(
                 &p,
                 &zoo,
@@ -365,6 +376,40 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
         memory.push((n, learned, mehl));
     }
 
+    // Learned+ of the whole zoo under the budget MEHL+ at b = 2 ran in: refused before any work
+    // where its estimate is over.
+    let budget = {
+        let out = runs.join("learned+-budget");
+        let mut args = strings(&["mix", "--method", "learned+", "--zoo"]);
+        args.push(zoo.display().to_string());
+        args.extend(p.eval_args());
+        args.extend(strings(&["--batch-size", &p.mix_batch.to_string()]));
+        args.extend(learned_args.clone());
+        args.extend(strings(&["--max-memory", p.budget, "--force", "--out"]));
+        args.push(out.display().to_string());
+        let record = runs.join("learned+-budget.json");
+        let key = record_key(&p, &args);
+        let cached = read_json(&record)
+            .ok()
+            .filter(|v| v["key"].as_str() == Some(key.as_str()))
+            .and_then(|v| v["said"].as_str().map(str::to_string));
+        match cached {
+            Some(said) => said,
+            None => {
+                eprintln!("xtask: learned+ under --max-memory {}", p.budget);
+                let said = match p.soup.run(&args) {
+                    Ok(_) => "ran within it".to_string(),
+                    Err(e) => {
+                        let message = e.rsplit("soup: ").next().unwrap_or(&e).trim();
+                        format!("refused: {message}")
+                    }
+                };
+                write_atomically(&record, &json!({"key": key, "said": said}).to_string())?;
+                said
+            }
+        }
+    };
+
     // The regime: pairwise midpoints against their ends on the held-out split.
     let mut barriers = Vec::new();
     for (i, j) in pairs(models.len()).into_iter().take(p.pairs) {
@@ -384,6 +429,7 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
     }
 
     let tables = Tables {
+        budget,
         members,
         rows,
         sweep,
@@ -1017,6 +1063,8 @@ impl Row {
 }
 
 struct Tables<'a> {
+    /// What `soup mix --method learned+ --max-memory BUDGET` of the whole zoo said.
+    budget: String,
     members: Vec<Row>,
     rows: Vec<Row>,
     sweep: Vec<(String, Run)>,
@@ -1237,6 +1285,11 @@ fn markdown(p: &Preset, t: &Tables, zoo_time: Option<f64>, total: f64) -> String
             secs(std::slice::from_ref(mehl))
         );
     }
+    let _ = writeln!(
+        s,
+        "\nLearned+ of the {} models under `--max-memory {}`: {}.",
+        p.n, p.budget, t.budget
+    );
     let _ = writeln!(s, "\n## The regime\n");
     let best = t.members[1..]
         .iter()
@@ -1293,6 +1346,7 @@ fn results_json(p: &Preset, t: &Tables, zoo_time: Option<f64>, total: f64) -> Va
         "methods": rows(&t.rows),
         "mehl+_sweep": t.sweep.iter().map(|(l, r)| json!({"label": l, "run": r.to_json()})).collect::<Vec<_>>(),
         "memory": t.memory.iter().map(|(n, l, m)| json!({"models": n, "learned+": l.to_json(), "mehl+": m.to_json()})).collect::<Vec<_>>(),
+        "learned+_under_budget": {"max_memory": p.budget, "said": t.budget},
         "barriers": t.barriers.iter().map(|(i, j, b)| json!({"pair": [i, j], "barrier": b})).collect::<Vec<_>>(),
         "zoo_time_s": zoo_time,
         "total_s": total,
