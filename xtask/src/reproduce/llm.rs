@@ -1190,8 +1190,8 @@ fn markdown(p: &Preset, t: &Tables, zoo_time: Option<f64>, total: f64) -> String
          b = {}, lr {}, {} epoch(s) per model batch (the authors' other defaults); AdaMerging+ \
          with AdaMerging's defaults (λ from 0.3, clamped into [0, 1], Adam at 1e-3, one epoch) \
          on the held-out next-token loss; task arithmetic and TIES (density 0.2) with λ from \
-         0.1 … 1.0 chosen by the held-out loss. Greedy adds fine-tunes in order of held-out loss \
-         while the soup's held-out loss improves.\n",
+         0.1 … 1.0 chosen by the held-out loss. Greedy tries the fine-tunes in order of held-out \
+         loss and keeps each that lowers the soup's held-out loss.\n",
         p.mix_batch, p.epochs, p.b, p.mehl_lr, p.epochs
     );
     let mut header = vec!["model".to_string()];
