@@ -28,7 +28,7 @@
 //!   1 × 1,024 tokens.
 //!
 //! - `corpus`: peak RSS of training and evaluating a tiny language model on a 2 GB corpus, its
-//!   windows in memory and spilled to a file (`corpus.rs`).
+//!   windows spilled to a file of tokens (`corpus.rs`).
 //!
 //! `--torch` makes a Python virtual environment in `target/bench/torch-venv` with
 //! `pip install torch safetensors numpy transformers` when it has none (a few GB; never in CI).
