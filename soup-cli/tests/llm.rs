@@ -568,21 +568,27 @@ fn finetune_makes_a_zoo_of_language_models_that_mix_soups() {
     let out = dir.path().join("ft");
     let out_s = out.display().to_string();
     let base = format!("{zoo}/m0");
-    ok(&[
-        "finetune",
-        "--base",
-        &base,
-        "--data",
-        &data,
-        "--seq-len",
-        "8",
-        "--count",
-        "2",
-        "--search",
-        &search.display().to_string(),
-        "--out",
-        &out_s,
-    ]);
+    let search_s = search.display().to_string();
+    let finetune = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--base",
+            &base,
+            "--data",
+            &data,
+            "--seq-len",
+            "8",
+            "--count",
+            "2",
+            "--search",
+            &search_s,
+            "--out",
+            out,
+        ];
+        args.extend(extra);
+        ok(&args);
+    };
+    finetune(&out_s, &[]);
     let manifest: toml::Value =
         toml::from_str(&std::fs::read_to_string(out.join("zoo.toml")).unwrap()).unwrap();
     let models = manifest["model"].as_array().unwrap();
@@ -599,23 +605,7 @@ fn finetune_makes_a_zoo_of_language_models_that_mix_soups() {
     // With no memory for training windows they are read back from a file of tokens beside the
     // zoo, to the same models; the file is gone afterwards.
     let spilled = dir.path().join("ft-spilled");
-    ok(&[
-        "finetune",
-        "--base",
-        &base,
-        "--data",
-        &data,
-        "--seq-len",
-        "8",
-        "--count",
-        "2",
-        "--search",
-        &search.display().to_string(),
-        "--window-memory",
-        "0",
-        "--out",
-        &spilled.display().to_string(),
-    ]);
+    finetune(&spilled.display().to_string(), &["--window-memory", "0"]);
     for m in ["model-00", "model-01"] {
         let read = |d: &Path| std::fs::read(d.join(m).join("model.safetensors")).unwrap();
         assert!(

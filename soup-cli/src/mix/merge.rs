@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use soup_core::SoupResult;
-use soup_core::{run_mehl, Collective, Event, MergeMethod, ModelStore, Objective, RunOptions};
+use soup_core::{Collective, MergeMethod, ModelStore};
 use soup_models::checkpoint::write_safetensors;
 use soup_models::data::Split;
 use soup_models::train::multitask::{EncoderStore, MultiTask, Task, TaskLoss};
@@ -20,7 +20,7 @@ use soup_models::{Architecture, Checkpoint, Classification};
 use super::args::MixArgs;
 use super::outputs::{evaluations_json, write_text, Scores};
 use super::outputs::{memory_json, short_names, timings, write_coefficients, write_curve};
-use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs, Progress};
+use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs};
 use crate::error::{CliError, Result};
 use crate::output::Output;
 use crate::recipe::{Recipe, TaskLossName};
@@ -240,56 +240,28 @@ fn run(
                 TaskLossName::Entropy => objective(&test_tasks, TaskLoss::Entropy),
                 TaskLossName::CrossEntropy => objective(&heldout_tasks, TaskLoss::CrossEntropy),
             };
-            let b = config.model_batch.min(k);
-            let steps =
-                config.outer_passes * k.div_ceil(b) * config.inner_epochs * train.num_batches();
-            let bar = Progress::new(quiet, steps, &format!("{} steps", method.name()));
-            let result = run_mehl(
+            let (result, _) = super::task_vectors::adamerging(
                 &store,
                 &mut train,
                 &config,
-                RunOptions::new(&mut |e| {
-                    if let Event::Step { record, .. } = e {
-                        bar.inc(1);
-                        bar.set_prefix(format!("loss {:.4}", record.loss));
-                    }
-                }),
+                (k, method.name(), quiet),
             )?;
-            bar.finish();
             (result, Vec::new())
         }
         MergeMethod::TaskArithmetic | MergeMethod::Ties => {
-            let merged = if kind == MergeMethod::Ties {
-                soup_core::ties_merging(&store, 0, recipe.density.unwrap_or(0.2))?
-            } else {
-                soup_core::task_arithmetic(&store, 0)?
-            };
-            let bar = Progress::new(
-                quiet,
-                super::task_vectors::LAMBDAS.len(),
-                "λ tried on the held-out splits",
-            );
-            let mut grid = Vec::with_capacity(super::task_vectors::LAMBDAS.len());
-            for lambda in super::task_vectors::LAMBDAS {
-                let m = heldout.evaluate(&merged.at(lambda)?)?;
-                grid.push((lambda, m.accuracy.unwrap_or(f64::NAN)));
-                bar.inc(1);
-            }
-            bar.finish();
             // The first λ of the best held-out average accuracy.
-            let best = grid.iter().copied().fold(
-                (super::task_vectors::LAMBDAS[0], f64::NEG_INFINITY),
-                |a, b| {
-                    if b.1 > a.1 {
-                        b
-                    } else {
-                        a
-                    }
-                },
-            );
-            let soup = merged.at(best.0)?;
+            let accuracy = |m: &soup_core::Metrics| m.accuracy.unwrap_or(f64::NAN);
+            let (merged, lambda, grid) = super::task_vectors::chosen_lambda(
+                kind,
+                &store,
+                &recipe,
+                &mut heldout,
+                (accuracy, accuracy),
+                quiet,
+            )?;
+            let soup = merged.at(lambda)?;
             (
-                super::task_vectors::merged_result(kind, &recipe, &store, soup, best.0)?,
+                super::task_vectors::merged_result(kind, &recipe, &store, soup, lambda)?,
                 grid,
             )
         }

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use soup_core::{
-    greedy_soup, learned_soup, run_mehl, uniform_soup, Collective, Event, Kind, MergeMethod,
-    Method, ModelStore, Objective, RunOptions, SoupMethod, SoupResult,
+    greedy_soup, learned_soup, uniform_soup, Collective, Event, Kind, MergeMethod, Method, Metrics,
+    ModelStore, Objective, RunOptions, SoupMethod, SoupResult,
 };
 use soup_models::checkpoint::write_model_dir;
 use soup_models::{Architecture, Checkpoint, FileStore, Resolved};
@@ -310,46 +310,25 @@ fn merge(
     match kind {
         MergeMethod::AdaMerging => {
             let config = recipe.adamerging_config(&store.inner.arch.zero_gradient_tensors(), 0)?;
-            let b = config.model_batch.min(k);
-            let steps =
-                config.outer_passes * k.div_ceil(b) * config.inner_epochs * objective.num_batches();
-            let bar = Progress::new(quiet, steps, &format!("{} steps", method.name()));
-            let result = run_mehl(
+            let (result, b) = super::task_vectors::adamerging(
                 store,
                 objective,
                 &config,
-                RunOptions::new(&mut |e| {
-                    if let Event::Step { record, .. } = e {
-                        bar.inc(1);
-                        bar.set_prefix(format!("loss {:.4}", record.loss));
-                    }
-                }),
+                (k, method.name(), quiet),
             )?;
-            bar.finish();
             Ok((result, b, Vec::new()))
         }
         MergeMethod::TaskArithmetic | MergeMethod::Ties => {
-            let merged = if kind == MergeMethod::Ties {
-                soup_core::ties_merging(store, 0, recipe.density.unwrap_or(0.2))?
-            } else {
-                soup_core::task_arithmetic(store, 0)?
-            };
-            let lambdas = super::task_vectors::LAMBDAS;
-            let bar = Progress::new(quiet, lambdas.len(), "λ tried on the held-out split");
-            let mut grid = Vec::with_capacity(lambdas.len());
-            let mut best = (lambdas[0], f64::NEG_INFINITY);
-            for lambda in lambdas {
-                let m = objective.evaluate(&merged.at(lambda)?)?;
-                grid.push((lambda, m.loss));
-                // The first λ of the best score.
-                if m.score() > best.1 {
-                    best = (lambda, m.score());
-                }
-                bar.inc(1);
-            }
-            bar.finish();
-            let soup = merged.at(best.0)?;
-            let result = super::task_vectors::merged_result(kind, recipe, store, soup, best.0)?;
+            let (merged, lambda, grid) = super::task_vectors::chosen_lambda(
+                kind,
+                store,
+                recipe,
+                objective,
+                (Metrics::score, |m| m.loss),
+                quiet,
+            )?;
+            let soup = merged.at(lambda)?;
+            let result = super::task_vectors::merged_result(kind, recipe, store, soup, lambda)?;
             Ok((result, 0, grid))
         }
     }

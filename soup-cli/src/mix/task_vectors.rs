@@ -1,8 +1,12 @@
 //! What task arithmetic and TIES share between image classifiers (`merge`) and language models
-//! (`soup`): the λ grid, and their merge as a [`SoupResult`].
+//! (`soup`): the λ grid and its choice, their merge as a [`SoupResult`], and AdaMerging's run.
 
-use soup_core::{MergeMethod, ModelStore, SoupResult};
+use soup_core::{
+    run_mehl, Event, MehlConfig, MergeMethod, MergedTaskVector, Metrics, ModelStore, Objective,
+    RunOptions, SoupResult,
+};
 
+use crate::common::Progress;
 use crate::error::Result;
 use crate::recipe::Recipe;
 
@@ -48,4 +52,66 @@ pub fn merged_result(
             ..Default::default()
         },
     })
+}
+
+/// AdaMerging through MEHL over `store` (θ_0 first, then the k task models) on `objective`, with
+/// a bar of its steps; returns the merge and the model batch.
+pub fn adamerging(
+    store: &dyn ModelStore,
+    objective: &mut dyn Objective,
+    config: &MehlConfig,
+    (k, name, quiet): (usize, &str, bool),
+) -> Result<(SoupResult, usize)> {
+    let b = config.model_batch.min(k);
+    let steps = config.outer_passes * k.div_ceil(b) * config.inner_epochs * objective.num_batches();
+    let bar = Progress::new(quiet, steps, &format!("{name} steps"));
+    let result = run_mehl(
+        store,
+        objective,
+        config,
+        RunOptions::new(&mut |e| {
+            if let Event::Step { record, .. } = e {
+                bar.inc(1);
+                bar.set_prefix(format!("loss {:.4}", record.loss));
+            }
+        }),
+    )?;
+    bar.finish();
+    Ok((result, b))
+}
+
+/// The task vector, the λ chosen and every (λ, recorded value) tried.
+type Chosen = (MergedTaskVector, f64, Vec<(f64, f64)>);
+
+/// A value of a merge's held-out metrics.
+type Measure = fn(&Metrics) -> f64;
+
+/// Task arithmetic's or TIES's task vector, and the first λ of [`LAMBDAS`] whose θ_0 + λ τ
+/// scores best on `objective` (higher `score` is better), with every (λ, `recorded`) tried.
+pub fn chosen_lambda(
+    kind: MergeMethod,
+    store: &dyn ModelStore,
+    recipe: &Recipe,
+    objective: &mut dyn Objective,
+    (score, recorded): (Measure, Measure),
+    quiet: bool,
+) -> Result<Chosen> {
+    let merged = if kind == MergeMethod::Ties {
+        soup_core::ties_merging(store, 0, recipe.density.unwrap_or(0.2))?
+    } else {
+        soup_core::task_arithmetic(store, 0)?
+    };
+    let bar = Progress::new(quiet, LAMBDAS.len(), "λ tried on the held-out data");
+    let mut grid = Vec::with_capacity(LAMBDAS.len());
+    let mut best = (LAMBDAS[0], f64::NEG_INFINITY);
+    for lambda in LAMBDAS {
+        let m = objective.evaluate(&merged.at(lambda)?)?;
+        grid.push((lambda, recorded(&m)));
+        if score(&m) > best.1 {
+            best = (lambda, score(&m));
+        }
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok((merged, best.0, grid))
 }

@@ -470,25 +470,7 @@ fn make_zoo(p: &Preset, cache: &Path, zoo: &Path) -> Result<Option<f64>, String>
     args.push(search.display().to_string());
     args.push("--out".into());
     args.push(zoo.display().to_string());
-    // An interrupted fine-tuning of the same settings continues where it stopped; a zoo
-    // of other settings is replaced.
-    let resumed = zoo.join("zoo.toml").exists() && {
-        let mut resume = args.clone();
-        resume.push("--resume".into());
-        let resumed = p
-            .soup
-            .run_watched(&resume)
-            .map(|out| eprint!("{out}"))
-            .is_ok();
-        if !resumed {
-            eprintln!("xtask: the cached zoo cannot be continued; fine-tuning anew");
-        }
-        resumed
-    };
-    if !resumed {
-        args.push("--force".into());
-        eprint!("{}", p.soup.run_watched(&args)?);
-    }
+    super::finetune_resumable(&p.soup, &args, zoo)?;
     std::fs::write(&stamp, p.cache_key()).map_err(|e| e.to_string())?;
     Ok(Some(t.elapsed().as_secs_f64()))
 }

@@ -790,20 +790,7 @@ fn make_zoo(p: &Preset, zoo: &Path) -> Result<Option<f64>, String> {
     args.push(search.display().to_string());
     args.push("--out".into());
     args.push(zoo.display().to_string());
-    // An interrupted fine-tuning of the same settings continues where it stopped.
-    let resumed = zoo.join("zoo.toml").exists() && {
-        let mut resume = args.clone();
-        resume.push("--resume".into());
-        let ok = p.soup.run_watched(&resume).map(|o| eprint!("{o}")).is_ok();
-        if !ok {
-            eprintln!("xtask: the cached zoo cannot be continued; fine-tuning anew");
-        }
-        ok
-    };
-    if !resumed {
-        args.push("--force".into());
-        eprint!("{}", p.soup.run_watched(&args)?);
-    }
+    super::finetune_resumable(&p.soup, &args, zoo)?;
     std::fs::write(&stamp, &key).map_err(|e| e.to_string())?;
     Ok(Some(t.elapsed().as_secs_f64()))
 }

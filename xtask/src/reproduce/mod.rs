@@ -194,6 +194,29 @@ pub(crate) fn write_subset(path: &Path, paths: &[PathBuf]) -> Result<(), String>
 
 pub(crate) use soup_svg::{line_chart, CHART_SIZE};
 
+/// `soup finetune args` into `zoo` (its `--out`): an interrupted fine-tuning of the same
+/// settings continues where it stopped (`--resume`); a zoo of other settings is replaced.
+pub(crate) fn finetune_resumable(soup: &Soup, args: &[String], zoo: &Path) -> Result<(), String> {
+    let resumed = zoo.join("zoo.toml").exists() && {
+        let mut resume = args.to_vec();
+        resume.push("--resume".into());
+        let resumed = soup
+            .run_watched(&resume)
+            .map(|out| eprint!("{out}"))
+            .is_ok();
+        if !resumed {
+            eprintln!("xtask: the cached zoo cannot be continued; fine-tuning anew");
+        }
+        resumed
+    };
+    if !resumed {
+        let mut fresh = args.to_vec();
+        fresh.push("--force".into());
+        eprint!("{}", soup.run_watched(&fresh)?);
+    }
+    Ok(())
+}
+
 pub fn reproduce(args: &[String]) -> Result<(), String> {
     let mut preset = "fmnist".to_string();
     let mut quick = false;
