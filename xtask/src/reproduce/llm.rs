@@ -159,8 +159,8 @@ impl Preset {
                 name: "llm",
                 quick,
                 seq_len: 256,
-                train_windows: 96,
-                eval_windows: 16,
+                train_windows: 48,
+                eval_windows: 8,
                 train_bytes: 3_000_000,
                 test_bytes: 300_000,
                 n: 8,
@@ -173,7 +173,7 @@ impl Preset {
                 mehl_lr: "0.01",
                 epochs: 1,
                 memory_n: vec![4, 8],
-                pairs: 4,
+                pairs: 2,
                 budget: "4G",
             }
         }
