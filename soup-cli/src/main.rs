@@ -6,6 +6,7 @@ mod error;
 mod import;
 mod inspect;
 mod manifest;
+mod merge;
 mod mix;
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -40,6 +41,9 @@ enum Command {
     Finetune(train::FinetuneArgs),
     /// Make a soup of a zoo, or merge task models fine-tuned from one base (`--method`).
     Mix(Box<mix::MixArgs>),
+    /// A data-free merge (linear, task arithmetic, TIES, DARE, breadcrumbs, DELLA, Model Stock,
+    /// SLERP, NuSLERP) from mergekit's YAML configuration.
+    Merge(merge::MergeArgs),
     /// Accuracy and loss of a model on a split (a language model: loss, perplexity and next-token
     /// accuracy on text).
     Eval(inspect::EvalArgs),
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
         )),
         Command::Train(a) => train::train(a, cli.quiet),
         Command::Finetune(a) => train::finetune_zoo(a, cli.quiet),
+        Command::Merge(a) => merge::merge(a, cli.quiet),
         Command::Eval(a) => inspect::eval(a, cli.quiet),
         Command::Inspect(a) => inspect::inspect(a, cli.quiet),
         Command::Import(a) => import::import(a, cli.quiet),

@@ -48,6 +48,15 @@ pub enum SoupError {
         /// The block holding the value.
         block: String,
     },
+    /// A data-free merge that cannot be made as asked (a parameter out of its range, too few
+    /// models, no base).
+    #[error("merge at tensor {tensor}: {reason}")]
+    Merge {
+        /// The tensor whose merge failed.
+        tensor: String,
+        /// Why.
+        reason: String,
+    },
     /// The objective has no mini-batches to learn on.
     #[error("the held-out data has no mini-batches")]
     NoData,

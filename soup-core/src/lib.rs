@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod baselines;
+pub mod data_free;
 pub mod error;
 pub mod hyperplane;
 pub mod kernels;
@@ -28,6 +29,10 @@ pub mod zoo;
 pub use baselines::{
     greedy_soup, learned_loss_and_grad, learned_soup, stack_models, uniform_soup, GreedyAccept,
     LearnedConfig,
+};
+pub use data_free::{
+    data_free_merge, merge_tensor, BaseRule, DataFreeMethod, InputParams, KeepProbability,
+    MaskSource, ParamInfo, Scope, SeededMasks, SharedParams, TensorParams,
 };
 pub use error::{Result, SoupError};
 pub use hyperplane::{Base, Hyperplane};

@@ -25,6 +25,21 @@ pub trait ModelStore {
     /// The tensors of model `i`, in the order of its layout.
     fn load(&self, i: usize) -> Result<Vec<Tensor>>;
 
+    /// Tensor `tensor` (its index in the layout) of model `i`. Stores that can read one tensor
+    /// without the rest override this: the data-free merges hold one tensor of every model at a
+    /// time through it.
+    fn load_tensor(&self, i: usize, tensor: usize) -> Result<Tensor> {
+        let mut all = self.load(i)?;
+        if tensor >= all.len() {
+            return Err(crate::SoupError::config(
+                "tensor",
+                tensor,
+                "is not the index of a tensor of the layout",
+            ));
+        }
+        Ok(all.swap_remove(tensor))
+    }
+
     /// The device [`Self::load`] puts tensors on (where sums over the models are made).
     fn device(&self) -> Device {
         Device::Cpu
