@@ -68,6 +68,34 @@ impl ModelStore for FileStore {
         Ok(params)
     }
 
+    /// One tensor of model `i`, read alone from its file; checked as [`Self::load`] checks.
+    fn load_tensor(&self, i: usize, tensor: usize) -> soup_core::Result<Tensor> {
+        let layout = self.arch.layout();
+        let spec = layout.tensors.get(tensor).ok_or_else(|| {
+            soup_core::SoupError::config("tensor", tensor, "is not the index of a tensor")
+        })?;
+        let checkpoint = Checkpoint::open(&self.paths[i])?;
+        let found = checkpoint.shape(&spec.name)?;
+        if found != spec.shape {
+            return Err(crate::ModelError::Shape {
+                path: self.paths[i].clone(),
+                tensor: spec.name.clone(),
+                found,
+                expected: spec.shape.clone(),
+            }
+            .into());
+        }
+        let t = checkpoint.load(&spec.name, &self.device)?;
+        if !all_finite(&t)? {
+            return Err(crate::ModelError::format(
+                &self.paths[i],
+                format!("tensor {} holds NaN or infinite values", spec.name),
+            )
+            .into());
+        }
+        Ok(t)
+    }
+
     fn device(&self) -> Device {
         self.device.clone()
     }
