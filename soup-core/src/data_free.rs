@@ -301,6 +301,34 @@ pub struct SharedParams {
     pub nuslerp_row_wise: bool,
     /// NuSLERP: interpolate the whole tensor as one vector.
     pub nuslerp_flatten: bool,
+    /// The precision of the task-arithmetic family's arithmetic (mergekit's `dtype`).
+    pub arithmetic: Arithmetic,
+}
+
+/// The precision mergekit's task-arithmetic family computes in: its `dtype`. Each step is made
+/// in f32 and rounded to it, which is exact IEEE half-precision arithmetic (f32 carries more
+/// than twice the bits, so the double rounding is harmless); reductions add in f32 and round
+/// once, as torch's do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// Single precision.
+    #[default]
+    F32,
+    /// IEEE half precision (`float16`).
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Arithmetic {
+    /// `x` rounded to this precision.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Arithmetic::F32 => x,
+            Arithmetic::F16 => half::f16::from_f32(x).to_f32(),
+            Arithmetic::Bf16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
 }
 
 /// Every parameter of one tensor's merge: the shared ones and one set per input (in the
@@ -325,6 +353,7 @@ impl TensorParams {
                 filter_wise: false,
                 nuslerp_row_wise: false,
                 nuslerp_flatten: true,
+                arithmetic: Arithmetic::F32,
             },
             inputs: vec![
                 InputParams {
@@ -623,22 +652,31 @@ fn task_arithmetic_family(
 ) -> Result<Vec<f32>> {
     let theta_0 = inputs[base];
     let n = theta_0.len();
+    let r = params.shared.arithmetic;
     let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(others.len());
     for &i in others {
         let p = &params.inputs[i];
-        let mut delta = sub(inputs[i], theta_0);
+        let mut delta: Vec<f32> = sub(inputs[i], theta_0)
+            .into_iter()
+            .map(|d| r.round(d))
+            .collect();
         if let Some(method) = g.sparsify {
-            delta = sparsify(delta, method, p, params.shared.rescale, shape, |keep| {
-                masks.mask(index, i, n, keep)
-            })?;
+            delta = sparsify(
+                delta,
+                method,
+                p,
+                (params.shared.rescale, r),
+                shape,
+                |keep| masks.mask(index, i, n, keep),
+            )?;
         }
-        let w = p.weight as f32;
-        delta.iter_mut().for_each(|d| *d *= w);
+        let w = r.round(p.weight as f32);
+        delta.iter_mut().for_each(|d| *d = r.round(*d * w));
         deltas.push(delta);
     }
     let weights: Vec<f32> = others
         .iter()
-        .map(|&i| params.inputs[i].weight as f32)
+        .map(|&i| r.round(params.inputs[i].weight as f32))
         .collect();
     let mut mixed = vec![0f32; n];
     let normalize = params.shared.normalize;
@@ -653,29 +691,39 @@ fn task_arithmetic_family(
                     divisor += w;
                 }
             }
+            let (sum, mut divisor) = (r.round(sum), r.round(divisor));
             if divisor == 0.0 {
                 divisor = 1.0;
             }
-            mixed[e] = if normalize { sum / divisor } else { sum };
+            mixed[e] = if normalize {
+                r.round(sum / divisor)
+            } else {
+                sum
+            };
         }
     } else {
         for d in &deltas {
             mixed.iter_mut().zip(d).for_each(|(m, v)| *m += v);
         }
+        mixed.iter_mut().for_each(|m| *m = r.round(*m));
         if normalize {
-            let mut divisor: f32 = weights.iter().sum();
+            let mut divisor: f32 = r.round(weights.iter().sum());
             if divisor.abs() < 1e-8 {
                 divisor = 1.0;
             }
-            mixed.iter_mut().for_each(|m| *m /= divisor);
+            mixed.iter_mut().for_each(|m| *m = r.round(*m / divisor));
         }
     }
     let lambda = params.shared.lambda;
     if lambda != 1.0 {
         let l = lambda as f32;
-        mixed.iter_mut().for_each(|m| *m *= l);
+        mixed.iter_mut().for_each(|m| *m = r.round(*m * l));
     }
-    Ok(theta_0.iter().zip(&mixed).map(|(b, m)| b + m).collect())
+    Ok(theta_0
+        .iter()
+        .zip(&mixed)
+        .map(|(b, m)| r.round(b + m))
+        .collect())
 }
 
 /// torch's `sign`: −1, 0 or 1.
@@ -708,7 +756,7 @@ fn sparsify(
     delta: Vec<f32>,
     method: Sparsify,
     p: &InputParams,
-    rescale: bool,
+    (rescale, r): (bool, Arithmetic),
     shape: &[usize],
     mut draw: impl FnMut(KeepProbability<'_>) -> Result<Vec<bool>>,
 ) -> Result<Vec<f32>> {
@@ -741,7 +789,7 @@ fn sparsify(
             mask = draw(KeepProbability::PerEntry(&probs))?;
         }
     }
-    Ok(rescaled_masked(&delta, &mask, rescale))
+    Ok(rescaled_masked(&delta, &mask, rescale, r))
 }
 
 /// DELLA's keep probabilities: ranks by magnitude along dimension 1 (a vector is one row),
@@ -779,7 +827,7 @@ fn della_probabilities(delta: &[f32], shape: &[usize], density: f64, epsilon: f6
 }
 
 /// `delta · mask`, rescaled to `delta`'s L1 norm when asked (unless either norm is below 1e-7).
-fn rescaled_masked(delta: &[f32], mask: &[bool], rescale: bool) -> Vec<f32> {
+fn rescaled_masked(delta: &[f32], mask: &[bool], rescale: bool, r: Arithmetic) -> Vec<f32> {
     let masked: Vec<f32> = delta
         .iter()
         .zip(mask)
@@ -788,13 +836,13 @@ fn rescaled_masked(delta: &[f32], mask: &[bool], rescale: bool) -> Vec<f32> {
     if !rescale {
         return masked;
     }
-    let before: f64 = delta.iter().map(|v| f64::from(v.abs())).sum();
-    let after: f64 = masked.iter().map(|v| f64::from(v.abs())).sum();
+    let l1 = |x: &[f32]| r.round(x.iter().map(|v| f64::from(v.abs())).sum::<f64>() as f32);
+    let (before, after) = (l1(delta), l1(&masked));
     if before < 1e-7 || after < 1e-7 {
         return masked;
     }
-    let scale = (before / after) as f32;
-    masked.into_iter().map(|v| v * scale).collect()
+    let scale = r.round(before / after);
+    masked.into_iter().map(|v| r.round(v * scale)).collect()
 }
 
 /// The rows a tensor's reductions run over: `(rows, length)` with rows of contiguous values.

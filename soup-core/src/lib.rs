@@ -31,8 +31,8 @@ pub use baselines::{
     LearnedConfig,
 };
 pub use data_free::{
-    data_free_merge, merge_tensor, BaseRule, DataFreeMethod, InputParams, KeepProbability,
-    MaskSource, ParamInfo, Scope, SeededMasks, SharedParams, TensorParams,
+    data_free_merge, merge_tensor, Arithmetic, BaseRule, DataFreeMethod, InputParams,
+    KeepProbability, MaskSource, ParamInfo, Scope, SeededMasks, SharedParams, TensorParams,
 };
 pub use error::{Result, SoupError};
 pub use hyperplane::{Base, Hyperplane};

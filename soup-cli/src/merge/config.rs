@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use soup_core::{DataFreeMethod, Scope, TensorParams};
+use soup_core::{Arithmetic, DataFreeMethod, Scope, TensorParams};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::error::{CliError, Result};
@@ -452,6 +452,12 @@ impl MergeConfig {
                 }
             }
         }
+        // mergekit computes in `dtype`; soup does so for the task-arithmetic family.
+        p.shared.arithmetic = match self.dtype {
+            Some(Dtype::F16) => Arithmetic::F16,
+            Some(Dtype::Bf16) => Arithmetic::Bf16,
+            Some(Dtype::F32) | None => Arithmetic::F32,
+        };
         Ok(p)
     }
 }
