@@ -543,7 +543,7 @@ fn check_llm_quick() -> Result<(), String> {
     let count = |key: &str| results[key].as_array().map_or(0, Vec::len);
     let expected = [
         ("members", 5),
-        ("methods", 7),
+        ("methods", 13),
         ("mehl+_sweep", 2),
         ("memory", 2),
         ("barriers", 2),

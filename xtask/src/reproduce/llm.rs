@@ -300,6 +300,11 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
         vec![single("task-arithmetic", "task-arithmetic", &with_base)?],
     ));
     rows.push(Row::of("TIES", vec![single("ties", "ties", &with_base)?]));
+    // The data-free merges of `soup merge` (mergekit's methods) at the settings below.
+    for (name, label, method, params) in DATA_FREE {
+        let run = data_free(&p, &runs, name, method, *params, &base, &models)?;
+        rows.push(Row::of(label, vec![run]));
+    }
 
     let first_run = |prefix: &str| -> Result<Run, String> {
         rows.iter()
@@ -454,6 +459,96 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
         total
     );
     Ok(())
+}
+
+/// The data-free rows: (record name, label, `merge_method`, every model's parameters and the
+/// top-level ones). Settings are the papers' and mergekit's documented ones; with eight task
+/// vectors of one base each method normalises (weights 1) where it can, so λ = 1 is the mean.
+const DATA_FREE: &[(&str, &str, &str, (&str, &str))] = &[
+    (
+        "mk-task-arithmetic",
+        "task arithmetic, data-free (λ = 0.3)",
+        "task_arithmetic",
+        ("{weight: 1.0}", "{lambda: 0.3}"),
+    ),
+    (
+        "mk-ties",
+        "TIES per tensor, data-free (density 0.2)",
+        "ties",
+        ("{weight: 1.0, density: 0.2}", "{}"),
+    ),
+    (
+        "mk-dare-ties",
+        "DARE-TIES, data-free (density 0.5)",
+        "dare_ties",
+        ("{weight: 1.0, density: 0.5}", "{normalize: true}"),
+    ),
+    (
+        "mk-breadcrumbs-ties",
+        "breadcrumbs-TIES, data-free (density 0.9, γ 0.01)",
+        "breadcrumbs_ties",
+        (
+            "{weight: 1.0, density: 0.9, gamma: 0.01}",
+            "{normalize: true}",
+        ),
+    ),
+    (
+        "mk-della",
+        "DELLA, data-free (density 0.5, ε 0.1)",
+        "della",
+        ("{weight: 1.0, density: 0.5, epsilon: 0.1}", "{}"),
+    ),
+    (
+        "mk-model-stock",
+        "Model Stock, data-free",
+        "model_stock",
+        ("{}", "{}"),
+    ),
+];
+
+/// `soup merge` of the zoo onto `base` by `method` (the data-free rows), then its evaluation.
+fn data_free(
+    p: &Preset,
+    runs: &Path,
+    name: &str,
+    method: &str,
+    (each, top): (&str, &str),
+    base: &Path,
+    models: &[Model],
+) -> Result<Run, String> {
+    let mut config = String::from("models:\n");
+    for m in models {
+        let _ = writeln!(
+            config,
+            "  - model: {}\n    parameters: {each}",
+            m.path.display()
+        );
+    }
+    let _ = write!(
+        config,
+        "merge_method: {method}\nbase_model: {}\nparameters: {top}\ndtype: float32\n",
+        base.display()
+    );
+    let yml = runs.join(format!("{name}.yml"));
+    write_atomically(&yml, &config)?;
+    let out = runs.join(name);
+    let mut args = strings(&["merge"]);
+    args.push(yml.display().to_string());
+    args.push("--out".into());
+    args.push(out.display().to_string());
+    args.extend(strings(&["--force", "--seed", "0"]));
+    let key = format!("{}\nconfig {config}", record_key(p, &args));
+    recorded(&runs.join(format!("{name}.merge.json")), &key, || {
+        eprintln!("xtask: soup merge ({name})");
+        let t = Instant::now();
+        p.soup.run(&args)?;
+        let time_s = t.elapsed().as_secs_f64();
+        let eval = evaluate(p, runs, name, &out)?;
+        Ok(Run {
+            time_s: Some(time_s),
+            ..eval
+        })
+    })
 }
 
 /// Cross-domain and same-domain pairs of the zoo, alternating (models i and i + 1 differ in
@@ -1177,7 +1272,10 @@ fn markdown(p: &Preset, t: &Tables, zoo_time: Option<f64>, total: f64) -> String
          b = {}, lr {}, {} epoch(s) per model batch (the authors' other defaults); AdaMerging+ \
          with AdaMerging's defaults (λ from 0.3, clamped into [0, 1], Adam at 1e-3, one epoch) \
          on the held-out next-token loss; task arithmetic and TIES (density 0.2) with λ from \
-         0.1 … 1.0 chosen by the held-out loss. Greedy tries the fine-tunes in order of held-out \
+         0.1 … 1.0 chosen by the held-out loss. The data-free rows are `soup merge` (mergekit's \
+         definitions) at the settings their labels give, weights 1 and `normalize: true` where \
+         the method has it (the mean of the kept task-vector entries), λ = 1 unless given; \
+         their time is the merge's alone. Greedy tries the fine-tunes in order of held-out \
          loss and keeps each that lowers the soup's held-out loss.\n",
         p.mix_batch, p.epochs, p.b, p.mehl_lr, p.epochs
     );
