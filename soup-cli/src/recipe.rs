@@ -90,7 +90,9 @@ impl DirectionDtypeName {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
-    /// Soup method.
+    /// Soup method. mergekit's data-free merges (linear, task_arithmetic, ties, dare_linear,
+    /// dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, slerp,
+    /// nuslerp) are `soup merge CONFIG`.
     #[arg(long, value_parser = method_parser())]
     pub method: Option<Method>,
     /// MEHL: models per model batch (b).

@@ -762,3 +762,75 @@ fn a_dry_run_estimates_memory_and_time_and_writes_nothing() {
     assert!(!Path::new(&zoo.path("dry")).exists());
     assert!(!Path::new(&zoo.path("dry.partial")).exists());
 }
+
+/// `soup merge` on a CLIP zoo (which mergekit cannot read): linear with equal weights is the
+/// uniform soup, and a TIES merge onto the start point is a model `soup eval` reads.
+#[test]
+fn soup_merge_merges_a_clip_zoo_and_equal_linear_weights_are_the_uniform_soup() {
+    let zoo = zoo();
+    let mut members: Vec<PathBuf> = std::fs::read_dir(zoo.root.join("zoo"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("model.safetensors").is_file())
+        .collect();
+    members.sort();
+    assert_eq!(members.len(), 6);
+    let config = |name: &str, method: &str, each: &str, base: bool| -> String {
+        let mut text = String::from("models:\n");
+        for m in &members {
+            text.push_str(&format!(
+                "  - model: {}\n    parameters: {each}\n",
+                m.display()
+            ));
+        }
+        text.push_str(&format!("merge_method: {method}\n"));
+        if base {
+            text.push_str(&format!("base_model: {}\n", zoo.path("base.safetensors")));
+        }
+        let path = zoo.root.join(format!("{name}.yml"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let linear = config("linear", "linear", "{weight: 1.0}", false);
+    ok(&["merge", &linear, "--out", &zoo.path("merge-linear")]);
+    let args = mix(zoo, "uniform", "merge-uniform", "2");
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let load = |dir: &str| {
+        let ckpt = Checkpoint::open(zoo.path(dir)).unwrap();
+        let arch = ckpt.architecture().unwrap();
+        ckpt.load_params(arch.as_ref(), &Device::Cpu).unwrap()
+    };
+    for (a, b) in load("merge-linear").iter().zip(&load("merge-uniform")) {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6 * scale, "{x} against {y}");
+        }
+    }
+    let ties = config("ties", "ties", "{weight: 1.0, density: 0.2}", true);
+    ok(&["merge", &ties, "--out", &zoo.path("merge-ties")]);
+    let said = ok(&[
+        "eval",
+        "--model",
+        &zoo.path("merge-ties"),
+        "--data",
+        DATA,
+        "--max-examples",
+        LIMIT,
+    ]);
+    assert!(said.contains("accuracy"), "{said}");
+    let ties = load("merge-ties");
+    let base = load("base.safetensors");
+    assert!(ties.iter().zip(&base).any(|(t, b)| {
+        t.sub(b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    }));
+}

@@ -1035,3 +1035,44 @@ pub fn data_free_merge(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_lists_every_method_with_its_models_held() {
+        let readme = include_str!("../../README.md");
+        let table = &readme[readme.find("| `merge_method` |").expect("the table")..];
+        for m in DataFreeMethod::ALL {
+            let row = table
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(&format!("`{}`", m.name())))
+                .unwrap_or_else(|| panic!("README.md lacks a row for {}", m.name()));
+            assert!(
+                row.contains("| none | 1 model + 1 tensor per input |"),
+                "{row}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_parse_back_and_required_parameters_have_no_default() {
+        for m in DataFreeMethod::ALL {
+            assert_eq!(DataFreeMethod::from_name(m.name()), Some(m));
+            let p = m.parameters();
+            let required: Vec<&str> = p
+                .iter()
+                .filter(|i| i.default.is_none())
+                .map(|i| i.name)
+                .collect();
+            let expected: &[&str] = match m {
+                DataFreeMethod::ModelStock => &[],
+                DataFreeMethod::Slerp => &["t"],
+                _ => &["weight"],
+            };
+            assert_eq!(required, expected, "{}", m.name());
+        }
+        assert_eq!(DataFreeMethod::from_name("ranked_ties"), None);
+    }
+}
