@@ -834,3 +834,59 @@ fn soup_merge_merges_a_clip_zoo_and_equal_linear_weights_are_the_uniform_soup() 
             > 0.0
     }));
 }
+
+/// A mergekit configuration naming Hub repositories (`org/name`, as mergekit writes them, or
+/// `hf://org/name`) merges the same bytes as one naming the local directories.
+#[test]
+fn soup_merge_reads_hub_repositories_named_as_mergekit_names_them() {
+    use soup_models::testkit::hub::{Behaviour, HubServer};
+    let zoo = zoo();
+    let hf_home = ScratchDir::new("merge-hf-home");
+    let home = hf_home.path().display().to_string();
+    let server = HubServer::start(Behaviour::Normal).unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let dirs: Vec<PathBuf> = ["model-00", "model-01"]
+        .iter()
+        .map(|m| zoo.root.join("zoo").join(m))
+        .collect();
+    for (i, dir) in dirs.iter().enumerate() {
+        server
+            .add_dir(&format!("org/m{i}"), "main", commit, dir)
+            .unwrap();
+    }
+    let text = |a: &str, b: &str| {
+        format!(
+            "models:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\nmerge_method: linear\n"
+        )
+    };
+    let local = zoo.root.join("merge-local.yml");
+    let remote = zoo.root.join("merge-remote.yml");
+    std::fs::write(
+        &local,
+        text(
+            &dirs[0].display().to_string(),
+            &dirs[1].display().to_string(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(&remote, text("org/m0", "hf://org/m1")).unwrap();
+    let env = [
+        ("HF_ENDPOINT", server.url.as_str()),
+        ("HF_HOME", home.as_str()),
+    ];
+    for (config, out) in [(&local, "merge-hub-local"), (&remote, "merge-hub-remote")] {
+        let o = soup_env(
+            &[
+                "merge",
+                &config.display().to_string(),
+                "--out",
+                &zoo.path(out),
+            ],
+            &env,
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let bytes = |out: &str| std::fs::read(format!("{}/model.safetensors", zoo.path(out))).unwrap();
+    assert_eq!(bytes("merge-hub-local"), bytes("merge-hub-remote"));
+    server.stop();
+}

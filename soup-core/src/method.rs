@@ -404,7 +404,13 @@ mod tests {
             );
             assert!(readme.contains(&row), "README.md lacks the row\n{row}");
         }
-        let rows = readme.lines().filter(|l| l.starts_with("| `")).count();
+        // The rows of this table (the data-free merges of `soup merge` have their own).
+        let rows = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| method | what it makes |"))
+            .take_while(|l| l.starts_with('|'))
+            .filter(|l| l.starts_with("| `"))
+            .count();
         assert_eq!(rows, REGISTRY.len());
     }
 }
