@@ -160,6 +160,9 @@ fn bad_configurations_are_one_line_and_exit_2_with_nothing_written() {
         ("density", format!("{three}merge_method: ties\nbase_model: MODELS/base\nparameters: {{density: 1.5}}\n").replace("density: 0.5", "density: 1.5"), "outside (0, 1]"),
         ("zero-weights", "models:\n  - model: MODELS/m1\n    parameters: {weight: 1.0}\n  - model: MODELS/m2\n    parameters: {weight: -1.0}\nmerge_method: linear\n".to_string(), "sum to zero"),
         ("no-base", format!("{three}merge_method: ties\n"), "needs base_model"),
+        ("duplicate", "models:\n  - model: MODELS/m1\n    parameters: {weight: 1.0}\n  - model: MODELS/m1\n    parameters: {weight: 2.0}\nmerge_method: linear\n".to_string(), "listed twice"),
+        ("no-models", "models: []\nmerge_method: ties\nbase_model: MODELS/base\n".to_string(), "at least 1 model besides"),
+        ("slerp-no-t", "models:\n  - model: MODELS/base\n  - model: MODELS/m1\nmerge_method: slerp\nbase_model: MODELS/base\n".to_string(), "needs parameter t"),
         ("no-weight", "models:\n  - model: MODELS/m1\nmerge_method: task_arithmetic\nbase_model: MODELS/base\n".to_string(), "needs parameter weight"),
     ];
     for (name, text, says) in cases {

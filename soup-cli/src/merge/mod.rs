@@ -89,13 +89,24 @@ pub fn merge(args: &MergeArgs, quiet: bool) -> Result<()> {
     let (inputs, base) = config.inputs();
     let (least, most) = method.non_base_inputs();
     let others = inputs.len() - usize::from(base.is_some());
+    if let Some((_, m)) = inputs
+        .iter()
+        .enumerate()
+        .find(|(i, m)| inputs[..*i].contains(m))
+    {
+        return Err(CliError::new(format!(
+            "{}: model {m} is listed twice (mergekit refuses duplicate inputs too)",
+            args.config.display()
+        )));
+    }
     if others < least || most.is_some_and(|m| others > m) {
+        let plural = |k: usize| if k == 1 { "model" } else { "models" };
         let wanted = match most {
-            Some(m) if m == least => format!("exactly {m}"),
-            _ => format!("at least {least}"),
+            Some(m) if m == least => format!("exactly {m} {}", plural(m)),
+            _ => format!("at least {least} {}", plural(least)),
         };
         return Err(CliError::new(format!(
-            "{}: {} takes {wanted} models besides the base, not {others}",
+            "{}: {} takes {wanted} besides the base, not {others}",
             args.config.display(),
             method.name()
         )));
@@ -121,7 +132,9 @@ pub fn merge(args: &MergeArgs, quiet: bool) -> Result<()> {
     let positions = layer_positions(&names);
     let mut params = Vec::with_capacity(names.len());
     for (name, &t) in names.iter().zip(&positions) {
-        let p = config.tensor_params(name, t)?;
+        let p = config
+            .tensor_params(name, t)
+            .map_err(|e| CliError::new(format!("{}: {e}", args.config.display())))?;
         soup_core::data_free::check_params(method, name, base, &p)
             .map_err(|e| CliError::new(format!("{}: {e}", args.config.display())))?;
         params.push(p);
