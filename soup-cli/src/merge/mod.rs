@@ -143,7 +143,14 @@ pub fn merge(args: &MergeArgs, quiet: bool) -> Result<()> {
     sources.push(&args.config);
     let mut output = Output::check(&args.out, "merge", OUTPUTS, &sources, args.force, false)?;
     output.begin(false)?;
-    let result = write(args, &config, &store, base, params, &paths, quiet);
+    let plan = Plan {
+        config: &config,
+        store: &store,
+        base,
+        params,
+        tokenizer_from: base.map_or(&paths[0], |b| &paths[b]),
+    };
+    let result = write(args, &output.partial, plan, quiet);
     match result {
         Ok(()) => output.finish(),
         Err(e) => {
@@ -153,15 +160,28 @@ pub fn merge(args: &MergeArgs, quiet: bool) -> Result<()> {
     }
 }
 
-fn write(
-    args: &MergeArgs,
-    config: &MergeConfig,
-    store: &FileStore,
+/// A merge checked and ready to run.
+struct Plan<'a> {
+    config: &'a MergeConfig,
+    store: &'a FileStore,
+    /// The base's index among the inputs.
     base: Option<usize>,
+    /// Every tensor's parameters, in layout order.
     params: Vec<soup_core::TensorParams>,
-    paths: &[PathBuf],
-    quiet: bool,
-) -> Result<()> {
+    /// The tokenizer's directory: the base's (mergekit's `tokenizer_source: base`), else the
+    /// first model's.
+    tokenizer_from: &'a Path,
+}
+
+/// The merged model into `partial` (OUT.partial/).
+fn write(args: &MergeArgs, partial: &Path, plan: Plan, quiet: bool) -> Result<()> {
+    let Plan {
+        config,
+        store,
+        base,
+        params,
+        tokenizer_from,
+    } = plan;
     let started = std::time::Instant::now();
     let n_tensors = params.len();
     // mergekit reads every tensor in `dtype` before merging: the same rounding here, with the
@@ -186,7 +206,6 @@ fn write(
             .map(|t| t.to_dtype(d.candle()))
             .collect::<candle_core::Result<_>>()?;
     }
-    let partial = crate::output::partial_dir(&args.out);
     let (inputs, _) = config.inputs();
     let card = card(config, &inputs, base, store.arch.as_ref());
     let mut meta = BTreeMap::new();
@@ -194,11 +213,9 @@ fn write(
         "soup_merge_method".to_string(),
         config.method.name().to_string(),
     );
-    write_model_dir(&partial, store.arch.as_ref(), &tensors, &meta, &card)?;
-    // The tokenizer of the base (mergekit's `tokenizer_source: base`), else of the first model.
-    let from = base.map_or(&paths[0], |b| &paths[b]);
-    if from.is_dir() {
-        copy_tokenizer(from, &partial)?;
+    write_model_dir(partial, store.arch.as_ref(), &tensors, &meta, &card)?;
+    if tokenizer_from.is_dir() {
+        copy_tokenizer(tokenizer_from, partial)?;
     }
     let yml = partial.join("mergekit_config.yml");
     let text = std::fs::read(&args.config).map_err(|e| io(&args.config, e))?;
