@@ -51,20 +51,11 @@ fn compare(ours: &Path, theirs: &Path, tolerance: f64) -> Result<(f64, usize), S
     let mut worst = 0f64;
     let mut over = 0usize;
     for name in &names_b {
-        let x: Vec<f32> = a
-            .load(name, &cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let y: Vec<f32> = b
-            .load(name, &cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let values = |c: &Checkpoint| -> Vec<f32> {
+            let t = c.load(name, &cpu).unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (x, y) = (values(&a), values(&b));
         let rms = (y.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / y.len() as f64).sqrt();
         for (p, q) in x.iter().zip(&y) {
             let scale = f64::from(q.abs()).max(rms).max(1e-30);

@@ -935,25 +935,36 @@ fn norm(x: &[f32]) -> f64 {
         .sqrt()
 }
 
+/// Σ (a / na)(b / nb), clamped into [−1, 1]: the cosine of `a` and `b` given their norms (each
+/// side normalised before the product, as mergekit does, so the raw dot cannot overflow).
+fn cosine(a: &[f32], b: &[f32], (na, nb): (f64, f64)) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) / na) * (f64::from(*y) / nb))
+        .sum::<f64>()
+        .clamp(-1.0, 1.0)
+}
+
+/// The coefficients of v0 and v1 at `t` for vectors at cosine `cos`: sin((1 − t)θ)/sin θ and
+/// sin(tθ)/sin θ, or 1 − t and t where `linear` (the vectors are too close to collinear).
+fn spherical(t: f64, cos: f64, linear: bool) -> (f32, f32) {
+    if linear {
+        return ((1.0 - t) as f32, t as f32);
+    }
+    let theta = cos.acos();
+    let s = theta.sin();
+    (
+        (((1.0 - t) * theta).sin() / s) as f32,
+        ((t * theta).sin() / s) as f32,
+    )
+}
+
 /// mergekit's `slerp` of a whole tensor: linear where the normalised vectors are within
 /// 0.9995 of (anti)parallel, spherical otherwise; norms at most 1e-8 count as 1.
 fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
     let guard = |n: f64| if n > 1e-8 { n } else { 1.0 };
-    let (na, nb) = (guard(norm(v0)), guard(norm(v1)));
-    let dot: f64 = v0
-        .iter()
-        .zip(v1)
-        .map(|(a, b)| (f64::from(*a) / na) * (f64::from(*b) / nb))
-        .sum::<f64>()
-        .clamp(-1.0, 1.0);
-    let (ca, cb) = if dot.abs() > 0.9995 {
-        (1.0 - t, t)
-    } else {
-        let theta = dot.acos();
-        let s = theta.sin();
-        (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
-    };
-    let (ca, cb) = (ca as f32, cb as f32);
+    let dot = cosine(v0, v1, (guard(norm(v0)), guard(norm(v1))));
+    let (ca, cb) = spherical(t, dot, dot.abs() > 0.9995);
     v0.iter().zip(v1).map(|(a, b)| ca * a + cb * b).collect()
 }
 
@@ -991,21 +1002,8 @@ fn nuslerp(t: f64, v0: &[f32], v1: &[f32], shape: &[usize], axis: Axis) -> Vec<f
     for at in vectors {
         let x: Vec<f32> = at.iter().map(|&i| v0[i]).collect();
         let y: Vec<f32> = at.iter().map(|&i| v1[i]).collect();
-        let (nx, ny) = (norm(&x).max(1e-7), norm(&y).max(1e-7));
-        let cos: f64 = x
-            .iter()
-            .zip(&y)
-            .map(|(a, b)| (f64::from(*a) / nx) * (f64::from(*b) / ny))
-            .sum::<f64>()
-            .clamp(-1.0, 1.0);
-        let (ca, cb) = if 1.0 - cos * cos <= 1e-16 {
-            (1.0 - t, t)
-        } else {
-            let theta = cos.acos();
-            let s = theta.sin();
-            (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
-        };
-        let (ca, cb) = (ca as f32, cb as f32);
+        let cos = cosine(&x, &y, (norm(&x).max(1e-7), norm(&y).max(1e-7)));
+        let (ca, cb) = spherical(t, cos, 1.0 - cos * cos <= 1e-16);
         for (k, &i) in at.iter().enumerate() {
             out[i] = ca * x[k] + cb * y[k];
         }
