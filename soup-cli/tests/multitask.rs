@@ -400,3 +400,183 @@ fn multitask_input_errors_exit_with_two() {
         );
     }
 }
+
+/// `soup mix` with `--mergekit-config CONFIG` instead of `--method`.
+fn merge_config(t: &Tasks, config: &str, yaml: &str, out: &str) -> Vec<String> {
+    std::fs::write(t.root.join(config), yaml).unwrap();
+    let mut args = merge(t, "-", out, &[]);
+    // `merge` names a method; a configuration replaces it.
+    let at = args.iter().position(|a| a == "--method").unwrap();
+    args.drain(at..at + 2);
+    args.extend(["--mergekit-config".to_string(), t.path(config)]);
+    args
+}
+
+/// The encoder tensors of a multi-task output, by name.
+fn encoder(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let ckpt = Checkpoint::open(dir.join("encoder.safetensors")).unwrap();
+    let names: Vec<String> = ckpt.names().map(str::to_string).collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let t = ckpt.load(&name, &Device::Cpu).unwrap();
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (name, v)
+        })
+        .collect()
+}
+
+#[test]
+fn a_mergekit_configuration_merges_the_task_encoders_and_keeps_each_head() {
+    let t = tasks();
+    let (fm, rev, base) = (t.path("ft-fmnist"), t.path("ft-reversed"), t.path("base"));
+    // Linear with the models listed against the zoo's order and weighted 1 : 3: each encoder
+    // tensor is (θ_fmnist + 3 θ_reversed) / 4, whatever order the configuration lists them in.
+    run(&merge_config(
+        t,
+        "linear.yml",
+        &format!(
+            "merge_method: linear\nmodels:\n  - model: {rev}\n    parameters: {{weight: 3.0}}\n  - model: {fm}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+        ),
+        "mk-linear",
+    ));
+    let merged = encoder(&t.root.join("mk-linear"));
+    assert!(merged.len() > 10);
+    let (a, b) = (
+        Checkpoint::open(t.root.join("ft-fmnist/model.safetensors")).unwrap(),
+        Checkpoint::open(t.root.join("ft-reversed/model.safetensors")).unwrap(),
+    );
+    for (name, m) in &merged {
+        let x = a.load(name, &Device::Cpu).unwrap().flatten_all().unwrap();
+        let y = b.load(name, &Device::Cpu).unwrap().flatten_all().unwrap();
+        let (x, y) = (x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        for ((m, x), y) in m.iter().zip(&x).zip(&y) {
+            let want = (*x as f64 + 3.0 * *y as f64) / 4.0;
+            assert!(
+                (*m as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{name}"
+            );
+        }
+    }
+    let report = json(t.root.join("mk-linear/report.json"));
+    assert_eq!(report["method"], "linear");
+    assert!(report["mergekit_config"]
+        .as_str()
+        .unwrap()
+        .contains("linear"));
+    assert_eq!(report["tasks"].as_array().unwrap().len(), 2);
+    assert!(t.root.join("mk-linear/mergekit_config.yml").is_file());
+    assert!(!t.root.join("mk-linear/coefficients.json").exists());
+    let heads = Checkpoint::open(t.root.join("mk-linear/heads.safetensors")).unwrap();
+    let ckpt = Checkpoint::open(t.root.join("ft-reversed/model.safetensors")).unwrap();
+    let name = "classification_head.weight";
+    assert_eq!(
+        bits(&[heads.load(&format!("task.1.{name}"), &Device::Cpu).unwrap()]),
+        bits(&[ckpt.load(name, &Device::Cpu).unwrap()])
+    );
+
+    // Data-free task arithmetic at the λ soup's task arithmetic chose on held-out data gives
+    // the same encoder.
+    run(&merge(t, "task-arithmetic", "ta-for-mk", &[]));
+    let report = json(t.root.join("ta-for-mk/report.json"));
+    let lambda = json(t.root.join("ta-for-mk/coefficients.json"))["alpha"][0][1]
+        .as_f64()
+        .unwrap();
+    assert!(report["lambda_grid"].as_array().unwrap().len() == 10);
+    run(&merge_config(
+        t,
+        "ta.yml",
+        &format!(
+            "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {fm}\n    parameters: {{weight: 1.0}}\n  - model: {rev}\n    parameters: {{weight: 1.0}}\nparameters: {{lambda: {lambda}}}\n"
+        ),
+        "mk-ta",
+    ));
+    let (soup, mk) = (
+        encoder(&t.root.join("ta-for-mk")),
+        encoder(&t.root.join("mk-ta")),
+    );
+    assert_eq!(soup.len(), mk.len());
+    for ((n, s), (_, m)) in soup.iter().zip(&mk) {
+        for (s, m) in s.iter().zip(m) {
+            assert!((s - m).abs() <= 1e-6 * (1.0 + s.abs()), "{n}: {s} vs {m}");
+        }
+    }
+    let ta = json(t.root.join("ta-for-mk/report.json"));
+    let mk = json(t.root.join("mk-ta/report.json"));
+    assert_eq!(ta["mean_test_accuracy"], mk["mean_test_accuracy"]);
+
+    // TIES per tensor runs and is scored per task.
+    let stdout = run(&merge_config(
+        t,
+        "ties.yml",
+        &format!(
+            "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {fm}\n    parameters: {{weight: 1.0, density: 0.2}}\n  - model: {rev}\n    parameters: {{weight: 1.0, density: 0.2}}\nparameters: {{normalize: true}}\n"
+        ),
+        "mk-ties",
+    ));
+    assert!(stdout.starts_with("ties: base + 2 task models"), "{stdout}");
+    assert!(std::fs::read_to_string(t.root.join("mk-ties/report.md"))
+        .unwrap()
+        .contains("mergekit configuration"));
+}
+
+#[test]
+fn a_mergekit_configuration_that_does_not_match_the_zoo_is_refused() {
+    let t = tasks();
+    let (fm, rev, base) = (t.path("ft-fmnist"), t.path("ft-reversed"), t.path("base"));
+    let probe = t.path("probe-fmnist");
+    let ta = |models: &[&str], base_model: &str, extra: &str| {
+        let mut y = format!("merge_method: task_arithmetic\nbase_model: {base_model}\nmodels:\n");
+        for m in models {
+            y.push_str(&format!(
+                "  - model: {m}\n    parameters: {{weight: 1.0}}\n"
+            ));
+        }
+        y.push_str(extra);
+        y
+    };
+    let cases = [
+        (
+            "mk-stranger",
+            ta(&[&fm, &probe], &base, ""),
+            "neither --base nor a model of the zoo",
+        ),
+        (
+            "mk-missing",
+            ta(&[&fm], &base, ""),
+            "is not among its models",
+        ),
+        (
+            "mk-other-base",
+            ta(&[&fm, &rev], &probe, ""),
+            "is not --base",
+        ),
+        (
+            "mk-f16",
+            ta(&[&fm, &rev], &base, "dtype: float16\n"),
+            "float32",
+        ),
+        (
+            "mk-slices",
+            ta(&[&fm, &rev], &base, "slices: []\n"),
+            "slices",
+        ),
+    ];
+    for (out, yaml, what) in &cases {
+        let args = merge_config(t, &format!("{out}.yml"), yaml, out);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&a, what);
+    }
+    // --method and --mergekit-config together.
+    let mut args = merge_config(t, "mk-both.yml", &ta(&[&fm, &rev], &base, ""), "mk-both");
+    args.extend(["--method".to_string(), "ties".to_string()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails(&a, "--method");
+    for out in cases.iter().map(|c| c.0).chain(["mk-both"]) {
+        assert!(!t.root.join(out).exists(), "{out} written");
+        assert!(
+            !t.root.join(format!("{out}.partial")).exists(),
+            "{out}.partial left"
+        );
+    }
+}

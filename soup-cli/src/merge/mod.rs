@@ -59,7 +59,7 @@ const OUTPUTS: &[&str] = &[
 
 /// A model as mergekit names it: a local path (from the current directory), else a Hub
 /// repository `org/name`, else any of soup's sources (`hf://`, a URL).
-fn resolve(model: &str, quiet: bool) -> Result<PathBuf> {
+pub(crate) fn resolve(model: &str, quiet: bool) -> Result<PathBuf> {
     if Path::new(model).exists() {
         return Ok(PathBuf::from(model));
     }
@@ -85,60 +85,13 @@ fn resolve(model: &str, quiet: bool) -> Result<PathBuf> {
 
 pub fn merge(args: &MergeArgs, quiet: bool) -> Result<()> {
     let config = MergeConfig::read(&args.config)?;
-    let method = config.method;
-    let (inputs, base) = config.inputs();
-    let (least, most) = method.non_base_inputs();
-    let others = inputs.len() - usize::from(base.is_some());
-    if let Some((_, m)) = inputs
-        .iter()
-        .enumerate()
-        .find(|(i, m)| inputs[..*i].contains(m))
-    {
-        return Err(CliError::new(format!(
-            "{}: model {m} is listed twice (mergekit refuses duplicate inputs too)",
-            args.config.display()
-        )));
-    }
-    if others < least || most.is_some_and(|m| others > m) {
-        let plural = |k: usize| if k == 1 { "model" } else { "models" };
-        let wanted = match most {
-            Some(m) if m == least => format!("exactly {m} {}", plural(m)),
-            _ => format!("at least {least} {}", plural(least)),
-        };
-        return Err(CliError::new(format!(
-            "{}: {} takes {wanted} besides the base, not {others}",
-            args.config.display(),
-            method.name()
-        )));
-    }
-    if base.is_none() && method.base_rule() == soup_core::BaseRule::Required {
-        return Err(CliError::new(format!(
-            "{}: {} needs base_model",
-            args.config.display(),
-            method.name()
-        )));
-    }
+    let (inputs, base) = checked_inputs(&args.config, &config)?;
     let paths = inputs
         .iter()
         .map(|m| resolve(m, quiet))
         .collect::<Result<Vec<_>>>()?;
     let store = FileStore::open(paths.clone(), candle_core::Device::Cpu)?;
-    let layout = store.layout(0)?;
-    for i in 1..store.len() {
-        layout.check_same(&store.name(i), &store.layout(i)?)?;
-    }
-    // Every tensor's parameters are resolved (and checked) before the output is touched.
-    let names: Vec<String> = layout.tensors.iter().map(|t| t.name.clone()).collect();
-    let positions = layer_positions(&names);
-    let mut params = Vec::with_capacity(names.len());
-    for (name, &t) in names.iter().zip(&positions) {
-        let p = config
-            .tensor_params(name, t)
-            .map_err(|e| CliError::new(format!("{}: {e}", args.config.display())))?;
-        soup_core::data_free::check_params(method, name, base, &p)
-            .map_err(|e| CliError::new(format!("{}: {e}", args.config.display())))?;
-        params.push(p);
-    }
+    let params = tensor_params(&args.config, &config, &store)?;
     let mut sources: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     sources.push(&args.config);
     let mut output = Output::check(&args.out, "merge", OUTPUTS, &sources, args.force, false)?;
@@ -158,6 +111,75 @@ pub fn merge(args: &MergeArgs, quiet: bool) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// The configuration's inputs (mergekit's order) and the base's index among them, once their
+/// number suits the method: a model listed twice, too few or too many models, or a missing
+/// base_model is an error naming the configuration.
+pub(crate) fn checked_inputs(
+    path: &Path,
+    config: &MergeConfig,
+) -> Result<(Vec<String>, Option<usize>)> {
+    let method = config.method;
+    let (inputs, base) = config.inputs();
+    let (least, most) = method.non_base_inputs();
+    let others = inputs.len() - usize::from(base.is_some());
+    if let Some((_, m)) = inputs
+        .iter()
+        .enumerate()
+        .find(|(i, m)| inputs[..*i].contains(m))
+    {
+        return Err(CliError::new(format!(
+            "{}: model {m} is listed twice (mergekit refuses duplicate inputs too)",
+            path.display()
+        )));
+    }
+    if others < least || most.is_some_and(|m| others > m) {
+        let plural = |k: usize| if k == 1 { "model" } else { "models" };
+        let wanted = match most {
+            Some(m) if m == least => format!("exactly {m} {}", plural(m)),
+            _ => format!("at least {least} {}", plural(least)),
+        };
+        return Err(CliError::new(format!(
+            "{}: {} takes {wanted} besides the base, not {others}",
+            path.display(),
+            method.name()
+        )));
+    }
+    if base.is_none() && method.base_rule() == soup_core::BaseRule::Required {
+        return Err(CliError::new(format!(
+            "{}: {} needs base_model",
+            path.display(),
+            method.name()
+        )));
+    }
+    Ok((inputs, base))
+}
+
+/// Every tensor's parameters, in layout order, resolved and checked before any tensor is read;
+/// the inputs' tensors must agree in names and shapes.
+pub(crate) fn tensor_params(
+    path: &Path,
+    config: &MergeConfig,
+    store: &dyn ModelStore,
+) -> Result<Vec<soup_core::TensorParams>> {
+    let layout = store.layout(0)?;
+    for i in 1..store.len() {
+        layout.check_same(&store.name(i), &store.layout(i)?)?;
+    }
+    let (_, base) = config.inputs();
+    let names: Vec<String> = layout.tensors.iter().map(|t| t.name.clone()).collect();
+    let positions = layer_positions(&names);
+    let mut params = Vec::with_capacity(names.len());
+    for (name, &t) in names.iter().zip(&positions) {
+        let p = config
+            .tensor_params(name, t)
+            .map_err(|e| CliError::new(format!("{}: {e}", path.display())))?;
+        soup_core::data_free::check_params(config.method, name, base, &p)
+            .map_err(|e| CliError::new(format!("{}: {e}", path.display())))?;
+        params.push(p);
+    }
+    Ok(params)
 }
 
 /// A merge checked and ready to run.

@@ -29,6 +29,11 @@ pub struct MixArgs {
     pub recipe: Option<PathBuf>,
     #[command(flatten)]
     pub knobs: Recipe,
+    /// Multi-task zoos: merge the task models' encoders with a data-free method from mergekit's
+    /// YAML (as `soup merge` reads it; its models are the zoo's and its base_model `--base`)
+    /// instead of `--method`; each task keeps its own head and is scored on its data.
+    #[arg(long, conflicts_with = "method")]
+    pub mergekit_config: Option<PathBuf>,
     /// Continue an interrupted MEHL run from OUT.partial/.
     #[arg(long)]
     pub resume: bool,

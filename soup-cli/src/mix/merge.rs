@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use soup_core::SoupResult;
-use soup_core::{Collective, MergeMethod, ModelStore};
+use soup_core::{data_free_merge, Collective, MergeMethod, ModelStore, SeededMasks};
 use soup_models::checkpoint::write_safetensors;
 use soup_models::data::Split;
 use soup_models::train::multitask::{EncoderStore, MultiTask, Task, TaskLoss};
@@ -21,7 +21,8 @@ use super::args::MixArgs;
 use super::outputs::{evaluations_json, write_text, Scores};
 use super::outputs::{memory_json, short_names, timings, write_coefficients, write_curve};
 use crate::common::{human_bytes, peak_rss_bytes, phase, DataArgs};
-use crate::error::{CliError, Result};
+use crate::error::{io, CliError, Result};
+use crate::merge::config::{Dtype, MergeConfig};
 use crate::output::Output;
 use crate::recipe::{Recipe, TaskLossName};
 use soup_svg as svg;
@@ -37,6 +38,7 @@ const OUTPUTS: &[&str] = &[
     "coefficients.svg",
     "curve.svg",
     "recipe.toml",
+    "mergekit_config.yml",
 ];
 
 /// The tasks' data arguments: `--data` split at commas, one per task model.
@@ -93,6 +95,23 @@ struct TaskScores {
     test: Scores,
 }
 
+/// How a multi-task run merges the encoders.
+enum How {
+    /// A method of soup's registry, run as the recipe says.
+    Method(MergeMethod),
+    /// The data-free method of a mergekit configuration (`--mergekit-config`).
+    Config(PathBuf, MergeConfig),
+}
+
+impl How {
+    fn name(&self, recipe: &Recipe) -> String {
+        match self {
+            How::Method(_) => recipe.method().name().to_string(),
+            How::Config(_, config) => config.method.name().to_string(),
+        }
+    }
+}
+
 /// `soup mix` with a multi-task method, in one process.
 pub(super) fn mix(
     args: &MixArgs,
@@ -101,20 +120,194 @@ pub(super) fn mix(
     quiet: bool,
     comm: &dyn Collective,
 ) -> Result<()> {
+    checked_and_run(args, recipe, How::Method(kind), quiet, comm)
+}
+
+/// `soup mix --mergekit-config CONFIG`: the task models' encoders merged by the configuration's
+/// data-free method, each task with its own head. The configuration's models are the zoo's
+/// models and its base_model is `--base`, named as `soup merge` resolves them.
+pub(super) fn mix_config(
+    args: &MixArgs,
+    path: &Path,
+    quiet: bool,
+    comm: &dyn Collective,
+) -> Result<()> {
+    let config = MergeConfig::read(path)?;
+    crate::merge::checked_inputs(path, &config)?;
+    let refuse = |what: &str| {
+        Err(CliError::new(format!(
+            "--mergekit-config {}: {what}",
+            path.display()
+        )))
+    };
+    if args.recipe.is_some() {
+        return refuse(
+            "the configuration names the method and its parameters; --recipe is for --method",
+        );
+    }
+    for (key, dtype) in [("dtype", config.dtype), ("out_dtype", config.out_dtype)] {
+        if dtype.is_some_and(|d| d != Dtype::F32) {
+            return refuse(&format!(
+                "soup mix merges encoders in float32; {key} other than float32 is for soup merge"
+            ));
+        }
+    }
+    if args.base.is_none() {
+        return refuse("merges task models fine-tuned from one base: --base names it (θ_0)");
+    }
+    if super::args::merges_language_models(args)? {
+        return refuse(
+            "a merge of language models is one model, without task heads: soup merge CONFIG makes it",
+        );
+    }
+    let recipe = args.knobs.clone();
+    checked_and_run(
+        args,
+        recipe,
+        How::Config(path.to_path_buf(), config),
+        quiet,
+        comm,
+    )
+}
+
+/// OUT checked, then the run; OUT.partial/ is removed when the run fails.
+fn checked_and_run(
+    args: &MixArgs,
+    recipe: Recipe,
+    how: How,
+    quiet: bool,
+    comm: &dyn Collective,
+) -> Result<()> {
     if comm.world_size() > 1 {
         return Err(CliError::new(format!(
             "{} runs in one process; over several processes soup mixes uniform, mehl and mehl+",
-            recipe.method().name()
+            how.name(&recipe)
         )));
     }
-    let inputs = inputs(args);
+    let mut inputs = inputs(args);
+    if let How::Config(path, _) = &how {
+        inputs.push(path.clone());
+    }
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     let mut output = Output::check(&args.out, "mix", OUTPUTS, &inputs, args.force, false)?;
-    let result = run(args, recipe, kind, quiet, &mut output);
+    let result = run(args, recipe, how, quiet, &mut output);
     if result.is_err() {
         output.abandon();
     }
     result
+}
+
+/// The inputs of a mergekit configuration, in its order, read from the encoders of a
+/// multi-task store (θ_0 first, then the task models).
+struct ConfigInputs<'a> {
+    store: &'a EncoderStore,
+    /// The store's index of each of the configuration's inputs.
+    order: Vec<usize>,
+}
+
+impl ModelStore for ConfigInputs<'_> {
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+    fn name(&self, i: usize) -> String {
+        self.store.name(self.order[i])
+    }
+    fn layout(&self, i: usize) -> soup_core::Result<soup_core::ParamLayout> {
+        self.store.layout(self.order[i])
+    }
+    fn load(&self, i: usize) -> soup_core::Result<Vec<candle_core::Tensor>> {
+        self.store.load(self.order[i])
+    }
+    fn load_tensor(&self, i: usize, tensor: usize) -> soup_core::Result<candle_core::Tensor> {
+        self.store.load_tensor(self.order[i], tensor)
+    }
+    fn device(&self) -> candle_core::Device {
+        self.store.device()
+    }
+}
+
+/// The store's index (θ_0 = 0, task model k = k) of each of the configuration's inputs; every
+/// task model must be one of them and base_model must be `--base`.
+fn config_order(
+    path: &Path,
+    config: &MergeConfig,
+    base: &Path,
+    zoo: &[soup_models::Resolved],
+    quiet: bool,
+) -> Result<Vec<usize>> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).map_err(|e| io(p, e));
+    let known: Vec<PathBuf> = std::iter::once(base)
+        .chain(zoo.iter().map(|r| r.path.as_path()))
+        .map(canonical)
+        .collect::<Result<_>>()?;
+    let (inputs, config_base) = config.inputs();
+    let mut order = Vec::with_capacity(inputs.len());
+    for (i, m) in inputs.iter().enumerate() {
+        let at = canonical(&crate::merge::resolve(m, quiet)?)?;
+        let j = known.iter().position(|k| *k == at);
+        if Some(i) == config_base && j != Some(0) {
+            return Err(CliError::new(format!(
+                "{}: base_model {m} is not --base {}",
+                path.display(),
+                base.display()
+            )));
+        }
+        let Some(j) = j else {
+            return Err(CliError::new(format!(
+                "{}: model {m} is neither --base nor a model of the zoo",
+                path.display()
+            )));
+        };
+        order.push(j);
+    }
+    if let Some(missing) = (1..known.len()).find(|j| !order.contains(j)) {
+        return Err(CliError::new(format!(
+            "{}: the zoo's model {} is not among its models (each task's head is scored on the merged encoder, so every task model is merged)",
+            path.display(),
+            zoo[missing - 1].source
+        )));
+    }
+    Ok(order)
+}
+
+/// The configuration's merge of the encoders, as a [`SoupResult`] with no coefficients (a
+/// data-free merge follows no α).
+fn config_merge(
+    (path, config): (&Path, &MergeConfig),
+    store: &EncoderStore,
+    order: Vec<usize>,
+    seed: u64,
+) -> Result<SoupResult> {
+    let inputs = ConfigInputs { store, order };
+    let params = crate::merge::tensor_params(path, config, &inputs)?;
+    let (_, base) = config.inputs();
+    let started = Instant::now();
+    let soup = data_free_merge(
+        &inputs,
+        config.method,
+        base,
+        &mut |k, _| Ok(params[k].clone()),
+        &mut SeededMasks { seed },
+    )?;
+    let layout = store.layout(0)?;
+    let model = 4 * layout.numel();
+    let mut timings = soup_core::Timings::default();
+    timings.add("merge", started);
+    Ok(SoupResult {
+        method: config.method.name().to_string(),
+        model_names: (0..store.len()).map(|i| store.name(i)).collect(),
+        soup,
+        blocks: soup_core::BlockCut::WHOLE.blocks(&layout)?,
+        layout,
+        alpha: Vec::new(),
+        history: Vec::new(),
+        evaluations: Vec::new(),
+        timings,
+        memory: soup_core::MemoryAccount {
+            models: model,
+            ..Default::default()
+        },
+    })
 }
 
 /// The base, the task models as one store of encoders and heads, and their data sets.
@@ -182,25 +375,17 @@ fn task_splits(
 }
 
 /// The multi-task `soup mix`, once OUT is checked.
-fn run(
-    args: &MixArgs,
-    recipe: Recipe,
-    kind: MergeMethod,
-    quiet: bool,
-    output: &mut Output,
-) -> Result<()> {
+fn run(args: &MixArgs, recipe: Recipe, how: How, quiet: bool, output: &mut Output) -> Result<()> {
     let started = Instant::now();
-    let method = recipe.method();
+    let method = how.name(&recipe);
     if args.resume || args.dry_run {
         return Err(CliError::new(format!(
-            "{} does not take --resume or --dry-run",
-            method.name()
+            "{method} does not take --resume or --dry-run"
         )));
     }
     let base = args.base.clone().ok_or_else(|| {
         CliError::new(format!(
-            "{} merges task models fine-tuned from one base: --base names it (θ_0)",
-            method.name()
+            "{method} merges task models fine-tuned from one base: --base names it (θ_0)"
         ))
     })?;
     let t_load = Instant::now();
@@ -212,6 +397,11 @@ fn run(
     } = load(args, &base, quiet)?;
     let k = zoo.len();
     let d = store.encoder.numel();
+    // The configuration's models are matched to the zoo before any data is read.
+    let order = match &how {
+        How::Config(path, config) => Some(config_order(path, config, &base, &zoo, quiet)?),
+        How::Method(_) => None,
+    };
     phase(
         quiet,
         &format!("base and {k} task models, encoder of {d} parameters; loading each task's data"),
@@ -229,8 +419,16 @@ fn run(
 
     let t_soup = Instant::now();
     let mut recipe = recipe;
-    let (result, grid) = match kind {
-        MergeMethod::AdaMerging => {
+    let (result, grid) = match how {
+        How::Config(ref path, ref config) => {
+            let order = order.expect("matched above");
+            let seed = recipe.seed.unwrap_or(0);
+            (
+                config_merge((path, config), &store, order, seed)?,
+                Vec::new(),
+            )
+        }
+        How::Method(MergeMethod::AdaMerging) => {
             recipe.model_batch = Some(recipe.model_batch.unwrap_or(k).min(k));
             let config =
                 recipe.adamerging_config(&store.models[0].arch.zero_gradient_tensors(), 0)?;
@@ -240,15 +438,11 @@ fn run(
                 TaskLossName::Entropy => objective(&test_tasks, TaskLoss::Entropy),
                 TaskLossName::CrossEntropy => objective(&heldout_tasks, TaskLoss::CrossEntropy),
             };
-            let (result, _) = super::task_vectors::adamerging(
-                &store,
-                &mut train,
-                &config,
-                (k, method.name(), quiet),
-            )?;
+            let (result, _) =
+                super::task_vectors::adamerging(&store, &mut train, &config, (k, &method, quiet))?;
             (result, Vec::new())
         }
-        MergeMethod::TaskArithmetic | MergeMethod::Ties => {
+        How::Method(kind @ (MergeMethod::TaskArithmetic | MergeMethod::Ties)) => {
             // The first λ of the best held-out average accuracy.
             let accuracy = |m: &soup_core::Metrics| m.accuracy.unwrap_or(f64::NAN);
             let (merged, lambda, grid) = super::task_vectors::chosen_lambda(
@@ -286,8 +480,14 @@ fn run(
             test: t[i].into(),
         })
         .collect();
+    let config = match &how {
+        How::Config(path, _) => Some(path.as_path()),
+        How::Method(_) => None,
+    };
     let written = Written {
         args,
+        method: &method,
+        config,
         recipe: &recipe,
         store: &store,
         heads: &heldout_tasks,
@@ -302,8 +502,7 @@ fn run(
     output.finish()?;
     let mean = |f: fn(&TaskScores) -> f64| scores.iter().map(f).sum::<f64>() / k as f64;
     println!(
-        "{}: base + {k} task models -> mean held-out accuracy {:.4}, mean test accuracy {:.4}, {:.1} s -> {}",
-        method.name(),
+        "{method}: base + {k} task models -> mean held-out accuracy {:.4}, mean test accuracy {:.4}, {:.1} s -> {}",
         mean(|s| s.heldout.accuracy),
         mean(|s| s.test.accuracy),
         started.elapsed().as_secs_f64(),
@@ -315,6 +514,10 @@ fn run(
 /// What a finished multi-task run writes.
 struct Written<'a> {
     args: &'a MixArgs,
+    /// The method's name: soup's, or the mergekit configuration's merge_method.
+    method: &'a str,
+    /// The mergekit configuration the merge follows (`--mergekit-config`), copied into OUT.
+    config: Option<&'a Path>,
     recipe: &'a Recipe,
     store: &'a EncoderStore,
     heads: &'a [Task],
@@ -331,15 +534,22 @@ impl Written<'_> {
     fn write(&self, dir: &Path) -> Result<()> {
         let write = |name: &str, text: &str| write_text(dir, name, text);
         let (recipe, result, store) = (self.recipe, self.result, self.store);
-        let method = recipe.method().name();
+        let method = self.method;
         let names: Vec<String> = std::iter::once(store.name(0))
             .chain(self.scores.iter().map(|s| s.model.clone()))
             .collect();
-        let meta = BTreeMap::from([
+        let config_text = match self.config {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| io(path, e))?),
+            None => None,
+        };
+        let mut meta = BTreeMap::from([
             ("soup.method".to_string(), method.to_string()),
             ("soup.models".to_string(), serde_json::to_string(&names)?),
-            ("soup.recipe".to_string(), serde_json::to_string(recipe)?),
         ]);
+        match &config_text {
+            Some(text) => meta.insert("soup.mergekit_config".to_string(), text.clone()),
+            None => meta.insert("soup.recipe".to_string(), serde_json::to_string(recipe)?),
+        };
         write_safetensors(
             &dir.join("encoder.safetensors"),
             &store.encoder,
@@ -380,7 +590,6 @@ impl Written<'_> {
             })
             .collect();
         write("tasks.json", &serde_json::to_string_pretty(&tasks)?)?;
-        write_coefficients(dir, &names, result)?;
         let k = self.scores.len() as f64;
         let mean = |f: &dyn Fn(&TaskScores) -> f64| self.scores.iter().map(f).sum::<f64>() / k;
         let report = serde_json::json!({
@@ -401,12 +610,19 @@ impl Written<'_> {
             "steps": result.history.len(),
             "evaluations": evaluations_json(result, "mean_accuracy"),
             "data": self.args.data.data,
+            "mergekit_config": config_text,
         });
         write("report.json", &serde_json::to_string_pretty(&report)?)?;
         write(
             "report.md",
             &self.markdown(mean(&|s| s.heldout.accuracy), mean(&|s| s.test.accuracy)),
         )?;
+        if let Some(text) = &config_text {
+            // A data-free merge follows no α and takes no steps: the configuration is its recipe.
+            write("mergekit_config.yml", text)?;
+            return Ok(());
+        }
+        write_coefficients(dir, &names, result)?;
         let short = short_names(&names);
         write(
             "coefficients.svg",
@@ -442,7 +658,7 @@ impl Written<'_> {
     /// The per-task table, in the style of FusionBench's: one row per split, one column per
     /// task, the mean last.
     fn markdown(&self, heldout: f64, test: f64) -> String {
-        let method = self.recipe.method().name();
+        let method = self.method;
         let mut header = vec!["split".to_string()];
         header.extend(self.scores.iter().map(|s| s.name.clone()));
         header.push("mean".into());
@@ -458,8 +674,15 @@ impl Written<'_> {
         ];
         let header: Vec<&str> = header.iter().map(String::as_str).collect();
         let mut out = format!(
-            "# {method}: base + {} task models\n\nAccuracy (%) of the merged encoder with each task's own head.\n\n{}",
+            "# {method}: base + {} task models\n\n{}Accuracy (%) of the merged encoder with each task's own head.\n\n{}",
             self.scores.len(),
+            match self.config {
+                Some(path) => format!(
+                    "Data-free, as the mergekit configuration `{}` says (copied here as `mergekit_config.yml`).\n\n",
+                    path.display()
+                ),
+                None => String::new(),
+            },
             crate::card::table(&header, &rows)
         );
         if !self.grid.is_empty() {

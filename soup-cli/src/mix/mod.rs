@@ -1,6 +1,7 @@
 //! `soup mix`: a soup of a zoo ([`soup`]: uniform, greedy, learned, MEHL), or a merge of task
 //! models fine-tuned from one base ([`merge`]: AdaMerging, task arithmetic, TIES), chosen by the
-//! method's [`Kind`] from soup-core's registry. A merge of language models is one model, as a
+//! method's [`Kind`] from soup-core's registry, or by a mergekit configuration's data-free
+//! method (`--mergekit-config`, task models only: [`merge`]). A merge of language models is one model, as a
 //! soup is: [`soup`] makes it.
 //!
 //! Outputs go to `OUT.partial/` while the run lasts (MEHL saves its progress there after every
@@ -27,6 +28,9 @@ pub use outputs::Scores;
 
 /// `soup mix`: the recipe of `args`, then the method's run.
 pub fn mix(args: &MixArgs, quiet: bool, comm: &dyn Collective) -> Result<()> {
+    if let Some(config) = &args.mergekit_config {
+        return merge::mix_config(args, config, quiet, comm);
+    }
     let recipe = args::resolve_recipe(args)?;
     match recipe.method().kind() {
         Kind::Soup(kind) => soup::mix(args, recipe, Kind::Soup(kind), quiet, comm),

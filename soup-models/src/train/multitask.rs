@@ -145,6 +145,17 @@ impl ModelStore for EncoderStore {
         Ok(self.picks[i].iter().map(|&k| all[k].clone()).collect())
     }
 
+    fn load_tensor(&self, i: usize, tensor: usize) -> soup_core::Result<Tensor> {
+        let k = *self.picks[i].get(tensor).ok_or_else(|| {
+            soup_core::SoupError::config(
+                "tensor",
+                tensor,
+                "is not the index of a tensor of the encoder",
+            )
+        })?;
+        self.models[i].load_tensor(0, k)
+    }
+
     fn device(&self) -> Device {
         self.models
             .first()

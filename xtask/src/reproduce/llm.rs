@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{fnv1a, read_json, strings, write_atomically, write_subset, Soup};
+use super::DATA_FREE;
+use super::{fnv1a, mergekit_config, read_json, strings, write_atomically, write_subset, Soup};
 use crate::root;
 
 /// Bump when the data or the training changes in a way that invalidates cached zoos.
@@ -461,51 +462,6 @@ pub(super) fn llm(soup: &Soup, quick: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The data-free rows: (record name, label, `merge_method`, every model's parameters and the
-/// top-level ones). Settings are the papers' and mergekit's documented ones; with eight task
-/// vectors of one base each method normalises (weights 1) where it can, so λ = 1 is the mean.
-const DATA_FREE: &[(&str, &str, &str, (&str, &str))] = &[
-    (
-        "mk-task-arithmetic",
-        "task arithmetic, data-free (λ = 0.3)",
-        "task_arithmetic",
-        ("{weight: 1.0}", "{lambda: 0.3}"),
-    ),
-    (
-        "mk-ties",
-        "TIES per tensor, data-free (density 0.2)",
-        "ties",
-        ("{weight: 1.0, density: 0.2}", "{}"),
-    ),
-    (
-        "mk-dare-ties",
-        "DARE-TIES, data-free (density 0.5)",
-        "dare_ties",
-        ("{weight: 1.0, density: 0.5}", "{normalize: true}"),
-    ),
-    (
-        "mk-breadcrumbs-ties",
-        "breadcrumbs-TIES, data-free (density 0.9, γ 0.01)",
-        "breadcrumbs_ties",
-        (
-            "{weight: 1.0, density: 0.9, gamma: 0.01}",
-            "{normalize: true}",
-        ),
-    ),
-    (
-        "mk-della",
-        "DELLA, data-free (density 0.5, ε 0.1)",
-        "della",
-        ("{weight: 1.0, density: 0.5, epsilon: 0.1}", "{}"),
-    ),
-    (
-        "mk-model-stock",
-        "Model Stock, data-free",
-        "model_stock",
-        ("{}", "{}"),
-    ),
-];
-
 /// `soup merge` of the zoo onto `base` by `method` (the data-free rows), then its evaluation.
 fn data_free(
     p: &Preset,
@@ -516,19 +472,8 @@ fn data_free(
     base: &Path,
     models: &[Model],
 ) -> Result<Run, String> {
-    let mut config = String::from("models:\n");
-    for m in models {
-        let _ = writeln!(
-            config,
-            "  - model: {}\n    parameters: {each}",
-            m.path.display()
-        );
-    }
-    let _ = write!(
-        config,
-        "merge_method: {method}\nbase_model: {}\nparameters: {top}\ndtype: float32\n",
-        base.display()
-    );
+    let paths: Vec<&Path> = models.iter().map(|m| m.path.as_path()).collect();
+    let config = mergekit_config(method, (each, top), base, &paths);
     let yml = runs.join(format!("{name}.yml"));
     write_atomically(&yml, &config)?;
     let out = runs.join(name);

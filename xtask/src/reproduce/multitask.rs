@@ -1,8 +1,9 @@
 //! `cargo xtask reproduce --preset multitask`: multi-task merging (spec §3.9) of the real
 //! DINOv2-S/14 fine-tuned on the four offline tasks (Fashion-MNIST, MNIST, sklearn digits, the
 //! simulated textile set): the individual fine-tunes, task arithmetic, TIES, AdaMerging and
-//! AdaMerging+ in full memory (b = K) and through MEHL's model batches (b < K), with accuracy
-//! per task, peak RSS and time, in `results/multitask/`.
+//! AdaMerging+ in full memory (b = K) and through MEHL's model batches (b < K), and mergekit's
+//! data-free methods (`soup mix --mergekit-config`), with accuracy per task, peak RSS and time,
+//! in `results/multitask/`.
 //!
 //! Every step is cached under `results/cache/multitask/` (soup writes each output directory
 //! whole or not at all, so an existing one is complete): an interrupted run continues.
@@ -13,7 +14,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::{read_json, strings, write_atomically, Soup};
+use super::{mergekit_config, read_json, strings, write_atomically, Soup, DATA_FREE};
 use crate::root;
 
 /// A wheel from PyPI, pinned by sha256.
@@ -309,6 +310,24 @@ pub(super) fn multitask(soup: &Soup) -> Result<(), String> {
         step(soup, &out, label, args)?;
         rows.push((label, read_json(&out.join("report.json"))?));
     }
+    // The data-free merges of mergekit's configurations, at the settings the llm preset uses.
+    let task_models: Vec<&Path> = models.iter().map(PathBuf::as_path).collect();
+    for (name, label, method, params) in DATA_FREE {
+        let yml = cache().join(format!("{name}.yml"));
+        write_atomically(&yml, &mergekit_config(method, *params, &base, &task_models))?;
+        let out = results.join(name);
+        let mut args = strings(&["mix", "--mergekit-config"]);
+        args.push(yml.display().to_string());
+        args.push("--base".into());
+        args.push(base.display().to_string());
+        args.push("--zoo".into());
+        args.push(zoo.display().to_string());
+        args.push("--data".into());
+        args.push(data.join(","));
+        args.extend(strings(&["--max-examples", &MERGE_EXAMPLES.to_string()]));
+        step(soup, &out, label, args)?;
+        rows.push((label, read_json(&out.join("report.json"))?));
+    }
     write_results(&results, &individual, &rows)?;
     eprintln!(
         "xtask: multitask preset done in {:.0} s -> {}",
@@ -375,7 +394,9 @@ fn write_results(
          (lr {FT_LR}, 2 epochs, random crops with 2 px padding); merges evaluated on {MERGE_EXAMPLES} held-out and {MERGE_EXAMPLES} \
          test images per task (fewer where the split is smaller). AdaMerging learns λ on the test inputs \
          without their labels ({ADA_EPOCHS} epochs of 16 per task per model batch, Adam lr {ADA_LR}, prior 0.3, \
-         λ clamped into [0, 1]); task arithmetic and TIES choose λ in 0.1…1.0 on the held-out splits.\n"
+         λ clamped into [0, 1]); task arithmetic and TIES choose λ in 0.1…1.0 on the held-out splits. \
+         The data-free rows merge the encoders as mergekit configurations say (`soup mix --mergekit-config`, \
+         every task model weight 1, the settings in the row), without data.\n"
     ));
     write_atomically(&dir.join("results.md"), &md)?;
     write_atomically(
