@@ -77,11 +77,60 @@ pub struct ArchOverride {
     /// are not 64 wide (.pt files do not store the head count).
     #[arg(long)]
     pub arch_config: Option<String>,
+    /// The names of the head's classes, one per line in its order: they supply or replace the
+    /// model's (`id2label`), and evaluation folders are matched to them by name.
+    #[arg(long)]
+    pub class_names: Option<std::path::PathBuf>,
+}
+
+/// The class names of `path`, one per line (a final line break is optional); an empty line or
+/// a name given twice is an error naming the file and the line.
+pub fn read_class_names(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::error::io(path, e))?;
+    let mut names: Vec<String> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let name = line.trim_end_matches('\r');
+        if name.trim().is_empty() {
+            return Err(CliError::new(format!(
+                "--class-names {}: line {} is empty",
+                path.display(),
+                i + 1
+            )));
+        }
+        if let Some(first) = names.iter().position(|n| n == name) {
+            return Err(CliError::new(format!(
+                "--class-names {}: line {} repeats {name:?} of line {}",
+                path.display(),
+                i + 1,
+                first + 1
+            )));
+        }
+        names.push(name.to_string());
+    }
+    if names.is_empty() {
+        return Err(CliError::new(format!(
+            "--class-names {}: no names",
+            path.display()
+        )));
+    }
+    Ok(names)
 }
 
 impl ArchOverride {
     /// The override as a JSON object (empty when not given).
     pub fn map(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut map = self.config_map()?;
+        if let Some(path) = &self.class_names {
+            map.insert(
+                soup_models::arch::labels::CLASS_NAMES_KEY.into(),
+                serde_json::json!(read_class_names(path)?),
+            );
+        }
+        Ok(map)
+    }
+
+    /// `--arch-config` as a JSON object.
+    fn config_map(&self) -> Result<serde_json::Map<String, serde_json::Value>> {
         let Some(given) = &self.arch_config else {
             return Ok(serde_json::Map::new());
         };
@@ -138,9 +187,38 @@ impl DataArgs {
         if !spec.is_image_folder()? {
             return self.prepare(&self.load_raw(split)?, arch);
         }
-        let data = spec.stream(split, &arch.image_input()?, self.max_examples)?;
+        let head = soup_models::data::HeadClasses {
+            names: arch.class_names().map(<[String]>::to_vec),
+            count: Some(arch.num_classes()),
+        };
+        let data = spec.stream(split, &arch.image_input()?, self.max_examples, &head)?;
         self.check_labels(&data.labels, arch)?;
         Ok(data)
+    }
+
+    /// `arch` as training on this data set leaves it: a model trained on an image folder whose
+    /// class folders its names do not all cover (or that has none) takes the names of
+    /// `train/`'s class folders, sorted (the order its labels then follow), where they are as
+    /// many as its classes.
+    pub fn name_classes(&self, arch: Arc<dyn Architecture>) -> Result<Arc<dyn Architecture>> {
+        let spec = self.spec();
+        if !matches!(arch.input(), soup_models::InputSpec::Images(_))
+            || !spec.is_image_folder()?
+            || !spec.root.join("train").is_dir()
+        {
+            return Ok(arch);
+        }
+        let folders = soup_models::data::class_folders(&spec.root.join("train"))?;
+        let covered = arch
+            .class_names()
+            .is_some_and(|names| folders.iter().all(|f| names.contains(f)));
+        if covered || folders.len() != arch.num_classes() {
+            return Ok(arch);
+        }
+        Ok(soup_models::arch::labels::with_class_names(
+            arch,
+            Some(folders),
+        )?)
     }
 
     /// Split `split` as stored, capped at `max_examples`.

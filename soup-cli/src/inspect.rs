@@ -79,17 +79,30 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     if let Some(path) = &args.save_logits {
         save_logits(path, arch.as_ref(), &params, &data)?;
     }
+    // A split of fewer classes than the head's is scored over its own (model-soups' projection).
+    let restricted = data.classes.as_ref().map(Vec::len);
     let mut objective = Classification::new(arch.clone(), data, 256);
     let scores: Scores = objective.evaluate(&params)?.into();
     if args.json {
-        println!("{}", serde_json::to_string(&scores)?);
+        let mut json = serde_json::to_value(scores)?;
+        if let Some(k) = restricted {
+            json["classes_scored"] = k.into();
+            json["head_classes"] = arch.num_classes().into();
+        }
+        println!("{}", serde_json::to_string(&json)?);
     } else {
         let shift = args
             .shift
             .as_deref()
             .map_or(String::new(), |s| format!(" shifted ({s})"));
+        let subset = restricted.map_or(String::new(), |k| {
+            format!(
+                ", logits restricted to the split's {k} of the head's {} classes",
+                arch.num_classes()
+            )
+        });
         println!(
-            "{} on {} {}{shift}: accuracy {:.4}, loss {:.4}, {} examples",
+            "{} on {} {}{shift}: accuracy {:.4}, loss {:.4}, {} examples{subset}",
             args.model, args.data.data, args.split, scores.accuracy, scores.loss, scores.count
         );
     }

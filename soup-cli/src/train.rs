@@ -146,6 +146,7 @@ pub fn train(args: &TrainArgs, quiet: bool) -> Result<()> {
             (arch, params)
         }
     };
+    let arch = args.data.name_classes(arch)?;
     let trainable: Vec<bool> = arch
         .layout()
         .tensors
@@ -827,6 +828,7 @@ pub fn finetune_zoo(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     let base = Checkpoint::open(&base_source.path)?;
     let arch = base.architecture()?;
     let params = base.load_params(arch.as_ref(), &args.device.open()?)?;
+    let arch = args.data.name_classes(arch)?;
     let model_dir = crate::inspect::model_dir(&base_source.path);
     let start = Start {
         sets: TrainSets::load(

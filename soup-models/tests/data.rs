@@ -343,7 +343,9 @@ fn a_streamed_image_folder_equals_the_decoded_one() {
     };
     for split in [Split::Train, Split::Heldout, Split::Test] {
         let memory = prepare(&spec.load(split).unwrap(), &input, &Device::Cpu).unwrap();
-        let stream = spec.stream(split, &input, None).unwrap();
+        let stream = spec
+            .stream(split, &input, None, &Default::default())
+            .unwrap();
         assert!(matches!(stream.images, soup_models::Images::Stream(_)));
         assert_eq!(stream.labels, memory.labels, "{split:?}");
         let bits = |t: candle_core::Tensor| -> Vec<u32> {
@@ -378,12 +380,16 @@ fn a_streamed_image_folder_equals_the_decoded_one() {
         assert_eq!(stream.resident_bytes(2), (2 * 2 * 3 * 224 * 224 * 4) as u64);
     }
     // A cap takes the first examples of the split.
-    let capped = spec.stream(Split::Test, &input, Some(4)).unwrap();
+    let capped = spec
+        .stream(Split::Test, &input, Some(4), &Default::default())
+        .unwrap();
     assert_eq!(capped.len(), 4);
     // A file that does not decode is named when its batch is asked for.
     let bad = dir.path().join("val/a/0.png");
     std::fs::write(&bad, b"not a png").unwrap();
-    let stream = spec.stream(Split::Test, &input, None).unwrap();
+    let stream = spec
+        .stream(Split::Test, &input, None, &Default::default())
+        .unwrap();
     let err = stream.select(&[0]).unwrap_err().to_string();
     assert!(err.contains("0.png"), "{err}");
 }
@@ -406,7 +412,9 @@ fn fine_tuning_on_streamed_images_equals_fine_tuning_in_memory() {
     .unwrap();
     let input = arch.image_input().unwrap();
     let memory = prepare(&spec.load(Split::Train).unwrap(), &input, &Device::Cpu).unwrap();
-    let stream = spec.stream(Split::Train, &input, None).unwrap();
+    let stream = spec
+        .stream(Split::Train, &input, None, &Default::default())
+        .unwrap();
     let config = FinetuneConfig {
         epochs: 2,
         batch_size: 3,

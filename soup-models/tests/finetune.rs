@@ -40,6 +40,7 @@ fn quadrants(n: usize, seed: u64) -> Dataset {
             Tensor::from_vec(pixels, (n, 1, 16, 16), &Device::Cpu).unwrap(),
         ),
         labels,
+        classes: None,
     }
 }
 

@@ -281,6 +281,7 @@ fn objective(arch: ClipClassifier, n: usize, smoothing: f64) -> Classification {
     let data = Dataset {
         images: Images::Memory(x),
         labels,
+        classes: None,
     };
     let mut obj = Classification::new(std::sync::Arc::new(arch), data, 4);
     obj.label_smoothing = smoothing;

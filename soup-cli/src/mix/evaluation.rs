@@ -243,7 +243,8 @@ impl Evaluation {
                 let first = objective.data.len().min(objective.eval_batch_size);
                 let rows: Vec<u32> = (0..first as u32).collect();
                 let (images, labels) = objective.data.select(&rows)?;
-                let data = Dataset::in_memory(images, labels);
+                let mut data = Dataset::in_memory(images, labels);
+                data.classes = objective.data.classes.clone();
                 Evaluation::Images {
                     objective: Classification {
                         eval_batch_size: objective.eval_batch_size,

@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod dinov2;
+pub mod labels;
 pub mod llama;
 pub mod mlp;
 pub mod tape;
@@ -83,6 +84,11 @@ pub trait Architecture: std::fmt::Debug + Send + Sync {
     /// The logits' last dimension: the classes of a classifier, the vocabulary of a model of
     /// token sequences.
     fn num_classes(&self) -> usize;
+    /// The name of each class of a classifier's head, in its order, where the model has them
+    /// ([`labels::with_class_names`]).
+    fn class_names(&self) -> Option<&[String]> {
+        None
+    }
     /// Logits of `inputs`, differentiable with respect to every parameter: n × classes for
     /// normalised images (n × channels × height × width); n × sequence × vocabulary for tokens
     /// (n × sequence).
@@ -140,6 +146,15 @@ pub const REGISTRY: &[(&str, Constructor)] = &[
 
 /// The architecture `name` with configuration `config`.
 pub fn build(name: &str, config: &serde_json::Value) -> Result<Arc<dyn Architecture>> {
+    if let Some(names) = config.get(labels::CLASS_NAMES_KEY) {
+        let names: Vec<String> = serde_json::from_value(names.clone())
+            .map_err(|e| ModelError::config(name, format!("{}: {e}", labels::CLASS_NAMES_KEY)))?;
+        let mut rest = config.clone();
+        if let Some(obj) = rest.as_object_mut() {
+            obj.remove(labels::CLASS_NAMES_KEY);
+        }
+        return labels::with_class_names(build(name, &rest)?, Some(names));
+    }
     match REGISTRY.iter().find(|(n, _)| *n == name) {
         Some((_, make)) => make(config),
         None => Err(ModelError::UnknownArchitecture {

@@ -9,6 +9,7 @@ use super::torch::openai_config;
 use super::{Checkpoint, META_ARCH, META_CONFIG};
 use crate::arch::clip::{ClipClassifier, ClipVitConfig};
 use crate::arch::dinov2::{Dinov2Classifier, Dinov2Config};
+use crate::arch::labels::{hf_class_names, with_class_names};
 use crate::arch::llama::{Llama, LlamaConfig};
 use crate::arch::{build, Architecture};
 use crate::error::{ModelError, Result};
@@ -80,9 +81,10 @@ impl Checkpoint {
                         format!("tensor classifier.weight has shape {head:?}, expected [classes, features]"),
                     ));
                 }
-                return Ok(Arc::new(Dinov2Classifier::new(
-                    Dinov2Config::from_hf_json(json, head[0])?,
-                )?));
+                let arch = Arc::new(Dinov2Classifier::new(Dinov2Config::from_hf_json(
+                    json, head[0],
+                )?)?);
+                return with_class_names(arch, hf_class_names(json, head[0]));
             }
             let head = self.shape("classification_head.weight")?;
             if head.len() != 2 {
@@ -91,9 +93,10 @@ impl Checkpoint {
                     format!("tensor classification_head.weight has shape {head:?}, expected [classes, features]"),
                 ));
             }
-            return Ok(Arc::new(ClipClassifier::new(ClipVitConfig::from_hf_json(
+            let arch = Arc::new(ClipClassifier::new(ClipVitConfig::from_hf_json(
                 json, head[0],
-            )?)?));
+            )?)?);
+            return with_class_names(arch, hf_class_names(json, head[0]));
         }
         Err(ModelError::format(
             &self.path,
@@ -118,7 +121,8 @@ impl Checkpoint {
             .as_object_mut()
             .ok_or_else(|| ModelError::config(arch.family(), "config is not an object"))?;
         for (k, v) in overrides {
-            if !obj.contains_key(k) {
+            // Class names may be given to a model that has none.
+            if !obj.contains_key(k) && k != crate::arch::labels::CLASS_NAMES_KEY {
                 let known: Vec<&str> = obj.keys().map(String::as_str).collect();
                 return Err(ModelError::config(
                     arch.family(),

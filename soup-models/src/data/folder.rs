@@ -14,13 +14,16 @@ use crate::error::{ModelError, Result};
 pub const IMAGE_FOLDER_SIDE: usize = 224;
 
 /// `train/<class>/*` or `val/<class>/*` (`test/<class>/*`), decoded in parallel to RGB, resized
-/// and centre-cropped to [`IMAGE_FOLDER_SIDE`] as `preprocess` says.
+/// and centre-cropped to [`IMAGE_FOLDER_SIDE`] as `preprocess` says, labelled for a head without
+/// class names ([`label_folders`]).
 pub(crate) fn read_image_folder(
     root: &Path,
     test: bool,
     preprocess: Preprocess,
 ) -> Result<RawImages> {
-    let (files, num_classes) = list_image_folder(root, test)?;
+    let listed = list_image_folder(root, test, &HeadClasses::default())?;
+    let num_classes = listed.num_classes();
+    let files = listed.files;
     let side = IMAGE_FOLDER_SIDE;
     let decoded: Vec<Vec<u8>> = files
         .par_iter()
@@ -39,23 +42,154 @@ pub(crate) fn read_image_folder(
     })
 }
 
-/// The image files of an ImageFolder split, sorted by class then name, with their labels, and
-/// the number of classes (the folders of `train/`).
-pub(crate) fn list_image_folder(root: &Path, test: bool) -> Result<(Vec<(PathBuf, u32)>, usize)> {
-    let classes = list_dirs(&root.join("train"))?;
-    let dir = if !test {
-        root.join("train")
-    } else if root.join("val").is_dir() {
-        root.join("val")
-    } else {
-        root.join("test")
-    };
-    let mut files = Vec::new();
-    for (label, class) in classes.iter().enumerate() {
-        let class_dir = dir.join(class);
-        if !class_dir.is_dir() {
-            continue;
+/// What an ImageFolder split's class folders are matched against: the head's class names, or
+/// for a model without names, the number of its classes (either may be unknown).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadClasses {
+    pub names: Option<Vec<String>>,
+    pub count: Option<usize>,
+}
+
+/// An ImageFolder split, listed and labelled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListedFolder {
+    /// Every image, sorted by class folder then name, with its class in the head.
+    pub files: Vec<(PathBuf, u32)>,
+    /// The head's classes the split's folders stand for, sorted, when they are fewer than the
+    /// head's: the logits are restricted to them (model-soups' projection for ImageNet-A/-R).
+    pub subset: Option<Vec<u32>>,
+    /// Classes of the head: its count, else (a model without names, labels from train/'s
+    /// folders) the number of those folders.
+    pub head_classes: usize,
+}
+
+impl ListedFolder {
+    fn num_classes(&self) -> usize {
+        self.head_classes
+    }
+}
+
+/// The split's directory: `train/`, or for evaluation `val/`, else `test/`.
+fn split_dir(root: &Path, test: bool) -> Result<PathBuf> {
+    if !test {
+        let dir = root.join("train");
+        if !dir.is_dir() {
+            return Err(ModelError::format(
+                root,
+                "no train/ folder: this data set can only be evaluated",
+            ));
         }
+        return Ok(dir);
+    }
+    for name in ["val", "test"] {
+        if root.join(name).is_dir() {
+            return Ok(root.join(name));
+        }
+    }
+    Err(ModelError::format(
+        root,
+        "no val/ or test/ folder to evaluate",
+    ))
+}
+
+/// The head's class of each of `folders` (an ImageFolder split's class folders, sorted) and the
+/// head's number of classes:
+/// - a model with class names: each folder is the class of its name;
+/// - the training splits of a model without names: the folders of `train/` in sorted order
+///   (what `soup train` records as the names);
+/// - an evaluation split of a model without names: folders named by integers are those
+///   classes; else the sorted folders of `train/`, where there is one.
+///
+/// A folder that matches no class is an error naming it.
+pub fn label_folders(
+    root: &Path,
+    dir: &Path,
+    folders: &[String],
+    head: &HeadClasses,
+    test: bool,
+) -> Result<(Vec<u32>, usize)> {
+    let unknown = |folder: &str, what: String| {
+        ModelError::format(&dir.join(folder), format!("class folder {folder:?} {what}"))
+    };
+    if let Some(names) = &head.names {
+        let index: std::collections::HashMap<&str, u32> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i as u32))
+            .collect();
+        let labels = folders
+            .iter()
+            .map(|f| {
+                index.get(f.as_str()).copied().ok_or_else(|| {
+                    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+                    unknown(
+                        f,
+                        format!(
+                            "is not a class of the model ({} named classes: {}{})",
+                            names.len(),
+                            shown.join(", "),
+                            if names.len() > 5 { ", …" } else { "" }
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        return Ok((labels, names.len()));
+    }
+    let numbered: Option<Vec<u32>> = folders.iter().map(|f| f.parse::<u32>().ok()).collect();
+    if let (true, Some(numbers)) = (test, numbered) {
+        if let Some(count) = head.count {
+            if let Some((f, _)) = folders
+                .iter()
+                .zip(&numbers)
+                .find(|(_, &n)| n as usize >= count)
+            {
+                return Err(unknown(
+                    f,
+                    format!(
+                        "is past the model's {count} classes (numbered folders are class indices)"
+                    ),
+                ));
+            }
+        }
+        let count = head
+            .count
+            .unwrap_or_else(|| numbers.iter().max().map_or(0, |&m| m as usize + 1));
+        return Ok((numbers, count));
+    }
+    let train = root.join("train");
+    if !train.is_dir() {
+        return Err(ModelError::format(
+            dir,
+            "the model has no class names to match these class folders with: --class-names FILE gives them",
+        ));
+    }
+    let classes = list_dirs(&train)?;
+    let labels = folders
+        .iter()
+        .map(|f| {
+            classes
+                .binary_search(f)
+                .map(|i| i as u32)
+                .map_err(|_| unknown(f, "is not a class folder of train/".to_string()))
+        })
+        .collect::<Result<_>>()?;
+    Ok((labels, classes.len()))
+}
+
+/// The image files of an ImageFolder split, sorted by class folder then name, labelled with the
+/// head's classes ([`label_folders`]); an evaluation split that holds fewer of the head's
+/// classes says which ([`ListedFolder::subset`]).
+pub fn list_image_folder(root: &Path, test: bool, head: &HeadClasses) -> Result<ListedFolder> {
+    let dir = split_dir(root, test)?;
+    let folders = list_dirs(&dir)?;
+    if folders.is_empty() {
+        return Err(ModelError::format(&dir, "holds no class folders"));
+    }
+    let (labels, head_classes) = label_folders(root, &dir, &folders, head, test)?;
+    let mut files = Vec::new();
+    for (class, &label) in folders.iter().zip(&labels) {
+        let class_dir = dir.join(class);
         let mut names: Vec<PathBuf> = std::fs::read_dir(&class_dir)
             .map_err(|e| ModelError::io(&class_dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -65,9 +199,17 @@ pub(crate) fn list_image_folder(root: &Path, test: bool) -> Result<(Vec<(PathBuf
             })
             .collect();
         names.sort();
-        files.extend(names.into_iter().map(|p| (p, label as u32)));
+        files.extend(names.into_iter().map(|p| (p, label)));
     }
-    Ok((files, classes.len()))
+    let mut present = labels.clone();
+    present.sort_unstable();
+    present.dedup();
+    let subset = (test && present.len() < head_classes).then_some(present);
+    Ok(ListedFolder {
+        files,
+        subset,
+        head_classes,
+    })
 }
 
 /// The most bytes one image may decode to (8192 × 8192 RGBA; ImageNet's largest is far below):
@@ -87,6 +229,11 @@ pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     limits.max_alloc = Some(MAX_IMAGE_BYTES);
     reader.limits(limits);
     reader.decode().map_err(bad)
+}
+
+/// The class folders of an ImageFolder split directory, sorted by name.
+pub fn class_folders(dir: &Path) -> Result<Vec<String>> {
+    list_dirs(dir)
 }
 
 pub(crate) fn list_dirs(dir: &Path) -> Result<Vec<String>> {

@@ -24,7 +24,10 @@ mod spec;
 pub mod stream;
 pub mod text;
 
-pub use folder::{decode_image, IMAGE_FOLDER_SIDE, MAX_IMAGE_BYTES};
+pub use folder::{
+    class_folders, decode_image, label_folders, list_image_folder, HeadClasses, ListedFolder,
+    IMAGE_FOLDER_SIDE, MAX_IMAGE_BYTES,
+};
 pub(crate) use preprocess::{check_input, prepare_one};
 pub use preprocess::{prepare, resize_crop_planes, square_rgb, Preprocess};
 pub use shift::{shifted, Shift};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use soup_core::rng::permutation;
 
-use super::folder::{list_dirs, list_image_folder, read_image_folder};
+use super::folder::{list_dirs, list_image_folder, read_image_folder, HeadClasses};
 use super::formats::{read_cifar, read_idx_split};
 use super::preprocess::Preprocess;
 use crate::arch::ImageSpec;
@@ -149,15 +149,25 @@ impl DataSpec {
     /// Split `split` of an ImageFolder, at most `max` examples, as a [`Dataset`] whose images are
     /// decoded and prepared for `input` only when a batch asks for them (straight to the model's
     /// size), so that memory holds a few batches whatever the data set's size.
-    pub fn stream(&self, split: Split, input: &ImageSpec, max: Option<usize>) -> Result<Dataset> {
-        let (files, _) = list_image_folder(&self.root, split == Split::Test)?;
+    /// Its class folders are matched to `head`'s classes ([`super::folder::label_folders`]).
+    pub fn stream(
+        &self,
+        split: Split,
+        input: &ImageSpec,
+        max: Option<usize>,
+        head: &HeadClasses,
+    ) -> Result<Dataset> {
+        let listed = list_image_folder(&self.root, split == Split::Test, head)?;
+        let files = listed.files;
         let mut rows = self.split_rows(split, files.len())?;
         if let Some(m) = max {
             rows.truncate(m);
         }
         let (paths, labels) = rows.iter().map(|&r| files[r].clone()).unzip();
         let source = super::stream::FolderSource::new(paths, input.clone(), self.preprocess)?;
-        Ok(Dataset::stream(std::sync::Arc::new(source), labels))
+        let mut data = Dataset::stream(std::sync::Arc::new(source), labels);
+        data.classes = listed.subset;
+        Ok(data)
     }
 
     /// The rows of `split` among the `n` examples read (all of them for the test split; the
@@ -261,12 +271,15 @@ pub(crate) fn detect(root: &Path) -> Result<Format> {
         Ok(Format::Cifar10)
     } else if has("train.bin") && has("test.bin") {
         Ok(Format::Cifar100)
-    } else if root.join("train").is_dir() {
+    } else if ["train", "val", "test"]
+        .iter()
+        .any(|split| root.join(split).is_dir())
+    {
         Ok(Format::ImageFolder)
     } else {
         Err(ModelError::format(
             root,
-            "unknown data set layout (expected idx files, CIFAR .bin files, or train/<class>/ folders)",
+            "unknown data set layout (expected idx files, CIFAR .bin files, or train/<class>/ (or only val/<class>/ or test/<class>/) folders)",
         ))
     }
 }

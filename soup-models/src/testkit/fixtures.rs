@@ -252,3 +252,18 @@ pub fn tensor_bits(t: &Tensor) -> Vec<u32> {
         .map(f32::to_bits)
         .collect()
 }
+
+/// An image folder split for tests: `dir/<split>/<class>/<i>.png`, `count` 8 × 8 grey images per
+/// class, class k's image i of level 20 k + i.
+pub fn write_image_folder(dir: &Path, split: &str, classes: &[&str], count: u32) {
+    for (k, class) in classes.iter().enumerate() {
+        let d = dir.join(split).join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..count {
+            let v = (20 * k as u32 + i) as u8;
+            image::RgbImage::from_pixel(8, 8, image::Rgb([v, v, v]))
+                .save(d.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+}

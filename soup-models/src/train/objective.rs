@@ -16,7 +16,12 @@ use crate::ops::cross_entropy;
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub images: Images,
+    /// Each example's class in the model's head.
     pub labels: Vec<u32>,
+    /// The head's classes the data set stands for, sorted, when they are fewer than the head's
+    /// (ImageNet-A's 200 of 1,000): the logits are restricted to them before the loss and the
+    /// argmax, model-soups' projection; `None`: every class.
+    pub classes: Option<Vec<u32>>,
 }
 
 /// Where a data set's images are.
@@ -33,6 +38,7 @@ impl Dataset {
         Self {
             images: Images::Memory(images),
             labels,
+            classes: None,
         }
     }
 
@@ -41,6 +47,7 @@ impl Dataset {
         Self {
             images: Images::Stream(Stream::new(source)),
             labels,
+            classes: None,
         }
     }
 
@@ -195,11 +202,27 @@ impl Classification {
         (mine, weight)
     }
 
-    /// Logits of the examples `rows` under `params`.
+    /// Logits of the examples `rows` under `params`, with their labels; restricted to the data
+    /// set's classes where it holds fewer than the head's ([`Dataset::classes`]), the labels
+    /// then being positions among them.
     pub fn logits(&self, params: &[Tensor], rows: &[u32]) -> soup_core::Result<(Tensor, Vec<u32>)> {
         let (images, labels) = self.data.select(rows)?;
         let images = images.to_device(device_of(params))?;
-        Ok((self.arch.forward(params, &images)?, labels))
+        let logits = self.arch.forward(params, &images)?;
+        let Some(classes) = &self.data.classes else {
+            return Ok((logits, labels));
+        };
+        let index = Tensor::from_slice(classes, classes.len(), logits.device())?;
+        let position = |y: u32| {
+            classes.binary_search(&y).map(|p| p as u32).map_err(|_| {
+                soup_core::SoupError::config("label", y, "is not among the data set's classes")
+            })
+        };
+        let labels = labels
+            .into_iter()
+            .map(position)
+            .collect::<soup_core::Result<_>>()?;
+        Ok((logits.index_select(&index, 1)?, labels))
     }
 }
 
@@ -239,7 +262,9 @@ impl Objective for Classification {
         params: &[Tensor],
         batch: Batch,
     ) -> soup_core::Result<(f64, Vec<Tensor>)> {
-        if !crate::arch::tape::supported(params) {
+        // The hand-written backward takes every class; a projected data set goes through
+        // autograd.
+        if !crate::arch::tape::supported(params) || self.data.classes.is_some() {
             return soup_core::autograd_loss_and_grad(self, params, batch);
         }
         let (mine, weight) = self.shard_rows(batch);
