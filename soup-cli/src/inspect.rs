@@ -31,6 +31,10 @@ pub struct EvalArgs {
     /// or all; the split's images under each shift in turn.
     #[arg(long)]
     pub shift: Option<String>,
+    /// Further evaluation sets (comma-separated, read as --data is, their test split): each is
+    /// scored by name after --data's split, then their mean accuracy.
+    #[arg(long, value_delimiter = ',')]
+    pub test: Vec<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -53,8 +57,14 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     let arch = args.arch.architecture(&ckpt)?;
     let params = ckpt.load_params(arch.as_ref(), &args.device.open()?)?;
     if let InputSpec::Tokens(spec) = arch.input() {
+        if !args.test.is_empty() {
+            return Err(CliError::new(
+                "--test is for image classifiers; a language model's domains are --data a+b+c",
+            ));
+        }
         return eval_text(args, &ckpt, arch.as_ref(), &params, (split, spec));
     }
+    let sets = crate::eval_sets::eval_sets(&args.test, &args.data)?;
     // Shifts apply to stored pixels, so a shifted split is read whole; otherwise an image folder
     // streams.
     if let Some(path) = &args.save_logits {
@@ -83,11 +93,16 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
     let restricted = data.classes.as_ref().map(Vec::len);
     let mut objective = Classification::new(arch.clone(), data, 256);
     let scores: Scores = objective.evaluate(&params)?.into();
+    let set_scores = crate::eval_sets::score(&sets, &arch, &params)?;
     if args.json {
         let mut json = serde_json::to_value(scores)?;
         if let Some(k) = restricted {
             json["classes_scored"] = k.into();
             json["head_classes"] = arch.num_classes().into();
+        }
+        if !set_scores.is_empty() {
+            json["tests"] = serde_json::to_value(&set_scores)?;
+            json["tests_mean_accuracy"] = crate::eval_sets::mean_accuracy(&set_scores).into();
         }
         println!("{}", serde_json::to_string(&json)?);
     } else {
@@ -105,6 +120,26 @@ pub fn eval(args: &EvalArgs, quiet: bool) -> Result<()> {
             "{} on {} {}{shift}: accuracy {:.4}, loss {:.4}, {} examples{subset}",
             args.model, args.data.data, args.split, scores.accuracy, scores.loss, scores.count
         );
+        for s in &set_scores {
+            let subset = s.classes_scored.map_or(String::new(), |k| {
+                format!(
+                    ", logits restricted to its {k} of the head's {} classes",
+                    arch.num_classes()
+                )
+            });
+            println!(
+                "{} on {} ({}): accuracy {:.4}, loss {:.4}, {} examples{subset}",
+                args.model, s.name, s.data, s.scores.accuracy, s.scores.loss, s.scores.count
+            );
+        }
+        if !set_scores.is_empty() {
+            println!(
+                "{}: mean accuracy over the {} --test sets {:.4}",
+                args.model,
+                set_scores.len(),
+                crate::eval_sets::mean_accuracy(&set_scores)
+            );
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod card;
 mod common;
 mod error;
+mod eval_sets;
 mod import;
 mod inspect;
 mod manifest;

@@ -121,3 +121,117 @@ fn trained_classes_are_named_and_evaluation_folders_matched_by_name() {
         "2 class names for a head of 3 classes",
     );
 }
+
+#[test]
+fn evaluation_sets_are_scored_by_name_beside_the_data() {
+    let dir = ScratchDir::new("testsets");
+    let root = dir.path();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let data = root.join("data");
+    write_image_folder(&data, "train", &["cat", "dog", "emu"], 6);
+    write_image_folder(&data, "val", &["cat", "dog", "emu"], 2);
+    let config = root.join("mlp.json");
+    std::fs::write(
+        &config,
+        r#"{"input": [3, 2, 2], "hidden": [4], "num_classes": 3}"#,
+    )
+    .unwrap();
+    let mut zoo = String::new();
+    for seed in ["1", "2"] {
+        let out = root.join(format!("m{seed}"));
+        ok(&[
+            "train",
+            "--arch",
+            "mlp",
+            "--config",
+            &s(&config),
+            "--data",
+            &s(&data),
+            "--epochs",
+            "2",
+            "--seed",
+            seed,
+            "--out",
+            &s(&out),
+        ]);
+        zoo.push_str(&format!("[[model]]\npath = {:?}\n\n", s(&out)));
+    }
+    std::fs::write(root.join("zoo.toml"), zoo).unwrap();
+    // Two evaluation-only sets: a subset of the classes, and all of them in another order.
+    let (a, b) = (root.join("shift-a"), root.join("shift-b"));
+    write_image_folder(&a, "val", &["emu", "cat"], 3);
+    write_image_folder(&b, "test", &["dog", "emu", "cat"], 2);
+    let soup = root.join("soup");
+    let tests = format!("{},{}", s(&a), s(&b));
+    let stdout = ok(&[
+        "mix",
+        "--method",
+        "uniform",
+        "--zoo",
+        &s(&root.join("zoo.toml")),
+        "--data",
+        &s(&data),
+        "--test",
+        &tests,
+        "--out",
+        &s(&soup),
+    ]);
+    assert!(
+        stdout.contains("mean accuracy over 2 --test sets"),
+        "{stdout}"
+    );
+    let report = json(soup.join("report.json"));
+    let sets = report["tests"].as_array().unwrap();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(
+        (sets[0]["name"].as_str(), sets[1]["name"].as_str()),
+        (Some("shift-a"), Some("shift-b"))
+    );
+    assert_eq!(sets[0]["classes_scored"], 2);
+    assert!(sets[1].get("classes_scored").is_none());
+    // Each set's scores are what soup eval gives the soup on it; the mean is theirs.
+    let mut sum = 0.0;
+    for (set, path) in sets.iter().zip([&a, &b]) {
+        let eval = ok(&["eval", "--model", &s(&soup), "--data", &s(path), "--json"]);
+        let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+        assert_eq!(eval["accuracy"], set["accuracy"]);
+        assert_eq!(eval["count"], set["count"]);
+        sum += set["accuracy"].as_f64().unwrap();
+    }
+    assert!((report["tests_mean_accuracy"].as_f64().unwrap() - sum / 2.0).abs() < 1e-12);
+    assert!(std::fs::read_to_string(soup.join("README.md"))
+        .unwrap()
+        .contains("| shift-a |"));
+    // soup eval --test gives the same.
+    let eval = ok(&[
+        "eval",
+        "--model",
+        &s(&soup),
+        "--data",
+        &s(&data),
+        "--test",
+        &tests,
+        "--json",
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    assert_eq!(eval["tests"][1]["accuracy"], sets[1]["accuracy"]);
+    assert_eq!(eval["tests_mean_accuracy"], report["tests_mean_accuracy"]);
+    // A set that is not a data set is refused before any work.
+    fails(
+        &[
+            "mix",
+            "--method",
+            "uniform",
+            "--zoo",
+            &s(&root.join("zoo.toml")),
+            "--data",
+            &s(&data),
+            "--test",
+            &s(&root.join("nowhere")),
+            "--out",
+            &s(&root.join("bad")),
+        ],
+        "--test",
+    );
+    assert!(!root.join("bad").exists() && !root.join("bad.partial").exists());
+}

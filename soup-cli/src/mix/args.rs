@@ -21,6 +21,10 @@ pub struct MixArgs {
     pub base: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
+    /// Further evaluation sets for the soup (comma-separated, read as --data is, their test
+    /// split), each scored by name in report.json and the card, with their mean accuracy.
+    #[arg(long, value_delimiter = ',')]
+    pub test: Vec<String>,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,

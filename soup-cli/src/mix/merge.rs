@@ -184,6 +184,11 @@ fn checked_and_run(
             how.name(&recipe)
         )));
     }
+    if !args.test.is_empty() {
+        return Err(CliError::new(
+            "--test scores one classifier; a multi-task merge scores each task on its own --data set",
+        ));
+    }
     let mut inputs = inputs(args);
     if let How::Config(path, _) = &how {
         inputs.push(path.clone());

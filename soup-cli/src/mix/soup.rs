@@ -116,6 +116,7 @@ fn inputs(args: &MixArgs) -> Vec<PathBuf> {
     }
     inputs.extend(args.recipe.clone());
     inputs.extend(args.data.heldout_index.clone());
+    inputs.extend(args.test.iter().map(PathBuf::from));
     inputs
 }
 
@@ -155,8 +156,16 @@ pub(super) fn mix(
                  domain's held-out text, not on a task loss"
             )));
         }
+        Kind::Merge(_) if !args.test.is_empty() => {
+            return Err(CliError::new(format!(
+                "--test is for soups of image classifiers; {name} of language models is scored on each domain of --data a+b+c"
+            )));
+        }
         _ => {}
     }
+    // The evaluation sets are checked before any work; a language model's are refused once its
+    // zoo is read.
+    crate::eval_sets::eval_sets(&args.test, &args.data)?;
     let inputs = inputs(args);
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
     let mut output = Output::check(&args.out, "mix", OUTPUTS, &inputs, args.force, args.resume)?;
@@ -378,6 +387,12 @@ fn run(
         &format!("{n} models of {d} parameters; loading the held-out and test data"),
     );
     let model_dir = crate::inspect::model_dir(&files.paths[0]);
+    let sets = crate::eval_sets::eval_sets(&args.test, &args.data)?;
+    if !sets.is_empty() && !matches!(arch.input(), soup_models::InputSpec::Images(_)) {
+        return Err(CliError::new(
+            "--test is for image classifiers; a language model's domains are --data a+b+c",
+        ));
+    }
     let mut objective = Evaluation::load(&args.data, &arch, &recipe, &model_dir)?;
     let estimate = tensor_estimate(&recipe, n, d, world) + objective.resident_bytes();
     let (heldout_len, test_len) = (objective.len(), objective.test_len());
@@ -430,6 +445,7 @@ fn run(
     let (heldout_metrics, test_metrics, domains) = objective.final_scores(&result.soup)?;
     let (heldout_scores, test_scores): (Scores, Scores) =
         (heldout_metrics.into(), test_metrics.into());
+    let tests = crate::eval_sets::score(&sets, &arch, &result.soup)?;
     let domains: Vec<(String, Scores, Scores)> = domains
         .into_iter()
         .map(|d| (d.name, d.heldout.into(), d.test.into()))
@@ -452,6 +468,7 @@ fn run(
         result: &result,
         heldout: heldout_scores,
         test: test_scores,
+        tests: &tests,
         phases: [("load", load_s), ("soup", soup_s), ("evaluate", eval_s)],
         started,
         estimate,
@@ -464,8 +481,16 @@ fn run(
         Some(p) => format!("perplexity {p:.3}"),
         None => format!("accuracy {:.4}", s.accuracy),
     };
+    let shifts = match tests.as_slice() {
+        [] => String::new(),
+        t => format!(
+            ", mean accuracy over {} --test sets {:.4}",
+            t.len(),
+            crate::eval_sets::mean_accuracy(t)
+        ),
+    };
     println!(
-        "{}: {n} models -> held-out {}, test {}, {:.1} s -> {}",
+        "{}: {n} models -> held-out {}, test {}{shifts}, {:.1} s -> {}",
         method.name(),
         said(&heldout_scores),
         said(&test_scores),
@@ -494,6 +519,8 @@ struct Finished<'a> {
     result: &'a SoupResult,
     heldout: Scores,
     test: Scores,
+    /// The scores on each `--test` set.
+    tests: &'a [crate::eval_sets::SetScores],
     /// Seconds of loading, souping and evaluating.
     phases: [(&'static str, f64); 3],
     started: Instant,
@@ -599,6 +626,13 @@ impl Finished<'_> {
                 )
             }
         };
+        let scores = match self.tests {
+            [] => scores,
+            tests => format!(
+                "{scores}\nOn the evaluation sets of `--test` (test splits):\n\n{}",
+                crate::eval_sets::table(tests)
+            ),
+        };
         let files = match self.text {
             None => "`preprocessor_config.json`",
             Some(_) => "the tokenizer's files",
@@ -657,6 +691,7 @@ impl Finished<'_> {
             result,
             heldout,
             test,
+            tests,
             phases,
             started,
             estimate,
@@ -710,6 +745,10 @@ impl Finished<'_> {
             "data": args.data.data,
         });
         let mut report = report;
+        if !tests.is_empty() {
+            report["tests"] = serde_json::to_value(tests)?;
+            report["tests_mean_accuracy"] = crate::eval_sets::mean_accuracy(tests).into();
+        }
         if let Some(grid) = merge.filter(|g| !g.is_empty()) {
             report["lambda_grid"] = grid
                 .iter()
