@@ -49,9 +49,12 @@ pub fn eval_sets(list: &[String], data: &DataArgs) -> Result<Vec<EvalSet>> {
         set.spec()
             .is_image_folder()
             .map_err(|e| CliError::new(format!("--test {d}: {e}")))?;
-        let mut name = Path::new(d)
-            .file_name()
-            .map_or(d.to_string(), |f| f.to_string_lossy().into_owned());
+        let mut name = match soup_models::data::imagenet::Layout::parse(d) {
+            Some((layout, _)) => layout.name().to_string(),
+            None => Path::new(d)
+                .file_name()
+                .map_or(d.to_string(), |f| f.to_string_lossy().into_owned()),
+        };
         if sets.iter().any(|s| s.name == name) {
             name = format!("{name} ({})", sets.len() + 1);
         }

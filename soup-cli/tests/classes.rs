@@ -235,3 +235,62 @@ fn evaluation_sets_are_scored_by_name_beside_the_data() {
     );
     assert!(!root.join("bad").exists() && !root.join("bad.partial").exists());
 }
+
+#[test]
+fn imagenet_shifts_are_named_layouts() {
+    use candle_core::{Device, Tensor};
+    let dir = ScratchDir::new("layouts");
+    let root = dir.path();
+    let s = |p: &std::path::Path| p.display().to_string();
+    // A classifier of ImageNet's 1,000 classes, without names (as model-soups' checkpoints).
+    let arch = soup_models::build(
+        "mlp",
+        &serde_json::json!({"input": [3, 2, 2], "hidden": [], "num_classes": 1000}),
+    )
+    .unwrap();
+    let params = vec![
+        Tensor::zeros((1000, 12), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(1000, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    ];
+    let model = root.join("model");
+    soup_models::checkpoint::write_model_dir(
+        &model,
+        arch.as_ref(),
+        &params,
+        &Default::default(),
+        "",
+    )
+    .unwrap();
+    let syn = soup_models::data::imagenet::synsets();
+    let (v2, r) = (root.join("v2"), root.join("r"));
+    write_image_folder(&v2, "", &["0", "7", "999"], 1);
+    write_image_folder(&r, "", &[syn[1], syn[4]], 1);
+    let out = ok(&[
+        "eval",
+        "--model",
+        &s(&model),
+        "--data",
+        &format!("imagenet-v2:{}", s(&v2)),
+        "--test",
+        &format!("imagenet-r:{}", s(&r)),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["count"], 3);
+    assert!(v.get("classes_scored").is_none());
+    assert_eq!(v["tests"][0]["name"], "imagenet-r");
+    assert_eq!(v["tests"][0]["classes_scored"], 200);
+    // An evaluation set has no training split.
+    fails(
+        &[
+            "train",
+            "--init",
+            &s(&model),
+            "--data",
+            &format!("imagenet-r:{}", s(&r)),
+            "--out",
+            &s(&root.join("trained")),
+        ],
+        "evaluation set",
+    );
+}

@@ -68,7 +68,7 @@ fn numbered_folders_are_class_indices_not_strings() {
         assert_eq!(folder.parse::<u32>().unwrap(), *label, "{}", path.display());
     }
     assert_eq!(listed.files.len(), 12);
-    assert_eq!(listed.subset, None);
+    assert_eq!(listed.groups, None);
     // A head of 11 classes has no class 11.
     let small = HeadClasses {
         names: None,
@@ -92,7 +92,7 @@ fn folders_are_matched_to_the_heads_names_whatever_their_order() {
     let listed = list_image_folder(dir.path(), true, &head).unwrap();
     let labels: Vec<u32> = listed.files.iter().map(|(_, l)| *l).collect();
     assert_eq!(labels, vec![1, 1, 2, 2, 0, 0]);
-    assert_eq!(listed.subset, None);
+    assert_eq!(listed.groups, None);
     // A folder that names no class is an error naming it.
     folder(dir.path(), "val", &["pear"], 1);
     let err = list_image_folder(dir.path(), true, &head)
@@ -116,7 +116,7 @@ fn a_split_of_fewer_classes_restricts_the_logits_to_them() {
         count: Some(4),
     };
     let listed = list_image_folder(dir.path(), true, &head).unwrap();
-    assert_eq!(listed.subset, Some(vec![1, 3]));
+    assert_eq!(listed.groups, Some(vec![vec![1], vec![3]]));
     // Over all four classes the model predicts c (wrong for both images); over b and d it
     // predicts d: one of two right, and the loss is that of logits (1, 2).
     let m = evaluate(&arch, &params, dir.path());
@@ -127,7 +127,7 @@ fn a_split_of_fewer_classes_restricts_the_logits_to_them() {
     // The training split is never projected.
     folder(dir.path(), "train", &["b", "d"], 1);
     let train = list_image_folder(dir.path(), false, &head).unwrap();
-    assert_eq!(train.subset, None);
+    assert_eq!(train.groups, None);
 }
 
 #[test]

@@ -116,7 +116,11 @@ fn inputs(args: &MixArgs) -> Vec<PathBuf> {
     }
     inputs.extend(args.recipe.clone());
     inputs.extend(args.data.heldout_index.clone());
-    inputs.extend(args.test.iter().map(PathBuf::from));
+    inputs.extend(
+        args.test
+            .iter()
+            .map(|d| soup_models::data::DataSpec::new(d).root),
+    );
     inputs
 }
 

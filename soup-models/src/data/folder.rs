@@ -53,11 +53,13 @@ pub struct HeadClasses {
 /// An ImageFolder split, listed and labelled.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListedFolder {
-    /// Every image, sorted by class folder then name, with its class in the head.
+    /// Every image, sorted by class folder then name, with its class: in the head, or among
+    /// [`Self::groups`] where there are some.
     pub files: Vec<(PathBuf, u32)>,
-    /// The head's classes the split's folders stand for, sorted, when they are fewer than the
-    /// head's: the logits are restricted to them (model-soups' projection for ImageNet-A/-R).
-    pub subset: Option<Vec<u32>>,
+    /// The classes scored where they are not the head's: each a group of the head's classes
+    /// whose largest logit is the class's (model-soups' projection: one class each for the
+    /// subset a split holds, as ImageNet-A's 200; several for ObjectNet's).
+    pub groups: Option<Vec<Vec<u32>>>,
     /// Classes of the head: its count, else (a model without names, labels from train/'s
     /// folders) the number of those folders.
     pub head_classes: usize,
@@ -179,7 +181,7 @@ pub fn label_folders(
 
 /// The image files of an ImageFolder split, sorted by class folder then name, labelled with the
 /// head's classes ([`label_folders`]); an evaluation split that holds fewer of the head's
-/// classes says which ([`ListedFolder::subset`]).
+/// classes says which ([`ListedFolder::groups`]).
 pub fn list_image_folder(root: &Path, test: bool, head: &HeadClasses) -> Result<ListedFolder> {
     let dir = split_dir(root, test)?;
     let folders = list_dirs(&dir)?;
@@ -189,27 +191,45 @@ pub fn list_image_folder(root: &Path, test: bool, head: &HeadClasses) -> Result<
     let (labels, head_classes) = label_folders(root, &dir, &folders, head, test)?;
     let mut files = Vec::new();
     for (class, &label) in folders.iter().zip(&labels) {
-        let class_dir = dir.join(class);
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&class_dir)
-            .map_err(|e| ModelError::io(&class_dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-                matches!(ext.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
-            })
-            .collect();
-        names.sort();
-        files.extend(names.into_iter().map(|p| (p, label)));
+        files.extend(
+            image_files(&dir.join(class))?
+                .into_iter()
+                .map(|p| (p, label)),
+        );
     }
     let mut present = labels.clone();
     present.sort_unstable();
     present.dedup();
-    let subset = (test && present.len() < head_classes).then_some(present);
+    if !(test && present.len() < head_classes) {
+        return Ok(ListedFolder {
+            files,
+            groups: None,
+            head_classes,
+        });
+    }
+    // A subset: the labels become positions among the classes present.
+    for (_, label) in &mut files {
+        *label = present.binary_search(label).expect("a label present") as u32;
+    }
     Ok(ListedFolder {
         files,
-        subset,
+        groups: Some(present.into_iter().map(|c| vec![c]).collect()),
         head_classes,
     })
+}
+
+/// The images (.jpg, .jpeg, .png) of a class folder, sorted by name.
+pub(crate) fn image_files(class_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(class_dir)
+        .map_err(|e| ModelError::io(class_dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+            matches!(ext.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 /// The most bytes one image may decode to (8192 × 8192 RGBA; ImageNet's largest is far below):

@@ -17,6 +17,7 @@
 
 mod folder;
 mod formats;
+pub mod imagenet;
 mod preprocess;
 pub mod resize;
 mod shift;

@@ -7,6 +7,7 @@ use soup_core::rng::permutation;
 
 use super::folder::{list_dirs, list_image_folder, read_image_folder, HeadClasses};
 use super::formats::{read_cifar, read_idx_split};
+use super::imagenet::Layout;
 use super::preprocess::Preprocess;
 use crate::arch::ImageSpec;
 use crate::error::{ModelError, Result};
@@ -102,25 +103,53 @@ pub struct DataSpec {
     pub heldout: Heldout,
     /// How ImageFolder images are resized and cropped.
     pub preprocess: Preprocess,
+    /// One of ImageNet's distribution shifts, as distributed (`imagenet-r:DIR`, …).
+    pub layout: Option<Layout>,
 }
 
 impl DataSpec {
-    /// `fashion-mnist` or a path, with the default held-out split (a seeded 10 %).
+    /// `fashion-mnist`, one of ImageNet's shifts by name (`imagenet-r:DIR`: [`Layout`]) or a
+    /// path, with the default held-out split (a seeded 10 %).
     pub fn new(name: &str) -> Self {
-        let root = if name == "fashion-mnist" {
-            PathBuf::from(FASHION_MNIST_DIR)
-        } else {
-            PathBuf::from(name)
+        let (root, layout) = match Layout::parse(name) {
+            Some((layout, dir)) => (dir, Some(layout)),
+            None if name == "fashion-mnist" => (PathBuf::from(FASHION_MNIST_DIR), None),
+            None => (PathBuf::from(name), None),
         };
         Self {
             root,
             heldout: Heldout::default(),
             preprocess: Preprocess::default(),
+            layout,
+        }
+    }
+
+    /// An evaluation-only layout asked for another split, or read whole: an error naming it.
+    fn layout_only_streamed(&self, split: Split) -> Result<()> {
+        match self.layout {
+            Some(l) if split != Split::Test => Err(ModelError::format(
+                &self.root,
+                format!(
+                    "{} is an evaluation set: it has no {split:?} split",
+                    l.name()
+                ),
+            )),
+            _ => Ok(()),
         }
     }
 
     /// Loads split `split`.
     pub fn load(&self, split: Split) -> Result<RawImages> {
+        self.layout_only_streamed(split)?;
+        if let Some(l) = self.layout {
+            return Err(ModelError::format(
+                &self.root,
+                format!(
+                    "{} is read batch by batch for a model (soup eval, --test), not whole",
+                    l.name()
+                ),
+            ));
+        }
         let format = detect(&self.root)?;
         let test = split == Split::Test;
         let all = match format {
@@ -143,6 +172,12 @@ impl DataSpec {
 
     /// Whether the data set is an ImageFolder (which [`DataSpec::stream`] can serve).
     pub fn is_image_folder(&self) -> Result<bool> {
+        if self.layout.is_some() {
+            if !self.root.is_dir() {
+                return Err(ModelError::format(&self.root, "no such data directory"));
+            }
+            return Ok(true);
+        }
         Ok(matches!(detect(&self.root)?, Format::ImageFolder))
     }
 
@@ -157,16 +192,22 @@ impl DataSpec {
         max: Option<usize>,
         head: &HeadClasses,
     ) -> Result<Dataset> {
-        let listed = list_image_folder(&self.root, split == Split::Test, head)?;
+        self.layout_only_streamed(split)?;
+        let listed = match self.layout {
+            Some(layout) => layout.list(&self.root, head)?,
+            None => list_image_folder(&self.root, split == Split::Test, head)?,
+        };
         let files = listed.files;
         let mut rows = self.split_rows(split, files.len())?;
         if let Some(m) = max {
             rows.truncate(m);
         }
         let (paths, labels) = rows.iter().map(|&r| files[r].clone()).unzip();
-        let source = super::stream::FolderSource::new(paths, input.clone(), self.preprocess)?;
+        let border = self.layout.map_or(0, Layout::border);
+        let source = super::stream::FolderSource::new(paths, input.clone(), self.preprocess)?
+            .with_border(border);
         let mut data = Dataset::stream(std::sync::Arc::new(source), labels);
-        data.classes = listed.subset;
+        data.classes = listed.groups;
         Ok(data)
     }
 

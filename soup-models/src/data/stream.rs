@@ -31,6 +31,8 @@ pub struct FolderSource {
     files: Vec<PathBuf>,
     input: ImageSpec,
     preprocess: Preprocess,
+    /// Pixels cut from every side before preparing (ObjectNet's 2).
+    border: u32,
 }
 
 impl FolderSource {
@@ -40,7 +42,14 @@ impl FolderSource {
             files,
             input,
             preprocess,
+            border: 0,
         })
+    }
+
+    /// The images with `border` pixels cut from every side first (as PIL's
+    /// `crop((b, b, w - b, h - b))`); an image too small for it is kept whole.
+    pub fn with_border(self, border: u32) -> Self {
+        Self { border, ..self }
     }
 }
 
@@ -50,7 +59,12 @@ impl ImageSource for FolderSource {
     }
 
     fn prepare(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        let img = decode_image(&self.files[i])?.to_rgb8();
+        let mut img = decode_image(&self.files[i])?.to_rgb8();
+        let b = self.border;
+        if b > 0 && img.width() > 2 * b && img.height() > 2 * b {
+            img = image::imageops::crop_imm(&img, b, b, img.width() - 2 * b, img.height() - 2 * b)
+                .to_image();
+        }
         let side = self.input.height;
         let planes = square_rgb(&img, side, self.preprocess);
         drop(img);

@@ -16,12 +16,13 @@ use crate::ops::cross_entropy;
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub images: Images,
-    /// Each example's class in the model's head.
+    /// Each example's class: in the model's head, or among [`Self::classes`].
     pub labels: Vec<u32>,
-    /// The head's classes the data set stands for, sorted, when they are fewer than the head's
-    /// (ImageNet-A's 200 of 1,000): the logits are restricted to them before the loss and the
-    /// argmax, model-soups' projection; `None`: every class.
-    pub classes: Option<Vec<u32>>,
+    /// The classes scored where they are not the head's (model-soups' projection): each a
+    /// group of the head's classes whose largest logit is the class's logit, before the loss
+    /// and the argmax: one class each for a subset (ImageNet-A's 200 of 1,000), several for
+    /// ObjectNet's classes; `None`: the head's classes.
+    pub classes: Option<Vec<Vec<u32>>>,
 }
 
 /// Where a data set's images are.
@@ -202,28 +203,34 @@ impl Classification {
         (mine, weight)
     }
 
-    /// Logits of the examples `rows` under `params`, with their labels; restricted to the data
-    /// set's classes where it holds fewer than the head's ([`Dataset::classes`]), the labels
-    /// then being positions among them.
+    /// Logits of the examples `rows` under `params`, with their labels; projected onto the
+    /// data set's classes where they are not the head's ([`Dataset::classes`]).
     pub fn logits(&self, params: &[Tensor], rows: &[u32]) -> soup_core::Result<(Tensor, Vec<u32>)> {
         let (images, labels) = self.data.select(rows)?;
         let images = images.to_device(device_of(params))?;
         let logits = self.arch.forward(params, &images)?;
-        let Some(classes) = &self.data.classes else {
+        let Some(groups) = &self.data.classes else {
             return Ok((logits, labels));
         };
-        let index = Tensor::from_slice(classes, classes.len(), logits.device())?;
-        let position = |y: u32| {
-            classes.binary_search(&y).map(|p| p as u32).map_err(|_| {
-                soup_core::SoupError::config("label", y, "is not among the data set's classes")
-            })
-        };
-        let labels = labels
-            .into_iter()
-            .map(position)
-            .collect::<soup_core::Result<_>>()?;
-        Ok((logits.index_select(&index, 1)?, labels))
+        Ok((project(&logits, groups)?, labels))
     }
+}
+
+/// Each group's logit: the largest of its classes' (one class: that class's logit).
+pub fn project(logits: &Tensor, groups: &[Vec<u32>]) -> candle_core::Result<Tensor> {
+    let device = logits.device();
+    if groups.iter().all(|g| g.len() == 1) {
+        let index: Vec<u32> = groups.iter().map(|g| g[0]).collect();
+        return logits.index_select(&Tensor::from_slice(&index, index.len(), device)?, 1);
+    }
+    let columns = groups
+        .iter()
+        .map(|g| {
+            let index = Tensor::from_slice(g, g.len(), device)?;
+            logits.index_select(&index, 1)?.max_keepdim(1)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&columns, 1)
 }
 
 pub(crate) fn device_of(params: &[Tensor]) -> &Device {
