@@ -18,7 +18,14 @@
 //! Model i is one seeded `clip-vit` start point plus N(0, sigma²) noise drawn from seed (seed, i).
 //! `--config` takes a `clip-vit` configuration (smaller stand-ins for tests).
 //!
-//! Both are resumable: files are written to a temporary name and renamed, and files that exist
+//! `standin shifts --out DIR [--classes 12] [--per-class 2] [--max-side 500] [--seed 1]` writes
+//! small stand-ins of ImageNet's distribution shifts as distributed, for `--data NAME:DIR`:
+//! `DIR/imagenet-v2/<0 … classes-1>/`, `DIR/imagenet-sketch/<wnid>/`, `DIR/imagenet-r/<wnid>/`
+//! and `DIR/imagenet-a/<wnid>/` (the first classes of their 200), and
+//! `DIR/objectnet-1.0/images/<name>/` (the first of the 113 classes ImageNet shares, and one
+//! it does not).
+//!
+//! All are resumable: files are written to a temporary name and renamed, and files that exist
 //! are kept.
 
 use std::collections::BTreeMap;
@@ -44,6 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         flags.insert(flag, value);
     }
+    let classes_given = flags.contains_key("--classes");
     let mut take = |name: &str, default: &str| flags.remove(name).unwrap_or(default.to_string());
     let out = PathBuf::from(take("--out", ""));
     if out.as_os_str().is_empty() {
@@ -66,7 +74,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             check_flags(&flags)?;
             zoo(&out, models, classes, &config, sigma, seed)
         }
-        other => Err(format!("unknown stand-in {other:?} (imagenet, zoo)").into()),
+        "shifts" => {
+            let per_class: usize = take("--per-class", "2").parse()?;
+            let max_side: usize = take("--max-side", "500").parse()?;
+            let classes = if classes_given { classes } else { 12 };
+            check_flags(&flags)?;
+            shifts(&out, classes, per_class, max_side, seed)
+        }
+        other => Err(format!("unknown stand-in {other:?} (imagenet, zoo, shifts)").into()),
     }
 }
 
@@ -89,6 +104,47 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// WordNet-style class folder names (`n00000000` + class), as ImageNet's `n01440764`.
 fn wnid(class: usize) -> String {
     format!("n{:08}", 1_440_764 + 7 * class)
+}
+
+/// The shift stand-ins: `classes` class folders of each layout, `per_class` images each.
+fn shifts(
+    out: &Path,
+    classes: usize,
+    per_class: usize,
+    max_side: usize,
+    seed: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use soup_models::data::imagenet::Layout;
+    let mut files: Vec<(PathBuf, usize, u64)> = Vec::new();
+    for (l, layout) in Layout::ALL.into_iter().enumerate() {
+        let dir = match layout {
+            Layout::ObjectNet => out.join("objectnet-1.0").join("images"),
+            _ => out.join(layout.name()),
+        };
+        let mut folders: Vec<String> = layout.class_folders().into_iter().take(classes).collect();
+        if layout == Layout::ObjectNet {
+            // One of ObjectNet's classes that ImageNet lacks: left out when scored.
+            folders.push("tarp".to_string());
+        }
+        for (class, folder) in folders.iter().enumerate() {
+            for k in 0..per_class {
+                let seed = derive_seed(seed, &[2, l as u64, class as u64, k as u64]);
+                files.push((dir.join(folder).join(format!("{k}.jpg")), class, seed));
+            }
+        }
+    }
+    files
+        .par_iter()
+        .try_for_each(|(path, class, seed)| -> Result<(), String> {
+            if !path.exists() {
+                let dir = path.parent().expect("a class folder");
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                let jpeg = image(*class, *seed, max_side).map_err(|e| e.to_string())?;
+                write_atomic(path, &jpeg).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            Ok(())
+        })?;
+    Ok(())
 }
 
 /// One image of `class`: size, aspect ratio, colours and noise drawn from `seed`.

@@ -66,7 +66,8 @@ tasks:
              --preset paper-vit-b32 --imagenet DIR [--zoo DIR] [--max-examples N]: the 72
                model-soups checkpoints on ImageNet (manifests/paper-vit-b32.toml); scaled
                down with --models K (the first K), --model-batch B (18), --inner-epochs E (5),
-               --batch-size N (128)
+               --batch-size N (128); with --imagenet-v2, --imagenet-r, --imagenet-sketch,
+               --objectnet, --imagenet-a DIR (as distributed) also model-soups' shift table
   standin    what the paper's experiment reads, made up (soup-models/examples/standin.rs):
              imagenet --out DIR [--classes 1000] [--train 26] [--val 2] [--max-side 500]:
                an ImageNet-shaped ImageFolder of JPEGs of varied sizes
@@ -436,7 +437,7 @@ fn check_standin_paper_run() -> Result<(), String> {
         cargo(&["build", "-p", "soup-models", "--example", "standin"])?;
     }
     let dir = root().join("target/standin-ci");
-    let (imagenet, zoo) = (dir.join("imagenet"), dir.join("zoo"));
+    let (imagenet, zoo, shifts) = (dir.join("imagenet"), dir.join("zoo"), dir.join("shifts"));
     let config = r#"{"hidden_size":64,"intermediate_size":256,"num_hidden_layers":2,"num_attention_heads":1,"image_size":64,"patch_size":32,"projection_dim":32}"#;
     for args in [
         vec![
@@ -455,6 +456,7 @@ fn check_standin_paper_run() -> Result<(), String> {
             "--config",
             config,
         ],
+        vec!["shifts", "--out", path_str(&shifts)?, "--max-side", "160"],
     ] {
         let mut full = args.clone();
         if args[0] == "imagenet" {
@@ -467,6 +469,19 @@ fn check_standin_paper_run() -> Result<(), String> {
         if !status.success() {
             return Err(format!("standin {} failed ({status})", full.join(" ")));
         }
+    }
+    let shift_dir = |name: &str| -> Result<String, String> {
+        let d = if name == "objectnet" {
+            shifts.join("objectnet-1.0")
+        } else {
+            shifts.join(name)
+        };
+        Ok(path_str(&d)?.to_string())
+    };
+    let mut shift_flags = Vec::new();
+    for name in reproduce::paper::SHIFTS {
+        shift_flags.push(format!("--{name}"));
+        shift_flags.push(shift_dir(name)?);
     }
     let args: Vec<String> = [
         "--preset",
@@ -489,6 +504,7 @@ fn check_standin_paper_run() -> Result<(), String> {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(shift_flags)
     .collect();
     reproduce::reproduce(&args)?;
     let results = root().join("results/paper-vit-b32/results.json");
@@ -510,6 +526,22 @@ fn check_standin_paper_run() -> Result<(), String> {
         if !(0.0..=1.0).contains(&test) {
             return Err(format!(
                 "{}: test accuracy {test} of {}",
+                results.display(),
+                r["method"]
+            ));
+        }
+        // Every shift scored, and their mean.
+        if r["result"]["refused"].is_string() {
+            continue;
+        }
+        let mut scores: Vec<f64> = reproduce::paper::SHIFTS
+            .iter()
+            .map(|s| r["result"]["shifts"][s].as_f64().unwrap_or(f64::NAN))
+            .collect();
+        scores.push(r["result"]["shifts_mean"].as_f64().unwrap_or(f64::NAN));
+        if !scores.iter().all(|a| (0.0..=1.0).contains(a)) {
+            return Err(format!(
+                "{}: shift accuracies {scores:?} of {}",
                 results.display(),
                 r["method"]
             ));

@@ -78,6 +78,23 @@ impl Layout {
         Some((layout, PathBuf::from(dir)))
     }
 
+    /// The class folders of the layout as distributed (for stand-ins): V2's numbers, the
+    /// WordNet ids of Sketch, R and A, ObjectNet's folders of the classes ImageNet shares.
+    pub fn class_folders(self) -> Vec<String> {
+        let lines = |text: &'static str| text.lines().map(str::to_string).collect();
+        match self {
+            Layout::V2 => (0..1000).map(|i| i.to_string()).collect(),
+            Layout::Sketch => synsets().into_iter().map(str::to_string).collect(),
+            Layout::R => lines(IMAGENET_R),
+            Layout::A => lines(IMAGENET_A),
+            Layout::ObjectNet => OBJECTNET
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .map(|(folder, _)| folder.to_string())
+                .collect(),
+        }
+    }
+
     /// The pixels cut from every side of an image before it is prepared (ObjectNet's border).
     pub fn border(self) -> u32 {
         match self {

@@ -224,6 +224,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
     let mut soup_exe: Option<PathBuf> = None;
     let mut models: Option<Vec<usize>> = None;
     let (mut imagenet, mut zoo, mut max_examples) = (None, None, None);
+    let mut shifts: Vec<(String, PathBuf)> = Vec::new();
     let mut scaling = paper::Scaling::default();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -239,6 +240,9 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
                 models = Some(parsed.map_err(|_| format!("--models {list:?}: expected N,N,..."))?);
             }
             "--imagenet" => imagenet = Some(PathBuf::from(value()?)),
+            shift if paper::SHIFTS.iter().any(|s| shift == format!("--{s}")) => {
+                shifts.push((shift[2..].to_string(), PathBuf::from(value()?)));
+            }
             "--zoo" => zoo = Some(PathBuf::from(value()?)),
             "--max-examples" => max_examples = Some(count(flag, value()?)?),
             "--model-batch" => scaling.model_batch = Some(count(flag, value()?)?),
@@ -267,6 +271,9 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
         misplaced("--models", models.is_some(), "scale")?;
     }
     misplaced("--imagenet", imagenet.is_some(), "paper-vit-b32")?;
+    if let Some((name, _)) = shifts.first() {
+        misplaced(&format!("--{name}"), true, "paper-vit-b32")?;
+    }
     misplaced("--zoo", zoo.is_some(), "paper-vit-b32")?;
     misplaced("--max-examples", max_examples.is_some(), "paper-vit-b32")?;
     misplaced(
@@ -304,6 +311,7 @@ pub fn reproduce(args: &[String]) -> Result<(), String> {
             zoo.as_deref(),
             max_examples,
             &scaling,
+            &shifts,
         )?)
     } else {
         None

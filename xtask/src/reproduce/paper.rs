@@ -27,6 +27,16 @@ const PAPER: &[(&str, &str, &str, &str)] = &[
     ("mehl+", "81.62", "808 s", "19 GB"),
 ];
 
+/// ImageNet's distribution shifts as model-soups' table orders them: the flag that names each
+/// one's folder is `--<name> DIR`, and soup reads it as `<name>:DIR`.
+pub const SHIFTS: [&str; 5] = [
+    "imagenet-v2",
+    "imagenet-r",
+    "imagenet-sketch",
+    "objectnet",
+    "imagenet-a",
+];
+
 /// The authors' settings (spec §3.5): model batch, inner epochs, data batch.
 pub const AUTHORS_B: usize = 18;
 pub const AUTHORS_INNER_EPOCHS: usize = 5;
@@ -45,6 +55,8 @@ pub struct PaperArgs {
     pub model_batch: usize,
     pub inner_epochs: usize,
     pub batch_size: usize,
+    /// The distribution shifts given (`--imagenet-v2 DIR`, …), in [`SHIFTS`]' order.
+    pub shifts: Vec<(String, PathBuf)>,
 }
 
 /// What the preset's flags may scale: the number of models and the authors' settings.
@@ -72,6 +84,7 @@ pub fn check_args(
     zoo: Option<&Path>,
     max_examples: Option<usize>,
     scaling: &Scaling,
+    shifts: &[(String, PathBuf)],
 ) -> Result<PaperArgs, String> {
     let imagenet = imagenet.ok_or(
         "preset paper-vit-b32 needs --imagenet DIR (an ImageFolder with train/<class>/ and val/<class>/)",
@@ -85,6 +98,11 @@ pub fn check_args(
             ));
         }
     }
+    if let Some((name, dir)) = shifts.iter().find(|(_, d)| !d.is_dir()) {
+        return Err(format!("--{name} {}: no such directory", dir.display()));
+    }
+    let mut shifts = shifts.to_vec();
+    shifts.sort_by_key(|(name, _)| SHIFTS.iter().position(|s| s == name));
     let models = scaling.models.unwrap_or(MODELS);
     if !(1..=MODELS).contains(&models) {
         return Err(format!("--models {models}: expected 1 to {MODELS}"));
@@ -128,6 +146,7 @@ pub fn check_args(
         model_batch,
         inner_epochs: scaling.inner_epochs.unwrap_or(AUTHORS_INNER_EPOCHS),
         batch_size: scaling.batch_size.unwrap_or(AUTHORS_BATCH),
+        shifts,
     })
 }
 
@@ -142,6 +161,29 @@ fn data_args(a: &PaperArgs) -> Vec<String> {
     v
 }
 
+/// `--test` with every shift given, as soup names them (`imagenet-r:DIR`); nothing without.
+fn test_args(a: &PaperArgs) -> Vec<String> {
+    if a.shifts.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<String> = a
+        .shifts
+        .iter()
+        .map(|(name, dir)| format!("{name}:{}", dir.display()))
+        .collect();
+    vec!["--test".into(), list.join(",")]
+}
+
+/// Each shift's accuracy from a report's `tests` (soup names them by layout), and their mean.
+fn shift_scores(report: &Value) -> Value {
+    let tests = report["tests"].as_array().cloned().unwrap_or_default();
+    let by_name: serde_json::Map<String, Value> = tests
+        .iter()
+        .filter_map(|t| Some((t["name"].as_str()?.to_string(), t["accuracy"].clone())))
+        .collect();
+    json!({"shifts": by_name, "shifts_mean": report["tests_mean_accuracy"]})
+}
+
 /// The command line that reproduces this run.
 fn command(a: &PaperArgs) -> String {
     let mut c = format!(
@@ -153,6 +195,9 @@ fn command(a: &PaperArgs) -> String {
     }
     if a.zoo.len() != MODELS {
         let _ = write!(c, " --models {}", a.zoo.len());
+    }
+    for (name, dir) in &a.shifts {
+        let _ = write!(c, " --{name} {}", dir.display());
     }
     for (flag, v, authors) in [
         ("--model-batch", a.model_batch, AUTHORS_B),
@@ -213,16 +258,26 @@ pub fn paper(soup: &Soup, a: &PaperArgs) -> Result<(), String> {
             best = (acc, m.clone());
         }
     }
-    let mut rows = vec![(
-        "best individual".to_string(),
-        json!({"heldout": best.0, "test": eval(&best.1, "test")?, "model": best.1}),
-    )];
+    // The best model on the test split, and on every shift given.
+    let mut args = strings(&["eval", "--model", &best.1]);
+    args.extend(data_args(a));
+    args.extend(strings(&["--split", "test", "--json"]));
+    args.extend(test_args(a));
+    let report: Value = serde_json::from_str(&soup.run(&args)?).map_err(|e| e.to_string())?;
+    let mut best_row = json!({"heldout": best.0, "test": report["accuracy"], "model": best.1});
+    if !a.shifts.is_empty() {
+        let s = shift_scores(&report);
+        best_row["shifts"] = s["shifts"].clone();
+        best_row["shifts_mean"] = s["shifts_mean"].clone();
+    }
+    let mut rows = vec![("best individual".to_string(), best_row)];
     for method in ["uniform", "greedy", "learned+", "mehl+"] {
         eprintln!("xtask: paper-vit-b32: {method} ({})", elapsed());
         let out = runs.join(method);
         let mut args = strings(&["mix", "--method", method, "--zoo"]);
         args.push(manifest.display().to_string());
         args.extend(data_args(a));
+        args.extend(test_args(a));
         args.extend(strings(&["--lr", "0.01", "--outer-passes", "1", "--force"]));
         for (flag, v) in [
             ("--model-batch", a.model_batch),
@@ -249,11 +304,14 @@ pub fn paper(soup: &Soup, a: &PaperArgs) -> Result<(), String> {
             Err(e) => return Err(e),
         }
         let r = read_json(&out.join("report.json"))?;
-        rows.push((
-            method.to_string(),
-            json!({"heldout": r["heldout"]["accuracy"], "test": r["test"]["accuracy"],
-                   "time_s": r["timings_s"]["soup"], "peak_rss_bytes": r["peak_rss_bytes"]}),
-        ));
+        let mut row = json!({"heldout": r["heldout"]["accuracy"], "test": r["test"]["accuracy"],
+               "time_s": r["timings_s"]["soup"], "peak_rss_bytes": r["peak_rss_bytes"]});
+        if !a.shifts.is_empty() {
+            let s = shift_scores(&r);
+            row["shifts"] = s["shifts"].clone();
+            row["shifts_mean"] = s["shifts_mean"].clone();
+        }
+        rows.push((method.to_string(), row));
     }
     write_results(&results, a, &rows, started)
 }
@@ -304,6 +362,9 @@ fn write_results(
                 }),
         );
     }
+    if !a.shifts.is_empty() {
+        md.push_str(&shift_table(a, rows));
+    }
     let _ = writeln!(
         md,
         "\nTotal time {:.1} min. Command: `{}`.",
@@ -333,6 +394,32 @@ fn write_results(
     Ok(())
 }
 
+/// model-soups' table: top-1 on ImageNet, on each shift given, and their mean ("avg shifts").
+fn shift_table(a: &PaperArgs, rows: &[(String, Value)]) -> String {
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map_or("–".into(), |x| format!("{:.2}", 100.0 * x))
+    };
+    let mut md = String::from("\nUnder distribution shift (top-1 %; the shifts as soup names them, read with model-soups' conventions):\n\n| method | ImageNet |");
+    for (name, _) in &a.shifts {
+        let _ = write!(md, " {name} |");
+    }
+    md.push_str(" avg shifts |\n|---|---|");
+    md.push_str(&"---|".repeat(a.shifts.len() + 1));
+    md.push('\n');
+    for (name, v) in rows {
+        if v["refused"].is_string() {
+            continue;
+        }
+        let _ = write!(md, "| {name} | {} |", pct(&v["test"]));
+        for (shift, _) in &a.shifts {
+            let _ = write!(md, " {} |", pct(&v["shifts"][shift]));
+        }
+        let _ = writeln!(md, " {} |", pct(&v["shifts_mean"]));
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,24 +440,24 @@ mod tests {
 
     #[test]
     fn arguments_are_checked_before_any_work() {
-        let e = check_args(None, None, None, &Scaling::default()).unwrap_err();
+        let e = check_args(None, None, None, &Scaling::default(), &[]).unwrap_err();
         assert!(e.contains("--imagenet"), "{e}");
         let dir = std::env::temp_dir().join(format!("xtask-paper-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("train")).unwrap();
-        let e = check_args(Some(&dir), None, None, &Scaling::default()).unwrap_err();
+        let e = check_args(Some(&dir), None, None, &Scaling::default(), &[]).unwrap_err();
         assert!(e.contains("no val/"), "{e}");
         std::fs::create_dir_all(dir.join("val")).unwrap();
-        let ok = check_args(Some(&dir), None, Some(100), &Scaling::default()).unwrap();
+        let ok = check_args(Some(&dir), None, Some(100), &Scaling::default(), &[]).unwrap();
         assert_eq!(ok.zoo.len(), MODELS);
         let zoo = dir.join("zoo");
         std::fs::create_dir_all(&zoo).unwrap();
         for i in 0..MODELS - 1 {
             std::fs::write(zoo.join(format!("model_{i}.pt")), b"").unwrap();
         }
-        let e = check_args(Some(&dir), Some(&zoo), None, &Scaling::default()).unwrap_err();
+        let e = check_args(Some(&dir), Some(&zoo), None, &Scaling::default(), &[]).unwrap_err();
         assert!(e.contains("model_71.pt is missing"), "{e}");
         std::fs::write(zoo.join("model_71.pt"), b"").unwrap();
-        let ok = check_args(Some(&dir), Some(&zoo), None, &Scaling::default()).unwrap();
+        let ok = check_args(Some(&dir), Some(&zoo), None, &Scaling::default(), &[]).unwrap();
         assert!(ok.zoo[3].ends_with("model_3.pt"));
         assert_eq!(
             (ok.model_batch, ok.inner_epochs, ok.batch_size),
@@ -395,9 +482,9 @@ mod tests {
             inner_epochs: Some(1),
             batch_size: Some(16),
         };
-        let e = check_args(Some(&dir), Some(&zoo), None, &scaling(4)).unwrap_err();
+        let e = check_args(Some(&dir), Some(&zoo), None, &scaling(4), &[]).unwrap_err();
         assert!(e.contains("model_3.pt is missing"), "{e}");
-        let a = check_args(Some(&dir), Some(&zoo), Some(50), &scaling(3)).unwrap();
+        let a = check_args(Some(&dir), Some(&zoo), Some(50), &scaling(3), &[]).unwrap();
         assert_eq!(a.zoo.len(), 3);
         assert_eq!((a.model_batch, a.inner_epochs, a.batch_size), (2, 1, 16));
         let c = command(&a);
@@ -411,13 +498,13 @@ mod tests {
         ] {
             assert!(c.contains(part), "{c}");
         }
-        let e = check_args(Some(&dir), Some(&zoo), None, &scaling(73)).unwrap_err();
+        let e = check_args(Some(&dir), Some(&zoo), None, &scaling(73), &[]).unwrap_err();
         assert!(e.contains("1 to 72"), "{e}");
         let zero = Scaling {
             model_batch: Some(0),
             ..Scaling::default()
         };
-        assert!(check_args(Some(&dir), None, None, &zero).is_err());
+        assert!(check_args(Some(&dir), None, None, &zero, &[]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
