@@ -135,15 +135,18 @@ fn shifts(
     }
     files
         .par_iter()
-        .try_for_each(|(path, class, seed)| -> Result<(), String> {
-            if !path.exists() {
-                let dir = path.parent().expect("a class folder");
-                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                let jpeg = image(*class, *seed, max_side).map_err(|e| e.to_string())?;
-                write_atomic(path, &jpeg).map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-            Ok(())
-        })?;
+        .try_for_each(|(path, class, seed)| write_image(path, *class, *seed, max_side))?;
+    Ok(())
+}
+
+/// Writes image (`class`, `seed`) to `path` unless it exists (a resumed run keeps it).
+fn write_image(path: &Path, class: usize, seed: u64, max_side: usize) -> Result<(), String> {
+    if !path.exists() {
+        let dir = path.parent().expect("a class folder");
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let jpeg = image(class, seed, max_side).map_err(|e| e.to_string())?;
+        write_atomic(path, &jpeg).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -228,12 +231,7 @@ fn imagenet(
     files
         .par_iter()
         .try_for_each(|(path, class, seed)| -> Result<(), String> {
-            if !path.exists() {
-                let dir = path.parent().expect("a class folder");
-                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                let jpeg = image(*class, *seed, max_side).map_err(|e| e.to_string())?;
-                write_atomic(path, &jpeg).map_err(|e| format!("{}: {e}", path.display()))?;
-            }
+            write_image(path, *class, *seed, max_side)?;
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if n.is_multiple_of(5000) || n == total {
                 eprintln!(

@@ -22,7 +22,7 @@ pub(crate) fn read_image_folder(
     preprocess: Preprocess,
 ) -> Result<RawImages> {
     let listed = list_image_folder(root, test, &HeadClasses::default())?;
-    let num_classes = listed.num_classes();
+    let num_classes = listed.head_classes;
     let files = listed.files;
     let side = IMAGE_FOLDER_SIDE;
     let decoded: Vec<Vec<u8>> = files
@@ -63,12 +63,6 @@ pub struct ListedFolder {
     /// Classes of the head: its count, else (a model without names, labels from train/'s
     /// folders) the number of those folders.
     pub head_classes: usize,
-}
-
-impl ListedFolder {
-    fn num_classes(&self) -> usize {
-        self.head_classes
-    }
 }
 
 /// The split's directory: `train/`, or for evaluation `val/`, else `test/`.

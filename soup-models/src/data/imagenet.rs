@@ -226,21 +226,13 @@ impl Layout {
                 format!("holds no images of {}'s classes", self.name()),
             ));
         }
+        // The head's own classes in its own order need no projection.
         let identity = groups.len() == head.count.unwrap_or(0)
             && groups.iter().enumerate().all(|(i, g)| g == &[i as u32]);
-        Ok(if identity {
-            ListedFolder {
-                files,
-                groups: None,
-                head_classes: groups.len(),
-            }
-        } else {
-            // A head's labels: the scored classes are what the labels index.
-            ListedFolder {
-                head_classes: head.count.unwrap_or(groups.len()),
-                files,
-                groups: Some(groups),
-            }
+        Ok(ListedFolder {
+            head_classes: head.count.unwrap_or(groups.len()),
+            files,
+            groups: (!identity).then_some(groups),
         })
     }
 }

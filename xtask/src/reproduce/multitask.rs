@@ -282,6 +282,14 @@ pub(super) fn multitask(soup: &Soup) -> Result<(), String> {
         individual.push(row);
     }
 
+    // What every merge reads: the base, the task models and their data.
+    let mut inputs = strings(&["--base"]);
+    inputs.push(base.display().to_string());
+    inputs.push("--zoo".into());
+    inputs.push(zoo.display().to_string());
+    inputs.push("--data".into());
+    inputs.push(data.join(","));
+    inputs.extend(strings(&["--max-examples", &MERGE_EXAMPLES.to_string()]));
     let mut rows = Vec::new();
     for (label, method, b) in MERGES {
         let name = match b {
@@ -289,13 +297,8 @@ pub(super) fn multitask(soup: &Soup) -> Result<(), String> {
             None => method.to_string(),
         };
         let out = results.join(&name);
-        let mut args = strings(&["mix", "--method", method, "--base"]);
-        args.push(base.display().to_string());
-        args.push("--zoo".into());
-        args.push(zoo.display().to_string());
-        args.push("--data".into());
-        args.push(data.join(","));
-        args.extend(strings(&["--max-examples", &MERGE_EXAMPLES.to_string()]));
+        let mut args = strings(&["mix", "--method", method]);
+        args.extend(inputs.iter().cloned());
         if method.starts_with("adamerging") {
             args.extend(strings(&[
                 "--inner-epochs",
@@ -318,13 +321,7 @@ pub(super) fn multitask(soup: &Soup) -> Result<(), String> {
         let out = results.join(name);
         let mut args = strings(&["mix", "--mergekit-config"]);
         args.push(yml.display().to_string());
-        args.push("--base".into());
-        args.push(base.display().to_string());
-        args.push("--zoo".into());
-        args.push(zoo.display().to_string());
-        args.push("--data".into());
-        args.push(data.join(","));
-        args.extend(strings(&["--max-examples", &MERGE_EXAMPLES.to_string()]));
+        args.extend(inputs.iter().cloned());
         step(soup, &out, label, args)?;
         rows.push((label, read_json(&out.join("report.json"))?));
     }
