@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 use soup_core::{
-    BlockCut, GreedyAccept, LearnedConfig, MehlConfig, Method, OptimizerKind, StepSchedule,
-    REGISTRY,
+    BlockCut, Directions, GreedyAccept, LearnedConfig, MehlConfig, Method, OptimizerKind,
+    StepSchedule, REGISTRY,
 };
 
 use crate::error::{CliError, Result};
@@ -86,6 +86,16 @@ impl DirectionDtypeName {
     }
 }
 
+/// How MEHL scales its directions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirectionsName {
+    /// (θ_i − c)/‖θ_i − c‖ per block: the authors'.
+    Unit,
+    /// θ_i − c: X is the change of α, so every block's α moves at the same rate.
+    Difference,
+}
+
 /// Every knob of `soup mix`. In a file or on the command line, any may be left out.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -154,6 +164,11 @@ pub struct Recipe {
     /// soup is then recomputed from the models and α at the end).
     #[arg(long, value_enum)]
     pub direction_dtype: Option<DirectionDtypeName>,
+    /// MEHL: normalise each direction (unit, the authors') or keep the models' differences
+    /// from the center (difference: X is the change of α, so a tensor the models barely
+    /// change does not get an extreme α; docs/MEHL-SOUP.md §3.4).
+    #[arg(long, value_enum)]
+    pub directions: Option<DirectionsName>,
     /// AdaMerging: the first λ of every task model (the soup θ_0 + prior · Σ τ_k).
     #[arg(long)]
     pub prior: Option<f64>,
@@ -195,6 +210,7 @@ impl Recipe {
             greedy_accept,
             freeze_zero_gradient,
             direction_dtype,
+            directions,
             prior,
             clamp,
             task_loss,
@@ -253,6 +269,7 @@ impl Recipe {
             greedy_accept: self.greedy_accept.or(Some(AcceptName::Improves)),
             freeze_zero_gradient: self.freeze_zero_gradient.or(Some(true)),
             direction_dtype: self.direction_dtype.or(Some(DirectionDtypeName::Model)),
+            directions: self.directions.or(Some(DirectionsName::Unit)),
             prior: None,
             clamp: None,
             task_loss: None,
@@ -335,6 +352,7 @@ impl Recipe {
                 .direction_dtype
                 .or(Some(DirectionDtypeName::Model))
                 .filter(|_| ada),
+            directions: None,
             prior: self.prior.or(Some(0.3)).filter(|_| ada),
             clamp: self.clamp.or(Some(true)).filter(|_| ada),
             task_loss: self
@@ -346,6 +364,12 @@ impl Recipe {
                 .or(Some(0.2))
                 .filter(|_| method == Method::Ties),
         };
+        if self.directions.is_some() {
+            return Err(CliError::new(format!(
+                "--directions is a setting of mehl and mehl+; {}'s directions are task vectors",
+                method.name()
+            )));
+        }
         if r.batch_size == Some(0) {
             return Err(CliError::new("--batch-size must be at least 1"));
         }
@@ -451,6 +475,10 @@ impl Recipe {
             seed: self.seed.unwrap_or(d.seed),
             evaluate_each_model_batch: true,
             direction_dtype: self.direction_dtype.and_then(DirectionDtypeName::dtype),
+            directions: match self.directions.unwrap_or(DirectionsName::Unit) {
+                DirectionsName::Unit => Directions::Unit,
+                DirectionsName::Difference => Directions::Difference,
+            },
             task_vectors: None,
         })
     }

@@ -289,6 +289,47 @@ fn bf16_directions_halve_their_memory_and_keep_the_soup() {
     assert!(reports[0]["timings_s"]["soup.recompute soup"].is_null());
 }
 
+/// `--directions difference` is recorded in the recipe and gives another soup whose α still sum
+/// to 1 per block and stay nearer the average than the authors' unit directions' on this zoo
+/// (the bound itself: verify's `difference_directions_bound_alpha_…`).
+#[test]
+fn difference_directions_are_recorded_and_keep_alpha_nearer_the_average() {
+    let zoo = zoo();
+    let mut largest = Vec::new();
+    for directions in ["unit", "difference"] {
+        let out = format!("directions-{directions}");
+        let mut args = mix(zoo, "mehl+", &out, "3");
+        args.extend(["--directions".to_string(), directions.to_string()]);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let recipe = std::fs::read_to_string(zoo.path(&format!("{out}/recipe.toml"))).unwrap();
+        assert!(
+            recipe.contains(&format!("directions = \"{directions}\"")),
+            "{recipe}"
+        );
+        let coefficients = json(zoo.path(&format!("{out}/coefficients.json")));
+        let mut max = 0.0f64;
+        for row in coefficients["alpha"].as_array().unwrap() {
+            let row: Vec<f64> = row
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_f64().unwrap())
+                .collect();
+            assert!((row.iter().sum::<f64>() - 1.0).abs() <= 1e-5, "{row:?}");
+            max = row.iter().fold(max, |m, a| m.max(a.abs()));
+        }
+        largest.push(max);
+    }
+    assert!(
+        largest[1] < largest[0],
+        "max |α|, unit and difference: {largest:?}"
+    );
+    assert_ne!(
+        soup_bits(&zoo.path("directions-unit/model.safetensors")),
+        soup_bits(&zoo.path("directions-difference/model.safetensors"))
+    );
+}
+
 /// `--device cpu` is the default, bit for bit; a GPU this build lacks is refused with a message
 /// that says how to get one, before anything is written; `auto` falls back to the CPU.
 #[test]

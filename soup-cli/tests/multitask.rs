@@ -372,6 +372,24 @@ fn multitask_input_errors_exit_with_two() {
         &[
             "mix",
             "--method",
+            "adamerging+",
+            "--directions",
+            "difference",
+            "--base",
+            &t.path("base"),
+            "--zoo",
+            &t.path("zoo.toml"),
+            "--data",
+            &data,
+            "--out",
+            &t.path("ada-directions"),
+        ],
+        "--directions is a setting of mehl and mehl+",
+    );
+    fails(
+        &[
+            "mix",
+            "--method",
             "ties",
             "--density",
             "1.5",
@@ -391,6 +409,7 @@ fn multitask_input_errors_exit_with_two() {
         "one-data",
         "mehl-base",
         "mehl-prior",
+        "ada-directions",
         "bad-density",
     ] {
         assert!(!t.root.join(out).exists());

@@ -4,6 +4,11 @@
 //! one model batch. If c = Σ_j γ_j θ_j with Σ_j γ_j = 1 (per block), then θ = Σ_j α_j θ_j with
 //! α_j = γ_j (1 − s) + [j ∈ B] X_j/‖θ_j − c‖ and s = Σ_{k∈B} X_k/‖θ_k − c‖, so Σ_j α_j = 1.
 //!
+//! With [`Directions::Difference`] (a deviation from the authors, spec §3.4) d_{i,l} = θ_i^l − c^l
+//! is not normalised, so X_{i,l} is itself the change of α: α_j = γ_j (1 − s) + [j ∈ B] X_j,
+//! s = Σ_{k∈B} X_k. An optimizer whose step size does not depend on the gradient's scale (Adam)
+//! then moves every block's α at the same rate, instead of at 1/‖θ_i^l − c^l‖ times it.
+//!
 //! Through a base model θ_0 (task vectors, spec §3.9: AdaMerging through MEHL) the directions are
 //! the task vectors τ_i = θ_i − θ_0, not normalised, so X_i is the change of task i's λ:
 //! θ = c + Σ_i X_i τ_i, α_i = γ_i + X_i, α_0 = γ_0 − Σ_i X_i (still Σ_j α_j = 1). λ may be clamped
@@ -44,6 +49,19 @@ pub struct Hyperplane {
     portable: bool,
     /// Directions from a base model (task vectors) instead of from the center.
     base: Option<Base>,
+    /// Whether the directions from the center are normalised.
+    scaling: Directions,
+}
+
+/// How a model soup's directions are scaled (task vectors are never normalised).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Directions {
+    /// d = (θ_i − c)/‖θ_i − c‖, per block: the authors' choice. X moves θ by a distance.
+    #[default]
+    Unit,
+    /// d = θ_i − c: X is the change of α, so a block whose models barely differ does not turn
+    /// an ordinary X into an extreme α (spec §3.4).
+    Difference,
 }
 
 /// The base model of a hyperplane of task vectors ([`Hyperplane::new_task_share`]).
@@ -68,7 +86,10 @@ impl Hyperplane {
         load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
         let b = members.len();
-        Self::new_share(layout, blocks, center, gamma, members, b, None, load)
+        let directions = Directions::Unit;
+        Self::new_share(
+            layout, blocks, center, gamma, members, b, None, directions, load,
+        )
     }
 
     /// The share of a hyperplane of `batch_len` models that one process of a run over several
@@ -78,7 +99,8 @@ impl Hyperplane {
     ///
     /// `direction_dtype` stores the directions in another dtype than the center's (bf16 or f16
     /// beside an f32 center: half the memory and bandwidth); each d_i is normalised in the
-    /// center's dtype, then rounded. `None`: the center's dtype.
+    /// center's dtype, then rounded. `None`: the center's dtype. `directions` says whether
+    /// they are normalised.
     #[allow(clippy::too_many_arguments)]
     pub fn new_share(
         layout: ParamLayout,
@@ -88,9 +110,14 @@ impl Hyperplane {
         members: Vec<usize>,
         batch_len: usize,
         direction_dtype: Option<DType>,
+        directions: Directions,
         load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
-        let origin = Origin { center, base: None };
+        let origin = Origin {
+            center,
+            base: None,
+            directions,
+        };
         Self::build(
             layout,
             blocks,
@@ -122,6 +149,7 @@ impl Hyperplane {
         let origin = Origin {
             center,
             base: Some((base, base_blocks)),
+            directions: Directions::Difference,
         };
         Self::build(
             layout,
@@ -146,7 +174,11 @@ impl Hyperplane {
         direction_dtype: Option<DType>,
         mut load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
-        let Origin { center, base } = origin;
+        let Origin {
+            center,
+            base,
+            directions: scaling,
+        } = origin;
         let (base, base_blocks) = match base {
             Some((b, blocks)) => (Some(b), Some(blocks)),
             None => (None, None),
@@ -185,7 +217,7 @@ impl Hyperplane {
                 // From the base for task vectors, else from the center.
                 let from = base_blocks.as_ref().map_or(c, |bb| &bb[l]);
                 let keep = |norm: f64| norm.is_finite() && norm > floor[l];
-                let unit = base.is_none();
+                let unit = scaling == Directions::Unit;
                 // The CPU kernel writes the row straight from the model's tensors.
                 let fused = (c.dtype() == from.dtype())
                     .then(|| {
@@ -221,7 +253,7 @@ impl Hyperplane {
                 }
                 // Zero-norm guard (spec §3.4): θ_i^l = c^l leaves a zero direction, never NaN.
                 if norm > floor[l] {
-                    let scale = if base.is_some() { 1.0 } else { 1.0 / norm };
+                    let scale = if unit { 1.0 / norm } else { 1.0 };
                     let d = diff.affine(scale, 0.0)?;
                     let d = d.to_dtype(directions[l].dtype())?;
                     directions[l].slice_set(&d.unsqueeze(0)?, 0, i)?;
@@ -240,12 +272,18 @@ impl Hyperplane {
             x: vec![0.0; b * num_blocks],
             portable: false,
             base,
+            scaling,
         })
     }
 
     /// The base model when the directions are task vectors.
     pub fn base(&self) -> Option<Base> {
         self.base
+    }
+
+    /// Whether the directions are normalised (task vectors are not).
+    pub fn scaling(&self) -> Directions {
+        self.scaling
     }
 
     /// The X a step uses: X itself, or with clamped task coefficients X'_{i,l} =
@@ -552,8 +590,8 @@ impl Hyperplane {
     }
 
     /// The terms of α that this hyperplane's rows contribute: s_l = Σ_i X_{i,l}/‖θ_i^l − c^l‖
-    /// and own[l][j] = X_{j,l}/‖θ_j^l − c^l‖ for its members j (0 elsewhere); for task vectors
-    /// the step's X'_{j,l} itself. Over several processes, the sums of both over the processes
+    /// and own[l][j] = X_{j,l}/‖θ_j^l − c^l‖ for its members j (0 elsewhere); for difference
+    /// directions X_{j,l} itself, and for task vectors the step's X'_{j,l}. Over several processes, the sums of both over the processes
     /// give α by [`Self::alpha_from_terms`].
     pub fn alpha_terms(&self) -> (Vec<f64>, Vec<Vec<f64>>) {
         let num_blocks = self.blocks.len();
@@ -564,10 +602,10 @@ impl Hyperplane {
         for l in 0..num_blocks {
             for (i, &j) in self.members.iter().enumerate() {
                 let norm = self.norms[i * num_blocks + l];
-                let v = match (norm > 0.0, self.base) {
+                let v = match (norm > 0.0, self.scaling) {
                     (false, _) => 0.0,
-                    (true, Some(_)) => x[i * num_blocks + l],
-                    (true, None) => x[i * num_blocks + l] / norm,
+                    (true, Directions::Difference) => x[i * num_blocks + l],
+                    (true, Directions::Unit) => x[i * num_blocks + l] / norm,
                 };
                 s[l] += v;
                 own[l][j] += v;
@@ -616,10 +654,11 @@ impl Hyperplane {
 }
 
 /// Where a hyperplane's directions start: the center, or a base model (its index and clamp,
-/// and its block vectors).
+/// and its block vectors); and whether they are normalised.
 struct Origin {
     center: Vec<Tensor>,
     base: Option<(Base, Vec<Tensor>)>,
+    directions: Directions,
 }
 
 /// ‖t‖₂, accumulated in f64.

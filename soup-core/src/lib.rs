@@ -35,7 +35,7 @@ pub use data_free::{
     KeepProbability, MaskSource, ParamInfo, Scope, SeededMasks, SharedParams, TensorParams,
 };
 pub use error::{Result, SoupError};
-pub use hyperplane::{Base, Hyperplane};
+pub use hyperplane::{Base, Directions, Hyperplane};
 pub use layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout, TensorSpec};
 pub use mehl::{epoch_seed, run_mehl, share, Event, MehlConfig, MehlProgress, TaskVectors};
 pub use merging::{scaled_merge, task_arithmetic, ties_merging, MergedTaskVector};

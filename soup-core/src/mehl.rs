@@ -5,7 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Result, SoupError};
-use crate::hyperplane::{Base, Hyperplane};
+use crate::hyperplane::{Base, Directions, Hyperplane};
 use crate::layout::{from_blocks, frozen_blocks, to_blocks, Block, BlockCut, ParamLayout};
 use crate::optim::{clip_coefficient, Optimizer, OptimizerKind};
 use crate::options::RunOptions;
@@ -51,6 +51,10 @@ pub struct MehlConfig {
     /// at the end is recomputed from the models and α (one more pass over the zoo), not taken
     /// from that θ (`docs/MEHL-SOUP.md` §3.8).
     pub direction_dtype: Option<DType>,
+    /// Whether a model soup's directions are normalised (the authors') or the models'
+    /// differences from the center, so that X is the change of α (spec §3.4). Task vectors
+    /// (below) are never normalised.
+    pub directions: Directions,
     /// Merge models fine-tuned from one base model on different tasks (spec §3.9, AdaMerging
     /// through MEHL): the directions are task vectors from the base, which no model batch holds.
     /// `None`: a model soup.
@@ -99,6 +103,7 @@ impl MehlConfig {
             seed: 1,
             evaluate_each_model_batch: true,
             direction_dtype: None,
+            directions: Directions::Unit,
             task_vectors: None,
         }
     }
@@ -303,8 +308,8 @@ pub struct MehlProgress {
     pub evaluations: Vec<BatchEval>,
 }
 
-/// Step of the secant that estimates the smoothness β along the gradient, in parameter-norm
-/// units (directions have unit norm, so X moves θ by this distance).
+/// Step of the secant that estimates the smoothness β along the gradient, in units of X (with
+/// unit directions, X moves θ by this distance).
 pub const SECANT_STEP: f64 = 1e-2;
 
 /// The models of a model batch that rank `rank` of `world` holds: a contiguous share of
@@ -572,6 +577,7 @@ impl<'a> Run<'a> {
                 mine.to_vec(),
                 members.len(),
                 self.config.direction_dtype,
+                self.config.directions,
                 |j| self.zoo.load(j),
             )?,
             Some(tv) => {

@@ -198,6 +198,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 members.clone(),
                 b,
                 direction_dtype,
+                soup_core::Directions::Unit,
                 |j| {
                     let t = Instant::now();
                     let model = zoo.load(j)?;

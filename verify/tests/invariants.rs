@@ -10,9 +10,18 @@ use soup_core::rng::SplitMix64;
 use soup_core::RunOptions;
 use soup_core::{
     clip_global_norm, epoch_seed, from_blocks, global_norm, run_mehl, to_blocks, Batch, BlockCut,
-    Event, Hyperplane, MehlConfig, Objective, OptimizerKind, StepSchedule,
+    Directions, Event, Hyperplane, MehlConfig, Objective, OptimizerKind, StepSchedule,
 };
 use verify::{host_blocks, rel_err, soup_from_alpha, MemoryStore};
+
+/// The authors' unit directions, or the models' differences from the center.
+fn directions(difference: bool) -> Directions {
+    if difference {
+        Directions::Difference
+    } else {
+        Directions::Unit
+    }
+}
 
 fn cases(n: u32) -> ProptestConfig {
     ProptestConfig {
@@ -28,10 +37,11 @@ proptest! {
     #[test]
     fn alpha_sums_to_one_and_reconstructs_theta(
         n in 2usize..7, b in 1usize..7, k in 0usize..4, outer in 1usize..3, seed in any::<u64>(),
+        difference in any::<bool>(),
     ) {
         let store = zoo(n, seed, DType::F64);
         let mut obj = objective(24, 8, seed, DType::F64);
-        let cfg = config(b, cut(k), outer, seed);
+        let cfg = MehlConfig { directions: directions(difference), ..config(b, cut(k), outer, seed) };
         let mut checked = 0;
         let mut check = |hp: &Hyperplane| {
             let alpha = hp.alpha();
@@ -237,6 +247,10 @@ fn full_graph_hyperplane_soup(
     for j in 0..n {
         let diff: Vec<f64> = (0..dim).map(|k| flat[j][k] - c[k]).collect();
         norms[j] = diff.iter().map(|v| v * v).sum::<f64>().sqrt();
+        // With difference directions X is the change of α: the same as a norm of 1 here.
+        if cfg.directions == Directions::Difference {
+            norms[j] = 1.0;
+        }
         for k in 0..dim {
             dirs[j * dim + k] = diff[k] / norms[j];
         }
@@ -318,10 +332,12 @@ proptest! {
     #[test]
     fn mehl_equals_the_full_graph_hyperplane_soup(
         n in 2usize..7, momentum in prop_oneof![Just(0.0), Just(0.9)], seed in any::<u64>(),
+        difference in any::<bool>(),
     ) {
         let store = zoo(n, seed, DType::F64);
         let mut obj = objective(24, 8, seed, DType::F64);
         let cfg = MehlConfig {
+            directions: directions(difference),
             optimizer: OptimizerKind::Sgd { momentum },
             clip_grad_norm: None,
             lr: 0.5,
@@ -345,13 +361,14 @@ proptest! {
     }
 }
 
-// §5.5: every direction has unit norm per block, or is zero when guarded (a block that is the same
-// in every model, or a model batch of one at the start).
+// §5.5: every direction has unit norm per block (difference directions: ‖θ_i − c‖), or is zero
+// when guarded (a block that is the same in every model, or a model batch of one at the start).
 proptest! {
     #![proptest_config(cases(64))]
     #[test]
     fn directions_have_unit_norm_or_are_zero(
         n in 1usize..6, b in 1usize..4, k in 0usize..4, seed in any::<u64>(), f32 in any::<bool>(),
+        difference in any::<bool>(),
     ) {
         // f32 models take the fused CPU kernel that writes each direction from the model's
         // tensors (`kernels::direction_row`); f64 ones candle's ops.
@@ -360,7 +377,8 @@ proptest! {
         let store = MemoryStore::mlp_zoo(ARCH, n, seed, dtype, &[1]).unwrap();
         let mut obj = objective(16, 8, seed, dtype);
         let mut zero_rows = 0;
-        let result = run_mehl(&store, &mut obj, &config(b, cut(k), 1, seed), RunOptions::new(&mut |e| {
+        let cfg = MehlConfig { directions: directions(difference), ..config(b, cut(k), 1, seed) };
+        let result = run_mehl(&store, &mut obj, &cfg, RunOptions::new(&mut |e| {
             if let Event::BatchStart { hyperplane: hp, .. } = e {
                 for l in 0..hp.num_blocks() {
                     let rows = hp.directions(l).to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
@@ -369,6 +387,10 @@ proptest! {
                         if hp.norm(i, l) == 0.0 {
                             assert_eq!(norm, 0.0);
                             zero_rows += 1;
+                        } else if difference {
+                            // d = θ_i − c itself.
+                            let want = hp.norm(i, l);
+                            assert!((norm - want).abs() <= tol * want, "‖d‖ = {norm}, ‖θ_i − c‖ = {want}");
                         } else {
                             assert!((norm - 1.0).abs() <= tol, "‖d‖ = {norm}");
                         }
@@ -390,6 +412,46 @@ proptest! {
             prop_assert!(t.flatten_all().unwrap().to_vec1::<f64>().unwrap().iter().all(|v| v.is_finite()));
         }
     }
+}
+
+/// Difference directions (spec §3.4) bound α where unit directions blow it up: in a tensor the
+/// models barely change (spread 1e-4 of the others'), an ordinary X is an α of 1/‖θ_i − c‖ times
+/// it with unit directions, but the change of α itself with difference directions, so Adam's
+/// bounded steps bound every α.
+#[test]
+fn difference_directions_bound_alpha_in_a_tensor_the_models_barely_change() {
+    let mut store = zoo(4, 7, DType::F64);
+    let tiny = 1; // layers.0.bias
+    let stacked: Vec<Tensor> = store.models.iter().map(|m| m[tiny].clone()).collect();
+    let mean = Tensor::stack(&stacked, 0).unwrap().mean(0).unwrap();
+    for m in &mut store.models {
+        m[tiny] = (&mean + ((&m[tiny] - &mean).unwrap() * 1e-4).unwrap()).unwrap();
+    }
+    let run = |directions| {
+        let mut obj = objective(24, 8, 7, DType::F64);
+        let cfg = MehlConfig {
+            directions,
+            ..config(4, BlockCut::PER_TENSOR, 1, 7)
+        };
+        run_mehl(&store, &mut obj, &cfg, RunOptions::default()).unwrap()
+    };
+    let largest = |alpha: &[f64]| alpha.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let difference = run(Directions::Difference);
+    // Adam's bias-corrected step is at most about lr in the first few steps (≤ 1.02 lr for
+    // these 6): |X| ≤ B = 2 Σ lr_s and |α_j| ≤ γ_j (1 + b B) + B with γ_j = 1/4, b = 4.
+    let steps: f64 = difference.history.iter().map(|r| r.lr).sum();
+    assert_eq!(difference.history.len(), 6);
+    let bound = 2.0 * steps;
+    let alpha_bound = 0.25 * (1.0 + 4.0 * bound) + bound;
+    for row in &difference.alpha {
+        assert!(largest(row) <= alpha_bound, "{row:?} beyond {alpha_bound}");
+    }
+    let unit = run(Directions::Unit);
+    assert!(
+        largest(&unit.alpha[tiny]) > 10.0 * alpha_bound,
+        "unit directions: α of the tiny tensor {:?}",
+        unit.alpha[tiny]
+    );
 }
 
 // §5.6: the memory held by MEHL is the same for N = 8 and N = 32 at fixed b, and at most

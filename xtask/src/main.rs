@@ -646,6 +646,21 @@ fn check_quick_reproduction() -> Result<(), String> {
     }) {
         return Err("results.json: no MEHL+ runs with bf16 directions".into());
     }
+    let directions = &results["mehl+_difference_directions"];
+    let accuracies = |key: &str| {
+        directions[key].as_array().is_some_and(|runs| {
+            !runs.is_empty()
+                && runs
+                    .iter()
+                    .all(|r| r["test"].as_f64().is_some_and(|t| (0.0..=1.0).contains(&t)))
+        })
+    };
+    let tried = directions["sweep"].as_array().map_or(0, Vec::len);
+    if !(accuracies("unit") && accuracies("difference") && tried == 2) {
+        return Err(format!(
+            "results.json: MEHL+ with difference directions incomplete: {directions}"
+        ));
+    }
     for name in [
         "results.md",
         "fig1-mehl+.svg",
@@ -660,6 +675,7 @@ fn check_quick_reproduction() -> Result<(), String> {
             text.contains("## Table 1")
                 && text.contains("Soup regime: ")
                 && text.contains("## MEHL+ with bf16 directions")
+                && text.contains("## MEHL+ with difference directions")
         };
         if !ok {
             return Err(format!("{name} is not well-formed"));

@@ -52,6 +52,7 @@ pub fn config(b: usize, cut: BlockCut, outer_passes: usize, seed: u64) -> MehlCo
         seed,
         evaluate_each_model_batch: false,
         direction_dtype: None,
+        directions: soup_core::Directions::Unit,
         task_vectors: None,
     }
 }

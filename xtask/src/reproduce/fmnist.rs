@@ -69,6 +69,9 @@ struct Preset {
     sensitivity_b: Vec<usize>,
     sensitivity_lr: Vec<f64>,
     sensitivity_epochs: Vec<usize>,
+    /// The learning rates MEHL+ with difference directions is tried at (first seed); the one
+    /// with the best held-out accuracy runs on every seed.
+    difference_lr: Vec<f64>,
 }
 
 impl Preset {
@@ -92,6 +95,7 @@ impl Preset {
                 sensitivity_b: vec![2, 3],
                 sensitivity_lr: vec![0.01, 0.03],
                 sensitivity_epochs: vec![1, 2],
+                difference_lr: vec![0.01, 0.1],
             }
         } else {
             Preset {
@@ -117,6 +121,7 @@ impl Preset {
                 sensitivity_b: vec![2, 4, 8, 16],
                 sensitivity_lr: vec![0.003, 0.01, 0.03],
                 sensitivity_epochs: vec![1, 2, 4],
+                difference_lr: vec![0.01, 0.03, 0.1],
             }
         }
     }
@@ -164,6 +169,11 @@ impl Preset {
             // sweeps would triple the preset's MEHL+ time on 2 cores (docs/RESULTS.md).
             sensitivity_lr: vec![0.01],
             sensitivity_epochs: vec![1],
+            difference_lr: if quick {
+                vec![0.01, 0.1]
+            } else {
+                vec![0.01, 0.03, 0.1]
+            },
         };
         if quick {
             common("dinov2-quick", 4, (200, 200), 1, vec![1])
@@ -529,6 +539,12 @@ fn run(p: &Preset) -> Result<(), String> {
     let mut by_accuracy: Vec<usize> = (0..n).collect();
     by_accuracy.sort_by(|&a, &b| models[b].1.total_cmp(&models[a].1));
 
+    // MEHL+ with unit directions (the authors', Table 1's runs) and with difference directions
+    // (`--directions difference`, spec §3.4), at the learning rate the held-out split chooses.
+    let t = Instant::now();
+    let directions = difference_directions(p, &zoo, &runs)?;
+    phases.insert("directions", t.elapsed().as_secs_f64());
+
     // Table 1: every method; Learned and MEHL over every seed.
     let t = Instant::now();
     let mut table1: Vec<(String, Vec<Run>)> = Vec::new();
@@ -665,6 +681,7 @@ fn run(p: &Preset) -> Result<(), String> {
     let regime = regime(p, &runs, &models, &table1)?;
     phases.insert("regime", t.elapsed().as_secs_f64());
     let tables = Tables {
+        directions: &directions,
         table1: &table1,
         table2: &table2,
         fig2: &fig2,
@@ -675,8 +692,63 @@ fn run(p: &Preset) -> Result<(), String> {
     write_results(p, &results, &runs, &tables, &phases, started)
 }
 
+/// MEHL+ with unit and with difference directions.
+struct DirectionRuns {
+    /// Unit directions, one run per seed (Table 1's MEHL+).
+    unit: Vec<Run>,
+    /// Difference directions on the first seed at each learning rate tried.
+    sweep: Vec<(f64, Run)>,
+    /// The learning rate of the best held-out accuracy in `sweep`.
+    lr: f64,
+    /// Difference directions at `lr`, one run per seed.
+    difference: Vec<Run>,
+}
+
+/// MEHL+ with unit directions on every seed (the runs Table 1 reads back), then with difference
+/// directions at each of `p.difference_lr` on the first seed, then at the best of them on
+/// held-out data on every seed.
+fn difference_directions(p: &Preset, zoo: &Path, runs: &Path) -> Result<DirectionRuns, String> {
+    let mut unit = Vec::new();
+    for &seed in &p.seeds {
+        eprintln!("xtask: mehl+, seed {seed}");
+        let out = runs.join(format!("mehl+-s{seed}"));
+        unit.push(mix(p, zoo, &out, "mehl+", seed, &[], true)?);
+    }
+    let extra = |lr: f64| strings(&["--directions", "difference", "--lr", &lr.to_string()]);
+    let first = p.seeds[0];
+    let mut sweep = Vec::new();
+    for &lr in &p.difference_lr {
+        eprintln!("xtask: mehl+ with difference directions at lr {lr}, seed {first}");
+        let out = runs.join(format!("mehl+difference-lr{lr}-s{first}"));
+        sweep.push((lr, mix(p, zoo, &out, "mehl+", first, &extra(lr), true)?));
+    }
+    // The first of equal held-out accuracies: the smallest rate tried.
+    let (lr, best) = sweep
+        .iter()
+        .fold(None::<&(f64, Run)>, |acc, x| match acc {
+            Some(a) if a.1.heldout >= x.1.heldout => Some(a),
+            _ => Some(x),
+        })
+        .cloned()
+        .ok_or("no learning rate to try for difference directions")?;
+    let mut difference = vec![best];
+    for &seed in &p.seeds[1..] {
+        eprintln!("xtask: mehl+ with difference directions at lr {lr}, seed {seed}");
+        let out = runs.join(format!("mehl+difference-lr{lr}-s{seed}"));
+        difference.push(mix(p, zoo, &out, "mehl+", seed, &extra(lr), true)?);
+    }
+    Ok(DirectionRuns {
+        unit,
+        sweep,
+        lr,
+        difference,
+    })
+}
+
 /// What the reproduction's tables and figures are made of.
 struct Tables<'a> {
+    /// MEHL+ with unit and with difference directions.
+    directions: &'a DirectionRuns,
     /// Every method's runs (one per seed).
     table1: &'a [(String, Vec<Run>)],
     /// (k best models removed, Greedy, MEHL+) test accuracy.
@@ -762,6 +834,7 @@ fn results_markdown(
     total: f64,
 ) -> String {
     let Tables {
+        directions,
         table1,
         table2,
         fig2,
@@ -881,6 +954,7 @@ fn results_markdown(
         );
     }
     let _ = writeln!(md);
+    directions_markdown(&mut md, p, directions);
     let read_back = READ_BACK.load(std::sync::atomic::Ordering::Relaxed);
     let _ = writeln!(
         md,
@@ -903,9 +977,64 @@ fn results_markdown(
     md
 }
 
+/// The section on MEHL+ with difference directions: the learning rates tried, then unit against
+/// difference directions on every seed, with the range of α.
+fn directions_markdown(md: &mut String, p: &Preset, d: &DirectionRuns) {
+    let _ = writeln!(
+        md,
+        "## MEHL+ with difference directions (`--directions difference`)\n\n\
+         Directions θ_i − c instead of (θ_i − c)/‖θ_i − c‖ make X the change of α, so no block's α \
+         moves faster than another's (docs/MEHL-SOUP.md §3.4). The learning rate is chosen on the \
+         held-out split of seed {}:\n\n\
+         | lr | held-out | test | shifted test | min α | max α |\n|---|---|---|---|---|---|",
+        p.seeds[0]
+    );
+    for (lr, r) in &d.sweep {
+        let _ = writeln!(
+            md,
+            "| {lr} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
+            100.0 * r.heldout,
+            100.0 * r.test,
+            100.0 * r.shifted.unwrap_or(f64::NAN),
+            r.alpha_min,
+            r.alpha_max
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEvery seed (α < 0: the count on seed {}; min and max α over every seed):\n\n\
+         | directions | held-out | test | shifted test | α < 0 | min α | max α |\n\
+         |---|---|---|---|---|---|---|",
+        p.seeds[0]
+    );
+    let rows = [
+        (format!("unit (the authors', lr {})", p.lr), &d.unit),
+        (format!("difference, lr {}", d.lr), &d.difference),
+    ];
+    for (name, rs) in rows {
+        let col = |f: &dyn Fn(&Run) -> f64| rs.iter().map(f).collect::<Vec<_>>();
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {:.3} | {:.3} |",
+            pct(&col(&|r| r.heldout)),
+            pct(&col(&|r| r.test)),
+            pct(&col(&|r| r.shifted.unwrap_or(f64::NAN))),
+            rs.first().map_or(0, |r| r.negative_alpha),
+            col(&|r| r.alpha_min)
+                .into_iter()
+                .fold(f64::INFINITY, f64::min),
+            col(&|r| r.alpha_max)
+                .into_iter()
+                .fold(f64::NEG_INFINITY, f64::max),
+        );
+    }
+    let _ = writeln!(md);
+}
+
 /// `results.json`: every run's numbers.
 fn results_json(p: &Preset, tables: &Tables, total: f64) -> Value {
     let Tables {
+        directions,
         table1,
         table2,
         fig2,
@@ -934,6 +1063,12 @@ fn results_json(p: &Preset, tables: &Tables, total: f64) -> Value {
         "figure2": fig2.iter().map(|(k, g, m)| json!({"models": k, "greedy": g, "mehl+": m})).collect::<Vec<_>>(),
         "figure3": fig3.iter().map(|(k, v, a)| json!({"knob": k, "value": v, "test": a})).collect::<Vec<_>>(),
         "mehl+_bf16_directions": bf16.iter().map(Run::to_json).collect::<Vec<_>>(),
+        "mehl+_difference_directions": json!({
+            "unit": directions.unit.iter().map(Run::to_json).collect::<Vec<_>>(),
+            "sweep": directions.sweep.iter().map(|(lr, r)| json!({"lr": lr, "run": r.to_json()})).collect::<Vec<_>>(),
+            "lr": directions.lr,
+            "difference": directions.difference.iter().map(Run::to_json).collect::<Vec<_>>(),
+        }),
         "wall_time_s": total,
     })
 }
