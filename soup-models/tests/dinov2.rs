@@ -91,6 +91,45 @@ fn the_mask_token_is_ignored_and_what_soup_writes_transformers_reads_as_a_classi
     assert!(fixtures::rel_diff(&logits, &e["tiny.logits"]) < 1e-5);
 }
 
+/// Class names as transformers writes them (`golden/labels`, made by `make_labels.py` with
+/// transformers' `save_pretrained`): soup reads them from the config and writes `id2label` and
+/// `label2id` back exactly as transformers does.
+#[test]
+fn class_names_are_read_and_written_as_transformers_does() {
+    let config_path = fixtures::golden("labels", "hf-named").join("config.json");
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&config_path, dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        golden("hf-dinov2").join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let arch = ckpt.architecture().unwrap();
+    let names = ["T-shirt/top", "Ankle boot", "10", "café crème", "n01440764"];
+    assert_eq!(arch.class_names().unwrap(), names);
+    let params = ckpt.load_params(arch.as_ref(), &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    write_model_dir(out.path(), arch.as_ref(), &params, &Default::default(), "").unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    for key in ["id2label", "label2id"] {
+        assert_eq!(written[key], hf[key], "{key}");
+    }
+    assert_eq!(
+        Checkpoint::open(out.path())
+            .unwrap()
+            .architecture()
+            .unwrap()
+            .class_names()
+            .unwrap(),
+        names
+    );
+}
+
 #[test]
 fn position_embeddings_resample_as_transformers_interpolates_them() {
     let (_, arch, params) = tiny();
