@@ -758,9 +758,9 @@ proptest! {
     #[test]
     fn a_run_over_several_processes_equals_the_one_process_run(
         n in 2usize..8, b in 1usize..6, world in 2usize..4, outer in 1usize..3,
-        examples in 10usize..26, seed in any::<u64>(),
+        examples in 10usize..26, seed in any::<u64>(), difference in any::<bool>(),
     ) {
-        let cfg = config(b, BlockCut::PER_TENSOR, outer, seed);
+        let cfg = MehlConfig { directions: directions(difference), ..config(b, BlockCut::PER_TENSOR, outer, seed) };
         let single = run_mehl(&zoo(n, seed, DType::F64), &mut objective(examples, 8, seed, DType::F64), &cfg, RunOptions::default()).unwrap();
         let ranks = verify::ThreadCollective::world(world);
         let results: Vec<(soup_core::SoupResult, Vec<usize>, usize)> = std::thread::scope(|s| {
