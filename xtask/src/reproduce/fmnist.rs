@@ -121,7 +121,7 @@ impl Preset {
                 sensitivity_b: vec![2, 4, 8, 16],
                 sensitivity_lr: vec![0.003, 0.01, 0.03],
                 sensitivity_epochs: vec![1, 2, 4],
-                difference_lr: vec![0.01, 0.03, 0.1],
+                difference_lr: vec![0.01, 0.03, 0.1, 0.3],
             }
         }
     }
@@ -172,7 +172,7 @@ impl Preset {
             difference_lr: if quick {
                 vec![0.01, 0.1]
             } else {
-                vec![0.01, 0.03, 0.1]
+                vec![0.01, 0.03, 0.1, 0.3]
             },
         };
         if quick {
