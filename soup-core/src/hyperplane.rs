@@ -86,9 +86,16 @@ impl Hyperplane {
         load: impl FnMut(usize) -> Result<(String, Vec<Tensor>)>,
     ) -> Result<Self> {
         let b = members.len();
-        let directions = Directions::Unit;
         Self::new_share(
-            layout, blocks, center, gamma, members, b, None, directions, load,
+            layout,
+            blocks,
+            center,
+            gamma,
+            members,
+            b,
+            None,
+            Directions::Unit,
+            load,
         )
     }
 
@@ -116,7 +123,7 @@ impl Hyperplane {
         let origin = Origin {
             center,
             base: None,
-            directions,
+            scaling: directions,
         };
         Self::build(
             layout,
@@ -149,7 +156,7 @@ impl Hyperplane {
         let origin = Origin {
             center,
             base: Some((base, base_blocks)),
-            directions: Directions::Difference,
+            scaling: Directions::Difference,
         };
         Self::build(
             layout,
@@ -177,7 +184,7 @@ impl Hyperplane {
         let Origin {
             center,
             base,
-            directions: scaling,
+            scaling,
         } = origin;
         let (base, base_blocks) = match base {
             Some((b, blocks)) => (Some(b), Some(blocks)),
@@ -279,11 +286,6 @@ impl Hyperplane {
     /// The base model when the directions are task vectors.
     pub fn base(&self) -> Option<Base> {
         self.base
-    }
-
-    /// Whether the directions are normalised (task vectors are not).
-    pub fn scaling(&self) -> Directions {
-        self.scaling
     }
 
     /// The X a step uses: X itself, or with clamped task coefficients X'_{i,l} =
@@ -591,8 +593,8 @@ impl Hyperplane {
 
     /// The terms of α that this hyperplane's rows contribute: s_l = Σ_i X_{i,l}/‖θ_i^l − c^l‖
     /// and own[l][j] = X_{j,l}/‖θ_j^l − c^l‖ for its members j (0 elsewhere); for difference
-    /// directions X_{j,l} itself, and for task vectors the step's X'_{j,l}. Over several processes, the sums of both over the processes
-    /// give α by [`Self::alpha_from_terms`].
+    /// directions X_{j,l} itself, and for task vectors the step's X'_{j,l}. Over several
+    /// processes, the sums of both over the processes give α by [`Self::alpha_from_terms`].
     pub fn alpha_terms(&self) -> (Vec<f64>, Vec<Vec<f64>>) {
         let num_blocks = self.blocks.len();
         let n = self.gamma.first().map_or(0, Vec::len);
@@ -658,7 +660,7 @@ impl Hyperplane {
 struct Origin {
     center: Vec<Tensor>,
     base: Option<(Base, Vec<Tensor>)>,
-    directions: Directions,
+    scaling: Directions,
 }
 
 /// ‖t‖₂, accumulated in f64.

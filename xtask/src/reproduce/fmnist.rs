@@ -725,9 +725,12 @@ fn difference_directions(p: &Preset, zoo: &Path, runs: &Path) -> Result<Directio
     // The first of equal held-out accuracies: the smallest rate tried.
     let (lr, best) = sweep
         .iter()
-        .fold(None::<&(f64, Run)>, |acc, x| match acc {
-            Some(a) if a.1.heldout >= x.1.heldout => Some(a),
-            _ => Some(x),
+        .reduce(|best, x| {
+            if x.1.heldout > best.1.heldout {
+                x
+            } else {
+                best
+            }
         })
         .cloned()
         .ok_or("no learning rate to try for difference directions")?;
